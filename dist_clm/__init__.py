@@ -1,0 +1,3 @@
+"""dist_clm: streaming, distributed pretraining of causal language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,154 @@
+"""The `dist-clm` command. Thin: parse arguments, call one function, turn a UserError into one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from dist_clm.errors import UserError
+
+
+def _tokenizer_train(a: argparse.Namespace) -> None:
+    from dist_clm.data import sources
+    from dist_clm.data.tokenizer import train_bpe
+
+    files = sources.resolve_inputs(a.inputs) if a.inputs else sources.default_corpus_files()
+    if not a.inputs:
+        print(f"no corpus named: training on {len(files)} files of the Python standard library")
+    out = train_bpe(sources.iter_documents(files, a.text_column), a.out, vocab_size=a.vocab_size)
+    print(f"tokenizer saved to {out}")
+
+
+def _prepare(a: argparse.Namespace) -> None:
+    from dist_clm.data.prepare import prepare
+
+    if not a.inputs:
+        print("no corpus named: preparing files of the Python standard library")
+    m = prepare(a.tokenizer, a.out, a.inputs, val_fraction=a.val_fraction, chunk_tokens=a.chunk_tokens,
+                text_column=a.text_column, compression=a.compression, progress=not a.quiet)
+    for split, s in m["splits"].items():
+        print(f"{split}: {s['documents']} documents, {s['tokens']} tokens, {s['chunks']} chunks")
+    print(f"prepared data written to {a.out}")
+
+
+def _train(a: argparse.Namespace) -> None:
+    from dist_clm.config import load_config
+    from dist_clm.train import train
+
+    cfg = load_config(a.config, a.overrides)
+    if not cfg.data.path:
+        raise UserError("config key 'data.path' is empty; set it to a directory written by `dist-clm prepare`.")
+    train(cfg)
+
+
+def _eval(a: argparse.Namespace) -> None:
+    from dist_clm.evaluate import evaluate_cli
+
+    res = evaluate_cli(a.checkpoint, data=a.data, text=a.text, block_size=a.block_size,
+                       max_blocks=a.max_blocks, batch_size=a.batch_size)
+    print(f"tokens evaluated: {res['tokens']}  loss: {res['loss']:.4f}  perplexity: {res['perplexity']:.3f}")
+
+
+def _generate(a: argparse.Namespace) -> None:
+    from dist_clm.checkpoint import load_model
+    from dist_clm.generate import generate
+
+    model, tok, _ = load_model(a.checkpoint)
+    text = generate(model, tok, a.prompt, a.max_new_tokens, a.temperature, a.top_p, a.top_k, a.seed)
+    print(a.prompt + text)
+
+
+def _export(a: argparse.Namespace) -> None:
+    from dist_clm.checkpoint import export
+
+    print(f"exported to {export(a.checkpoint, a.out)}")
+
+
+def _quickstart(a: argparse.Namespace) -> None:
+    from dist_clm.quickstart import quickstart
+
+    quickstart(a.dir, a.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dist-clm", description="Streaming, distributed pretraining of causal LMs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    tk = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)
+    t = tk.add_parser("train", help="train a byte-level BPE on a corpus")
+    t.add_argument("inputs", nargs="*", help="files, directories, globs (default: the Python standard library)")
+    t.add_argument("--out", required=True, help="directory to save the tokenizer to")
+    t.add_argument("--vocab-size", type=int, default=8192)
+    t.add_argument("--text-column", default="text", help="field holding the text in .jsonl files")
+    t.set_defaults(func=_tokenizer_train)
+
+    t = sub.add_parser("prepare", help="tokenize a corpus once into MDS shards")
+    t.add_argument("inputs", nargs="*", help="files, directories, globs (default: the Python standard library)")
+    t.add_argument("--tokenizer", required=True, help="a local tokenizer directory")
+    t.add_argument("--out", required=True, help="directory to write (must not exist or be empty)")
+    t.add_argument("--val-fraction", type=float, default=0.05, help="share of documents for validation")
+    t.add_argument("--chunk-tokens", type=int, default=16384, help="tokens per stored MDS sample")
+    t.add_argument("--text-column", default="text", help="field holding the text in .jsonl files")
+    t.add_argument("--compression", default=None, help="MDS shard compression, e.g. zstd")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=_prepare)
+
+    t = sub.add_parser("train", help="train (plain, or under deepspeed/torchrun launchers)")
+    t.add_argument("--config", help="a YAML config file (see configs/)")
+    t.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=3e-4")
+    t.set_defaults(func=_train)
+
+    t = sub.add_parser("eval", help="perplexity of a checkpoint")
+    t.add_argument("checkpoint", help="a run directory, a checkpoint directory, or an exported model")
+    src = t.add_mutually_exclusive_group()
+    src.add_argument("--data", help="a prepared directory (its validation split); default: the run's data")
+    src.add_argument("--text", nargs="+", help="text files, tokenized with the checkpoint's tokenizer")
+    t.add_argument("--block-size", type=int, help="default: the run's data.block_size")
+    t.add_argument("--max-blocks", type=int, default=0, help="0 = all")
+    t.add_argument("--batch-size", type=int, default=8)
+    t.set_defaults(func=_eval)
+
+    t = sub.add_parser("generate", help="sample text from a checkpoint")
+    t.add_argument("checkpoint", help="a run directory, a checkpoint directory, or an exported model")
+    t.add_argument("--prompt", default="")
+    t.add_argument("--max-new-tokens", type=int, default=64)
+    t.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    t.add_argument("--top-p", type=float, default=0.95)
+    t.add_argument("--top-k", type=int, default=50, help="0 = off")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=_generate)
+
+    t = sub.add_parser("export", help="write a Hugging Face model directory from a checkpoint")
+    t.add_argument("checkpoint", help="a run directory or a checkpoint directory")
+    t.add_argument("--out", required=True)
+    t.set_defaults(func=_export)
+
+    t = sub.add_parser("quickstart", help="tokenizer -> prepare -> train -> eval -> generate -> export, embedded corpus")
+    t.add_argument("--dir", default="runs/quickstart", help="where everything goes")
+    t.add_argument("overrides", nargs="*", help="training overrides, e.g. train.max_steps=50")
+    t.set_defaults(func=_quickstart)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [x for x in argv if not x.startswith("--local_rank")]  # the deepspeed launcher adds it; env has it
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"dist-clm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dist-clm: interrupted; nothing partial was kept.", file=sys.stderr)
+        return 130
+    return 0
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    code = main()
+    sys.stdout.flush()
+    sys.exit(code)

@@ -1,0 +1,218 @@
+"""Typed run configuration: defaults <- YAML file <- dotted command-line overrides.
+
+Every field is a typed dataclass attribute with a comment saying what it is. Unknown keys, wrong types and
+bad values are rejected with one sentence that names the key. The resolved config is written to the run
+directory as `config.yaml` so a run can always be reproduced from its own directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dist_clm.errors import UserError
+
+
+class ConfigError(UserError):
+    """A config file or override that cannot be turned into a valid `Config`."""
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    dir: str = "runs/quickstart"  # everything a run writes: config.yaml, checkpoints/, tensorboard/, metrics.jsonl
+    tensorboard: bool = True  # write TensorBoard event files under <dir>/tensorboard on rank 0
+    progress_bar: bool = True  # a tqdm bar on rank 0
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    path: str = ""  # a directory written by `dist-clm prepare` (holds manifest.json, train/, val/, tokenizer/)
+    block_size: int = 128  # tokens per training block, chosen here at train time, not at prepare time
+    shuffle: bool = True  # shuffle the order of the stored chunks, anew each epoch (seeded by train.seed)
+    num_workers: int = 0  # DataLoader worker processes per rank
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    preset: str = "tiny"  # a name from dist_clm.model.PRESETS; ignored when `pretrained` is set
+    pretrained: str = ""  # a local Hugging Face model directory to continue pretraining from
+    overrides: dict[str, Any] = field(default_factory=dict)  # transformers config fields, e.g. {n_layer: 4}
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    max_steps: int = 300  # optimizer steps
+    micro_batch_size: int = 8  # blocks per rank per forward/backward
+    grad_accum: int = 1  # micro batches per optimizer step
+    lr: float = 2e-3  # peak learning rate, reached after warmup
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
+    warmup_steps: int = 30  # linear warmup from 0
+    weight_decay: float = 0.1  # AdamW decay, applied to matrices only (not norms, biases, embeddings)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
+    zero_stage: int = 2  # DeepSpeed ZeRO stage, 0-3
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPUs that have it, else fp32 (bf16 also
+    # runs on CPU, but ~10x slower than fp32 on CPUs without bf16 instructions)
+    seed: int = 1234  # model init, data order, sampling
+    log_every: int = 10  # steps between TensorBoard/console scalars
+    eval_every: int = 100  # steps between validation perplexity runs (0 = only before and after)
+    eval_blocks: int = 32  # validation blocks per evaluation (0 = the whole validation split)
+    save_every: int = 100  # steps between checkpoints (0 = only at the end)
+    keep_last: int = 2  # complete checkpoints to keep
+    resume: bool = True  # resume automatically from the latest complete checkpoint in run.dir
+
+
+@dataclass(kw_only=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> Config:
+        """Cross-field and range checks; each failure names the key and what to do."""
+        t, d = self.train, self.data
+        checks = [
+            (t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"must be 0, 1, 2 or 3, got {t.zero_stage}"),
+            (d.block_size >= 2, "data.block_size", f"must be at least 2, got {d.block_size}"),
+            (d.num_workers >= 0, "data.num_workers", f"must be 0 or more, got {d.num_workers}"),
+            (t.max_steps >= 1, "train.max_steps", f"must be at least 1, got {t.max_steps}"),
+            (t.micro_batch_size >= 1, "train.micro_batch_size", f"must be at least 1, got {t.micro_batch_size}"),
+            (t.grad_accum >= 1, "train.grad_accum", f"must be at least 1, got {t.grad_accum}"),
+            (t.lr > 0, "train.lr", f"must be positive, got {t.lr}"),
+            (0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be between 0 and 1, got {t.min_lr_ratio}"),
+            (0 <= t.warmup_steps < t.max_steps, "train.warmup_steps",
+             f"must be at least 0 and below train.max_steps ({t.max_steps}), got {t.warmup_steps}"),
+            (t.grad_clip >= 0, "train.grad_clip", f"must be 0 (off) or positive, got {t.grad_clip}"),
+            (t.log_every >= 1, "train.log_every", f"must be at least 1, got {t.log_every}"),
+            (t.eval_every >= 0, "train.eval_every", f"must be 0 or more, got {t.eval_every}"),
+            (t.eval_blocks >= 0, "train.eval_blocks", f"must be 0 or more, got {t.eval_blocks}"),
+            (t.save_every >= 0, "train.save_every", f"must be 0 or more, got {t.save_every}"),
+            (t.keep_last >= 1, "train.keep_last", f"must be at least 1, got {t.keep_last}"),
+        ]
+        for ok, key, problem in checks:
+            if not ok:
+                raise ConfigError(f"config key '{key}' {problem}.")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, "a mapping" if typing.get_origin(tp) is dict else str(tp)
+    )
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only where no information is lost."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string; accept it as the number it means
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}.")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        where = f"section '{prefix}'" if prefix else "the config file"
+        raise ConfigError(f"{where} must be a mapping of keys to values, got {data!r}.")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"config key '{full}' is unknown; valid keys here are: {', '.join(names)}.")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, full)
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}' goes inside '{part}', which is not a section.")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.lr=3e-4` -> ("train.lr", "3e-4" as YAML reads it)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override '{text}' is not of the form section.key=value (e.g. train.lr=3e-4).")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file at `path` (if any), then `overrides` (`section.key=value`)."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist; pass the path of a YAML file such as configs/tiny.yaml.")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file '{p}' is not valid YAML{where}; fix its syntax.") from None
+        if loaded is not None:
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"config file '{p}' must hold a mapping of sections (run, data, model, train).")
+            tree = loaded
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    return _build(Config, tree, "").validate()

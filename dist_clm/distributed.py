@@ -1,0 +1,79 @@
+"""Who am I, and bringing up the process group: the deepspeed launcher, torchrun, or a plain process.
+
+The deepspeed launcher and torchrun both export RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT.
+A plain `python`/`dist-clm` process has none of them; DeepSpeed would then try MPI discovery (and fail
+without mpi4py), so we declare a world of one on a free local port first.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+
+def use_cpu_accelerator_if_no_gpu() -> None:
+    """DeepSpeed picks its accelerator at import; without a GPU tell it to use the CPU one (gloo)."""
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: str  # "cuda:N" or "cpu"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init() -> DistEnv:
+    """Initialise torch.distributed through DeepSpeed (nccl on GPU, gloo on CPU) and describe this process."""
+    if "RANK" not in os.environ:  # a plain process: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    use_cpu_accelerator_if_no_gpu()
+    import deepspeed
+    import torch
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(local_rank)
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
+    return DistEnv(
+        rank=torch.distributed.get_rank(),
+        local_rank=local_rank,
+        world_size=torch.distributed.get_world_size(),
+        device=f"cuda:{local_rank}" if on_gpu else "cpu",
+    )
+
+
+def barrier() -> None:
+    import torch
+
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(values: list[float], device: str) -> list[float]:
+    """Sum a few floats over all ranks (float64, so token counts stay exact)."""
+    import torch
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t.tolist()

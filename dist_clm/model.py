@@ -1,0 +1,82 @@
+"""Decoder-only models: presets built with `AutoModelForCausalLM.from_config`, or a local pretrained directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dist_clm.errors import UserError
+
+# Each preset is a transformers config: `model_type` picks the family, the rest are that config's fields.
+# vocab_size, bos/eos ids always come from the tokenizer.
+PRESETS: dict[str, dict[str, Any]] = {
+    # For tests and the quick start: trains on 2 CPU cores in a couple of minutes.
+    "tiny": dict(model_type="gpt2", n_layer=2, n_head=4, n_embd=128, n_positions=512),
+    # A Llama-style tiny model (RMSNorm, rotary positions, SwiGLU, untied embeddings) for tests.
+    "tiny-llama": dict(
+        model_type="llama", num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        hidden_size=128, intermediate_size=344, max_position_embeddings=512, tie_word_embeddings=False,
+    ),
+    # GPT-2 small (124M with its 50257-token vocabulary).
+    "gpt2-124m": dict(model_type="gpt2", n_layer=12, n_head=12, n_embd=768, n_positions=1024),
+    # A Llama-style ~500M model (with a 32k vocabulary), grouped-query attention.
+    "llama-500m": dict(
+        model_type="llama", num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=4,
+        hidden_size=1024, intermediate_size=2816, max_position_embeddings=2048, rope_theta=10000.0,
+        tie_word_embeddings=False,
+    ),
+}
+
+_DROPOUT_OFF = {"gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)}  # pretraining: no dropout
+
+
+def build_model(preset: str, pretrained: str, overrides: dict[str, Any], tokenizer, attn: str = "sdpa"):
+    """A fresh model from a preset (+overrides), or the weights of a local pretrained directory."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    n_vocab = len(tokenizer)
+    if pretrained:
+        path = Path(pretrained)
+        if not (path / "config.json").is_file():
+            raise UserError(f"model.pretrained '{path}' is not a model directory with config.json; "
+                            "give a directory written by save_pretrained (or `dist-clm export`).")
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation=attn)
+        if model.config.vocab_size < n_vocab:
+            raise UserError(f"the pretrained model has {model.config.vocab_size} token embeddings but the tokenizer "
+                            f"has {n_vocab} tokens; use the tokenizer the model was trained with.")
+        return model
+    if preset not in PRESETS:
+        raise UserError(f"config key 'model.preset' must be one of {', '.join(PRESETS)}, got {preset!r}.")
+    fields = dict(PRESETS[preset])
+    model_type = fields.pop("model_type")
+    fields.update(_DROPOUT_OFF.get(model_type, {}))
+    fields.update(vocab_size=n_vocab, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    try:
+        config = AutoConfig.for_model(model_type, **fields)
+        for key, value in overrides.items():
+            if not hasattr(config, key):
+                raise UserError(f"config key 'model.overrides.{key}' is not a field of the {model_type} config.")
+            setattr(config, key, value)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"the model config from preset {preset!r} and model.overrides is invalid: {e}") from None
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn)  # fp32 master weights
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model's position embeddings allow (None if the family has no limit)."""
+    for key in ("n_positions", "max_position_embeddings"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    return None
+
+
+def count_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(config, n_params: int, block_size: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls with weights plus 12·L·d·T for attention (PaLM appendix B)."""
+    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    width = getattr(config, "hidden_size", None) or config.n_embd
+    return 6.0 * n_params + 12.0 * layers * width * block_size
