@@ -42,8 +42,12 @@ def free_port() -> int:
 def init() -> DistEnv:
     """Initialise torch.distributed through DeepSpeed (nccl on GPU, gloo on CPU) and describe this process."""
     if "RANK" not in os.environ:  # a plain process: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
+    # streaming elects one "local leader" per node from LOCAL_WORLD_SIZE (torchrun sets it; the deepspeed
+    # launcher calls it LOCAL_SIZE); without it every rank leads and their shared memory collides.
+    if "LOCAL_WORLD_SIZE" not in os.environ:
+        os.environ["LOCAL_WORLD_SIZE"] = os.environ.get("LOCAL_SIZE", os.environ["WORLD_SIZE"])
     use_cpu_accelerator_if_no_gpu()
     import deepspeed
     import torch

@@ -72,11 +72,13 @@ def load_tokenizer(path: str | Path):
             f"tokenizer directory '{p}' does not exist; train one with `dist-clm tokenizer train` or give a local "
             "directory that AutoTokenizer.from_pretrained loads."
         )
+    hint = "it needs tokenizer.json (or a transformers tokenizer's files) and tokenizer_config.json"
+    if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise UserError(f"'{p}' is not a loadable tokenizer directory; {hint}.")
     try:
         tok = AutoTokenizer.from_pretrained(str(p), use_fast=True)
-    except (OSError, ValueError) as e:
-        raise UserError(f"'{p}' is not a loadable tokenizer directory ({e.__class__.__name__}); it needs "
-                        "tokenizer.json or the files of a transformers tokenizer.") from None
+    except Exception as e:  # transformers raises many kinds here (OSError, ValueError, AttributeError...)
+        raise UserError(f"'{p}' is not a loadable tokenizer directory ({e.__class__.__name__}: {e}); {hint}.") from None
     if not getattr(tok, "is_fast", False):
         raise UserError(f"the tokenizer in '{p}' has no fast (Rust) implementation; convert it to tokenizer.json.")
     if tok.eos_token_id is None:

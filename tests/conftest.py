@@ -1,0 +1,84 @@
+"""Shared fixtures: a small real corpus, a tokenizer trained on it, prepared MDS shards, one trained run.
+
+Everything is real (tokenizers, MDSWriter/StreamingDataset, DeepSpeed on CPU), only small.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Each StreamingDataset leaves lock files in the temp dir; give the session its own (also for subprocesses).
+_TMP = tempfile.mkdtemp(prefix="dist_clm_tests_")
+os.environ["TMPDIR"] = _TMP
+tempfile.tempdir = _TMP
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def run_cli(*args: str, timeout: int = 600, env: dict | None = None, cwd: Path | None = None):
+    """Run `dist-clm ARGS` in a fresh process, the way a user does; returns the CompletedProcess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([str(BIN / "dist-clm"), *args], capture_output=True, text=True, timeout=timeout,
+                          env=full_env, cwd=cwd)
+
+
+def corpus_files(n: int = 40) -> list[Path]:
+    """Real text nobody here wrote: `n` standard-library modules of moderate size."""
+    from dist_clm.data.sources import default_corpus_files
+
+    files = [f for f in default_corpus_files() if 2_000 < f.stat().st_size < 40_000]
+    return files[:n]
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("corpus")
+    for i, f in enumerate(corpus_files()):
+        (d / f"{i:03d}_{f.stem}.py").write_text(f.read_text())
+    return d
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, corpus_dir) -> Path:
+    from dist_clm.data import sources
+    from dist_clm.data.tokenizer import train_bpe
+
+    out = tmp_path_factory.mktemp("tok") / "bpe"
+    files = sources.resolve_inputs([str(corpus_dir)])
+    return train_bpe(sources.iter_documents(files), out, vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory, corpus_dir, tokenizer_dir) -> Path:
+    from dist_clm.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("data") / "prepared"
+    # small chunks and shards, so streams cross chunk and shard borders many times
+    prepare(tokenizer_dir, out, [str(corpus_dir)], val_fraction=0.15, chunk_tokens=1000, shard_bytes=1 << 14,
+            progress=False)
+    return out
+
+
+TINY = ["model.preset=tiny", "model.overrides.n_embd=64", "model.overrides.n_positions=128", "data.block_size=64",
+        "train.micro_batch_size=4", "train.warmup_steps=2", "train.lr=3e-3", "train.eval_blocks=8",
+        "run.progress_bar=false"]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, data_dir) -> Path:
+    """A single-process ZeRO-2 run of 12 steps with checkpoints at 6 and 12 (used by eval/generate/export)."""
+    run = tmp_path_factory.mktemp("runs") / "single"
+    r = run_cli("train", *TINY, f"data.path={data_dir}", f"run.dir={run}", "train.max_steps=12",
+                "train.save_every=6", "train.eval_every=6", "train.log_every=3", "train.zero_stage=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run

@@ -1,0 +1,68 @@
+"""Bad input through the real command: one sentence on stderr, a non-zero exit, no traceback, nothing left."""
+
+import pytest
+
+from tests.conftest import TINY, run_cli
+from tests.test_tokenizer import without_eos
+
+
+def assert_clean_error(r, *fragments):
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("dist-clm: error:")]
+    assert len(errors) == 1, r.stderr[-2000:]
+    for f in fragments:
+        assert f in errors[0]
+    assert errors[0].endswith(".")
+
+
+def test_missing_corpus_path(tmp_path, tokenizer_dir):
+    r = run_cli("prepare", str(tmp_path / "nope"), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "o"))
+    assert_clean_error(r, "input path", "does not exist")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_empty_corpus(tmp_path, tokenizer_dir):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("")
+    r = run_cli("prepare", str(tmp_path / "in"), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "o"))
+    assert_clean_error(r, "no non-empty document")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_tokenizer_without_eos(tmp_path, tokenizer_dir, corpus_dir):
+    bad = without_eos(tokenizer_dir, tmp_path / "noeos")
+    r = run_cli("prepare", str(corpus_dir), "--tokenizer", str(bad), "--out", str(tmp_path / "o"))
+    assert_clean_error(r, "no end-of-text token")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("override, fragments", [
+    ("data.block_size=256", ["'data.block_size' is 256, more than the model's 128 positions"]),
+    ("train.zero_stage=5", ["'train.zero_stage' must be 0, 1, 2 or 3, got 5"]),
+])
+def test_bad_training_settings(tmp_path, data_dir, override, fragments):
+    run = tmp_path / "run"
+    r = run_cli("train", *TINY, f"data.path={data_dir}", f"run.dir={run}", override)
+    assert_clean_error(r, *fragments)
+    assert not run.exists()  # nothing written before the settings were checked
+
+
+def test_missing_data_dir(tmp_path):
+    r = run_cli("train", *TINY, f"data.path={tmp_path / 'nodata'}", f"run.dir={tmp_path / 'run'}")
+    assert_clean_error(r, "data directory", "does not exist")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", [["eval"], ["generate"], ["export", "--out", "OUT"]])
+def test_checkpoint_dir_that_does_not_exist(tmp_path, command):
+    args = [a.replace("OUT", str(tmp_path / "out")) for a in command]
+    r = run_cli(args[0], str(tmp_path / "no-such-run"), *args[1:])
+    assert_clean_error(r, "does not exist")
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_dir_without_checkpoints(tmp_path):
+    (tmp_path / "run").mkdir()
+    r = run_cli("eval", str(tmp_path / "run"))
+    assert_clean_error(r, "holds no complete checkpoint")

@@ -1,0 +1,130 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streaming import StreamingDataset
+from transformers import AutoTokenizer
+
+from dist_clm.data import sources
+from dist_clm.data.prepare import is_val, prepare, read_manifest
+from dist_clm.data.tokenizer import fingerprint, load_tokenizer
+from dist_clm.errors import UserError
+
+
+def expected_streams(corpus_docs, tok, val_fraction):
+    """Each split's token stream computed independently: documents in order, tokenized, EOS appended."""
+    streams = {"train": [], "val": []}
+    for text in corpus_docs:
+        if text:
+            ids = tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
+            streams["val" if is_val(text, val_fraction) else "train"].append(ids)
+    return streams
+
+
+def read_split(path: Path):
+    ds = StreamingDataset(local=str(path), shuffle=False, batch_size=1)  # a plain reader, not ours
+    chunks = [ds[i] for i in range(ds.num_samples)]
+    return chunks
+
+
+def test_shards_hold_the_corpus_token_stream(data_dir, corpus_dir, tokenizer_dir):
+    m = read_manifest(data_dir)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    files = sorted(corpus_dir.iterdir())
+    streams = expected_streams([f.read_text() for f in files], tok, 0.15)
+    assert m["tokenizer"]["fingerprint"] == fingerprint(tok)
+    assert m["tokenizer"]["vocab_size"] == 512 and m["tokenizer"]["eos_id"] == tok.eos_token_id
+    assert m["token_dtype"] == "uint16"
+    assert (data_dir / "tokenizer" / "tokenizer.json").is_file()
+    for split in ("train", "val"):
+        chunks = read_split(data_dir / split)
+        info = m["splits"][split]
+        assert len(chunks) == info["chunks"] > 0
+        assert all(len(c["tokens"]) == 1000 for c in chunks[:-1]) and 0 < len(chunks[-1]["tokens"]) <= 1000
+        got = np.concatenate([c["tokens"] for c in chunks])
+        want = np.concatenate([np.array(d) for d in streams[split]])
+        assert len(got) == info["tokens"] == len(want)
+        assert info["documents"] == len(streams[split])
+        np.testing.assert_array_equal(got, want)
+        # document starts recorded inside each chunk (then the chunk's length)
+        starts = np.cumsum([0] + [len(d) for d in streams[split][:-1]])
+        recorded = np.concatenate([c["doc_bounds"][:-1] + i * 1000 for i, c in enumerate(chunks)])
+        np.testing.assert_array_equal(recorded, starts)
+        assert all(c["doc_bounds"][-1] == len(c["tokens"]) for c in chunks)
+    assert len(list((data_dir / "train").glob("shard.*.mds"))) > 1  # shard size limit honoured
+
+
+def test_inputs_files_dirs_globs_and_jsonl(tmp_path, corpus_dir):
+    a, b = sorted(corpus_dir.iterdir())[:2]
+    (tmp_path / "docs.jsonl").write_text(
+        json.dumps({"text": "first document", "id": 1}) + "\n\n" + json.dumps({"text": "", "id": 2}) + "\n"
+        + json.dumps({"text": "third", "id": 3}) + "\n")
+    files = sources.resolve_inputs([str(a), str(corpus_dir), str(corpus_dir / "*.py"), str(tmp_path / "*.jsonl")])
+    assert files[0] == a and files.count(b) == 1  # order kept, duplicates dropped
+    docs = list(sources.iter_documents(files))
+    assert docs[-3:] == ["first document", "", "third"]
+    assert len(docs) == len(list(corpus_dir.iterdir())) + 3
+
+
+def test_default_corpus_is_the_standard_library():
+    files = sources.default_corpus_files()
+    assert 200 <= len(files) <= 300
+    assert all(f.suffix == ".py" and f.is_file() for f in files)
+    assert not any("site-packages" in f.parts or "test" in f.parts for f in files)
+
+
+def test_prepare_with_a_pretrained_local_tokenizer(tmp_path, corpus_dir):
+    """Any local transformers tokenizer directory works, e.g. a WordLevel one saved by save_pretrained."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[EOS]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate("the cat sat on mat".split())}}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=t, eos_token="[EOS]", unk_token="[UNK]").save_pretrained(tmp_path / "wl")
+    (tmp_path / "c.txt").write_text("the cat sat on the mat")
+    (tmp_path / "d.txt").write_text("the mat sat")
+    m = prepare(tmp_path / "wl", tmp_path / "out", [str(tmp_path / "*.txt")], val_fraction=0.5, progress=False)
+    assert m["tokenizer"]["eos_id"] == 0 and m["tokenizer"]["vocab_size"] == 7
+    all_tokens = np.concatenate([c["tokens"] for s in ("train", "val") for c in read_split(tmp_path / "out" / s)])
+    assert sorted(all_tokens.tolist()) == sorted([2, 3, 4, 5, 2, 6, 0, 2, 6, 4, 0])
+
+
+def assert_nothing_left(parent: Path, name: str):
+    assert not (parent / name).exists()
+    assert not [p for p in parent.iterdir() if p.name.startswith(f".{name}.partial")]
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "noglob", "all_val"])
+def test_bad_corpus_is_refused_and_nothing_is_left(tmp_path, tokenizer_dir, case):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "one.txt").write_text("a single short document")
+    inputs = {"missing": [str(tmp_path / "nope")], "empty": [str(tmp_path / "empty.txt")],
+              "noglob": [str(tmp_path / "*.parquet")], "all_val": [str(tmp_path / "one.txt")]}[case]
+    message = {"missing": "does not exist", "empty": "no non-empty document", "noglob": "matches no files",
+               "all_val": "split got no document"}[case]
+    with pytest.raises(UserError, match=message):
+        prepare(tokenizer_dir, tmp_path / "out", inputs, progress=False)
+    assert_nothing_left(tmp_path, "out")
+
+
+def test_refuses_existing_output_and_reads_only_complete_dirs(tmp_path, data_dir, tokenizer_dir, corpus_dir):
+    with pytest.raises(UserError, match="already exists and is not empty"):
+        prepare(tokenizer_dir, data_dir, [str(corpus_dir)], progress=False)
+    half = tmp_path / "half"
+    (half / "train").mkdir(parents=True)
+    with pytest.raises(UserError, match="not a complete prepared dataset"):
+        read_manifest(half)
+    with pytest.raises(UserError, match="does not exist"):
+        read_manifest(tmp_path / "nope")
+
+
+def test_tokenizer_without_eos_is_refused_by_prepare(tmp_path, tokenizer_dir, corpus_dir):
+    from tests.test_tokenizer import without_eos
+
+    bad = without_eos(tokenizer_dir, tmp_path / "noeos")
+    with pytest.raises(UserError, match="has no end-of-text token"):
+        prepare(bad, tmp_path / "out", [str(corpus_dir)], progress=False)
+    assert_nothing_left(tmp_path, "out")
+    assert load_tokenizer(tokenizer_dir).eos_token_id is not None

@@ -1,0 +1,127 @@
+"""Training runs on the real DeepSpeed engine (CPU, gloo): a plain process, the deepspeed launcher, torchrun."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dist_clm.config import load_config
+from dist_clm.distributed import free_port
+from tests.conftest import BIN, TINY
+
+
+def metrics(run: Path, skip: int = 0) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()[skip:]]
+
+
+def train_losses(rows: list[dict]) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def launch(launcher: list[str], *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    r = subprocess.run([*launcher, "-m" if launcher[0].endswith("torchrun") else "--module", "dist_clm", "train",
+                        *overrides], capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    return r
+
+
+def test_single_process_run_writes_config_checkpoints_and_tensorboard(trained_run, data_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = load_config(trained_run / "config.yaml")  # the resolved config, saved in the run directory
+    assert cfg.train.max_steps == 12 and cfg.data.path == str(data_dir) and cfg.data.block_size == 64
+    ckpts = sorted(p.name for p in (trained_run / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_00000006", "step_00000012"]
+    for c in ckpts:
+        marker = json.loads((trained_run / "checkpoints" / c / "complete.json").read_text())
+        assert marker["zero_stage"] == 2 and marker["world_size"] == 1
+        assert (trained_run / "checkpoints" / c / "config.json").is_file()
+    assert (trained_run / "tokenizer" / "tokenizer.json").is_file()
+
+    events = list((trained_run / "tensorboard").glob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(trained_run / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "val/loss", "val/perplexity"} <= tags
+    assert [e.step for e in acc.Scalars("train/loss")] == [3, 6, 9, 12]
+    assert [e.step for e in acc.Scalars("val/perplexity")] == [0, 6, 12]
+    lr = [e.value for e in acc.Scalars("train/lr")]
+    assert 3e-3 >= lr[0] > lr[1] > lr[2] > lr[3] == pytest.approx(3e-4, rel=1e-4)  # cosine down to 10% of peak
+    tb_loss = [e.value for e in acc.Scalars("train/loss")]
+    assert tb_loss == pytest.approx(list(train_losses(metrics(trained_run)).values()), rel=1e-6)
+    assert all(e.value > 0 for e in acc.Scalars("train/tokens_per_s"))
+
+
+def test_rerun_of_a_finished_run_resumes_and_does_nothing(trained_run, tmp_path, data_dir):
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    before = len(metrics(run))
+    from tests.conftest import run_cli
+
+    r = run_cli("train", *TINY, f"data.path={data_dir}", f"run.dir={run}", "train.max_steps=12",
+                "train.save_every=6", "train.zero_stage=2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stderr + r.stdout and "step_00000012" in r.stderr + r.stdout
+    assert not train_losses(metrics(run, before))  # no step was taken again
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_zero2_bf16_two_ranks_loss_falls_and_resume_continues(tmp_path, data_dir):
+    port = str(free_port())
+    ds = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", port]
+    common = [*TINY, f"data.path={data_dir}", "train.zero_stage=2", "train.precision=bf16", "train.log_every=1",
+              "train.save_every=4", "train.keep_last=5", "train.eval_every=0", "train.max_steps=12",
+              "train.micro_batch_size=2", "train.grad_accum=2"]
+    a = tmp_path / "a"
+    launch(ds, *common, f"run.dir={a}")
+    rows = metrics(a)
+    losses = train_losses(rows)
+    assert list(losses) == list(range(1, 13))
+    assert sum(list(losses.values())[-3:]) / 3 < sum(list(losses.values())[:3]) / 3 - 0.3  # it learns
+    vals = [r["val/loss"] for r in rows if "val/loss" in r]
+    assert vals[-1] < vals[0]
+    marker = json.loads((a / "checkpoints" / "step_00000008" / "complete.json").read_text())
+    assert marker["world_size"] == 2 and marker["zero_stage"] == 2
+
+    # Restart from the step-8 checkpoint: the step count and the loader position continue where they were,
+    # so steps 9-12 see the same blocks and give the same losses as the uninterrupted run.
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    shutil.rmtree(b / "checkpoints" / "step_00000012")
+    skip = len(metrics(b))
+    r = launch(ds, *common, f"run.dir={b}")
+    assert "resumed from" in r.stdout + r.stderr
+    resumed = train_losses(metrics(b, skip))
+    assert list(resumed) == [9, 10, 11, 12]
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(losses[step], rel=1e-4), step
+    import torch
+
+    state = torch.load(b / "checkpoints" / "step_00000012" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert state["step"] == 12 and state["loader"] == {"blocks_consumed": 12 * 2 * 2 * 2, "block_size": 64}
+    assert state["tokens_seen"] == 12 * 8 * 64
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_zero3(tmp_path, data_dir):
+    run = tmp_path / "tr"
+    tr = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
+    launch(tr, *TINY, f"data.path={data_dir}", f"run.dir={run}", "train.zero_stage=3", "train.max_steps=4",
+           "train.save_every=4", "train.log_every=2")
+    marker = json.loads((run / "checkpoints" / "step_00000004" / "complete.json").read_text())
+    assert marker["world_size"] == 2 and marker["zero_stage"] == 3
+    assert list(train_losses(metrics(run))) == [2, 4]
+
+
+def test_python_is_importable_without_launcher_env():
+    # the plain process path sets up a world of one itself (no RANK/MASTER_* needed)
+    code = "from dist_clm import distributed; e = distributed.init(); print(e.rank, e.world_size, e.device)"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "0 1 cpu"
