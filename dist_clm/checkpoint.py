@@ -50,8 +50,12 @@ def save(engine, run_dir: Path, step: int, client_state: dict, model_config, kee
     barrier()  # every rank's files are on disk before the marker says so
     if is_main:
         model_config.save_pretrained(str(ckdir / tag))
-        marker = {"step": step, "zero_stage": engine.zero_optimization_stage(), "world_size": engine.world_size,
-                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        marker = {
+            "step": step,
+            "zero_stage": engine.zero_optimization_stage(),
+            "world_size": engine.world_size,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
         atomic_write_text(ckdir / tag / COMPLETE, json.dumps(marker, indent=2))
         _prune(ckdir, keep_last)
     barrier()
@@ -72,12 +76,15 @@ def resolve(path: str | Path) -> Path:
     """A checkpoint directory from a run directory (its latest complete checkpoint) or a step directory."""
     p = Path(path)
     if not p.exists():
-        raise UserError(f"checkpoint path '{p}' does not exist; give a run directory or one of its "
-                        "checkpoints/step_* directories.")
+        raise UserError(
+            f"checkpoint path '{p}' does not exist; give a run directory or one of its checkpoints/step_* directories."
+        )
     if (p / COMPLETE).is_file():
         return p
     if p.name.startswith(PREFIX):
-        raise UserError(f"checkpoint '{p}' is incomplete (no {COMPLETE}: its save was interrupted); use an earlier one.")
+        raise UserError(
+            f"checkpoint '{p}' is incomplete (no {COMPLETE}: its save was interrupted); use an earlier one."
+        )
     found = complete_checkpoints(p.parent if p.name == "checkpoints" else p)
     if not found:
         raise UserError(f"'{p}' holds no complete checkpoint; train with train.save_every > 0 or point at another run.")
@@ -122,8 +129,10 @@ def load_model(path: str | Path):
     missing, unexpected = model.load_state_dict(load_state_dict(tag_dir), strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight") and config.tie_word_embeddings}
     if set(missing) - tied or unexpected:
-        raise UserError(f"checkpoint '{tag_dir}' does not match its config.json (missing {sorted(missing)[:3]}, "
-                        f"unexpected {sorted(unexpected)[:3]}); it was written by another model.")
+        raise UserError(
+            f"checkpoint '{tag_dir}' does not match its config.json (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}); it was written by another model."
+        )
     model.tie_weights()
     tok = load_tokenizer(run_dir_of(tag_dir) / "tokenizer")
     return model.float().eval(), tok, tag_dir

@@ -25,8 +25,16 @@ def _prepare(a: argparse.Namespace) -> None:
 
     if not a.inputs:
         print("no corpus named: preparing files of the Python standard library")
-    m = prepare(a.tokenizer, a.out, a.inputs, val_fraction=a.val_fraction, chunk_tokens=a.chunk_tokens,
-                text_column=a.text_column, compression=a.compression, progress=not a.quiet)
+    m = prepare(
+        a.tokenizer,
+        a.out,
+        a.inputs,
+        val_fraction=a.val_fraction,
+        chunk_tokens=a.chunk_tokens,
+        text_column=a.text_column,
+        compression=a.compression,
+        progress=not a.quiet,
+    )
     for split, s in m["splits"].items():
         print(f"{split}: {s['documents']} documents, {s['tokens']} tokens, {s['chunks']} chunks")
     print(f"prepared data written to {a.out}")
@@ -45,8 +53,14 @@ def _train(a: argparse.Namespace) -> None:
 def _eval(a: argparse.Namespace) -> None:
     from dist_clm.evaluate import evaluate_cli
 
-    res = evaluate_cli(a.checkpoint, data=a.data, text=a.text, block_size=a.block_size,
-                       max_blocks=a.max_blocks, batch_size=a.batch_size)
+    res = evaluate_cli(
+        a.checkpoint,
+        data=a.data,
+        text=a.text,
+        block_size=a.block_size,
+        max_blocks=a.max_blocks,
+        batch_size=a.batch_size,
+    )
     print(f"tokens evaluated: {res['tokens']}  loss: {res['loss']:.4f}  perplexity: {res['perplexity']:.3f}")
 
 
@@ -124,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True)
     t.set_defaults(func=_export)
 
-    t = sub.add_parser("quickstart", help="tokenizer -> prepare -> train -> eval -> generate -> export, embedded corpus")
+    t = sub.add_parser(
+        "quickstart", help="tokenizer -> prepare -> train -> eval -> generate -> export, embedded corpus"
+    )
     t.add_argument("--dir", default="runs/quickstart", help="where everything goes")
     t.add_argument("overrides", nargs="*", help="training overrides, e.g. train.max_steps=50")
     t.set_defaults(func=_quickstart)

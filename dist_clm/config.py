@@ -89,8 +89,11 @@ class Config:
             (t.grad_accum >= 1, "train.grad_accum", f"must be at least 1, got {t.grad_accum}"),
             (t.lr > 0, "train.lr", f"must be positive, got {t.lr}"),
             (0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be between 0 and 1, got {t.min_lr_ratio}"),
-            (0 <= t.warmup_steps < t.max_steps, "train.warmup_steps",
-             f"must be at least 0 and below train.max_steps ({t.max_steps}), got {t.warmup_steps}"),
+            (
+                0 <= t.warmup_steps < t.max_steps,
+                "train.warmup_steps",
+                f"must be at least 0 and below train.max_steps ({t.max_steps}), got {t.warmup_steps}",
+            ),
             (t.grad_clip >= 0, "train.grad_clip", f"must be 0 (off) or positive, got {t.grad_clip}"),
             (t.log_every >= 1, "train.log_every", f"must be at least 1, got {t.log_every}"),
             (t.eval_every >= 0, "train.eval_every", f"must be 0 or more, got {t.eval_every}"),
@@ -147,9 +150,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
+    elif tp is str and isinstance(value, str):
+        return value
     raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}.")
 
 
@@ -201,7 +203,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file '{p}' does not exist; pass the path of a YAML file such as configs/tiny.yaml.")
+            raise ConfigError(
+                f"config file '{p}' does not exist; pass the path of a YAML file such as configs/tiny.yaml."
+            )
         try:
             loaded = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:

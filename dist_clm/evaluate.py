@@ -63,8 +63,12 @@ def _same_length_batches(spans: list[tuple[int, int]], batch_size: int) -> list[
 
 
 def evaluate_cli(
-    checkpoint: str, data: str | None = None, text: list[str] | None = None, block_size: int | None = None,
-    max_blocks: int = 0, batch_size: int = 8,
+    checkpoint: str,
+    data: str | None = None,
+    text: list[str] | None = None,
+    block_size: int | None = None,
+    max_blocks: int = 0,
+    batch_size: int = 8,
 ) -> dict[str, float]:
     """`dist-clm eval`: a checkpoint (or exported model) on a prepared validation split or on text files."""
     import numpy as np
@@ -99,12 +103,15 @@ def evaluate_cli(
             raise UserError("no evaluation data: pass --data DIR (a prepared directory) or --text FILES.")
         manifest = read_manifest(data)
         if manifest["tokenizer"]["fingerprint"] != fingerprint(tok):
-            raise UserError(f"'{data}' was tokenized with another tokenizer than the model's; prepare it with "
-                            "the model's tokenizer or pass --text.")
+            raise UserError(
+                f"'{data}' was tokenized with another tokenizer than the model's; prepare it with "
+                "the model's tokenizer or pass --text."
+            )
         stream = TokenStream(data, "val", manifest)
         read, n_tokens = stream.read, stream.tokens
     env = distributed.init() if "RANK" in os.environ else None
     device = env.device if env else "cpu"
     spans = block_spans(n_tokens, block_size, max_blocks)
-    return perplexity(model.to(device), read, spans, batch_size, device,
-                      env.rank if env else 0, env.world_size if env else 1)
+    return perplexity(
+        model.to(device), read, spans, batch_size, device, env.rank if env else 0, env.world_size if env else 1
+    )

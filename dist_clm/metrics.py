@@ -16,7 +16,7 @@ class Metrics:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-        self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        self.jsonl = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (open for the whole run, closed in close())
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         """Record `scalars` (names like "train/loss") at `step`."""

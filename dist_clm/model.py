@@ -14,15 +14,27 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(model_type="gpt2", n_layer=2, n_head=4, n_embd=128, n_positions=512),
     # A Llama-style tiny model (RMSNorm, rotary positions, SwiGLU, untied embeddings) for tests.
     "tiny-llama": dict(
-        model_type="llama", num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        hidden_size=128, intermediate_size=344, max_position_embeddings=512, tie_word_embeddings=False,
+        model_type="llama",
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        hidden_size=128,
+        intermediate_size=344,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
     ),
     # GPT-2 small (124M with its 50257-token vocabulary).
     "gpt2-124m": dict(model_type="gpt2", n_layer=12, n_head=12, n_embd=768, n_positions=1024),
-    # A Llama-style ~500M model (with a 32k vocabulary), grouped-query attention.
+    # A Llama-style ~500M model (494 M with a 32k vocabulary): 24 layers, width 1280, grouped-query attention.
     "llama-500m": dict(
-        model_type="llama", num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=4,
-        hidden_size=1024, intermediate_size=2816, max_position_embeddings=2048, rope_theta=10000.0,
+        model_type="llama",
+        num_hidden_layers=24,
+        num_attention_heads=10,
+        num_key_value_heads=2,
+        hidden_size=1280,
+        intermediate_size=3456,
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
         tie_word_embeddings=False,
     ),
 }
@@ -39,12 +51,16 @@ def build_model(preset: str, pretrained: str, overrides: dict[str, Any], tokeniz
     if pretrained:
         path = Path(pretrained)
         if not (path / "config.json").is_file():
-            raise UserError(f"model.pretrained '{path}' is not a model directory with config.json; "
-                            "give a directory written by save_pretrained (or `dist-clm export`).")
+            raise UserError(
+                f"model.pretrained '{path}' is not a model directory with config.json; "
+                "give a directory written by save_pretrained (or `dist-clm export`)."
+            )
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation=attn)
         if model.config.vocab_size < n_vocab:
-            raise UserError(f"the pretrained model has {model.config.vocab_size} token embeddings but the tokenizer "
-                            f"has {n_vocab} tokens; use the tokenizer the model was trained with.")
+            raise UserError(
+                f"the pretrained model has {model.config.vocab_size} token embeddings but the tokenizer "
+                f"has {n_vocab} tokens; use the tokenizer the model was trained with."
+            )
         return model
     if preset not in PRESETS:
         raise UserError(f"config key 'model.preset' must be one of {', '.join(PRESETS)}, got {preset!r}.")

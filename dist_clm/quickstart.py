@@ -80,8 +80,10 @@ def quickstart(directory: str | Path = "runs/quickstart", overrides: list[str] |
     stage("6/6 export: a Hugging Face directory")
     out = export(root / "run", root / "export")
     reloaded = AutoModelForCausalLM.from_pretrained(str(out))
-    print(f"{out} loads with AutoModelForCausalLM ({reloaded.config.model_type}, "
-          f"{sum(p.numel() for p in reloaded.parameters()):,} parameters)")
+    print(
+        f"{out} loads with AutoModelForCausalLM ({reloaded.config.model_type}, "
+        f"{sum(p.numel() for p in reloaded.parameters()):,} parameters)"
+    )
     print(f"\ndone in {time.time() - start:.0f} s; TensorBoard: tensorboard --logdir {root / 'run' / 'tensorboard'}")
     if a >= b:
         raise UserError(f"validation perplexity did not fall ({b:.2f} -> {a:.2f}); something is wrong with training.")

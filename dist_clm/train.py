@@ -13,7 +13,7 @@ import torch
 
 from dist_clm import checkpoint, distributed
 from dist_clm.config import Config
-from dist_clm.data.loader import TrainLoader, TokenStream
+from dist_clm.data.loader import TokenStream, TrainLoader
 from dist_clm.data.prepare import read_manifest
 from dist_clm.data.tokenizer import fingerprint, load_tokenizer
 from dist_clm.errors import UserError
@@ -39,13 +39,23 @@ def deepspeed_config(cfg: Config, on_gpu: bool) -> dict:
         "zero_optimization": {"stage": t.zero_stage},
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": t.eps, "weight_decay": t.weight_decay,
-                       "torch_adam": not on_gpu},  # DeepSpeed's fused Adam needs CUDA
+            "params": {
+                "lr": t.lr,
+                "betas": [t.beta1, t.beta2],
+                "eps": t.eps,
+                "weight_decay": t.weight_decay,
+                "torch_adam": not on_gpu,
+            },  # DeepSpeed's fused Adam needs CUDA
         },
         "scheduler": {
             "type": "WarmupCosineLR",
-            "params": {"total_num_steps": t.max_steps, "warmup_num_steps": t.warmup_steps, "warmup_type": "linear",
-                       "warmup_min_ratio": 0.0, "cos_min_ratio": t.min_lr_ratio},
+            "params": {
+                "total_num_steps": t.max_steps,
+                "warmup_num_steps": t.warmup_steps,
+                "warmup_type": "linear",
+                "warmup_min_ratio": 0.0,
+                "cos_min_ratio": t.min_lr_ratio,
+            },
         },
         "steps_per_print": 1 << 40,  # we log ourselves
     }
@@ -71,22 +81,31 @@ def train(cfg: Config) -> dict:
     manifest = read_manifest(cfg.data.path)
     tok = load_tokenizer(Path(cfg.data.path) / "tokenizer")
     if fingerprint(tok) != manifest["tokenizer"]["fingerprint"]:
-        raise UserError(f"the tokenizer in '{cfg.data.path}/tokenizer' is not the one the shards were made with; "
-                        "prepare the data again.")
+        raise UserError(
+            f"the tokenizer in '{cfg.data.path}/tokenizer' is not the one the shards were made with; "
+            "prepare the data again."
+        )
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = build_model(cfg.model.preset, cfg.model.pretrained, cfg.model.overrides, tok)
     limit = max_positions(model.config)
     if limit is not None and cfg.data.block_size > limit:
-        raise UserError(f"config key 'data.block_size' is {cfg.data.block_size}, more than the model's {limit} "
-                        "positions; lower data.block_size or raise the model's positions.")
+        raise UserError(
+            f"config key 'data.block_size' is {cfg.data.block_size}, more than the model's {limit} "
+            "positions; lower data.block_size or raise the model's positions."
+        )
     if manifest["tokenizer"]["vocab_size"] > model.config.vocab_size:
-        raise UserError(f"the shards use {manifest['tokenizer']['vocab_size']} token ids but the model embeds only "
-                        f"{model.config.vocab_size}; use a model built for this tokenizer.")
+        raise UserError(
+            f"the shards use {manifest['tokenizer']['vocab_size']} token ids but the model embeds only "
+            f"{model.config.vocab_size}; use a model built for this tokenizer."
+        )
     n_params = count_params(model)
-    say(env.is_main, f"model: {model.config.model_type}, {n_params / 1e6:.2f} M parameters, "
+    say(
+        env.is_main,
+        f"model: {model.config.model_type}, {n_params / 1e6:.2f} M parameters, "
         f"{flops_per_token(model.config, n_params, cfg.data.block_size) / 1e6:.1f} MFLOPs per token; "
         f"world size {env.world_size} on {env.device}, {resolve_precision(t.precision, env.device != 'cpu')}, "
-        f"ZeRO-{t.zero_stage}")
+        f"ZeRO-{t.zero_stage}",
+    )
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.yaml")
@@ -94,7 +113,8 @@ def train(cfg: Config) -> dict:
             tok.save_pretrained(str(run_dir / "tokenizer"))
 
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, t.weight_decay),
+        model=model,
+        model_parameters=param_groups(model, t.weight_decay),
         config=deepspeed_config(cfg, on_gpu=env.device != "cpu"),
     )
 
@@ -105,8 +125,19 @@ def train(cfg: Config) -> dict:
         _, client = engine.load_checkpoint(str(checkpoint.checkpoints_dir(run_dir)), tag=done[-1].name)
         step, tokens_seen, loader_state = client["step"], client["tokens_seen"], client["loader"]
         say(env.is_main, f"resumed from {done[-1]} at step {step}")
-    loader = TrainLoader(cfg.data.path, manifest, cfg.data.block_size, t.micro_batch_size, t.grad_accum,
-                         env.rank, env.world_size, cfg.data.shuffle, t.seed, cfg.data.num_workers, loader_state)
+    loader = TrainLoader(
+        cfg.data.path,
+        manifest,
+        cfg.data.block_size,
+        t.micro_batch_size,
+        t.grad_accum,
+        env.rank,
+        env.world_size,
+        cfg.data.shuffle,
+        t.seed,
+        cfg.data.num_workers,
+        loader_state,
+    )
     val = TokenStream(cfg.data.path, "val", manifest)
     val_spans = block_spans(val.tokens, cfg.data.block_size, t.eval_blocks)
     metrics = Metrics(run_dir, env.is_main, cfg.run.tensorboard)
@@ -114,8 +145,11 @@ def train(cfg: Config) -> dict:
     def validate() -> dict:
         res = perplexity(engine.module, val.read, val_spans, t.micro_batch_size, env.device, env.rank, env.world_size)
         metrics.log(step, {"val/loss": res["loss"], "val/perplexity": res["perplexity"]})
-        say(env.is_main, f"step {step}: validation loss {res['loss']:.4f}, perplexity {res['perplexity']:.2f} "
-            f"({res['tokens']} tokens)")
+        say(
+            env.is_main,
+            f"step {step}: validation loss {res['loss']:.4f}, perplexity {res['perplexity']:.2f} "
+            f"({res['tokens']} tokens)",
+        )
         return res
 
     def save() -> None:
@@ -143,12 +177,20 @@ def train(cfg: Config) -> dict:
         bar.update(1)
 
         if step % t.log_every == 0 or step == t.max_steps:
-            mean_loss = distributed.all_reduce_sum([window_loss.item()], env.device)[0] / (env.world_size * window_steps)
+            mean_loss = distributed.all_reduce_sum([window_loss.item()], env.device)[0] / (
+                env.world_size * window_steps
+            )
             elapsed = time.perf_counter() - window_start
-            metrics.log(step, {"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0],
-                               "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                               "train/tokens_per_s": window_steps * tokens_per_step / elapsed,
-                               "train/tokens_seen": tokens_seen})
+            metrics.log(
+                step,
+                {
+                    "train/loss": mean_loss,
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                    "train/tokens_per_s": window_steps * tokens_per_step / elapsed,
+                    "train/tokens_seen": tokens_seen,
+                },
+            )
             bar.set_postfix(loss=f"{mean_loss:.3f}")
             window_start, window_loss, window_steps = time.perf_counter(), torch.zeros_like(window_loss), 0
         if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:

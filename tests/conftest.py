@@ -28,8 +28,9 @@ BIN = Path(sys.executable).parent
 def run_cli(*args: str, timeout: int = 600, env: dict | None = None, cwd: Path | None = None):
     """Run `dist-clm ARGS` in a fresh process, the way a user does; returns the CompletedProcess."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([str(BIN / "dist-clm"), *args], capture_output=True, text=True, timeout=timeout,
-                          env=full_env, cwd=cwd)
+    return subprocess.run(
+        [str(BIN / "dist-clm"), *args], capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd
+    )
 
 
 def corpus_files(n: int = 40) -> list[Path]:
@@ -64,21 +65,39 @@ def data_dir(tmp_path_factory, corpus_dir, tokenizer_dir) -> Path:
 
     out = tmp_path_factory.mktemp("data") / "prepared"
     # small chunks and shards, so streams cross chunk and shard borders many times
-    prepare(tokenizer_dir, out, [str(corpus_dir)], val_fraction=0.15, chunk_tokens=1000, shard_bytes=1 << 14,
-            progress=False)
+    prepare(
+        tokenizer_dir, out, [str(corpus_dir)], val_fraction=0.15, chunk_tokens=1000, shard_bytes=1 << 14, progress=False
+    )
     return out
 
 
-TINY = ["model.preset=tiny", "model.overrides.n_embd=64", "model.overrides.n_positions=128", "data.block_size=64",
-        "train.micro_batch_size=4", "train.warmup_steps=2", "train.lr=3e-3", "train.eval_blocks=8",
-        "run.progress_bar=false"]
+TINY = [
+    "model.preset=tiny",
+    "model.overrides.n_embd=64",
+    "model.overrides.n_positions=128",
+    "data.block_size=64",
+    "train.micro_batch_size=4",
+    "train.warmup_steps=2",
+    "train.lr=3e-3",
+    "train.eval_blocks=8",
+    "run.progress_bar=false",
+]
 
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, data_dir) -> Path:
     """A single-process ZeRO-2 run of 12 steps with checkpoints at 6 and 12 (used by eval/generate/export)."""
     run = tmp_path_factory.mktemp("runs") / "single"
-    r = run_cli("train", *TINY, f"data.path={data_dir}", f"run.dir={run}", "train.max_steps=12",
-                "train.save_every=6", "train.eval_every=6", "train.log_every=3", "train.zero_stage=2")
+    r = run_cli(
+        "train",
+        *TINY,
+        f"data.path={data_dir}",
+        f"run.dir={run}",
+        "train.max_steps=12",
+        "train.save_every=6",
+        "train.eval_every=6",
+        "train.log_every=3",
+        "train.zero_stage=2",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return run

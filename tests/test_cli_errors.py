@@ -37,10 +37,13 @@ def test_tokenizer_without_eos(tmp_path, tokenizer_dir, corpus_dir):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("override, fragments", [
-    ("data.block_size=256", ["'data.block_size' is 256, more than the model's 128 positions"]),
-    ("train.zero_stage=5", ["'train.zero_stage' must be 0, 1, 2 or 3, got 5"]),
-])
+@pytest.mark.parametrize(
+    "override, fragments",
+    [
+        ("data.block_size=256", ["'data.block_size' is 256, more than the model's 128 positions"]),
+        ("train.zero_stage=5", ["'train.zero_stage' must be 0, 1, 2 or 3, got 5"]),
+    ],
+)
 def test_bad_training_settings(tmp_path, data_dir, override, fragments):
     run = tmp_path / "run"
     r = run_cli("train", *TINY, f"data.path={data_dir}", f"run.dir={run}", override)

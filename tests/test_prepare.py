@@ -58,8 +58,13 @@ def test_shards_hold_the_corpus_token_stream(data_dir, corpus_dir, tokenizer_dir
 def test_inputs_files_dirs_globs_and_jsonl(tmp_path, corpus_dir):
     a, b = sorted(corpus_dir.iterdir())[:2]
     (tmp_path / "docs.jsonl").write_text(
-        json.dumps({"text": "first document", "id": 1}) + "\n\n" + json.dumps({"text": "", "id": 2}) + "\n"
-        + json.dumps({"text": "third", "id": 3}) + "\n")
+        json.dumps({"text": "first document", "id": 1})
+        + "\n\n"
+        + json.dumps({"text": "", "id": 2})
+        + "\n"
+        + json.dumps({"text": "third", "id": 3})
+        + "\n"
+    )
     files = sources.resolve_inputs([str(a), str(corpus_dir), str(corpus_dir / "*.py"), str(tmp_path / "*.jsonl")])
     assert files[0] == a and files.count(b) == 1  # order kept, duplicates dropped
     docs = list(sources.iter_documents(files))
@@ -79,7 +84,7 @@ def test_prepare_with_a_pretrained_local_tokenizer(tmp_path, corpus_dir):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"[EOS]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate("the cat sat on mat".split())}}
+    vocab = {"[EOS]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(["the", "cat", "sat", "on", "mat"])}}
     t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     t.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=t, eos_token="[EOS]", unk_token="[UNK]").save_pretrained(tmp_path / "wl")
@@ -100,10 +105,18 @@ def assert_nothing_left(parent: Path, name: str):
 def test_bad_corpus_is_refused_and_nothing_is_left(tmp_path, tokenizer_dir, case):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "one.txt").write_text("a single short document")
-    inputs = {"missing": [str(tmp_path / "nope")], "empty": [str(tmp_path / "empty.txt")],
-              "noglob": [str(tmp_path / "*.parquet")], "all_val": [str(tmp_path / "one.txt")]}[case]
-    message = {"missing": "does not exist", "empty": "no non-empty document", "noglob": "matches no files",
-               "all_val": "split got no document"}[case]
+    inputs = {
+        "missing": [str(tmp_path / "nope")],
+        "empty": [str(tmp_path / "empty.txt")],
+        "noglob": [str(tmp_path / "*.parquet")],
+        "all_val": [str(tmp_path / "one.txt")],
+    }[case]
+    message = {
+        "missing": "does not exist",
+        "empty": "no non-empty document",
+        "noglob": "matches no files",
+        "all_val": "split got no document",
+    }[case]
     with pytest.raises(UserError, match=message):
         prepare(tokenizer_dir, tmp_path / "out", inputs, progress=False)
     assert_nothing_left(tmp_path, "out")

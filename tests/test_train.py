@@ -23,8 +23,13 @@ def train_losses(rows: list[dict]) -> dict[int, float]:
 
 
 def launch(launcher: list[str], *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    r = subprocess.run([*launcher, "-m" if launcher[0].endswith("torchrun") else "--module", "dist_clm", "train",
-                        *overrides], capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+    r = subprocess.run(
+        [*launcher, "-m" if launcher[0].endswith("torchrun") else "--module", "dist_clm", "train", *overrides],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=os.environ.copy(),
+    )
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
     return r
 
@@ -63,8 +68,15 @@ def test_rerun_of_a_finished_run_resumes_and_does_nothing(trained_run, tmp_path,
     before = len(metrics(run))
     from tests.conftest import run_cli
 
-    r = run_cli("train", *TINY, f"data.path={data_dir}", f"run.dir={run}", "train.max_steps=12",
-                "train.save_every=6", "train.zero_stage=2")
+    r = run_cli(
+        "train",
+        *TINY,
+        f"data.path={data_dir}",
+        f"run.dir={run}",
+        "train.max_steps=12",
+        "train.save_every=6",
+        "train.zero_stage=2",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from" in r.stderr + r.stdout and "step_00000012" in r.stderr + r.stdout
     assert not train_losses(metrics(run, before))  # no step was taken again
@@ -74,9 +86,19 @@ def test_rerun_of_a_finished_run_resumes_and_does_nothing(trained_run, tmp_path,
 def test_deepspeed_launcher_zero2_bf16_two_ranks_loss_falls_and_resume_continues(tmp_path, data_dir):
     port = str(free_port())
     ds = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", port]
-    common = [*TINY, f"data.path={data_dir}", "train.zero_stage=2", "train.precision=bf16", "train.log_every=1",
-              "train.save_every=4", "train.keep_last=5", "train.eval_every=0", "train.max_steps=12",
-              "train.micro_batch_size=2", "train.grad_accum=2"]
+    common = [
+        *TINY,
+        f"data.path={data_dir}",
+        "train.zero_stage=2",
+        "train.precision=bf16",
+        "train.log_every=1",
+        "train.save_every=4",
+        "train.keep_last=5",
+        "train.eval_every=0",
+        "train.max_steps=12",
+        "train.micro_batch_size=2",
+        "train.grad_accum=2",
+    ]
     a = tmp_path / "a"
     launch(ds, *common, f"run.dir={a}")
     rows = metrics(a)
@@ -108,14 +130,44 @@ def test_deepspeed_launcher_zero2_bf16_two_ranks_loss_falls_and_resume_continues
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_zero3(tmp_path, data_dir):
+def test_torchrun_two_ranks_zero3_llama_and_export(tmp_path, data_dir):
+    """A Llama-style model under torchrun with ZeRO-3: partitioned weights consolidate into a loadable export."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_eval_generate_export import independent_model
+
     run = tmp_path / "tr"
     tr = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
-    launch(tr, *TINY, f"data.path={data_dir}", f"run.dir={run}", "train.zero_stage=3", "train.max_steps=4",
-           "train.save_every=4", "train.log_every=2")
-    marker = json.loads((run / "checkpoints" / "step_00000004" / "complete.json").read_text())
+    llama = ["model.preset=tiny-llama", "model.overrides.hidden_size=64", "model.overrides.intermediate_size=172"]
+    launch(
+        tr,
+        *llama,
+        "data.block_size=64",
+        "train.micro_batch_size=4",
+        "train.warmup_steps=1",
+        "train.eval_blocks=4",
+        "run.progress_bar=false",
+        f"data.path={data_dir}",
+        f"run.dir={run}",
+        "train.zero_stage=3",
+        "train.max_steps=4",
+        "train.save_every=4",
+        "train.log_every=2",
+    )
+    tag = run / "checkpoints" / "step_00000004"
+    marker = json.loads((tag / "complete.json").read_text())
     assert marker["world_size"] == 2 and marker["zero_stage"] == 3
     assert list(train_losses(metrics(run))) == [2, 4]
+    from tests.conftest import run_cli
+
+    r = run_cli("export", str(run), "--out", str(tmp_path / "hf"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    assert hf.config.model_type == "llama" and hf.config.hidden_size == 64
+    ids = torch.arange(1, 40)[None]
+    with torch.no_grad():
+        assert (hf(ids).logits - independent_model(tag)(ids).logits).abs().max().item() <= 1e-5
 
 
 def test_python_is_importable_without_launcher_env():

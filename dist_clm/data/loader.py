@@ -80,8 +80,10 @@ class PackedBlocks(Dataset):
         self.stream, self.block_size, self.shuffle, self.seed = stream, block_size, shuffle, seed
         self.per_epoch = stream.tokens // block_size
         if self.per_epoch == 0:
-            raise UserError(f"the training split has {stream.tokens} tokens, fewer than one block of {block_size}; "
-                            "lower data.block_size or prepare more data.")
+            raise UserError(
+                f"the training split has {stream.tokens} tokens, fewer than one block of {block_size}; "
+                "lower data.block_size or prepare more data."
+            )
         self._epoch, self._perm = -1, None
 
     def __len__(self) -> int:  # endless: epochs follow each other
@@ -132,8 +134,10 @@ class TrainLoader:
         state: dict | None = None,
     ):
         if state and state["block_size"] != block_size:
-            raise UserError(f"config key 'data.block_size' is {block_size} but the checkpoint was trained with "
-                            f"{state['block_size']}; resume with that value or start a new run directory.")
+            raise UserError(
+                f"config key 'data.block_size' is {block_size} but the checkpoint was trained with "
+                f"{state['block_size']}; resume with that value or start a new run directory."
+            )
         self.block_size = block_size
         self.global_blocks_per_step = world * micro_batch * grad_accum
         self.start = int(state["blocks_consumed"]) if state else 0
@@ -154,5 +158,7 @@ class TrainLoader:
         self.steps_done += 1
 
     def state_dict(self) -> dict:
-        return {"blocks_consumed": self.start + self.steps_done * self.global_blocks_per_step,
-                "block_size": self.block_size}
+        return {
+            "blocks_consumed": self.start + self.steps_done * self.global_blocks_per_step,
+            "block_size": self.block_size,
+        }

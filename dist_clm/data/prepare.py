@@ -8,8 +8,8 @@ Layout of a prepared directory:
 
 Each split's token stream is its documents in corpus order, each followed by EOS, cut into chunks of exactly
 `chunk_tokens` tokens (the last one shorter). A chunk stores its tokens and `doc_bounds`: the offsets where
-documents start inside it, then its length. Chunks rather than documents are the samples because streaming's per-sample overhead
-(~0.1 ms) would dominate with short documents; the block size is chosen later, at train time, by the packer.
+documents start inside it, then its length. Chunks rather than documents are the samples because streaming's
+per-sample overhead (~0.1 ms) would dominate with short documents; the block size is chosen at train time.
 Documents go to the validation split by a hash of their text, so the split is the same on every run.
 """
 
@@ -137,7 +137,8 @@ def prepare(
         for batch in _batches(docs, 256):
             texts = [t for t in batch if t]
             empty += len(batch) - len(texts)
-            for text, enc in zip(texts, tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)):
+            encodings = tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+            for text, enc in zip(texts, encodings, strict=True):
                 ids = np.array(enc.ids + [eos], dtype=dtype)
                 writers["val" if is_val(text, val_fraction) else "train"].add(ids)
             bar.n = min(len(files), bar.n + len(batch)) if len(files) > 1 else 1

@@ -23,9 +23,7 @@ _SKIP_DIRS = {"site-packages", "test", "tests", "idlelib", "__pycache__"}
 def default_corpus_files(n: int = 300) -> list[Path]:
     """`n` standard-library source files spread evenly over the sorted list (tests and site-packages left out)."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(
-        p for p in root.rglob("*.py") if not _SKIP_DIRS.intersection(p.relative_to(root).parts[:-1])
-    )
+    files = sorted(p for p in root.rglob("*.py") if not _SKIP_DIRS.intersection(p.relative_to(root).parts[:-1]))
     if len(files) <= n:
         return files
     step = len(files) / n
@@ -40,7 +38,9 @@ def resolve_inputs(inputs: list[str]) -> list[Path]:
             matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
             files = [m for m in matches if m.is_file()]
             if not files:
-                raise UserError(f"input pattern '{item}' matches no files; check the pattern or quote it for the shell.")
+                raise UserError(
+                    f"input pattern '{item}' matches no files; check the pattern or quote it for the shell."
+                )
         else:
             p = Path(item)
             if not p.exists():
@@ -72,7 +72,9 @@ def _read_text(f: Path) -> str:
     try:
         return f.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"file '{f}' is not valid UTF-8 (byte {e.start}); convert it to UTF-8 or leave it out.") from None
+        raise UserError(
+            f"file '{f}' is not valid UTF-8 (byte {e.start}); convert it to UTF-8 or leave it out."
+        ) from None
 
 
 def _jsonl_documents(f: Path, text_column: str) -> Iterator[str]:

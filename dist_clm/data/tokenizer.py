@@ -17,9 +17,7 @@ from dist_clm.fsutil import atomic_dir, refuse_non_empty
 EOS_TOKEN = "<|endoftext|>"
 
 
-def train_bpe(
-    texts: Iterable[str], out_dir: str | Path, vocab_size: int = 8192, min_frequency: int = 2
-) -> Path:
+def train_bpe(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 8192, min_frequency: int = 2) -> Path:
     """Train a byte-level BPE (GPT-2 style: any byte sequence encodes, nothing is unknown) and save it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
