@@ -27,7 +27,8 @@ def test_quickstart_runs_the_whole_path_on_the_embedded_corpus(tmp_path):
     assert "def __init__(self" in out.split("5/6 generate")[1]
     assert (d / "export" / "model.safetensors").is_file()
     # a rerun replaces its own directory
-    assert run_cli("quickstart", "--dir", str(d), "train.max_steps=2", "train.warmup_steps=1").returncode == 0
+    again = run_cli("quickstart", "--dir", str(d), "train.max_steps=10", "train.warmup_steps=2")
+    assert again.returncode == 0, again.stderr[-2000:]
 
 
 def test_quickstart_refuses_a_foreign_directory(tmp_path):
