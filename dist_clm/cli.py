@@ -9,35 +9,65 @@ import sys
 from dist_clm.errors import UserError
 
 
-def _tokenizer_train(a: argparse.Namespace) -> None:
+def _corpus(a: argparse.Namespace):
+    """The documents the corpus arguments name (inputs, --dataset, or the embedded default)."""
     from dist_clm.data import sources
-    from dist_clm.data.tokenizer import train_bpe
 
+    if a.dataset:
+        if a.inputs:
+            raise UserError("give either input files or --dataset, not both.")
+        return sources.hf_dataset_documents(a.dataset, a.dataset_config, a.split, a.text_column)
     files = sources.resolve_inputs(a.inputs) if a.inputs else sources.default_corpus_files()
     if not a.inputs:
-        print(f"no corpus named: training on {len(files)} files of the Python standard library")
-    out = train_bpe(sources.iter_documents(files, a.text_column), a.out, vocab_size=a.vocab_size)
+        print(f"no corpus named: using {len(files)} files of the Python standard library")
+    return sources.iter_documents(files, a.text_column, split=a.split)
+
+
+def _tokenizer_train(a: argparse.Namespace) -> None:
+    from itertools import islice
+
+    from tqdm.auto import tqdm
+
+    from dist_clm.data.tokenizer import train_bpe
+
+    docs = (d for d in _corpus(a) if d)
+    if a.sample_docs:
+        docs = islice(docs, a.sample_docs)
+    docs = tqdm(docs, unit="doc", desc="reading", total=a.sample_docs or None, disable=a.quiet)
+    out = train_bpe(docs, a.out, vocab_size=a.vocab_size)
     print(f"tokenizer saved to {out}")
 
 
 def _prepare(a: argparse.Namespace) -> None:
     from dist_clm.data.prepare import prepare
 
-    if not a.inputs:
+    if not a.inputs and not a.dataset:
         print("no corpus named: preparing files of the Python standard library")
     m = prepare(
         a.tokenizer,
         a.out,
         a.inputs,
+        dataset=a.dataset,
+        dataset_config=a.dataset_config,
+        split=a.split,
         val_fraction=a.val_fraction,
         chunk_tokens=a.chunk_tokens,
         text_column=a.text_column,
         compression=a.compression,
+        shard_bytes=a.shard_mb << 20,
+        num_proc=a.num_proc,
+        dedup=a.dedup,
         progress=not a.quiet,
     )
     for split, s in m["splits"].items():
         print(f"{split}: {s['documents']} documents, {s['tokens']} tokens, {s['chunks']} chunks")
-    print(f"prepared data written to {a.out}")
+    print(f"prepared data written to {a.out} in {m['seconds']:.1f} s")
+
+
+def _inspect(a: argparse.Namespace) -> None:
+    from dist_clm.data.inspect import inspect
+
+    print(inspect(a.dir, samples=a.samples, tokens=a.tokens))
 
 
 def _train(a: argparse.Namespace) -> None:
@@ -89,24 +119,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dist-clm", description="Streaming, distributed pretraining of causal LMs.")
     sub = p.add_subparsers(dest="command", required=True)
 
+    def corpus_args(t: argparse.ArgumentParser) -> None:
+        t.add_argument("inputs", nargs="*", help="files, directories, globs, save_to_disk dirs (default: the stdlib)")
+        t.add_argument("--dataset", help="a Hugging Face dataset name or local dataset directory (load_dataset)")
+        t.add_argument("--dataset-config", help="the dataset's configuration name")
+        t.add_argument("--split", default="train", help="which split of --dataset or a save_to_disk DatasetDict")
+        t.add_argument("--text-column", default="text", help="field holding the text (json, parquet, csv, datasets)")
+        t.add_argument("--quiet", action="store_true", help="no progress bar")
+
     tk = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)
     t = tk.add_parser("train", help="train a byte-level BPE on a corpus")
-    t.add_argument("inputs", nargs="*", help="files, directories, globs (default: the Python standard library)")
+    corpus_args(t)
     t.add_argument("--out", required=True, help="directory to save the tokenizer to")
     t.add_argument("--vocab-size", type=int, default=8192)
-    t.add_argument("--text-column", default="text", help="field holding the text in .jsonl files")
+    t.add_argument("--sample-docs", type=int, default=0, help="train on the first N documents only (0 = all)")
     t.set_defaults(func=_tokenizer_train)
 
     t = sub.add_parser("prepare", help="tokenize a corpus once into MDS shards")
-    t.add_argument("inputs", nargs="*", help="files, directories, globs (default: the Python standard library)")
+    corpus_args(t)
     t.add_argument("--tokenizer", required=True, help="a local tokenizer directory")
     t.add_argument("--out", required=True, help="directory to write (must not exist or be empty)")
     t.add_argument("--val-fraction", type=float, default=0.05, help="share of documents for validation")
     t.add_argument("--chunk-tokens", type=int, default=16384, help="tokens per stored MDS sample")
-    t.add_argument("--text-column", default="text", help="field holding the text in .jsonl files")
-    t.add_argument("--compression", default=None, help="MDS shard compression, e.g. zstd")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--num-proc", type=int, default=0, help="tokenizer processes (default: all cores)")
+    t.add_argument("--dedup", action="store_true", help="drop exact duplicate documents")
+    t.add_argument("--compression", default=None, help="MDS shard compression, e.g. zstd, zstd:7, gz, br")
+    t.add_argument("--shard-mb", type=int, default=64, help="shard size limit in MiB")
     t.set_defaults(func=_prepare)
+
+    dt = sub.add_parser("data", help="prepared-data tools").add_subparsers(dest="action", required=True)
+    t = dt.add_parser("inspect", help="a prepared directory's figures and a few decoded documents")
+    t.add_argument("dir")
+    t.add_argument("--samples", type=int, default=3, help="documents to decode")
+    t.add_argument("--tokens", type=int, default=60, help="tokens to show of each")
+    t.set_defaults(func=_inspect)
 
     t = sub.add_parser("train", help="train (plain, or under deepspeed/torchrun launchers)")
     t.add_argument("--config", help="a YAML config file (see configs/)")

@@ -69,3 +69,44 @@ def test_run_dir_without_checkpoints(tmp_path):
     (tmp_path / "run").mkdir()
     r = run_cli("eval", str(tmp_path / "run"))
     assert_clean_error(r, "holds no complete checkpoint")
+
+
+def test_data_inspect_shows_figures_and_documents(data_dir):
+    r = run_cli("data", "inspect", str(data_dir), "--samples", "2", "--tokens", "20")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "train:" in r.stdout and "val:" in r.stdout and "fingerprint" in r.stdout
+    assert r.stdout.count("--- train document") == 2
+
+
+def test_tokenizer_train_from_a_dataset_with_sample_docs(tmp_path):
+    import json
+
+    repo = tmp_path / "ds"
+    (repo / "data").mkdir(parents=True)
+    rows = [{"body": f"document number {i} " * 20} for i in range(50)]
+    (repo / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = run_cli(
+        "tokenizer",
+        "train",
+        "--dataset",
+        str(repo),
+        "--text-column",
+        "body",
+        "--sample-docs",
+        "10",
+        "--vocab-size",
+        "300",
+        "--out",
+        str(tmp_path / "tok"),
+        "--quiet",
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    assert len(tok) <= 300 and tok.eos_token == "<|endoftext|>"
+    bad = run_cli(
+        "prepare", "--dataset", str(repo), "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "o"), "--quiet"
+    )
+    assert_clean_error(bad, "has no column 'text' (columns: body)")
+    assert not (tmp_path / "o").exists()

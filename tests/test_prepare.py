@@ -1,4 +1,8 @@
 import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -141,3 +145,150 @@ def test_tokenizer_without_eos_is_refused_by_prepare(tmp_path, tokenizer_dir, co
         prepare(bad, tmp_path / "out", [str(corpus_dir)], progress=False)
     assert_nothing_left(tmp_path, "out")
     assert load_tokenizer(tokenizer_dir).eos_token_id is not None
+
+
+def shard_bytes(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for s in ("train", "val") for p in sorted((d / s).iterdir())}
+
+
+def test_output_is_byte_identical_for_any_num_proc(tmp_path, corpus_dir, tokenizer_dir, data_dir):
+    outs = []
+    for n in (1, 2, 3):
+        out = tmp_path / f"p{n}"
+        prepare(
+            tokenizer_dir,
+            out,
+            [str(corpus_dir)],
+            val_fraction=0.15,
+            chunk_tokens=1000,
+            shard_bytes=1 << 14,
+            num_proc=n,
+            progress=False,
+        )
+        outs.append(shard_bytes(out))
+    assert outs[0] == outs[1] == outs[2] == shard_bytes(data_dir)
+    assert len(outs[0]) > 4
+
+
+def test_manifest_histogram_dedup_and_compression(tmp_path, corpus_dir, tokenizer_dir):
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    files = sorted(corpus_dir.iterdir())[:12]
+    for f in files:
+        (corpus / f.name).write_text(f.read_text())
+        (corpus / f"copy_{f.name}").write_text(f.read_text())  # exact duplicates
+    m = prepare(
+        tokenizer_dir, tmp_path / "out", [str(corpus)], val_fraction=0.2, dedup=True, compression="zstd", progress=False
+    )
+    assert m["duplicates_removed"] == 12
+    assert sum(s["documents"] for s in m["splits"].values()) == 12
+    for s in m["splits"].values():
+        assert sum(c for _, _, c in s["length_histogram"]) == s["documents"]
+        assert all(lo <= hi for lo, hi, _ in s["length_histogram"])
+    assert list((tmp_path / "out" / "train").glob("*.mds.zstd"))
+    chunks = read_split(tmp_path / "out" / "train")  # compressed shards read back
+    assert sum(len(c["tokens"]) for c in chunks) == m["splits"]["train"]["tokens"]
+    assert m["shards"]["compression"] == "zstd" and m["sources"]["files"] == 24
+    no_dedup = prepare(tokenizer_dir, tmp_path / "out2", [str(corpus)], val_fraction=0.2, progress=False)
+    assert no_dedup["duplicates_removed"] is None
+    assert sum(s["documents"] for s in no_dedup["splits"].values()) == 24
+
+
+def test_large_vocabulary_is_stored_as_uint32(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[EOS]": 0, "[UNK]": 1, **{f"w{i}": i + 2 for i in range(70_000)}}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=t, eos_token="[EOS]", unk_token="[UNK]").save_pretrained(tmp_path / "tk")
+    for i in range(20):
+        (tmp_path / f"{i}.txt").write_text(f"w{i} w69999 w{i * 3000}")
+    m = prepare(tmp_path / "tk", tmp_path / "out", [str(tmp_path / "*.txt")], val_fraction=0.3, progress=False)
+    assert m["token_dtype"] == "uint32"
+    ids = np.concatenate([c["tokens"] for s in ("train", "val") for c in read_split(tmp_path / "out" / s)])
+    assert ids.dtype == np.uint32 and ids.max() == 70_001
+
+
+def big_corpus(tmp_path: Path) -> Path:
+    d = tmp_path / "big"
+    d.mkdir()
+    for k in range(2):
+        for i, f in enumerate(sources.default_corpus_files()):
+            (d / f"{k}_{i:03d}.py").write_text(f.read_text())
+    return d
+
+
+def start_prepare(corpus: Path, tokenizer_dir: Path, out: Path) -> subprocess.Popen:
+    from tests.conftest import BIN
+
+    return subprocess.Popen(
+        [
+            str(BIN / "dist-clm"),
+            "prepare",
+            str(corpus),
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--out",
+            str(out),
+            "--num-proc",
+            "1",
+            "--shard-mb",
+            "1",
+            "--quiet",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_first_shard(proc: subprocess.Popen, out: Path) -> None:
+    first = out.with_name(f".{out.name}.partial") / "train" / "shard.00000.mds"
+    deadline = time.time() + 120
+    while not first.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_kill_9_in_the_middle_then_rerun_starts_over_cleanly(tmp_path, tokenizer_dir):
+    corpus = big_corpus(tmp_path)
+    out = tmp_path / "out"
+    proc = start_prepare(corpus, tokenizer_dir, out)
+    wait_for_first_shard(proc, out)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()  # the loader can't mistake the partial output for data
+    with pytest.raises(UserError, match="does not exist"):
+        read_manifest(out)
+    rerun = start_prepare(corpus, tokenizer_dir, out)
+    _, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err
+    assert "left by an interrupted prepare; removing it and starting over" in err
+    assert not out.with_name(".out.partial").exists()
+    clean = tmp_path / "clean"
+    prepare(tokenizer_dir, clean, [str(corpus)], num_proc=2, shard_bytes=1 << 20, progress=False)
+    assert shard_bytes(out) == shard_bytes(clean)
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_nothing(tmp_path, tokenizer_dir):
+    corpus = big_corpus(tmp_path)
+    out = tmp_path / "out"
+    proc = start_prepare(corpus, tokenizer_dir, out)
+    wait_for_first_shard(proc, out)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted; nothing partial was kept" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big"]
+
+
+def test_a_live_prepare_into_the_same_directory_is_refused(tmp_path, tokenizer_dir, corpus_dir):
+    partial = tmp_path / ".out.partial"
+    partial.mkdir()
+    (partial / "OWNER").write_text(f"{os.getppid()} host\n")  # a live process that is not us
+    with pytest.raises(UserError, match=f"another prepare \\(pid {os.getppid()}\\) is writing"):
+        prepare(tokenizer_dir, tmp_path / "out", [str(corpus_dir)], progress=False)
+    assert (partial / "OWNER").exists()  # not touched

@@ -11,25 +11,35 @@ Each split's token stream is its documents in corpus order, each followed by EOS
 documents start inside it, then its length. Chunks rather than documents are the samples because streaming's
 per-sample overhead (~0.1 ms) would dominate with short documents; the block size is chosen at train time.
 Documents go to the validation split by a hash of their text, so the split is the same on every run.
+
+Tokenization runs in `num_proc` worker processes on batches whose boundaries do not depend on num_proc; the
+writer consumes results in order, so the shards are the same, byte for byte, for any num_proc. Everything
+is written into `.NAME.partial/` and renamed to NAME when complete: a killed prepare leaves only the partial
+directory, which the next prepare into NAME removes (saying so) before starting over.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import multiprocessing
+import os
+import shutil
+import socket
+import sys
 import time
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
 
 from dist_clm import __version__
-from dist_clm.data import sources
+from dist_clm.data import _encode, sources
 from dist_clm.data.tokenizer import fingerprint, load_tokenizer, vocab_size
 from dist_clm.errors import UserError
-from dist_clm.fsutil import atomic_dir, refuse_non_empty
+from dist_clm.fsutil import refuse_non_empty
 
 MANIFEST = "manifest.json"
 FORMAT = "dist_clm.prepared/1"
@@ -91,65 +101,161 @@ class ChunkWriter:
 
 
 def is_val(text: str, val_fraction: float) -> bool:
-    """A document's split depends only on its text: the same corpus always splits the same way."""
-    h = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
-    return h / 2**64 < val_fraction
+    """Whether a document goes to the validation split (a function of its text alone)."""
+    return _encode.digest_is_val(_encode.digest(text), val_fraction)
 
 
-def _batches(items: Iterable[str], n: int) -> Iterator[list[str]]:
-    it = iter(items)
-    while batch := list(islice(it, n)):
+def _batches(docs: Iterable[str], stats: dict) -> Iterator[list[str]]:
+    """Non-empty documents in batches of at most 1024 documents or ~4 MB of text (not a function of num_proc,
+    so the output is the same for every num_proc). Empty documents are counted in `stats`."""
+    batch: list[str] = []
+    chars = 0
+    for text in docs:
+        if not text:
+            stats["empty"] += 1
+            continue
+        batch.append(text)
+        chars += len(text)
+        if len(batch) >= 1024 or chars >= 1 << 22:
+            yield batch
+            batch, chars = [], 0
+    if batch:
         yield batch
+
+
+def _encoded(batches: Iterator[list[str]], tok_json: str, eos: int, dtype: str, num_proc: int):
+    """Tokenize batches in order: in this process (the tokenizer's own threads) or in `num_proc` workers.
+
+    At most 2 * num_proc batches are in flight, so memory stays bounded on corpora of any size.
+    """
+    if num_proc <= 1:
+        _encode.init(tok_json, eos, dtype)
+        for b in batches:
+            yield b, _encode.encode(b)
+        return
+    ctx = multiprocessing.get_context("spawn")  # workers import only numpy+tokenizers; no forked threads
+    with ProcessPoolExecutor(num_proc, mp_context=ctx, initializer=_encode.init, initargs=(tok_json, eos, dtype)) as ex:
+        window: deque = deque()
+        for b in batches:
+            window.append((b, ex.submit(_encode.encode, b)))
+            if len(window) >= 2 * num_proc:
+                b0, fut = window.popleft()
+                yield b0, fut.result()
+        while window:
+            b0, fut = window.popleft()
+            yield b0, fut.result()
+
+
+def _length_histogram(lengths: list[int]) -> list[list[int]]:
+    """Document lengths (tokens with EOS) in power-of-two bins: [[low, high, count], ...]."""
+    counts = Counter(int(n).bit_length() for n in lengths)
+    return [[1 << (b - 1), (1 << b) - 1, counts[b]] for b in sorted(counts)]
+
+
+def _claim(out: Path) -> Path:
+    """The fixed partial directory for `out`; one left by a killed prepare is removed, a live one refused."""
+    partial = out.with_name(f".{out.name}.partial")
+    owner = partial / "OWNER"
+    if partial.exists():
+        pid = int(owner.read_text().split()[0]) if owner.is_file() else None
+        if pid is not None and pid != os.getpid() and _alive(pid):
+            raise UserError(f"another prepare (pid {pid}) is writing '{out}'; wait for it or stop it first.")
+        print(f"found '{partial}' left by an interrupted prepare; removing it and starting over", file=sys.stderr)
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    owner.write_text(f"{os.getpid()} {socket.gethostname()}\n")
+    return partial
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def prepare(
     tokenizer_dir: str | Path,
     out_dir: str | Path,
     inputs: list[str] | None = None,
+    *,
+    dataset: str | None = None,
+    dataset_config: str | None = None,
+    split: str = "train",
     val_fraction: float = 0.05,
     chunk_tokens: int = 16384,
     text_column: str = "text",
     compression: str | None = None,
     shard_bytes: int = 1 << 26,
+    num_proc: int | None = None,
+    dedup: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Tokenize a corpus once into MDS shards; returns the manifest (also written as manifest.json, last)."""
+    """Tokenize a corpus once into MDS shards; returns the manifest (also written as manifest.json, last).
+
+    The corpus is `inputs` (files, directories, globs, save_to_disk directories), or the Hugging Face
+    dataset `dataset` (name or local dataset directory, streamed), or else the embedded default corpus.
+    """
     from tqdm.auto import tqdm
 
     if not 0 < val_fraction < 1:
         raise UserError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}.")
     if chunk_tokens < 2:
         raise UserError(f"--chunk-tokens must be at least 2, got {chunk_tokens}.")
+    if inputs and dataset:
+        raise UserError("give either input files or --dataset, not both.")
+    num_proc = num_proc or os.cpu_count() or 1
     out = Path(out_dir)
     refuse_non_empty(out)
-    files = sources.resolve_inputs(inputs) if inputs else sources.default_corpus_files()
+    report = sources.Report()
+    if dataset:
+        files: list[Path] = []
+        docs = sources.hf_dataset_documents(dataset, dataset_config, split, text_column)
+        origin = {"dataset": dataset, "config": dataset_config, "split": split}
+    else:
+        files = sources.resolve_inputs(inputs) if inputs else sources.default_corpus_files()
+        docs = sources.iter_documents(files, text_column, report, split)
+        origin = {"inputs": list(inputs) if inputs else ["<python standard library>"], "files": len(files)}
     tok = load_tokenizer(tokenizer_dir)
     n_vocab = vocab_size(tok)
     dtype = np.dtype(np.uint16 if n_vocab <= 2**16 else np.uint32)
     eos = tok.eos_token_id
-    empty = 0
+    stats = {"empty": 0, "duplicates": 0}
+    seen: set[bytes] = set()
+    lengths: dict[str, list[int]] = {s: [] for s in SPLITS}
     start = time.time()
-    with atomic_dir(out) as tmp:
-        tok.save_pretrained(str(tmp / "tokenizer"))
-        writers = {s: ChunkWriter(tmp / s, dtype, chunk_tokens, compression, shard_bytes) for s in SPLITS}
-        docs = sources.iter_documents(files, text_column)
-        bar = tqdm(total=len(files), unit="file", desc="prepare", disable=not progress)
-        for batch in _batches(docs, 256):
-            texts = [t for t in batch if t]
-            empty += len(batch) - len(texts)
-            encodings = tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
-            for text, enc in zip(texts, encodings, strict=True):
-                ids = np.array(enc.ids + [eos], dtype=dtype)
-                writers["val" if is_val(text, val_fraction) else "train"].add(ids)
-            bar.n = min(len(files), bar.n + len(batch)) if len(files) > 1 else 1
-            bar.refresh()
+    partial = _claim(out)
+    try:
+        tok.save_pretrained(str(partial / "tokenizer"))
+        writers = {s: ChunkWriter(partial / s, dtype, chunk_tokens, compression, shard_bytes) for s in SPLITS}
+        bar = tqdm(unit="doc", desc="prepare", disable=not progress, smoothing=0.1)
+        tokens = 0
+        encoded = _encoded(_batches(docs, stats), tok.backend_tokenizer.to_str(), eos, dtype.name, num_proc)
+        for batch, (flat, sizes, digests) in encoded:
+            offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+            for i, n in enumerate(sizes.tolist()):
+                d = digests[16 * i : 16 * i + 16]
+                if dedup:
+                    if d in seen:
+                        stats["duplicates"] += 1
+                        continue
+                    seen.add(d)
+                name = "val" if _encode.digest_is_val(d, val_fraction) else "train"
+                writers[name].add(flat[offsets[i] : offsets[i + 1]])
+                lengths[name].append(n)
+            tokens += offsets[-1]
+            bar.update(len(batch))
+            bar.set_postfix(tokens=f"{tokens / 1e6:.1f}M", refresh=False)
         bar.close()
-        stats = {s: w.close() for s, w in writers.items()}
-        total_docs = sum(s.documents for s in stats.values())
+        split_stats = {s: w.close() for s, w in writers.items()}
+        total_docs = sum(st.documents for st in split_stats.values())
         if total_docs == 0:
             raise UserError("the corpus holds no non-empty document; point prepare at files that contain text.")
         for s in SPLITS:
-            if stats[s].documents == 0:
+            if split_stats[s].documents == 0:
                 raise UserError(
                     f"the {s} split got no document ({total_docs} in all with --val-fraction {val_fraction}); "
                     "use a larger corpus or change --val-fraction."
@@ -168,16 +274,23 @@ def prepare(
             "token_dtype": dtype.name,
             "chunk_tokens": chunk_tokens,
             "val_fraction": val_fraction,
-            "splits": {s: vars(stats[s]) for s in SPLITS},
-            "empty_documents_skipped": empty,
-            "sources": {
-                "inputs": list(inputs) if inputs else ["<python standard library>"],
-                "files": len(files),
-                "text_column": text_column,
-            },
+            "splits": {s: {**vars(split_stats[s]), "length_histogram": _length_histogram(lengths[s])} for s in SPLITS},
+            "empty_documents_skipped": stats["empty"],
+            "duplicates_removed": stats["duplicates"] if dedup else None,
+            "undecodable_documents": report.undecodable,
+            "undecodable_examples": report.undecodable_examples,
+            "sources": {**origin, "text_column": text_column},
+            "shards": {"compression": compression, "bytes_limit": shard_bytes},
             "seconds": round(time.time() - start, 2),
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        (partial / "OWNER").unlink()
+        (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last file: marks the data complete
+        if out.exists():
+            out.rmdir()  # empty (checked above); rename needs it gone
+        os.rename(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # an error or Ctrl-C: nothing half-written stays
+        raise
     return manifest
 
 

@@ -1,23 +1,37 @@
-"""Turning "a corpus" into an ordered stream of documents (strings).
+"""Turning "a corpus" into an ordered, lazy stream of documents (strings).
 
-A corpus is a list of inputs: files, directories (searched recursively) and glob patterns. Files ending in
-`.jsonl` hold one JSON object per line and give one document per line (its `text_column`); every other
-file is one document. With no inputs at all, the embedded default corpus is used: a few hundred `.py`
-files of the running Python's own standard library, which every machine has.
+A corpus is one of:
+- local inputs: files, directories (searched recursively) and glob patterns. By suffix (after an optional
+  `.gz` / `.zst` compression suffix): `.jsonl`/`.ndjson`/`.json` hold records (one document per record, its
+  `text_column`), `.parquet` and `.csv`/`.tsv` hold rows (same), every other file is one document;
+- a directory written by `datasets` `save_to_disk` (detected by its `state.json` / `dataset_dict.json`);
+- a Hugging Face dataset by name or local dataset directory, through `datasets.load_dataset` with
+  `streaming=True` (the code path is the same with or without network).
+Nothing reads a whole corpus into memory: files are read record by record, parquet by row groups, HF datasets
+as iterable (streaming) datasets. With no inputs at all, the embedded default corpus is used: a few hundred
+`.py` files of the running Python's own standard library, which every machine has.
 """
 
 from __future__ import annotations
 
+import csv
 import glob
+import gzip
+import io
 import json
+import sys
 import sysconfig
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dist_clm.errors import UserError
 
-TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst", ".py", ".jsonl"}  # what a directory search picks up
+RECORD_SUFFIXES = {".jsonl", ".ndjson", ".json", ".parquet", ".csv", ".tsv"}
+TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst", ".py"}
+COMPRESSION_SUFFIXES = {".gz", ".zst", ".zstd"}
 _SKIP_DIRS = {"site-packages", "test", "tests", "idlelib", "__pycache__"}
+_HF_DISK_MARKERS = ("state.json", "dataset_dict.json")  # what `save_to_disk` writes
 
 
 def default_corpus_files(n: int = 300) -> list[Path]:
@@ -30,13 +44,42 @@ def default_corpus_files(n: int = 300) -> list[Path]:
     return [files[int(i * step)] for i in range(n)]
 
 
+@dataclass
+class Report:
+    """What reading the corpus ran into: counted in the manifest, a few examples named."""
+
+    undecodable: int = 0  # documents with bytes that are not UTF-8 (kept, bad bytes replaced by U+FFFD)
+    undecodable_examples: list[str] = field(default_factory=list)
+
+    def bad_bytes(self, where: str, position: int) -> None:
+        self.undecodable += 1
+        if len(self.undecodable_examples) < 5:
+            self.undecodable_examples.append(f"{where} (byte {position})")
+            print(f"warning: {where} is not valid UTF-8 at byte {position}; bad bytes replaced", file=sys.stderr)
+
+
+def inner_suffix(path: Path) -> str:
+    """`a.jsonl.gz` -> `.jsonl`; `a.txt` -> `.txt`."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSION_SUFFIXES:
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
+
+
+def _wanted(path: Path) -> bool:
+    return inner_suffix(path) in TEXT_SUFFIXES | RECORD_SUFFIXES
+
+
+def is_hf_disk_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / m).is_file() for m in _HF_DISK_MARKERS)
+
+
 def resolve_inputs(inputs: list[str]) -> list[Path]:
-    """Expand files, directories and globs into a sorted, de-duplicated list of files."""
+    """Expand files, directories and globs into a sorted, de-duplicated list (save_to_disk dirs kept whole)."""
     found: dict[Path, None] = {}
     for item in inputs:
         if glob.has_magic(item):
-            matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
-            files = [m for m in matches if m.is_file()]
+            files = [m for m in sorted(Path(m) for m in glob.glob(item, recursive=True)) if m.is_file()]
             if not files:
                 raise UserError(
                     f"input pattern '{item}' matches no files; check the pattern or quote it for the shell."
@@ -45,11 +88,14 @@ def resolve_inputs(inputs: list[str]) -> list[Path]:
             p = Path(item)
             if not p.exists():
                 raise UserError(f"input path '{item}' does not exist; give existing files, directories or globs.")
-            if p.is_dir():
-                files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
+            if is_hf_disk_dir(p):
+                files = [p]
+            elif p.is_dir():
+                files = sorted(f for f in p.rglob("*") if f.is_file() and _wanted(f))
                 if not files:
+                    known = ", ".join(sorted(TEXT_SUFFIXES | RECORD_SUFFIXES))
                     raise UserError(
-                        f"directory '{item}' holds no text files ({', '.join(sorted(TEXT_SUFFIXES))}); "
+                        f"directory '{item}' holds no files of a known kind ({known}, optionally .gz/.zst); "
                         "name the files directly or use a glob."
                     )
             else:
@@ -59,34 +105,168 @@ def resolve_inputs(inputs: list[str]) -> list[Path]:
     return list(found)
 
 
-def iter_documents(files: list[Path], text_column: str = "text") -> Iterator[str]:
-    """Yield every document of every file, in order. Empty documents are yielded too (callers count them)."""
-    for f in files:
-        if f.suffix == ".jsonl":
-            yield from _jsonl_documents(f, text_column)
-        else:
-            yield _read_text(f)
+def _open_binary(path: Path):
+    suffix = path.suffix.lower()
+    if suffix == ".gz":
+        return gzip.open(path, "rb")
+    if suffix in (".zst", ".zstd"):
+        import zstandard  # streaming decompression: the file is never inflated whole
+
+        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+    return open(path, "rb")
 
 
-def _read_text(f: Path) -> str:
+def _decode(data: bytes, where: str, report: Report) -> str:
     try:
-        return f.read_bytes().decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(
-            f"file '{f}' is not valid UTF-8 (byte {e.start}); convert it to UTF-8 or leave it out."
-        ) from None
+        report.bad_bytes(where, e.start)
+        return data.decode("utf-8", errors="replace")
 
 
-def _jsonl_documents(f: Path, text_column: str) -> Iterator[str]:
-    for n, line in enumerate(_read_text(f).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"line {n} of '{f}' is not valid JSON; fix it or remove the line.") from None
-        if not isinstance(record, dict) or text_column not in record:
-            cols = ", ".join(record) if isinstance(record, dict) else "none (not an object)"
-            raise UserError(f"line {n} of '{f}' has no '{text_column}' field (fields: {cols}); set --text-column.")
-        text = record[text_column]
-        yield text if isinstance(text, str) else ("" if text is None else str(text))
+def _missing_column(where: str, column: str, columns) -> UserError:
+    return UserError(
+        f"{where} has no column '{column}' (columns: {', '.join(map(str, columns)) or 'none'}); "
+        "set --text-column to one of them."
+    )
+
+
+def _as_text(value) -> str:
+    return value if isinstance(value, str) else ("" if value is None else str(value))
+
+
+def _json_records(path: Path, column: str, report: Report) -> Iterator[str]:
+    with _open_binary(path) as raw:
+        head = raw.read(1 << 16)
+        first = head.lstrip()[:1]
+        if first == b"[":  # one JSON array: has to be parsed whole (JSON lines stream instead)
+            try:
+                records = json.loads(_decode(head + raw.read(), str(path), report))
+            except json.JSONDecodeError as e:
+                raise UserError(f"'{path}' is not valid JSON ({e.msg} at line {e.lineno}); fix the file.") from None
+            for n, record in enumerate(records, 1):
+                yield _record_text(record, column, f"record {n} of '{path}'")
+            return
+        lines = io.BufferedReader(_Prefixed(head, raw))
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(_decode(line, f"line {n} of '{path}'", report))
+            except json.JSONDecodeError:
+                raise UserError(f"line {n} of '{path}' is not valid JSON; fix it or remove the line.") from None
+            yield _record_text(record, column, f"line {n} of '{path}'")
+
+
+class _Prefixed(io.RawIOBase):
+    """A raw stream that first returns `head` (already read to sniff the format), then the rest of `raw`."""
+
+    def __init__(self, head: bytes, raw):
+        self.head, self.raw = head, raw
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        if self.head:
+            n = min(len(buf), len(self.head))
+            buf[:n], self.head = self.head[:n], self.head[n:]
+            return n
+        data = self.raw.read(len(buf))
+        buf[: len(data)] = data
+        return len(data)
+
+
+def _record_text(record, column: str, where: str) -> str:
+    if not isinstance(record, dict):
+        raise UserError(f"{where} is not a JSON object; each record must be an object with a '{column}' field.")
+    if column not in record:
+        raise _missing_column(where, column, record)
+    return _as_text(record[column])
+
+
+def _parquet_rows(path: Path, column: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:
+        raise UserError(f"'{path}' is not a readable parquet file ({e}).") from None
+    if column not in pf.schema_arrow.names:
+        raise _missing_column(f"'{path}'", column, pf.schema_arrow.names)
+    for batch in pf.iter_batches(columns=[column], batch_size=4096):  # one row group at a time
+        for value in batch.column(0).to_pylist():
+            yield _as_text(value)
+
+
+def _csv_rows(path: Path, column: str, report: Report) -> Iterator[str]:
+    csv.field_size_limit(sys.maxsize)  # documents are long; the default limit is 128 KiB
+    with _open_binary(path) as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
+        reader = csv.DictReader(text, delimiter="\t" if inner_suffix(path) == ".tsv" else ",")
+        if reader.fieldnames is None or column not in reader.fieldnames:
+            raise _missing_column(f"'{path}'", column, reader.fieldnames or [])
+        for n, row in enumerate(reader, 2):
+            value = _as_text(row[column])
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                report.bad_bytes(f"row at line {n} of '{path}'", e.start)
+                value = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            yield value
+
+
+def _hf_rows(ds, column: str, where: str) -> Iterator[str]:
+    names = list(ds.column_names or []) if getattr(ds, "column_names", None) is not None else None
+    if names is None and getattr(ds, "features", None) is not None:
+        names = list(ds.features)
+    if names is not None and column not in names:
+        raise _missing_column(where, column, names)
+    for batch in ds.iter(batch_size=1024):
+        if column not in batch:
+            raise _missing_column(where, column, list(batch))
+        for value in batch[column]:
+            yield _as_text(value)
+
+
+def _disk_rows(path: Path, column: str, split: str) -> Iterator[str]:
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))  # memory-mapped Arrow: rows are read, not loaded
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise UserError(f"'{path}' has no split '{split}' (splits: {', '.join(ds)}); set --split.")
+        ds = ds[split]
+    yield from _hf_rows(ds, column, f"'{path}'")
+
+
+def hf_dataset_documents(name: str, config: str | None, split: str, column: str) -> Iterator[str]:
+    """A Hugging Face dataset by hub name or local dataset directory, streamed (never held whole)."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+    except (FileNotFoundError, ValueError, ConnectionError) as e:
+        problem = str(e).strip().rstrip(".")
+        raise UserError(f"cannot load the dataset '{name}' (config {config}, split {split}): {problem}.") from None
+    yield from _hf_rows(ds, column, f"dataset '{name}'")
+
+
+def iter_documents(
+    files: list[Path], text_column: str = "text", report: Report | None = None, split: str = "train"
+) -> Iterator[str]:
+    """Yield every document of every input, in order. Empty documents are yielded too (callers count them)."""
+    report = report if report is not None else Report()
+    for f in files:
+        kind = inner_suffix(f)
+        if is_hf_disk_dir(f):
+            yield from _disk_rows(f, text_column, split)
+        elif kind in (".jsonl", ".ndjson", ".json"):
+            yield from _json_records(f, text_column, report)
+        elif kind == ".parquet":
+            yield from _parquet_rows(f, text_column)
+        elif kind in (".csv", ".tsv"):
+            yield from _csv_rows(f, text_column, report)
+        else:
+            with _open_binary(f) as raw:
+                yield _decode(raw.read(), f"'{f}'", report)
