@@ -29,7 +29,7 @@ import sys
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,11 +57,14 @@ class ChunkWriter:
     """Accumulates a split's token stream and writes it to MDS as fixed-size chunks with document starts."""
 
     def __init__(self, out: Path, dtype: np.dtype, chunk_tokens: int, compression: str | None, shard_bytes: int):
-        from streaming import MDSWriter
-
         self.dtype, self.chunk_tokens = dtype, chunk_tokens
-        columns = {"tokens": f"ndarray:{dtype.name}", "doc_bounds": "ndarray:uint32"}
-        self.writer = MDSWriter(out=str(out), columns=columns, compression=compression, size_limit=shard_bytes)
+        self.writer_args = dict(
+            out=str(out),
+            compression=compression,
+            size_limit=shard_bytes,
+            columns={"tokens": f"ndarray:{dtype.name}", "doc_bounds": "ndarray:uint32"},
+        )
+        self._writer = None  # made on first use: importing streaming takes seconds, the tokenizers meanwhile run
         self.pending: list[np.ndarray] = []  # documents (with EOS) not yet written, in order
         self.pending_tokens = 0
         self.starts: list[int] = []  # stream offsets of the documents that start in `pending`
@@ -94,6 +97,14 @@ class ChunkWriter:
         self.pending = [stream[cut:]] if cut < len(stream) else []
         self.pending_tokens = len(stream) - cut
 
+    @property
+    def writer(self):
+        if self._writer is None:
+            from streaming import MDSWriter
+
+            self._writer = MDSWriter(**self.writer_args)
+        return self._writer
+
     def close(self) -> SplitStats:
         self._flush(final=True)
         self.writer.finish()
@@ -123,27 +134,72 @@ def _batches(docs: Iterable[str], stats: dict) -> Iterator[list[str]]:
         yield batch
 
 
-def _encoded(batches: Iterator[list[str]], tok_json: str, eos: int, dtype: str, num_proc: int):
-    """Tokenize batches in order: in this process (the tokenizer's own threads) or in `num_proc` workers.
+class _Pipeline:
+    """Tokenizes batches in order, in the background, while the caller writes: with num_proc 1 in one thread
+    (encode_batch releases the GIL and uses every core itself), else in `num_proc` spawned worker processes
+    (they import only numpy+tokenizers). At most 2 * num_proc batches are in flight: memory stays bounded."""
 
-    At most 2 * num_proc batches are in flight, so memory stays bounded on corpora of any size.
-    """
-    if num_proc <= 1:
-        _encode.init(tok_json, eos, dtype)
-        for b in batches:
-            yield b, _encode.encode(b)
-        return
-    ctx = multiprocessing.get_context("spawn")  # workers import only numpy+tokenizers; no forked threads
-    with ProcessPoolExecutor(num_proc, mp_context=ctx, initializer=_encode.init, initargs=(tok_json, eos, dtype)) as ex:
-        window: deque = deque()
-        for b in batches:
-            window.append((b, ex.submit(_encode.encode, b)))
-            if len(window) >= 2 * num_proc:
-                b0, fut = window.popleft()
-                yield b0, fut.result()
-        while window:
-            b0, fut = window.popleft()
-            yield b0, fut.result()
+    def __init__(self, batches: Iterator[list[str]], tok_json: str, eos: int, dtype: str, num_proc: int):
+        self.batches, self.num_proc, self.cap = batches, num_proc, 2 * max(1, num_proc)
+        self.window: deque = deque()
+        self._start(tok_json, eos, dtype)
+
+    def _start(self, tok_json: str, eos: int, dtype: str) -> None:
+        self.key = (tok_json, eos, dtype)
+        if self.num_proc <= 1:
+            _encode.init(tok_json, eos, dtype)
+            self.executor = ThreadPoolExecutor(1)
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            self.executor = ProcessPoolExecutor(
+                self.num_proc, mp_context=ctx, initializer=_encode.init, initargs=(tok_json, eos, dtype)
+            )
+        self.window = deque((b, self.executor.submit(_encode.encode, b)) for b, _ in self.window)
+        self._fill()
+
+    def _fill(self) -> None:
+        while len(self.window) < self.cap:
+            batch = next(self.batches, None)
+            if batch is None:
+                return
+            self.window.append((batch, self.executor.submit(_encode.encode, batch)))
+
+    def use(self, tok_json: str, eos: int, dtype: str) -> None:
+        """Make sure the work is done with this tokenizer; batches in flight with another are redone."""
+        if (tok_json, eos, dtype) != self.key:
+            self.executor.shutdown(cancel_futures=True)
+            self._start(tok_json, eos, dtype)
+
+    def __iter__(self):
+        while self.window:
+            batch, fut = self.window.popleft()
+            result = fut.result()
+            self._fill()
+            yield batch, result
+
+    def close(self) -> None:
+        self.executor.shutdown(cancel_futures=True)
+
+
+def _tokenizer_json_guess(tokenizer_dir: str | Path) -> tuple[str, int, str] | None:
+    """(tokenizer JSON, eos id, token dtype) read straight from tokenizer.json, so tokenizing can start while
+    transformers (seconds to import) loads the tokenizer properly; None if the directory needs transformers."""
+    d = Path(tokenizer_dir)
+    try:
+        from tokenizers import Tokenizer
+
+        raw = Tokenizer.from_file(str(d / "tokenizer.json"))
+        eos = json.loads((d / "tokenizer_config.json").read_text()).get("eos_token")
+        eos_id = raw.token_to_id(eos["content"] if isinstance(eos, dict) else eos) if eos else None
+    except Exception:
+        return None
+    if eos_id is None:
+        return None
+    return raw.to_str(), eos_id, _dtype_for(raw.get_vocab_size(with_added_tokens=True)).name
+
+
+def _dtype_for(n_vocab: int) -> np.dtype:
+    return np.dtype(np.uint16 if n_vocab <= 2**16 else np.uint32)
 
 
 def _length_histogram(lengths: list[int]) -> list[list[int]]:
@@ -219,22 +275,33 @@ def prepare(
         files = sources.resolve_inputs(inputs) if inputs else sources.default_corpus_files()
         docs = sources.iter_documents(files, text_column, report, split)
         origin = {"inputs": list(inputs) if inputs else ["<python standard library>"], "files": len(files)}
-    tok = load_tokenizer(tokenizer_dir)
-    n_vocab = vocab_size(tok)
-    dtype = np.dtype(np.uint16 if n_vocab <= 2**16 else np.uint32)
-    eos = tok.eos_token_id
     stats = {"empty": 0, "duplicates": 0}
     seen: set[bytes] = set()
     lengths: dict[str, list[int]] = {s: [] for s in SPLITS}
     start = time.time()
-    partial = _claim(out)
+    pipeline = None
+    guess = _tokenizer_json_guess(tokenizer_dir)
+    if guess:
+        pipeline = _Pipeline(_batches(docs, stats), *guess, num_proc)  # starts tokenizing at once
+    try:
+        tok = load_tokenizer(tokenizer_dir)  # the authority on what the tokenizer is
+        n_vocab, eos = vocab_size(tok), tok.eos_token_id
+        dtype = _dtype_for(n_vocab)
+        key = (tok.backend_tokenizer.to_str(), eos, dtype.name)
+        if pipeline is None:
+            pipeline = _Pipeline(_batches(docs, stats), *key, num_proc)
+        pipeline.use(*key)
+        partial = _claim(out)
+    except BaseException:
+        if pipeline is not None:
+            pipeline.close()
+        raise
     try:
         tok.save_pretrained(str(partial / "tokenizer"))
         writers = {s: ChunkWriter(partial / s, dtype, chunk_tokens, compression, shard_bytes) for s in SPLITS}
         bar = tqdm(unit="doc", desc="prepare", disable=not progress, smoothing=0.1)
         tokens = 0
-        encoded = _encoded(_batches(docs, stats), tok.backend_tokenizer.to_str(), eos, dtype.name, num_proc)
-        for batch, (flat, sizes, digests) in encoded:
+        for batch, (flat, sizes, digests) in pipeline:
             offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
             for i, n in enumerate(sizes.tolist()):
                 d = digests[16 * i : 16 * i + 16]
@@ -291,6 +358,8 @@ def prepare(
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)  # an error or Ctrl-C: nothing half-written stays
         raise
+    finally:
+        pipeline.close()
     return manifest
 
 
