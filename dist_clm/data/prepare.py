@@ -154,8 +154,12 @@ class _Pipeline:
             self.executor = ProcessPoolExecutor(
                 self.num_proc, mp_context=ctx, initializer=_encode.init, initargs=(tok_json, eos, dtype)
             )
-        self.window = deque((b, self.executor.submit(_encode.encode, b)) for b, _ in self.window)
-        self._fill()
+        try:
+            self.window = deque((b, self.executor.submit(_encode.encode, b)) for b, _ in self.window)
+            self._fill()
+        except BaseException:  # e.g. a bad record met while reading the first batches
+            self.close()
+            raise
 
     def _fill(self) -> None:
         while len(self.window) < self.cap:
@@ -202,9 +206,8 @@ def _dtype_for(n_vocab: int) -> np.dtype:
     return np.dtype(np.uint16 if n_vocab <= 2**16 else np.uint32)
 
 
-def _length_histogram(lengths: list[int]) -> list[list[int]]:
-    """Document lengths (tokens with EOS) in power-of-two bins: [[low, high, count], ...]."""
-    counts = Counter(int(n).bit_length() for n in lengths)
+def _length_histogram(counts: Counter) -> list[list[int]]:
+    """Document lengths (tokens with EOS) in power-of-two bins, from counts by bit length: [[low, high, n]]."""
     return [[1 << (b - 1), (1 << b) - 1, counts[b]] for b in sorted(counts)]
 
 
@@ -277,7 +280,7 @@ def prepare(
         origin = {"inputs": list(inputs) if inputs else ["<python standard library>"], "files": len(files)}
     stats = {"empty": 0, "duplicates": 0}
     seen: set[bytes] = set()
-    lengths: dict[str, list[int]] = {s: [] for s in SPLITS}
+    lengths: dict[str, Counter] = {s: Counter() for s in SPLITS}  # document lengths by bit length
     start = time.time()
     pipeline = None
     guess = _tokenizer_json_guess(tokenizer_dir)
@@ -312,7 +315,7 @@ def prepare(
                     seen.add(d)
                 name = "val" if _encode.digest_is_val(d, val_fraction) else "train"
                 writers[name].add(flat[offsets[i] : offsets[i + 1]])
-                lengths[name].append(n)
+                lengths[name][n.bit_length()] += 1
             tokens += offsets[-1]
             bar.update(len(batch))
             bar.set_postfix(tokens=f"{tokens / 1e6:.1f}M", refresh=False)
