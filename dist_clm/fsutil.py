@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
+import socket
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,22 +19,42 @@ def refuse_non_empty(out: Path) -> None:
 
 
 @contextmanager
-def atomic_dir(out: Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; rename it to `out` only if the block succeeds, else delete it.
+def atomic_dir(out: Path, what: str = "run") -> Iterator[Path]:
+    """Yield `.NAME.partial` beside `out`; rename it to `out` only if the block succeeds, else delete it.
 
-    A reader that finds `out` therefore always finds it whole; a crash leaves only a `.NAME.partial-*`
-    sibling, which no reader looks at.
+    A reader that finds `out` therefore always finds it whole. A process killed inside the block leaves the
+    partial directory (with an OWNER pid file): the next writer of `out` removes it, saying so, unless its
+    owner is still alive, which it refuses. `what` names the writer in those messages.
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    partial = out.with_name(f".{out.name}.partial")
+    owner = partial / "OWNER"
+    if partial.exists():
+        pid = int(owner.read_text().split()[0]) if owner.is_file() else None
+        if pid is not None and pid != os.getpid() and _alive(pid):
+            raise UserError(f"another {what} (pid {pid}) is writing '{out}'; wait for it or stop it first.")
+        print(f"found '{partial}' left by an interrupted {what}; removing it and starting over", file=sys.stderr)
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    owner.write_text(f"{os.getpid()} {socket.gethostname()}\n")
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        yield partial
+        owner.unlink()
+        if out.exists():
+            out.rmdir()  # callers check it is empty first; rename needs it gone
+        os.rename(partial, out)
+    except BaseException:  # an error or Ctrl-C: nothing half-written stays
+        shutil.rmtree(partial, ignore_errors=True)
         raise
-    if out.exists():
-        out.rmdir()  # callers check it is empty first; rename needs it gone
-    os.rename(tmp, out)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -18,7 +18,6 @@ chunk, and packing at train time needs exactly that.
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,8 +41,7 @@ class TokenStream:
     def __init__(self, data_dir: str | Path, split: str, manifest: dict):
         info = manifest["splits"][split]
         self.n_chunks, self.tokens = info["chunks"], info["tokens"]
-        c = manifest["chunk_tokens"]
-        self.starts = [i * c for i in range(self.n_chunks)]  # every chunk but the last holds exactly c tokens
+        self.chunk_tokens = manifest["chunk_tokens"]  # every chunk but the last holds exactly this many
         self.ds = open_split(data_dir, split)
         if self.ds.num_samples != self.n_chunks:
             raise UserError(
@@ -64,9 +62,8 @@ class TokenStream:
         out = np.empty(length, dtype=np.int64)
         filled = 0
         while filled < length:
-            k = bisect.bisect_right(self.starts, start + filled) - 1
+            k, lo = divmod(start + filled, self.chunk_tokens)
             chunk = self._chunk(k)
-            lo = start + filled - self.starts[k]
             take = min(length - filled, len(chunk) - lo)
             out[filled : filled + take] = chunk[lo : lo + take]
             filled += take

@@ -23,9 +23,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import shutil
-import socket
-import sys
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
@@ -39,7 +36,7 @@ from dist_clm import __version__
 from dist_clm.data import _encode, sources
 from dist_clm.data.tokenizer import fingerprint, load_tokenizer, vocab_size
 from dist_clm.errors import UserError
-from dist_clm.fsutil import refuse_non_empty
+from dist_clm.fsutil import atomic_dir, refuse_non_empty
 
 MANIFEST = "manifest.json"
 FORMAT = "dist_clm.prepared/1"
@@ -211,31 +208,6 @@ def _length_histogram(counts: Counter) -> list[list[int]]:
     return [[1 << (b - 1), (1 << b) - 1, counts[b]] for b in sorted(counts)]
 
 
-def _claim(out: Path) -> Path:
-    """The fixed partial directory for `out`; one left by a killed prepare is removed, a live one refused."""
-    partial = out.with_name(f".{out.name}.partial")
-    owner = partial / "OWNER"
-    if partial.exists():
-        pid = int(owner.read_text().split()[0]) if owner.is_file() else None
-        if pid is not None and pid != os.getpid() and _alive(pid):
-            raise UserError(f"another prepare (pid {pid}) is writing '{out}'; wait for it or stop it first.")
-        print(f"found '{partial}' left by an interrupted prepare; removing it and starting over", file=sys.stderr)
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    owner.write_text(f"{os.getpid()} {socket.gethostname()}\n")
-    return partial
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def prepare(
     tokenizer_dir: str | Path,
     out_dir: str | Path,
@@ -283,10 +255,10 @@ def prepare(
     lengths: dict[str, Counter] = {s: Counter() for s in SPLITS}  # document lengths by bit length
     start = time.time()
     pipeline = None
-    guess = _tokenizer_json_guess(tokenizer_dir)
-    if guess:
-        pipeline = _Pipeline(_batches(docs, stats), *guess, num_proc)  # starts tokenizing at once
     try:
+        guess = _tokenizer_json_guess(tokenizer_dir)
+        if guess:
+            pipeline = _Pipeline(_batches(docs, stats), *guess, num_proc)  # starts tokenizing at once
         tok = load_tokenizer(tokenizer_dir)  # the authority on what the tokenizer is
         n_vocab, eos = vocab_size(tok), tok.eos_token_id
         dtype = _dtype_for(n_vocab)
@@ -294,75 +266,66 @@ def prepare(
         if pipeline is None:
             pipeline = _Pipeline(_batches(docs, stats), *key, num_proc)
         pipeline.use(*key)
-        partial = _claim(out)
-    except BaseException:
+        with atomic_dir(out, "prepare") as partial:
+            tok.save_pretrained(str(partial / "tokenizer"))
+            writers = {s: ChunkWriter(partial / s, dtype, chunk_tokens, compression, shard_bytes) for s in SPLITS}
+            bar = tqdm(unit="doc", desc="prepare", disable=not progress, smoothing=0.1)
+            tokens = 0
+            for batch, (flat, sizes, digests) in pipeline:
+                offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+                for i, n in enumerate(sizes.tolist()):
+                    d = digests[16 * i : 16 * i + 16]
+                    if dedup:
+                        if d in seen:
+                            stats["duplicates"] += 1
+                            continue
+                        seen.add(d)
+                    name = "val" if _encode.digest_is_val(d, val_fraction) else "train"
+                    writers[name].add(flat[offsets[i] : offsets[i + 1]])
+                    lengths[name][n.bit_length()] += 1
+                tokens += offsets[-1]
+                bar.update(len(batch))
+                bar.set_postfix(tokens=f"{tokens / 1e6:.1f}M", refresh=False)
+            bar.close()
+            split_stats = {s: w.close() for s, w in writers.items()}
+            total_docs = sum(st.documents for st in split_stats.values())
+            if total_docs == 0:
+                raise UserError("the corpus holds no non-empty document; point prepare at files that contain text.")
+            for s in SPLITS:
+                if split_stats[s].documents == 0:
+                    raise UserError(
+                        f"the {s} split got no document ({total_docs} in all with --val-fraction {val_fraction}); "
+                        "use a larger corpus or change --val-fraction."
+                    )
+            manifest = {
+                "format": FORMAT,
+                "dist_clm_version": __version__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "tokenizer": {
+                    "fingerprint": fingerprint(tok),
+                    "vocab_size": n_vocab,
+                    "eos_id": eos,
+                    "bos_id": tok.bos_token_id,
+                    "source": str(tokenizer_dir),
+                },
+                "token_dtype": dtype.name,
+                "chunk_tokens": chunk_tokens,
+                "val_fraction": val_fraction,
+                "splits": {
+                    s: {**vars(split_stats[s]), "length_histogram": _length_histogram(lengths[s])} for s in SPLITS
+                },
+                "empty_documents_skipped": stats["empty"],
+                "duplicates_removed": stats["duplicates"] if dedup else None,
+                "undecodable_documents": report.undecodable,
+                "undecodable_examples": report.undecodable_examples,
+                "sources": {**origin, "text_column": text_column},
+                "shards": {"compression": compression, "bytes_limit": shard_bytes},
+                "seconds": round(time.time() - start, 2),
+            }
+            (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last file: marks the data complete
+    finally:
         if pipeline is not None:
             pipeline.close()
-        raise
-    try:
-        tok.save_pretrained(str(partial / "tokenizer"))
-        writers = {s: ChunkWriter(partial / s, dtype, chunk_tokens, compression, shard_bytes) for s in SPLITS}
-        bar = tqdm(unit="doc", desc="prepare", disable=not progress, smoothing=0.1)
-        tokens = 0
-        for batch, (flat, sizes, digests) in pipeline:
-            offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
-            for i, n in enumerate(sizes.tolist()):
-                d = digests[16 * i : 16 * i + 16]
-                if dedup:
-                    if d in seen:
-                        stats["duplicates"] += 1
-                        continue
-                    seen.add(d)
-                name = "val" if _encode.digest_is_val(d, val_fraction) else "train"
-                writers[name].add(flat[offsets[i] : offsets[i + 1]])
-                lengths[name][n.bit_length()] += 1
-            tokens += offsets[-1]
-            bar.update(len(batch))
-            bar.set_postfix(tokens=f"{tokens / 1e6:.1f}M", refresh=False)
-        bar.close()
-        split_stats = {s: w.close() for s, w in writers.items()}
-        total_docs = sum(st.documents for st in split_stats.values())
-        if total_docs == 0:
-            raise UserError("the corpus holds no non-empty document; point prepare at files that contain text.")
-        for s in SPLITS:
-            if split_stats[s].documents == 0:
-                raise UserError(
-                    f"the {s} split got no document ({total_docs} in all with --val-fraction {val_fraction}); "
-                    "use a larger corpus or change --val-fraction."
-                )
-        manifest = {
-            "format": FORMAT,
-            "dist_clm_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "tokenizer": {
-                "fingerprint": fingerprint(tok),
-                "vocab_size": n_vocab,
-                "eos_id": eos,
-                "bos_id": tok.bos_token_id,
-                "source": str(tokenizer_dir),
-            },
-            "token_dtype": dtype.name,
-            "chunk_tokens": chunk_tokens,
-            "val_fraction": val_fraction,
-            "splits": {s: {**vars(split_stats[s]), "length_histogram": _length_histogram(lengths[s])} for s in SPLITS},
-            "empty_documents_skipped": stats["empty"],
-            "duplicates_removed": stats["duplicates"] if dedup else None,
-            "undecodable_documents": report.undecodable,
-            "undecodable_examples": report.undecodable_examples,
-            "sources": {**origin, "text_column": text_column},
-            "shards": {"compression": compression, "bytes_limit": shard_bytes},
-            "seconds": round(time.time() - start, 2),
-        }
-        (partial / "OWNER").unlink()
-        (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last file: marks the data complete
-        if out.exists():
-            out.rmdir()  # empty (checked above); rename needs it gone
-        os.rename(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)  # an error or Ctrl-C: nothing half-written stays
-        raise
-    finally:
-        pipeline.close()
     return manifest
 
 

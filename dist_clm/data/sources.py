@@ -105,15 +105,18 @@ def resolve_inputs(inputs: list[str]) -> list[Path]:
     return list(found)
 
 
-def _open_binary(path: Path):
+def _open_binary(path: Path) -> io.BufferedReader:
+    """A buffered binary stream of the file's (decompressed) bytes; never inflated whole."""
     suffix = path.suffix.lower()
     if suffix == ".gz":
-        return gzip.open(path, "rb")
-    if suffix in (".zst", ".zstd"):
-        import zstandard  # streaming decompression: the file is never inflated whole
+        raw = gzip.open(path, "rb")  # noqa: SIM115 (the caller closes the stream)
+    elif suffix in (".zst", ".zstd"):
+        import zstandard
 
-        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
-    return open(path, "rb")
+        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)  # noqa: SIM115
+    else:
+        raw = open(path, "rb", buffering=0)  # noqa: SIM115
+    return io.BufferedReader(raw, buffer_size=1 << 16)
 
 
 def _decode(data: bytes, where: str, report: Report) -> str:
@@ -136,19 +139,16 @@ def _as_text(value) -> str:
 
 
 def _json_records(path: Path, column: str, report: Report) -> Iterator[str]:
-    with _open_binary(path) as raw:
-        head = raw.read(1 << 16)
-        first = head.lstrip()[:1]
-        if first == b"[":  # one JSON array: has to be parsed whole (JSON lines stream instead)
+    with _open_binary(path) as stream:
+        if stream.peek(1 << 16).lstrip()[:1] == b"[":  # one JSON array: parsed whole (JSON lines stream)
             try:
-                records = json.loads(_decode(head + raw.read(), str(path), report))
+                records = json.loads(_decode(stream.read(), str(path), report))
             except json.JSONDecodeError as e:
                 raise UserError(f"'{path}' is not valid JSON ({e.msg} at line {e.lineno}); fix the file.") from None
             for n, record in enumerate(records, 1):
                 yield _record_text(record, column, f"record {n} of '{path}'")
             return
-        lines = io.BufferedReader(_Prefixed(head, raw))
-        for n, line in enumerate(lines, 1):
+        for n, line in enumerate(stream, 1):
             if not line.strip():
                 continue
             try:
@@ -156,25 +156,6 @@ def _json_records(path: Path, column: str, report: Report) -> Iterator[str]:
             except json.JSONDecodeError:
                 raise UserError(f"line {n} of '{path}' is not valid JSON; fix it or remove the line.") from None
             yield _record_text(record, column, f"line {n} of '{path}'")
-
-
-class _Prefixed(io.RawIOBase):
-    """A raw stream that first returns `head` (already read to sniff the format), then the rest of `raw`."""
-
-    def __init__(self, head: bytes, raw):
-        self.head, self.raw = head, raw
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf) -> int:
-        if self.head:
-            n = min(len(buf), len(self.head))
-            buf[:n], self.head = self.head[:n], self.head[n:]
-            return n
-        data = self.raw.read(len(buf))
-        buf[: len(data)] = data
-        return len(data)
 
 
 def _record_text(record, column: str, where: str) -> str:
