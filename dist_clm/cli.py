@@ -74,10 +74,7 @@ def _train(a: argparse.Namespace) -> None:
     from dist_clm.config import load_config
     from dist_clm.train import train
 
-    cfg = load_config(a.config, a.overrides)
-    if not cfg.data.path:
-        raise UserError("config key 'data.path' is empty; set it to a directory written by `dist-clm prepare`.")
-    train(cfg)
+    train(load_config(a.config, a.overrides))
 
 
 def _eval(a: argparse.Namespace) -> None:

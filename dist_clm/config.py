@@ -31,8 +31,18 @@ class RunConfig:
 
 
 @dataclass(kw_only=True)
+class MixSource:
+    path: str  # a directory written by `dist-clm prepare`
+    weight: float = 1.0  # share of training blocks, relative to the other sources (0 = validation only)
+    name: str = ""  # how its metrics are named (default: the directory's name)
+
+
+@dataclass(kw_only=True)
 class DataConfig:
     path: str = ""  # a directory written by `dist-clm prepare` (holds manifest.json, train/, val/, tokenizer/)
+    mix: list[MixSource] = field(default_factory=list)  # instead of `path`: several prepared directories,
+    # trained on in proportion to their weights; each one's validation split is reported separately
+    document_mask: bool = False  # positions restart at each document and attention stays inside it
     block_size: int = 128  # tokens per training block, chosen here at train time, not at prepare time
     shuffle: bool = True  # shuffle the order of the stored chunks, anew each epoch (seeded by train.seed)
     num_workers: int = 0  # DataLoader worker processes per rank
@@ -50,6 +60,8 @@ class TrainConfig:
     max_steps: int = 300  # optimizer steps
     micro_batch_size: int = 8  # blocks per rank per forward/backward
     grad_accum: int = 1  # micro batches per optimizer step
+    global_batch_size: int = 0  # blocks per optimizer step over all ranks; when set, grad_accum is derived from
+    # it and the world size, so a resume on another number of ranks keeps the same batch (0 = off)
     lr: float = 2e-3  # peak learning rate, reached after warmup
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
     warmup_steps: int = 30  # linear warmup from 0
@@ -84,6 +96,19 @@ class Config:
             (t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"must be 0, 1, 2 or 3, got {t.zero_stage}"),
             (d.block_size >= 2, "data.block_size", f"must be at least 2, got {d.block_size}"),
             (d.num_workers >= 0, "data.num_workers", f"must be 0 or more, got {d.num_workers}"),
+            (not (d.path and d.mix), "data.mix", "cannot be used together with data.path; give one of them"),
+            (all(m.weight >= 0 for m in d.mix), "data.mix", "weights must be 0 or more"),
+            (
+                not d.mix or any(m.weight > 0 for m in d.mix),
+                "data.mix",
+                "needs at least one source with a positive weight",
+            ),
+            (
+                len({m.name or Path(m.path).name for m in d.mix}) == len(d.mix),
+                "data.mix",
+                "has two sources with the same name; give each a distinct 'name'",
+            ),
+            (t.global_batch_size >= 0, "train.global_batch_size", f"must be 0 or more, got {t.global_batch_size}"),
             (t.max_steps >= 1, "train.max_steps", f"must be at least 1, got {t.max_steps}"),
             (t.micro_batch_size >= 1, "train.micro_batch_size", f"must be at least 1, got {t.micro_batch_size}"),
             (t.grad_accum >= 1, "train.grad_accum", f"must be at least 1, got {t.grad_accum}"),
@@ -116,8 +141,9 @@ class Config:
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return " or ".join(repr(a) for a in typing.get_args(tp))
+    origin = typing.get_origin(tp)
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
-        tp, "a mapping" if typing.get_origin(tp) is dict else str(tp)
+        tp, {dict: "a mapping", list: "a list"}.get(origin, str(tp))
     )
 
 
@@ -130,6 +156,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif origin is dict:
         if isinstance(value, dict):
             return dict(value)
+    elif origin is list:
+        if isinstance(value, list):
+            (item,) = typing.get_args(tp)
+            if dataclasses.is_dataclass(item):
+                return [_build(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+            return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     elif origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
             try:
@@ -171,6 +203,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             kwargs[key] = _build(tp, value, full)
         else:
             kwargs[key] = _coerce(value, tp, full)
+    for f in dataclasses.fields(cls):
+        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"config key '{prefix}.{f.name}' is required here.")
     return cls(**kwargs)
 
 

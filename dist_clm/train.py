@@ -6,6 +6,7 @@ validate -> loop { micro batches -> engine.step -> log -> validate -> checkpoint
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -14,8 +15,7 @@ import torch
 from dist_clm import checkpoint, distributed
 from dist_clm.config import Config
 from dist_clm.data.loader import TokenStream, TrainLoader
-from dist_clm.data.prepare import read_manifest
-from dist_clm.data.tokenizer import fingerprint, load_tokenizer
+from dist_clm.data.provenance import check_sources, run_tokenizer, training_sources
 from dist_clm.errors import UserError
 from dist_clm.evaluate import block_spans, perplexity
 from dist_clm.metrics import Metrics, say
@@ -28,12 +28,26 @@ def resolve_precision(precision: str, on_gpu: bool) -> str:
     return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
 
 
-def deepspeed_config(cfg: Config, on_gpu: bool) -> dict:
+def resolve_grad_accum(t, world: int) -> int:
+    """train.grad_accum, or the one that makes train.global_batch_size blocks per step on `world` ranks."""
+    if not t.global_batch_size:
+        return t.grad_accum
+    per_pass = t.micro_batch_size * world
+    if t.global_batch_size % per_pass:
+        raise UserError(
+            f"config key 'train.global_batch_size' is {t.global_batch_size}, which is not a multiple of "
+            f"train.micro_batch_size x world size = {t.micro_batch_size} x {world} = {per_pass}; change the micro "
+            "batch size or the number of ranks so that it divides the global batch."
+        )
+    return t.global_batch_size // per_pass
+
+
+def deepspeed_config(cfg: Config, on_gpu: bool, grad_accum: int | None = None) -> dict:
     """The DeepSpeed config this run's settings mean; DeepSpeed owns the optimizer and the schedule."""
     t = cfg.train
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_accumulation_steps": grad_accum or t.grad_accum,
         "gradient_clipping": t.grad_clip,
         "bf16": {"enabled": resolve_precision(t.precision, on_gpu) == "bf16"},
         "zero_optimization": {"stage": t.zero_stage},
@@ -78,13 +92,8 @@ def train(cfg: Config) -> dict:
     t, run_dir = cfg.train, Path(cfg.run.dir)
 
     # --- data, tokenizer, model: all checked before anything is written ---
-    manifest = read_manifest(cfg.data.path)
-    tok = load_tokenizer(Path(cfg.data.path) / "tokenizer")
-    if fingerprint(tok) != manifest["tokenizer"]["fingerprint"]:
-        raise UserError(
-            f"the tokenizer in '{cfg.data.path}/tokenizer' is not the one the shards were made with; "
-            "prepare the data again."
-        )
+    sources = training_sources(cfg)
+    tok = run_tokenizer(sources)
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = build_model(cfg.model.preset, cfg.model.pretrained, cfg.model.overrides, tok)
     limit = max_positions(model.config)
@@ -93,11 +102,8 @@ def train(cfg: Config) -> dict:
             f"config key 'data.block_size' is {cfg.data.block_size}, more than the model's {limit} "
             "positions; lower data.block_size or raise the model's positions."
         )
-    if manifest["tokenizer"]["vocab_size"] > model.config.vocab_size:
-        raise UserError(
-            f"the shards use {manifest['tokenizer']['vocab_size']} token ids but the model embeds only "
-            f"{model.config.vocab_size}; use a model built for this tokenizer."
-        )
+    check_sources(sources, tok, model.config.vocab_size, cfg.model.pretrained)
+    grad_accum = resolve_grad_accum(t, env.world_size)
     n_params = count_params(model)
     say(
         env.is_main,
@@ -115,7 +121,7 @@ def train(cfg: Config) -> dict:
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, t.weight_decay),
-        config=deepspeed_config(cfg, on_gpu=env.device != "cpu"),
+        config=deepspeed_config(cfg, on_gpu=env.device != "cpu", grad_accum=grad_accum),
     )
 
     # --- resume: engine, optimizer, schedule, step, tokens and the loader's position ---
@@ -126,31 +132,44 @@ def train(cfg: Config) -> dict:
         step, tokens_seen, loader_state = client["step"], client["tokens_seen"], client["loader"]
         say(env.is_main, f"resumed from {done[-1]} at step {step}")
     loader = TrainLoader(
-        cfg.data.path,
-        manifest,
+        sources,
         cfg.data.block_size,
         t.micro_batch_size,
-        t.grad_accum,
+        grad_accum,
         env.rank,
         env.world_size,
         cfg.data.shuffle,
         t.seed,
         cfg.data.num_workers,
         loader_state,
+        cfg.data.document_mask,
     )
-    val = TokenStream(cfg.data.path, "val", manifest)
-    val_spans = block_spans(val.tokens, cfg.data.block_size, t.eval_blocks)
+    val_sets = {s.name: TokenStream(s.path, "val", s.manifest) for s in sources}
+    val_spans = {name: block_spans(v.tokens, cfg.data.block_size, t.eval_blocks) for name, v in val_sets.items()}
     metrics = Metrics(run_dir, env.is_main, cfg.run.tensorboard)
 
     def validate() -> dict:
-        res = perplexity(engine.module, val.read, val_spans, t.micro_batch_size, env.device, env.rank, env.world_size)
-        metrics.log(step, {"val/loss": res["loss"], "val/perplexity": res["perplexity"]})
+        """Perplexity on each source's validation split; val/loss is over all of them, token-weighted."""
+        results, nll, count = {}, 0.0, 0
+        for name, v in val_sets.items():
+            res = perplexity(
+                engine.module, v.read, val_spans[name], t.micro_batch_size, env.device, env.rank, env.world_size
+            )
+            results[name] = res
+            nll, count = nll + res["loss"] * res["tokens"], count + res["tokens"]
+        total = {"loss": nll / count, "perplexity": math.exp(nll / count), "tokens": count}
+        scalars = {"val/loss": total["loss"], "val/perplexity": total["perplexity"]}
+        if len(results) > 1:
+            for name, res in results.items():
+                scalars |= {f"val/{name}/loss": res["loss"], f"val/{name}/perplexity": res["perplexity"]}
+        metrics.log(step, scalars)
         say(
             env.is_main,
-            f"step {step}: validation loss {res['loss']:.4f}, perplexity {res['perplexity']:.2f} "
-            f"({res['tokens']} tokens)",
+            f"step {step}: validation loss {total['loss']:.4f}, perplexity {total['perplexity']:.2f} "
+            f"({count} tokens)"
+            + "".join(f"; {name} {res['perplexity']:.2f}" for name, res in results.items() if len(results) > 1),
         )
-        return res
+        return total
 
     def save() -> None:
         client = {"step": step, "tokens_seen": tokens_seen, "loader": loader.state_dict()}
@@ -163,13 +182,18 @@ def train(cfg: Config) -> dict:
 
     bar = tqdm(total=t.max_steps, initial=step, unit="step", disable=not (env.is_main and cfg.run.progress_bar))
     window_start, window_loss, window_steps = time.perf_counter(), torch.zeros((), device=env.device), 0
+    window_wait, window_mix = 0.0, torch.zeros(len(loader.mix), dtype=torch.float64)
     while step < t.max_steps:
-        for _ in range(t.grad_accum):  # engine.step() applies the update at the accumulation boundary
+        for _ in range(grad_accum):  # engine.step() applies the update at the accumulation boundary
+            waited = time.perf_counter()
             batch = next(batches)
-            loss = engine(input_ids=batch["input_ids"].to(env.device), labels=batch["labels"].to(env.device)).loss
+            window_wait += time.perf_counter() - waited
+            window_mix += torch.bincount(batch.pop("source"), minlength=len(loader.mix))
+            inputs = {k: v.to(env.device) for k, v in batch.items()}  # input_ids, labels (, position_ids)
+            loss = engine(**inputs, use_cache=False).loss
             engine.backward(loss)
             engine.step()
-            window_loss += loss.detach().float() / t.grad_accum
+            window_loss += loss.detach().float() / grad_accum
         step += 1
         window_steps += 1
         tokens_seen += tokens_per_step
@@ -177,22 +201,25 @@ def train(cfg: Config) -> dict:
         bar.update(1)
 
         if step % t.log_every == 0 or step == t.max_steps:
-            mean_loss = distributed.all_reduce_sum([window_loss.item()], env.device)[0] / (
-                env.world_size * window_steps
-            )
             elapsed = time.perf_counter() - window_start
-            metrics.log(
-                step,
-                {
-                    "train/loss": mean_loss,
-                    "train/lr": scheduler.get_last_lr()[0],
-                    "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                    "train/tokens_per_s": window_steps * tokens_per_step / elapsed,
-                    "train/tokens_seen": tokens_seen,
-                },
+            loss_sum, wait_sum, *mix = distributed.all_reduce_sum(
+                [window_loss.item(), window_wait, *window_mix.tolist()], env.device
             )
+            mean_loss = loss_sum / (env.world_size * window_steps)
+            scalars = {
+                "train/loss": mean_loss,
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                "train/tokens_per_s": window_steps * tokens_per_step / elapsed,
+                "train/tokens_seen": tokens_seen,
+                "train/data_wait_frac": wait_sum / (env.world_size * elapsed),  # of step time, mean over ranks
+            }
+            if len(mix) > 1:
+                scalars |= {f"data/mix/{name}": n / sum(mix) for (name, _), n in zip(loader.mix, mix, strict=True)}
+            metrics.log(step, scalars)
             bar.set_postfix(loss=f"{mean_loss:.3f}")
             window_start, window_loss, window_steps = time.perf_counter(), torch.zeros_like(window_loss), 0
+            window_wait, window_mix = 0.0, torch.zeros_like(window_mix)
         if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
             validate()
         if (t.save_every and step % t.save_every == 0) or step == t.max_steps:

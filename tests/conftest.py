@@ -33,12 +33,12 @@ def run_cli(*args: str, timeout: int = 600, env: dict | None = None, cwd: Path |
     )
 
 
-def corpus_files(n: int = 40) -> list[Path]:
-    """Real text nobody here wrote: `n` standard-library modules of moderate size."""
+def corpus_files(n: int = 40, skip: int = 0) -> list[Path]:
+    """Real text nobody here wrote: `n` standard-library modules of moderate size (after the first `skip`)."""
     from dist_clm.data.sources import default_corpus_files
 
     files = [f for f in default_corpus_files() if 2_000 < f.stat().st_size < 40_000]
-    return files[:n]
+    return files[skip : skip + n]
 
 
 @pytest.fixture(scope="session")
@@ -68,6 +68,19 @@ def data_dir(tmp_path_factory, corpus_dir, tokenizer_dir) -> Path:
     prepare(
         tokenizer_dir, out, [str(corpus_dir)], val_fraction=0.15, chunk_tokens=1000, shard_bytes=1 << 14, progress=False
     )
+    return out
+
+
+@pytest.fixture(scope="session")
+def data_dir_b(tmp_path_factory, tokenizer_dir) -> Path:
+    """A second prepared corpus (other stdlib modules, the same tokenizer), for mixing."""
+    from dist_clm.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("corpus_b")
+    for i, f in enumerate(corpus_files(30, skip=40)):
+        (root / f"{i:03d}_{f.stem}.py").write_text(f.read_text())
+    out = tmp_path_factory.mktemp("data_b") / "other"
+    prepare(tokenizer_dir, out, [str(root)], val_fraction=0.15, chunk_tokens=700, shard_bytes=1 << 14, progress=False)
     return out
 
 

@@ -1,27 +1,46 @@
 import itertools
+import os
+import shutil
 
 import numpy as np
 import pytest
+import torch
 
-from dist_clm.data.loader import PackedBlocks, TokenStream, TrainLoader
-from dist_clm.data.prepare import read_manifest
+from dist_clm.data.loader import (
+    ChunkStore,
+    MixedBlocks,
+    Mixture,
+    PackedBlocks,
+    Source,
+    TokenStream,
+    TrainLoader,
+    document_positions,
+)
+from dist_clm.data.prepare import prepare, read_manifest
 from dist_clm.errors import UserError
 from tests.test_prepare import read_split
 
 
-def loader(data_dir, block=64, micro=2, accum=1, rank=0, world=1, shuffle=True, state=None, workers=0):
-    m = read_manifest(data_dir)
-    return TrainLoader(data_dir, m, block, micro, accum, rank, world, shuffle, seed=7, num_workers=workers, state=state)
+def src(d, weight=1.0, name=None):
+    return Source(name or d.name, str(d), read_manifest(d), weight)
 
 
-def take_steps(ld, steps, accum=1):
-    """Input ids of `steps` optimizer steps, as a list of (micro batch) arrays; marks the steps done."""
+def loader(data_dir, block=64, micro=2, accum=1, rank=0, world=1, shuffle=True, state=None, workers=0, **kw):
+    sources = data_dir if isinstance(data_dir, list) else [src(data_dir)]
+    return TrainLoader(
+        sources, block, micro, accum, rank, world, shuffle, seed=7, num_workers=workers, state=state, **kw
+    )
+
+
+def take_steps(ld, steps, accum=1, key="input_ids"):
+    """`key` of `steps` optimizer steps, as a list of (micro batch) arrays; marks the steps done."""
     it, out = iter(ld), []
     for _ in range(steps):
         for _ in range(accum):
             b = next(it)
-            assert (b["input_ids"] == b["labels"]).all()  # labels = input_ids; the model shifts them
-            out.append(b["input_ids"].numpy())
+            if "position_ids" not in b:
+                assert (b["input_ids"] == b["labels"]).all()  # labels = input_ids; the model shifts them
+            out.append(b[key].numpy())
         ld.step_done()
     return out
 
@@ -41,15 +60,14 @@ def test_blocks_concatenate_to_the_token_stream_in_order(data_dir):
 
 
 def test_shuffled_epoch_is_a_permutation_of_the_blocks(data_dir):
-    stream_blocks = PackedBlocks(TokenStream(data_dir, "train", read_manifest(data_dir)), 64, shuffle=False, seed=0)
-    shuffled = PackedBlocks(TokenStream(data_dir, "train", read_manifest(data_dir)), 64, shuffle=True, seed=3)
-    n = stream_blocks.per_epoch
-    plain = {tuple(stream_blocks[i]["input_ids"].tolist()) for i in range(n)}
-    mixed = [tuple(shuffled[i]["input_ids"].tolist()) for i in range(n)]
-    assert set(mixed) == plain and len(set(mixed)) == n
-    assert mixed != [tuple(stream_blocks[i]["input_ids"].tolist()) for i in range(n)]
-    second = [tuple(shuffled[n + i]["input_ids"].tolist()) for i in range(n)]
-    assert set(second) == plain and second != mixed  # a new order each epoch
+    stream = TokenStream(data_dir, "train", read_manifest(data_dir))
+    plain_blocks, shuffled = PackedBlocks(stream, 64, False, 0), PackedBlocks(stream, 64, True, 3)
+    n = plain_blocks.per_epoch
+    plain = [plain_blocks.position(k) for k in range(n)]
+    mixed = [shuffled.position(k) for k in range(n)]
+    assert sorted(mixed) == plain and mixed != plain  # no block missing or repeated, the order changed
+    second = [shuffled.position(n + k) for k in range(n)]
+    assert sorted(second) == plain and second != mixed  # a new order each epoch
 
 
 def test_two_ranks_split_each_step_between_them(data_dir):
@@ -69,7 +87,7 @@ def test_resume_from_state_continues_exactly(data_dir, workers):
     first = loader(data_dir, micro=2, accum=2, workers=workers)
     take_steps(first, 4, accum=2)
     state = first.state_dict()
-    assert state == {"blocks_consumed": 16, "block_size": 64}
+    assert state == {"blocks_consumed": 16, "block_size": 64, "mix": [[data_dir.name, 1.0]]}
     rest = take_steps(loader(data_dir, micro=2, accum=2, state=state, workers=workers), 5, accum=2)
     for a, b in itertools.zip_longest(full[8:], rest):
         np.testing.assert_array_equal(a, b)
@@ -80,6 +98,151 @@ def test_block_size_change_on_resume_is_refused(data_dir):
         loader(data_dir, block=32, state={"blocks_consumed": 8, "block_size": 64})
 
 
+def test_mixture_change_on_resume_is_refused(data_dir, data_dir_b):
+    state = {"blocks_consumed": 8, "block_size": 64, "mix": [["a", 1.0]]}
+    with pytest.raises(UserError, match="training mixture is .* but the checkpoint was trained on"):
+        loader([src(data_dir, 3.0), src(data_dir_b, 1.0)], state=state)
+
+
 def test_block_larger_than_split_is_refused(data_dir):
     with pytest.raises(UserError, match="fewer than one block"):
         loader(data_dir, block=10**7)
+
+
+@pytest.mark.parametrize("weights", [[1.0], [3.0, 1.0], [0.5, 0.3, 0.2], [0.97, 0.02, 0.01], [1.0, 1.0]])
+def test_mixture_realizes_the_weights_at_every_length(weights):
+    mix = Mixture(weights)
+    share = np.asarray(weights) / sum(weights)
+    seen = np.zeros(len(weights))
+    next_k = [0] * len(weights)
+    for g in range(3 * Mixture.PERIOD + 123):
+        i, k = mix(g)
+        assert k == next_k[i]  # each source's blocks are taken in order, none skipped or repeated
+        next_k[i] += 1
+        seen[i] += 1
+        assert np.all(np.abs(seen - share * (g + 1)) <= 1.5)  # never more than ~one block off, at any length
+    assert np.all(np.abs(seen / seen.sum() - share) < 0.02 * share + 1e-3)
+
+
+def test_mixed_loader_draws_sources_by_weight_and_resumes_exactly(data_dir, data_dir_b):
+    sources = [src(data_dir, 3.0), src(data_dir_b, 1.0), src(data_dir, 0.0, name="val_only")]
+    ld = loader(sources, micro=4, accum=2)
+    got = take_steps(ld, 50, accum=2, key="source")
+    counts = np.bincount(np.concatenate(got), minlength=2)
+    assert abs(counts[0] / counts.sum() - 0.75) < 0.02  # weight 0: evaluated only, never trained on
+    # the blocks really come from the right corpus: each block occurs in its source's token stream
+    b = MixedBlocks(sources, 64, True, 7, False)
+    for g in range(20):
+        i, k = b.mixture(g)
+        item = b[g]
+        stream = b.blocks[i].stream
+        np.testing.assert_array_equal(item["input_ids"].numpy(), stream.read(b.blocks[i].position(k), 64))
+    full = take_steps(loader(sources, micro=4, accum=2), 30, accum=2)
+    first = loader(sources, micro=4, accum=2)
+    take_steps(first, 13, accum=2)
+    rest = take_steps(loader(sources, micro=4, accum=2, state=first.state_dict()), 17, accum=2)
+    for x, y in itertools.zip_longest(full[26:], rest):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def short_docs(tmp_path_factory, corpus_dir, tokenizer_dir):
+    """Documents of a few lines each (~20-60 tokens), so a block holds several."""
+    import json
+
+    root = tmp_path_factory.mktemp("short")
+    lines = [ln for f in sorted(corpus_dir.iterdir())[:6] for ln in f.read_text().splitlines() if ln.strip()]
+    docs = ["\n".join(lines[i : i + 4]) for i in range(0, len(lines), 4)]
+    (root / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    out = root / "prepared"
+    prepare(tokenizer_dir, out, [str(root / "docs.jsonl")], val_fraction=0.1, chunk_tokens=500, progress=False)
+    return out
+
+
+def test_document_positions_restart_at_each_document():
+    pos = document_positions(10, np.array([0, 3, 4, 8]))
+    assert pos.tolist() == [0, 1, 2, 0, 0, 1, 2, 3, 0, 1]
+    assert document_positions(4, np.array([2])).tolist() == [0, 1, 0, 1]  # a block starts mid-document
+
+
+def test_document_mask_blocks_carry_positions_and_ignore_boundary_labels(short_docs):
+    data_dir = short_docs
+    b = MixedBlocks([src(data_dir)], 256, False, 0, document_mask=True)
+    stream = b.blocks[0].stream
+    seen_boundaries = 0
+    for g in range(b.blocks[0].per_epoch):
+        item = b[g]
+        ids, starts = stream.read(g * 256, 256, with_starts=True)
+        assert item["input_ids"].tolist() == ids.tolist()
+        pos, labels = item["position_ids"].numpy(), item["labels"].numpy()
+        for s in starts[starts > 0]:
+            assert ids[s - 1] == read_manifest(data_dir)["tokenizer"]["eos_id"]  # each document ends with EOS
+            assert pos[s] == 0 and labels[s] == -100
+            seen_boundaries += 1
+        assert (labels == -100).sum() == (starts > 0).sum()
+    assert seen_boundaries > 100
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_document_mask_loss_equals_documents_run_one_by_one(short_docs, family):
+    """A packed block with document masking = its documents run alone (token-weighted), to float precision."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = dict(vocab_size=512, attn_implementation="sdpa", initializer_range=0.2)  # large weights: context matters
+    if family == "gpt2":
+        config = AutoConfig.for_model("gpt2", n_layer=2, n_head=2, n_embd=32, n_positions=256, **kw)
+    else:
+        config = AutoConfig.for_model(
+            "llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, **kw,
+        )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    b = MixedBlocks([src(short_docs)], 256, False, 0, document_mask=True)
+    stream = b.blocks[0].stream
+    block = next(g for g in range(100) if len(stream.read(g * 256, 256, with_starts=True)[1]) >= 3)
+    item = b[block]
+    with torch.no_grad():
+        packed = model(
+            input_ids=item["input_ids"][None],
+            labels=item["labels"][None],
+            position_ids=item["position_ids"][None],
+            use_cache=False,
+        ).loss.item()
+        plain = model(input_ids=item["input_ids"][None], labels=item["input_ids"][None], use_cache=False).loss.item()
+        _, starts = stream.read(block * 256, 256, with_starts=True)
+        bounds = [*starts.tolist(), 256] if starts[0] == 0 else [0, *starts.tolist(), 256]
+        nll, count = 0.0, 0
+        for lo, hi in itertools.pairwise(bounds):
+            if hi - lo < 2:
+                continue
+            doc = item["input_ids"][lo:hi][None]
+            nll += model(input_ids=doc, labels=doc, use_cache=False).loss.item() * (hi - lo - 1)
+            count += hi - lo - 1
+    assert len(bounds) >= 4
+    assert abs(packed - nll / count) <= 1e-5 * abs(packed)
+    assert abs(plain - packed) > 1e-3  # without the mask the documents see each other: a different loss
+
+
+def test_compressed_shards_read_the_same_and_need_no_shared_memory(tmp_path, corpus_dir, tokenizer_dir, data_dir):
+    out = tmp_path / "zstd"
+    prepare(
+        tokenizer_dir, out, [str(corpus_dir)], val_fraction=0.15, chunk_tokens=1000, shard_bytes=1 << 14,
+        compression="zstd", progress=False,
+    )  # fmt: skip
+    shm_before = set(os.listdir("/dev/shm"))
+    plain, packed = ChunkStore(data_dir / "train"), ChunkStore(out / "train")
+    assert len(plain) == len(packed)
+    for i in range(len(plain)):
+        np.testing.assert_array_equal(plain[i]["tokens"], packed[i]["tokens"])
+    assert set(os.listdir("/dev/shm")) == shm_before  # reading leaves nothing in shared memory
+    assert not list((out / "train").glob(".*.tmp"))
+
+
+def test_changed_directory_is_refused(tmp_path, data_dir):
+    copy = tmp_path / "copy"
+    shutil.copytree(data_dir, copy)
+    m = read_manifest(copy)
+    m["splits"]["train"]["chunks"] += 1
+    with pytest.raises(UserError, match="the directory was changed after prepare"):
+        TokenStream(copy, "train", m)

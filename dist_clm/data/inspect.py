@@ -8,7 +8,7 @@ from dist_clm.data.prepare import read_manifest
 
 
 def inspect(data_dir: str | Path, samples: int = 3, tokens: int = 60) -> str:
-    from dist_clm.data.loader import open_split
+    from dist_clm.data.loader import ChunkStore
     from dist_clm.data.tokenizer import load_tokenizer
 
     m = read_manifest(data_dir)
@@ -32,9 +32,9 @@ def inspect(data_dir: str | Path, samples: int = 3, tokens: int = 60) -> str:
             for lo, hi, c in hist:
                 lines.append(f"  {lo:>8,}-{hi:<8,} {c:>9,} {'#' * max(1, round(30 * c / peak))}")
     tok = load_tokenizer(Path(data_dir) / "tokenizer")
-    ds = open_split(data_dir, "train")
+    ds = ChunkStore(Path(data_dir) / "train")
     shown = 0
-    for i in range(ds.num_samples):
+    for i in range(len(ds)):
         chunk = ds[i]
         for start in chunk["doc_bounds"][:-1]:
             if shown == samples:

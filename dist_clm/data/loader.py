@@ -1,24 +1,33 @@
-"""Streaming loader: MDS chunks -> one token stream -> fixed-size blocks packed on the fly.
+"""Streaming loader: MDS chunks -> token streams -> fixed-size blocks packed on the fly, mixed by weight.
 
-The model of the data, in three lines:
+The model of the data, in four lines:
 - A split's chunks, in stored order, concatenate into its token stream; cut into `block_size` pieces it gives
   `per_epoch = tokens // block_size` blocks (the tail, shorter than a block, is left out of that epoch).
-- Global block g is block perm_e(g mod per_epoch) of epoch e = g // per_epoch, where perm_e is a seeded
-  permutation drawn anew each epoch (the identity without shuffling): a batch mixes blocks from all over.
+- Block k of a source is block perm_e(k mod per_epoch) of its epoch e = k // per_epoch, where perm_e is a
+  seeded permutation drawn anew each epoch (the identity without shuffling).
+- Global block g belongs to source mix(g) as that source's block number k(g): a fixed interleaving that
+  realizes the weights exactly over every period of `Mixture.PERIOD` blocks (one source: k = g).
 - Optimizer step s uses global blocks [s*G, (s+1)*G), G = world * micro_batch * grad_accum; rank r takes the
   r-th contiguous share of them.
 
 So the loader's whole position is one integer, the global blocks consumed at a step boundary. It is saved in
 every checkpoint; on resume the block indices restart from it, which gives back exactly the blocks an
-uninterrupted run would have seen, on any number of ranks with the same global batch. Chunks are read by
-`StreamingDataset` random access (`ds[i]`): streaming keeps the storage (shard index, local/remote cache,
-decompression); the order is ours, because its sample-level resume cannot express a position inside a
-chunk, and packing at train time needs exactly that.
+uninterrupted run would have seen (any number of loader workers), and, on another number of ranks with the
+same global batch, exactly the same blocks per step split differently between ranks.
+
+Chunks are read with mosaicml-streaming's own MDS shard readers, by random access. `StreamingDataset` is not
+used: its coordination (shared memory between local ranks, a registry of local directories) exists to plan a
+sample order, and ours is computed, not coordinated. Without it a run killed with -9 leaves no shared memory
+behind, and any number of runs can read one prepared directory side by side.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from bisect import bisect_right
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,76 +37,198 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from dist_clm.errors import UserError
 
 
-def open_split(data_dir: str | Path, split: str):
-    """A `StreamingDataset` over one split of a prepared directory, read in stored order."""
-    from streaming import StreamingDataset
+class ChunkStore:
+    """Chunk i of one split, read with streaming's MDS readers; compressed shards are decompressed once."""
 
-    return StreamingDataset(local=str(Path(data_dir) / split), shuffle=False, batch_size=1)
+    def __init__(self, split_dir: str | Path):
+        from streaming.base.format import reader_from_json
+
+        self.dir = Path(split_dir)
+        index = self.dir / "index.json"
+        if not index.is_file():
+            raise UserError(f"'{self.dir}' has no index.json, so it holds no MDS shards; prepare the data again.")
+        shards = json.loads(index.read_text())["shards"]
+        self.readers = [reader_from_json(str(self.dir), None, s) for s in shards]
+        for reader in self.readers:
+            self._ensure_raw(reader)
+        self.ends = np.cumsum([r.samples for r in self.readers]).tolist()
+
+    def _ensure_raw(self, reader) -> None:
+        """The reader reads raw shard files; write one from its compressed file where missing (atomically,
+        so concurrent runs or a kill never leave a truncated raw shard)."""
+        raw = self.dir / reader.raw_data.basename
+        if raw.is_file() or reader.zip_data is None:
+            return
+        from streaming.base.compression import decompress
+
+        data = decompress(reader.compression, (self.dir / reader.zip_data.basename).read_bytes())
+        tmp = raw.with_name(f".{raw.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, raw)
+
+    def __len__(self) -> int:
+        return self.ends[-1] if self.ends else 0
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        shard = bisect_right(self.ends, i)
+        first = self.ends[shard - 1] if shard else 0
+        return self.readers[shard].get_item(i - first)
 
 
 class TokenStream:
-    """Random access into the token stream of one split, in stored order."""
+    """Random access into the token stream of one split, in stored order, with its document starts."""
 
     def __init__(self, data_dir: str | Path, split: str, manifest: dict):
         info = manifest["splits"][split]
         self.n_chunks, self.tokens = info["chunks"], info["tokens"]
         self.chunk_tokens = manifest["chunk_tokens"]  # every chunk but the last holds exactly this many
-        self.ds = open_split(data_dir, split)
-        if self.ds.num_samples != self.n_chunks:
+        self.chunks = ChunkStore(Path(data_dir) / split)
+        if len(self.chunks) != self.n_chunks:
             raise UserError(
-                f"'{data_dir}/{split}' holds {self.ds.num_samples} chunks but its manifest says {self.n_chunks}; "
+                f"'{data_dir}/{split}' holds {len(self.chunks)} chunks but its manifest says {self.n_chunks}; "
                 "the directory was changed after prepare: prepare it again."
             )
-        self._cached: tuple[int, np.ndarray] | None = None
+        self._cached: tuple[int, dict] | None = None
 
-    def _chunk(self, index: int) -> np.ndarray:
+    def _chunk(self, index: int) -> dict[str, np.ndarray]:
         if self._cached is None or self._cached[0] != index:
-            self._cached = (index, self.ds[index]["tokens"])
+            self._cached = (index, self.chunks[index])
         return self._cached[1]
 
-    def read(self, start: int, length: int) -> np.ndarray:
-        """Tokens [start, start + length) of the stream, across chunk borders."""
+    def read(self, start: int, length: int, with_starts: bool = False):
+        """Tokens [start, start + length) of the stream, across chunk borders; with `with_starts`, also the
+        offsets (relative to `start`) where documents begin inside that range."""
         if start < 0 or start + length > self.tokens:
             raise IndexError(f"tokens [{start}, {start + length}) are outside the stream of {self.tokens}")
         out = np.empty(length, dtype=np.int64)
+        starts: list[np.ndarray] = []
         filled = 0
         while filled < length:
             k, lo = divmod(start + filled, self.chunk_tokens)
             chunk = self._chunk(k)
-            take = min(length - filled, len(chunk) - lo)
-            out[filled : filled + take] = chunk[lo : lo + take]
+            tokens = chunk["tokens"]
+            take = min(length - filled, len(tokens) - lo)
+            out[filled : filled + take] = tokens[lo : lo + take]
+            if with_starts:
+                b = chunk["doc_bounds"][:-1].astype(np.int64)  # the last entry is the chunk length
+                starts.append(b[(b >= lo) & (b < lo + take)] - lo + filled)
             filled += take
+        if with_starts:
+            return out, np.concatenate(starts)
         return out
 
 
-class PackedBlocks(Dataset):
-    """Global block g -> {"input_ids", "labels"} of `block_size` tokens; labels = input_ids (the model shifts)."""
+class PackedBlocks:
+    """Block k of one source's stream: shuffled anew each epoch, the tail shorter than a block left out."""
 
-    def __init__(self, stream: TokenStream, block_size: int, shuffle: bool, seed: int):
+    def __init__(self, stream: TokenStream, block_size: int, shuffle: bool, seed: int, name: str = "train"):
         self.stream, self.block_size, self.shuffle, self.seed = stream, block_size, shuffle, seed
         self.per_epoch = stream.tokens // block_size
         if self.per_epoch == 0:
             raise UserError(
-                f"the training split has {stream.tokens} tokens, fewer than one block of {block_size}; "
+                f"the training split of '{name}' has {stream.tokens} tokens, fewer than one block of {block_size}; "
                 "lower data.block_size or prepare more data."
             )
         self._epoch, self._perm = -1, None
 
-    def __len__(self) -> int:  # endless: epochs follow each other
-        raise TypeError("PackedBlocks is endless")
-
-    def position(self, g: int) -> int:
-        """Stream offset of global block g."""
-        epoch, j = divmod(g, self.per_epoch)
+    def position(self, k: int) -> int:
+        """Stream offset of block k."""
+        epoch, j = divmod(k, self.per_epoch)
         if self.shuffle:
             if epoch != self._epoch:
                 self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.per_epoch)
             j = int(self._perm[j])
         return j * self.block_size
 
+
+class Mixture:
+    """Global block g -> (source i, that source's block number k), realizing the weights exactly per period.
+
+    Within a period the slots go to sources by largest deficit (weight share so far minus blocks given), so
+    every stretch of blocks, even one micro batch, holds each source close to its share. O(1) per lookup and
+    a pure function of g: resuming at any g continues the same interleaving.
+    """
+
+    PERIOD = 4096
+
+    def __init__(self, weights: list[float]):
+        total = sum(weights)
+        share = [w / total for w in weights]
+        counts = [int(s * self.PERIOD) for s in share]  # largest remainder: the counts sum to PERIOD
+        for i in sorted(range(len(share)), key=lambda i: counts[i] - share[i] * self.PERIOD)[
+            : self.PERIOD - sum(counts)
+        ]:
+            counts[i] += 1
+        self.counts = counts
+        self.source = np.empty(self.PERIOD, dtype=np.int64)  # the source of each slot
+        self.rank = np.empty(self.PERIOD, dtype=np.int64)  # how many earlier slots of the period it has
+        given = [0] * len(counts)
+        for t in range(self.PERIOD):
+            i = max(range(len(counts)), key=lambda i: (t + 1) * counts[i] / self.PERIOD - given[i])
+            self.source[t], self.rank[t] = i, given[i]
+            given[i] += 1
+
+    def __call__(self, g: int) -> tuple[int, int]:
+        period, t = divmod(g, self.PERIOD)
+        i = int(self.source[t])
+        return i, period * self.counts[i] + int(self.rank[t])
+
+
+@dataclass
+class Source:
+    """One prepared directory in the training mixture (weight 0: validation only)."""
+
+    name: str
+    path: str
+    manifest: dict
+    weight: float = 1.0
+
+
+class MixedBlocks(Dataset):
+    """Global block g -> {"input_ids", "labels", "source"} (+ "position_ids" with document masking).
+
+    labels = input_ids (the model shifts them). With `document_mask`, positions restart at every document start
+    and the label of each document's first token is ignored (-100): nothing is predicted across a boundary,
+    and transformers turns restarting positions into attention that does not cross documents.
+    """
+
+    def __init__(self, sources: list[Source], block_size: int, shuffle: bool, seed: int, document_mask: bool):
+        train = [s for s in sources if s.weight > 0]
+        self.names = [s.name for s in train]
+        self.blocks = [
+            PackedBlocks(TokenStream(s.path, "train", s.manifest), block_size, shuffle, seed + 1000 * i, s.name)
+            for i, s in enumerate(train)
+        ]
+        self.mixture = Mixture([s.weight for s in train])
+        self.block_size, self.document_mask = block_size, document_mask
+
+    def __len__(self) -> int:  # endless: epochs follow each other
+        raise TypeError("MixedBlocks is endless")
+
     def __getitem__(self, g: int) -> dict[str, torch.Tensor]:
-        ids = torch.from_numpy(self.stream.read(self.position(g), self.block_size))
-        return {"input_ids": ids, "labels": ids}
+        i, k = self.mixture(g)
+        blocks = self.blocks[i]
+        start = blocks.position(k)
+        item: dict[str, torch.Tensor] = {"source": torch.tensor(i)}
+        if not self.document_mask:
+            ids = torch.from_numpy(blocks.stream.read(start, self.block_size))
+            return {**item, "input_ids": ids, "labels": ids}
+        ids, starts = blocks.stream.read(start, self.block_size, with_starts=True)
+        labels = ids.copy()
+        labels[starts[starts > 0]] = -100
+        return {
+            **item,
+            "input_ids": torch.from_numpy(ids),
+            "labels": torch.from_numpy(labels),
+            "position_ids": torch.from_numpy(document_positions(self.block_size, starts)),
+        }
+
+
+def document_positions(length: int, starts: np.ndarray) -> np.ndarray:
+    """Positions that restart at 0 at every document start (a block's first token starts one too)."""
+    begin = np.zeros(length, dtype=np.int64)
+    begin[starts] = starts
+    return np.arange(length, dtype=np.int64) - np.maximum.accumulate(begin)
 
 
 class RankShareSampler(Sampler[int]):
@@ -118,8 +249,7 @@ class TrainLoader:
 
     def __init__(
         self,
-        data_dir: str | Path,
-        manifest: dict,
+        sources: list[Source],
         block_size: int,
         micro_batch: int,
         grad_accum: int,
@@ -129,16 +259,25 @@ class TrainLoader:
         seed: int,
         num_workers: int = 0,
         state: dict | None = None,
+        document_mask: bool = False,
     ):
-        if state and state["block_size"] != block_size:
-            raise UserError(
-                f"config key 'data.block_size' is {block_size} but the checkpoint was trained with "
-                f"{state['block_size']}; resume with that value or start a new run directory."
-            )
+        self.mix = [[s.name, s.weight] for s in sources if s.weight > 0]
+        if state:
+            if state["block_size"] != block_size:
+                raise UserError(
+                    f"config key 'data.block_size' is {block_size} but the checkpoint was trained with "
+                    f"{state['block_size']}; resume with that value or start a new run directory."
+                )
+            saved = state.get("mix", self.mix)
+            if [w for _, w in saved] != [w for _, w in self.mix]:  # the names may change (a moved directory)
+                raise UserError(
+                    f"the training mixture is {self.mix} but the checkpoint was trained on {saved}; resume with "
+                    "the same data.mix (names and weights) or start a new run directory."
+                )
         self.block_size = block_size
         self.global_blocks_per_step = world * micro_batch * grad_accum
         self.start = int(state["blocks_consumed"]) if state else 0
-        self.blocks = PackedBlocks(TokenStream(data_dir, "train", manifest), block_size, shuffle, seed)
+        self.blocks = MixedBlocks(sources, block_size, shuffle, seed, document_mask)
         self.loader = DataLoader(
             self.blocks,
             batch_size=micro_batch,
@@ -158,4 +297,5 @@ class TrainLoader:
         return {
             "blocks_consumed": self.start + self.steps_done * self.global_blocks_per_step,
             "block_size": self.block_size,
+            "mix": self.mix,
         }

@@ -270,8 +270,9 @@ def prepare(
             tok.save_pretrained(str(partial / "tokenizer"))
             writers = {s: ChunkWriter(partial / s, dtype, chunk_tokens, compression, shard_bytes) for s in SPLITS}
             bar = tqdm(unit="doc", desc="prepare", disable=not progress, smoothing=0.1)
-            tokens = 0
+            tokens, max_id = 0, -1
             for batch, (flat, sizes, digests) in pipeline:
+                max_id = max(max_id, int(flat.max()))
                 offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
                 for i, n in enumerate(sizes.tolist()):
                     d = digests[16 * i : 16 * i + 16]
@@ -309,6 +310,7 @@ def prepare(
                     "source": str(tokenizer_dir),
                 },
                 "token_dtype": dtype.name,
+                "max_token_id": max_id,  # training checks it against the model's vocabulary
                 "chunk_tokens": chunk_tokens,
                 "val_fraction": val_fraction,
                 "splits": {

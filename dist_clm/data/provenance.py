@@ -1,0 +1,68 @@
+"""Which prepared directories a run trains on, and the checks that they fit its tokenizer and model.
+
+A run's tokenizer is the one its first source was prepared with (saved in that directory's tokenizer/).
+Every source must have been made with the same tokenizer (by fingerprint: sha256 of its tokenizer.json), and
+no token id in any source may be outside the model's embedding table: otherwise training would silently
+learn from ids that mean different words, or crash deep inside an embedding lookup.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dist_clm.config import Config
+from dist_clm.data.loader import Source
+from dist_clm.data.prepare import read_manifest
+from dist_clm.data.tokenizer import fingerprint, load_tokenizer
+from dist_clm.errors import UserError
+
+
+def training_sources(cfg: Config) -> list[Source]:
+    """`data.mix` (or the single `data.path`) with manifests read and names resolved."""
+    mix = cfg.data.mix or []
+    if not mix:
+        if not cfg.data.path:
+            raise UserError(
+                "config key 'data.path' is empty; set it to a directory written by `dist-clm prepare` "
+                "(or list several in data.mix)."
+            )
+        return [Source(Path(cfg.data.path).name or "data", cfg.data.path, read_manifest(cfg.data.path))]
+    return [Source(m.name or Path(m.path).name, m.path, read_manifest(m.path), m.weight) for m in mix]
+
+
+def run_tokenizer(sources: list[Source]):
+    """The tokenizer saved beside the first source's shards, checked against that source's manifest."""
+    first = Path(sources[0].path)
+    tok = load_tokenizer(first / "tokenizer")
+    if fingerprint(tok) != sources[0].manifest["tokenizer"]["fingerprint"]:
+        raise UserError(
+            f"the tokenizer in '{first}/tokenizer' is not the one the shards were made with; prepare the data again."
+        )
+    return tok
+
+
+def check_sources(sources: list[Source], tok, model_vocab: int, pretrained: str = "") -> None:
+    """Refuse shards made with another tokenizer or holding ids the model cannot embed (one sentence each)."""
+    fp = fingerprint(tok)
+    origin = f"'{sources[0].path}/tokenizer'"
+    if pretrained and (Path(pretrained) / "tokenizer.json").is_file():
+        theirs = fingerprint(load_tokenizer(pretrained))
+        if theirs != fp:
+            raise UserError(
+                f"the data in '{sources[0].path}' was tokenized with tokenizer {fp[:12]}, but the pretrained model "
+                f"'{pretrained}' uses {theirs[:12]}; prepare the data with `--tokenizer {pretrained}`."
+            )
+    for s in sources:
+        made_with = s.manifest["tokenizer"]["fingerprint"]
+        if made_with != fp:
+            raise UserError(
+                f"the shards in '{s.path}' were made with tokenizer {made_with[:12]} but this run's tokenizer "
+                f"(from {origin}) is {fp[:12]}; prepare '{s.path}' again with "
+                f"`--tokenizer {sources[0].path}/tokenizer`."
+            )
+        top = s.manifest.get("max_token_id", s.manifest["tokenizer"]["vocab_size"] - 1)
+        if top >= model_vocab:
+            raise UserError(
+                f"the shards in '{s.path}' hold token ids up to {top} but the model embeds only {model_vocab}; "
+                "use a model whose vocab_size covers the tokenizer (or set model.overrides.vocab_size)."
+            )
