@@ -62,6 +62,49 @@ def save(engine, run_dir: Path, step: int, client_state: dict, model_config, kee
     return ckdir / tag
 
 
+UNIVERSAL = "universal"
+
+
+def needs_universal(tag_dir: Path, world_size: int, zero_stage: int) -> bool:
+    """Whether resuming from `tag_dir` here needs DeepSpeed's universal checkpoint: ZeRO partitions the
+    optimizer state by rank, so a checkpoint written by another number of ranks (or another stage) cannot be
+    loaded as it is."""
+    marker = json.loads((tag_dir / COMPLETE).read_text())
+    saved = (marker["world_size"], marker["zero_stage"])
+    return saved != (world_size, zero_stage) and max(marker["zero_stage"], zero_stage) > 0
+
+
+def universal(tag_dir: Path, is_main: bool) -> Path:
+    """Collective: `tag_dir/universal`, DeepSpeed's world-size independent form of the checkpoint, made once
+    by rank 0 with DeepSpeed's own converter (ds_to_universal) and kept beside the original."""
+    import subprocess
+    import sys
+
+    from dist_clm.distributed import barrier
+
+    out = tag_dir / UNIVERSAL
+    if is_main and not out.is_dir():
+        print(f"the world size or ZeRO stage changed: converting {tag_dir} to a universal checkpoint", file=sys.stderr)
+        with atomic_dir(out, "universal checkpoint conversion") as partial:
+            r = subprocess.run(
+                [
+                    sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+                    "--output_folder", str(partial), "--num_extract_workers", "1", "--num_merge_workers", "1",
+                    "--inject_missing_state",  # a plain data-parallel model: the default info is the right one
+                ],
+                capture_output=True,
+                text=True,
+            )  # fmt: skip
+            if r.returncode != 0:
+                last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+                raise UserError(
+                    f"DeepSpeed could not convert '{tag_dir}' to a universal checkpoint ({last}); resume it on "
+                    f"the world size and ZeRO stage it was saved with."
+                )
+    barrier()
+    return out
+
+
 def _prune(ckdir: Path, keep_last: int) -> None:
     complete = sorted(p for p in ckdir.glob(f"{PREFIX}*") if (p / COMPLETE).is_file())
     for old in complete[:-keep_last]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 
 def use_cpu_accelerator_if_no_gpu() -> None:
@@ -44,8 +46,8 @@ def init() -> DistEnv:
     if "RANK" not in os.environ:  # a plain process: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
-    # streaming elects one "local leader" per node from LOCAL_WORLD_SIZE (torchrun sets it; the deepspeed
-    # launcher calls it LOCAL_SIZE); without it every rank leads and their shared memory collides.
+    # libraries read the ranks per node from LOCAL_WORLD_SIZE (torchrun's name) or LOCAL_SIZE (the deepspeed
+    # launcher's): give both names the same value
     if "LOCAL_WORLD_SIZE" not in os.environ:
         os.environ["LOCAL_WORLD_SIZE"] = os.environ.get("LOCAL_SIZE", os.environ["WORLD_SIZE"])
     use_cpu_accelerator_if_no_gpu()
@@ -57,12 +59,36 @@ def init() -> DistEnv:
     if on_gpu:
         torch.cuda.set_device(local_rank)
     if not torch.distributed.is_initialized():
+        shm = None if on_gpu else _deepspeed_cpu_shm_segment()
+        if shm is not None and shm.exists():  # our own name, so left by a killed run on this address and port
+            print(f"removing stale shared memory '{shm}' left by a killed run", file=sys.stderr)
+            shm.unlink(missing_ok=True)
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
+        if shm is not None and shm.exists():
+            torch.distributed.barrier()  # every local rank has mapped every segment: the names can go now
+            shm.unlink(missing_ok=True)  # the memory lives on until the last process exits, even on kill -9
     return DistEnv(
         rank=torch.distributed.get_rank(),
         local_rank=local_rank,
         world_size=torch.distributed.get_world_size(),
         device=f"cuda:{local_rank}" if on_gpu else "cpu",
+    )
+
+
+def _deepspeed_cpu_shm_segment() -> Path | None:
+    """This rank's segment of DeepSpeed's CPU shared-memory all-reduce (made when every rank is local).
+
+    DeepSpeed never unlinks it: each multi-process CPU run would leave 2 x 66 MB in /dev/shm (RAM) behind,
+    and a killed run's segment would be reused, stale, by the next run on the same port. Its name is
+    deepspeed_allreduce_buffer_<uid>_<master addr>_<master port>_<rank>, unique to this rank of this run.
+    """
+    env = os.environ
+    if env.get("LOCAL_SIZE") != env.get("WORLD_SIZE") or env.get("WORLD_SIZE", "1") == "1":
+        return None
+    return Path(
+        "/dev/shm",
+        f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}_"
+        f"{env['RANK']}",
     )
 
 

@@ -118,19 +118,21 @@ def train(cfg: Config) -> dict:
         if not (run_dir / "tokenizer").is_dir():
             tok.save_pretrained(str(run_dir / "tokenizer"))
 
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model,
-        model_parameters=param_groups(model, t.weight_decay),
-        config=deepspeed_config(cfg, on_gpu=env.device != "cpu", grad_accum=grad_accum),
-    )
-
     # --- resume: engine, optimizer, schedule, step, tokens and the loader's position ---
-    step, tokens_seen, loader_state = 0, 0, None
     done = checkpoint.complete_checkpoints(run_dir) if t.resume else []
+    elastic = bool(done) and checkpoint.needs_universal(done[-1], env.world_size, t.zero_stage)
+    ds_config = deepspeed_config(cfg, on_gpu=env.device != "cpu", grad_accum=grad_accum)
+    if elastic:  # another world size or stage: load DeepSpeed's universal form of the checkpoint
+        ds_config["checkpoint"] = {"load_universal": True}
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, t.weight_decay), config=ds_config
+    )
+    step, tokens_seen, loader_state = 0, 0, None
     if done:
-        _, client = engine.load_checkpoint(str(checkpoint.checkpoints_dir(run_dir)), tag=done[-1].name)
+        where = checkpoint.universal(done[-1], env.is_main) if elastic else done[-1]
+        _, client = engine.load_checkpoint(str(where.parent), tag=where.name)
         step, tokens_seen, loader_state = client["step"], client["tokens_seen"], client["loader"]
-        say(env.is_main, f"resumed from {done[-1]} at step {step}")
+        say(env.is_main, f"resumed from {done[-1]} at step {step}" + (" (universal checkpoint)" if elastic else ""))
     loader = TrainLoader(
         sources,
         cfg.data.block_size,

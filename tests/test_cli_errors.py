@@ -42,13 +42,32 @@ def test_tokenizer_without_eos(tmp_path, tokenizer_dir, corpus_dir):
     [
         ("data.block_size=256", ["'data.block_size' is 256, more than the model's 128 positions"]),
         ("train.zero_stage=5", ["'train.zero_stage' must be 0, 1, 2 or 3, got 5"]),
+        ("train.global_batch_size=6", ["'train.global_batch_size' is 6, which is not a multiple of", "4 x 1 = 4"]),
+        ("model.overrides.vocab_size=300", ["hold token ids up to", "the model embeds only 300"]),
+        (("data.path=", "data.mix=[{weight: 1}]"), ["'data.mix[0].path' is required"]),
+        (("data.path=", "data.mix=[{path: x, weight: -1}]"), ["'data.mix' weights must be 0 or more"]),
     ],
 )
 def test_bad_training_settings(tmp_path, data_dir, override, fragments):
     run = tmp_path / "run"
-    r = run_cli("train", *TINY, f"data.path={data_dir}", f"run.dir={run}", override)
+    more = override if isinstance(override, tuple) else (override,)
+    r = run_cli("train", *TINY, f"data.path={data_dir}", f"run.dir={run}", *more)
     assert_clean_error(r, *fragments)
     assert not run.exists()  # nothing written before the settings were checked
+
+
+def test_shards_from_another_tokenizer_are_refused(tmp_path, data_dir, data_dir_b, corpus_dir):
+    from dist_clm.data import sources
+    from dist_clm.data.prepare import prepare
+    from dist_clm.data.tokenizer import train_bpe
+
+    other_tok = train_bpe(sources.iter_documents(sources.resolve_inputs([str(corpus_dir)])), tmp_path / "t", 400)
+    other = tmp_path / "other"
+    prepare(other_tok, other, [str(corpus_dir)], val_fraction=0.2, progress=False)
+    mix = f"data.mix=[{{path: {data_dir}}}, {{path: {other}, weight: 0.5}}]"
+    r = run_cli("train", *TINY, mix, f"run.dir={tmp_path / 'run'}")
+    assert_clean_error(r, f"the shards in '{other}' were made with tokenizer", "prepare", "again with")
+    assert not (tmp_path / "run").exists()
 
 
 def test_missing_data_dir(tmp_path):

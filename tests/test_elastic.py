@@ -1,0 +1,64 @@
+"""Elastic resume: a checkpoint written by 2 ranks continues on 1, and one written by 1 continues on 2.
+
+The global batch is fixed (train.global_batch_size), so grad_accum is derived per world size. DeepSpeed's
+universal checkpoint carries the ZeRO-partitioned optimizer state across the change; the loader's position
+(global blocks consumed) carries the data. The resumed steps must see the same blocks as the uninterrupted
+run: their losses equal the uninterrupted run's (up to the float reduction order of another world size),
+and the saved loader position is exactly the blocks of the steps taken.
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from dist_clm.distributed import free_port
+from tests.conftest import BIN, TINY
+from tests.test_train import launch, metrics, train_losses
+
+pytestmark = pytest.mark.slow
+
+GLOBAL = 8
+
+
+def launcher(world: int) -> list[str]:
+    if world == 1:
+        return [str(BIN / "python")]
+    return [str(BIN / "deepspeed"), "--num_gpus", str(world), "--master_port", str(free_port())]
+
+
+@pytest.mark.parametrize(("before", "after", "stage"), [(2, 1, 2), (1, 2, 1), (2, 1, 3)])
+def test_resume_on_another_number_of_ranks_continues_the_same_run(tmp_path, data_dir, before, after, stage):
+    common = [
+        *TINY,
+        f"data.path={data_dir}",
+        f"train.zero_stage={stage}",
+        "train.micro_batch_size=2",
+        f"train.global_batch_size={GLOBAL}",
+        "train.log_every=1",
+        "train.save_every=4",
+        "train.keep_last=5",
+        "train.eval_every=0",
+        "train.max_steps=8",
+    ]
+    full = tmp_path / "full"
+    launch(launcher(before), *common, f"run.dir={full}")
+    reference = train_losses(metrics(full))
+    assert list(reference) == list(range(1, 9))
+
+    moved = tmp_path / "moved"
+    shutil.copytree(full, moved)
+    shutil.rmtree(moved / "checkpoints" / "step_00000008")
+    skip = len(metrics(moved))
+    r = launch(launcher(after), *common, f"run.dir={moved}")
+    assert "universal checkpoint" in r.stdout + r.stderr
+    assert (moved / "checkpoints" / "step_00000004" / "universal").is_dir()
+    resumed = train_losses(metrics(moved, skip))
+    assert list(resumed) == [5, 6, 7, 8]
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(reference[step], rel=2e-4), (step, loss, reference[step])
+    marker = json.loads((moved / "checkpoints" / "step_00000008" / "complete.json").read_text())
+    assert marker["world_size"] == after
+    state = torch.load(moved / "checkpoints" / "step_00000008" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert state["loader"]["blocks_consumed"] == 8 * GLOBAL and state["tokens_seen"] == 8 * GLOBAL * 64
