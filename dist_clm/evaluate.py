@@ -98,7 +98,7 @@ def evaluate_cli(
         flat = np.concatenate([np.asarray(i, dtype=np.int64) for i in ids])
         read, n_tokens = (lambda s, n: flat[s : s + n]), len(flat)
     else:
-        data = data or (cfg.data.path if cfg else None)
+        data = data or (cfg.data.path or (cfg.data.mix[0].path if cfg.data.mix else None) if cfg else None)
         if not data:
             raise UserError("no evaluation data: pass --data DIR (a prepared directory) or --text FILES.")
         manifest = read_manifest(data)

@@ -235,6 +235,9 @@ def test_compressed_shards_read_the_same_and_need_no_shared_memory(tmp_path, cor
     assert len(plain) == len(packed)
     for i in range(len(plain)):
         np.testing.assert_array_equal(plain[i]["tokens"], packed[i]["tokens"])
+        for store in (plain, packed):  # the memory-mapped views are what streaming's own decoding gives
+            for column, values in store[i].items():
+                np.testing.assert_array_equal(store.arrays(i)[column], values)
     assert set(os.listdir("/dev/shm")) == shm_before  # reading leaves nothing in shared memory
     assert not list((out / "train").glob(".*.tmp"))
 

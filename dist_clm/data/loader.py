@@ -36,9 +36,18 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dist_clm.errors import UserError
 
+_SHAPE_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.uint32), np.dtype(np.uint64))
+
 
 class ChunkStore:
-    """Chunk i of one split, read with streaming's MDS readers; compressed shards are decompressed once."""
+    """Chunk i of one split, read with streaming's MDS readers; compressed shards are decompressed once.
+
+    `store[i]` is streaming's own decoding (`get_item`). The loader's hot path, `arrays(i)`, instead views the
+    columns in a memory map of the shard: `get_item` opens the file and decodes the whole 16K-token sample on
+    every call (~80 us), while a block needs a slice of it. The views follow the MDS layout streaming writes
+    (sample offsets, then per sample the column sizes and each `ndarray:DTYPE` column's shape header and
+    values), and every shard's first sample is checked against `get_item` when it is first mapped.
+    """
 
     def __init__(self, split_dir: str | Path):
         from streaming.base.format import reader_from_json
@@ -52,6 +61,7 @@ class ChunkStore:
         for reader in self.readers:
             self._ensure_raw(reader)
         self.ends = np.cumsum([r.samples for r in self.readers]).tolist()
+        self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def _ensure_raw(self, reader) -> None:
         """The reader reads raw shard files; write one from its compressed file where missing (atomically,
@@ -69,10 +79,51 @@ class ChunkStore:
     def __len__(self) -> int:
         return self.ends[-1] if self.ends else 0
 
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    def _locate(self, i: int) -> tuple[int, int]:
         shard = bisect_right(self.ends, i)
-        first = self.ends[shard - 1] if shard else 0
-        return self.readers[shard].get_item(i - first)
+        return shard, i - (self.ends[shard - 1] if shard else 0)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        shard, j = self._locate(i)
+        return self.readers[shard].get_item(j)
+
+    def arrays(self, i: int) -> dict[str, np.ndarray]:
+        """Chunk i's columns as read-only views of the memory-mapped shard (no copy, no file open)."""
+        shard, j = self._locate(i)
+        if shard not in self._maps:
+            self._maps[shard] = self._map(shard)
+        return self._views(shard, j)
+
+    def _map(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        reader = self.readers[shard]
+        if any(s is not None for s in reader.column_sizes) or not all(
+            e.startswith("ndarray:") and e.count(":") == 1 for e in reader.column_encodings
+        ):
+            raise UserError(f"'{self.dir}' holds MDS columns dist_clm did not write; prepare the data again.")
+        mm = np.memmap(self.dir / reader.raw_data.basename, dtype=np.uint8, mode="r")
+        offsets = np.frombuffer(mm, np.uint32, count=reader.samples + 1, offset=4)
+        self._maps[shard] = (mm, offsets)
+        expected = reader.get_item(0)
+        got = self._views(shard, 0)
+        if any(not np.array_equal(got[k], expected[k]) for k in expected):
+            raise UserError(f"'{self.dir}' uses an MDS layout this dist_clm cannot read; prepare the data again.")
+        return mm, offsets
+
+    def _views(self, shard: int, j: int) -> dict[str, np.ndarray]:
+        mm, offsets = self._maps[shard]
+        reader = self.readers[shard]
+        names = reader.column_names
+        begin = int(offsets[j])
+        sizes = np.frombuffer(mm, np.uint32, count=len(names), offset=begin).tolist()  # every column varies
+        pos = begin + 4 * len(names)
+        out = {}
+        for name, encoding, size in zip(names, reader.column_encodings, sizes, strict=True):
+            head = int(mm[pos])  # ndim << 2 | shape dtype
+            header = 1 + (head >> 2) * _SHAPE_DTYPES[head & 3].itemsize
+            dtype = np.dtype(encoding.split(":")[1])
+            out[name] = np.frombuffer(mm, dtype, count=(size - header) // dtype.itemsize, offset=pos + header)
+            pos += size
+        return out
 
 
 class TokenStream:
@@ -88,24 +139,24 @@ class TokenStream:
                 f"'{data_dir}/{split}' holds {len(self.chunks)} chunks but its manifest says {self.n_chunks}; "
                 "the directory was changed after prepare: prepare it again."
             )
-        self._cached: tuple[int, dict] | None = None
-
-    def _chunk(self, index: int) -> dict[str, np.ndarray]:
-        if self._cached is None or self._cached[0] != index:
-            self._cached = (index, self.chunks[index])
-        return self._cached[1]
 
     def read(self, start: int, length: int, with_starts: bool = False):
         """Tokens [start, start + length) of the stream, across chunk borders; with `with_starts`, also the
         offsets (relative to `start`) where documents begin inside that range."""
+        out = np.empty(length, dtype=np.int64)
+        starts = self.read_into(start, out, with_starts)
+        return (out, starts) if with_starts else out
+
+    def read_into(self, start: int, out: np.ndarray, with_starts: bool = False) -> np.ndarray | None:
+        """Fill `out` with tokens [start, start + len(out)); return the document starts if asked."""
+        length = len(out)
         if start < 0 or start + length > self.tokens:
             raise IndexError(f"tokens [{start}, {start + length}) are outside the stream of {self.tokens}")
-        out = np.empty(length, dtype=np.int64)
         starts: list[np.ndarray] = []
         filled = 0
         while filled < length:
             k, lo = divmod(start + filled, self.chunk_tokens)
-            chunk = self._chunk(k)
+            chunk = self.chunks.arrays(k)
             tokens = chunk["tokens"]
             take = min(length - filled, len(tokens) - lo)
             out[filled : filled + take] = tokens[lo : lo + take]
@@ -113,9 +164,7 @@ class TokenStream:
                 b = chunk["doc_bounds"][:-1].astype(np.int64)  # the last entry is the chunk length
                 starts.append(b[(b >= lo) & (b < lo + take)] - lo + filled)
             filled += take
-        if with_starts:
-            return out, np.concatenate(starts)
-        return out
+        return np.concatenate(starts) if with_starts else None
 
 
 class PackedBlocks:
@@ -206,22 +255,32 @@ class MixedBlocks(Dataset):
         raise TypeError("MixedBlocks is endless")
 
     def __getitem__(self, g: int) -> dict[str, torch.Tensor]:
-        i, k = self.mixture(g)
-        blocks = self.blocks[i]
-        start = blocks.position(k)
-        item: dict[str, torch.Tensor] = {"source": torch.tensor(i)}
+        return {k: v[0] for k, v in self.__getitems__([g]).items()}
+
+    def __getitems__(self, gs: list[int]) -> dict[str, torch.Tensor]:
+        """A whole micro batch at once (the DataLoader calls this): rows filled in place, one tensor per key."""
+        n, size = len(gs), self.block_size
+        ids, source = np.empty((n, size), dtype=np.int64), np.empty(n, dtype=np.int64)
+        if self.document_mask:
+            labels, positions = np.empty((n, size), dtype=np.int64), np.empty((n, size), dtype=np.int64)
+        for row, g in enumerate(gs):
+            i, k = self.mixture(g)
+            blocks = self.blocks[i]
+            source[row] = i
+            starts = blocks.stream.read_into(blocks.position(k), ids[row], with_starts=self.document_mask)
+            if self.document_mask:
+                labels[row] = ids[row]
+                labels[row, starts[starts > 0]] = -100
+                positions[row] = document_positions(size, starts)
+        batch = {"input_ids": torch.from_numpy(ids), "source": torch.from_numpy(source)}
         if not self.document_mask:
-            ids = torch.from_numpy(blocks.stream.read(start, self.block_size))
-            return {**item, "input_ids": ids, "labels": ids}
-        ids, starts = blocks.stream.read(start, self.block_size, with_starts=True)
-        labels = ids.copy()
-        labels[starts[starts > 0]] = -100
-        return {
-            **item,
-            "input_ids": torch.from_numpy(ids),
-            "labels": torch.from_numpy(labels),
-            "position_ids": torch.from_numpy(document_positions(self.block_size, starts)),
-        }
+            return {**batch, "labels": batch["input_ids"]}
+        return {**batch, "labels": torch.from_numpy(labels), "position_ids": torch.from_numpy(positions)}
+
+
+def _as_is(batch):
+    """The DataLoader's collate_fn: MixedBlocks.__getitems__ already returns the batch."""
+    return batch
 
 
 def document_positions(length: int, starts: np.ndarray) -> np.ndarray:
@@ -284,6 +343,7 @@ class TrainLoader:
             sampler=RankShareSampler(rank, world, micro_batch * grad_accum, self.start),
             num_workers=num_workers,
             persistent_workers=num_workers > 0,
+            collate_fn=_as_is,
         )
         self.steps_done = 0  # optimizer steps taken since `start`
 
