@@ -114,7 +114,7 @@ def is_val(text: str, val_fraction: float) -> bool:
 
 
 def _batches(docs: Iterable[str], stats: dict) -> Iterator[list[str]]:
-    """Non-empty documents in batches of at most 1024 documents or ~4 MB of text (not a function of num_proc,
+    """Non-empty documents in batches of at most 256 documents or ~1 MB of text (not a function of num_proc,
     so the output is the same for every num_proc). Empty documents are counted in `stats`."""
     batch: list[str] = []
     chars = 0
@@ -124,7 +124,7 @@ def _batches(docs: Iterable[str], stats: dict) -> Iterator[list[str]]:
             continue
         batch.append(text)
         chars += len(text)
-        if len(batch) >= 1024 or chars >= 1 << 22:
+        if len(batch) >= 256 or chars >= 1 << 20:
             yield batch
             batch, chars = [], 0
     if batch:
@@ -134,10 +134,11 @@ def _batches(docs: Iterable[str], stats: dict) -> Iterator[list[str]]:
 class _Pipeline:
     """Tokenizes batches in order, in the background, while the caller writes: with num_proc 1 in one thread
     (encode_batch releases the GIL and uses every core itself), else in `num_proc` spawned worker processes
-    (they import only numpy+tokenizers). At most 2 * num_proc batches are in flight: memory stays bounded."""
+    (they import only numpy+tokenizers). At most 8 * num_proc batches (~1 MB each) are in flight: memory stays
+    bounded, and the workers keep going while the writer is still importing streaming (seconds)."""
 
     def __init__(self, batches: Iterator[list[str]], tok_json: str, eos: int, dtype: str, num_proc: int):
-        self.batches, self.num_proc, self.cap = batches, num_proc, 2 * max(1, num_proc)
+        self.batches, self.num_proc, self.cap = batches, num_proc, 8 * max(1, num_proc)
         self.window: deque = deque()
         self._start(tok_json, eos, dtype)
 
