@@ -47,6 +47,7 @@ def save(engine, run_dir: Path, step: int, client_state: dict, model_config, kee
     tag = tag_for(step)
     ckdir = checkpoints_dir(run_dir)
     engine.save_checkpoint(str(ckdir), tag=tag, client_state=client_state, save_latest=False)
+    _save_rng(ckdir / tag, engine.global_rank)
     barrier()  # every rank's files are on disk before the marker says so
     if is_main:
         model_config.save_pretrained(str(ckdir / tag))
@@ -63,6 +64,37 @@ def save(engine, run_dir: Path, step: int, client_state: dict, model_config, kee
 
 
 UNIVERSAL = "universal"
+
+
+def _save_rng(tag_dir: Path, rank: int) -> None:
+    """This rank's random number generators (python, numpy, torch CPU and GPU), for an exact continuation."""
+    import random
+
+    import numpy as np
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    torch.save(state, tag_dir / f"rng_rank{rank}.pt")
+
+
+def restore_rng(tag_dir: Path, rank: int) -> None:
+    """Put back what _save_rng saved for `rank` (checkpoints from before it existed have none: skipped)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    path = tag_dir / f"rng_rank{rank}.pt"
+    if not path.is_file():
+        return
+    state = torch.load(path, weights_only=False)
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def needs_universal(tag_dir: Path, world_size: int, zero_stage: int) -> bool:

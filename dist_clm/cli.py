@@ -72,9 +72,17 @@ def _inspect(a: argparse.Namespace) -> None:
 
 def _train(a: argparse.Namespace) -> None:
     from dist_clm.config import load_config
+    from dist_clm.preemption import PREEMPTED_EXIT
     from dist_clm.train import train
 
-    train(load_config(a.config, a.overrides))
+    result = train(load_config(a.config, a.overrides))
+    if result["preempted"]:
+        print(
+            f"dist-clm: stopped by {result['preempted']} at step {result['step']} after saving a checkpoint; "
+            "rerun the same command to continue.",
+            file=sys.stderr,
+        )
+        sys.exit(PREEMPTED_EXIT)
 
 
 def _eval(a: argparse.Namespace) -> None:

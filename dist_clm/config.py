@@ -63,16 +63,25 @@ class TrainConfig:
     global_batch_size: int = 0  # blocks per optimizer step over all ranks; when set, grad_accum is derived from
     # it and the world size, so a resume on another number of ranks keeps the same batch (0 = off)
     lr: float = 2e-3  # peak learning rate, reached after warmup
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
+    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio at max_steps
     warmup_steps: int = 30  # linear warmup from 0
+    schedule: Literal["cosine", "linear", "wsd"] = "cosine"  # after warmup: cosine or linear decay, or WSD
+    # (warmup-stable-decay: constant lr, then a linear decay over the last decay_fraction of the steps)
+    decay_fraction: float = 0.2  # WSD only
     weight_decay: float = 0.1  # AdamW decay, applied to matrices only (not norms, biases, embeddings)
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
     zero_stage: int = 2  # DeepSpeed ZeRO stage, 0-3
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPUs that have it, else fp32 (bf16 also
-    # runs on CPU, but ~10x slower than fp32 on CPUs without bf16 instructions)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPUs that have it, else fp32 (bf16
+    # also runs on CPU, ~10x slower than fp32 without bf16 instructions); fp16 (dynamic loss scaling) for GPUs
+    # without bf16 (V100-class)
+    offload_optimizer: bool = False  # ZeRO 1-3: optimizer state and step on the CPU (DeepSpeed's CPU Adam)
+    offload_params: bool = False  # ZeRO 3: parameters on the CPU between uses
+    activation_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
+    compile: bool = False  # torch.compile the model through DeepSpeed (engine.compile)
+    deepspeed_config: str = ""  # a DeepSpeed JSON merged over the generated one (see dist_clm/engine.py)
     seed: int = 1234  # model init, data order, sampling
     log_every: int = 10  # steps between TensorBoard/console scalars
     eval_every: int = 100  # steps between validation perplexity runs (0 = only before and after)
@@ -109,6 +118,17 @@ class Config:
                 "has two sources with the same name; give each a distinct 'name'",
             ),
             (t.global_batch_size >= 0, "train.global_batch_size", f"must be 0 or more, got {t.global_batch_size}"),
+            (0 < t.decay_fraction <= 1, "train.decay_fraction", f"must be in (0, 1], got {t.decay_fraction}"),
+            (
+                not t.offload_params or t.zero_stage == 3,
+                "train.offload_params",
+                "needs train.zero_stage=3 (only ZeRO-3 partitions parameters)",
+            ),
+            (
+                not t.offload_optimizer or t.zero_stage >= 1,
+                "train.offload_optimizer",
+                "needs train.zero_stage 1, 2 or 3",
+            ),
             (t.max_steps >= 1, "train.max_steps", f"must be at least 1, got {t.max_steps}"),
             (t.micro_batch_size >= 1, "train.micro_batch_size", f"must be at least 1, got {t.micro_batch_size}"),
             (t.grad_accum >= 1, "train.grad_accum", f"must be at least 1, got {t.grad_accum}"),

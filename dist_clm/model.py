@@ -25,6 +25,31 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # GPT-2 small (124M with its 50257-token vocabulary).
     "gpt2-124m": dict(model_type="gpt2", n_layer=12, n_head=12, n_embd=768, n_positions=1024),
+    # GPT-2 medium (355M with its 50257-token vocabulary).
+    "gpt2-350m": dict(model_type="gpt2", n_layer=24, n_head=16, n_embd=1024, n_positions=1024),
+    # The Llama-style 468M of the GPU benchmark (hidden 1024, 24 layers, 16 heads, MLP 4096; 32k vocabulary).
+    "llama-468m": dict(
+        model_type="llama",
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        hidden_size=1024,
+        intermediate_size=4096,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    ),
+    # A Llama-style ~1B model (1.04 B with a 32k vocabulary; Llama-3.2-1B's shape): 16 layers, width 2048, GQA 32/8.
+    "llama-1b": dict(
+        model_type="llama",
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        hidden_size=2048,
+        intermediate_size=8192,
+        max_position_embeddings=2048,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+    ),
     # A Llama-style ~500M model (494 M with a 32k vocabulary): 24 layers, width 1280, grouped-query attention.
     "llama-500m": dict(
         model_type="llama",

@@ -6,7 +6,9 @@ validate -> loop { micro batches -> engine.step -> log -> validate -> checkpoint
 
 from __future__ import annotations
 
+import json
 import math
+import signal
 import time
 from pathlib import Path
 
@@ -16,72 +18,20 @@ from dist_clm import checkpoint, distributed
 from dist_clm.config import Config
 from dist_clm.data.loader import TokenStream, TrainLoader
 from dist_clm.data.provenance import check_sources, run_tokenizer, training_sources
+from dist_clm.engine import (
+    deepspeed_config,
+    memory_scalars,
+    param_groups,
+    peak_flops,
+    resolve_grad_accum,
+    resolve_precision,
+    scheduler_factory,
+)
 from dist_clm.errors import UserError
 from dist_clm.evaluate import block_spans, perplexity
 from dist_clm.metrics import Metrics, say
 from dist_clm.model import build_model, count_params, flops_per_token, max_positions
-
-
-def resolve_precision(precision: str, on_gpu: bool) -> str:
-    if precision != "auto":
-        return precision
-    return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
-
-
-def resolve_grad_accum(t, world: int) -> int:
-    """train.grad_accum, or the one that makes train.global_batch_size blocks per step on `world` ranks."""
-    if not t.global_batch_size:
-        return t.grad_accum
-    per_pass = t.micro_batch_size * world
-    if t.global_batch_size % per_pass:
-        raise UserError(
-            f"config key 'train.global_batch_size' is {t.global_batch_size}, which is not a multiple of "
-            f"train.micro_batch_size x world size = {t.micro_batch_size} x {world} = {per_pass}; change the micro "
-            "batch size or the number of ranks so that it divides the global batch."
-        )
-    return t.global_batch_size // per_pass
-
-
-def deepspeed_config(cfg: Config, on_gpu: bool, grad_accum: int | None = None) -> dict:
-    """The DeepSpeed config this run's settings mean; DeepSpeed owns the optimizer and the schedule."""
-    t = cfg.train
-    return {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": grad_accum or t.grad_accum,
-        "gradient_clipping": t.grad_clip,
-        "bf16": {"enabled": resolve_precision(t.precision, on_gpu) == "bf16"},
-        "zero_optimization": {"stage": t.zero_stage},
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": t.lr,
-                "betas": [t.beta1, t.beta2],
-                "eps": t.eps,
-                "weight_decay": t.weight_decay,
-                "torch_adam": not on_gpu,
-            },  # DeepSpeed's fused Adam needs CUDA
-        },
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": t.max_steps,
-                "warmup_num_steps": t.warmup_steps,
-                "warmup_type": "linear",
-                "warmup_min_ratio": 0.0,
-                "cos_min_ratio": t.min_lr_ratio,
-            },
-        },
-        "steps_per_print": 1 << 40,  # we log ourselves
-    }
-
-
-def param_groups(model, weight_decay: float) -> list[dict]:
-    """Decay matrices only: not biases, norm weights or embeddings (their decay hurts and buys nothing)."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+from dist_clm.preemption import StopRequest
 
 
 def train(cfg: Config) -> dict:
@@ -104,11 +54,15 @@ def train(cfg: Config) -> dict:
         )
     check_sources(sources, tok, model.config.vocab_size, cfg.model.pretrained)
     grad_accum = resolve_grad_accum(t, env.world_size)
+    ds_config = deepspeed_config(cfg, on_gpu=env.device != "cpu", grad_accum=grad_accum)
+    if t.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n_params = count_params(model)
+    flops = flops_per_token(model.config, n_params, cfg.data.block_size)
     say(
         env.is_main,
         f"model: {model.config.model_type}, {n_params / 1e6:.2f} M parameters, "
-        f"{flops_per_token(model.config, n_params, cfg.data.block_size) / 1e6:.1f} MFLOPs per token; "
+        f"{flops / 1e6:.1f} MFLOPs per token; "
         f"world size {env.world_size} on {env.device}, {resolve_precision(t.precision, env.device != 'cpu')}, "
         f"ZeRO-{t.zero_stage}",
     )
@@ -117,22 +71,34 @@ def train(cfg: Config) -> dict:
         cfg.save(run_dir / "config.yaml")
         if not (run_dir / "tokenizer").is_dir():
             tok.save_pretrained(str(run_dir / "tokenizer"))
+        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
 
     # --- resume: engine, optimizer, schedule, step, tokens and the loader's position ---
     done = checkpoint.complete_checkpoints(run_dir) if t.resume else []
     elastic = bool(done) and checkpoint.needs_universal(done[-1], env.world_size, t.zero_stage)
-    ds_config = deepspeed_config(cfg, on_gpu=env.device != "cpu", grad_accum=grad_accum)
     if elastic:  # another world size or stage: load DeepSpeed's universal form of the checkpoint
         ds_config["checkpoint"] = {"load_universal": True}
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, t.weight_decay), config=ds_config
+        model=model,
+        model_parameters=param_groups(model, t.weight_decay),
+        config=ds_config,
+        lr_scheduler=scheduler_factory(t),
     )
+    if t.compile:
+        engine.compile()
     step, tokens_seen, loader_state = 0, 0, None
     if done:
         where = checkpoint.universal(done[-1], env.is_main) if elastic else done[-1]
         _, client = engine.load_checkpoint(str(where.parent), tag=where.name)
         step, tokens_seen, loader_state = client["step"], client["tokens_seen"], client["loader"]
         say(env.is_main, f"resumed from {done[-1]} at step {step}" + (" (universal checkpoint)" if elastic else ""))
+        if elastic and t.zero_stage == 3:
+            say(
+                env.is_main,
+                "warning: DeepSpeed's universal checkpoint restores ZeRO-3 weights exactly, but the optimizer "
+                "state is approximate (losses drift ~1e-3 relative from an uninterrupted run); data and step "
+                "count continue exactly",
+            )
     loader = TrainLoader(
         sources,
         cfg.data.block_size,
@@ -179,9 +145,13 @@ def train(cfg: Config) -> dict:
 
     before = validate()
     tokens_per_step = loader.global_blocks_per_step * cfg.data.block_size
-    batches = iter(loader)
+    batches = iter(loader)  # (draws a seed from torch's generator: before the restore below, as in the first run)
+    if done and not elastic:  # each rank continues its own random streams (dropout) where they were
+        checkpoint.restore_rng(done[-1], env.rank)
     from tqdm.auto import tqdm
 
+    stop = StopRequest()  # SIGTERM / SIGUSR1: checkpoint at the next step boundary, then exit
+    preempted = None
     bar = tqdm(total=t.max_steps, initial=step, unit="step", disable=not (env.is_main and cfg.run.progress_bar))
     window_start, window_loss, window_steps = time.perf_counter(), torch.zeros((), device=env.device), 0
     window_wait, window_mix = 0.0, torch.zeros(len(loader.mix), dtype=torch.float64)
@@ -216,6 +186,10 @@ def train(cfg: Config) -> dict:
                 "train/tokens_seen": tokens_seen,
                 "train/data_wait_frac": wait_sum / (env.world_size * elapsed),  # of step time, mean over ranks
             }
+            peak = peak_flops(env.device)
+            if peak:  # model FLOPs utilization: achieved training FLOP/s per device over the device's peak
+                scalars["train/mfu"] = scalars["train/tokens_per_s"] * flops / (env.world_size * peak)
+            scalars |= memory_scalars(env.device)
             if len(mix) > 1:
                 scalars |= {f"data/mix/{name}": n / sum(mix) for (name, _), n in zip(loader.mix, mix, strict=True)}
             metrics.log(step, scalars)
@@ -224,9 +198,17 @@ def train(cfg: Config) -> dict:
             window_wait, window_mix = 0.0, torch.zeros_like(window_mix)
         if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
             validate()
-        if (t.save_every and step % t.save_every == 0) or step == t.max_steps:
+        preempted = stop.agreed(env.device)
+        if (t.save_every and step % t.save_every == 0) or step == t.max_steps or preempted:
             save()
+        if preempted:
+            say(env.is_main, f"stopping at step {step} on signal {signal.Signals(preempted).name}; checkpoint saved")
+            break
     bar.close()
+    stop.restore()
+    if preempted:
+        metrics.close()
+        return {"step": step, "tokens_seen": tokens_seen, "preempted": signal.Signals(preempted).name}
     after = validate()
     metrics.close()
-    return {"step": step, "tokens_seen": tokens_seen, "val_before": before, "val_after": after}
+    return {"step": step, "tokens_seen": tokens_seen, "val_before": before, "val_after": after, "preempted": None}

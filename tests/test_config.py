@@ -43,7 +43,10 @@ def test_int_accepted_where_float_expected():
         (["train.max_steps=1.5"], "config key 'train.max_steps' must be an integer, got 1.5."),
         (["train.lr=fast"], "config key 'train.lr' must be a number, got 'fast'."),
         (["run.tensorboard=maybe"], "config key 'run.tensorboard' must be true or false, got 'maybe'."),
-        (["train.precision=fp8"], "config key 'train.precision' must be 'auto' or 'bf16' or 'fp32', got 'fp8'."),
+        (
+            ["train.precision=fp8"],
+            "config key 'train.precision' must be 'auto' or 'bf16' or 'fp16' or 'fp32', got 'fp8'.",
+        ),
         (["train.zero_stage=4"], "config key 'train.zero_stage' must be 0, 1, 2 or 3, got 4."),
         (["train.warmup_steps=500", "train.max_steps=100"], "config key 'train.warmup_steps' must be at least 0"),
         (["data.block_size=1"], "config key 'data.block_size' must be at least 2, got 1."),

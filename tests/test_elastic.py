@@ -56,9 +56,17 @@ def test_resume_on_another_number_of_ranks_continues_the_same_run(tmp_path, data
     assert (moved / "checkpoints" / "step_00000004" / "universal").is_dir()
     resumed = train_losses(metrics(moved, skip))
     assert list(resumed) == [5, 6, 7, 8]
-    for step, loss in resumed.items():
-        assert loss == pytest.approx(reference[step], rel=2e-4), (step, loss, reference[step])
+    # step 5's loss depends on the restored weights and data only; later ones on the optimizer state too,
+    # which DeepSpeed's universal load restores exactly for ZeRO 1/2 but not for ZeRO-3 (see docs/design.md)
+    exact_steps = [5, 6, 7, 8] if stage < 3 else [5]
+    for step in exact_steps:
+        assert resumed[step] == pytest.approx(reference[step], rel=2e-4), (step, resumed[step], reference[step])
+    if stage == 3:
+        assert "the optimizer state is approximate" in r.stdout + r.stderr
+        for step in (6, 7, 8):
+            assert resumed[step] == pytest.approx(reference[step], rel=1e-2)
     marker = json.loads((moved / "checkpoints" / "step_00000008" / "complete.json").read_text())
     assert marker["world_size"] == after
-    state = torch.load(moved / "checkpoints" / "step_00000008" / "mp_rank_00_model_states.pt", weights_only=False)
+    states = sorted((moved / "checkpoints" / "step_00000008").glob("*mp_rank_00_model_states.pt"))  # ZeRO-3: per rank
+    state = torch.load(states[0], weights_only=False)
     assert state["loader"]["blocks_consumed"] == 8 * GLOBAL and state["tokens_seen"] == 8 * GLOBAL * 64

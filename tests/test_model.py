@@ -15,7 +15,14 @@ class FakeTokenizer:  # only what build_model reads: its length and special ids
 
 @pytest.mark.parametrize(
     "preset, vocab, millions",
-    [("gpt2-124m", 50257, 124.4), ("llama-500m", 32000, 494.5), ("tiny", 4096, 0.99)],
+    [
+        ("gpt2-124m", 50257, 124.4),
+        ("gpt2-350m", 50257, 354.8),
+        ("llama-468m", 32000, 468.2),
+        ("llama-500m", 32000, 494.5),
+        ("llama-1b", 32000, 1038.7),
+        ("tiny", 4096, 0.99),
+    ],
 )
 def test_preset_sizes(preset, vocab, millions):
     with torch.device("meta"):  # shapes only: no memory, no time

@@ -351,8 +351,8 @@ class TrainLoader:
         self.steps_done = 0  # optimizer steps taken since `start`
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        for batch in self.loader:
-            yield {k: torch.from_numpy(v) for k, v in batch.items()}
+        batches = iter(self.loader)  # made now, not at the first next(): it draws a seed from torch's generator
+        return ({k: torch.from_numpy(v) for k, v in batch.items()} for batch in batches)
 
     def step_done(self) -> None:
         self.steps_done += 1

@@ -1,0 +1,162 @@
+"""What the run's settings mean for DeepSpeed: its config, the learning-rate schedule, the parameter groups.
+
+Precedence of the DeepSpeed config, lowest first: what dist_clm generates from `train.*` -> the user's JSON
+file (`train.deepspeed_config`), merged key by key -> the batch keys, which only `train.*` may set (the loader
+must agree with them; a file that sets them differently is refused). The result is written to
+RUN/ds_config.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from dist_clm.config import Config, TrainConfig
+from dist_clm.errors import UserError
+
+BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+
+# Peak dense bf16 tensor-core FLOP/s by GPU name (vendor data sheets, without sparsity), for MFU.
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "A100": 312e12, "A800": 312e12}
+
+
+def resolve_precision(precision: str, on_gpu: bool) -> str:
+    if precision != "auto":
+        return precision
+    return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def resolve_grad_accum(t: TrainConfig, world: int) -> int:
+    """train.grad_accum, or the one that makes train.global_batch_size blocks per step on `world` ranks."""
+    if not t.global_batch_size:
+        return t.grad_accum
+    per_pass = t.micro_batch_size * world
+    if t.global_batch_size % per_pass:
+        raise UserError(
+            f"config key 'train.global_batch_size' is {t.global_batch_size}, which is not a multiple of "
+            f"train.micro_batch_size x world size = {t.micro_batch_size} x {world} = {per_pass}; change the micro "
+            "batch size or the number of ranks so that it divides the global batch."
+        )
+    return t.global_batch_size // per_pass
+
+
+def deepspeed_config(cfg: Config, on_gpu: bool, grad_accum: int | None = None) -> dict:
+    """The DeepSpeed config this run's settings mean (the user's JSON merged in); DeepSpeed owns the optimizer."""
+    t = cfg.train
+    precision = resolve_precision(t.precision, on_gpu)
+    zero: dict = {"stage": t.zero_stage}
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if t.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    generated = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum or t.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},  # 0: dynamic
+        "zero_optimization": zero,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": t.lr,
+                "betas": [t.beta1, t.beta2],
+                "eps": t.eps,
+                "weight_decay": t.weight_decay,
+                # torch's AdamW; fused (one kernel for all parameters) on GPU, where it needs no compilation
+                "torch_adam": True,
+                **({"fused": True} if on_gpu and not t.offload_optimizer else {}),
+            },
+        },
+        "steps_per_print": 1 << 40,  # we log ourselves
+    }
+    if not t.deepspeed_config:
+        return generated
+    path = Path(t.deepspeed_config)
+    try:
+        user = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"config key 'train.deepspeed_config' names '{path}', which does not exist.") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"'{path}' (train.deepspeed_config) is not valid JSON: {e.msg} at line {e.lineno}.") from None
+    for key in BATCH_KEYS:
+        if key in user and user[key] != generated.get(key, user[key]):
+            raise UserError(
+                f"'{path}' sets {key}={user[key]}, but batch sizes come from train.* (they decide what the loader "
+                "reads); remove it from the file and set train.micro_batch_size / grad_accum / global_batch_size."
+            )
+    if "scheduler" in user:
+        raise UserError(f"'{path}' sets a scheduler; choose it with train.schedule instead (cosine, linear, wsd).")
+    return _merge(generated, user)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def lr_factor(step: int, t: TrainConfig) -> float:
+    """The learning rate of update `step` (0-based) as a fraction of train.lr.
+
+    Linear warmup over train.warmup_steps, then one of: cosine to min_lr_ratio at max_steps; linear to it; or
+    WSD: constant, then linear to min_lr_ratio over the last decay_fraction of the steps.
+    """
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    floor = t.min_lr_ratio
+    if t.schedule == "wsd":
+        decay = max(1, round(t.decay_fraction * t.max_steps))
+        progress = min(1.0, max(0.0, (step - (t.max_steps - decay)) / decay))
+        return 1.0 - (1.0 - floor) * progress
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    if t.schedule == "linear":
+        return 1.0 - (1.0 - floor) * progress
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def scheduler_factory(t: TrainConfig):
+    """For deepspeed.initialize(lr_scheduler=...): a LambdaLR over DeepSpeed's optimizer. One function for the
+    three shapes, so min_lr_ratio means the same in each (DeepSpeed's WarmupDecayLR decays to 0 and has no WSD);
+    DeepSpeed steps it once per optimizer step and saves it in every checkpoint."""
+
+    def make(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, t))
+
+    return make
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """Decay matrices only: not biases, norm weights or embeddings (their decay hurts and buys nothing)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def peak_flops(device: str) -> float | None:
+    """The device's peak dense bf16 FLOP/s if known (MFU is reported only then)."""
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    return next((v for k, v in PEAK_BF16.items() if k in name.upper()), None)
+
+
+def memory_scalars(device: str) -> dict[str, float]:
+    """GPU memory allocated/reserved (peak since the last call), or the process's resident memory on CPU."""
+    if device.startswith("cuda"):
+        d = torch.device(device)
+        out = {
+            "memory/gpu_allocated_gib": torch.cuda.max_memory_allocated(d) / 2**30,
+            "memory/gpu_reserved_gib": torch.cuda.max_memory_reserved(d) / 2**30,
+        }
+        torch.cuda.reset_peak_memory_stats(d)
+        return out
+    import psutil
+
+    return {"memory/rss_gib": psutil.Process().memory_info().rss / 2**30}

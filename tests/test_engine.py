@@ -1,0 +1,101 @@
+"""The engine settings: schedules, the generated DeepSpeed config and a user's JSON merged into it, and real
+single-process runs with activation checkpointing, torch.compile and a merged config."""
+
+import json
+import math
+import re
+
+import pytest
+
+from dist_clm.config import load_config
+from dist_clm.engine import deepspeed_config, lr_factor
+from dist_clm.errors import UserError
+from tests.conftest import TINY, run_cli
+from tests.test_train import metrics, train_losses
+
+
+def t(*overrides):
+    return load_config(None, ["train.max_steps=100", "train.warmup_steps=10", *overrides]).train
+
+
+def test_warmup_then_cosine_linear_and_wsd():
+    for schedule in ("cosine", "linear", "wsd"):
+        tr = t(f"train.schedule={schedule}", "train.min_lr_ratio=0.1")
+        assert [lr_factor(s, tr) for s in range(10)] == pytest.approx([(s + 1) / 10 for s in range(10)])
+        assert lr_factor(100, tr) == pytest.approx(0.1)  # every shape ends at min_lr_ratio
+    cos, lin = t("train.schedule=cosine"), t("train.schedule=linear")
+    assert lr_factor(55, cos) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_factor(55, lin) == pytest.approx(1 - 0.9 * 0.5)
+    wsd = t("train.schedule=wsd", "train.decay_fraction=0.2")
+    assert all(lr_factor(s, wsd) == 1.0 for s in range(10, 81))  # stable until the last 20 steps
+    assert lr_factor(90, wsd) == pytest.approx(1 - 0.9 * 0.5)  # then linear down
+
+
+def test_generated_config_and_precedence_of_a_users_json(tmp_path):
+    cfg = load_config(None, ["train.precision=fp16", "train.zero_stage=3", "train.offload_optimizer=true",
+                             "train.offload_params=true"])  # fmt: skip
+    ds = deepspeed_config(cfg, on_gpu=True, grad_accum=4)
+    assert ds["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16} and not ds["bf16"]["enabled"]
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["gradient_accumulation_steps"] == 4
+    assert "fused" not in ds["optimizer"]["params"]  # offloaded: DeepSpeed's CPU Adam steps
+    gpu = deepspeed_config(load_config(None, ["train.precision=bf16"]), on_gpu=True)
+    assert gpu["optimizer"]["params"]["fused"] is True and gpu["bf16"]["enabled"]  # torch's fused AdamW
+    assert "fused" not in deepspeed_config(load_config(None, []), on_gpu=False)["optimizer"]["params"]
+
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"gradient_clipping": 0.5, "zero_optimization": {"reduce_bucket_size": 1000}}))
+    merged = deepspeed_config(load_config(None, [f"train.deepspeed_config={user}"]), on_gpu=False)
+    assert merged["gradient_clipping"] == 0.5  # the file wins over train.*
+    assert merged["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}  # merged key by key
+    for bad, fragment in [
+        ({"train_micro_batch_size_per_gpu": 3}, "batch sizes come from train.*"),
+        ({"scheduler": {"type": "WarmupLR"}}, "choose it with train.schedule"),
+    ]:
+        user.write_text(json.dumps(bad))
+        with pytest.raises(UserError, match=fragment):
+            deepspeed_config(load_config(None, [f"train.deepspeed_config={user}"]), on_gpu=False)
+    user.write_text("{not json")
+    with pytest.raises(UserError, match="is not valid JSON"):
+        deepspeed_config(load_config(None, [f"train.deepspeed_config={user}"]), on_gpu=False)
+
+
+def test_offload_settings_are_checked():
+    for override, fragment in [
+        ("train.offload_params=true", "needs train.zero_stage=3"),
+        ("train.decay_fraction=0", "must be in (0, 1]"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(fragment)):
+            load_config(None, [override])
+
+
+def test_runs_with_wsd_a_merged_config_and_activation_checkpointing(tmp_path, data_dir):
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"gradient_clipping": 0.25}))
+    common = [*TINY, f"data.path={data_dir}", "train.max_steps=8", "train.warmup_steps=2", "train.log_every=1",
+              "train.eval_every=0", "train.schedule=wsd", "train.decay_fraction=0.5",
+              f"train.deepspeed_config={user}"]  # fmt: skip
+    plain, ckpt = tmp_path / "plain", tmp_path / "ckpt"
+    for run, extra in ((plain, "false"), (ckpt, "true")):
+        r = run_cli("train", *common, f"run.dir={run}", f"train.activation_checkpointing={extra}")
+        assert r.returncode == 0, r.stderr[-3000:]
+    written = json.loads((plain / "ds_config.json").read_text())
+    assert written["gradient_clipping"] == 0.25 and written["zero_optimization"]["stage"] == 2
+    lrs = [row["train/lr"] for row in metrics(plain) if "train/lr" in row]
+    tr = load_config(plain / "config.yaml").train
+    assert lrs == pytest.approx([tr.lr * lr_factor(s, tr) for s in range(1, 9)])  # after step s: update s's lr
+    assert lrs[1:4] == pytest.approx([tr.lr] * 3) and lrs[-1] == pytest.approx(tr.lr * tr.min_lr_ratio)
+    # recomputing activations changes memory, not the numbers
+    assert train_losses(metrics(ckpt)) == pytest.approx(train_losses(metrics(plain)), rel=1e-5)
+    assert all("memory/rss_gib" in row for row in metrics(plain) if "train/loss" in row)
+
+
+@pytest.mark.slow
+def test_torch_compile_through_deepspeed(tmp_path, data_dir):
+    common = [*TINY, f"data.path={data_dir}", "train.max_steps=4", "train.log_every=1", "train.eval_every=0"]
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    for run, flag in ((eager, "false"), (compiled, "true")):
+        r = run_cli("train", *common, f"run.dir={run}", f"train.compile={flag}")
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert train_losses(metrics(compiled)) == pytest.approx(train_losses(metrics(eager)), rel=1e-3)
