@@ -180,3 +180,25 @@ def test_python_is_importable_without_launcher_env():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == "0 1 cpu"
+
+
+def test_mixed_run_reports_each_validation_set_and_the_realized_mixture(tmp_path, data_dir, data_dir_b):
+    from tests.conftest import run_cli
+
+    run = tmp_path / "mixed"
+    sources = [f"{{path: {data_dir}, weight: 3}}", f"{{path: {data_dir_b}, weight: 1}}",
+               f"{{path: {data_dir_b}, weight: 0, name: held_out}}"]  # fmt: skip
+    mix = f"data.mix=[{', '.join(sources)}]"
+    r = run_cli("train", *TINY, mix, f"run.dir={run}", "train.max_steps=8", "train.log_every=4",
+                "train.eval_every=0", "data.document_mask=true")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = metrics(run)
+    vals = [row for row in rows if "val/loss" in row]
+    assert len(vals) == 2
+    for row in vals:  # each source's validation split on its own, and the token-weighted whole
+        names = {k.split("/")[1] for k in row if k.count("/") == 2}
+        assert names == {"prepared", "other", "held_out"}
+        assert row["val/other/loss"] == pytest.approx(row["val/held_out/loss"])  # the same split, twice
+    mixes = [row for row in rows if "data/mix/prepared" in row]
+    assert [m["data/mix/prepared"] for m in mixes] == pytest.approx([0.75, 0.75], abs=0.02)
+    assert all("data/mix/held_out" not in m for m in mixes)  # weight 0: never trained on
