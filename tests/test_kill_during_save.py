@@ -1,0 +1,48 @@
+"""A run killed (SIGKILL) while it is writing a checkpoint resumes from the previous complete one."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from dist_clm.checkpoint import COMPLETE, complete_checkpoints
+from tests.conftest import BIN, TINY
+from tests.test_train import metrics, train_losses
+
+pytestmark = pytest.mark.slow
+
+
+def test_sigkill_in_the_middle_of_a_save(tmp_path, data_dir):
+    run = tmp_path / "run"
+    # a wider model, so that each save takes long enough to be caught in the act
+    cmd = [str(BIN / "dist-clm"), "train", *TINY, f"data.path={data_dir}", f"run.dir={run}",
+           "model.overrides.n_embd=256", "model.overrides.n_layer=4", "train.max_steps=60", "train.save_every=1",
+           "train.keep_last=3", "train.log_every=1", "train.eval_every=0"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    caught = None
+    deadline = time.time() + 400
+    while proc.poll() is None and time.time() < deadline:
+        ckdir = run / "checkpoints"
+        partial = [d for d in ckdir.glob("step_*") if not (d / COMPLETE).exists() and any(d.iterdir())]
+        if partial and complete_checkpoints(run):
+            os.killpg(proc.pid, signal.SIGKILL)
+            caught = partial[0]
+            break
+        time.sleep(0.002)
+    proc.wait()
+    assert caught is not None, "no save was caught in progress"
+    assert not (caught / COMPLETE).exists()  # the half-written checkpoint is not marked complete
+    last_good = complete_checkpoints(run)[-1]
+    assert last_good.name < caught.name
+    good_step = json.loads((last_good / COMPLETE).read_text())["step"]
+
+    skip = len(metrics(run))
+    again = [*cmd[:-5], f"train.max_steps={good_step + 2}", *cmd[-4:]]  # the same run, to 2 steps past it
+    r = subprocess.run(again, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {last_good}" in r.stdout + r.stderr
+    assert list(train_losses(metrics(run, skip))) == [good_step + 1, good_step + 2]
+    assert not caught.exists() or (caught / COMPLETE).exists()  # the fragment was cleared (or rewritten whole)
