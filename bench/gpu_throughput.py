@@ -1,0 +1,558 @@
+"""Training throughput on one GPU, side by side, in one run (a benchmark, not a test): dist_clm's training path
+beside a plain PyTorch loop on the same model and the same batches.
+
+    plain, eager          the usual hand-written loop: the HF model built by dist_clm.model.build_model, fp32
+                          weights on the GPU, torch.autocast("cuda", bfloat16), loss.backward(),
+                          clip_grad_norm_(train.grad_clip), torch.optim.AdamW(param_groups(...), fused=True),
+                          the same LambdaLR schedule (scheduler_factory), zero_grad(set_to_none=True)
+    plain, torch.compile  the same loop over torch.compile(model)
+    dist_clm, eager       what dist_clm/train.py does per step, checkpoints, validation, TensorBoard and the
+                          progress bar left out: distributed.init() (a world of one), build_model,
+                          deepspeed.initialize(model, param_groups, deepspeed_config(cfg), scheduler_factory)
+                          (DeepSpeed ZeRO-2, bf16 weights, fp32 master copy, torch's fused AdamW), then per step:
+                          next batch -> bincount of its sources -> .to(device) -> engine(**inputs,
+                          use_cache=False).loss -> engine.backward -> engine.step -> loss summed on the device
+                          -> loader.step_done(), the every-10-steps log (loss .item(), all_reduce, lr, grad norm,
+                          tok/s, MFU, memory, metrics.jsonl) and the per-step preemption check
+                          (StopRequest.agreed: a one-element all_reduce and .item())
+    dist_clm, compile     the same with train.compile=true (engine.compile())
+
+Models (--models): GPT-2 124M (preset gpt2-124m) at seq 1024 x batch 32 and the Llama-style 468M (preset
+llama-468m: hidden 1024, 24 layers, 16 heads, MLP 4096) at seq 2048 x batch 16. Data: the default corpus of
+`dist-clm prepare` (300 files of the Python standard library, ~5 MB), tokenized once with a 32000-token
+byte-level BPE (`dist-clm tokenizer train --vocab-size 32000`) and prepared once into MDS shards (`dist-clm
+prepare --tokenizer TOK --out DIR`, no inputs); both models read that directory. Each model's embedding table
+is set by `model.overrides.vocab_size` to its own vocabulary: 50257 for GPT-2 (GPT-2's, so the model is the
+124M of the reference; the data's ids are all below 32000) and 32000 for the 468M (the BPE may stop a little
+short of 32000 tokens on 5 MB). All four variants take their batches from the same TrainLoader (dist_clm's
+streaming packer over the prepared shards, shuffled, 0 workers, micro batch = batch, one rank), so each pays
+the same data cost, and each starts from the same weights (torch.manual_seed(train.seed) before build_model).
+
+Every variant runs in a fresh subprocess (`--one VARIANT`) so that compile caches, CUDA memory and the process
+group do not carry over from one to the next. Each runs W warm-up steps (they include torch.compile's
+compilation), then N timed steps between two torch.cuda.synchronize() calls. A child's output goes to
+WORK/logs/MODEL_VARIANT.log, with timestamped set-up phases; a child that fails or outlives --timeout becomes a
+"failed" row (the end of its log is printed), and the others still run. Each result is also printed to stderr
+as it comes, and --json rewrites FILE after every row, so a run cut short keeps what it measured.
+
+Columns:
+    model           the preset, and its parameter count (count_params, embeddings included)
+    seq x batch     tokens per block x blocks per step (one micro batch, no accumulation)
+    variant         one of the four above
+    tok/s           N x batch x seq / the timed seconds
+    MFU             tok/s x flops_per_token(config, params, seq) / the GPU's peak dense bf16 FLOP/s
+                    (dist_clm.engine.peak_flops: 989e12 for H100/H200); '-' where the peak is unknown (CPU)
+    vs plain compile  tok/s over that of "plain, torch.compile" for the same model in this run (the issue's
+                    target for dist_clm: >= 1.00 at both sizes)
+    peak GPU GiB    torch.cuda.max_memory_allocated over the whole subprocess (compilation included); on CPU
+                    the column is "peak RSS GiB", the process's peak resident memory
+    warm-up s       wall time of the W warm-up steps (compilation, for the compiled variants)
+    loss            mean training loss over the timed steps: a check that both loops train the same thing. They
+                    start from the same weights and see the same blocks with the same schedule, so the two eager
+                    rows of a model should nearly agree, and the two compiled rows (which warm up longer, so
+                    they time later blocks); in fp32 on CPU they agree to the last digit
+
+On CPU (`--cpu`, or when CUDA is not available) the same comparison runs on the `tiny` preset with a 4096-token
+BPE, seq 128 x batch 8, fp32 (train.precision auto -> fp32; no autocast, AdamW without fused) and few steps.
+
+    python bench/gpu_throughput.py [--quick] [--markdown] [--models gpt2-124m,llama-468m] [--variants ...]
+                                   [--work DIR] [--cpu] [--warmup W] [--steps N] [--timeout S] [--json FILE]
+
+Default steps: 10 warm-up (15 for compiled variants) + 30 timed; --quick: 3 (5) + 10. Needs deepspeed and
+mosaicml-streaming importable; dist_clm is imported from this checkout (no install needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout where dist_clm is not installed (the GPU machine)
+    sys.path.insert(0, str(ROOT))
+
+# name -> preset, the model's vocabulary (model.overrides.vocab_size), seq, batch
+MODELS = {
+    "gpt2-124m": dict(preset="gpt2-124m", vocab=50257, seq=1024, batch=32),
+    "llama-468m": dict(preset="llama-468m", vocab=32000, seq=2048, batch=16),
+    "tiny": dict(preset="tiny", vocab=4096, seq=128, batch=8),
+}
+GPU_MODELS, CPU_MODELS = ("gpt2-124m", "llama-468m"), ("tiny",)
+TOKENIZER_VOCAB = {"gpu": 32000, "cpu": 4096}
+VARIANTS = {  # name -> row label; the table's order
+    "plain": "plain, eager",
+    "plain-compile": "plain, torch.compile",
+    "dist_clm": "dist_clm ZeRO-2, eager",
+    "dist_clm-compile": "dist_clm ZeRO-2, engine.compile",
+}
+RUN_ORDER = ("plain-compile", "dist_clm-compile", "dist_clm", "plain")  # the target's pair first
+REFERENCE = (
+    "issue's reference (H200, plain loop): 124M 379 K tok/s compiled (33% MFU), 207 K eager; DeepSpeed ZeRO-2 "
+    "249 K eager, 306 K engine.compile; 468M 121 K compiled (42% MFU), 87 K eager. "
+    "Target: dist_clm >= 1.00 x the compiled plain loop at both sizes."
+)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the parent: data once, one subprocess per variant, the table
+
+
+def child_env(work: Path) -> dict[str, str]:
+    path = os.environ.get("PYTHONPATH", "")
+    return {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{path}" if path else str(ROOT),
+        "PYTHONUNBUFFERED": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor_cache"),
+    }
+
+
+def dist_clm_cli(work: Path, *args: str) -> None:
+    """`python -m dist_clm ARGS` (the console script may not be installed); its output shown only on failure."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "dist_clm", *args, "--quiet"], env=child_env(work), capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout + proc.stderr)
+        raise SystemExit(f"`dist-clm {' '.join(args)}` failed (exit status {proc.returncode})")
+
+
+def prepared(work: Path, vocab: int) -> Path:
+    """The stdlib corpus tokenized with a `vocab`-token BPE into MDS shards, made once under `work`."""
+    tok, out = work / f"bpe{vocab}", work / f"stdlib_bpe{vocab}"
+    if not (out / "manifest.json").is_file():
+        t = time.perf_counter()
+        if not (tok / "tokenizer.json").is_file():
+            shutil.rmtree(tok, ignore_errors=True)
+            dist_clm_cli(work, "tokenizer", "train", "--out", str(tok), "--vocab-size", str(vocab))
+        shutil.rmtree(out, ignore_errors=True)
+        dist_clm_cli(work, "prepare", "--tokenizer", str(tok), "--out", str(out))
+        print(f"data: {out} prepared in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    return out
+
+
+def run_child(args: argparse.Namespace, work: Path, data: Path, model: str, variant: str) -> dict:
+    """One variant in a fresh process; its JSON result, or {"error": ...} with the tail of its log."""
+    compiled = variant.endswith("compile")
+    if args.warmup is not None:
+        warmup = args.warmup
+    else:
+        warmup = (5 if compiled else 3) if args.quick else (15 if compiled else 10)
+    steps = args.steps or (10 if args.quick else 30)
+    logs = work / "logs"
+    logs.mkdir(exist_ok=True)
+    log, result = logs / f"{model}_{variant}.log", logs / f"{model}_{variant}.json"
+    result.unlink(missing_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", variant, "--models", model, "--data", str(data)]
+    cmd += ["--warmup", str(warmup), "--steps", str(steps), "--result", str(result), "--work", str(work)]
+    cmd += ["--cpu"] if args.cpu else []
+    t = time.perf_counter()
+    with log.open("w") as f:
+        # in this process's session (a kill of this one reaches it); a stuck child goes with its compile workers
+        proc = subprocess.Popen(cmd, env=child_env(work), stdout=f, stderr=subprocess.STDOUT)
+        try:
+            rc = proc.wait(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            import psutil
+
+            tree = [proc, *psutil.Process(proc.pid).children(recursive=True)]
+            for p in reversed(tree):
+                with contextlib.suppress(psutil.Error, ProcessLookupError):
+                    p.kill()
+            proc.wait()
+            rc = f"killed after {args.timeout:.0f} s"
+    wall = time.perf_counter() - t
+    if rc == 0 and result.is_file():
+        out = json.loads(result.read_text())
+        print(
+            f"{model} | {VARIANTS[variant]}: {out['tok_s'] / 1e3:.1f} K tok/s"
+            + (f", MFU {out['mfu']:.1%}" if out["mfu"] else "")
+            + f", peak {out['peak_gib']:.2f} GiB, warm-up {out['warmup_s']:.0f} s, loss {out['loss']:.3f} "
+            f"({wall:.0f} s in all)",
+            file=sys.stderr,
+        )
+        return {**out, "wall_s": wall}
+    status = f"exit status {rc}" if isinstance(rc, int) else rc
+    tail = log.read_text(errors="replace").splitlines()[-25:]
+    print(f"{model} | {VARIANTS[variant]}: FAILED ({status}); last lines of {log}:", file=sys.stderr)
+    print("\n".join("    " + line for line in tail), file=sys.stderr)
+    return {"model": model, "variant": variant, "error": f"{status}, see {log.relative_to(work)}", "wall_s": wall}
+
+
+def machine_line(cpu: bool) -> str:
+    import torch
+    import transformers
+
+    from dist_clm.distributed import use_cpu_accelerator_if_no_gpu
+
+    use_cpu_accelerator_if_no_gpu()
+    try:
+        import deepspeed
+
+        ds = deepspeed.__version__
+    except Exception as e:  # noqa: BLE001 (reported, not fatal: the plain rows still run)
+        ds = f"not importable ({type(e).__name__})"
+    where = "CPU" if cpu else torch.cuda.get_device_name(0)
+    return (
+        f"{where}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores; Python "
+        f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"deepspeed {ds}"
+    )
+
+
+def table(rows: list[dict], cpu: bool, markdown: bool) -> list[str]:
+    mem = "peak RSS GiB" if cpu else "peak GPU GiB"
+    head = ["model", "seq x batch", "variant", "tok/s", "MFU", "vs plain compile", mem, "warm-up s", "loss"]
+    lines = [" | ".join(head)]
+    base = {r["model"]: r["tok_s"] for r in rows if r["variant"] == "plain-compile" and "error" not in r}
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    for r in sorted(rows, key=lambda r: (list(MODELS).index(r["model"]), order[r["variant"]])):
+        m = MODELS[r["model"]]
+        name = r["model"] + (f" ({r['params'] / 1e6:.0f} M)" if "params" in r else "")
+        cells = [name, f"{m['seq']} x {m['batch']}", VARIANTS[r["variant"]]]
+        if "error" in r:
+            cells += [f"failed: {r['error']}", "-", "-", "-", "-", "-"]
+        else:
+            ratio = f"{r['tok_s'] / base[r['model']]:.2f}" if r["model"] in base else "-"
+            cells += [
+                f"{r['tok_s'] / 1e3:.1f} K",
+                f"{r['mfu']:.1%}" if r["mfu"] else "-",
+                ratio,
+                f"{r['peak_gib']:.2f}",
+                f"{r['warmup_s']:.1f}",
+                f"{r['loss']:.3f}",
+            ]
+        lines.append(" | ".join(cells))
+    if markdown:
+        lines.insert(1, " | ".join("---" for _ in head))
+        lines = [f"| {line} |" for line in lines]
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer steps: 3 warm-up (5 compiled) + 10 timed")
+    ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--cpu", action="store_true", help="the CPU comparison (tiny model); default without CUDA")
+    ap.add_argument("--models", default=None, help=f"comma-separated, of {', '.join(MODELS)} (default: per device)")
+    ap.add_argument("--variants", default=",".join(RUN_ORDER), help="comma-separated, run in this order")
+    ap.add_argument("--work", default=None, help="scratch directory, kept for reruns (default: a temporary one)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 10, compiled 15)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 30, --quick 10)")
+    ap.add_argument("--timeout", type=float, default=300, help="seconds per variant before it is killed (300)")
+    ap.add_argument("--json", default=None, help="also write the rows to this file (one JSON object a line)")
+    ap.add_argument("--one", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    import torch
+
+    args.cpu = args.cpu or not torch.cuda.is_available()
+    if args.one:
+        one(args)
+        return
+    models = args.models.split(",") if args.models else list(CPU_MODELS if args.cpu else GPU_MODELS)
+    variants = args.variants.split(",")
+    for name, known in (("model", MODELS), ("variant", VARIANTS)):
+        bad = [x for x in (models if name == "model" else variants) if x not in known]
+        if bad:
+            raise SystemExit(f"unknown {name} {bad[0]!r}; choose from {', '.join(known)}")
+    work = Path(args.work or tempfile.mkdtemp(prefix="gpu_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    data = prepared(work, TOKENIZER_VOCAB["cpu" if args.cpu else "gpu"])
+    rows = []
+    for model in models:
+        for variant in variants:
+            rows.append(run_child(args, work, data, model, variant))
+            if args.json:
+                Path(args.json).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print("\n".join(table(rows, args.cpu, args.markdown)))
+    steps = rows[0].get("steps", "?") if rows else "?"
+    print(
+        f"\nmachine: {machine_line(args.cpu)}; {steps} timed steps per row{' (--quick)' if args.quick else ''}; "
+        f"{time.perf_counter() - t0:.0f} s in all"
+    )
+    if not args.cpu:
+        print(REFERENCE)
+    if not args.work:
+        if any("error" in r for r in rows):
+            print(f"kept {work} for the failed variants' logs", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a child: one variant of one model
+
+
+START = time.perf_counter()
+
+
+def phase(what: str) -> None:
+    """A timestamped line in the child's log (logs/MODEL_VARIANT.log under --work): where set-up time goes."""
+    print(f"[{time.perf_counter() - START:7.1f} s] {what}", file=sys.stderr, flush=True)
+
+
+def one(args: argparse.Namespace) -> None:
+    import torch
+
+    from dist_clm.config import load_config
+    from dist_clm.data.provenance import run_tokenizer, training_sources
+    from dist_clm.model import build_model, count_params, flops_per_token
+
+    m = MODELS[args.models]
+    variant, compiled = args.one, args.one.endswith("compile")
+    run_dir = Path(args.work) / "runs" / f"{args.models}_{variant}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    cfg = load_config(
+        None,
+        [
+            f"run.dir={run_dir}",
+            "run.tensorboard=false",
+            "run.progress_bar=false",
+            f"data.path={args.data}",
+            f"data.block_size={m['seq']}",
+            f"model.preset={m['preset']}",
+            f"model.overrides.vocab_size={m['vocab']}",
+            f"train.micro_batch_size={m['batch']}",
+            f"train.max_steps={args.warmup + args.steps}",
+            f"train.warmup_steps={min(args.warmup, 30)}",
+            f"train.compile={'true' if compiled else 'false'}",
+        ],
+    )
+    if variant.startswith("dist_clm"):
+        from dist_clm import distributed
+
+        device = distributed.init().device
+        phase("process group up")
+    else:
+        device = "cpu" if args.cpu else "cuda:0"
+        if device != "cpu":
+            torch.cuda.set_device(0)
+    sources = training_sources(cfg)
+    tok = run_tokenizer(sources)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model.preset, cfg.model.pretrained, cfg.model.overrides, tok)
+    phase("model built")
+    n_params = count_params(model)
+    flops = flops_per_token(model.config, n_params, cfg.data.block_size)
+    run = dist_clm_loop if variant.startswith("dist_clm") else plain_loop
+    res = run(cfg, model, sources, device, flops, args.warmup, args.steps)
+
+    from dist_clm.engine import peak_flops
+
+    tok_s = args.steps * m["batch"] * m["seq"] / res["seconds"]
+    peak = peak_flops(device)
+    if device == "cpu":
+        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    else:
+        mem = max(res.get("peak_gib", 0.0), torch.cuda.max_memory_allocated(torch.device(device)) / 2**30)
+    out = {
+        "model": args.models,
+        "variant": variant,
+        "preset": m["preset"],
+        "seq": m["seq"],
+        "batch": m["batch"],
+        "params": n_params,
+        "flops_per_token": flops,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "warmup_s": res["warmup_s"],
+        "seconds": res["seconds"],
+        "tok_s": tok_s,
+        "mfu": tok_s * flops / peak if peak else None,
+        "peak_gib": mem,
+        "loss": res["loss"],
+        "device": "cpu" if device == "cpu" else torch.cuda.get_device_name(torch.device(device)),
+    }
+    Path(args.result).write_text(json.dumps(out))
+    phase("done")
+    print(json.dumps(out))
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device != "cpu":
+        torch.cuda.synchronize(torch.device(device))
+
+
+def timed(step, warmup: int, steps: int, device: str, total) -> dict:
+    """Run `warmup` untimed steps, zero the loss sum `total`, then time `steps` steps (device synchronized)."""
+    phase("set up; warm-up steps")
+    w0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    sync(device)
+    total.zero_()
+    phase("warmed up; timed steps")
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    seconds = time.perf_counter() - t0
+    return {"warmup_s": t0 - w0, "seconds": seconds, "loss": total.item() / steps}
+
+
+def loader_for(cfg, sources, rank: int = 0, world: int = 1, grad_accum: int = 1):
+    from dist_clm.data.loader import TrainLoader
+
+    t = cfg.train
+    return TrainLoader(
+        sources,
+        cfg.data.block_size,
+        t.micro_batch_size,
+        grad_accum,
+        rank,
+        world,
+        cfg.data.shuffle,
+        t.seed,
+        cfg.data.num_workers,
+        None,
+        cfg.data.document_mask,
+    )
+
+
+def plain_loop(cfg, model, sources, device: str, flops: float, warmup: int, steps: int) -> dict:
+    """The hand-written loop: fp32 weights, autocast bf16 (on GPU), fused AdamW, clip, LambdaLR."""
+    import torch
+
+    from dist_clm.engine import param_groups, resolve_precision, scheduler_factory
+
+    t = cfg.train
+    on_gpu = device != "cpu"
+    bf16 = resolve_precision(t.precision, on_gpu) == "bf16"
+    model = model.to(device=device, dtype=torch.float32)
+    model.train()
+    opt = torch.optim.AdamW(
+        param_groups(model, t.weight_decay),
+        lr=t.lr,
+        betas=(t.beta1, t.beta2),
+        eps=t.eps,
+        **({"fused": True} if on_gpu else {}),
+    )
+    sched = scheduler_factory(t)(opt)
+    fwd = torch.compile(model) if t.compile else model
+    batches = iter(loader_for(cfg, sources))
+    total = torch.zeros((), device=device)
+
+    def step() -> None:
+        nonlocal total
+        batch = next(batches)
+        batch.pop("source")
+        inputs = {k: v.to(device) for k, v in batch.items()}
+        with torch.autocast(device_type="cuda" if on_gpu else "cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = fwd(**inputs, use_cache=False).loss
+        loss.backward()
+        if t.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        total += loss.detach().float()
+
+    return timed(step, warmup, steps, device, total)
+
+
+def dist_clm_loop(cfg, model, sources, device: str, flops: float, warmup: int, steps: int) -> dict:
+    """dist_clm/train.py's loop, step for step, without validation, checkpoints, TensorBoard or the bar."""
+    import deepspeed
+    import torch
+
+    from dist_clm import distributed
+    from dist_clm.engine import (
+        deepspeed_config,
+        memory_scalars,
+        param_groups,
+        peak_flops,
+        resolve_grad_accum,
+        scheduler_factory,
+    )
+    from dist_clm.metrics import Metrics
+    from dist_clm.preemption import StopRequest
+
+    t = cfg.train
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    grad_accum = resolve_grad_accum(t, world)
+    ds_config = deepspeed_config(cfg, on_gpu=device != "cpu", grad_accum=grad_accum)
+    if t.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, t.weight_decay),
+        config=ds_config,
+        lr_scheduler=scheduler_factory(t),
+    )
+    phase("deepspeed.initialize done")
+    if t.compile:
+        engine.compile()
+    loader = loader_for(cfg, sources, rank, world, grad_accum)
+    metrics = Metrics(Path(cfg.run.dir), rank == 0, cfg.run.tensorboard)
+    tokens_per_step = loader.global_blocks_per_step * cfg.data.block_size
+    batches = iter(loader)
+    stop = StopRequest()
+    step, peak_mem = 0, 0.0
+    total = torch.zeros((), device=device)  # the timed steps' loss (not in train.py; one add per step)
+    window_start, window_loss, window_steps = time.perf_counter(), torch.zeros((), device=device), 0
+    window_wait, window_mix = 0.0, torch.zeros(len(loader.mix), dtype=torch.float64)
+
+    def train_step() -> None:
+        nonlocal step, window_start, window_loss, window_steps, window_wait, window_mix, peak_mem
+        for _ in range(grad_accum):
+            waited = time.perf_counter()
+            batch = next(batches)
+            window_wait += time.perf_counter() - waited
+            window_mix += torch.bincount(batch.pop("source"), minlength=len(loader.mix))
+            inputs = {k: v.to(device) for k, v in batch.items()}
+            loss = engine(**inputs, use_cache=False).loss
+            engine.backward(loss)
+            engine.step()
+            window_loss += loss.detach().float() / grad_accum
+            total.add_(loss.detach().float() / grad_accum)
+        step += 1
+        window_steps += 1
+        loader.step_done()
+        if step % t.log_every == 0 or step == t.max_steps:
+            elapsed = time.perf_counter() - window_start
+            loss_sum, wait_sum, *mix = distributed.all_reduce_sum(
+                [window_loss.item(), window_wait, *window_mix.tolist()], device
+            )
+            scalars = {
+                "train/loss": loss_sum / (world * window_steps),
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                "train/tokens_per_s": window_steps * tokens_per_step / elapsed,
+                "train/data_wait_frac": wait_sum / (world * elapsed),
+            }
+            peak = peak_flops(device)
+            if peak:
+                scalars["train/mfu"] = scalars["train/tokens_per_s"] * flops / (world * peak)
+            mem = memory_scalars(device)  # (resets the peak counters: the maximum is kept here)
+            peak_mem = max(peak_mem, mem.get("memory/gpu_allocated_gib", 0.0))
+            metrics.log(step, scalars | mem)
+            window_start, window_loss, window_steps = time.perf_counter(), torch.zeros_like(window_loss), 0
+            window_wait, window_mix = 0.0, torch.zeros_like(window_mix)
+        stop.agreed(device)
+
+    result = timed(train_step, warmup, steps, device, total)
+    stop.restore()
+    metrics.close()
+    return {**result, "peak_gib": peak_mem}
+
+
+if __name__ == "__main__":
+    main()
