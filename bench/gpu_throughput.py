@@ -60,6 +60,12 @@ BPE, seq 128 x batch 8, fp32 (train.precision auto -> fp32; no autocast, AdamW w
 
 Default steps: 10 warm-up (15 for compiled variants) + 30 timed; --quick: 3 (5) + 10. Needs deepspeed and
 mosaicml-streaming importable; dist_clm is imported from this checkout (no install needed).
+
+On the device machine (from the repo root; `bash ../shared/device/wheelhouse.sh` here first fills .whl/, which
+the run carries): install the wheels to a side directory, then run (~5-8 min, mostly cold torch.compile):
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site-packages .whl/*.whl
+    PYTHONPATH=/tmp/site-packages python3 bench/gpu_throughput.py --markdown --work /tmp/gbench --json $OUT/g.jsonl
 """
 
 from __future__ import annotations
