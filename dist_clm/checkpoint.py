@@ -137,6 +137,31 @@ def universal(tag_dir: Path, is_main: bool) -> Path:
     return out
 
 
+SKIPS = "skips.json"
+
+
+def record_skip(run_dir: Path, start: int, end: int, at_step: int, reason: str, is_main: bool) -> None:
+    """Remember (in RUN/skips.json) that training blocks [start, end) were skipped after a rollback, so that
+    a resume from a checkpoint at `start` skips them again instead of replaying the data that diverged."""
+    if not is_main:
+        return
+    path = Path(run_dir) / SKIPS
+    skips = json.loads(path.read_text()) if path.is_file() else []
+    skips.append({"from_block": start, "to_block": end, "diverged_at_step": at_step, "reason": reason})
+    atomic_write_text(path, json.dumps(skips, indent=2))
+
+
+def past_skipped(run_dir: Path, blocks_consumed: int) -> int:
+    """The loader position to continue from: `blocks_consumed`, moved past every skipped window starting there."""
+    path = Path(run_dir) / SKIPS
+    if not path.is_file():
+        return blocks_consumed
+    ends = {s["from_block"]: s["to_block"] for s in json.loads(path.read_text())}  # the latest record wins
+    while blocks_consumed in ends and ends[blocks_consumed] > blocks_consumed:
+        blocks_consumed = ends[blocks_consumed]
+    return blocks_consumed
+
+
 def _prune(ckdir: Path, keep_last: int) -> None:
     complete = sorted(p for p in ckdir.glob(f"{PREFIX}*") if (p / COMPLETE).is_file())
     for old in complete[:-keep_last]:
@@ -197,42 +222,197 @@ def load_model(path: str | Path):
     p = Path(path)
     if (p / "config.json").is_file() and not (p / COMPLETE).is_file():  # an exported Hugging Face directory
         model = AutoModelForCausalLM.from_pretrained(str(p), attn_implementation="sdpa")
-        return model.float().eval(), load_tokenizer(p), p
-    tag_dir = resolve(p)
-    config = AutoConfig.from_pretrained(str(tag_dir))
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    missing, unexpected = model.load_state_dict(load_state_dict(tag_dir), strict=False)
-    tied = {k for k in missing if k.endswith("lm_head.weight") and config.tie_word_embeddings}
-    if set(missing) - tied or unexpected:
+        tok = load_tokenizer(p)
+        where = p
+    else:
+        where = resolve(p)
+        config = AutoConfig.from_pretrained(str(where))
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        missing, unexpected = model.load_state_dict(load_state_dict(where), strict=False)
+        tied = {k for k in missing if k.endswith("lm_head.weight") and config.tie_word_embeddings}
+        if set(missing) - tied or unexpected:
+            raise UserError(
+                f"checkpoint '{where}' does not match its config.json (missing {sorted(missing)[:3]}, "
+                f"unexpected {sorted(unexpected)[:3]}); it was written by another model."
+            )
+        model.tie_weights()
+        tok = load_tokenizer(run_dir_of(where) / "tokenizer")
+    embedded = model.get_input_embeddings().num_embeddings
+    if len(tok) > embedded:
         raise UserError(
-            f"checkpoint '{tag_dir}' does not match its config.json (missing {sorted(missing)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]}); it was written by another model."
+            f"the tokenizer of '{where}' has {len(tok)} tokens but the model embeds only {embedded}; use the "
+            "tokenizer the model was trained with."
         )
-    model.tie_weights()
-    tok = load_tokenizer(run_dir_of(tag_dir) / "tokenizer")
-    return model.float().eval(), tok, tag_dir
+    return model.float().eval(), tok, where
 
 
-def export(path: str | Path, out_dir: str | Path) -> Path:
-    """Write a Hugging Face directory (config, safetensors, tokenizer, generation config) from a checkpoint."""
-    model, tok, tag_dir = load_model(path)
-    if not (tag_dir / COMPLETE).is_file():
-        raise UserError(f"'{tag_dir}' is already an exported Hugging Face directory; copy it instead of exporting.")
+def _lazy_weights(tag_dir: Path) -> tuple[dict, callable]:
+    """(name -> lazily gathered tensor, materialize(dict of them) -> dict of fp32 tensors), without loading the
+    whole model: ZeRO 1-3 through DeepSpeed's lazy zero_to_fp32 (partitions memory-mapped, gathered per
+    tensor); ZeRO 0 from the model-states file, memory-mapped."""
+    import torch
+
+    marker = json.loads((tag_dir / COMPLETE).read_text())
+    if marker["zero_stage"] == 0:
+        states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False)
+        return states["module"], lambda part: {k: v.float().contiguous() for k, v in part.items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, to_torch_tensor
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
+        lazy = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name, lazy_mode=True)
+    return lazy, lambda part: to_torch_tensor(part, dtype=torch.float32)
+
+
+def _write_weights(tag_dir: Path, out: Path, max_shard_size: str, dtype) -> int:
+    """model.safetensors (or shards + index) from a checkpoint, one shard in memory at a time; returns the
+    number of parameters. A tensor stored twice (tied embeddings) is written once: transformers ties it
+    again on load, as its own save_pretrained does."""
+    import torch
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    lazy, materialize = _lazy_weights(tag_dir)
+    seen, names = set(), []
+    for name, tensor in lazy.items():
+        key = (
+            id(tensor)
+            if not isinstance(tensor, torch.Tensor)
+            else (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        )
+        if key not in seen:
+            seen.add(key)
+            names.append(name)
+    shapes = {n: torch.empty(tuple(lazy[n].shape), dtype=dtype, device="meta") for n in names}
+    split = split_torch_state_dict_into_shards(
+        shapes, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+    )
+    for filename, tensors in split.filename_to_tensors.items():
+        shard = {k: v.to(dtype) for k, v in materialize({n: lazy[n] for n in tensors}).items()}
+        save_file(shard, str(out / filename), metadata={"format": "pt"})
+        del shard
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return sum(t.numel() for t in shapes.values())
+
+
+def export(path: str | Path, out_dir: str | Path, dtype: str = "float32", max_shard_size: str = "2GB") -> Path:
+    """A Hugging Face directory from a checkpoint: config, safetensors weights, tokenizer, generation config,
+    the run's config and data provenance, and a model card. No GPU and no engine are needed; the weights are
+    consolidated one shard at a time, never holding a second copy of the model."""
+    import torch
+    from transformers import AutoConfig, GenerationConfig
+
+    from dist_clm.data.tokenizer import load_tokenizer
+
+    p = Path(path)
+    if (p / "config.json").is_file() and not (p / COMPLETE).is_file():
+        raise UserError(f"'{p}' is already an exported Hugging Face directory; copy it instead of exporting.")
+    tag_dir = resolve(p)
+    run_dir = run_dir_of(tag_dir)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    config = AutoConfig.from_pretrained(str(tag_dir))
+    tok = load_tokenizer(run_dir / "tokenizer")
     out = Path(out_dir)
     refuse_non_empty(out)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.eos_token_id
-    model.generation_config.bos_token_id = tok.bos_token_id
     with atomic_dir(out) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        n_params = _write_weights(tag_dir, tmp, max_shard_size, torch_dtype)
+        config.dtype = dtype
+        config.save_pretrained(str(tmp))
+        GenerationConfig(
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id
+        ).save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
-        run_config = run_dir_of(tag_dir) / "config.yaml"
-        if run_config.is_file():
-            shutil.copy(run_config, tmp / "dist_clm_config.yaml")
-        step = json.loads((tag_dir / COMPLETE).read_text())["step"]
-        (tmp / "README.md").write_text(
-            f"# {out.name}\n\nA causal language model trained with dist_clm ({model.config.model_type}, "
-            f"{sum(p.numel() for p in model.parameters()):,} parameters), exported from `{tag_dir}` "
-            f"(step {step}).\nThe training configuration is in `dist_clm_config.yaml`.\n"
-        )
+        if (run_dir / "config.yaml").is_file():
+            shutil.copy(run_dir / "config.yaml", tmp / "dist_clm_config.yaml")
+        provenance = _provenance(run_dir, tag_dir)
+        (tmp / "data_provenance.json").write_text(json.dumps(provenance, indent=2))
+        (tmp / "README.md").write_text(_model_card(out.name, config, n_params, tag_dir, run_dir, provenance))
     return out
+
+
+def _provenance(run_dir: Path, tag_dir: Path) -> dict:
+    """What the model was trained on: each source's manifest (without its histograms), step and tokens."""
+    import torch
+
+    from dist_clm.config import load_config
+
+    sources = []
+    if (run_dir / "config.yaml").is_file():
+        cfg = load_config(run_dir / "config.yaml")
+        mix = cfg.data.mix or [None]
+        for m in mix:
+            path = m.path if m else cfg.data.path
+            manifest_path = Path(path) / "manifest.json"
+            manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+            for split in manifest.get("splits", {}).values():
+                split.pop("length_histogram", None)
+            sources.append({"name": (m.name if m else "") or Path(path).name, "path": str(path),
+                            "weight": m.weight if m else 1.0, "manifest": manifest})  # fmt: skip
+    model_states = sorted(tag_dir.glob("*model_states.pt"))[0]  # (ZeRO-3 names one per rank; any has the state)
+    states = torch.load(model_states, map_location="cpu", mmap=True, weights_only=False)
+    marker = json.loads((tag_dir / COMPLETE).read_text())
+    return {
+        "checkpoint": str(tag_dir),
+        "step": marker["step"],
+        "tokens_seen": states.get("tokens_seen"),
+        "sources": sources,
+        "skipped_windows": json.loads((run_dir / SKIPS).read_text()) if (run_dir / SKIPS).is_file() else [],
+    }
+
+
+def _model_card(name: str, config, n_params: int, tag_dir: Path, run_dir: Path, prov: dict) -> str:
+    val = None
+    if (run_dir / "metrics.jsonl").is_file():
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            if "val/loss" in row and row["step"] <= prov["step"]:
+                val = row
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        f"tags: [dist_clm, causal-lm, {config.model_type}]",
+        "---",
+        f"# {name}",
+        "",
+        f"A {config.model_type} causal language model ({n_params:,} parameters, vocabulary "
+        f"{config.vocab_size:,}) trained from scratch or continued with dist_clm, exported from `{tag_dir}` "
+        f"at step {prov['step']}"
+        + (f" after {prov['tokens_seen']:,} training tokens." if prov["tokens_seen"] else "."),
+    ]
+    if val:
+        lines += [
+            "",
+            f"Validation at step {val['step']}: loss {val['val/loss']:.4f}, perplexity {val['val/perplexity']:.2f}.",
+        ]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        f'generate = pipeline("text-generation", model="{name}")',
+        'print(generate("def main(", max_new_tokens=40)[0]["generated_text"])',
+        "```",
+        "",
+        "## Training data",
+        "",
+    ]
+    for src in prov["sources"]:
+        m = src["manifest"]
+        splits = m.get("splits", {})
+        counts = ", ".join(f"{k}: {v['documents']:,} documents, {v['tokens']:,} tokens" for k, v in splits.items())
+        inputs = m.get("sources", {}).get("inputs", [])
+        lines.append(
+            f"- **{src['name']}** (weight {src['weight']:g}): `{src['path']}`, prepared {m.get('created', '?')} "
+            f"from {', '.join(f'`{i}`' for i in inputs) or 'unknown inputs'}; {counts}; tokenizer fingerprint "
+            f"`{m.get('tokenizer', {}).get('fingerprint', '?')}`."
+        )
+    if prov["skipped_windows"]:
+        lines.append(
+            f"- {len(prov['skipped_windows'])} data window(s) skipped after rollbacks (see data_provenance.json)."
+        )
+    lines += ["", "The full training configuration is in `dist_clm_config.yaml`; the data manifests in "
+              "`data_provenance.json`.", ""]  # fmt: skip
+    return "\n".join(lines)

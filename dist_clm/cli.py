@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
 from dist_clm.errors import UserError
 
@@ -93,25 +95,58 @@ def _eval(a: argparse.Namespace) -> None:
         data=a.data,
         text=a.text,
         block_size=a.block_size,
+        stride=a.stride,
         max_blocks=a.max_blocks,
         batch_size=a.batch_size,
     )
-    print(f"tokens evaluated: {res['tokens']}  loss: {res['loss']:.4f}  perplexity: {res['perplexity']:.3f}")
+    if res.pop("is_main"):
+        line = f"tokens evaluated: {res['tokens']}  loss: {res['loss']:.4f}  perplexity: {res['perplexity']:.3f}"
+        if "bits_per_byte" in res:
+            line += f"  bits per byte: {res['bits_per_byte']:.4f} ({res['bytes']} bytes)"
+        print(line)
+        if a.json:
+            print(json.dumps(res))
 
 
 def _generate(a: argparse.Namespace) -> None:
     from dist_clm.checkpoint import load_model
-    from dist_clm.generate import generate
+    from dist_clm.generate import Sampling, generate
 
+    prompts = list(a.prompt or [])
+    if a.prompt_file:
+        path = Path(a.prompt_file)
+        if not path.is_file():
+            raise UserError(f"prompt file '{path}' does not exist; give a text file with one prompt per line.")
+        prompts += [line for line in path.read_text().splitlines() if line.strip()]
+    prompts = prompts or [""]
+    s = Sampling(
+        max_new_tokens=a.max_new_tokens,
+        greedy=a.greedy,
+        temperature=a.temperature,
+        top_p=a.top_p,
+        top_k=a.top_k,
+        repetition_penalty=a.repetition_penalty,
+        num_return_sequences=a.num_return_sequences,
+        seed=a.seed,
+    )
+    s.check()
     model, tok, _ = load_model(a.checkpoint)
-    text = generate(model, tok, a.prompt, a.max_new_tokens, a.temperature, a.top_p, a.top_k, a.seed)
-    print(a.prompt + text)
+    stream = len(prompts) == 1 and s.num_return_sequences == 1
+    if stream:
+        print(prompts[0], end="", flush=True)
+    results = generate(model, tok, prompts, s, stream=stream)
+    if stream:  # (the streamer ends the line)
+        return
+    for i, (prompt, texts) in enumerate(zip(prompts, results, strict=True)):
+        for j, text in enumerate(texts):
+            print(f"=== prompt {i + 1}" + (f", sequence {j + 1}" if len(texts) > 1 else "") + " ===")
+            print(prompt + text)
 
 
 def _export(a: argparse.Namespace) -> None:
     from dist_clm.checkpoint import export
 
-    print(f"exported to {export(a.checkpoint, a.out)}")
+    print(f"exported to {export(a.checkpoint, a.out, a.dtype, a.max_shard_size)}")
 
 
 def _quickstart(a: argparse.Namespace) -> None:
@@ -164,29 +199,37 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=3e-4")
     t.set_defaults(func=_train)
 
-    t = sub.add_parser("eval", help="perplexity of a checkpoint")
+    t = sub.add_parser("eval", help="perplexity and bits per byte of a checkpoint (any launcher: ranks share it)")
     t.add_argument("checkpoint", help="a run directory, a checkpoint directory, or an exported model")
     src = t.add_mutually_exclusive_group()
     src.add_argument("--data", help="a prepared directory (its validation split); default: the run's data")
     src.add_argument("--text", nargs="+", help="text files, tokenized with the checkpoint's tokenizer")
-    t.add_argument("--block-size", type=int, help="default: the run's data.block_size")
-    t.add_argument("--max-blocks", type=int, default=0, help="0 = all")
+    t.add_argument("--block-size", type=int, help="tokens per window; default: the run's data.block_size")
+    t.add_argument("--stride", type=int, default=0, help="sliding windows this far apart (default: non-overlapping)")
+    t.add_argument("--max-blocks", type=int, default=0, help="evaluate the first N windows only (0 = all)")
     t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--json", action="store_true", help="also print the result as one JSON line")
     t.set_defaults(func=_eval)
 
-    t = sub.add_parser("generate", help="sample text from a checkpoint")
-    t.add_argument("checkpoint", help="a run directory, a checkpoint directory, or an exported model")
-    t.add_argument("--prompt", default="")
+    t = sub.add_parser("generate", help="sample text from a checkpoint or an exported model")
+    t.add_argument("checkpoint", help="a run directory, a checkpoint directory (any ZeRO stage), or an exported model")
+    t.add_argument("--prompt", action="append", help="a prompt (repeat for a batch); default: a new document")
+    t.add_argument("--prompt-file", help="a text file with one prompt per line (batched)")
     t.add_argument("--max-new-tokens", type=int, default=64)
+    t.add_argument("--greedy", action="store_true", help="always the most likely token")
     t.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    t.add_argument("--top-p", type=float, default=0.95)
+    t.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (1 = off)")
     t.add_argument("--top-k", type=int, default=50, help="0 = off")
+    t.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
+    t.add_argument("--num-return-sequences", type=int, default=1, help="continuations per prompt")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=_generate)
 
-    t = sub.add_parser("export", help="write a Hugging Face model directory from a checkpoint")
+    t = sub.add_parser("export", help="write a Hugging Face model directory from a checkpoint (any ZeRO stage)")
     t.add_argument("checkpoint", help="a run directory or a checkpoint directory")
     t.add_argument("--out", required=True)
+    t.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    t.add_argument("--max-shard-size", default="2GB", help="safetensors shard size limit, e.g. 500MB")
     t.set_defaults(func=_export)
 
     t = sub.add_parser(

@@ -88,6 +88,12 @@ class TrainConfig:
     eval_blocks: int = 32  # validation blocks per evaluation (0 = the whole validation split)
     save_every: int = 100  # steps between checkpoints (0 = only at the end)
     keep_last: int = 2  # complete checkpoints to keep
+    max_bad_steps: int = 3  # steps in a row with a non-finite loss or gradient norm (each one skipped, never
+    # applied) before rolling back to the last checkpoint past the data that led there (0 = never roll back)
+    spike_factor: float = 2.0  # a step loss above this x the mean of the last spike_window good steps is not
+    # applied and rolls back the same way (0 = off)
+    spike_window: int = 50  # good steps in the running mean that spikes are measured against
+    max_rollbacks: int = 5  # rollbacks in one process before giving up with an error
     resume: bool = True  # resume automatically from the latest complete checkpoint in run.dir
 
 
@@ -145,6 +151,14 @@ class Config:
             (t.eval_blocks >= 0, "train.eval_blocks", f"must be 0 or more, got {t.eval_blocks}"),
             (t.save_every >= 0, "train.save_every", f"must be 0 or more, got {t.save_every}"),
             (t.keep_last >= 1, "train.keep_last", f"must be at least 1, got {t.keep_last}"),
+            (t.max_bad_steps >= 0, "train.max_bad_steps", f"must be 0 or more, got {t.max_bad_steps}"),
+            (
+                t.spike_factor == 0 or t.spike_factor > 1,
+                "train.spike_factor",
+                f"must be 0 (off) or more than 1, got {t.spike_factor}",
+            ),
+            (t.spike_window >= 1, "train.spike_window", f"must be at least 1, got {t.spike_window}"),
+            (t.max_rollbacks >= 0, "train.max_rollbacks", f"must be 0 or more, got {t.max_rollbacks}"),
         ]
         for ok, key, problem in checks:
             if not ok:

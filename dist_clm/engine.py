@@ -24,6 +24,11 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "A
 
 
 def resolve_precision(precision: str, on_gpu: bool) -> str:
+    if precision == "fp16" and not on_gpu:
+        raise UserError(
+            "config key 'train.precision' is fp16, which DeepSpeed supports on GPUs only; use bf16 or fp32 (or auto) "
+            "on the CPU."
+        )
     if precision != "auto":
         return precision
     return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"

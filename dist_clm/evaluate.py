@@ -1,64 +1,136 @@
-"""Perplexity: exp(total next-token NLL / total predicted tokens), over non-overlapping blocks, on any ranks."""
+"""Perplexity and bits per byte of a token stream, on any number of ranks.
+
+perplexity = exp(total next-token NLL / total scored tokens); bits per byte = total NLL / ln 2 / the UTF-8
+bytes of the scored tokens. The stream is cut into windows:
+
+- non-overlapping blocks (the default): each block scores its tokens after the first;
+- sliding (a stride below the block size): a window starts every `stride` tokens and scores only the tokens
+  the previous windows did not, so every token after the stream's first is scored exactly once, each with
+  at least block_size - stride tokens of context. With stride = block size it is the same as blocks.
+"""
 
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from dist_clm.distributed import all_reduce_sum
 
 
-def block_spans(n_tokens: int, block_size: int, max_blocks: int = 0) -> list[tuple[int, int]]:
-    """(start, length) of consecutive blocks; with no cap the last, shorter block is included (>= 2 tokens)."""
-    spans = [(s, block_size) for s in range(0, n_tokens - block_size + 1, block_size)]
-    tail = n_tokens - len(spans) * block_size
-    if tail >= 2:
-        spans.append((len(spans) * block_size, tail))
-    return spans[:max_blocks] if max_blocks else spans
+@dataclass(frozen=True)
+class Window:
+    start: int  # first token of the window in the stream
+    length: int  # tokens fed to the model
+    scored: int  # how many of its last next-token targets count (at most length - 1)
+
+
+def windows(n_tokens: int, block_size: int, stride: int = 0, max_windows: int = 0) -> list[Window]:
+    """The windows over a stream of `n_tokens` (see the module docstring); `max_windows` caps them (0 = all)."""
+    stride = stride or block_size
+    if not 0 < stride <= block_size:
+        raise ValueError(f"stride must be in (0, block_size], got {stride}")
+    out: list[Window] = []
+    if stride == block_size:  # blocks; a last shorter one if it has at least one target
+        for start in range(0, n_tokens - 1, block_size):
+            length = min(block_size, n_tokens - start)
+            out.append(Window(start, length, length - 1))
+    else:
+        scored_until = 1  # stream positions below this are scored (position 0 never is: nothing precedes it)
+        for start in range(0, n_tokens - 1, stride):
+            end = min(start + block_size, n_tokens)
+            out.append(Window(start, end - start, end - scored_until))
+            scored_until = end
+            if end == n_tokens:
+                break
+    return out[:max_windows] if max_windows else out
+
+
+def token_byte_lengths(tokenizer) -> np.ndarray:
+    """UTF-8 bytes each token id stands for (0 for special tokens), for bits per byte.
+
+    Byte-level BPE (GPT-2 style): every character of a vocabulary entry stands for exactly one byte.
+    SentencePiece style: `<0xNN>` byte-fallback pieces are one byte, `▁` is a space. Added tokens that are
+    not special count their own text.
+    """
+    import json
+
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    byte_level = (backend.get("decoder") or {}).get("type") == "ByteLevel"
+    vocab = tokenizer.get_vocab()
+    lengths = np.zeros(max(vocab.values()) + 1, dtype=np.int64)
+    added = {t["content"] for t in backend.get("added_tokens", [])}
+    special = set(tokenizer.all_special_tokens)
+    for piece, i in vocab.items():
+        if piece in special:
+            continue
+        if piece in added or not byte_level:
+            is_byte = len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
+            lengths[i] = 1 if is_byte else len(piece.replace("\u2581", " ").encode("utf-8"))
+        else:
+            lengths[i] = len(piece)
+    return lengths
 
 
 @torch.no_grad()
 def perplexity(
-    model, read, spans: list[tuple[int, int]], batch_size: int, device: str, rank: int = 0, world: int = 1
+    model,
+    read,
+    wins: list[Window],
+    batch_size: int,
+    device: str,
+    rank: int = 0,
+    world: int = 1,
+    byte_lengths: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Evaluate `spans` of the stream `read(start, length)`; each rank takes every world-th span, sums reduce.
+    """Score `wins` of the stream `read(start, length)`; each rank takes every world-th window, sums reduce.
 
-    Every rank runs the same number of forward passes (a rank with fewer spans repeats one and discards it),
-    because under ZeRO-3 a forward pass gathers parameters collectively.
+    Every rank runs the same number of forward passes (a rank with fewer windows repeats one and discards
+    it), because under ZeRO-3 a forward pass gathers parameters collectively.
     """
     was_training = model.training
     model.eval()
-    mine = spans[rank::world]
-    batches = _same_length_batches(mine, batch_size)
+    batches = _same_length_batches(wins[rank::world], batch_size)
     n_batches = torch.tensor([len(batches)], device=device)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(n_batches, op=torch.distributed.ReduceOp.MAX)
-    nll, count = 0.0, 0
+    table = torch.from_numpy(byte_lengths) if byte_lengths is not None else None
+    nll, count, n_bytes = 0.0, 0, 0
     for i in range(int(n_batches.item())):
         real = i < len(batches)
-        batch = batches[i] if real else [spans[0]]
-        ids = torch.stack([torch.from_numpy(read(s, n)) for s, n in batch]).to(device)
-        logits = model(input_ids=ids).logits.float()
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+        batch = batches[i] if real else [wins[0]]
+        ids = torch.stack([torch.from_numpy(read(w.start, w.length).astype(np.int64)) for w in batch])
+        logits = model(input_ids=ids.to(device)).logits.float()
+        targets = ids[:, 1:]
+        per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.to(device).flatten(), reduction="none")
+        # a window scores its last `scored` targets
+        first = torch.tensor([targets.shape[1] - w.scored for w in batch]).unsqueeze(1)
+        mask = torch.arange(targets.shape[1]).unsqueeze(0) >= first
         if real:
-            nll += loss.item()
-            count += ids[:, 1:].numel()
-    nll, count = all_reduce_sum([nll, count], device)
+            nll += float((per_token.view(targets.shape).cpu() * mask).sum(dtype=torch.float64))
+            count += int(mask.sum())
+            if table is not None:
+                n_bytes += int(table[targets][mask].sum())
+    nll, count, n_bytes = all_reduce_sum([nll, count, n_bytes], device)
     model.train(was_training)
     mean = nll / count
-    return {"loss": mean, "perplexity": math.exp(mean), "tokens": int(count)}
+    result = {"loss": mean, "perplexity": math.exp(mean), "tokens": int(count)}
+    if table is not None and n_bytes:
+        result |= {"bits_per_byte": nll / math.log(2) / n_bytes, "bytes": int(n_bytes)}
+    return result
 
 
-def _same_length_batches(spans: list[tuple[int, int]], batch_size: int) -> list[list[tuple[int, int]]]:
-    batches: list[list[tuple[int, int]]] = []
-    for span in spans:
-        if batches and len(batches[-1]) < batch_size and batches[-1][0][1] == span[1]:
-            batches[-1].append(span)
+def _same_length_batches(wins: list[Window], batch_size: int) -> list[list[Window]]:
+    batches: list[list[Window]] = []
+    for w in wins:
+        if batches and len(batches[-1]) < batch_size and batches[-1][0].length == w.length:
+            batches[-1].append(w)
         else:
-            batches.append([span])
+            batches.append([w])
     return batches
 
 
@@ -67,12 +139,11 @@ def evaluate_cli(
     data: str | None = None,
     text: list[str] | None = None,
     block_size: int | None = None,
+    stride: int = 0,
     max_blocks: int = 0,
     batch_size: int = 8,
 ) -> dict[str, float]:
     """`dist-clm eval`: a checkpoint (or exported model) on a prepared validation split or on text files."""
-    import numpy as np
-
     from dist_clm import checkpoint as ckpt
     from dist_clm import distributed
     from dist_clm.config import load_config
@@ -86,14 +157,17 @@ def evaluate_cli(
     model, tok, where = ckpt.load_model(checkpoint)
     run_config = ckpt.run_dir_of(where) / "config.yaml"
     cfg = load_config(run_config) if (where / ckpt.COMPLETE).is_file() and run_config.is_file() else None
-    block_size = block_size or (cfg.data.block_size if cfg else max_positions(model.config) or 1024)
-    if max_positions(model.config) and block_size > max_positions(model.config):
-        raise UserError(f"--block-size {block_size} is more than the model's {max_positions(model.config)} positions.")
+    limit = max_positions(model.config)
+    block_size = block_size or (cfg.data.block_size if cfg else limit or 1024)
+    if limit and block_size > limit:
+        raise UserError(f"--block-size {block_size} is more than the model's {limit} positions; lower it.")
+    if stride and not 0 < stride <= block_size:
+        raise UserError(f"--stride {stride} must be between 1 and the block size ({block_size}); change it.")
     if text:
         files = sources.resolve_inputs(text)
         docs = [t for t in sources.iter_documents(files) if t]
         if not docs:
-            raise UserError("the text files hold no non-empty document to evaluate.")
+            raise UserError("the text files hold no non-empty document to evaluate; give files with text.")
         ids = [e.ids + [tok.eos_token_id] for e in tok.backend_tokenizer.encode_batch(docs, add_special_tokens=False)]
         flat = np.concatenate([np.asarray(i, dtype=np.int64) for i in ids])
         read, n_tokens = (lambda s, n: flat[s : s + n]), len(flat)
@@ -111,7 +185,15 @@ def evaluate_cli(
         read, n_tokens = stream.read, stream.tokens
     env = distributed.init() if "RANK" in os.environ else None
     device = env.device if env else "cpu"
-    spans = block_spans(n_tokens, block_size, max_blocks)
-    return perplexity(
-        model.to(device), read, spans, batch_size, device, env.rank if env else 0, env.world_size if env else 1
+    wins = windows(n_tokens, block_size, stride, max_blocks)
+    result = perplexity(
+        model.to(device),
+        read,
+        wins,
+        batch_size,
+        device,
+        env.rank if env else 0,
+        env.world_size if env else 1,
+        token_byte_lengths(tok),
     )
+    return result | {"is_main": env.is_main if env else True}

@@ -1,41 +1,98 @@
-"""Sampling with temperature, top_p and top_k through transformers' own `generate`."""
+"""Sampling through transformers' own `generate`: one prompt streams to the terminal token by token;
+several prompts run as one left-padded batch."""
 
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass
+
 import torch
 
+from dist_clm.errors import UserError
 from dist_clm.model import max_positions
 
 
-def generate(
-    model,
-    tokenizer,
-    prompt: str,
-    max_new_tokens: int = 64,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    seed: int = 0,
-) -> str:
-    """The continuation of `prompt` (without it). temperature 0 means greedy; the same seed gives the same text."""
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
-    if ids.shape[1] == 0:  # an empty prompt starts from end-of-text, i.e. "a new document"
-        ids = torch.tensor([[tokenizer.eos_token_id]])
+@dataclass(kw_only=True)
+class Sampling:
+    max_new_tokens: int = 64
+    greedy: bool = False  # always the most likely token (temperature 0 means the same)
+    temperature: float = 0.8
+    top_p: float = 0.95  # nucleus: the smallest set of tokens holding this much probability (1 = off)
+    top_k: int = 50  # only the k most likely tokens (0 = off)
+    repetition_penalty: float = 1.0  # > 1 makes tokens already in the text less likely (1 = off)
+    num_return_sequences: int = 1  # continuations per prompt
+    seed: int = 0  # the same seed, prompts and model give the same text
+
+    def check(self) -> None:
+        problems = [
+            (self.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
+            (self.temperature >= 0, "--temperature must be 0 or more"),
+            (0 < self.top_p <= 1, "--top-p must be in (0, 1]"),
+            (self.top_k >= 0, "--top-k must be 0 or more"),
+            (self.repetition_penalty > 0, "--repetition-penalty must be more than 0"),
+            (self.num_return_sequences >= 1, "--num-return-sequences must be at least 1"),
+            (
+                self.num_return_sequences == 1 or not self.is_greedy,
+                "--num-return-sequences above 1 needs sampling: greedy decoding gives one continuation; drop "
+                "--greedy or use a temperature above 0",
+            ),
+        ]
+        for ok, message in problems:
+            if not ok:
+                raise UserError(message + ".")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0
+
+
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Token ids of each prompt; an empty prompt starts from end-of-text, i.e. "a new document"."""
+    return [tokenizer(p, add_special_tokens=False).input_ids or [tokenizer.eos_token_id] for p in prompts]
+
+
+def generate(model, tokenizer, prompts: list[str], s: Sampling, stream: bool = False) -> list[list[str]]:
+    """For each prompt, `s.num_return_sequences` continuations (without the prompt).
+
+    Prompts are left-padded into one batch (pad = end-of-text, masked out). With `stream`, one prompt and
+    one sequence, the text is written to stdout as it is produced (transformers' TextStreamer).
+    """
+    from transformers import TextStreamer
+
+    s.check()
+    ids = encode_prompts(tokenizer, prompts)
     limit = max_positions(model.config)
+    max_new = s.max_new_tokens
     if limit is not None:
-        ids = ids[:, -limit + 1 :]
-        max_new_tokens = min(max_new_tokens, limit - ids.shape[1])
+        ids = [p[-(limit - 1) :] for p in ids]  # keep the end of a long prompt; room for one new token
+        max_new = min(max_new, limit - max(len(p) for p in ids))
+    width = max(len(p) for p in ids)
+    pad = tokenizer.eos_token_id
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in ids])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids])
     device = next(model.parameters()).device
-    torch.manual_seed(seed)
-    sampling = temperature > 0
+    streamer = None
+    if stream and len(prompts) == 1 and s.num_return_sequences == 1:
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    torch.manual_seed(s.seed)
+    sampling = not s.is_greedy
     out = model.generate(
-        input_ids=ids.to(device),
-        attention_mask=torch.ones_like(ids).to(device),
-        max_new_tokens=max_new_tokens,
+        input_ids=input_ids.to(device),
+        attention_mask=mask.to(device),
+        max_new_tokens=max_new,
         do_sample=sampling,
-        temperature=temperature if sampling else None,
-        top_p=top_p if sampling else None,
-        top_k=top_k if sampling else None,
-        pad_token_id=tokenizer.eos_token_id,
+        temperature=s.temperature if sampling else None,
+        top_p=s.top_p if sampling else None,
+        top_k=s.top_k if sampling else None,
+        repetition_penalty=s.repetition_penalty,
+        num_return_sequences=s.num_return_sequences,
+        pad_token_id=pad,
+        streamer=streamer,
     )
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=False)
+    if streamer is not None:
+        sys.stdout.flush()
+    texts = []
+    for row in out[:, width:].tolist():  # a continuation ends at its first end-of-text (the rest is padding)
+        texts.append(tokenizer.decode(row[: row.index(pad)] if pad in row else row))
+    n = s.num_return_sequences
+    return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]

@@ -2,8 +2,8 @@
 a checkpoint is saved, and the process exits with PREEMPTED_EXIT.
 
 The signal handler only records the signal: no I/O and never a collective inside a handler (a rank could be
-in the middle of one). At each step boundary the ranks agree with one small all-reduce (max), so a signal
-delivered to any one rank stops them all at the same step.
+in the middle of one). Once per step the ranks agree (stability.agree: one small all-reduce that also carries
+the loss checks), so a signal delivered to any one rank stops them all at the same step.
 """
 
 from __future__ import annotations
@@ -11,29 +11,21 @@ from __future__ import annotations
 import signal
 import threading
 
-import torch
-
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL ("try again later"): the run saved a checkpoint; rerunning continues it
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopRequest:
     def __init__(self, signals: tuple[signal.Signals, ...] = SIGNALS):
-        self.signum: int | None = None
+        self.signals = [int(s) for s in signals]
+        self.received: set[int] = set()
         self._previous: dict[int, object] = {}
         if threading.current_thread() is threading.main_thread():  # signal.signal works there only
             for s in signals:
                 self._previous[s] = signal.signal(s, self._handler)
 
     def _handler(self, signum, frame) -> None:
-        self.signum = signum
-
-    def agreed(self, device: str) -> int | None:
-        """Collective: the signal number if any rank got one, else None (the same answer on every rank)."""
-        flag = torch.tensor([self.signum or 0], dtype=torch.int64, device=device)
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return int(flag.item()) or None
+        self.received.add(signum)
 
     def restore(self) -> None:
         for s, handler in self._previous.items():

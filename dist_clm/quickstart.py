@@ -37,7 +37,7 @@ def quickstart(directory: str | Path = "runs/quickstart", overrides: list[str] |
     from dist_clm.data.prepare import prepare
     from dist_clm.data.tokenizer import train_bpe
     from dist_clm.evaluate import evaluate_cli
-    from dist_clm.generate import generate
+    from dist_clm.generate import Sampling, generate
     from dist_clm.train import train
 
     root = Path(directory)
@@ -70,12 +70,15 @@ def quickstart(directory: str | Path = "runs/quickstart", overrides: list[str] |
 
     stage("4/6 eval: perplexity of the last checkpoint on the whole validation split")
     ev = evaluate_cli(str(root / "run"))
-    print(f"tokens evaluated: {ev['tokens']}  loss: {ev['loss']:.4f}  perplexity: {ev['perplexity']:.3f}")
+    print(
+        f"tokens evaluated: {ev['tokens']}  loss: {ev['loss']:.4f}  perplexity: {ev['perplexity']:.3f}  "
+        f"bits per byte: {ev['bits_per_byte']:.4f}"
+    )
 
     stage("5/6 generate: temperature 0.8, top_p 0.95, top_k 50, seed 0")
     model, tok, _ = load_model(root / "run")
     prompt = "def __init__(self"
-    print(prompt + generate(model, tok, prompt, max_new_tokens=80, temperature=0.8, top_p=0.95, top_k=50, seed=0))
+    print(prompt + generate(model, tok, [prompt], Sampling(max_new_tokens=80, seed=0))[0][0])
 
     stage("6/6 export: a Hugging Face directory")
     out = export(root / "run", root / "export")

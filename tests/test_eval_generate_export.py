@@ -1,19 +1,25 @@
-"""Perplexity, sampling and export, each checked against an independent computation with plain libraries."""
+"""Perplexity, bits per byte, sampling and export, each checked against an independent computation with plain
+libraries (transformers' own loss, DeepSpeed's own consolidation, pipeline())."""
 
 import contextlib
 import io
+import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from dist_clm.checkpoint import export, load_model
+from dist_clm.distributed import free_port
 from dist_clm.errors import UserError
-from dist_clm.evaluate import evaluate_cli
-from dist_clm.generate import generate
-from tests.conftest import run_cli
+from dist_clm.evaluate import evaluate_cli, token_byte_lengths, windows
+from dist_clm.generate import Sampling, generate
+from tests.conftest import BIN, TINY, run_cli
+from tests.test_cli_errors import assert_clean_error
 from tests.test_prepare import read_split
 
 
@@ -33,74 +39,277 @@ def last_checkpoint(run):
     return sorted((run / "checkpoints").glob("step_*"))[-1]
 
 
-def test_eval_perplexity_is_exp_of_mean_token_loss(trained_run, data_dir):
-    model = independent_model(last_checkpoint(trained_run))
-    stream = np.concatenate([c["tokens"] for c in read_split(data_dir / "val")]).astype(np.int64)
-    total, count = 0.0, 0
+def val_stream(data_dir) -> np.ndarray:
+    return np.concatenate([c["tokens"] for c in read_split(data_dir / "val")]).astype(np.int64)
+
+
+def hf_nll(model, stream, block, stride) -> tuple[float, int]:
+    """Token NLL sum and count the way transformers' perplexity guide does it: model(ids, labels) with the
+    context-only positions of each sliding window masked to -100."""
+    total, count, prev_end = 0.0, 0, 0
     with torch.no_grad():
-        for start in range(0, len(stream), 64):  # non-overlapping blocks of the run's block size
-            ids = torch.from_numpy(stream[start : start + 64])[None]
-            if ids.shape[1] < 2:
-                continue
-            loss = model(input_ids=ids, labels=ids).loss.item()  # transformers' own mean shifted loss
-            total += loss * (ids.shape[1] - 1)
-            count += ids.shape[1] - 1
-    want = math.exp(total / count)
-    got = evaluate_cli(str(trained_run))
-    assert got["tokens"] == count
-    assert got["perplexity"] == pytest.approx(want, rel=1e-4)
-    assert got["perplexity"] < 512  # it learnt something: below a uniform guess over the vocabulary
+        for begin in range(0, len(stream), stride):
+            end = min(begin + block, len(stream))
+            ids = torch.from_numpy(stream[begin:end])[None]
+            labels = ids.clone()
+            labels[:, : -(end - prev_end)] = -100
+            n = int((labels[:, 1:] != -100).sum())
+            total += model(input_ids=ids, labels=labels).loss.item() * n  # its own mean over the scored tokens
+            count += n
+            prev_end = end
+            if end == len(stream):
+                break
+    return total, count
 
 
-def test_eval_cli_and_text_files(trained_run, corpus_dir):
-    r = run_cli("eval", str(trained_run), "--text", str(sorted(corpus_dir.iterdir())[0]), "--block-size", "32")
+def test_windows_score_every_token_once():
+    for n, block, stride in [(100, 16, 4), (100, 16, 16), (17, 16, 5), (1000, 64, 63)]:
+        wins = windows(n, block, stride)
+        scored = np.zeros(n, dtype=int)
+        for w in wins:
+            assert 2 <= w.length <= block and 1 <= w.scored <= w.length - 1
+            scored[w.start + w.length - w.scored : w.start + w.length] += 1
+            if stride < block and w.start > 0:
+                assert w.length - w.scored >= min(block - stride, w.start)  # the promised context
+        if stride < block:
+            assert scored[0] == 0 and (scored[1:] == 1).all()
+    blocks = windows(100, 16)
+    assert blocks == windows(100, 16, 16) and sum(w.scored for w in blocks) == 100 - len(blocks)
+    assert len(windows(100, 16, 4, max_windows=3)) == 3
+
+
+def test_bytes_per_token_add_up_to_the_texts_utf8_bytes(tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    table = token_byte_lengths(tok)
+    for text in ["def f(x):\n    return x  # plain", "naïve café — ✓ 日本語 😀", "\t\n  "]:
+        ids = tok(text, add_special_tokens=False).input_ids
+        assert table[ids].sum() == len(text.encode("utf-8"))
+    assert table[tok.eos_token_id] == 0
+
+
+def test_perplexity_equals_transformers_own_blocks_and_sliding(trained_run, data_dir):
+    model = independent_model(last_checkpoint(trained_run))
+    stream = val_stream(data_dir)
+    for stride in (64, 24):  # 64: the run's block size, i.e. non-overlapping blocks
+        total, count = hf_nll(model, stream, 64, stride)
+        got = evaluate_cli(str(trained_run), stride=stride if stride != 64 else 0)
+        assert got["tokens"] == count
+        assert got["loss"] == pytest.approx(total / count, rel=1e-5)
+        assert got["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-4)
+    # bits per byte: the same NLL over the UTF-8 bytes of the scored text (here every token after the first)
+    tok = AutoTokenizer.from_pretrained(str(trained_run / "tokenizer"))
+    text_bytes = len(tok.decode(stream[1:].tolist(), skip_special_tokens=True).encode("utf-8"))
+    assert got["bytes"] == text_bytes
+    assert got["bits_per_byte"] == pytest.approx(total / math.log(2) / text_bytes, rel=1e-5)
+    blocks, sliding = evaluate_cli(str(trained_run)), evaluate_cli(str(trained_run), stride=24)
+    assert sliding["tokens"] == len(stream) - 1 > blocks["tokens"]
+    assert max(sliding["perplexity"], blocks["perplexity"]) < 512  # below a uniform guess: it learnt something
+
+
+def test_bits_per_byte_on_text_files(trained_run, corpus_dir, tokenizer_dir):
+    f = sorted(corpus_dir.iterdir())[0]
+    r = run_cli("eval", str(trained_run), "--text", str(f), "--block-size", "32", "--stride", "16", "--json")
     assert r.returncode == 0, r.stderr[-2000:]
-    line = r.stdout.strip().splitlines()[-1]
-    assert line.startswith("tokens evaluated:") and "perplexity:" in line
-    assert float(line.split("perplexity:")[1]) > 1
+    line, js = r.stdout.strip().splitlines()[-2:]
+    assert line.startswith("tokens evaluated:") and "perplexity:" in line and "bits per byte:" in line
+    res = json.loads(js)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    text = f.read_text()
+    first = tok(text, add_special_tokens=False).input_ids[0]
+    # every token but the first is scored (the document's end-of-text counts 0 bytes)
+    assert res["bytes"] == len(text.encode()) - len(tok.decode([first]).encode())
+    assert res["bits_per_byte"] == pytest.approx(res["loss"] * res["tokens"] / math.log(2) / res["bytes"])
 
 
-def test_generate_is_reproducible_with_a_seed(trained_run):
+@pytest.mark.slow
+def test_eval_gives_the_same_answer_on_one_and_two_ranks(trained_run):
+    args = ["eval", str(trained_run), "--stride", "40", "--batch-size", "3", "--json"]
+    one = run_cli(*args)
+    two = subprocess.run(
+        [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "dist_clm", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    a, b = json.loads(one.stdout.splitlines()[-1]), json.loads(two.stdout.splitlines()[-1])
+    assert two.stdout.count("tokens evaluated") == 1  # printed by rank 0 only
+    assert a["tokens"] == b["tokens"] and a["bytes"] == b["bytes"]
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+
+
+def test_sampling_parameters_do_what_they_say(trained_run):
     model, tok, _ = load_model(trained_run)
-    kw = dict(max_new_tokens=24, temperature=1.0, top_p=0.95, top_k=50)
-    a = generate(model, tok, "def ", seed=1, **kw)
-    assert a == generate(model, tok, "def ", seed=1, **kw)
-    others = {generate(model, tok, "def ", seed=s, **kw) for s in range(2, 6)}
+    prompt = ["def "]
+    a = generate(model, tok, prompt, Sampling(max_new_tokens=24, temperature=1.0, seed=1))[0][0]
+    assert a == generate(model, tok, prompt, Sampling(max_new_tokens=24, temperature=1.0, seed=1))[0][0]
+    others = {generate(model, tok, prompt, Sampling(max_new_tokens=24, temperature=1.0, seed=s))[0][0] for s in (2, 3)}
     assert len(others | {a}) > 1  # sampling really samples
-    greedy = generate(model, tok, "def ", max_new_tokens=24, temperature=0)
-    assert greedy == generate(model, tok, "def ", max_new_tokens=24, temperature=1.0, top_k=1, seed=9)
-    ids = tok(a, add_special_tokens=False).input_ids
-    assert 0 < len(ids) <= 24 + 2
+    greedy = generate(model, tok, prompt, Sampling(max_new_tokens=24, greedy=True))[0][0]
+    assert greedy == generate(model, tok, prompt, Sampling(max_new_tokens=24, temperature=1.0, top_k=1, seed=9))[0][0]
+    assert greedy == generate(model, tok, prompt, Sampling(max_new_tokens=24, temperature=0))[0][0]
+    assert 0 < len(tok(greedy, add_special_tokens=False).input_ids) <= 24 + 2
+
+    def repeats(text):
+        ids = tok(text, add_special_tokens=False).input_ids
+        return len(ids) - len(set(ids))
+
+    long = Sampling(max_new_tokens=48, greedy=True)
+    penalized = generate(model, tok, prompt, Sampling(max_new_tokens=48, greedy=True, repetition_penalty=2.0))[0][0]
+    assert repeats(penalized) < repeats(generate(model, tok, prompt, long)[0][0])
+
+    three = generate(model, tok, prompt, Sampling(max_new_tokens=16, num_return_sequences=3, seed=4))[0]
+    assert len(three) == 3 and len(set(three)) > 1
+    with pytest.raises(UserError, match="needs sampling"):
+        generate(model, tok, prompt, Sampling(greedy=True, num_return_sequences=2))
 
 
-def test_generate_cli(trained_run):
-    r = run_cli("generate", str(trained_run), "--prompt", "import ", "--max-new-tokens", "16", "--seed", "3")
+def test_batched_prompts_give_what_each_gives_alone(trained_run):
+    model, tok, _ = load_model(trained_run)
+    prompts = ["import os\n", "class Foo(object):\n    def ", ""]  # different lengths: left padding
+    s = Sampling(max_new_tokens=20, greedy=True)
+    batched = generate(model, tok, prompts, s)
+    assert [b[0] for b in batched] == [generate(model, tok, [p], s)[0][0] for p in prompts]
+
+
+def test_generate_cli_streams_one_prompt_and_batches_a_file(trained_run, tmp_path):
+    r = run_cli("generate", str(trained_run), "--prompt", "import ", "--max-new-tokens", "16", "--greedy")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.startswith("import ")
-    again = run_cli("generate", str(trained_run), "--prompt", "import ", "--max-new-tokens", "16", "--seed", "3")
-    assert again.stdout == r.stdout
+    model, tok, _ = load_model(trained_run)
+    want = generate(model, tok, ["import "], Sampling(max_new_tokens=16, greedy=True))[0][0]
+    assert r.stdout == "import " + want + "\n"  # streamed token by token, the same text
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def \n\nclass \n")
+    r = run_cli("generate", str(trained_run), "--prompt-file", str(prompts), "--num-return-sequences", "2",
+                "--max-new-tokens", "8", "--seed", "5")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("=== prompt") == 4 and "=== prompt 2, sequence 2 ===\nclass " in r.stdout
+    bad = run_cli("generate", str(trained_run), "--greedy", "--num-return-sequences", "2")
+    assert_clean_error(bad, "--num-return-sequences above 1 needs sampling")
+    assert_clean_error(run_cli("generate", str(trained_run), "--top-p", "0"), "--top-p must be in (0, 1]")
 
 
-def test_export_loads_in_transformers_with_the_checkpoints_logits(trained_run, data_dir, tmp_path):
+def two_rank_run(tmp_path_factory, data_dir, stage, *extra):
+    run = tmp_path_factory.mktemp(f"zero{stage}") / "run"
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "dist_clm",
+           "train", *TINY, f"data.path={data_dir}", f"run.dir={run}", f"train.zero_stage={stage}",
+           "train.max_steps=3", "train.log_every=1", "train.eval_every=0", *extra]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run
+
+
+@pytest.fixture(scope="module")
+def zero2_run(tmp_path_factory, data_dir):
+    return two_rank_run(tmp_path_factory, data_dir, 2)
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory, data_dir):
+    # wider, so that the export's memory is measurable: ~25 M parameters, 100 MB in fp32
+    return two_rank_run(tmp_path_factory, data_dir, 3, "model.overrides.n_embd=512", "model.overrides.n_layer=8")
+
+
+def reference_weights(tag_dir, stage) -> dict:
+    """ZeRO-2 keeps the module's own weights in its model-states file; ZeRO-3 partitions them, so there the
+    reference is DeepSpeed's own (non-lazy) zero_to_fp32."""
+    if stage == 2:
+        return torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    return independent_model(tag_dir).state_dict()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_export_of_two_rank_checkpoints_loads_with_the_checkpoints_logits(stage, request, tmp_path):
+    run = request.getfixturevalue(f"zero{stage}_run")
     out = tmp_path / "hf"
-    r = run_cli("export", str(trained_run), "--out", str(out))
+    r = run_cli("export", str(run), "--out", str(out), *(["--max-shard-size", "30MB"] if stage == 3 else []))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
-    assert (out / "generation_config.json").is_file() and (out / "dist_clm_config.yaml").is_file()
+    if stage == 3:
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        assert len(set(index["weight_map"].values())) >= 3  # sharded, one shard in memory at a time
+    for name in ("config.json", "generation_config.json", "dist_clm_config.yaml", "data_provenance.json", "README.md"):
+        assert (out / name).is_file(), name
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers") and "## Training data" in card and "step 3" in card
+    prov = json.loads((out / "data_provenance.json").read_text())
+    assert prov["step"] == 3 and prov["sources"][0]["manifest"]["tokenizer"]["fingerprint"] in card
+
     hf = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    tag = last_checkpoint(run)
+    ref = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(tag)))
+    ref.load_state_dict(reference_weights(tag, stage), strict=False)
+    ref.tie_weights()
+    ref.float().eval()
     tok = AutoTokenizer.from_pretrained(str(out))
-    assert tok.eos_token_id == hf.generation_config.eos_token_id
-    ref = independent_model(last_checkpoint(trained_run))
     ids = torch.tensor([tok("def main():\n    return 1\n").input_ids])
     with torch.no_grad():
-        diff = (hf(ids).logits - ref(ids).logits).abs().max().item()
-    assert diff <= 1e-5
-    # an exported directory is accepted wherever a checkpoint is read
+        assert (hf(ids).logits - ref(ids).logits).abs().max().item() <= 1e-5
+    generator = pipeline("text-generation", model=str(out), device="cpu")
+    text = generator("import ", max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    assert text.startswith("import ") and len(text) > len("import ")
+
+
+EXPORT_MEMORY = """
+import sys, threading, time, torch
+import deepspeed.utils.zero_to_fp32, huggingface_hub, safetensors.torch, transformers  # imported before the baseline
+from transformers import AutoConfig, GenerationConfig
+from dist_clm.checkpoint import export
+from dist_clm.data.tokenizer import load_tokenizer
+def anon():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+peak, done = [anon()], []
+def watch():
+    while not done:
+        peak.append(anon()); time.sleep(0.005)
+base = anon(); t = threading.Thread(target=watch); t.start()
+export(sys.argv[1], sys.argv[2])
+done.append(1); t.join()
+print(max(peak) - base)
+"""
+
+
+@pytest.mark.slow
+def test_export_holds_at_most_one_copy_of_the_model(zero3_run, tmp_path):
+    r = subprocess.run([sys.executable, "-c", EXPORT_MEMORY, str(zero3_run), str(tmp_path / "hf")],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    model_bytes = (tmp_path / "hf" / "model.safetensors").stat().st_size
+    assert model_bytes > 90e6
+    # one copy of the weights plus a fixed allowance (tokenizer, lazily imported modules); loading the
+    # checkpoint into a model, the usual way, holds two copies or more
+    assert int(r.stdout.split()[-1]) < model_bytes + 64e6
+
+
+def test_an_export_continues_pretraining_where_the_checkpoint_was(trained_run, data_dir, tmp_path):
+    out = tmp_path / "hf"
+    export(trained_run, out)
+    run = tmp_path / "continued"
+    r = run_cli("train", *TINY, f"data.path={data_dir}", f"run.dir={run}", f"model.pretrained={out}",
+                "train.max_steps=3", "train.eval_every=0")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    first_val = next(row for row in rows if "val/loss" in row)
+    assert first_val["step"] == 0
+    # the new run starts from exactly the exported weights: its step-0 validation equals eval of the export
+    same_windows = evaluate_cli(str(out), data=str(data_dir), block_size=64, max_blocks=8)
+    assert first_val["val/loss"] == pytest.approx(same_windows["loss"], rel=1e-5)
     assert evaluate_cli(str(out), data=str(data_dir), block_size=64) == evaluate_cli(str(trained_run))
 
 
-def test_export_refuses_a_non_empty_target(trained_run, tmp_path):
+def test_export_refuses_a_non_empty_target_and_a_mismatched_tokenizer(trained_run, tmp_path, corpus_dir):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "f").write_text("x")
     with pytest.raises(UserError, match="already exists and is not empty"):
         export(trained_run, tmp_path / "busy")
+    out = export(trained_run, tmp_path / "hf")
+    from dist_clm.data import sources
+    from dist_clm.data.tokenizer import train_bpe
+
+    bigger = train_bpe(sources.iter_documents(sources.resolve_inputs([str(corpus_dir)])), tmp_path / "t", 700)
+    for f in bigger.iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    r = run_cli("eval", str(out), "--text", str(sorted(corpus_dir.iterdir())[0]))
+    assert_clean_error(r, "has 700 tokens but the model embeds only 512", "use the tokenizer the model was trained")

@@ -1,5 +1,6 @@
 """Preemption: a signal to one rank stops every rank at the same step, after a checkpoint, with exit code 75;
-rerunning continues the run exactly — with dropout on, so the random streams must continue too."""
+rerunning continues the run exactly — with dropout on, so the random streams must continue too: the losses of
+2N steps in one go and of N + stop + N steps are bitwise identical at every step, and so are the final weights."""
 
 import os
 import signal
@@ -13,6 +14,7 @@ from dist_clm.checkpoint import complete_checkpoints
 from dist_clm.distributed import free_port
 from dist_clm.preemption import PREEMPTED_EXIT
 from tests.conftest import BIN, TINY
+from tests.test_stability import same, weights
 from tests.test_train import metrics, train_losses
 
 pytestmark = pytest.mark.slow
@@ -58,3 +60,4 @@ def test_signal_on_one_rank_checkpoints_all_and_the_rerun_is_bitwise_identical(t
     assert list(resumed) == list(range(at + 1, 11))
     for step, loss in resumed.items():
         assert loss == expected[step], (step, loss, expected[step])  # bitwise, dropout included
+    assert same(weights(run, 10), weights(reference, 10))  # and the final weights, bit for bit

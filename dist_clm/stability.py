@@ -1,0 +1,152 @@
+"""Protection from NaNs and loss spikes, and the one agreement the ranks make per step.
+
+Once per optimizer step, after the last forward pass and before its backward pass, the ranks all-reduce
+three things in one small collective: which stop signals arrived (see preemption.py), how many micro-batch
+losses were non-finite, and the sum of the losses. Every rank then knows the same answers:
+
+- a non-finite loss anywhere, or a loss above `spike_factor` x the running mean of recent good steps:
+  the update must not happen. The last backward pass is then run on a NaN loss on every rank, which sends
+  DeepSpeed down its own overflow path (ZeRO 1-3 and its bf16/fp16 optimizers check the global gradient
+  norm): gradients dropped, no optimizer or schedule step. A non-finite gradient norm with a finite loss
+  takes the same path by itself; `engine.was_step_applied()` reports both.
+- after `max_bad_steps` bad steps in a row, or at once on a spike, the loop rolls back to the last
+  checkpoint and skips the data window that led there (train.py; the skip is recorded in RUN/skips.json so
+  a later resume skips it too).
+
+`DIST_CLM_INJECT_LOSS` is a fault-injection hook for tests and drills: a comma-separated list of
+`STEP:KIND[@RANK]` entries, KIND `nan`, `inf` or `xF` (multiply by F), applied once each to the loss of
+1-based step STEP (on RANK only, if given).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from dist_clm.errors import UserError
+
+
+@dataclass
+class Agreement:
+    signum: int | None  # a stop signal some rank received
+    nonfinite: int  # non-finite micro-batch losses over all ranks
+    mean_loss: float  # the step's loss, mean over ranks and micro batches (nan when any is non-finite)
+
+
+def agree(signals: list[int], received: set[int], losses: list[torch.Tensor], world: int, device: str) -> Agreement:
+    """Collective: one all-reduce of [one flag per stop signal, non-finite count, loss sum]."""
+    local = torch.stack([loss.detach().float() for loss in losses])
+    finite = torch.isfinite(local)
+    flags = torch.tensor([float(s in received) for s in signals], device=local.device)
+    vec = torch.cat([flags, (~finite).sum().float().reshape(1), torch.where(finite, local, 0.0).sum().reshape(1)])
+    vec = vec.to(device, torch.float64)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(vec)
+    values = vec.tolist()
+    got = [s for s, n in zip(signals, values[: len(signals)], strict=True) if n > 0]
+    nonfinite = int(values[-2])
+    mean = values[-1] / (world * len(losses)) if nonfinite == 0 else math.nan
+    return Agreement(got[0] if got else None, nonfinite, mean)
+
+
+class LossGuard:
+    """Counts bad steps in a row and keeps the running mean of good steps' losses; says when to roll back."""
+
+    def __init__(self, max_bad_steps: int, spike_factor: float, window: int):
+        self.max_bad_steps, self.spike_factor = max_bad_steps, spike_factor
+        self.recent: deque[float] = deque(maxlen=window)
+        self.bad_in_a_row = 0
+        self.skipped = 0  # updates not applied, over the whole run in this process
+
+    def is_spike(self, loss: float) -> bool:
+        """`loss` is a spike: the guard is on, has seen enough good steps, and the loss is far above them."""
+        warm = len(self.recent) >= min(10, self.recent.maxlen or 10)
+        return self.spike_factor > 0 and warm and loss > self.spike_factor * sum(self.recent) / len(self.recent)
+
+    def after_step(self, applied: bool, loss: float, spike: bool) -> str | None:
+        """Record one step; the reason to roll back now, or None."""
+        if spike:
+            self.skipped += 1
+            mean = sum(self.recent) / len(self.recent)
+            return f"loss {loss:.4g} is more than {self.spike_factor:g} x the running mean {mean:.4g}"
+        if applied:
+            self.bad_in_a_row = 0
+            self.recent.append(loss)
+            return None
+        self.skipped += 1
+        self.bad_in_a_row += 1
+        if self.max_bad_steps and self.bad_in_a_row >= self.max_bad_steps:
+            return f"{self.bad_in_a_row} steps in a row had a non-finite loss or gradient norm"
+        return None
+
+    def reset(self) -> None:
+        self.bad_in_a_row = 0
+        self.recent.clear()
+
+
+def poison(loss: torch.Tensor) -> torch.Tensor:
+    """The same graph with a NaN value: its backward pass fills every gradient with NaN."""
+    return loss * torch.tensor(math.nan, device=loss.device, dtype=loss.dtype)
+
+
+def step_zero0_fp32(engine, force_skip: bool, device: str) -> None:
+    """engine.step() at an accumulation boundary for ZeRO-0 in fp32, the one setting where DeepSpeed has no
+    overflow path. The ranks agree whether to skip (any rank's gradient non-finite, or `force_skip`); to skip,
+    DeepSpeed's step runs on zeroed gradients with `optimizer.overflow` set (DeepSpeed then neither steps the
+    schedule nor reports the update as applied), and the weights and optimizer state are put back exactly.
+    The copy is made on bad steps only."""
+    params = list(engine.module.parameters())
+    grads = [p.grad for p in params if p.grad is not None]
+    bad = torch.tensor(float(force_skip or not all(bool(torch.isfinite(g).all()) for g in grads)), device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    optimizer = engine.optimizer
+    optimizer.overflow = bool(bad.item())  # read by DeepSpeed after optimizer.step()
+    if not optimizer.overflow:
+        engine.step()
+        return
+    saved_weights = [p.detach().clone() for p in params]
+    saved_state = copy.deepcopy(optimizer.state_dict())
+    for g in grads:
+        g.zero_()
+    engine.step()
+    with torch.no_grad():
+        for p, w in zip(params, saved_weights, strict=True):
+            p.copy_(w)
+    optimizer.load_state_dict(saved_state)
+
+
+class LossInjector:
+    """Parses DIST_CLM_INJECT_LOSS (see the module docstring) and applies each entry once."""
+
+    VAR = "DIST_CLM_INJECT_LOSS"
+
+    def __init__(self, rank: int, spec: str | None = None):
+        spec = os.environ.get(self.VAR, "") if spec is None else spec
+        self.pending: dict[int, list[str]] = {}
+        for entry in filter(None, (e.strip() for e in spec.split(","))):
+            try:
+                step_text, kind = entry.split(":")
+                kind, _, only = kind.partition("@")
+                if kind not in ("nan", "inf") and not (kind.startswith("x") and float(kind[1:])):
+                    raise ValueError(kind)
+                step = int(step_text)
+            except ValueError:
+                raise UserError(
+                    f"{self.VAR} entry '{entry}' is not STEP:KIND[@RANK] with KIND nan, inf or xF; fix or unset it."
+                ) from None
+            if not only or int(only) == rank:
+                self.pending.setdefault(step, []).append(kind)
+
+    def __call__(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        for kind in self.pending.pop(step, []):
+            if kind in ("nan", "inf"):
+                loss = loss * torch.tensor(float(kind), device=loss.device, dtype=loss.dtype)
+            else:
+                loss = loss * float(kind[1:])
+        return loss

@@ -1,0 +1,126 @@
+"""NaNs and loss spikes: a bad step is agreed by every rank and not applied; K bad steps in a row or a spike
+roll back to the last checkpoint and skip the data window that led there. Faults are injected into the loss
+with DIST_CLM_INJECT_LOSS, in real runs."""
+
+import json
+import math
+import os
+import subprocess
+
+import pytest
+import torch
+
+from dist_clm import checkpoint
+from dist_clm.distributed import free_port
+from dist_clm.errors import UserError
+from dist_clm.stability import LossGuard, LossInjector
+from tests.conftest import BIN, TINY, run_cli
+from tests.test_cli_errors import assert_clean_error
+from tests.test_train import metrics, train_losses
+
+
+def test_guard_counts_bad_steps_in_a_row_and_measures_spikes_against_good_ones():
+    g = LossGuard(max_bad_steps=2, spike_factor=2.0, window=3)
+    assert not g.is_spike(100.0)  # no history yet: nothing to compare with
+    for loss in (5.0, 4.0, 3.0):
+        assert g.after_step(True, loss, False) is None
+    assert g.is_spike(8.1) and not g.is_spike(7.9)  # mean of the last three is 4
+    assert g.after_step(False, math.nan, False) is None
+    assert g.after_step(True, 3.0, False) is None  # a good step ends the streak
+    assert g.after_step(False, math.nan, False) is None
+    assert "2 steps in a row" in g.after_step(False, math.nan, False)
+    assert "more than 2 x the running mean" in g.after_step(False, 9.0, True)
+    assert g.skipped == 4
+    g.reset()
+    assert not g.is_spike(100.0) and g.bad_in_a_row == 0
+    assert not LossGuard(3, 0.0, 3).is_spike(1e9)  # spike_factor 0: off
+
+
+def test_injector_applies_each_entry_once_on_its_rank():
+    loss = torch.tensor(2.0)
+    inj = LossInjector(rank=1, spec="3:nan@1, 3:x4, 5:inf@0")
+    assert inj(2, loss) == 2.0
+    assert math.isnan(inj(3, loss)) and inj(3, loss) == 2.0  # applied once: a rolled-back step is clean
+    assert inj(5, loss) == 2.0  # meant for rank 0
+    assert LossInjector(rank=0, spec="4:x10")(4, loss) == 20.0
+    for bad in ("3", "x:nan", "3:zero", "3:x0"):
+        with pytest.raises(UserError, match="is not STEP:KIND"):
+            LossInjector(rank=0, spec=bad)
+
+
+def test_skipped_windows_are_followed_on_resume(tmp_path):
+    checkpoint.record_skip(tmp_path, 16, 24, 3, "spike", is_main=False)  # only rank 0 writes
+    assert not (tmp_path / checkpoint.SKIPS).exists()
+    checkpoint.record_skip(tmp_path, 16, 24, 3, "spike", is_main=True)
+    checkpoint.record_skip(tmp_path, 24, 40, 5, "nan", is_main=True)  # a rollback right after the last one
+    assert checkpoint.past_skipped(tmp_path, 16) == 40
+    assert checkpoint.past_skipped(tmp_path, 8) == 8 and checkpoint.past_skipped(tmp_path, 24) == 40
+
+
+def weights(run, step) -> dict:
+    return checkpoint.load_state_dict(checkpoint.checkpoints_dir(run) / checkpoint.tag_for(step))
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def loader_state(run, step) -> dict:
+    states = torch.load(
+        checkpoint.checkpoints_dir(run) / checkpoint.tag_for(step) / "mp_rank_00_model_states.pt", weights_only=False
+    )
+    return states["loader"]
+
+
+@pytest.mark.slow
+def test_two_ranks_agree_to_skip_and_roll_back(tmp_path, data_dir):
+    run = tmp_path / "run"
+    # step 3: NaN on rank 1 only; steps 7 and 8: non-finite on one rank each (2 in a row: roll back);
+    # step 12: the loss x10 on both ranks (a spike: roll back)
+    env = {**os.environ, "DIST_CLM_INJECT_LOSS": "3:nan@1,7:nan@0,8:inf@1,12:x10"}
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "dist_clm",
+           "train", *TINY, f"data.path={data_dir}", f"run.dir={run}", "train.max_steps=14", "train.grad_accum=2",
+           "train.save_every=1", "train.keep_last=20", "train.log_every=1", "train.eval_every=0",
+           "train.max_bad_steps=2", "train.spike_window=4"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    assert "2 steps in a row had a non-finite loss" in out and "rolled back to step 7" in out
+    assert "is more than 2 x the running mean" in out and "rolled back to step 11" in out
+
+    assert same(weights(run, 2), weights(run, 3))  # step 3's update was not applied, on either rank's shard
+    assert not same(weights(run, 3), weights(run, 4))
+    per_step = 2 * 4 * 2  # ranks x micro batch x accumulation
+    skips = json.loads((run / checkpoint.SKIPS).read_text())
+    assert [(s["from_block"], s["to_block"], s["diverged_at_step"]) for s in skips] == [
+        (7 * per_step, 8 * per_step, 8),  # the data of step 8 (back to the checkpoint of step 7)
+        (12 * per_step, 13 * per_step, 12),  # the data of step 12, counted past the first window
+    ]
+    assert loader_state(run, 14)["blocks_consumed"] == 16 * per_step  # 14 steps trained + 2 skipped windows
+
+    rows = metrics(run)
+    losses = train_losses(rows)
+    # a skipped step has no loss to report: 3, and 7 (the checkpoint rolled back to was saved after it)
+    assert sorted(losses) == [s for s in range(1, 15) if s not in (3, 7)]
+    assert all(math.isfinite(v) for v in losses.values())
+    assert max(row.get("train/rollbacks", 0) for row in rows) == 2
+    seen = [row["train/tokens_seen"] for row in rows if "train/tokens_seen" in row]
+    assert seen[-1] == 14 * per_step * 64  # counted by step: the rolled-back windows are not counted
+
+
+@pytest.mark.slow
+def test_zero0_fp32_skips_too_and_without_a_checkpoint_divergence_is_a_clear_error(tmp_path, data_dir):
+    # ZeRO-0 in fp32 is the one setting where DeepSpeed has no overflow path: dist_clm drops the gradients
+    run = tmp_path / "zero0"
+    common = [*TINY, f"data.path={data_dir}", "train.log_every=1", "train.eval_every=0", "train.max_bad_steps=2"]
+    r = run_cli("train", *common, f"run.dir={run}", "train.zero_stage=0", "train.max_steps=4", "train.save_every=1",
+                "train.keep_last=5", "train.warmup_steps=3", env={"DIST_CLM_INJECT_LOSS": "2:nan"})  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert same(weights(run, 1), weights(run, 2)) and not same(weights(run, 2), weights(run, 3))
+    rows = {row["step"]: row for row in metrics(run) if "train/lr" in row}
+    assert rows[4]["train/skipped_steps"] == 1
+    assert rows[2]["train/lr"] == rows[1]["train/lr"] != rows[3]["train/lr"]  # the schedule waited a step
+
+    r = run_cli("train", *common, f"run.dir={tmp_path / 'nockpt'}", "train.max_steps=5", "train.save_every=0",
+                env={"DIST_CLM_INJECT_LOSS": "2:nan,3:inf"})  # fmt: skip
+    assert_clean_error(r, "training diverged at step 3", "no checkpoint to roll back to", "lower train.lr")
