@@ -11,10 +11,11 @@ beside a plain PyTorch loop on the same model and the same batches.
                           deepspeed.initialize(model, param_groups, deepspeed_config(cfg), scheduler_factory)
                           (DeepSpeed ZeRO-2, bf16 weights, fp32 master copy, torch's fused AdamW), then per step:
                           next batch -> bincount of its sources -> .to(device) -> engine(**inputs,
-                          use_cache=False).loss -> engine.backward -> engine.step -> loss summed on the device
-                          -> loader.step_done(), the every-10-steps log (loss .item(), all_reduce, lr, grad norm,
-                          tok/s, MFU, memory, metrics.jsonl) and the per-step preemption check
-                          (StopRequest.agreed: a one-element all_reduce and .item())
+                          use_cache=False).loss -> before the last backward, the step's one agreement
+                          (stability.agree: one small all_reduce of stop signals, non-finite count and loss
+                          sum, then .tolist(): the step's only host sync) and the spike check ->
+                          engine.backward -> engine.step -> loader.step_done() -> the loss guard, and the
+                          every-10-steps log (all_reduce, lr, grad norm, tok/s, MFU, memory, metrics.jsonl)
     dist_clm, compile     the same with train.compile=true (engine.compile())
 
 Models (--models): GPT-2 124M (preset gpt2-124m) at seq 1024 x batch 32 and the Llama-style 468M (preset
@@ -490,6 +491,7 @@ def dist_clm_loop(cfg, model, sources, device: str, flops: float, warmup: int, s
     )
     from dist_clm.metrics import Metrics
     from dist_clm.preemption import StopRequest
+    from dist_clm.stability import LossGuard, agree, poison
 
     t = cfg.train
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -513,36 +515,44 @@ def dist_clm_loop(cfg, model, sources, device: str, flops: float, warmup: int, s
     stop = StopRequest()
     step, peak_mem = 0, 0.0
     total = torch.zeros((), device=device)  # the timed steps' loss (not in train.py; one add per step)
-    window_start, window_loss, window_steps = time.perf_counter(), torch.zeros((), device=device), 0
+    guard = LossGuard(t.max_bad_steps, t.spike_factor, t.spike_window)
+    window_start, window_losses, window_steps = time.perf_counter(), [], 0
     window_wait, window_mix = 0.0, torch.zeros(len(loader.mix), dtype=torch.float64)
 
     def train_step() -> None:
-        nonlocal step, window_start, window_loss, window_steps, window_wait, window_mix, peak_mem
-        for _ in range(grad_accum):
+        nonlocal step, window_start, window_losses, window_steps, window_wait, window_mix, peak_mem
+        losses = []
+        for micro in range(grad_accum):
             waited = time.perf_counter()
             batch = next(batches)
             window_wait += time.perf_counter() - waited
             window_mix += torch.bincount(batch.pop("source"), minlength=len(loader.mix))
             inputs = {k: v.to(device) for k, v in batch.items()}
             loss = engine(**inputs, use_cache=False).loss
+            losses.append(loss)
+            if micro == grad_accum - 1:
+                agreed = agree(stop.signals, stop.received, losses, world, device)
+                spike = guard.is_spike(agreed.mean_loss)
+                if agreed.nonfinite or spike:
+                    loss = poison(loss)
             engine.backward(loss)
             engine.step()
-            window_loss += loss.detach().float() / grad_accum
             total.add_(loss.detach().float() / grad_accum)
         step += 1
         window_steps += 1
         loader.step_done()
+        guard.after_step(engine.was_step_applied(), agreed.mean_loss, spike)
+        window_losses.append(agreed.mean_loss)
         if step % t.log_every == 0 or step == t.max_steps:
             elapsed = time.perf_counter() - window_start
-            loss_sum, wait_sum, *mix = distributed.all_reduce_sum(
-                [window_loss.item(), window_wait, *window_mix.tolist()], device
-            )
+            wait_sum, *mix = distributed.all_reduce_sum([window_wait, *window_mix.tolist()], device)
             scalars = {
-                "train/loss": loss_sum / (world * window_steps),
+                "train/loss": sum(window_losses) / len(window_losses),
                 "train/lr": scheduler.get_last_lr()[0],
                 "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
                 "train/tokens_per_s": window_steps * tokens_per_step / elapsed,
                 "train/data_wait_frac": wait_sum / (world * elapsed),
+                "train/skipped_steps": guard.skipped,
             }
             peak = peak_flops(device)
             if peak:
@@ -550,9 +560,8 @@ def dist_clm_loop(cfg, model, sources, device: str, flops: float, warmup: int, s
             mem = memory_scalars(device)  # (resets the peak counters: the maximum is kept here)
             peak_mem = max(peak_mem, mem.get("memory/gpu_allocated_gib", 0.0))
             metrics.log(step, scalars | mem)
-            window_start, window_loss, window_steps = time.perf_counter(), torch.zeros_like(window_loss), 0
+            window_start, window_losses, window_steps = time.perf_counter(), [], 0
             window_wait, window_mix = 0.0, torch.zeros_like(window_mix)
-        stop.agreed(device)
 
     result = timed(train_step, warmup, steps, device, total)
     stop.restore()
