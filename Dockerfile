@@ -16,7 +16,7 @@ COPY pyproject.toml README.md ./
 COPY dist_clm ./dist_clm
 COPY configs ./configs
 COPY launchers ./launchers
-RUN python -m pip install --upgrade pip && python -m pip install .
+RUN python -m pip install --no-cache-dir .
 
 # DeepSpeed JIT-compiles its CUDA ops on first use (nvcc and ninja are in the -devel image)
 ENTRYPOINT ["dist-clm"]

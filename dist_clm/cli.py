@@ -149,6 +149,12 @@ def _export(a: argparse.Namespace) -> None:
     print(f"exported to {export(a.checkpoint, a.out, a.dtype, a.max_shard_size)}")
 
 
+def _launch_slurm(a: argparse.Namespace) -> None:
+    from dist_clm.slurm import launch_cli
+
+    launch_cli(a)
+
+
 def _quickstart(a: argparse.Namespace) -> None:
     from dist_clm.quickstart import quickstart
 
@@ -231,6 +237,30 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     t.add_argument("--max-shard-size", default="2GB", help="safetensors shard size limit, e.g. 500MB")
     t.set_defaults(func=_export)
+
+    ln = sub.add_parser("launch", help="submit training to a cluster").add_subparsers(dest="where", required=True)
+    t = ln.add_parser("slurm", help="submit to SLURM with submitit (one task per GPU; requeue on preemption)")
+    t.add_argument("--config", help="a YAML config file (see configs/)")
+    t.add_argument("overrides", nargs="*", help="section.key=value training overrides")
+    t.add_argument("--nodes", type=int, default=1)
+    t.add_argument("--gpus-per-node", type=int, default=0, help="one task per GPU (0: CPU tasks)")
+    t.add_argument("--tasks-per-node", type=int, default=0, help="CPU tasks per node when there are no GPUs")
+    t.add_argument("--cpus-per-task", type=int, default=8)
+    t.add_argument("--mem-gb", type=float, default=0, help="memory per node (0: the partition's default)")
+    t.add_argument("--partition")
+    t.add_argument("--account")
+    t.add_argument("--qos")
+    t.add_argument("--constraint")
+    t.add_argument("--time", type=int, default=24 * 60, help="time limit in minutes")
+    t.add_argument("--job-name", default="dist-clm")
+    t.add_argument("--log-folder", help="default: RUN/slurm")
+    t.add_argument("--max-requeues", type=int, default=10, help="preemptions/time limits to come back from")
+    t.add_argument("--signal-delay", type=int, default=120, help="seconds before the time limit to checkpoint")
+    t.add_argument("--sbatch", action="append", help="an extra sbatch option KEY=VALUE (repeatable)")
+    t.add_argument("--sweep", action="append", help="an override set, quoted (repeat: one job array member each)")
+    t.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
+    t.add_argument("--wait", action="store_true", help="wait for the jobs and print their results")
+    t.set_defaults(func=_launch_slurm)
 
     t = sub.add_parser(
         "quickstart", help="tokenizer -> prepare -> train -> eval -> generate -> export, embedded corpus"

@@ -1,4 +1,4 @@
-"""Stopping cleanly on a signal: SIGTERM or SIGUSR1 on any rank -> every rank stops at the same step boundary,
+"""Stopping cleanly on a signal: SIGTERM, SIGUSR1 or SIGUSR2 on any rank -> every rank stops at the same step boundary,
 a checkpoint is saved, and the process exits with PREEMPTED_EXIT.
 
 The signal handler only records the signal: no I/O and never a collective inside a handler (a rank could be
@@ -12,7 +12,7 @@ import signal
 import threading
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL ("try again later"): the run saved a checkpoint; rerunning continues it
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)  # USR2: SLURM's --signal (dist_clm/slurm.py)
 
 
 class StopRequest:

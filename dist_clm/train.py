@@ -31,12 +31,13 @@ from dist_clm.errors import UserError
 from dist_clm.evaluate import perplexity, windows
 from dist_clm.metrics import Metrics, say
 from dist_clm.model import build_model, count_params, flops_per_token, max_positions
-from dist_clm.preemption import StopRequest
+from dist_clm.preemption import SIGNALS, StopRequest
 from dist_clm.stability import LossGuard, LossInjector, agree, poison, step_zero0_fp32
 
 
-def train(cfg: Config) -> dict:
-    """Train per `cfg`; returns validation loss/perplexity before and after, the final step and tokens seen."""
+def train(cfg: Config, stop_signals: tuple[signal.Signals, ...] = SIGNALS) -> dict:
+    """Train per `cfg`; returns validation loss/perplexity before and after, the final step and tokens seen.
+    Any of `stop_signals` on any rank: checkpoint at the next step, return with "preempted" set."""
     import deepspeed
 
     env = distributed.init()
@@ -164,7 +165,7 @@ def train(cfg: Config) -> dict:
         checkpoint.restore_rng(done[-1], env.rank)  # each rank continues its own random streams (dropout)
     from tqdm.auto import tqdm
 
-    stop = StopRequest()  # SIGTERM / SIGUSR1: checkpoint at the next step boundary, then exit
+    stop = StopRequest(stop_signals)  # e.g. SIGTERM: checkpoint at the next step boundary, then stop
     guard = LossGuard(t.max_bad_steps, t.spike_factor, t.spike_window)
     inject = LossInjector(env.rank)
     own_overflow_check = t.zero_stage == 0 and precision == "fp32"  # DeepSpeed has no overflow path there

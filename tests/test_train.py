@@ -22,13 +22,13 @@ def train_losses(rows: list[dict]) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
-def launch(launcher: list[str], *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def launch(launcher: list[str], *overrides: str, timeout: int = 600, env: dict | None = None):
     r = subprocess.run(
         [*launcher, "--module" if launcher[0].endswith("deepspeed") else "-m", "dist_clm", "train", *overrides],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=os.environ.copy(),
+        env={**os.environ, **(env or {})},
     )
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
     return r
@@ -85,7 +85,7 @@ def test_rerun_of_a_finished_run_resumes_and_does_nothing(trained_run, tmp_path,
 
 
 @pytest.mark.slow
-def test_deepspeed_launcher_zero2_bf16_two_ranks_loss_falls_and_resume_continues(tmp_path, data_dir):
+def test_deepspeed_launcher_zero2_bf16_two_ranks_loss_falls_and_resume_continues_by_include(tmp_path, data_dir):
     port = str(free_port())
     ds = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", port]
     common = [
@@ -118,7 +118,9 @@ def test_deepspeed_launcher_zero2_bf16_two_ranks_loss_falls_and_resume_continues
     shutil.copytree(a, b)
     shutil.rmtree(b / "checkpoints" / "step_00000012")
     skip = len(metrics(b))
-    r = launch(ds, *common, f"run.dir={b}")
+    # this time by device list: --include (DeepSpeed's CPU accelerator counts LOCAL_SIZE devices)
+    include = [str(BIN / "deepspeed"), "--include", "localhost:0,1", "--master_port", port]
+    r = launch(include, *common, f"run.dir={b}", env={"LOCAL_SIZE": "2"})
     assert "resumed from" in r.stdout + r.stderr
     resumed = train_losses(metrics(b, skip))
     assert list(resumed) == [9, 10, 11, 12]

