@@ -75,9 +75,11 @@ def _inspect(a: argparse.Namespace) -> None:
 def _train(a: argparse.Namespace) -> None:
     from dist_clm.config import load_config
     from dist_clm.preemption import PREEMPTED_EXIT
+
+    cfg = load_config(a.config, a.overrides)  # a bad key fails here, before seconds of importing torch
     from dist_clm.train import train
 
-    result = train(load_config(a.config, a.overrides))
+    result = train(cfg)
     if result["preempted"]:
         print(
             f"dist-clm: stopped by {result['preempted']} at step {result['step']} after saving a checkpoint; "
@@ -87,7 +89,17 @@ def _train(a: argparse.Namespace) -> None:
         sys.exit(PREEMPTED_EXIT)
 
 
+def _model_source(path: str, exported_ok: bool = True) -> None:
+    """Fail fast (before importing torch) on a path that holds no checkpoint or exported model."""
+    from dist_clm import checkpoint
+
+    p = Path(path)
+    if not (exported_ok and (p / "config.json").is_file() and not (p / checkpoint.COMPLETE).is_file()):
+        checkpoint.resolve(p)
+
+
 def _eval(a: argparse.Namespace) -> None:
+    _model_source(a.checkpoint)
     from dist_clm.evaluate import evaluate_cli
 
     res = evaluate_cli(
@@ -109,8 +121,8 @@ def _eval(a: argparse.Namespace) -> None:
 
 
 def _generate(a: argparse.Namespace) -> None:
-    from dist_clm.checkpoint import load_model
-    from dist_clm.generate import Sampling, generate
+    _model_source(a.checkpoint)
+    from dist_clm.generate import Sampling, generate  # (light: torch is imported when generating)
 
     prompts = list(a.prompt or [])
     if a.prompt_file:
@@ -130,6 +142,8 @@ def _generate(a: argparse.Namespace) -> None:
         seed=a.seed,
     )
     s.check()
+    from dist_clm.checkpoint import load_model
+
     model, tok, _ = load_model(a.checkpoint)
     stream = len(prompts) == 1 and s.num_return_sequences == 1
     if stream:
@@ -144,6 +158,7 @@ def _generate(a: argparse.Namespace) -> None:
 
 
 def _export(a: argparse.Namespace) -> None:
+    _model_source(a.checkpoint, exported_ok=False)
     from dist_clm.checkpoint import export
 
     print(f"exported to {export(a.checkpoint, a.out, a.dtype, a.max_shard_size)}")

@@ -6,10 +6,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-import torch
-
 from dist_clm.errors import UserError
-from dist_clm.model import max_positions
 
 
 @dataclass(kw_only=True)
@@ -57,7 +54,10 @@ def generate(model, tokenizer, prompts: list[str], s: Sampling, stream: bool = F
     Prompts are left-padded into one batch (pad = end-of-text, masked out). With `stream`, one prompt and
     one sequence, the text is written to stdout as it is produced (transformers' TextStreamer).
     """
+    import torch
     from transformers import TextStreamer
+
+    from dist_clm.model import max_positions
 
     s.check()
     ids = encode_prompts(tokenizer, prompts)

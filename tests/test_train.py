@@ -133,6 +133,14 @@ def test_deepspeed_launcher_zero2_bf16_two_ranks_loss_falls_and_resume_continues
     assert state["loader"]["block_size"] == 64
     assert state["tokens_seen"] == 12 * 8 * 64
 
+    # the 2-rank ZeRO-2 checkpoint (bf16 weights, fp32 masters) exports with the masters' logits
+    from tests.conftest import run_cli
+    from tests.test_eval_generate_export import check_export
+
+    r = run_cli("export", str(a), "--out", str(tmp_path / "hf"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    check_export(tmp_path / "hf", a / "checkpoints" / "step_00000012")
+
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_zero3_llama_and_export(tmp_path, data_dir):
@@ -140,7 +148,7 @@ def test_torchrun_two_ranks_zero3_llama_and_export(tmp_path, data_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tests.test_eval_generate_export import independent_model
+    from tests.test_eval_generate_export import check_export, independent_model
 
     run = tmp_path / "tr"
     tr = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
@@ -173,6 +181,7 @@ def test_torchrun_two_ranks_zero3_llama_and_export(tmp_path, data_dir):
     ids = torch.arange(1, 40)[None]
     with torch.no_grad():
         assert (hf(ids).logits - independent_model(tag)(ids).logits).abs().max().item() <= 1e-5
+    check_export(tmp_path / "hf", tag)  # and through its tokenizer and pipeline()
 
 
 def test_python_is_importable_without_launcher_env():
