@@ -99,3 +99,24 @@ def test_torch_compile_through_deepspeed(tmp_path, data_dir):
         r = run_cli("train", *common, f"run.dir={run}", f"train.compile={flag}")
         assert r.returncode == 0, r.stderr[-3000:]
     assert train_losses(metrics(compiled)) == pytest.approx(train_losses(metrics(eager)), rel=1e-3)
+
+
+@pytest.mark.slow
+def test_cpu_offload_of_the_optimizer_and_of_parameters_trains_like_the_plain_engine(tmp_path, trained_run):
+    """trained_run is ZeRO-2 without offload; the same run with DeepSpeed's CPU Adam (ZeRO-2 optimizer offload)
+    and with ZeRO-3 parameter + optimizer offload logs the same losses."""
+    import yaml
+
+    cfg = yaml.safe_load((trained_run / "config.yaml").read_text())
+    same = [f"data.path={cfg['data']['path']}", *TINY, "train.max_steps=12", "train.save_every=0",
+            "train.eval_every=0", "train.log_every=3"]  # fmt: skip
+    want = train_losses(metrics(trained_run))
+    both = ["train.zero_stage=3", "train.offload_optimizer=true", "train.offload_params=true"]
+    for name, extra in [("opt", ["train.offload_optimizer=true"]), ("both", both)]:
+        run = tmp_path / name
+        r = run_cli("train", *same, f"run.dir={run}", *extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+        zero = json.loads((run / "ds_config.json").read_text())["zero_optimization"]
+        assert zero["offload_optimizer"]["device"] == "cpu"
+        assert (zero.get("offload_param") or {}).get("device") == ("cpu" if name == "both" else None)
+        assert train_losses(metrics(run)) == pytest.approx(want, rel=1e-4)

@@ -240,6 +240,9 @@ def start_prepare(corpus: Path, tokenizer_dir: Path, out: Path) -> subprocess.Po
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # Ctrl-C must reach it as KeyboardInterrupt even when this test runs from a backgrounded shell,
+        # which starts its children with SIGINT ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 

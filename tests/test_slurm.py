@@ -12,7 +12,7 @@ import time
 import pytest
 
 from dist_clm.errors import UserError
-from dist_clm.slurm import SlurmSettings, submit
+from dist_clm.slurm import SlurmSettings, TrainJob, submit
 from tests.conftest import TINY, run_cli
 
 
@@ -60,6 +60,14 @@ def test_bad_slurm_options_are_one_sentence(tmp_path):
         assert r.returncode == 2 and fragment in r.stderr, (args, r.stderr[-500:])
     with pytest.raises(UserError, match="--nodes must be at least 1"):
         SlurmSettings(nodes=0).check()
+
+
+def test_requeueing_stops_at_max_requeues(capsys):
+    class Job:  # the two JobEnvironment fields _requeue reads
+        job_id, global_rank = "77", 0
+
+    TrainJob(None, [], max_requeues=2)._requeue(Job(), {"restarts": 2})  # returns: no scontrol, no exit
+    assert "after 2 requeues (max_requeues)" in capsys.readouterr().err
 
 
 def wait_for(condition, what: str, timeout: float = 240):

@@ -120,6 +120,11 @@ def test_zero0_fp32_skips_too_and_without_a_checkpoint_divergence_is_a_clear_err
     rows = {row["step"]: row for row in metrics(run) if "train/lr" in row}
     assert rows[4]["train/skipped_steps"] == 1
     assert rows[2]["train/lr"] == rows[1]["train/lr"] != rows[3]["train/lr"]  # the schedule waited a step
+    # a ZeRO-0 checkpoint exports too (its weights are the module's own)
+    from tests.test_eval_generate_export import check_export
+
+    assert run_cli("export", str(run), "--out", str(tmp_path / "hf")).returncode == 0
+    check_export(tmp_path / "hf", checkpoint.checkpoints_dir(run) / checkpoint.tag_for(4))
 
     r = run_cli("train", *common, f"run.dir={tmp_path / 'nockpt'}", "train.max_steps=5", "train.save_every=0",
                 env={"DIST_CLM_INJECT_LOSS": "2:nan,3:inf"})  # fmt: skip
