@@ -146,15 +146,18 @@ def test_two_task_job_trains_and_survives_three_kinds_of_preemption(tmp_path, da
 
 
 @pytest.mark.slow
-def test_a_sweep_is_one_job_array_with_a_run_directory_per_member(tmp_path, data_dir):
+def test_a_sweep_through_the_command_is_one_job_array_with_a_run_directory_per_member(tmp_path, data_dir):
     needs_slurm()
-    settings = SlurmSettings(tasks_per_node=1, cpus_per_task=1, time_min=30, signal_delay_s=30)
-    base = [*TINY, f"data.path={data_dir}", f"run.dir={tmp_path / 'sweep'}", "train.max_steps=3",
-            "train.eval_every=0", "train.log_every=1"]  # fmt: skip
-    jobs = submit(settings, None, base, sweep=[["train.lr=1e-3"], ["train.lr=3e-3", "train.seed=7"]])
-    assert len({job.job_id.split("_")[0] for job, _ in jobs}) == 1  # one array
-    for i, (job, run_dir) in enumerate(jobs):
-        assert job.results()[0]["step"] == 3
-        assert run_dir == tmp_path / "sweep" / f"sweep_{i:02d}"
-    lrs = [json.loads((d / "metrics.jsonl").read_text().splitlines()[-2])["train/lr"] for _, d in jobs]
-    assert lrs[0] != lrs[1]
+    sweep = tmp_path / "sweep"
+    r = run_cli("launch", "slurm", "--tasks-per-node", "1", "--cpus-per-task", "1", "--time", "30",
+                "--signal-delay", "30", "--sweep", "train.lr=1e-3", "--sweep", "train.lr=3e-3 train.seed=7",
+                "--wait", *TINY, f"data.path={data_dir}", f"run.dir={sweep}", "train.max_steps=3",
+                "train.eval_every=0", "train.log_every=1")  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    ids = [line.split()[2].rstrip(":") for line in r.stdout.splitlines() if line.startswith("submitted job")]
+    assert len(ids) == 2 and len({i.split("_")[0] for i in ids}) == 1  # one array, two members
+    assert r.stdout.count("  logs: ") == 2 and f"tensorboard --logdir {sweep / 'sweep_00' / 'tensorboard'}" in r.stdout
+    assert r.stdout.count("finished: {") == 2 and "'step': 3" in r.stdout
+    runs = [sweep / "sweep_00", sweep / "sweep_01"]
+    lrs = [json.loads((d / "metrics.jsonl").read_text().splitlines()[-2])["train/lr"] for d in runs]
+    assert lrs[0] != lrs[1]  # each member trained with its own overrides
