@@ -21,6 +21,7 @@ time), and whether the job comes back is SLURM's decision; it then resumes from 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -177,7 +178,7 @@ def submit(
     folder.mkdir(parents=True, exist_ok=True)
     executor = make_executor(settings, folder / "%j")
     jobs = []
-    with executor.batch() if len(runs) > 1 else _nothing():
+    with executor.batch() if len(runs) > 1 else contextlib.nullcontext():
         for o in runs:
             jobs.append(executor.submit(TrainJob(config, o, settings.max_requeues)))
     return list(zip(jobs, dirs, strict=True))
@@ -187,14 +188,6 @@ def _sweep_overrides(config: str | None, base: list[str], extra: list[str], i: i
     if any(o.startswith("run.dir=") for o in extra):
         return [*base, *extra]
     return [*base, *extra, f"run.dir={run_dir_of(config, base) / f'sweep_{i:02d}'}"]
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _sbatch_script(settings: SlurmSettings, folder: Path, array: int) -> str:
