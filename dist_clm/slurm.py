@@ -146,10 +146,10 @@ class TrainJob:
         return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.overrides, self.max_requeues))
 
 
-def make_executor(settings: SlurmSettings, folder: Path, cluster: str | None = None):
+def make_executor(settings: SlurmSettings, folder: Path):
     import submitit
 
-    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    executor = submitit.AutoExecutor(folder=str(folder))
     executor.update_parameters(**settings.executor_parameters())
     return executor
 
