@@ -6,16 +6,14 @@ beside a plain PyTorch loop on the same model and the same batches.
                           clip_grad_norm_(train.grad_clip), torch.optim.AdamW(param_groups(...), fused=True),
                           the same LambdaLR schedule (scheduler_factory), zero_grad(set_to_none=True)
     plain, torch.compile  the same loop over torch.compile(model)
-    dist_clm, eager       what dist_clm/train.py does per step, checkpoints, validation, TensorBoard and the
-                          progress bar left out: distributed.init() (a world of one), build_model,
-                          deepspeed.initialize(model, param_groups, deepspeed_config(cfg), scheduler_factory)
-                          (DeepSpeed ZeRO-2, bf16 weights, fp32 master copy, torch's fused AdamW), then per step:
-                          next batch -> bincount of its sources -> .to(device) -> engine(**inputs,
-                          use_cache=False).loss -> before the last backward, the step's one agreement
-                          (stability.agree: one small all_reduce of stop signals, non-finite count and loss
-                          sum, then .tolist(): the step's only host sync) and the spike check ->
-                          engine.backward -> engine.step -> loader.step_done() -> the loss guard, and the
-                          every-10-steps log (all_reduce, lr, grad norm, tok/s, MFU, memory, metrics.jsonl)
+    dist_clm, eager       dist_clm's own training loop, run as it is: dist_clm.train.train(cfg) (a world of
+                          one; DeepSpeed ZeRO-2, bf16 weights, fp32 master copy, torch's fused AdamW), timed
+                          through its on_step callback. Every step is train_step (the micro batches, the
+                          step's one agreement, the loss guard, backward, engine.step), the loader's and the
+                          train state's bookkeeping, and the every-10-steps log (one all_reduce; lr, grad norm,
+                          tok/s, MFU, memory; metrics.jsonl). Validation runs once before the first step (one
+                          block); TensorBoard, the progress bar and periodic checkpoints are off, and the
+                          callback ends the run after the last timed step (no final validation or checkpoint)
     dist_clm, compile     the same with train.compile=true (engine.compile())
 
 Models (--models): GPT-2 124M (preset gpt2-124m) at seq 1024 x batch 32 and the Llama-style 468M (preset
@@ -26,12 +24,13 @@ prepare --tokenizer TOK --out DIR`, no inputs); both models read that directory.
 is set by `model.overrides.vocab_size` to its own vocabulary: 50257 for GPT-2 (GPT-2's, so the model is the
 124M of the reference; the data's ids are all below 32000) and 32000 for the 468M (the BPE may stop a little
 short of 32000 tokens on 5 MB). All four variants take their batches from the same TrainLoader (dist_clm's
-streaming packer over the prepared shards, shuffled, 0 workers, micro batch = batch, one rank), so each pays
-the same data cost, and each starts from the same weights (torch.manual_seed(train.seed) before build_model).
+streaming packer over the prepared shards, shuffled, 0 workers, micro batch = batch, one rank, built by
+TrainLoader.from_config), so each pays the same data cost, and each starts from the same weights
+(torch.manual_seed(train.seed) before build_model, which train() does too).
 
 Every variant runs in a fresh subprocess (`--one VARIANT`) so that compile caches, CUDA memory and the process
 group do not carry over from one to the next. Each runs W warm-up steps (they include torch.compile's
-compilation), then N timed steps between two torch.cuda.synchronize() calls. A child's output goes to
+compilation), then N timed steps between two torch.cuda.synchronize() calls (W >= 1). A child's output goes to
 WORK/logs/MODEL_VARIANT.log, with timestamped set-up phases; a child that fails or outlives --timeout becomes a
 "failed" row (the end of its log is printed), and the others still run. Each result is also printed to stderr
 as it comes, and --json rewrites FILE after every row, so a run cut short keeps what it measured.
@@ -42,12 +41,14 @@ Columns:
     variant         one of the four above
     tok/s           N x batch x seq / the timed seconds
     MFU             tok/s x flops_per_token(config, params, seq) / the GPU's peak dense bf16 FLOP/s
-                    (dist_clm.engine.peak_flops: 989e12 for H100/H200); '-' where the peak is unknown (CPU)
-    vs plain compile  tok/s over that of "plain, torch.compile" for the same model in this run (the issue's
-                    target for dist_clm: >= 1.00 at both sizes)
+                    (dist_clm.metrics.peak_flops: 989e12 for H100/H200); '-' where the peak is unknown (CPU)
+    vs plain compile  tok/s over that of "plain, torch.compile" for the same model in this run (the target
+                    for dist_clm: >= 1.00 at both sizes)
     peak GPU GiB    torch.cuda.max_memory_allocated over the whole subprocess (compilation included); on CPU
                     the column is "peak RSS GiB", the process's peak resident memory
-    warm-up s       wall time of the W warm-up steps (compilation, for the compiled variants)
+    start-up s      wall time from the variant's set-up to the end of its W warm-up steps: the model on the
+                    device, optimizer and loader (plain), or everything train() does before its first step
+                    (dist_clm: engine, loader, one validation block); compilation for the compiled variants
     loss            mean training loss over the timed steps: a check that both loops train the same thing. They
                     start from the same weights and see the same blocks with the same schedule, so the two eager
                     rows of a model should nearly agree, and the two compiled rows (which warm up longer, so
@@ -62,8 +63,9 @@ BPE, seq 128 x batch 8, fp32 (train.precision auto -> fp32; no autocast, AdamW w
 Default steps: 10 warm-up (15 for compiled variants) + 30 timed; --quick: 3 (5) + 10. Needs deepspeed and
 mosaicml-streaming importable; dist_clm is imported from this checkout (no install needed).
 
-On the device machine (from the repo root; `bash ../shared/device/wheelhouse.sh` here first fills .whl/, which
-the run carries): install the wheels to a side directory, then run (~5-8 min, mostly cold torch.compile):
+On a GPU machine whose image has torch and transformers but not the rest (from the repo root, with the wheels
+of deepspeed, mosaicml-streaming and their dependencies in .whl/): install the wheels to a side directory, then
+run (~5-8 min, mostly cold torch.compile):
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site-packages .whl/*.whl
     PYTHONPATH=/tmp/site-packages python3 bench/gpu_throughput.py --markdown --work /tmp/gbench --json $OUT/g.jsonl
@@ -104,7 +106,7 @@ VARIANTS = {  # name -> row label; the table's order
 }
 RUN_ORDER = ("plain-compile", "dist_clm-compile", "dist_clm", "plain")  # the target's pair first
 REFERENCE = (
-    "issue's reference (H200, plain loop): 124M 379 K tok/s compiled (33% MFU), 207 K eager; DeepSpeed ZeRO-2 "
+    "reference figures (H200, plain loop): 124M 379 K tok/s compiled (33% MFU), 207 K eager; DeepSpeed ZeRO-2 "
     "249 K eager, 306 K engine.compile; 468M 121 K compiled (42% MFU), 87 K eager. "
     "Target: dist_clm >= 1.00 x the compiled plain loop at both sizes."
 )
@@ -167,7 +169,8 @@ def run_child(args: argparse.Namespace, work: Path, data: Path, model: str, vari
     t = time.perf_counter()
     with log.open("w") as f:
         # in this process's session (a kill of this one reaches it); a stuck child goes with its compile workers
-        proc = subprocess.Popen(cmd, env=child_env(work), stdout=f, stderr=subprocess.STDOUT)
+        env = child_env(work) | ({"CUDA_VISIBLE_DEVICES": ""} if args.cpu else {})  # train() picks the GPU
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
         try:
             rc = proc.wait(timeout=args.timeout)
         except subprocess.TimeoutExpired:
@@ -185,7 +188,7 @@ def run_child(args: argparse.Namespace, work: Path, data: Path, model: str, vari
         print(
             f"{model} | {VARIANTS[variant]}: {out['tok_s'] / 1e3:.1f} K tok/s"
             + (f", MFU {out['mfu']:.1%}" if out["mfu"] else "")
-            + f", peak {out['peak_gib']:.2f} GiB, warm-up {out['warmup_s']:.0f} s, loss {out['loss']:.3f} "
+            + f", peak {out['peak_gib']:.2f} GiB, start-up {out['startup_s']:.0f} s, loss {out['loss']:.3f} "
             f"({wall:.0f} s in all)",
             file=sys.stderr,
         )
@@ -220,7 +223,7 @@ def machine_line(cpu: bool) -> str:
 
 def table(rows: list[dict], cpu: bool, markdown: bool) -> list[str]:
     mem = "peak RSS GiB" if cpu else "peak GPU GiB"
-    head = ["model", "seq x batch", "variant", "tok/s", "MFU", "vs plain compile", mem, "warm-up s", "loss"]
+    head = ["model", "seq x batch", "variant", "tok/s", "MFU", "vs plain compile", mem, "start-up s", "loss"]
     lines = [" | ".join(head)]
     base = {r["model"]: r["tok_s"] for r in rows if r["variant"] == "plain-compile" and "error" not in r}
     order = {v: i for i, v in enumerate(VARIANTS)}
@@ -237,7 +240,7 @@ def table(rows: list[dict], cpu: bool, markdown: bool) -> list[str]:
                 f"{r['mfu']:.1%}" if r["mfu"] else "-",
                 ratio,
                 f"{r['peak_gib']:.2f}",
-                f"{r['warmup_s']:.1f}",
+                f"{r['startup_s']:.1f}",
                 f"{r['loss']:.3f}",
             ]
         lines.append(" | ".join(cells))
@@ -267,6 +270,8 @@ def main() -> None:
     import torch
 
     args.cpu = args.cpu or not torch.cuda.is_available()
+    if args.warmup is not None and args.warmup < 1:
+        raise SystemExit("--warmup must be at least 1 (the timing starts at the end of a warm-up step)")
     if args.one:
         one(args)
         return
@@ -313,54 +318,54 @@ def phase(what: str) -> None:
     print(f"[{time.perf_counter() - START:7.1f} s] {what}", file=sys.stderr, flush=True)
 
 
+def variant_overrides(model: str, variant: str, data: str | Path, run_dir: str | Path, warmup: int, steps: int):
+    """The training config of one variant, as `dist-clm train` overrides."""
+    m = MODELS[model]
+    return [
+        f"run.dir={run_dir}",
+        "run.tensorboard=false",
+        "run.progress_bar=false",
+        f"data.path={data}",
+        f"data.block_size={m['seq']}",
+        f"model.preset={m['preset']}",
+        f"model.overrides.vocab_size={m['vocab']}",
+        f"train.micro_batch_size={m['batch']}",
+        f"train.max_steps={warmup + steps}",
+        f"train.warmup_steps={min(warmup, 30)}",
+        f"train.compile={'true' if variant.endswith('compile') else 'false'}",
+        "train.eval_every=0",
+        "train.eval_blocks=1",
+        "train.save_every=0",
+    ]
+
+
 def one(args: argparse.Namespace) -> None:
     import torch
 
     from dist_clm.config import load_config
     from dist_clm.data.provenance import run_tokenizer, training_sources
+    from dist_clm.metrics import peak_flops
     from dist_clm.model import build_model, count_params, flops_per_token
 
     m = MODELS[args.models]
-    variant, compiled = args.one, args.one.endswith("compile")
+    variant = args.one
     run_dir = Path(args.work) / "runs" / f"{args.models}_{variant}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    cfg = load_config(
-        None,
-        [
-            f"run.dir={run_dir}",
-            "run.tensorboard=false",
-            "run.progress_bar=false",
-            f"data.path={args.data}",
-            f"data.block_size={m['seq']}",
-            f"model.preset={m['preset']}",
-            f"model.overrides.vocab_size={m['vocab']}",
-            f"train.micro_batch_size={m['batch']}",
-            f"train.max_steps={args.warmup + args.steps}",
-            f"train.warmup_steps={min(args.warmup, 30)}",
-            f"train.compile={'true' if compiled else 'false'}",
-        ],
-    )
-    if variant.startswith("dist_clm"):
-        from dist_clm import distributed
-
-        device = distributed.init().device
-        phase("process group up")
-    else:
-        device = "cpu" if args.cpu else "cuda:0"
-        if device != "cpu":
-            torch.cuda.set_device(0)
+    cfg = load_config(None, variant_overrides(args.models, variant, args.data, run_dir, args.warmup, args.steps))
+    device = "cpu" if args.cpu else "cuda:0"
     sources = training_sources(cfg)
     tok = run_tokenizer(sources)
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model.preset, cfg.model.pretrained, cfg.model.overrides, tok)
-    phase("model built")
+    if variant.startswith("dist_clm"):  # train() builds its own; this one is only counted
+        with torch.device("meta"):
+            model = build_model(cfg.model.preset, cfg.model.pretrained, cfg.model.overrides, tok)
+        res = dist_clm_loop(cfg, device, args.warmup, args.steps)
+    else:
+        model = build_model(cfg.model.preset, cfg.model.pretrained, cfg.model.overrides, tok)
+        phase("model built")
+        res = plain_loop(cfg, model, sources, device, args.warmup, args.steps)
     n_params = count_params(model)
     flops = flops_per_token(model.config, n_params, cfg.data.block_size)
-    run = dist_clm_loop if variant.startswith("dist_clm") else plain_loop
-    res = run(cfg, model, sources, device, flops, args.warmup, args.steps)
-
-    from dist_clm.engine import peak_flops
 
     tok_s = args.steps * m["batch"] * m["seq"] / res["seconds"]
     peak = peak_flops(device)
@@ -378,12 +383,13 @@ def one(args: argparse.Namespace) -> None:
         "flops_per_token": flops,
         "warmup": args.warmup,
         "steps": args.steps,
-        "warmup_s": res["warmup_s"],
+        "startup_s": res["startup_s"],
         "seconds": res["seconds"],
         "tok_s": tok_s,
         "mfu": tok_s * flops / peak if peak else None,
         "peak_gib": mem,
-        "loss": res["loss"],
+        "loss": sum(res["losses"]) / len(res["losses"]),
+        "losses": res["losses"],
         "device": "cpu" if device == "cpu" else torch.cuda.get_device_name(torch.device(device)),
     }
     Path(args.result).write_text(json.dumps(out))
@@ -398,50 +404,18 @@ def sync(device: str) -> None:
         torch.cuda.synchronize(torch.device(device))
 
 
-def timed(step, warmup: int, steps: int, device: str, total) -> dict:
-    """Run `warmup` untimed steps, zero the loss sum `total`, then time `steps` steps (device synchronized)."""
-    phase("set up; warm-up steps")
-    w0 = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    sync(device)
-    total.zero_()
-    phase("warmed up; timed steps")
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    seconds = time.perf_counter() - t0
-    return {"warmup_s": t0 - w0, "seconds": seconds, "loss": total.item() / steps}
-
-
-def loader_for(cfg, sources, rank: int = 0, world: int = 1, grad_accum: int = 1):
-    from dist_clm.data.loader import TrainLoader
-
-    t = cfg.train
-    return TrainLoader(
-        sources,
-        cfg.data.block_size,
-        t.micro_batch_size,
-        grad_accum,
-        rank,
-        world,
-        cfg.data.shuffle,
-        t.seed,
-        cfg.data.num_workers,
-        None,
-        cfg.data.document_mask,
-    )
-
-
-def plain_loop(cfg, model, sources, device: str, flops: float, warmup: int, steps: int) -> dict:
+def plain_loop(cfg, model, sources, device: str, warmup: int, steps: int) -> dict:
     """The hand-written loop: fp32 weights, autocast bf16 (on GPU), fused AdamW, clip, LambdaLR."""
     import torch
 
+    from dist_clm.data.loader import TrainLoader
     from dist_clm.engine import param_groups, resolve_precision, scheduler_factory
 
+    start = time.perf_counter()
     t = cfg.train
     on_gpu = device != "cpu"
+    if on_gpu:
+        torch.cuda.set_device(torch.device(device))
     bf16 = resolve_precision(t.precision, on_gpu) == "bf16"
     model = model.to(device=device, dtype=torch.float32)
     model.train()
@@ -454,11 +428,10 @@ def plain_loop(cfg, model, sources, device: str, flops: float, warmup: int, step
     )
     sched = scheduler_factory(t)(opt)
     fwd = torch.compile(model) if t.compile else model
-    batches = iter(loader_for(cfg, sources))
-    total = torch.zeros((), device=device)
+    batches = iter(TrainLoader.from_config(cfg, sources, rank=0, world=1, grad_accum=1))
+    losses = []
 
-    def step() -> None:
-        nonlocal total
+    def step() -> torch.Tensor:
         batch = next(batches)
         batch.pop("source")
         inputs = {k: v.to(device) for k, v in batch.items()}
@@ -470,103 +443,52 @@ def plain_loop(cfg, model, sources, device: str, flops: float, warmup: int, step
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        total += loss.detach().float()
+        return loss.detach().float()
 
-    return timed(step, warmup, steps, device, total)
+    phase("set up; warm-up steps")
+    for _ in range(warmup):
+        step()
+    sync(device)
+    t0 = time.perf_counter()
+    phase("warmed up; timed steps")
+    for _ in range(steps):
+        losses.append(step())  # kept on the device: no host sync inside the timed steps
+    sync(device)
+    seconds = time.perf_counter() - t0
+    return {"startup_s": t0 - start, "seconds": seconds, "losses": [float(x) for x in losses]}
 
 
-def dist_clm_loop(cfg, model, sources, device: str, flops: float, warmup: int, steps: int) -> dict:
-    """dist_clm/train.py's loop, step for step, without validation, checkpoints, TensorBoard or the bar."""
-    import deepspeed
+class TimedStepsDone(Exception):
+    """Raised by the on_step callback after the last timed step: the run ends there."""
+
+
+def dist_clm_loop(cfg, device: str, warmup: int, steps: int) -> dict:
+    """dist_clm's train() itself, timed from the end of warm-up step W to the end of step W + N."""
     import torch
 
-    from dist_clm import distributed
-    from dist_clm.engine import (
-        deepspeed_config,
-        memory_scalars,
-        param_groups,
-        peak_flops,
-        resolve_grad_accum,
-        scheduler_factory,
-    )
-    from dist_clm.metrics import Metrics
-    from dist_clm.preemption import StopRequest
-    from dist_clm.stability import LossGuard, agree, poison
+    from dist_clm.train import train
 
-    t = cfg.train
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    grad_accum = resolve_grad_accum(t, world)
-    ds_config = deepspeed_config(cfg, on_gpu=device != "cpu", grad_accum=grad_accum)
-    if t.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model,
-        model_parameters=param_groups(model, t.weight_decay),
-        config=ds_config,
-        lr_scheduler=scheduler_factory(t),
-    )
-    phase("deepspeed.initialize done")
-    if t.compile:
-        engine.compile()
-    loader = loader_for(cfg, sources, rank, world, grad_accum)
-    metrics = Metrics(Path(cfg.run.dir), rank == 0, cfg.run.tensorboard)
-    tokens_per_step = loader.global_blocks_per_step * cfg.data.block_size
-    batches = iter(loader)
-    stop = StopRequest()
-    step, peak_mem = 0, 0.0
-    total = torch.zeros((), device=device)  # the timed steps' loss (not in train.py; one add per step)
-    guard = LossGuard(t.max_bad_steps, t.spike_factor, t.spike_window)
-    window_start, window_losses, window_steps = time.perf_counter(), [], 0
-    window_wait, window_mix = 0.0, torch.zeros(len(loader.mix), dtype=torch.float64)
+    start, marks, losses, peak = time.perf_counter(), {}, [], [0.0]
 
-    def train_step() -> None:
-        nonlocal step, window_start, window_losses, window_steps, window_wait, window_mix, peak_mem
-        losses = []
-        for micro in range(grad_accum):
-            waited = time.perf_counter()
-            batch = next(batches)
-            window_wait += time.perf_counter() - waited
-            window_mix += torch.bincount(batch.pop("source"), minlength=len(loader.mix))
-            inputs = {k: v.to(device) for k, v in batch.items()}
-            loss = engine(**inputs, use_cache=False).loss
-            losses.append(loss)
-            if micro == grad_accum - 1:
-                agreed = agree(stop.signals, stop.received, losses, world, device)
-                spike = guard.is_spike(agreed.mean_loss)
-                if agreed.nonfinite or spike:
-                    loss = poison(loss)
-            engine.backward(loss)
-            engine.step()
-            total.add_(loss.detach().float() / grad_accum)
-        step += 1
-        window_steps += 1
-        loader.step_done()
-        guard.after_step(engine.was_step_applied(), agreed.mean_loss, spike)
-        window_losses.append(agreed.mean_loss)
-        if step % t.log_every == 0 or step == t.max_steps:
-            elapsed = time.perf_counter() - window_start
-            wait_sum, *mix = distributed.all_reduce_sum([window_wait, *window_mix.tolist()], device)
-            scalars = {
-                "train/loss": sum(window_losses) / len(window_losses),
-                "train/lr": scheduler.get_last_lr()[0],
-                "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                "train/tokens_per_s": window_steps * tokens_per_step / elapsed,
-                "train/data_wait_frac": wait_sum / (world * elapsed),
-                "train/skipped_steps": guard.skipped,
-            }
-            peak = peak_flops(device)
-            if peak:
-                scalars["train/mfu"] = scalars["train/tokens_per_s"] * flops / (world * peak)
-            mem = memory_scalars(device)  # (resets the peak counters: the maximum is kept here)
-            peak_mem = max(peak_mem, mem.get("memory/gpu_allocated_gib", 0.0))
-            metrics.log(step, scalars | mem)
-            window_start, window_losses, window_steps = time.perf_counter(), [], 0
-            window_wait, window_mix = 0.0, torch.zeros_like(window_mix)
+    def on_step(state, result) -> None:
+        if device != "cpu":  # (the log window resets the peak counters: the maximum is kept here)
+            peak[0] = max(peak[0], torch.cuda.max_memory_allocated(torch.device(device)) / 2**30)
+        if state.step == warmup:
+            sync(device)
+            marks["t0"] = time.perf_counter()
+            phase("warmed up; timed steps")
+        elif state.step > warmup:
+            losses.append(result.loss)  # the step's agreed loss: already on the host
+        if state.step == warmup + steps:
+            sync(device)
+            marks["t1"] = time.perf_counter()
+            raise TimedStepsDone
 
-    result = timed(train_step, warmup, steps, device, total)
-    stop.restore()
-    metrics.close()
-    return {**result, "peak_gib": peak_mem}
+    phase("train() starts")
+    with contextlib.suppress(TimedStepsDone):
+        train(cfg, on_step=on_step)
+    return {"startup_s": marks["t0"] - start, "seconds": marks["t1"] - marks["t0"], "losses": losses,
+            "peak_gib": peak[0]}  # fmt: skip
 
 
 if __name__ == "__main__":

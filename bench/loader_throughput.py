@@ -16,7 +16,7 @@ Each measurement runs for a fixed wall time after a warm-up (the first batch, wh
 and a short run after it are not counted). Tokens are batches x batch x block for (a) and (c), and the sum of
 the sample lengths for (b), whose epochs follow one another (workers persist) when the corpus is short.
 Columns: `M tok/s` (millions of tokens per second, one process = one rank), `/(a)` (that rate over (a) at the
-same block; (b) is set against (a) at 1024), `target` (the issue's: >= 8 M tok/s per rank with 0 workers,
+same block; (b) is set against (a) at 1024), `target` (the loader's: >= 8 M tok/s per rank with 0 workers,
 scaling with workers, >= 0.25 x (a)). (b) runs in a fresh subprocess per measurement (its own TMPDIR, stale
 shared memory cleaned first), since streaming keeps a registry of local directories in shared memory.
 
@@ -231,7 +231,7 @@ def run_c(prep: Path, block: int, workers: int, seconds: float, warm: float, doc
 
     loader = TrainLoader(
         [Source(prep.name, str(prep), read_manifest(prep))],
-        block,
+        block_size=block,
         micro_batch=MICRO_BATCH,
         grad_accum=1,
         rank=0,
@@ -284,7 +284,7 @@ def main() -> None:
         print(f"{label} | {loader} | {workers} workers | block {block}: {tok_s / 1e6:.2f} M tok/s", file=sys.stderr)
 
     def target(tok_s: float, ceiling: float, base: float | None = None) -> str:
-        """The issue's targets: >= 8 M tok/s with 0 workers (else: scaling over 0 workers), >= 0.25 x (a)."""
+        """The loader's targets: >= 8 M tok/s with 0 workers (else: scaling over 0 workers), >= 0.25 x (a)."""
         first = f">= 8 M: {'yes' if tok_s >= 8e6 else 'NO'}" if base is None else f"x{tok_s / base:.2f} vs 0 workers"
         return f"{first}, >= 0.25(a): {'yes' if tok_s >= 0.25 * ceiling else 'NO'}"
 

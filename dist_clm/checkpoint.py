@@ -1,27 +1,38 @@
-"""Checkpoints: DeepSpeed engine state + our train state, a completion marker written last, keep-k, export.
+"""Training checkpoints: what a run saves, how it resumes, and the record of data windows skipped by rollbacks.
 
-    RUN/checkpoints/step_00000100/   DeepSpeed's files (model, optimizer shards, scheduler, client_state)
+    RUN/checkpoints/step_00000100/   DeepSpeed's files (model, optimizer shards, scheduler, client_state =
+                                     the TrainState: step, tokens seen, the loader's position)
+                                     + rng_rank{r}.pt (each rank's random generators)
                                      + config.json (the transformers model config)
                                      + complete.json  <- written last, atomically, after every rank saved
+    RUN/skips.json                   data windows skipped after rollbacks (a resume skips them again)
 
-Only a directory holding complete.json is a checkpoint: a run killed while saving leaves a directory
-without it, which resume ignores and the next save removes. The tokenizer lives once in RUN/tokenizer.
+Only a directory holding complete.json is a checkpoint: a run killed while saving leaves a directory without
+it, which resume ignores and the next save removes. The tokenizer lives once in RUN/tokenizer.
+
+`Checkpointer` is the one place that decides how a run continues: which checkpoint (the newest complete
+one), whether it goes through DeepSpeed's universal checkpoint (written by another number of ranks or
+another ZeRO stage), and whether each rank's random generators come back (only when the same ranks wrote
+them). Loading weights for inference and exporting live in export.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from dist_clm.distributed import DistEnv, barrier
 from dist_clm.errors import UserError
-from dist_clm.fsutil import atomic_dir, atomic_write_text, refuse_non_empty
+from dist_clm.fsutil import atomic_dir, atomic_write_text
+from dist_clm.metrics import say
 
 COMPLETE = "complete.json"
 PREFIX = "step_"
+UNIVERSAL = "universal"
+SKIPS = "skips.json"
 
 
 def tag_for(step: int) -> str:
@@ -32,144 +43,22 @@ def checkpoints_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def run_dir_of(tag_dir: Path) -> Path:
+    """The run directory a checkpoint directory belongs to."""
+    return tag_dir.parent.parent
+
+
+def read_marker(tag_dir: Path) -> dict:
+    """complete.json: step, ZeRO stage and world size the checkpoint was written with."""
+    return json.loads((tag_dir / COMPLETE).read_text())
+
+
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoint directories of a run, oldest first."""
     d = checkpoints_dir(run_dir)
     if not d.is_dir():
         return []
     return sorted(p for p in d.glob(f"{PREFIX}*") if (p / COMPLETE).is_file())
-
-
-def save(engine, run_dir: Path, step: int, client_state: dict, model_config, keep_last: int, is_main: bool) -> Path:
-    """Collective: every rank writes its shard, then rank 0 marks the checkpoint complete and prunes old ones."""
-    from dist_clm.distributed import barrier
-
-    tag = tag_for(step)
-    ckdir = checkpoints_dir(run_dir)
-    engine.save_checkpoint(str(ckdir), tag=tag, client_state=client_state, save_latest=False)
-    _save_rng(ckdir / tag, engine.global_rank)
-    barrier()  # every rank's files are on disk before the marker says so
-    if is_main:
-        model_config.save_pretrained(str(ckdir / tag))
-        marker = {
-            "step": step,
-            "zero_stage": engine.zero_optimization_stage(),
-            "world_size": engine.world_size,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        atomic_write_text(ckdir / tag / COMPLETE, json.dumps(marker, indent=2))
-        _prune(ckdir, keep_last)
-    barrier()
-    return ckdir / tag
-
-
-UNIVERSAL = "universal"
-
-
-def _save_rng(tag_dir: Path, rank: int) -> None:
-    """This rank's random number generators (python, numpy, torch CPU and GPU), for an exact continuation."""
-    import random
-
-    import numpy as np
-    import torch
-
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    torch.save(state, tag_dir / f"rng_rank{rank}.pt")
-
-
-def restore_rng(tag_dir: Path, rank: int) -> None:
-    """Put back what _save_rng saved for `rank` (checkpoints from before it existed have none: skipped)."""
-    import random
-
-    import numpy as np
-    import torch
-
-    path = tag_dir / f"rng_rank{rank}.pt"
-    if not path.is_file():
-        return
-    state = torch.load(path, weights_only=False)
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def needs_universal(tag_dir: Path, world_size: int, zero_stage: int) -> bool:
-    """Whether resuming from `tag_dir` here needs DeepSpeed's universal checkpoint: ZeRO partitions the
-    optimizer state by rank, so a checkpoint written by another number of ranks (or another stage) cannot be
-    loaded as it is."""
-    marker = json.loads((tag_dir / COMPLETE).read_text())
-    saved = (marker["world_size"], marker["zero_stage"])
-    return saved != (world_size, zero_stage) and max(marker["zero_stage"], zero_stage) > 0
-
-
-def universal(tag_dir: Path, is_main: bool) -> Path:
-    """Collective: `tag_dir/universal`, DeepSpeed's world-size independent form of the checkpoint, made once
-    by rank 0 with DeepSpeed's own converter (ds_to_universal) and kept beside the original."""
-    import subprocess
-    import sys
-
-    from dist_clm.distributed import barrier
-
-    out = tag_dir / UNIVERSAL
-    if is_main and not out.is_dir():
-        print(f"the world size or ZeRO stage changed: converting {tag_dir} to a universal checkpoint", file=sys.stderr)
-        with atomic_dir(out, "universal checkpoint conversion") as partial:
-            r = subprocess.run(
-                [
-                    sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-                    "--output_folder", str(partial), "--num_extract_workers", "1", "--num_merge_workers", "1",
-                    "--inject_missing_state",  # a plain data-parallel model: the default info is the right one
-                ],
-                capture_output=True,
-                text=True,
-            )  # fmt: skip
-            if r.returncode != 0:
-                last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
-                raise UserError(
-                    f"DeepSpeed could not convert '{tag_dir}' to a universal checkpoint ({last}); resume it on "
-                    f"the world size and ZeRO stage it was saved with."
-                )
-    barrier()
-    return out
-
-
-SKIPS = "skips.json"
-
-
-def record_skip(run_dir: Path, start: int, end: int, at_step: int, reason: str, is_main: bool) -> None:
-    """Remember (in RUN/skips.json) that training blocks [start, end) were skipped after a rollback, so that
-    a resume from a checkpoint at `start` skips them again instead of replaying the data that diverged."""
-    if not is_main:
-        return
-    path = Path(run_dir) / SKIPS
-    skips = json.loads(path.read_text()) if path.is_file() else []
-    skips.append({"from_block": start, "to_block": end, "diverged_at_step": at_step, "reason": reason})
-    atomic_write_text(path, json.dumps(skips, indent=2))
-
-
-def past_skipped(run_dir: Path, blocks_consumed: int) -> int:
-    """The loader position to continue from: `blocks_consumed`, moved past every skipped window starting there."""
-    path = Path(run_dir) / SKIPS
-    if not path.is_file():
-        return blocks_consumed
-    ends = {s["from_block"]: s["to_block"] for s in json.loads(path.read_text())}  # the latest record wins
-    while blocks_consumed in ends and ends[blocks_consumed] > blocks_consumed:
-        blocks_consumed = ends[blocks_consumed]
-    return blocks_consumed
-
-
-def _prune(ckdir: Path, keep_last: int) -> None:
-    complete = sorted(p for p in ckdir.glob(f"{PREFIX}*") if (p / COMPLETE).is_file())
-    for old in complete[:-keep_last]:
-        (old / COMPLETE).unlink()  # first un-mark, so a crash mid-delete never leaves a "complete" fragment
-        shutil.rmtree(old, ignore_errors=True)
-    for partial in ckdir.glob(f"{PREFIX}*"):
-        if not (partial / COMPLETE).is_file():  # left by a run killed while saving
-            shutil.rmtree(partial, ignore_errors=True)
 
 
 def resolve(path: str | Path) -> Path:
@@ -191,228 +80,179 @@ def resolve(path: str | Path) -> Path:
     return found[-1]
 
 
-def run_dir_of(tag_dir: Path) -> Path:
-    return tag_dir.parent.parent
+@dataclass
+class TrainState:
+    """What a checkpoint carries besides the engine: where the run stands at a step boundary."""
+
+    step: int = 0  # optimizer steps applied or skipped (a rollback sets it back)
+    tokens_seen: int = 0  # training tokens of those steps (skipped data windows are not counted)
+    loader: dict | None = None  # TrainLoader.state_dict(): the global blocks consumed (None: the start)
+
+    def advance(self, tokens: int, loader_state: dict) -> None:
+        """One more optimizer step of `tokens` tokens; the loader now stands at `loader_state`."""
+        self.step += 1
+        self.tokens_seen += tokens
+        self.loader = loader_state
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "loader": self.loader}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> TrainState:
+        return cls(step=state["step"], tokens_seen=state["tokens_seen"], loader=dict(state["loader"]))
 
 
-def load_state_dict(tag_dir: Path) -> dict:
-    """The model's weights from a checkpoint, consolidated in fp32 on the CPU, without GPUs or an engine.
+class Checkpointer:
+    """Saves and restores a run's checkpoints, for this rank; keeps the last `keep_last` complete ones."""
 
-    ZeRO 1-3 keep fp32 master weights partitioned in the optimizer shards; DeepSpeed's own zero_to_fp32
-    gathers them. ZeRO 0 keeps the module's own weights in the model-states file.
-    """
-    import torch
+    def __init__(self, run_dir: str | Path, keep_last: int, env: DistEnv, zero_stage: int):
+        self.run_dir, self.dir = Path(run_dir), checkpoints_dir(run_dir)
+        self.keep_last, self.env, self.zero_stage = keep_last, env, zero_stage
 
-    marker = json.loads((tag_dir / COMPLETE).read_text())
-    if marker["zero_stage"] == 0:
-        states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        return {k: v.float() for k, v in states["module"].items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint, or None."""
+        done = complete_checkpoints(self.run_dir)
+        return done[-1] if done else None
 
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
-        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    def save(self, engine, state: TrainState, model_config) -> Path:
+        """Collective: every rank writes its shard and generators, then rank 0 marks the checkpoint complete
+        and prunes old ones."""
+        tag = tag_for(state.step)
+        engine.save_checkpoint(str(self.dir), tag=tag, client_state=state.state_dict(), save_latest=False)
+        _save_rng(self.dir / tag, self.env.rank)
+        barrier()  # every rank's files are on disk before the marker says so
+        if self.env.is_main:
+            model_config.save_pretrained(str(self.dir / tag))
+            marker = {
+                "step": state.step,
+                "zero_stage": engine.zero_optimization_stage(),
+                "world_size": engine.world_size,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+            atomic_write_text(self.dir / tag / COMPLETE, json.dumps(marker, indent=2))
+            self._prune()
+        barrier()
+        return self.dir / tag
 
-
-def load_model(path: str | Path):
-    """(model in fp32 eval mode, tokenizer, source dir) from a checkpoint, a run, or an exported directory."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from dist_clm.data.tokenizer import load_tokenizer
-
-    p = Path(path)
-    if (p / "config.json").is_file() and not (p / COMPLETE).is_file():  # an exported Hugging Face directory
-        model = AutoModelForCausalLM.from_pretrained(str(p), attn_implementation="sdpa")
-        tok = load_tokenizer(p)
-        where = p
-    else:
-        where = resolve(p)
-        config = AutoConfig.from_pretrained(str(where))
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-        missing, unexpected = model.load_state_dict(load_state_dict(where), strict=False)
-        tied = {k for k in missing if k.endswith("lm_head.weight") and config.tie_word_embeddings}
-        if set(missing) - tied or unexpected:
-            raise UserError(
-                f"checkpoint '{where}' does not match its config.json (missing {sorted(missing)[:3]}, "
-                f"unexpected {sorted(unexpected)[:3]}); it was written by another model."
+    def restore(self, engine, tag_dir: Path) -> TrainState:
+        """Collective: load a complete checkpoint into the engine (directly, or through DeepSpeed's universal
+        checkpoint when it was written by another number of ranks or ZeRO stage), put back this rank's random
+        generators when the same ranks wrote them, and return the train state with the loader moved past
+        every data window a rollback skipped from there."""
+        elastic = self._needs_universal(tag_dir)
+        # DeepSpeed reads this flag at every load_checkpoint and has no public setter; a run may load both
+        # kinds (an elastic resume, then a rollback to a checkpoint of its own)
+        engine._config.load_universal_checkpoint = elastic
+        where = self._universal(tag_dir) if elastic else tag_dir
+        _, client = engine.load_checkpoint(str(where.parent), tag=where.name)
+        if elastic and self.zero_stage == 3:
+            say(
+                self.env.is_main,
+                "warning: DeepSpeed's universal checkpoint restores ZeRO-3 weights exactly, but the optimizer "
+                "state is approximate (losses drift ~5e-4 relative from an uninterrupted run); data and step "
+                "count continue exactly",
             )
-        model.tie_weights()
-        tok = load_tokenizer(run_dir_of(where) / "tokenizer")
-    embedded = model.get_input_embeddings().num_embeddings
-    if len(tok) > embedded:
-        raise UserError(
-            f"the tokenizer of '{where}' has {len(tok)} tokens but the model embeds only {embedded}; use the "
-            "tokenizer the model was trained with."
-        )
-    return model.float().eval(), tok, where
+        if not elastic:  # each rank continues its own random streams (dropout); on other ranks they start anew
+            _restore_rng(tag_dir, self.env.rank)
+        state = TrainState.from_state_dict(client)
+        state.loader["blocks_consumed"] = self.past_skipped(state.loader["blocks_consumed"])
+        return state
+
+    def record_skip(self, start: int, end: int, at_step: int, reason: str) -> None:
+        """Remember (in RUN/skips.json) that training blocks [start, end) were skipped after a rollback, so that
+        a resume from a checkpoint at `start` skips them again instead of replaying the data that diverged."""
+        if not self.env.is_main:
+            return
+        path = self.run_dir / SKIPS
+        skips = json.loads(path.read_text()) if path.is_file() else []
+        skips.append({"from_block": start, "to_block": end, "diverged_at_step": at_step, "reason": reason})
+        atomic_write_text(path, json.dumps(skips, indent=2))
+
+    def past_skipped(self, blocks_consumed: int) -> int:
+        """The loader position to continue from: `blocks_consumed`, moved past every skipped window starting
+        there."""
+        path = self.run_dir / SKIPS
+        if not path.is_file():
+            return blocks_consumed
+        ends = {s["from_block"]: s["to_block"] for s in json.loads(path.read_text())}  # the latest record wins
+        while blocks_consumed in ends and ends[blocks_consumed] > blocks_consumed:
+            blocks_consumed = ends[blocks_consumed]
+        return blocks_consumed
+
+    def _needs_universal(self, tag_dir: Path) -> bool:
+        """ZeRO partitions the optimizer state by rank, so a checkpoint written by another number of ranks (or
+        another stage) cannot be loaded as it is."""
+        marker = read_marker(tag_dir)
+        saved = (marker["world_size"], marker["zero_stage"])
+        return saved != (self.env.world_size, self.zero_stage) and max(marker["zero_stage"], self.zero_stage) > 0
+
+    def _universal(self, tag_dir: Path) -> Path:
+        """Collective: `tag_dir/universal`, DeepSpeed's world-size independent form of the checkpoint, made once
+        by rank 0 with DeepSpeed's own converter (ds_to_universal) and kept beside the original."""
+        import subprocess
+        import sys
+
+        out = tag_dir / UNIVERSAL
+        if self.env.is_main and not out.is_dir():
+            print(
+                f"the world size or ZeRO stage changed: converting {tag_dir} to a universal checkpoint",
+                file=sys.stderr,
+            )
+            with atomic_dir(out, "universal checkpoint conversion") as partial:
+                r = subprocess.run(
+                    [
+                        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                        str(tag_dir), "--output_folder", str(partial), "--num_extract_workers", "1",
+                        "--num_merge_workers", "1",
+                        "--inject_missing_state",  # a plain data-parallel model: the default info is the right one
+                    ],
+                    capture_output=True,
+                    text=True,
+                )  # fmt: skip
+                if r.returncode != 0:
+                    last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+                    raise UserError(
+                        f"DeepSpeed could not convert '{tag_dir}' to a universal checkpoint ({last}); resume it "
+                        "on the world size and ZeRO stage it was saved with."
+                    )
+        barrier()
+        return out
+
+    def _prune(self) -> None:
+        for old in complete_checkpoints(self.run_dir)[: -self.keep_last]:
+            (old / COMPLETE).unlink()  # first un-mark, so a crash mid-delete never leaves a "complete" fragment
+            shutil.rmtree(old, ignore_errors=True)
+        for partial in self.dir.glob(f"{PREFIX}*"):
+            if not (partial / COMPLETE).is_file():  # left by a run killed while saving
+                shutil.rmtree(partial, ignore_errors=True)
 
 
-def _lazy_weights(tag_dir: Path) -> tuple[dict, callable]:
-    """(name -> lazily gathered tensor, materialize(dict of them) -> dict of fp32 tensors), without loading the
-    whole model: ZeRO 1-3 through DeepSpeed's lazy zero_to_fp32 (partitions memory-mapped, gathered per
-    tensor); ZeRO 0 from the model-states file, memory-mapped."""
+def _save_rng(tag_dir: Path, rank: int) -> None:
+    """This rank's random number generators (python, numpy, torch CPU and GPU), for an exact continuation."""
+    import random
+
+    import numpy as np
     import torch
 
-    marker = json.loads((tag_dir / COMPLETE).read_text())
-    if marker["zero_stage"] == 0:
-        states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False)
-        return states["module"], lambda part: {k: v.float().contiguous() for k, v in part.items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, to_torch_tensor
-
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
-        lazy = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name, lazy_mode=True)
-    return lazy, lambda part: to_torch_tensor(part, dtype=torch.float32)
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    torch.save(state, tag_dir / f"rng_rank{rank}.pt")
 
 
-def _write_weights(tag_dir: Path, out: Path, max_shard_size: str, dtype) -> int:
-    """model.safetensors (or shards + index) from a checkpoint, one shard in memory at a time; returns the
-    number of parameters. A tensor stored twice (tied embeddings) is written once: transformers ties it
-    again on load, as its own save_pretrained does."""
-    import torch
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
+def _restore_rng(tag_dir: Path, rank: int) -> None:
+    """Put back what _save_rng saved for `rank` (checkpoints from before it existed have none: skipped)."""
+    import random
 
-    lazy, materialize = _lazy_weights(tag_dir)
-    seen, names = set(), []
-    for name, tensor in lazy.items():
-        key = (
-            id(tensor)
-            if not isinstance(tensor, torch.Tensor)
-            else (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        )
-        if key not in seen:
-            seen.add(key)
-            names.append(name)
-    shapes = {n: torch.empty(tuple(lazy[n].shape), dtype=dtype, device="meta") for n in names}
-    split = split_torch_state_dict_into_shards(
-        shapes, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
-    )
-    for filename, tensors in split.filename_to_tensors.items():
-        shard = {k: v.to(dtype) for k, v in materialize({n: lazy[n] for n in tensors}).items()}
-        save_file(shard, str(out / filename), metadata={"format": "pt"})
-        del shard
-    if split.is_sharded:
-        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return sum(t.numel() for t in shapes.values())
-
-
-def export(path: str | Path, out_dir: str | Path, dtype: str = "float32", max_shard_size: str = "2GB") -> Path:
-    """A Hugging Face directory from a checkpoint: config, safetensors weights, tokenizer, generation config,
-    the run's config and data provenance, and a model card. No GPU and no engine are needed; the weights are
-    consolidated one shard at a time, never holding a second copy of the model."""
-    import torch
-    from transformers import AutoConfig, GenerationConfig
-
-    from dist_clm.data.tokenizer import load_tokenizer
-
-    p = Path(path)
-    if (p / "config.json").is_file() and not (p / COMPLETE).is_file():
-        raise UserError(f"'{p}' is already an exported Hugging Face directory; copy it instead of exporting.")
-    tag_dir = resolve(p)
-    run_dir = run_dir_of(tag_dir)
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    config = AutoConfig.from_pretrained(str(tag_dir))
-    tok = load_tokenizer(run_dir / "tokenizer")
-    out = Path(out_dir)
-    refuse_non_empty(out)
-    with atomic_dir(out) as tmp:
-        n_params = _write_weights(tag_dir, tmp, max_shard_size, torch_dtype)
-        config.dtype = dtype
-        config.save_pretrained(str(tmp))
-        GenerationConfig(
-            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id
-        ).save_pretrained(str(tmp))
-        tok.save_pretrained(str(tmp))
-        if (run_dir / "config.yaml").is_file():
-            shutil.copy(run_dir / "config.yaml", tmp / "dist_clm_config.yaml")
-        provenance = _provenance(run_dir, tag_dir)
-        (tmp / "data_provenance.json").write_text(json.dumps(provenance, indent=2))
-        (tmp / "README.md").write_text(_model_card(out.name, config, n_params, tag_dir, run_dir, provenance))
-    return out
-
-
-def _provenance(run_dir: Path, tag_dir: Path) -> dict:
-    """What the model was trained on: each source's manifest (without its histograms), step and tokens."""
+    import numpy as np
     import torch
 
-    from dist_clm.config import load_config
-
-    sources = []
-    if (run_dir / "config.yaml").is_file():
-        cfg = load_config(run_dir / "config.yaml")
-        mix = cfg.data.mix or [None]
-        for m in mix:
-            path = m.path if m else cfg.data.path
-            manifest_path = Path(path) / "manifest.json"
-            manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-            for split in manifest.get("splits", {}).values():
-                split.pop("length_histogram", None)
-            sources.append({"name": (m.name if m else "") or Path(path).name, "path": str(path),
-                            "weight": m.weight if m else 1.0, "manifest": manifest})  # fmt: skip
-    model_states = sorted(tag_dir.glob("*model_states.pt"))[0]  # (ZeRO-3 names one per rank; any has the state)
-    states = torch.load(model_states, map_location="cpu", mmap=True, weights_only=False)
-    marker = json.loads((tag_dir / COMPLETE).read_text())
-    return {
-        "checkpoint": str(tag_dir),
-        "step": marker["step"],
-        "tokens_seen": states.get("tokens_seen"),
-        "sources": sources,
-        "skipped_windows": json.loads((run_dir / SKIPS).read_text()) if (run_dir / SKIPS).is_file() else [],
-    }
-
-
-def _model_card(name: str, config, n_params: int, tag_dir: Path, run_dir: Path, prov: dict) -> str:
-    val = None
-    if (run_dir / "metrics.jsonl").is_file():
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-            row = json.loads(line)
-            if "val/loss" in row and row["step"] <= prov["step"]:
-                val = row
-    lines = [
-        "---",
-        "library_name: transformers",
-        "pipeline_tag: text-generation",
-        f"tags: [dist_clm, causal-lm, {config.model_type}]",
-        "---",
-        f"# {name}",
-        "",
-        f"A {config.model_type} causal language model ({n_params:,} parameters, vocabulary "
-        f"{config.vocab_size:,}) trained from scratch or continued with dist_clm, exported from `{tag_dir}` "
-        f"at step {prov['step']}"
-        + (f" after {prov['tokens_seen']:,} training tokens." if prov["tokens_seen"] else "."),
-    ]
-    if val:
-        lines += [
-            "",
-            f"Validation at step {val['step']}: loss {val['val/loss']:.4f}, perplexity {val['val/perplexity']:.2f}.",
-        ]
-    lines += [
-        "",
-        "## Use",
-        "",
-        "```python",
-        "from transformers import pipeline",
-        f'generate = pipeline("text-generation", model="{name}")',
-        'print(generate("def main(", max_new_tokens=40)[0]["generated_text"])',
-        "```",
-        "",
-        "## Training data",
-        "",
-    ]
-    for src in prov["sources"]:
-        m = src["manifest"]
-        splits = m.get("splits", {})
-        counts = ", ".join(f"{k}: {v['documents']:,} documents, {v['tokens']:,} tokens" for k, v in splits.items())
-        inputs = m.get("sources", {}).get("inputs", [])
-        lines.append(
-            f"- **{src['name']}** (weight {src['weight']:g}): `{src['path']}`, prepared {m.get('created', '?')} "
-            f"from {', '.join(f'`{i}`' for i in inputs) or 'unknown inputs'}; {counts}; tokenizer fingerprint "
-            f"`{m.get('tokenizer', {}).get('fingerprint', '?')}`."
-        )
-    if prov["skipped_windows"]:
-        lines.append(
-            f"- {len(prov['skipped_windows'])} data window(s) skipped after rollbacks (see data_provenance.json)."
-        )
-    lines += ["", "The full training configuration is in `dist_clm_config.yaml`; the data manifests in "
-              "`data_provenance.json`.", ""]  # fmt: skip
-    return "\n".join(lines)
+    path = tag_dir / f"rng_rank{rank}.pt"
+    if not path.is_file():
+        return
+    state = torch.load(path, weights_only=False)
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

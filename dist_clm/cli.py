@@ -80,9 +80,9 @@ def _train(a: argparse.Namespace) -> None:
     from dist_clm.train import train
 
     result = train(cfg)
-    if result["preempted"]:
+    if result.preempted:
         print(
-            f"dist-clm: stopped by {result['preempted']} at step {result['step']} after saving a checkpoint; "
+            f"dist-clm: stopped by {result.preempted} at step {result.step} after saving a checkpoint; "
             "rerun the same command to continue.",
             file=sys.stderr,
         )
@@ -91,11 +91,12 @@ def _train(a: argparse.Namespace) -> None:
 
 def _model_source(path: str, exported_ok: bool = True) -> None:
     """Fail fast (before importing torch) on a path that holds no checkpoint or exported model."""
-    from dist_clm import checkpoint
+    from dist_clm.checkpoint import resolve
+    from dist_clm.export import is_exported
 
     p = Path(path)
-    if not (exported_ok and (p / "config.json").is_file() and not (p / checkpoint.COMPLETE).is_file()):
-        checkpoint.resolve(p)
+    if not (exported_ok and is_exported(p)):
+        resolve(p)
 
 
 def _eval(a: argparse.Namespace) -> None:
@@ -142,7 +143,7 @@ def _generate(a: argparse.Namespace) -> None:
         seed=a.seed,
     )
     s.check()
-    from dist_clm.checkpoint import load_model
+    from dist_clm.export import load_model
 
     model, tok, _ = load_model(a.checkpoint)
     stream = len(prompts) == 1 and s.num_return_sequences == 1
@@ -159,7 +160,7 @@ def _generate(a: argparse.Namespace) -> None:
 
 def _export(a: argparse.Namespace) -> None:
     _model_source(a.checkpoint, exported_ok=False)
-    from dist_clm.checkpoint import export
+    from dist_clm.export import export
 
     print(f"exported to {export(a.checkpoint, a.out, a.dtype, a.max_shard_size)}")
 

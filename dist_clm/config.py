@@ -44,7 +44,7 @@ class DataConfig:
     # trained on in proportion to their weights; each one's validation split is reported separately
     document_mask: bool = False  # positions restart at each document and attention stays inside it
     block_size: int = 128  # tokens per training block, chosen here at train time, not at prepare time
-    shuffle: bool = True  # shuffle the order of the stored chunks, anew each epoch (seeded by train.seed)
+    shuffle: bool = True  # shuffle the order of the training blocks, anew each epoch (seeded by train.seed)
     num_workers: int = 0  # DataLoader worker processes per rank
 
 

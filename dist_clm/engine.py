@@ -2,7 +2,8 @@
 
 Precedence of the DeepSpeed config, lowest first: what dist_clm generates from `train.*` -> the user's JSON
 file (`train.deepspeed_config`), merged key by key -> the batch keys, which only `train.*` may set (the loader
-must agree with them; a file that sets them differently is refused). The result is written to
+must agree with them; a file that sets them differently is refused). Model parallelism (tensor or sequence
+parallel sizes above 1) is refused too: the loader feeds every rank its own data. The result is written to
 RUN/ds_config.json.
 """
 
@@ -18,9 +19,14 @@ from dist_clm.config import Config, TrainConfig
 from dist_clm.errors import UserError
 
 BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
-
-# Peak dense bf16 tensor-core FLOP/s by GPU name (vendor data sheets, without sparsity), for MFU.
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "A100": 312e12, "A800": 312e12}
+# DeepSpeed keys that split the model over ranks; their ranks would need the same batch, and the loader gives
+# each rank its own share (pure data parallelism), so a value above 1 is refused
+MODEL_PARALLEL_KEYS = {
+    ("sequence_parallel_size",): "sequence parallelism",
+    ("tensor_parallel", "autotp_size"): "tensor parallelism",
+    ("tensor_parallel", "tp", "tp_size"): "tensor parallelism",
+    ("tensor_parallel", "tensor_parallel", "tp_size"): "tensor parallelism",
+}
 
 
 def resolve_precision(precision: str, on_gpu: bool) -> str:
@@ -93,9 +99,24 @@ def deepspeed_config(cfg: Config, on_gpu: bool, grad_accum: int | None = None) -
                 f"'{path}' sets {key}={user[key]}, but batch sizes come from train.* (they decide what the loader "
                 "reads); remove it from the file and set train.micro_batch_size / grad_accum / global_batch_size."
             )
+    for keys, what in MODEL_PARALLEL_KEYS.items():
+        value = _lookup(user, keys)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 1:
+            raise UserError(
+                f"'{path}' sets {'.'.join(keys)}={value}, but dist_clm trains data-parallel only: every rank "
+                f"reads its own share of each batch, while {what} needs ranks that see the same one; remove it."
+            )
     if "scheduler" in user:
         raise UserError(f"'{path}' sets a scheduler; choose it with train.schedule instead (cosine, linear, wsd).")
     return _merge(generated, user)
+
+
+def _lookup(tree: dict, keys: tuple[str, ...]):
+    for key in keys:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -142,26 +163,3 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     for p in model.parameters():
         (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def peak_flops(device: str) -> float | None:
-    """The device's peak dense bf16 FLOP/s if known (MFU is reported only then)."""
-    if not device.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(torch.device(device))
-    return next((v for k, v in PEAK_BF16.items() if k in name.upper()), None)
-
-
-def memory_scalars(device: str) -> dict[str, float]:
-    """GPU memory allocated/reserved (peak since the last call), or the process's resident memory on CPU."""
-    if device.startswith("cuda"):
-        d = torch.device(device)
-        out = {
-            "memory/gpu_allocated_gib": torch.cuda.max_memory_allocated(d) / 2**30,
-            "memory/gpu_reserved_gib": torch.cuda.max_memory_reserved(d) / 2**30,
-        }
-        torch.cuda.reset_peak_memory_stats(d)
-        return out
-    import psutil
-
-    return {"memory/rss_gib": psutil.Process().memory_info().rss / 2**30}

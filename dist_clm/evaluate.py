@@ -144,19 +144,20 @@ def evaluate_cli(
     batch_size: int = 8,
 ) -> dict[str, float]:
     """`dist-clm eval`: a checkpoint (or exported model) on a prepared validation split or on text files."""
-    from dist_clm import checkpoint as ckpt
     from dist_clm import distributed
+    from dist_clm.checkpoint import COMPLETE, run_dir_of
     from dist_clm.config import load_config
     from dist_clm.data import sources
     from dist_clm.data.loader import TokenStream
     from dist_clm.data.prepare import read_manifest
     from dist_clm.data.tokenizer import fingerprint
     from dist_clm.errors import UserError
+    from dist_clm.export import load_model
     from dist_clm.model import max_positions
 
-    model, tok, where = ckpt.load_model(checkpoint)
-    run_config = ckpt.run_dir_of(where) / "config.yaml"
-    cfg = load_config(run_config) if (where / ckpt.COMPLETE).is_file() and run_config.is_file() else None
+    model, tok, where = load_model(checkpoint)
+    run_config = run_dir_of(where) / "config.yaml"
+    cfg = load_config(run_config) if (where / COMPLETE).is_file() and run_config.is_file() else None
     limit = max_positions(model.config)
     block_size = block_size or (cfg.data.block_size if cfg else limit or 1024)
     if limit and block_size > limit:

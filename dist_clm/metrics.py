@@ -1,9 +1,14 @@
-"""Where numbers go: TensorBoard event files, a metrics.jsonl beside them, and the console (rank 0 only)."""
+"""Where numbers go and what they are: TensorBoard event files, a metrics.jsonl beside them, the console
+(rank 0 only), and the training scalars of a window of steps (`LogWindow`)."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+
+# Peak dense bf16 tensor-core FLOP/s by GPU name (vendor data sheets, without sparsity), for MFU.
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "A100": 312e12, "A800": 312e12}
 
 
 class Metrics:
@@ -42,3 +47,76 @@ def say(is_main: bool, text: str) -> None:
         from tqdm.auto import tqdm
 
         tqdm.write(text)
+
+
+class LogWindow:
+    """The steps since the last log line: their losses, time, data wait and blocks per source; `emit()` turns
+    them into the logged training scalars and starts a new window."""
+
+    def __init__(self, sources: list[str], tokens_per_step: int, flops_per_token: float, world: int, device: str):
+        self.sources, self.tokens_per_step, self.flops = sources, tokens_per_step, flops_per_token
+        self.world, self.device = world, device
+        self._reset()
+
+    def _reset(self) -> None:
+        self.start, self.steps, self.losses = time.perf_counter(), 0, []
+        self.wait, self.blocks = 0.0, [0] * len(self.sources)
+
+    def add(self, loss: float, good: bool, data_wait_s: float, blocks_per_source: list[int]) -> None:
+        """One step (a step.StepResult's fields); its loss counts only if it was good (applied, not a spike)."""
+        self.steps += 1
+        if good:
+            self.losses.append(loss)
+        self.wait += data_wait_s
+        self.blocks = [a + b for a, b in zip(self.blocks, blocks_per_source, strict=True)]
+
+    def emit(self, *, lr: float, grad_norm: float, tokens_seen: int, skipped_steps: int) -> dict[str, float]:
+        """Collective (one small all-reduce): the window's scalars, the same on every rank."""
+        from dist_clm.distributed import all_reduce_sum
+
+        elapsed = time.perf_counter() - self.start
+        wait_sum, *mix = all_reduce_sum([self.wait, *self.blocks], self.device)
+        out = {"train/loss": sum(self.losses) / len(self.losses)} if self.losses else {}
+        out |= {  # (no train/loss when every step of the window was skipped)
+            "train/lr": lr,
+            "train/grad_norm": grad_norm,
+            "train/tokens_per_s": self.steps * self.tokens_per_step / elapsed,
+            "train/tokens_seen": tokens_seen,
+            "train/data_wait_frac": wait_sum / (self.world * elapsed),  # of step time, mean over ranks
+            "train/skipped_steps": skipped_steps,
+        }
+        peak = peak_flops(self.device)
+        if peak:  # model FLOPs utilization: achieved training FLOP/s per device over the device's peak
+            out["train/mfu"] = out["train/tokens_per_s"] * self.flops / (self.world * peak)
+        out |= memory_scalars(self.device)
+        if len(mix) > 1:
+            out |= {f"data/mix/{name}": n / sum(mix) for name, n in zip(self.sources, mix, strict=True)}
+        self._reset()
+        return out
+
+
+def peak_flops(device: str) -> float | None:
+    """The device's peak dense bf16 FLOP/s if known (MFU is reported only then)."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name(torch.device(device))
+    return next((v for k, v in PEAK_BF16.items() if k in name.upper()), None)
+
+
+def memory_scalars(device: str) -> dict[str, float]:
+    """GPU memory allocated/reserved (peak since the last call), or the process's resident memory on CPU."""
+    if device.startswith("cuda"):
+        import torch
+
+        d = torch.device(device)
+        out = {
+            "memory/gpu_allocated_gib": torch.cuda.max_memory_allocated(d) / 2**30,
+            "memory/gpu_reserved_gib": torch.cuda.max_memory_reserved(d) / 2**30,
+        }
+        torch.cuda.reset_peak_memory_stats(d)
+        return out
+    import psutil
+
+    return {"memory/rss_gib": psutil.Process().memory_info().rss / 2**30}

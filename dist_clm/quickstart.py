@@ -31,12 +31,12 @@ TRAIN_SETTINGS = [
 def quickstart(directory: str | Path = "runs/quickstart", overrides: list[str] | tuple[str, ...] = ()) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from dist_clm.checkpoint import export, load_model
     from dist_clm.config import load_config
     from dist_clm.data import sources
     from dist_clm.data.prepare import prepare
     from dist_clm.data.tokenizer import train_bpe
     from dist_clm.evaluate import evaluate_cli
+    from dist_clm.export import export, load_model
     from dist_clm.generate import Sampling, generate
     from dist_clm.train import train
 
@@ -65,8 +65,8 @@ def quickstart(directory: str | Path = "runs/quickstart", overrides: list[str] |
     stage("3/6 train: DeepSpeed ZeRO-2, one process")
     cfg = load_config(None, [f"data.path={root / 'data'}", f"run.dir={root / 'run'}", *TRAIN_SETTINGS, *overrides])
     result = train(cfg)
-    b, a = result["val_before"]["perplexity"], result["val_after"]["perplexity"]
-    print(f"validation perplexity: {b:.2f} before training -> {a:.2f} after {result['step']} steps")
+    b, a = result.val_before["perplexity"], result.val_after["perplexity"]
+    print(f"validation perplexity: {b:.2f} before training -> {a:.2f} after {result.step} steps")
 
     stage("4/6 eval: perplexity of the last checkpoint on the whole validation split")
     ev = evaluate_cli(str(root / "run"))

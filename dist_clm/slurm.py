@@ -22,6 +22,7 @@ time), and whether the job comes back is SLURM's decision; it then resumes from 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
@@ -114,8 +115,12 @@ class TrainJob:
         os.environ.setdefault("LOCAL_WORLD_SIZE", str(job.num_tasks // max(1, job.num_nodes)))
         # SIGTERM stays with submitit (ignored): under SLURM it comes right before a kill (scancel, requeue,
         # preemption), and the job comes back, or not, by SLURM's decision, from its last checkpoint
-        result = train(load_config(self.config, self.overrides), stop_signals=(signal.SIGUSR1, signal.SIGUSR2))
-        result |= {"slurm_job_id": job.job_id, "rank": job.global_rank, "world_size": job.num_tasks}
+        trained = train(load_config(self.config, self.overrides), stop_signals=(signal.SIGUSR1, signal.SIGUSR2))
+        result = dataclasses.asdict(trained) | {
+            "slurm_job_id": job.job_id,
+            "rank": job.global_rank,
+            "world_size": job.num_tasks,
+        }
         result["restarts"] = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         if result.get("preempted"):
             self._requeue(job, result)
@@ -154,7 +159,7 @@ def make_executor(settings: SlurmSettings, folder: Path):
     return executor
 
 
-def run_dir_of(config: str | None, overrides: list[str]) -> Path:
+def configured_run_dir(config: str | None, overrides: list[str]) -> Path:
     from dist_clm.config import load_config
 
     return Path(load_config(config, overrides).run.dir)
@@ -171,7 +176,7 @@ def submit(
     `overrides` and gets its own run directory: RUN/sweep_NN unless the set names run.dir)."""
     settings.check()
     runs = [_sweep_overrides(config, overrides, extra, i) for i, extra in enumerate(sweep)] if sweep else [overrides]
-    dirs = [run_dir_of(config, o) for o in runs]  # also checks every config before anything is submitted
+    dirs = [configured_run_dir(config, o) for o in runs]  # also checks every config before anything is submitted
     folder = Path(settings.log_folder) if settings.log_folder else dirs[0] / "slurm"
     if dry_run:
         return [_sbatch_script(settings, folder / "%j", len(runs))]
@@ -187,7 +192,7 @@ def submit(
 def _sweep_overrides(config: str | None, base: list[str], extra: list[str], i: int) -> list[str]:
     if any(o.startswith("run.dir=") for o in extra):
         return [*base, *extra]
-    return [*base, *extra, f"run.dir={run_dir_of(config, base) / f'sweep_{i:02d}'}"]
+    return [*base, *extra, f"run.dir={configured_run_dir(config, base) / f'sweep_{i:02d}'}"]
 
 
 def _sbatch_script(settings: SlurmSettings, folder: Path, array: int) -> str:

@@ -6,12 +6,12 @@ Everything is real (tokenizers, MDSWriter/StreamingDataset, DeepSpeed on CPU), o
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import TINY, corpus_files, run_cli
 
 # Each StreamingDataset leaves lock files in the temp dir; give the session its own (also for subprocesses).
 _TMP = tempfile.mkdtemp(prefix="dist_clm_tests_")
@@ -20,25 +20,6 @@ tempfile.tempdir = _TMP
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def run_cli(*args: str, timeout: int = 600, env: dict | None = None, cwd: Path | None = None):
-    """Run `dist-clm ARGS` in a fresh process, the way a user does; returns the CompletedProcess."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run(
-        [str(BIN / "dist-clm"), *args], capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd
-    )
-
-
-def corpus_files(n: int = 40, skip: int = 0) -> list[Path]:
-    """Real text nobody here wrote: `n` standard-library modules of moderate size (after the first `skip`)."""
-    from dist_clm.data.sources import default_corpus_files
-
-    files = [f for f in default_corpus_files() if 2_000 < f.stat().st_size < 40_000]
-    return files[skip : skip + n]
 
 
 @pytest.fixture(scope="session")
@@ -82,19 +63,6 @@ def data_dir_b(tmp_path_factory, tokenizer_dir) -> Path:
     out = tmp_path_factory.mktemp("data_b") / "other"
     prepare(tokenizer_dir, out, [str(root)], val_fraction=0.15, chunk_tokens=700, shard_bytes=1 << 14, progress=False)
     return out
-
-
-TINY = [
-    "model.preset=tiny",
-    "model.overrides.n_embd=64",
-    "model.overrides.n_positions=128",
-    "data.block_size=64",
-    "train.micro_batch_size=4",
-    "train.warmup_steps=2",
-    "train.lr=3e-3",
-    "train.eval_blocks=8",
-    "run.progress_bar=false",
-]
 
 
 @pytest.fixture(scope="session")

@@ -54,8 +54,9 @@ def main() -> None:
 
             def make(state=None, sources=sources, workers=workers):
                 return TrainLoader(
-                    sources, a.block, micro, a.accum, rank, world, True, 7, num_workers=workers, state=state
-                )
+                    sources, block_size=a.block, micro_batch=micro, grad_accum=a.accum, rank=rank, world=world,
+                    shuffle=True, seed=7, num_workers=workers, state=state,
+                )  # fmt: skip
 
             tag = f"{name}_w{workers}"
             mine = None

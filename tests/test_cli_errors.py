@@ -2,18 +2,7 @@
 
 import pytest
 
-from tests.conftest import TINY, run_cli
-from tests.test_tokenizer import without_eos
-
-
-def assert_clean_error(r, *fragments):
-    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    assert "Traceback" not in r.stderr
-    errors = [line for line in r.stderr.splitlines() if line.startswith("dist-clm: error:")]
-    assert len(errors) == 1, r.stderr[-2000:]
-    for f in fragments:
-        assert f in errors[0]
-    assert errors[0].endswith(".")
+from tests.helpers import TINY, assert_clean_error, run_cli, without_eos
 
 
 def test_missing_corpus_path(tmp_path, tokenizer_dir):

@@ -10,7 +10,7 @@ import tomllib
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from tests.conftest import BIN, REPO
+from tests.helpers import BIN, REPO
 
 
 def instructions() -> list[tuple[str, str]]:

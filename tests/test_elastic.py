@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from dist_clm.distributed import free_port
-from tests.conftest import BIN, TINY
-from tests.test_train import launch, metrics, train_losses
+from tests.helpers import BIN, TINY, launch, metrics, train_losses
 
 pytestmark = pytest.mark.slow
 

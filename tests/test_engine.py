@@ -10,8 +10,7 @@ import pytest
 from dist_clm.config import load_config
 from dist_clm.engine import deepspeed_config, lr_factor
 from dist_clm.errors import UserError
-from tests.conftest import TINY, run_cli
-from tests.test_train import metrics, train_losses
+from tests.helpers import TINY, metrics, run_cli, train_losses
 
 
 def t(*overrides):
@@ -52,6 +51,8 @@ def test_generated_config_and_precedence_of_a_users_json(tmp_path):
     for bad, fragment in [
         ({"train_micro_batch_size_per_gpu": 3}, "batch sizes come from train.*"),
         ({"scheduler": {"type": "WarmupLR"}}, "choose it with train.schedule"),
+        ({"sequence_parallel_size": 2}, "sets sequence_parallel_size=2, but dist_clm trains data-parallel only"),
+        ({"tensor_parallel": {"autotp_size": 4}}, "sets tensor_parallel.autotp_size=4, but dist_clm trains"),
     ]:
         user.write_text(json.dumps(bad))
         with pytest.raises(UserError, match=fragment):

@@ -1,8 +1,6 @@
 """Perplexity, bits per byte, sampling and export, each checked against an independent computation with plain
 libraries (transformers' own loss, DeepSpeed's own consolidation, pipeline())."""
 
-import contextlib
-import io
 import json
 import math
 import subprocess
@@ -11,36 +9,23 @@ import sys
 import numpy as np
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, pipeline
+from transformers import AutoTokenizer
 
-from dist_clm.checkpoint import export, load_model
 from dist_clm.distributed import free_port
 from dist_clm.errors import UserError
 from dist_clm.evaluate import evaluate_cli, token_byte_lengths, windows
+from dist_clm.export import export, load_model
 from dist_clm.generate import Sampling, generate
-from tests.conftest import BIN, TINY, run_cli
-from tests.test_cli_errors import assert_clean_error
-from tests.test_prepare import read_split
-
-
-def independent_model(tag_dir):
-    """The checkpoint's weights via DeepSpeed's own consolidation (ZeRO 1-3; ZeRO 0: the module's weights in
-    its model-states file, read with plain torch.load), in a model built from its config.json."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    if json.loads((tag_dir / "complete.json").read_text())["zero_stage"] == 0:
-        sd = torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-    else:
-        with contextlib.redirect_stdout(io.StringIO()):
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(tag_dir)))
-    model.load_state_dict(sd, strict=False)
-    model.tie_weights()
-    return model.eval()
-
-
-def last_checkpoint(run):
-    return sorted((run / "checkpoints").glob("step_*"))[-1]
+from tests.helpers import (
+    BIN,
+    TINY,
+    assert_clean_error,
+    check_export,
+    independent_model,
+    last_checkpoint,
+    read_split,
+    run_cli,
+)
 
 
 def val_stream(data_dir) -> np.ndarray:
@@ -205,19 +190,6 @@ def wide_zero3_run(tmp_path_factory, data_dir):
     return run
 
 
-def check_export(out, tag_dir):
-    """`out` loads in transformers with the checkpoint's logits, and pipeline() generates with it."""
-    hf = AutoModelForCausalLM.from_pretrained(str(out)).eval()
-    tok = AutoTokenizer.from_pretrained(str(out))
-    assert tok.eos_token_id == hf.generation_config.eos_token_id
-    ids = torch.tensor([tok("def main():\n    return 1\n").input_ids])
-    with torch.no_grad():
-        assert (hf(ids).logits - independent_model(tag_dir)(ids).logits).abs().max().item() <= 1e-5
-    generator = pipeline("text-generation", model=str(out), device="cpu")
-    text = generator("import ", max_new_tokens=8, do_sample=False)[0]["generated_text"]
-    assert text.startswith("import ") and len(text) > len("import ")
-
-
 @pytest.mark.slow
 def test_a_sharded_export_with_its_card_and_provenance(wide_zero3_run, tmp_path):
     out = tmp_path / "hf"
@@ -242,7 +214,7 @@ EXPORT_MEMORY = """
 import sys, threading, time, torch
 import deepspeed.utils.zero_to_fp32, huggingface_hub, safetensors.torch, transformers  # imported before the baseline
 from transformers import AutoConfig, GenerationConfig
-from dist_clm.checkpoint import export
+from dist_clm.export import export
 from dist_clm.data.tokenizer import load_tokenizer
 def anon():
     for line in open("/proc/self/status"):

@@ -9,8 +9,7 @@ import time
 import pytest
 
 from dist_clm.checkpoint import COMPLETE, complete_checkpoints
-from tests.conftest import BIN, TINY
-from tests.test_train import metrics, train_losses
+from tests.helpers import BIN, TINY, metrics, train_losses
 
 pytestmark = pytest.mark.slow
 

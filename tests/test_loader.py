@@ -18,7 +18,7 @@ from dist_clm.data.loader import (
 )
 from dist_clm.data.prepare import prepare, read_manifest
 from dist_clm.errors import UserError
-from tests.test_prepare import read_split
+from tests.helpers import read_split
 
 
 def src(d, weight=1.0, name=None):
@@ -28,8 +28,9 @@ def src(d, weight=1.0, name=None):
 def loader(data_dir, block=64, micro=2, accum=1, rank=0, world=1, shuffle=True, state=None, workers=0, **kw):
     sources = data_dir if isinstance(data_dir, list) else [src(data_dir)]
     return TrainLoader(
-        sources, block, micro, accum, rank, world, shuffle, seed=7, num_workers=workers, state=state, **kw
-    )
+        sources, block_size=block, micro_batch=micro, grad_accum=accum, rank=rank, world=world, shuffle=shuffle,
+        seed=7, num_workers=workers, state=state, **kw,
+    )  # fmt: skip
 
 
 def take_steps(ld, steps, accum=1, key="input_ids"):

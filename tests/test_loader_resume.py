@@ -15,7 +15,7 @@ import pytest
 
 from dist_clm.data.loader import Mixture, PackedBlocks, TokenStream
 from dist_clm.data.prepare import read_manifest
-from tests.conftest import BIN, REPO
+from tests.helpers import BIN, REPO
 
 pytestmark = pytest.mark.slow
 

@@ -13,9 +13,7 @@ import pytest
 from dist_clm.checkpoint import complete_checkpoints
 from dist_clm.distributed import free_port
 from dist_clm.preemption import PREEMPTED_EXIT
-from tests.conftest import BIN, TINY
-from tests.test_stability import same, weights
-from tests.test_train import metrics, train_losses
+from tests.helpers import BIN, TINY, metrics, same, train_losses, weights
 
 pytestmark = pytest.mark.slow
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from streaming import StreamingDataset
 from transformers import AutoTokenizer
 
 from dist_clm.data import sources
 from dist_clm.data.prepare import is_val, prepare, read_manifest
 from dist_clm.data.tokenizer import fingerprint, load_tokenizer
 from dist_clm.errors import UserError
+from tests.helpers import BIN, read_split, without_eos
 
 
 def expected_streams(corpus_docs, tok, val_fraction):
@@ -24,12 +24,6 @@ def expected_streams(corpus_docs, tok, val_fraction):
             ids = tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
             streams["val" if is_val(text, val_fraction) else "train"].append(ids)
     return streams
-
-
-def read_split(path: Path):
-    ds = StreamingDataset(local=str(path), shuffle=False, batch_size=1)  # a plain reader, not ours
-    chunks = [ds[i] for i in range(ds.num_samples)]
-    return chunks
 
 
 def test_shards_hold_the_corpus_token_stream(data_dir, corpus_dir, tokenizer_dir):
@@ -138,7 +132,6 @@ def test_refuses_existing_output_and_reads_only_complete_dirs(tmp_path, data_dir
 
 
 def test_tokenizer_without_eos_is_refused_by_prepare(tmp_path, tokenizer_dir, corpus_dir):
-    from tests.test_tokenizer import without_eos
 
     bad = without_eos(tokenizer_dir, tmp_path / "noeos")
     with pytest.raises(UserError, match="has no end-of-text token"):
@@ -220,7 +213,6 @@ def big_corpus(tmp_path: Path) -> Path:
 
 
 def start_prepare(corpus: Path, tokenizer_dir: Path, out: Path) -> subprocess.Popen:
-    from tests.conftest import BIN
 
     return subprocess.Popen(
         [

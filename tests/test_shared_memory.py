@@ -16,8 +16,7 @@ import pytest
 
 from dist_clm.checkpoint import complete_checkpoints
 from dist_clm.distributed import free_port
-from tests.conftest import BIN, TINY
-from tests.test_train import metrics, train_losses
+from tests.helpers import BIN, TINY, metrics, train_losses
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import pytest
 
 from dist_clm.errors import UserError
 from dist_clm.slurm import SlurmSettings, TrainJob, submit
-from tests.conftest import TINY, run_cli
+from tests.helpers import TINY, run_cli
 
 
 def slurm_up() -> bool:
@@ -116,7 +116,8 @@ def test_two_task_job_trains_and_survives_three_kinds_of_preemption(tmp_path, da
     wait_for(lambda: restarts(job.job_id) >= 1 and running(job.job_id), "the requeued job", 120)
     # 2. real preemption: a job on the higher-priority partition takes both CPUs
     wait_for(lambda: logged_steps(run)[-1] > logged_steps(run)[0] + 20 if logged_steps(run) else False, "progress")
-    subprocess.run(["sbatch", "-p", "urgent", "-n", "2", "--wrap", "sleep 2"], check=True, capture_output=True)
+    urgent = ["sbatch", "-p", "urgent", "-n", "2", "--output", str(tmp_path / "urgent-%j.out"), "--wrap", "sleep 2"]
+    subprocess.run(urgent, check=True, capture_output=True)
     wait_for(lambda: restarts(job.job_id) >= 2 and running(job.job_id), "the job back after preemption", 180)
     # 3. an outside requeue: SIGTERM then SIGKILL, no checkpoint call; back from the last periodic checkpoint
     done = sorted((run / "checkpoints").glob("step_*/complete.json"))

@@ -10,13 +10,23 @@ import subprocess
 import pytest
 import torch
 
-from dist_clm import checkpoint
-from dist_clm.distributed import free_port
+from dist_clm.checkpoint import SKIPS, Checkpointer
+from dist_clm.distributed import DistEnv, free_port
 from dist_clm.errors import UserError
 from dist_clm.stability import LossGuard, LossInjector
-from tests.conftest import BIN, TINY, run_cli
-from tests.test_cli_errors import assert_clean_error
-from tests.test_train import metrics, train_losses
+from tests.helpers import (
+    BIN,
+    TINY,
+    assert_clean_error,
+    check_export,
+    checkpoint_dir,
+    metrics,
+    run_cli,
+    same,
+    train_losses,
+    train_state,
+    weights,
+)
 
 
 def test_guard_counts_bad_steps_in_a_row_and_measures_spikes_against_good_ones():
@@ -49,27 +59,14 @@ def test_injector_applies_each_entry_once_on_its_rank():
 
 
 def test_skipped_windows_are_followed_on_resume(tmp_path):
-    checkpoint.record_skip(tmp_path, 16, 24, 3, "spike", is_main=False)  # only rank 0 writes
-    assert not (tmp_path / checkpoint.SKIPS).exists()
-    checkpoint.record_skip(tmp_path, 16, 24, 3, "spike", is_main=True)
-    checkpoint.record_skip(tmp_path, 24, 40, 5, "nan", is_main=True)  # a rollback right after the last one
-    assert checkpoint.past_skipped(tmp_path, 16) == 40
-    assert checkpoint.past_skipped(tmp_path, 8) == 8 and checkpoint.past_skipped(tmp_path, 24) == 40
-
-
-def weights(run, step) -> dict:
-    return checkpoint.load_state_dict(checkpoint.checkpoints_dir(run) / checkpoint.tag_for(step))
-
-
-def same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def loader_state(run, step) -> dict:
-    states = torch.load(
-        checkpoint.checkpoints_dir(run) / checkpoint.tag_for(step) / "mp_rank_00_model_states.pt", weights_only=False
-    )
-    return states["loader"]
+    main, other = (Checkpointer(tmp_path, 2, DistEnv(rank, rank, 2, "cpu"), zero_stage=2) for rank in (0, 1))
+    other.record_skip(16, 24, 3, "spike")  # only rank 0 writes
+    assert not (tmp_path / SKIPS).exists()
+    main.record_skip(16, 24, 3, "spike")
+    main.record_skip(24, 40, 5, "nan")  # a rollback right after the last one
+    for ckpt in (main, other):  # every rank reads the record
+        assert ckpt.past_skipped(16) == 40
+        assert ckpt.past_skipped(8) == 8 and ckpt.past_skipped(24) == 40
 
 
 @pytest.mark.slow
@@ -91,12 +88,12 @@ def test_two_ranks_agree_to_skip_and_roll_back(tmp_path, data_dir):
     assert same(weights(run, 2), weights(run, 3))  # step 3's update was not applied, on either rank's shard
     assert not same(weights(run, 3), weights(run, 4))
     per_step = 2 * 4 * 2  # ranks x micro batch x accumulation
-    skips = json.loads((run / checkpoint.SKIPS).read_text())
+    skips = json.loads((run / SKIPS).read_text())
     assert [(s["from_block"], s["to_block"], s["diverged_at_step"]) for s in skips] == [
         (7 * per_step, 8 * per_step, 8),  # the data of step 8 (back to the checkpoint of step 7)
         (12 * per_step, 13 * per_step, 12),  # the data of step 12, counted past the first window
     ]
-    assert loader_state(run, 14)["blocks_consumed"] == 16 * per_step  # 14 steps trained + 2 skipped windows
+    assert train_state(run, 14)["loader"]["blocks_consumed"] == 16 * per_step  # 14 steps trained + 2 skipped windows
 
     rows = metrics(run)
     losses = train_losses(rows)
@@ -121,10 +118,9 @@ def test_zero0_fp32_skips_too_and_without_a_checkpoint_divergence_is_a_clear_err
     assert rows[4]["train/skipped_steps"] == 1
     assert rows[2]["train/lr"] == rows[1]["train/lr"] != rows[3]["train/lr"]  # the schedule waited a step
     # a ZeRO-0 checkpoint exports too (its weights are the module's own)
-    from tests.test_eval_generate_export import check_export
 
     assert run_cli("export", str(run), "--out", str(tmp_path / "hf")).returncode == 0
-    check_export(tmp_path / "hf", checkpoint.checkpoints_dir(run) / checkpoint.tag_for(4))
+    check_export(tmp_path / "hf", checkpoint_dir(run, 4))
 
     r = run_cli("train", *common, f"run.dir={tmp_path / 'nockpt'}", "train.max_steps=5", "train.save_every=0",
                 env={"DIST_CLM_INJECT_LOSS": "2:nan,3:inf"})  # fmt: skip

@@ -1,10 +1,9 @@
-import json
-
 import pytest
 from transformers import AutoTokenizer
 
 from dist_clm.data.tokenizer import EOS_TOKEN, fingerprint, load_tokenizer, train_bpe
 from dist_clm.errors import UserError
+from tests.helpers import without_eos
 
 
 def test_trained_tokenizer_loads_with_autotokenizer_and_round_trips(tokenizer_dir, corpus_dir):
@@ -35,21 +34,6 @@ def test_refuses_non_empty_output_and_empty_corpus(tmp_path):
         train_bpe(["", ""], tmp_path / "empty")
     assert not (tmp_path / "empty").exists()
     assert not [p for p in tmp_path.iterdir() if "partial" in p.name]  # nothing half-written left behind
-
-
-def without_eos(src, dst):
-    """A copy of a tokenizer directory whose config names no end-of-text token."""
-    dst.mkdir()
-    for f in src.iterdir():
-        dst.joinpath(f.name).write_bytes(f.read_bytes())
-    cfg = json.loads((dst / "tokenizer_config.json").read_text())
-    for key in ("eos_token", "bos_token", "unk_token"):
-        cfg.pop(key, None)
-    (dst / "tokenizer_config.json").write_text(json.dumps(cfg))
-    sm = dst / "special_tokens_map.json"
-    if sm.exists():
-        sm.write_text("{}")
-    return dst
 
 
 def test_tokenizer_without_eos_is_refused(tmp_path, tokenizer_dir):

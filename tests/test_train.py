@@ -5,33 +5,12 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from dist_clm.config import load_config
 from dist_clm.distributed import free_port
-from tests.conftest import BIN, TINY
-
-
-def metrics(run: Path, skip: int = 0) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()[skip:]]
-
-
-def train_losses(rows: list[dict]) -> dict[int, float]:
-    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
-
-
-def launch(launcher: list[str], *overrides: str, timeout: int = 600, env: dict | None = None):
-    r = subprocess.run(
-        [*launcher, "--module" if launcher[0].endswith("deepspeed") else "-m", "dist_clm", "train", *overrides],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
-    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
-    return r
+from tests.helpers import BIN, TINY, check_export, independent_model, launch, metrics, run_cli, train_losses
 
 
 def test_single_process_run_writes_config_checkpoints_and_tensorboard(trained_run, data_dir):
@@ -68,7 +47,6 @@ def test_rerun_of_a_finished_run_resumes_and_does_nothing(trained_run, tmp_path,
     run = tmp_path / "copy"
     shutil.copytree(trained_run, run)
     before = len(metrics(run))
-    from tests.conftest import run_cli
 
     r = run_cli(
         "train",
@@ -134,8 +112,6 @@ def test_deepspeed_launcher_zero2_bf16_two_ranks_loss_falls_and_resume_continues
     assert state["tokens_seen"] == 12 * 8 * 64
 
     # the 2-rank ZeRO-2 checkpoint (bf16 weights, fp32 masters) exports with the masters' logits
-    from tests.conftest import run_cli
-    from tests.test_eval_generate_export import check_export
 
     r = run_cli("export", str(a), "--out", str(tmp_path / "hf"))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -147,8 +123,6 @@ def test_torchrun_two_ranks_zero3_llama_and_export(tmp_path, data_dir):
     """A Llama-style model under torchrun with ZeRO-3: partitioned weights consolidate into a loadable export."""
     import torch
     from transformers import AutoModelForCausalLM
-
-    from tests.test_eval_generate_export import check_export, independent_model
 
     run = tmp_path / "tr"
     tr = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
@@ -172,7 +146,6 @@ def test_torchrun_two_ranks_zero3_llama_and_export(tmp_path, data_dir):
     marker = json.loads((tag / "complete.json").read_text())
     assert marker["world_size"] == 2 and marker["zero_stage"] == 3
     assert list(train_losses(metrics(run))) == [2, 4]
-    from tests.conftest import run_cli
 
     r = run_cli("export", str(run), "--out", str(tmp_path / "hf"))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -194,7 +167,6 @@ def test_python_is_importable_without_launcher_env():
 
 
 def test_mixed_run_reports_each_validation_set_and_the_realized_mixture(tmp_path, data_dir, data_dir_b):
-    from tests.conftest import run_cli
 
     run = tmp_path / "mixed"
     sources = [f"{{path: {data_dir}, weight: 3}}", f"{{path: {data_dir_b}, weight: 1}}",

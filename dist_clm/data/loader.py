@@ -29,12 +29,16 @@ from bisect import bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dist_clm.errors import UserError
+
+if TYPE_CHECKING:
+    from dist_clm.config import Config
 
 _SHAPE_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.uint32), np.dtype(np.uint64))
 
@@ -312,13 +316,14 @@ class TrainLoader:
     def __init__(
         self,
         sources: list[Source],
+        *,
         block_size: int,
         micro_batch: int,
-        grad_accum: int,
-        rank: int,
-        world: int,
-        shuffle: bool,
-        seed: int,
+        grad_accum: int = 1,
+        rank: int = 0,
+        world: int = 1,
+        shuffle: bool = True,
+        seed: int = 0,
         num_workers: int = 0,
         state: dict | None = None,
         document_mask: bool = False,
@@ -347,11 +352,26 @@ class TrainLoader:
             num_workers=num_workers,
             persistent_workers=num_workers > 0,
             collate_fn=_as_is,
+            # its own generator for the workers' base seed: making an iterator leaves torch's global one alone,
+            # so a resumed run's random streams continue whenever the loader is made
+            generator=torch.Generator().manual_seed(seed),
         )
         self.steps_done = 0  # optimizer steps taken since `start`
 
+    @classmethod
+    def from_config(
+        cls, cfg: Config, sources: list[Source], *, rank: int, world: int, grad_accum: int, state: dict | None = None
+    ) -> TrainLoader:
+        """The loader a run's config means (data.* and the batch and seed of train.*), for this rank."""
+        d, t = cfg.data, cfg.train
+        return cls(
+            sources, block_size=d.block_size, micro_batch=t.micro_batch_size, grad_accum=grad_accum, rank=rank,
+            world=world, shuffle=d.shuffle, seed=t.seed, num_workers=d.num_workers, state=state,
+            document_mask=d.document_mask,
+        )  # fmt: skip
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        batches = iter(self.loader)  # made now, not at the first next(): it draws a seed from torch's generator
+        batches = iter(self.loader)  # made now, not at the first next(): the workers start here
         return ({k: torch.from_numpy(v) for k, v in batch.items()} for batch in batches)
 
     def step_done(self) -> None:

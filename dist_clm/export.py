@@ -1,0 +1,244 @@
+"""Models out of training checkpoints: weights for inference (eval, generate) and a Hugging Face directory.
+
+Nothing here needs a GPU or a DeepSpeed engine. ZeRO 1-3 keep fp32 master weights partitioned in the optimizer
+shards, gathered with DeepSpeed's own zero_to_fp32; ZeRO 0 keeps the module's own weights in the model-states
+file. The export never builds the model: it writes one safetensors shard at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+from dist_clm.checkpoint import COMPLETE, SKIPS, read_marker, resolve, run_dir_of
+from dist_clm.errors import UserError
+from dist_clm.fsutil import atomic_dir, refuse_non_empty
+
+
+def is_exported(path: Path) -> bool:
+    """`path` is a Hugging Face model directory (an export), not a training checkpoint."""
+    return (path / "config.json").is_file() and not (path / COMPLETE).is_file()
+
+
+def load_state_dict(tag_dir: Path) -> dict:
+    """The model's weights from a checkpoint, consolidated in fp32 on the CPU, without GPUs or an engine.
+
+    ZeRO 1-3 keep fp32 master weights partitioned in the optimizer shards; DeepSpeed's own zero_to_fp32
+    gathers them. ZeRO 0 keeps the module's own weights in the model-states file.
+    """
+    import torch
+
+    if read_marker(tag_dir)["zero_stage"] == 0:
+        states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {k: v.float() for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+
+
+def load_model(path: str | Path):
+    """(model in fp32 eval mode, tokenizer, source dir) from a checkpoint, a run, or an exported directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dist_clm.data.tokenizer import load_tokenizer
+
+    p = Path(path)
+    if is_exported(p):
+        model = AutoModelForCausalLM.from_pretrained(str(p), attn_implementation="sdpa")
+        tok = load_tokenizer(p)
+        where = p
+    else:
+        where = resolve(p)
+        config = AutoConfig.from_pretrained(str(where))
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        missing, unexpected = model.load_state_dict(load_state_dict(where), strict=False)
+        tied = {k for k in missing if k.endswith("lm_head.weight") and config.tie_word_embeddings}
+        if set(missing) - tied or unexpected:
+            raise UserError(
+                f"checkpoint '{where}' does not match its config.json (missing {sorted(missing)[:3]}, "
+                f"unexpected {sorted(unexpected)[:3]}); it was written by another model."
+            )
+        model.tie_weights()
+        tok = load_tokenizer(run_dir_of(where) / "tokenizer")
+    embedded = model.get_input_embeddings().num_embeddings
+    if len(tok) > embedded:
+        raise UserError(
+            f"the tokenizer of '{where}' has {len(tok)} tokens but the model embeds only {embedded}; use the "
+            "tokenizer the model was trained with."
+        )
+    return model.float().eval(), tok, where
+
+
+def _lazy_weights(tag_dir: Path) -> tuple[dict, callable]:
+    """(name -> lazily gathered tensor, materialize(dict of them) -> dict of fp32 tensors), without loading the
+    whole model: ZeRO 1-3 through DeepSpeed's lazy zero_to_fp32 (partitions memory-mapped, gathered per
+    tensor); ZeRO 0 from the model-states file, memory-mapped."""
+    import torch
+
+    if read_marker(tag_dir)["zero_stage"] == 0:
+        states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False)
+        return states["module"], lambda part: {k: v.float().contiguous() for k, v in part.items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, to_torch_tensor
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
+        lazy = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name, lazy_mode=True)
+    return lazy, lambda part: to_torch_tensor(part, dtype=torch.float32)
+
+
+def _write_weights(tag_dir: Path, out: Path, max_shard_size: str, dtype) -> int:
+    """model.safetensors (or shards + index) from a checkpoint, one shard in memory at a time; returns the
+    number of parameters. A tensor stored twice (tied embeddings) is written once: transformers ties it
+    again on load, as its own save_pretrained does."""
+    import torch
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    lazy, materialize = _lazy_weights(tag_dir)
+    seen, names = set(), []
+    for name, tensor in lazy.items():
+        key = (
+            id(tensor)
+            if not isinstance(tensor, torch.Tensor)
+            else (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        )
+        if key not in seen:
+            seen.add(key)
+            names.append(name)
+    shapes = {n: torch.empty(tuple(lazy[n].shape), dtype=dtype, device="meta") for n in names}
+    split = split_torch_state_dict_into_shards(
+        shapes, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+    )
+    for filename, tensors in split.filename_to_tensors.items():
+        shard = {k: v.to(dtype) for k, v in materialize({n: lazy[n] for n in tensors}).items()}
+        save_file(shard, str(out / filename), metadata={"format": "pt"})
+        del shard
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return sum(t.numel() for t in shapes.values())
+
+
+def export(path: str | Path, out_dir: str | Path, dtype: str = "float32", max_shard_size: str = "2GB") -> Path:
+    """A Hugging Face directory from a checkpoint: config, safetensors weights, tokenizer, generation config,
+    the run's config and data provenance, and a model card. No GPU and no engine are needed; the weights are
+    consolidated one shard at a time, never holding a second copy of the model."""
+    import torch
+    from transformers import AutoConfig, GenerationConfig
+
+    from dist_clm.data.tokenizer import load_tokenizer
+
+    p = Path(path)
+    if is_exported(p):
+        raise UserError(f"'{p}' is already an exported Hugging Face directory; copy it instead of exporting.")
+    tag_dir = resolve(p)
+    run_dir = run_dir_of(tag_dir)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    config = AutoConfig.from_pretrained(str(tag_dir))
+    tok = load_tokenizer(run_dir / "tokenizer")
+    out = Path(out_dir)
+    refuse_non_empty(out)
+    with atomic_dir(out) as tmp:
+        n_params = _write_weights(tag_dir, tmp, max_shard_size, torch_dtype)
+        config.dtype = dtype
+        config.save_pretrained(str(tmp))
+        # the special tokens only: greedy by default, and no sampling flag that a greedy call would ignore
+        GenerationConfig(
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id
+        ).save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        if (run_dir / "config.yaml").is_file():
+            shutil.copy(run_dir / "config.yaml", tmp / "dist_clm_config.yaml")
+        provenance = _provenance(run_dir, tag_dir)
+        (tmp / "data_provenance.json").write_text(json.dumps(provenance, indent=2))
+        (tmp / "README.md").write_text(_model_card(out.name, config, n_params, tag_dir, run_dir, provenance))
+    return out
+
+
+def _provenance(run_dir: Path, tag_dir: Path) -> dict:
+    """What the model was trained on: each source's manifest (without its histograms), step and tokens."""
+    import torch
+
+    from dist_clm.config import load_config
+
+    sources = []
+    if (run_dir / "config.yaml").is_file():
+        cfg = load_config(run_dir / "config.yaml")
+        mix = cfg.data.mix or [None]
+        for m in mix:
+            path = m.path if m else cfg.data.path
+            manifest_path = Path(path) / "manifest.json"
+            manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+            for split in manifest.get("splits", {}).values():
+                split.pop("length_histogram", None)
+            sources.append({"name": (m.name if m else "") or Path(path).name, "path": str(path),
+                            "weight": m.weight if m else 1.0, "manifest": manifest})  # fmt: skip
+    model_states = sorted(tag_dir.glob("*model_states.pt"))[0]  # (ZeRO-3 names one per rank; any has the state)
+    states = torch.load(model_states, map_location="cpu", mmap=True, weights_only=False)
+    return {
+        "checkpoint": str(tag_dir),
+        "step": read_marker(tag_dir)["step"],
+        "tokens_seen": states.get("tokens_seen"),
+        "sources": sources,
+        "skipped_windows": json.loads((run_dir / SKIPS).read_text()) if (run_dir / SKIPS).is_file() else [],
+    }
+
+
+def _model_card(name: str, config, n_params: int, tag_dir: Path, run_dir: Path, prov: dict) -> str:
+    val = None
+    if (run_dir / "metrics.jsonl").is_file():
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            if "val/loss" in row and row["step"] <= prov["step"]:
+                val = row
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        f"tags: [dist_clm, causal-lm, {config.model_type}]",
+        "---",
+        f"# {name}",
+        "",
+        f"A {config.model_type} causal language model ({n_params:,} parameters, vocabulary "
+        f"{config.vocab_size:,}) trained from scratch or continued with dist_clm, exported from `{tag_dir}` "
+        f"at step {prov['step']}"
+        + (f" after {prov['tokens_seen']:,} training tokens." if prov["tokens_seen"] else "."),
+    ]
+    if val:
+        lines += [
+            "",
+            f"Validation at step {val['step']}: loss {val['val/loss']:.4f}, perplexity {val['val/perplexity']:.2f}.",
+        ]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        f'generate = pipeline("text-generation", model="{name}")',
+        'print(generate("def main(", max_new_tokens=40)[0]["generated_text"])',
+        "```",
+        "",
+        "## Training data",
+        "",
+    ]
+    for src in prov["sources"]:
+        m = src["manifest"]
+        splits = m.get("splits", {})
+        counts = ", ".join(f"{k}: {v['documents']:,} documents, {v['tokens']:,} tokens" for k, v in splits.items())
+        inputs = m.get("sources", {}).get("inputs", [])
+        lines.append(
+            f"- **{src['name']}** (weight {src['weight']:g}): `{src['path']}`, prepared {m.get('created', '?')} "
+            f"from {', '.join(f'`{i}`' for i in inputs) or 'unknown inputs'}; {counts}; tokenizer fingerprint "
+            f"`{m.get('tokenizer', {}).get('fingerprint', '?')}`."
+        )
+    if prov["skipped_windows"]:
+        lines.append(
+            f"- {len(prov['skipped_windows'])} data window(s) skipped after rollbacks (see data_provenance.json)."
+        )
+    lines += ["", "The full training configuration is in `dist_clm_config.yaml`; the data manifests in "
+              "`data_provenance.json`.", ""]  # fmt: skip
+    return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""Setting up a training run: its data sources, tokenizer, model and DeepSpeed engine, all checked before
+anything is written; then the run directory's config.yaml, tokenizer/ and ds_config.json."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dist_clm.config import Config
+from dist_clm.data.loader import Source, TrainLoader
+from dist_clm.data.provenance import check_sources, run_tokenizer, training_sources
+from dist_clm.distributed import DistEnv
+from dist_clm.engine import deepspeed_config, param_groups, resolve_grad_accum, resolve_precision, scheduler_factory
+from dist_clm.errors import UserError
+from dist_clm.metrics import say
+from dist_clm.model import build_model, count_params, flops_per_token, max_positions
+
+
+@dataclass
+class Run:
+    """What a training run is made of once set up; the loop, validation and checkpoints work on it."""
+
+    cfg: Config
+    env: DistEnv
+    sources: list[Source]  # every prepared directory, validation-only ones (weight 0) included
+    engine: Any  # the DeepSpeed engine; engine.module is the transformers model
+    scheduler: Any  # the learning-rate schedule DeepSpeed steps
+    grad_accum: int  # micro batches per optimizer step on this world size
+    precision: str  # bf16, fp16 or fp32
+    flops_per_token: float  # training FLOPs per token (forward + backward), for MFU
+
+    @property
+    def source_names(self) -> list[str]:
+        """The sources trained on, in the loader's order."""
+        return [s.name for s in self.sources if s.weight > 0]
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.cfg.train
+        return self.env.world_size * t.micro_batch_size * self.grad_accum * self.cfg.data.block_size
+
+    @property
+    def zero0_fp32(self) -> bool:
+        """ZeRO-0 in fp32, the one setting where DeepSpeed has no overflow path to skip a bad update."""
+        return self.cfg.train.zero_stage == 0 and self.precision == "fp32"
+
+    def loader(self, state: dict | None = None) -> TrainLoader:
+        """This rank's training batches from `state` (a TrainLoader.state_dict(); None: the start)."""
+        return TrainLoader.from_config(
+            self.cfg, self.sources, rank=self.env.rank, world=self.env.world_size, grad_accum=self.grad_accum,
+            state=state,
+        )  # fmt: skip
+
+
+def setup(cfg: Config, env: DistEnv) -> Run:
+    """Collective (deepspeed.initialize): the run per `cfg` on this rank, from freshly initialised weights."""
+    import deepspeed
+
+    t, run_dir = cfg.train, Path(cfg.run.dir)
+    sources = training_sources(cfg)
+    tok = run_tokenizer(sources)
+    torch.manual_seed(t.seed)  # the same initial weights on every rank
+    model = build_model(cfg.model.preset, cfg.model.pretrained, cfg.model.overrides, tok)
+    limit = max_positions(model.config)
+    if limit is not None and cfg.data.block_size > limit:
+        raise UserError(
+            f"config key 'data.block_size' is {cfg.data.block_size}, more than the model's {limit} "
+            "positions; lower data.block_size or raise the model's positions."
+        )
+    check_sources(sources, tok, model.config.vocab_size, cfg.model.pretrained)
+    grad_accum = resolve_grad_accum(t, env.world_size)
+    on_gpu = env.device != "cpu"
+    ds_config = deepspeed_config(cfg, on_gpu=on_gpu, grad_accum=grad_accum)
+    precision = resolve_precision(t.precision, on_gpu)
+    if t.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    n_params = count_params(model)
+    flops = flops_per_token(model.config, n_params, cfg.data.block_size)
+    say(
+        env.is_main,
+        f"model: {model.config.model_type}, {n_params / 1e6:.2f} M parameters, {flops / 1e6:.1f} MFLOPs per "
+        f"token; world size {env.world_size} on {env.device}, {precision}, ZeRO-{t.zero_stage}",
+    )
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "config.yaml")
+        if not (run_dir / "tokenizer").is_dir():
+            tok.save_pretrained(str(run_dir / "tokenizer"))
+        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, t.weight_decay),
+        config=ds_config,
+        lr_scheduler=scheduler_factory(t),
+    )
+    if t.compile:
+        engine.compile()
+    return Run(cfg, env, sources, engine, scheduler, grad_accum, precision, flops)

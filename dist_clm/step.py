@@ -1,0 +1,62 @@
+"""One optimizer step: the micro batches, the step's one agreement between ranks, the loss guard, backward,
+and the update (or DeepSpeed's overflow path when the step must not be applied). See stability.py for the
+rules; the training loop (train.py) and the throughput benchmark both call `train_step`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from dist_clm.preemption import StopRequest
+from dist_clm.setup import Run
+from dist_clm.stability import LossGuard, LossInjector, agree, poison, step_zero0_fp32
+
+
+@dataclass
+class StepResult:
+    loss: float  # the step's loss, mean over ranks and micro batches (nan when any was non-finite)
+    good: bool  # applied and not a spike: its loss counts in the logged train/loss
+    rollback: str | None  # why the run must roll back now (the guard's verdict), or None
+    stop_signal: int | None  # a stop signal some rank received (the same on every rank)
+    data_wait_s: float  # seconds this rank waited for its batches
+    blocks_per_source: list[int]  # this rank's blocks of each training source in this step
+
+
+def train_step(
+    run: Run, batches: Iterator[dict], step: int, stop: StopRequest, guard: LossGuard, inject: LossInjector
+) -> StepResult:
+    """Collective: step number `step` (1-based) on every rank, from `run.grad_accum` micro batches of `batches`."""
+    engine, device = run.engine, run.env.device
+    losses, waited, blocks = [], 0.0, torch.zeros(len(run.source_names), dtype=torch.int64)
+    for micro in range(run.grad_accum):  # engine.step() applies the update at the accumulation boundary
+        t0 = time.perf_counter()
+        batch = next(batches)
+        waited += time.perf_counter() - t0
+        blocks += torch.bincount(batch.pop("source"), minlength=len(blocks))
+        inputs = {k: v.to(device) for k, v in batch.items()}  # input_ids, labels (, position_ids)
+        loss = inject(step, engine(**inputs, use_cache=False).loss)
+        losses.append(loss)
+        last = micro == run.grad_accum - 1
+        if last:  # the step's one collective: stop signals, non-finite losses, loss sum
+            agreed = agree(stop.signals, stop.received, losses, run.env.world_size, device)
+            spike = guard.is_spike(agreed.mean_loss)
+            if agreed.nonfinite or spike:
+                loss = poison(loss)  # on every rank: DeepSpeed's overflow path drops this update
+        engine.backward(loss)
+        if last and run.zero0_fp32:  # DeepSpeed has no overflow path there: dist_clm's own
+            step_zero0_fp32(engine, bool(agreed.nonfinite or spike), device)
+        else:
+            engine.step()
+    # fp16's loss scaler skips overflowing steps by design while it finds its scale: not a bad step
+    healthy = engine.was_step_applied() or (run.precision == "fp16" and not agreed.nonfinite)
+    return StepResult(
+        loss=agreed.mean_loss,
+        good=healthy and not spike,
+        rollback=guard.after_step(healthy, agreed.mean_loss, spike),
+        stop_signal=agreed.signum,
+        data_wait_s=waited,
+        blocks_per_source=blocks.tolist(),
+    )

@@ -1,0 +1,177 @@
+"""What several test modules share: the tiny model's settings, running the real commands, reading a run's
+metrics and checkpoints, comparing weights, and the assertions for clean errors and loadable exports."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+TINY = [
+    "model.preset=tiny",
+    "model.overrides.n_embd=64",
+    "model.overrides.n_positions=128",
+    "data.block_size=64",
+    "train.micro_batch_size=4",
+    "train.warmup_steps=2",
+    "train.lr=3e-3",
+    "train.eval_blocks=8",
+    "run.progress_bar=false",
+]
+
+
+# ---- running the real commands
+
+
+def run_cli(*args: str, timeout: int = 600, env: dict | None = None, cwd: Path | None = None):
+    """Run `dist-clm ARGS` in a fresh process, the way a user does; returns the CompletedProcess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [str(BIN / "dist-clm"), *args], capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd
+    )
+
+
+def launch(launcher: list[str], *overrides: str, timeout: int = 600, env: dict | None = None):
+    """`dist_clm train OVERRIDES` under a launcher command (deepspeed, torchrun or python); asserts success."""
+    r = subprocess.run(
+        [*launcher, "--module" if launcher[0].endswith("deepspeed") else "-m", "dist_clm", "train", *overrides],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    return r
+
+
+def assert_clean_error(r, *fragments):
+    """The command failed the way a user error must: exit 2, one `dist-clm: error:` sentence holding each of
+    `fragments`, no traceback."""
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("dist-clm: error:")]
+    assert len(errors) == 1, r.stderr[-2000:]
+    for f in fragments:
+        assert f in errors[0]
+    assert errors[0].endswith(".")
+
+
+# ---- inputs
+
+
+def corpus_files(n: int = 40, skip: int = 0) -> list[Path]:
+    """Real text nobody here wrote: `n` standard-library modules of moderate size (after the first `skip`)."""
+    from dist_clm.data.sources import default_corpus_files
+
+    files = [f for f in default_corpus_files() if 2_000 < f.stat().st_size < 40_000]
+    return files[skip : skip + n]
+
+
+def without_eos(src, dst):
+    """A copy of a tokenizer directory whose config names no end-of-text token."""
+    dst.mkdir()
+    for f in src.iterdir():
+        dst.joinpath(f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((dst / "tokenizer_config.json").read_text())
+    for key in ("eos_token", "bos_token", "unk_token"):
+        cfg.pop(key, None)
+    (dst / "tokenizer_config.json").write_text(json.dumps(cfg))
+    sm = dst / "special_tokens_map.json"
+    if sm.exists():
+        sm.write_text("{}")
+    return dst
+
+
+def read_split(path: Path):
+    """A prepared split's chunks through streaming's own StreamingDataset (a plain reader, not ours)."""
+    from streaming import StreamingDataset
+
+    ds = StreamingDataset(local=str(path), shuffle=False, batch_size=1)
+    return [ds[i] for i in range(ds.num_samples)]
+
+
+# ---- a run's outputs
+
+
+def metrics(run: Path, skip: int = 0) -> list[dict]:
+    """The rows of RUN/metrics.jsonl after the first `skip`."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()[skip:]]
+
+
+def train_losses(rows: list[dict]) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def checkpoint_dir(run: Path, step: int) -> Path:
+    from dist_clm.checkpoint import checkpoints_dir, tag_for
+
+    return checkpoints_dir(run) / tag_for(step)
+
+
+def last_checkpoint(run: Path) -> Path:
+    return sorted((run / "checkpoints").glob("step_*"))[-1]
+
+
+def weights(run: Path, step: int) -> dict:
+    """The consolidated fp32 weights of the checkpoint at `step`."""
+    from dist_clm.export import load_state_dict
+
+    return load_state_dict(checkpoint_dir(run, step))
+
+
+def train_state(run: Path, step: int) -> dict:
+    """The train state (step, tokens_seen, loader) saved in the checkpoint at `step`."""
+    return torch.load(checkpoint_dir(run, step) / "mp_rank_00_model_states.pt", weights_only=False)
+
+
+def same(a: dict, b: dict) -> bool:
+    """Two state dicts hold the same tensors, bit for bit."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- exports
+
+
+def independent_model(tag_dir):
+    """The checkpoint's weights via DeepSpeed's own consolidation (ZeRO 1-3; ZeRO 0: the module's weights in
+    its model-states file, read with plain torch.load), in a model built from its config.json."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if json.loads((tag_dir / "complete.json").read_text())["zero_stage"] == 0:
+        sd = torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    else:
+        with contextlib.redirect_stdout(io.StringIO()):
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(tag_dir)))
+    model.load_state_dict(sd, strict=False)
+    model.tie_weights()
+    return model.eval()
+
+
+def check_export(out, tag_dir):
+    """`out` loads in transformers with the checkpoint's logits, and pipeline() generates with it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    hf = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert tok.eos_token_id == hf.generation_config.eos_token_id
+    ids = torch.tensor([tok("def main():\n    return 1\n").input_ids])
+    with torch.no_grad():
+        assert (hf(ids).logits - independent_model(tag_dir)(ids).logits).abs().max().item() <= 1e-5
+    # its generation config is consistent: greedy by default, no sampling flag for generate() to ignore
+    # (transformers < 5's text-generation pipeline adds a temperature of its own; that one is not the export's)
+    hf.generation_config.validate(strict=True)
+    assert not hf.generation_config.do_sample
+    generator = pipeline("text-generation", model=str(out), device="cpu")
+    text = generator("import ", max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    assert text.startswith("import ") and len(text) > len("import ")
