@@ -1,4 +1,9 @@
-"""Atomic file-system writes: nothing half-written is ever taken for complete."""
+"""Atomic, durable file-system writes: nothing half-written is ever taken for complete, and what is marked
+complete survives a power or node loss.
+
+Durable means what torch's distributed checkpoint and databases do: write under a temporary name, fsync the
+file (or every file of a directory, and the directories), rename into place, then fsync the parent directory
+so the rename itself is on disk."""
 
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ def refuse_non_empty(out: Path) -> None:
 def atomic_dir(out: Path, what: str = "run") -> Iterator[Path]:
     """Yield `.NAME.partial` beside `out`; rename it to `out` only if the block succeeds, else delete it.
 
-    A reader that finds `out` therefore always finds it whole. A process killed inside the block leaves the
+    A reader that finds `out` therefore always finds it whole, and durable (every file and directory is
+    fsynced before the rename, the parent after it). A process killed inside the block leaves the
     partial directory (with an OWNER pid file): the next writer of `out` removes it, saying so, unless its
     owner is still alive, which it refuses. `what` names the writer in those messages.
     """
@@ -39,9 +45,11 @@ def atomic_dir(out: Path, what: str = "run") -> Iterator[Path]:
     try:
         yield partial
         owner.unlink()
+        fsync_tree(partial)
         if out.exists():
             out.rmdir()  # callers check it is empty first; rename needs it gone
         os.rename(partial, out)
+        fsync_dir(out.parent)
     except BaseException:  # an error or Ctrl-C: nothing half-written stays
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -58,10 +66,45 @@ def _alive(pid: int) -> bool:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over `path`."""
+    """Write to a temporary file in the same directory, fsync, rename over `path`, fsync the directory."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the directory's entries (files created, renamed or removed in it) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every regular file under `root`, then every directory, deepest first."""
+    dirs = []
+    for here, _, files in os.walk(root):
+        dirs.append(Path(here))
+        for name in files:
+            p = Path(here, name)
+            if p.is_file() and not p.is_symlink():
+                fsync_file(p)
+    for d in reversed(dirs):
+        fsync_dir(d)
