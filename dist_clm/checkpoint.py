@@ -1,14 +1,22 @@
 """Training checkpoints: what a run saves, how it resumes, and the record of data windows skipped by rollbacks.
 
-    RUN/checkpoints/step_00000100/   DeepSpeed's files (model, optimizer shards, scheduler, client_state =
-                                     the TrainState: step, tokens seen, the loader's position)
-                                     + rng_rank{r}.pt (each rank's random generators)
+    RUN/checkpoints/step_00000100/   DeepSpeed's files (model, optimizer shards, scheduler)
+                                     + rng_rank{r}.pt (each rank's random generators, tensors and numbers)
+                                     + train_state.json (the TrainState: step, tokens seen, the loader's
+                                       position, the global batch, the data's fingerprint)
                                      + config.json (the transformers model config)
-                                     + complete.json  <- written last, atomically, after every rank saved
+                                     + READERS (readers lock it; pruning leaves a checkpoint being read alone)
+                                     + complete.json  <- written last, after every rank's files are durable;
+                                       it lists every file with its size
     RUN/skips.json                   data windows skipped after rollbacks (a resume skips them again)
 
 Only a directory holding complete.json is a checkpoint: a run killed while saving leaves a directory without
-it, which resume ignores and the next save removes. The tokenizer lives once in RUN/tokenizer.
+it, which resume ignores and the next save removes. Every file is fsynced by the rank that sees it after its
+own writes, before the marker, which is itself written to a temporary name, fsynced and renamed (the recipe
+of torch's distributed checkpoint). A checkpoint whose files are missing or have other sizes than its marker
+lists is reported and the previous complete one is used. The project's own files load without running code
+(JSON, and tensors with torch.load(weights_only=True)); DeepSpeed's own files are pickles that it unpickles,
+so a run directory must be as trusted as code. The tokenizer lives once in RUN/tokenizer.
 
 `Checkpointer` is the one place that decides how a run continues: which checkpoint (the newest complete
 one), whether it goes through DeepSpeed's universal checkpoint (written by another number of ranks or
@@ -18,18 +26,26 @@ them). Loading weights for inference and exporting live in export.py.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import fcntl
 import json
+import os
 import shutil
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from dist_clm.distributed import DistEnv, barrier
+from dist_clm.distributed import DistEnv, agree_on_error, all_reduce_sum, barrier
 from dist_clm.errors import UserError
-from dist_clm.fsutil import atomic_dir, atomic_write_text
+from dist_clm.fsutil import atomic_dir, atomic_write_text, fsync_dir, fsync_tree
 from dist_clm.metrics import say
 
 COMPLETE = "complete.json"
+TRAIN_STATE = "train_state.json"
+READERS = "READERS"  # readers hold a shared flock on it; pruning skips a checkpoint they hold
 PREFIX = "step_"
 UNIVERSAL = "universal"
 SKIPS = "skips.json"
@@ -82,11 +98,14 @@ def resolve(path: str | Path) -> Path:
 
 @dataclass
 class TrainState:
-    """What a checkpoint carries besides the engine: where the run stands at a step boundary."""
+    """What a checkpoint carries besides the engine: where the run stands at a step boundary, and what it
+    trains on. Saved as train_state.json (plain JSON: loading it runs no code)."""
 
     step: int = 0  # optimizer steps applied or skipped (a rollback sets it back)
     tokens_seen: int = 0  # training tokens of those steps (skipped data windows are not counted)
     loader: dict | None = None  # TrainLoader.state_dict(): the global blocks consumed (None: the start)
+    global_batch: int | None = None  # blocks per optimizer step over all ranks
+    data: list[dict] | None = None  # the training data's fingerprint (rundir.data_fingerprint)
 
     def advance(self, tokens: int, loader_state: dict) -> None:
         """One more optimizer step of `tokens` tokens; the loader now stands at `loader_state`."""
@@ -95,44 +114,112 @@ class TrainState:
         self.loader = loader_state
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "loader": self.loader}
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_state_dict(cls, state: dict) -> TrainState:
-        return cls(step=state["step"], tokens_seen=state["tokens_seen"], loader=dict(state["loader"]))
+        return cls(**{f.name: state.get(f.name) for f in dataclasses.fields(cls)})
+
+
+def read_train_state(tag_dir: Path) -> TrainState:
+    return TrainState.from_state_dict(json.loads((tag_dir / TRAIN_STATE).read_text()))
+
+
+@contextlib.contextmanager
+def reading(path: str | Path) -> Iterator[Path]:
+    """The complete checkpoint `path` resolves to, held for reading: keep-k pruning leaves a checkpoint alone
+    while any reader (eval, generate, export) holds it. A shared flock on its READERS file; one that was
+    pruned between resolving and locking is resolved again."""
+    for _ in range(3):
+        tag_dir = resolve(path)
+        try:
+            fd = os.open(tag_dir / READERS, os.O_RDONLY)
+        except FileNotFoundError:  # pruned in between, or written before readers were tracked
+            if not (tag_dir / COMPLETE).is_file():
+                continue
+            yield tag_dir
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            if (tag_dir / COMPLETE).is_file():
+                yield tag_dir
+                return
+        finally:
+            os.close(fd)
+    raise UserError(f"the checkpoints of '{path}' were removed while being opened; try again.")
 
 
 class Checkpointer:
     """Saves and restores a run's checkpoints, for this rank; keeps the last `keep_last` complete ones."""
 
-    def __init__(self, run_dir: str | Path, keep_last: int, env: DistEnv, zero_stage: int):
+    def __init__(self, run_dir: str | Path, keep_last: int, env: DistEnv, zero_stage: int, size_hint: int = 0):
         self.run_dir, self.dir = Path(run_dir), checkpoints_dir(run_dir)
         self.keep_last, self.env, self.zero_stage = keep_last, env, zero_stage
+        self.size_hint = size_hint  # bytes a checkpoint takes, before the first one exists (a pre-flight check)
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint, or None."""
-        done = complete_checkpoints(self.run_dir)
-        return done[-1] if done else None
+        """Collective: the newest checkpoint that every rank sees complete, or None (agreed, so that ranks
+        on a shared filesystem with caching never resume from different steps)."""
+        steps = self._complete_steps()
+        return self.dir / tag_for(steps[0]) if steps else None
+
+    def load_latest(self, engine) -> TrainState | None:
+        """Collective: restore the newest complete checkpoint that is whole on every rank's view. One whose
+        files are missing or truncated is reported, loudly, and the one before it is used: never a mix."""
+        for step in self._complete_steps():
+            tag_dir = self.dir / tag_for(step)
+            problem = _damage(tag_dir)
+            damaged = all_reduce_sum([float(problem is not None)], self.env.device)[0]
+            if not damaged:
+                return self.restore(engine, tag_dir)
+            say(self.env.is_main, f"WARNING: checkpoint {tag_dir} is damaged ({problem or 'on another rank'}); "
+                "falling back to the previous complete checkpoint")  # fmt: skip
+        if complete_checkpoints(self.run_dir):
+            raise UserError(
+                f"no checkpoint in '{self.dir}' can be loaded whole (each lacks or has a truncated file); restore "
+                "the files, or start afresh with run.overwrite=true."
+            )
+        return None
 
     def save(self, engine, state: TrainState, model_config) -> Path:
-        """Collective: every rank writes its shard and generators, then rank 0 marks the checkpoint complete
-        and prunes old ones."""
-        tag = tag_for(state.step)
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state=state.state_dict(), save_latest=False)
-        _save_rng(self.dir / tag, self.env.rank)
-        barrier()  # every rank's files are on disk before the marker says so
+        """Collective: every rank writes its shard and generators and makes them durable; then rank 0 writes
+        the model config and the train state, and last the completion marker, which lists every file with its
+        size; then it prunes old checkpoints."""
+        tag_dir = self.dir / tag_for(state.step)
+        self._check_space(tag_dir)
+        try:
+            engine.save_checkpoint(str(self.dir), tag=tag_dir.name, save_latest=False)
+            _save_rng(tag_dir, self.env.rank)
+            if self.env.is_main:
+                model_config.save_pretrained(str(tag_dir))
+                atomic_write_text(tag_dir / TRAIN_STATE, json.dumps(state.state_dict(), indent=2))
+                (tag_dir / READERS).touch()
+            sizes = _durable_sizes(tag_dir)  # every file this rank sees, fsynced: its own ones among them
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            free = shutil.disk_usage(self.dir).free
+            detail = getattr(e, "strerror", None) or str(e).splitlines()[0][:120]
+            raise UserError(
+                f"could not save checkpoint '{tag_dir}' ({detail}; {_size(free)} free on its filesystem); free "
+                "space or fix the filesystem, then rerun: training resumes from the last complete checkpoint."
+            ) from None
+        views = _all_gather(sizes)
         if self.env.is_main:
-            model_config.save_pretrained(str(self.dir / tag))
+            files: dict[str, int] = {}
+            for view in views:  # a writer's own view of its file is the freshest
+                for name, size in view.items():
+                    files[name] = max(size, files.get(name, 0))
             marker = {
                 "step": state.step,
                 "zero_stage": engine.zero_optimization_stage(),
                 "world_size": engine.world_size,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "files": dict(sorted(files.items())),
             }
-            atomic_write_text(self.dir / tag / COMPLETE, json.dumps(marker, indent=2))
+            atomic_write_text(tag_dir / COMPLETE, json.dumps(marker, indent=2))
+            fsync_dir(self.dir)
             self._prune()
         barrier()
-        return self.dir / tag
+        return tag_dir
 
     def restore(self, engine, tag_dir: Path) -> TrainState:
         """Collective: load a complete checkpoint into the engine (directly, or through DeepSpeed's universal
@@ -144,7 +231,7 @@ class Checkpointer:
         # kinds (an elastic resume, then a rollback to a checkpoint of its own)
         engine._config.load_universal_checkpoint = elastic
         where = self._universal(tag_dir) if elastic else tag_dir
-        _, client = engine.load_checkpoint(str(where.parent), tag=where.name)
+        engine.load_checkpoint(str(where.parent), tag=where.name)
         if elastic and self.zero_stage == 3:
             say(
                 self.env.is_main,
@@ -154,7 +241,7 @@ class Checkpointer:
             )
         if not elastic:  # each rank continues its own random streams (dropout); on other ranks they start anew
             _restore_rng(tag_dir, self.env.rank)
-        state = TrainState.from_state_dict(client)
+        state = read_train_state(tag_dir)
         state.loader["blocks_consumed"] = self.past_skipped(state.loader["blocks_consumed"])
         return state
 
@@ -192,7 +279,7 @@ class Checkpointer:
         import subprocess
         import sys
 
-        out = tag_dir / UNIVERSAL
+        out, problem = tag_dir / UNIVERSAL, None
         if self.env.is_main and not out.is_dir():
             print(
                 f"the world size or ZeRO stage changed: converting {tag_dir} to a universal checkpoint",
@@ -211,17 +298,46 @@ class Checkpointer:
                 )  # fmt: skip
                 if r.returncode != 0:
                     last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
-                    raise UserError(
+                    problem = UserError(
                         f"DeepSpeed could not convert '{tag_dir}' to a universal checkpoint ({last}); resume it "
                         "on the world size and ZeRO stage it was saved with."
                     )
-        barrier()
+                    raise problem
+        agree_on_error(problem, self.env.device)  # (the other ranks wait here for the conversion)
         return out
+
+    def _complete_steps(self) -> list[int]:
+        """Collective: the steps of the checkpoints every rank sees complete, newest first."""
+        mine = [int(p.name[len(PREFIX) :]) for p in complete_checkpoints(self.run_dir)]
+        common = set(mine)
+        for view in _all_gather(mine):
+            common &= set(view)
+        return sorted(common, reverse=True)
+
+    def _check_space(self, tag_dir: Path) -> None:
+        """Collective: refuse, on every rank alike, to start a save that cannot fit (the size of the newest
+        checkpoint, or the size hint before there is one) instead of failing halfway through it."""
+        done = complete_checkpoints(self.run_dir)
+        need = _tree_bytes(done[-1]) if done else self.size_hint
+        self.dir.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.dir).free
+        problem = None
+        if free < need:
+            problem = UserError(
+                f"not enough space to save checkpoint '{tag_dir}': {_size(free)} free on its filesystem, "
+                f"~{_size(need)} needed; free space (or lower train.keep_last), then rerun: training resumes "
+                "from the last complete checkpoint."
+            )
+        agree_on_error(problem, self.env.device)
 
     def _prune(self) -> None:
         for old in complete_checkpoints(self.run_dir)[: -self.keep_last]:
-            (old / COMPLETE).unlink()  # first un-mark, so a crash mid-delete never leaves a "complete" fragment
-            shutil.rmtree(old, ignore_errors=True)
+            with _exclusive(old) as free:
+                if not free:
+                    print(f"keeping {old} a while: a reader (eval, generate or export) has it open", file=sys.stderr)
+                    continue
+                (old / COMPLETE).unlink()  # first un-mark, so a crash mid-delete never leaves a "complete" fragment
+                shutil.rmtree(old, ignore_errors=True)
         for partial in self.dir.glob(f"{PREFIX}*"):
             if not (partial / COMPLETE).is_file():  # left by a run killed while saving
                 shutil.rmtree(partial, ignore_errors=True)
@@ -234,7 +350,13 @@ def _save_rng(tag_dir: Path, rank: int) -> None:
     import numpy as np
     import torch
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {  # plain containers, numbers and tensors: torch.load(weights_only=True) reads it back
+        "python": [version, list(internal), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     torch.save(state, tag_dir / f"rng_rank{rank}.pt")
@@ -250,9 +372,70 @@ def _restore_rng(tag_dir: Path, rank: int) -> None:
     path = tag_dir / f"rng_rank{rank}.pt"
     if not path.is_file():
         return
-    state = torch.load(path, weights_only=False)
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    state = torch.load(path, weights_only=True)  # runs no code
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+@contextlib.contextmanager
+def _exclusive(tag_dir: Path) -> Iterator[bool]:
+    """Whether no reader holds `tag_dir` (an exclusive flock on its READERS file, kept for the block)."""
+    try:
+        fd = os.open(tag_dir / READERS, os.O_RDONLY)
+    except FileNotFoundError:
+        yield True
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def _damage(tag_dir: Path) -> str | None:
+    """What is wrong with a complete checkpoint's files as this rank sees them (missing, or another size
+    than its marker lists), or None."""
+    for name, size in read_marker(tag_dir).get("files", {}).items():
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def _durable_sizes(tag_dir: Path) -> dict[str, int]:
+    """fsync every file under `tag_dir` (and the directories); their sizes by relative name."""
+    fsync_tree(tag_dir)
+    return {
+        str(p.relative_to(tag_dir)): p.stat().st_size
+        for p in tag_dir.rglob("*")
+        if p.is_file() and p.name not in (COMPLETE, READERS)
+    }
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _all_gather(obj) -> list:
+    import torch
+
+    if not torch.distributed.is_initialized():
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out

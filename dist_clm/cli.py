@@ -67,8 +67,12 @@ def _prepare(a: argparse.Namespace) -> None:
 
 
 def _inspect(a: argparse.Namespace) -> None:
-    from dist_clm.data.inspect import inspect
+    from dist_clm.data.inspect import inspect, verify
 
+    if a.verify:  # one line per split, or a DataError (exit 2) at the first problem
+        for line in verify(a.dir):
+            print(line)
+        return
     print(inspect(a.dir, samples=a.samples, tokens=a.tokens))
 
 
@@ -214,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("dir")
     t.add_argument("--samples", type=int, default=3, help="documents to decode")
     t.add_argument("--tokens", type=int, default=60, help="tokens to show of each")
+    t.add_argument(
+        "--verify", action="store_true", help="check every shard against index.json and the manifest instead"
+    )
     t.set_defaults(func=_inspect)
 
     t = sub.add_parser("train", help="train (plain, or under deepspeed/torchrun launchers)")

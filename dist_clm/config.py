@@ -28,6 +28,8 @@ class RunConfig:
     dir: str = "runs/quickstart"  # everything a run writes: config.yaml, checkpoints/, tensorboard/, metrics.jsonl
     tensorboard: bool = True  # write TensorBoard event files under <dir>/tensorboard on rank 0
     progress_bar: bool = True  # a tqdm bar on rank 0
+    overwrite: bool = False  # when `dir` holds checkpoints of another training (other settings or data, or
+    # train.resume=false): delete them, with the metrics and TensorBoard files, and start afresh (default: refuse)
 
 
 @dataclass(kw_only=True)
@@ -95,6 +97,8 @@ class TrainConfig:
     spike_window: int = 50  # good steps in the running mean that spikes are measured against
     max_rollbacks: int = 5  # rollbacks in one process before giving up with an error
     resume: bool = True  # resume automatically from the latest complete checkpoint in run.dir
+    fault_injection: str = ""  # drills and tests only: "STEP:KIND[@RANK],..." multiplies step STEP's loss
+    # (KIND nan, inf or xF; see dist_clm/stability.py); announced in the log and as faults/injected in TensorBoard
 
 
 @dataclass(kw_only=True)

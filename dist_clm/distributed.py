@@ -107,3 +107,25 @@ def all_reduce_sum(values: list[float], device: str) -> list[float]:
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(t)
     return t.tolist()
+
+
+def agree_on_error(error: Exception | None, device: str) -> None:
+    """Collective: when any rank holds an error, every rank raises one with the same sentence (the first
+    rank's), so that the rank that prints (rank 0) says what went wrong wherever it happened, and no rank is
+    left waiting in a collective for one that stopped."""
+    import torch
+
+    from dist_clm.errors import UserError
+
+    if not torch.distributed.is_initialized():
+        if error is not None:
+            raise error
+        return
+    if not all_reduce_sum([float(error is not None)], device)[0]:
+        return
+    messages: list[str | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(messages, str(error) if error is not None else None)
+    first = next(m for m in messages if m is not None)
+    if error is not None and str(error) == first:
+        raise error
+    raise UserError(first)

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dist_clm.distributed import all_reduce_sum
+from dist_clm.distributed import agree_on_error, all_reduce_sum
+from dist_clm.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -99,11 +100,15 @@ def perplexity(
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(n_batches, op=torch.distributed.ReduceOp.MAX)
     table = torch.from_numpy(byte_lengths) if byte_lengths is not None else None
-    nll, count, n_bytes = 0.0, 0, 0
+    nll, count, n_bytes, damaged = 0.0, 0, 0, None
     for i in range(int(n_batches.item())):
-        real = i < len(batches)
-        batch = batches[i] if real else [wins[0]]
-        ids = torch.stack([torch.from_numpy(read(w.start, w.length).astype(np.int64)) for w in batch])
+        real = i < len(batches) and damaged is None
+        batch = batches[i] if i < len(batches) else [wins[0]]
+        try:
+            ids = torch.stack([torch.from_numpy(read(w.start, w.length).astype(np.int64)) for w in batch])
+        except DataError as e:  # keep the forward passes in step with the other ranks; all stop below
+            damaged, real = e, False
+            ids = torch.zeros((len(batch), batch[0].length), dtype=torch.int64)
         logits = model(input_ids=ids.to(device)).logits.float()
         targets = ids[:, 1:]
         per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.to(device).flatten(), reduction="none")
@@ -115,6 +120,7 @@ def perplexity(
             count += int(mask.sum())
             if table is not None:
                 n_bytes += int(table[targets][mask].sum())
+    agree_on_error(damaged, device)
     nll, count, n_bytes = all_reduce_sum([nll, count, n_bytes], device)
     model.train(was_training)
     mean = nll / count

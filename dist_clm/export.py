@@ -13,7 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
-from dist_clm.checkpoint import COMPLETE, SKIPS, read_marker, resolve, run_dir_of
+from dist_clm.checkpoint import COMPLETE, SKIPS, read_marker, read_train_state, reading, run_dir_of
 from dist_clm.errors import UserError
 from dist_clm.fsutil import atomic_dir, refuse_non_empty
 
@@ -52,10 +52,11 @@ def load_model(path: str | Path):
         tok = load_tokenizer(p)
         where = p
     else:
-        where = resolve(p)
-        config = AutoConfig.from_pretrained(str(where))
+        with reading(p) as where:  # (keep-k pruning leaves it alone meanwhile)
+            config = AutoConfig.from_pretrained(str(where))
+            weights = load_state_dict(where)
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-        missing, unexpected = model.load_state_dict(load_state_dict(where), strict=False)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
         tied = {k for k in missing if k.endswith("lm_head.weight") and config.tie_word_embeddings}
         if set(missing) - tied or unexpected:
             raise UserError(
@@ -126,21 +127,25 @@ def export(path: str | Path, out_dir: str | Path, dtype: str = "float32", max_sh
     """A Hugging Face directory from a checkpoint: config, safetensors weights, tokenizer, generation config,
     the run's config and data provenance, and a model card. No GPU and no engine are needed; the weights are
     consolidated one shard at a time, never holding a second copy of the model."""
+    p = Path(path)
+    if is_exported(p):
+        raise UserError(f"'{p}' is already an exported Hugging Face directory; copy it instead of exporting.")
+    out = Path(out_dir)
+    refuse_non_empty(out)
+    with reading(p) as tag_dir:  # (keep-k pruning leaves it alone meanwhile)
+        return _export(tag_dir, out, dtype, max_shard_size)
+
+
+def _export(tag_dir: Path, out: Path, dtype: str, max_shard_size: str) -> Path:
     import torch
     from transformers import AutoConfig, GenerationConfig
 
     from dist_clm.data.tokenizer import load_tokenizer
 
-    p = Path(path)
-    if is_exported(p):
-        raise UserError(f"'{p}' is already an exported Hugging Face directory; copy it instead of exporting.")
-    tag_dir = resolve(p)
     run_dir = run_dir_of(tag_dir)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     config = AutoConfig.from_pretrained(str(tag_dir))
     tok = load_tokenizer(run_dir / "tokenizer")
-    out = Path(out_dir)
-    refuse_non_empty(out)
     with atomic_dir(out) as tmp:
         n_params = _write_weights(tag_dir, tmp, max_shard_size, torch_dtype)
         config.dtype = dtype
@@ -160,8 +165,6 @@ def export(path: str | Path, out_dir: str | Path, dtype: str = "float32", max_sh
 
 def _provenance(run_dir: Path, tag_dir: Path) -> dict:
     """What the model was trained on: each source's manifest (without its histograms), step and tokens."""
-    import torch
-
     from dist_clm.config import load_config
 
     sources = []
@@ -176,12 +179,11 @@ def _provenance(run_dir: Path, tag_dir: Path) -> dict:
                 split.pop("length_histogram", None)
             sources.append({"name": (m.name if m else "") or Path(path).name, "path": str(path),
                             "weight": m.weight if m else 1.0, "manifest": manifest})  # fmt: skip
-    model_states = sorted(tag_dir.glob("*model_states.pt"))[0]  # (ZeRO-3 names one per rank; any has the state)
-    states = torch.load(model_states, map_location="cpu", mmap=True, weights_only=False)
+    state = read_train_state(tag_dir)
     return {
         "checkpoint": str(tag_dir),
-        "step": read_marker(tag_dir)["step"],
-        "tokens_seen": states.get("tokens_seen"),
+        "step": state.step,
+        "tokens_seen": state.tokens_seen,
         "sources": sources,
         "skipped_windows": json.loads((run_dir / SKIPS).read_text()) if (run_dir / SKIPS).is_file() else [],
     }

@@ -7,6 +7,7 @@ so the rename itself is on disk."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import socket
@@ -33,15 +34,8 @@ def atomic_dir(out: Path, what: str = "run") -> Iterator[Path]:
     owner is still alive, which it refuses. `what` names the writer in those messages.
     """
     partial = out.with_name(f".{out.name}.partial")
+    _claim(partial, out, what)
     owner = partial / "OWNER"
-    if partial.exists():
-        pid = int(owner.read_text().split()[0]) if owner.is_file() else None
-        if pid is not None and pid != os.getpid() and _alive(pid):
-            raise UserError(f"another {what} (pid {pid}) is writing '{out}'; wait for it or stop it first.")
-        print(f"found '{partial}' left by an interrupted {what}; removing it and starting over", file=sys.stderr)
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    owner.write_text(f"{os.getpid()} {socket.gethostname()}\n")
     try:
         yield partial
         owner.unlink()
@@ -53,6 +47,33 @@ def atomic_dir(out: Path, what: str = "run") -> Iterator[Path]:
     except BaseException:  # an error or Ctrl-C: nothing half-written stays
         shutil.rmtree(partial, ignore_errors=True)
         raise
+
+
+def _claim(partial: Path, out: Path, what: str) -> None:
+    """Make `partial` this process's, atomically: a private directory holding OWNER is renamed to it, and a
+    rename onto a directory that has files fails, so of two writers starting together one wins and the
+    other is refused (never both, and never one deleting the other's files)."""
+    for _ in range(3):
+        mine = partial.with_name(f"{partial.name}.{os.getpid()}")
+        shutil.rmtree(mine, ignore_errors=True)
+        try:
+            mine.mkdir(parents=True)
+            (mine / "OWNER").write_text(f"{os.getpid()} {socket.gethostname()}\n")
+            os.rename(mine, partial)
+            return
+        except OSError as e:
+            shutil.rmtree(mine, ignore_errors=True)
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        try:
+            pid = int((partial / "OWNER").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pid = None
+        if pid is not None and pid != os.getpid() and _alive(pid):
+            raise UserError(f"another {what} (pid {pid}) is writing '{out}'; wait for it or stop it first.")
+        print(f"found '{partial}' left by an interrupted {what}; removing it and starting over", file=sys.stderr)
+        shutil.rmtree(partial, ignore_errors=True)
+    raise UserError(f"another {what} keeps writing '{out}' at the same time; wait for it or stop it first.")
 
 
 def _alive(pid: int) -> bool:

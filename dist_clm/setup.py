@@ -1,11 +1,10 @@
-"""Setting up a training run: its data sources, tokenizer, model and DeepSpeed engine, all checked before
-anything is written; then the run directory's config.yaml, tokenizer/ and ds_config.json."""
+"""Setting up a training run: its data sources, tokenizer, the run directory (locked for this run, and checked
+to continue the same training), model and DeepSpeed engine, all checked before anything is written; then the
+run directory's config.yaml, tokenizer/ and ds_config.json."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +17,7 @@ from dist_clm.engine import deepspeed_config, param_groups, resolve_grad_accum, 
 from dist_clm.errors import UserError
 from dist_clm.metrics import say
 from dist_clm.model import build_model, count_params, flops_per_token, max_positions
+from dist_clm.rundir import RunOwner, claim, data_fingerprint, write_run_files
 
 
 @dataclass
@@ -31,7 +31,18 @@ class Run:
     scheduler: Any  # the learning-rate schedule DeepSpeed steps
     grad_accum: int  # micro batches per optimizer step on this world size
     precision: str  # bf16, fp16 or fp32
+    n_params: int
     flops_per_token: float  # training FLOPs per token (forward + backward), for MFU
+    owner: RunOwner  # rank 0's lock on the run directory, released by train() at the end
+
+    @property
+    def global_batch(self) -> int:
+        """Blocks per optimizer step over all ranks."""
+        return self.env.world_size * self.cfg.train.micro_batch_size * self.grad_accum
+
+    @property
+    def data_fingerprint(self) -> list[dict]:
+        return data_fingerprint(self.sources)
 
     @property
     def source_names(self) -> list[str]:
@@ -40,13 +51,21 @@ class Run:
 
     @property
     def tokens_per_step(self) -> int:
-        t = self.cfg.train
-        return self.env.world_size * t.micro_batch_size * self.grad_accum * self.cfg.data.block_size
+        return self.global_batch * self.cfg.data.block_size
 
     @property
     def zero0_fp32(self) -> bool:
         """ZeRO-0 in fp32, the one setting where DeepSpeed has no overflow path to skip a bad update."""
         return self.cfg.train.zero_stage == 0 and self.precision == "fp32"
+
+    def blank_batch(self) -> dict[str, torch.Tensor]:
+        """A micro batch of token 0 standing in for one that could not be read (it is never applied)."""
+        shape = (self.cfg.train.micro_batch_size, self.cfg.data.block_size)
+        batch = {"input_ids": torch.zeros(shape, dtype=torch.int64), "labels": torch.zeros(shape, dtype=torch.int64),
+                 "source": torch.zeros(shape[0], dtype=torch.int64)}  # fmt: skip
+        if self.cfg.data.document_mask:
+            batch["position_ids"] = torch.arange(shape[1]).expand(shape).contiguous()
+        return batch
 
     def loader(self, state: dict | None = None) -> TrainLoader:
         """This rank's training batches from `state` (a TrainLoader.state_dict(); None: the start)."""
@@ -60,9 +79,10 @@ def setup(cfg: Config, env: DistEnv) -> Run:
     """Collective (deepspeed.initialize): the run per `cfg` on this rank, from freshly initialised weights."""
     import deepspeed
 
-    t, run_dir = cfg.train, Path(cfg.run.dir)
+    t = cfg.train
     sources = training_sources(cfg)
     tok = run_tokenizer(sources)
+    grad_accum = resolve_grad_accum(t, env.world_size)
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = build_model(cfg.model.preset, cfg.model.pretrained, cfg.model.overrides, tok)
     limit = max_positions(model.config)
@@ -72,7 +92,6 @@ def setup(cfg: Config, env: DistEnv) -> Run:
             "positions; lower data.block_size or raise the model's positions."
         )
     check_sources(sources, tok, model.config.vocab_size, cfg.model.pretrained)
-    grad_accum = resolve_grad_accum(t, env.world_size)
     on_gpu = env.device != "cpu"
     ds_config = deepspeed_config(cfg, on_gpu=on_gpu, grad_accum=grad_accum)
     precision = resolve_precision(t.precision, on_gpu)
@@ -85,12 +104,9 @@ def setup(cfg: Config, env: DistEnv) -> Run:
         f"model: {model.config.model_type}, {n_params / 1e6:.2f} M parameters, {flops / 1e6:.1f} MFLOPs per "
         f"token; world size {env.world_size} on {env.device}, {precision}, ZeRO-{t.zero_stage}",
     )
+    owner = claim(cfg, env, sources, env.world_size * t.micro_batch_size * grad_accum)  # the first write
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(run_dir / "config.yaml")
-        if not (run_dir / "tokenizer").is_dir():
-            tok.save_pretrained(str(run_dir / "tokenizer"))
-        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+        write_run_files(cfg, tok, ds_config)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, t.weight_decay),
@@ -99,4 +115,4 @@ def setup(cfg: Config, env: DistEnv) -> Run:
     )
     if t.compile:
         engine.compile()
-    return Run(cfg, env, sources, engine, scheduler, grad_accum, precision, flops)
+    return Run(cfg, env, sources, engine, scheduler, grad_accum, precision, n_params, flops, owner)

@@ -1,8 +1,12 @@
 """Protection from NaNs and loss spikes, and the one agreement the ranks make per step.
 
 Once per optimizer step, after the last forward pass and before its backward pass, the ranks all-reduce
-three things in one small collective: which stop signals arrived (see preemption.py), how many micro-batch
-losses were non-finite, and the sum of the losses. Every rank then knows the same answers:
+four things in one small collective: which stop signals arrived (see preemption.py), whether a rank found
+damaged data (its loader raised a DataError; it trained on a blank batch meanwhile, so every rank reaches the
+agreement and none waits in a collective for a crashed one), how many micro-batch losses were non-finite, and
+the sum of the losses. Every rank then knows the same answers:
+
+- damaged data anywhere: the update is dropped (below) and every rank stops with that rank's sentence;
 
 - a non-finite loss anywhere, or a loss above `spike_factor` x the running mean of recent good steps:
   the update must not happen. The last backward pass is then run on a NaN loss on every rank, which sends
@@ -13,16 +17,16 @@ losses were non-finite, and the sum of the losses. Every rank then knows the sam
   checkpoint and skips the data window that led there (train.py; the skip is recorded in RUN/skips.json so
   a later resume skips it too).
 
-`DIST_CLM_INJECT_LOSS` is a fault-injection hook for tests and drills: a comma-separated list of
-`STEP:KIND[@RANK]` entries, KIND `nan`, `inf` or `xF` (multiply by F), applied once each to the loss of
-1-based step STEP (on RANK only, if given).
+`train.fault_injection` is a fault-injection switch for tests and drills, off unless set: a comma-separated
+list of `STEP:KIND[@RANK]` entries, KIND `nan`, `inf` or `xF` (multiply by F), applied once each to the loss
+of 1-based step STEP (on RANK only, if given). A run with it set says so when it starts, and every injected
+step is logged as `faults/injected` (TensorBoard and metrics.jsonl).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import os
 from collections import deque
 from dataclasses import dataclass
 
@@ -36,13 +40,21 @@ class Agreement:
     signum: int | None  # a stop signal some rank received
     nonfinite: int  # non-finite micro-batch losses over all ranks
     mean_loss: float  # the step's loss, mean over ranks and micro batches (nan when any is non-finite)
+    data_errors: int = 0  # ranks that found damaged data in this step (the run must stop)
 
 
-def agree(signals: list[int], received: set[int], losses: list[torch.Tensor], world: int, device: str) -> Agreement:
-    """Collective: one all-reduce of [one flag per stop signal, non-finite count, loss sum]."""
+def agree(
+    signals: list[int],
+    received: set[int],
+    losses: list[torch.Tensor],
+    world: int,
+    device: str,
+    data_error: bool = False,
+) -> Agreement:
+    """Collective: one all-reduce of [one flag per stop signal, data-error flag, non-finite count, loss sum]."""
     local = torch.stack([loss.detach().float() for loss in losses])
     finite = torch.isfinite(local)
-    flags = torch.tensor([float(s in received) for s in signals], device=local.device)
+    flags = torch.tensor([float(s in received) for s in signals] + [float(data_error)], device=local.device)
     vec = torch.cat([flags, (~finite).sum().float().reshape(1), torch.where(finite, local, 0.0).sum().reshape(1)])
     vec = vec.to(device, torch.float64)
     if torch.distributed.is_initialized():
@@ -51,7 +63,7 @@ def agree(signals: list[int], received: set[int], losses: list[torch.Tensor], wo
     got = [s for s, n in zip(signals, values[: len(signals)], strict=True) if n > 0]
     nonfinite = int(values[-2])
     mean = values[-1] / (world * len(losses)) if nonfinite == 0 else math.nan
-    return Agreement(got[0] if got else None, nonfinite, mean)
+    return Agreement(got[0] if got else None, nonfinite, mean, int(values[-3]))
 
 
 class LossGuard:
@@ -122,12 +134,10 @@ def step_zero0_fp32(engine, force_skip: bool, device: str) -> None:
 
 
 class LossInjector:
-    """Parses DIST_CLM_INJECT_LOSS (see the module docstring) and applies each entry once."""
+    """Parses train.fault_injection (see the module docstring) and applies each entry once."""
 
-    VAR = "DIST_CLM_INJECT_LOSS"
-
-    def __init__(self, rank: int, spec: str | None = None):
-        spec = os.environ.get(self.VAR, "") if spec is None else spec
+    def __init__(self, rank: int, spec: str):
+        self.spec = spec
         self.pending: dict[int, list[str]] = {}
         for entry in filter(None, (e.strip() for e in spec.split(","))):
             try:
@@ -138,13 +148,17 @@ class LossInjector:
                 step = int(step_text)
             except ValueError:
                 raise UserError(
-                    f"{self.VAR} entry '{entry}' is not STEP:KIND[@RANK] with KIND nan, inf or xF; fix or unset it."
+                    f"config key 'train.fault_injection' has entry '{entry}', which is not STEP:KIND[@RANK] with "
+                    "KIND nan, inf or xF; fix it or leave the key empty."
                 ) from None
             if not only or int(only) == rank:
                 self.pending.setdefault(step, []).append(kind)
+        self.injected = 0  # entries applied so far on this rank
 
     def __call__(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        """`loss`, with what is planned for `step` (on this rank) applied; `self.injected` counts it."""
         for kind in self.pending.pop(step, []):
+            self.injected += 1
             if kind in ("nan", "inf"):
                 loss = loss * torch.tensor(float(kind), device=loss.device, dtype=loss.dtype)
             else:

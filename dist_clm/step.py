@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dist_clm.distributed import agree_on_error
+from dist_clm.errors import DataError
 from dist_clm.preemption import StopRequest
 from dist_clm.setup import Run
 from dist_clm.stability import LossGuard, LossInjector, agree, poison, step_zero0_fp32
@@ -23,6 +25,7 @@ class StepResult:
     stop_signal: int | None  # a stop signal some rank received (the same on every rank)
     data_wait_s: float  # seconds this rank waited for its batches
     blocks_per_source: list[int]  # this rank's blocks of each training source in this step
+    injected: int = 0  # faults injected into this rank's losses in this step (train.fault_injection)
 
 
 def train_step(
@@ -31,9 +34,13 @@ def train_step(
     """Collective: step number `step` (1-based) on every rank, from `run.grad_accum` micro batches of `batches`."""
     engine, device = run.engine, run.env.device
     losses, waited, blocks = [], 0.0, torch.zeros(len(run.source_names), dtype=torch.int64)
+    injected_before, damaged = inject.injected, None
     for micro in range(run.grad_accum):  # engine.step() applies the update at the accumulation boundary
         t0 = time.perf_counter()
-        batch = next(batches)
+        try:
+            batch = next(batches) if damaged is None else run.blank_batch()
+        except DataError as e:  # train this step on a blank batch: the ranks stop together after the agreement
+            damaged, batch = e, run.blank_batch()
         waited += time.perf_counter() - t0
         blocks += torch.bincount(batch.pop("source"), minlength=len(blocks))
         inputs = {k: v.to(device) for k, v in batch.items()}  # input_ids, labels (, position_ids)
@@ -41,15 +48,18 @@ def train_step(
         losses.append(loss)
         last = micro == run.grad_accum - 1
         if last:  # the step's one collective: stop signals, non-finite losses, loss sum
-            agreed = agree(stop.signals, stop.received, losses, run.env.world_size, device)
+            agreed = agree(stop.signals, stop.received, losses, run.env.world_size, device, damaged is not None)
             spike = guard.is_spike(agreed.mean_loss)
-            if agreed.nonfinite or spike:
+            skip = bool(agreed.nonfinite or spike or agreed.data_errors)
+            if skip:
                 loss = poison(loss)  # on every rank: DeepSpeed's overflow path drops this update
         engine.backward(loss)
         if last and run.zero0_fp32:  # DeepSpeed has no overflow path there: dist_clm's own
-            step_zero0_fp32(engine, bool(agreed.nonfinite or spike), device)
+            step_zero0_fp32(engine, skip, device)
         else:
             engine.step()
+    if agreed.data_errors:
+        agree_on_error(damaged, device)  # every rank raises the damaged rank's sentence
     # fp16's loss scaler skips overflowing steps by design while it finds its scale: not a bad step
     healthy = engine.was_step_applied() or (run.precision == "fp16" and not agreed.nonfinite)
     return StepResult(
@@ -59,4 +69,5 @@ def train_step(
         stop_signal=agreed.signum,
         data_wait_s=waited,
         blocks_per_source=blocks.tolist(),
+        injected=inject.injected - injected_before,
     )

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dist_clm import distributed
-from dist_clm.checkpoint import SKIPS, Checkpointer, TrainState
+from dist_clm.checkpoint import SKIPS, Checkpointer, TrainState, tag_for
 from dist_clm.config import Config
 from dist_clm.data.loader import TokenStream
 from dist_clm.errors import UserError
 from dist_clm.evaluate import perplexity, windows
 from dist_clm.metrics import LogWindow, Metrics, say
-from dist_clm.preemption import SIGNALS, StopRequest
+from dist_clm.preemption import SIGNALS, StopRequest, watch_launcher
 from dist_clm.setup import Run, setup
 from dist_clm.stability import LossGuard, LossInjector
 from dist_clm.step import StepResult, train_step
@@ -49,18 +49,24 @@ def train(
     t = cfg.train
     env = distributed.init()
     stop = StopRequest(stop_signals)  # e.g. SIGTERM: checkpoint at the next step boundary, then stop
-    run = setup(cfg, env)
-    checkpointer = Checkpointer(cfg.run.dir, t.keep_last, env, t.zero_stage)
-    resume_from = checkpointer.latest() if t.resume else None
-    state = checkpointer.restore(run.engine, resume_from) if resume_from else TrainState()
-    if resume_from:
-        say(env.is_main, f"resumed from {resume_from} at step {state.step}")
+    watch_launcher(stop)
+    inject = LossInjector(env.rank, t.fault_injection)
+    run = setup(cfg, env)  # (rank 0 now holds the run directory's lock)
+    checkpointer = Checkpointer(cfg.run.dir, t.keep_last, env, t.zero_stage, size_hint=16 * run.n_params)
+    state = checkpointer.load_latest(run.engine) if t.resume else None
+    if state:
+        say(env.is_main, f"resumed from {checkpointer.dir / tag_for(state.step)} at step {state.step}")
+    state = state or TrainState()
+    state.global_batch, state.data = run.global_batch, run.data_fingerprint  # what the next checkpoints carry
     metrics = Metrics(Path(cfg.run.dir), env.is_main, cfg.run.tensorboard)
+    if t.fault_injection:
+        say(env.is_main, f"WARNING: fault injection is on (train.fault_injection={t.fault_injection!r}): "
+            "losses will be altered on purpose")  # fmt: skip
+        metrics.log(state.step, {"faults/planned": len(t.fault_injection.split(","))})
     validate = Validation(run, metrics)
     before = validate(state.step)
 
     guard = LossGuard(t.max_bad_steps, t.spike_factor, t.spike_window)
-    inject = LossInjector(env.rank)
     window = LogWindow(run.source_names, run.tokens_per_step, run.flops_per_token, env.world_size, env.device)
     loader = run.loader(state.loader)
     batches = iter(loader)
@@ -74,6 +80,8 @@ def train(
         bar.update(1)
         if on_step:
             on_step(state, result)
+        if result.injected:
+            metrics.log(state.step, {"faults/injected": result.injected})
         if state.step % t.log_every == 0 or state.step == t.max_steps or result.rollback:
             scalars = window.emit(
                 lr=run.scheduler.get_last_lr()[0],
@@ -108,6 +116,7 @@ def train(
     stop.restore()
     after = None if preempted else validate(state.step)
     metrics.close()
+    run.owner.release()
     name = signal.Signals(preempted).name if preempted else None
     return TrainResult(state.step, state.tokens_seen, before, after, name)
 
@@ -116,16 +125,15 @@ def rollback(run: Run, checkpointer: Checkpointer, state: TrainState, reason: st
     """Collective: back to the last complete checkpoint in the live engine, with the loader moved past the
     data window [checkpoint's position, now) that led to `reason`; the window is recorded in RUN/skips.json
     so that a resume from that checkpoint skips it too. The step count is the checkpoint's again."""
-    latest = checkpointer.latest()
-    if latest is None or rollbacks > run.cfg.train.max_rollbacks:
+    back = checkpointer.load_latest(run.engine) if rollbacks <= run.cfg.train.max_rollbacks else None
+    if back is None:
         raise UserError(
             f"training diverged at step {state.step} ({reason}) and "
-            + ("there is no checkpoint to roll back to" if latest is None else
+            + ("there is no checkpoint to roll back to" if rollbacks <= run.cfg.train.max_rollbacks else
                f"{run.cfg.train.max_rollbacks} rollbacks did not help")
             + "; lower train.lr, raise train.warmup_steps or check the data, then rerun."
         )  # fmt: skip
     skip_to = state.loader["blocks_consumed"]
-    back = checkpointer.restore(run.engine, latest)
     skip_from = back.loader["blocks_consumed"]
     checkpointer.record_skip(skip_from, skip_to, state.step, reason)
     back.loader["blocks_consumed"] = skip_to

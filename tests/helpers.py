@@ -129,8 +129,8 @@ def weights(run: Path, step: int) -> dict:
 
 
 def train_state(run: Path, step: int) -> dict:
-    """The train state (step, tokens_seen, loader) saved in the checkpoint at `step`."""
-    return torch.load(checkpoint_dir(run, step) / "mp_rank_00_model_states.pt", weights_only=False)
+    """The train state (step, tokens_seen, loader, ...) saved in the checkpoint at `step`."""
+    return json.loads((checkpoint_dir(run, step) / "train_state.json").read_text())
 
 
 def same(a: dict, b: dict) -> bool:

@@ -11,10 +11,9 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from dist_clm.distributed import free_port
-from tests.helpers import BIN, TINY, launch, metrics, train_losses
+from tests.helpers import BIN, TINY, launch, metrics, train_losses, train_state
 
 pytestmark = pytest.mark.slow
 
@@ -66,6 +65,5 @@ def test_resume_on_another_number_of_ranks_continues_the_same_run(tmp_path, data
             assert resumed[step] == pytest.approx(reference[step], rel=1e-2)
     marker = json.loads((moved / "checkpoints" / "step_00000008" / "complete.json").read_text())
     assert marker["world_size"] == after
-    states = sorted((moved / "checkpoints" / "step_00000008").glob("*mp_rank_00_model_states.pt"))  # ZeRO-3: per rank
-    state = torch.load(states[0], weights_only=False)
+    state = train_state(moved, 8)
     assert state["loader"]["blocks_consumed"] == 8 * GLOBAL and state["tokens_seen"] == 8 * GLOBAL * 64

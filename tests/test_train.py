@@ -10,7 +10,17 @@ import pytest
 
 from dist_clm.config import load_config
 from dist_clm.distributed import free_port
-from tests.helpers import BIN, TINY, check_export, independent_model, launch, metrics, run_cli, train_losses
+from tests.helpers import (
+    BIN,
+    TINY,
+    check_export,
+    independent_model,
+    launch,
+    metrics,
+    run_cli,
+    train_losses,
+    train_state,
+)
 
 
 def test_single_process_run_writes_config_checkpoints_and_tensorboard(trained_run, data_dir):
@@ -104,9 +114,8 @@ def test_deepspeed_launcher_zero2_bf16_two_ranks_loss_falls_and_resume_continues
     assert list(resumed) == [9, 10, 11, 12]
     for step, loss in resumed.items():
         assert loss == pytest.approx(losses[step], rel=1e-4), step
-    import torch
 
-    state = torch.load(b / "checkpoints" / "step_00000012" / "mp_rank_00_model_states.pt", weights_only=False)
+    state = train_state(b, 12)
     assert state["step"] == 12 and state["loader"]["blocks_consumed"] == 12 * 2 * 2 * 2
     assert state["loader"]["block_size"] == 64
     assert state["tokens_seen"] == 12 * 8 * 64

@@ -1,17 +1,25 @@
-"""`dist-clm data inspect`: what a prepared directory holds, in figures and a few decoded documents."""
+"""`dist-clm data inspect`: what a prepared directory holds, in figures and a few decoded documents, and with
+`--verify` whether it is still what prepare wrote.
+
+Neither reads or writes a shard file before every split's index.json has been checked to name only plain
+files inside its split directory. `verify` raises a DataError (one sentence naming the file) at the first
+problem; it returns only when every check of every split passed.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from dist_clm.data.prepare import read_manifest
+from dist_clm.data.prepare import read_manifest, token_limit
 
 
 def inspect(data_dir: str | Path, samples: int = 3, tokens: int = 60) -> str:
-    from dist_clm.data.loader import ChunkStore
+    from dist_clm.data.loader import ChunkStore, read_index
     from dist_clm.data.tokenizer import load_tokenizer
 
     m = read_manifest(data_dir)
+    for split in m["splits"]:
+        read_index(Path(data_dir) / split)  # names checked in every split, though only train is read here
     t = m["tokenizer"]
     lines = [
         f"{data_dir}: {m['format']}, written {m['created']} by dist_clm {m['dist_clm_version']}",
@@ -45,3 +53,59 @@ def inspect(data_dir: str | Path, samples: int = 3, tokens: int = 60) -> str:
         if shown == samples:
             break
     return "\n".join(lines)
+
+
+def verify(data_dir: str | Path) -> list[str]:
+    """Check every shard of every split against its index.json (names, sizes, hashes) and the manifest (chunk
+    and token counts, chunk lengths, token ids up to `max_token_id`); one line per split, or a DataError."""
+    from dist_clm.data.loader import ChunkStore, bad_token_error, read_index
+    from dist_clm.errors import DataError
+
+    d = Path(data_dir)
+    m = read_manifest(d)
+    for split in m["splits"]:
+        read_index(d / split)  # every split's names before any split's files are opened
+    limit, size = token_limit(m), m["chunk_tokens"]
+    lines = []
+    for split, info in m["splits"].items():
+        store = ChunkStore(d / split)  # sizes (and compressed files' hashes) checked here
+        algos = {store.verify_shard(s) for s in range(len(store.readers))}
+        if len(store) != info["chunks"]:
+            raise DataError(
+                f"'{d / split}' holds {len(store):,} chunks but '{d / 'manifest.json'}' says {info['chunks']:,}, "
+                "so the directory was changed after prepare; prepare the data again."
+            )
+        total, top = 0, -1
+        for i in range(len(store)):
+            chunk = store.arrays(i)
+            ids, bounds = chunk["tokens"], chunk["doc_bounds"]
+            if not (0 < len(ids) <= size if i == len(store) - 1 else len(ids) == size):
+                raise _changed(store, i, f"holds {len(ids):,} tokens where the manifest says {size:,} per chunk")
+            if not len(bounds) or bounds[-1] != len(ids):
+                raise _changed(store, i, f"records document bounds that do not end at its length, {len(ids):,}")
+            peak = int(ids.max())
+            if peak > limit:
+                raise bad_token_error(store, i, peak, limit)
+            total, top = total + len(ids), max(top, peak)
+        if total != info["tokens"]:
+            raise DataError(
+                f"'{d / split}' holds {total:,} tokens but '{d / 'manifest.json'}' says {info['tokens']:,}, "
+                "so the directory was changed after prepare; prepare the data again."
+            )
+        hashes = " and ".join(sorted(a for a in algos if a)) or "no"
+        note = "" if None not in algos else " (index.json records no hash for some shards: sizes only there)"
+        lines.append(
+            f"{split}: ok: {len(store.readers)} shards (names, sizes, {hashes} hashes){note}, "
+            f"{len(store):,} chunks, {total:,} tokens, token ids <= {limit} (largest {top})"
+        )
+    return lines
+
+
+def _changed(store, i: int, what: str):
+    from dist_clm.errors import DataError
+
+    path, j = store.shard_of(i)
+    return DataError(
+        f"chunk {i} of '{store.dir}' (sample {j} of shard file '{path}') {what}, so it was changed after prepare; "
+        "prepare the data again."
+    )

@@ -19,10 +19,17 @@ Chunks are read with mosaicml-streaming's own MDS shard readers, by random acces
 used: its coordination (shared memory between local ranks, a registry of local directories) exists to plan a
 sample order, and ours is computed, not coordinated. Without it a run killed with -9 leaves no shared memory
 behind, and any number of runs can read one prepared directory side by side.
+
+What is read is checked against what prepare wrote, and damage is a DataError (one sentence, naming the file):
+- index.json's file names are plain names inside the split directory, checked before any file is opened;
+- every shard file has index.json's size when the split is opened; its hash (if index.json has one) is
+  checked once per process, when the shard is first memory-mapped (a compressed file: before decompressing);
+- every block handed to the model holds no token id above the manifest's `max_token_id` (one max per row).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from bisect import bisect_right
@@ -35,12 +42,65 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dist_clm.errors import UserError
+from dist_clm.data.prepare import SHARD_HASH, token_limit
+from dist_clm.errors import DataError, UserError
+from dist_clm.preemption import ignore_stop_signals
 
 if TYPE_CHECKING:
     from dist_clm.config import Config
 
 _SHAPE_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.uint32), np.dtype(np.uint64))
+# shard files whose hash this process has checked: (path, device, inode, size, mtime); a changed file is new
+_VERIFIED: set[tuple] = set()
+
+
+def plain_name(name: object) -> bool:
+    """Whether an index.json file name is a plain name inside its directory (it is joined to it as a path)."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and not any(c in name for c in "/\\\0")
+        and not os.path.isabs(name)
+    )
+
+
+def read_index(split_dir: str | Path) -> list[dict]:
+    """The shard entries of a split's index.json, checked to be MDS entries with plain file names (streaming
+    joins its names to the directory unchecked; nothing here reads or writes a file before this check)."""
+    d = Path(split_dir)
+    index = d / "index.json"
+    if not index.is_file():
+        raise DataError(f"'{d}' has no index.json, so it holds no MDS shards; prepare the data again.")
+    try:
+        shards = json.loads(index.read_bytes())["shards"]
+        ok = isinstance(shards, list) and all(
+            isinstance(s, dict)
+            and s.get("format") == "mds"
+            and isinstance(s.get("samples"), int)
+            and _file_entry(s.get("raw_data"))
+            and (s.get("zip_data") is None or _file_entry(s["zip_data"]))
+            for s in shards
+        )
+    except (OSError, ValueError, KeyError, TypeError):  # unreadable, not UTF-8 or JSON, not an index
+        ok = False
+    if not ok:
+        raise DataError(f"'{index}' is not a readable MDS index (damaged or changed); prepare the data again.")
+    for s in shards:
+        for info in (s["raw_data"], s.get("zip_data")):
+            if info is not None and not plain_name(info.get("basename")):
+                raise DataError(
+                    f"'{index}' names the shard file {info.get('basename')!r}, which is not a plain file name "
+                    f"inside '{d}'; prepare the data again."
+                )
+    return shards
+
+
+def _file_entry(info: object) -> bool:
+    return isinstance(info, dict) and isinstance(info.get("bytes"), int) and isinstance(info.get("hashes"), dict)
+
+
+def _damaged(path: Path, what: str) -> DataError:
+    return DataError(f"shard file '{path}' {what}, so it was damaged or changed after prepare; prepare the data again.")
 
 
 class ChunkStore:
@@ -57,28 +117,93 @@ class ChunkStore:
         from streaming.base.format import reader_from_json
 
         self.dir = Path(split_dir)
-        index = self.dir / "index.json"
-        if not index.is_file():
-            raise UserError(f"'{self.dir}' has no index.json, so it holds no MDS shards; prepare the data again.")
-        shards = json.loads(index.read_text())["shards"]
-        self.readers = [reader_from_json(str(self.dir), None, s) for s in shards]
+        shards = read_index(self.dir)
+        try:
+            self.readers = [reader_from_json(str(self.dir), None, s) for s in shards]
+        except (KeyError, TypeError, ValueError, AssertionError):  # fields streaming needs are missing or wrong
+            raise DataError(
+                f"'{self.dir / 'index.json'}' is not a readable MDS index (damaged or changed); prepare the data again."
+            ) from None
         for reader in self.readers:
-            self._ensure_raw(reader)
+            raw = self.dir / reader.raw_data.basename
+            if reader.zip_data is None or raw.is_file():
+                self._check_size(raw, reader.raw_data)
+            else:
+                self._ensure_raw(reader)
         self.ends = np.cumsum([r.samples for r in self.readers]).tolist()
         self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
+    @staticmethod
+    def _check_size(path: Path, info) -> None:
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise DataError(f"shard file '{path}' is missing; prepare the data again.") from None
+        if size != info.bytes:
+            raise _damaged(path, f"has {size:,} bytes where index.json says {info.bytes:,}")
+
+    @staticmethod
+    def _check_hash(path: Path, info, data, force: bool = False) -> str | None:
+        """Check `data` (the file's bytes, or a memory map of it) against index.json's hash, once per process
+        unless `force`; returns the algorithm used, None if index.json has none (data prepared without)."""
+        from streaming.base.hashing import get_hash, is_hash
+
+        known = sorted(a for a in info.hashes if is_hash(a))
+        if not known:
+            return None
+        algo = SHARD_HASH if SHARD_HASH in known else known[0]
+        st = path.stat()
+        key = (str(path.absolute()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if force or key not in _VERIFIED:
+            if get_hash(algo, data) != info.hashes[algo]:
+                raise _damaged(path, f"does not match its {algo} hash in index.json")
+            _VERIFIED.add(key)
+        return algo
+
     def _ensure_raw(self, reader) -> None:
-        """The reader reads raw shard files; write one from its compressed file where missing (atomically,
-        so concurrent runs or a kill never leave a truncated raw shard)."""
-        raw = self.dir / reader.raw_data.basename
-        if raw.is_file() or reader.zip_data is None:
-            return
+        """The reader reads raw shard files; write one from its compressed file where missing (checked against
+        index.json's size and hash first; atomically, so concurrent runs or a kill never leave a truncated raw
+        shard)."""
         from streaming.base.compression import decompress
 
-        data = decompress(reader.compression, (self.dir / reader.zip_data.basename).read_bytes())
+        raw, packed = self.dir / reader.raw_data.basename, self.dir / reader.zip_data.basename
+        self._check_size(packed, reader.zip_data)
+        packed_bytes = packed.read_bytes()
+        self._check_hash(packed, reader.zip_data, packed_bytes, force=True)
+        try:
+            data = decompress(reader.compression, packed_bytes)
+        except Exception:  # whatever the decompressor raises on bad input
+            raise _damaged(packed, f"does not decompress with {reader.compression}") from None
+        if len(data) != reader.raw_data.bytes:
+            raise _damaged(
+                packed, f"decompresses to {len(data):,} bytes where index.json says {reader.raw_data.bytes:,}"
+            )
         tmp = raw.with_name(f".{raw.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, raw)
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, raw)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise UserError(
+                f"no space left on device while decompressing '{packed}' to '{raw}'; free space there or prepare "
+                "the data again without --compression."
+            ) from None
+
+    def verify_shard(self, shard: int) -> str | None:
+        """Hash shard `shard`'s files now (the compressed one too, if it is there); the algorithm, or None if
+        index.json records no hash (only sizes are checked then)."""
+        reader = self.readers[shard]
+        algo = None
+        if reader.zip_data is not None:
+            packed = self.dir / reader.zip_data.basename
+            if packed.is_file():  # (it may have been deleted to save space once the raw file was written)
+                self._check_size(packed, reader.zip_data)
+                algo = self._check_hash(packed, reader.zip_data, packed.read_bytes(), force=True)
+        raw = self.dir / reader.raw_data.basename
+        self._check_size(raw, reader.raw_data)
+        return self._check_hash(raw, reader.raw_data, np.memmap(raw, dtype=np.uint8, mode="r"), force=True) or algo
 
     def __len__(self) -> int:
         return self.ends[-1] if self.ends else 0
@@ -103,15 +228,23 @@ class ChunkStore:
         if any(s is not None for s in reader.column_sizes) or not all(
             e.startswith("ndarray:") and e.count(":") == 1 for e in reader.column_encodings
         ):
-            raise UserError(f"'{self.dir}' holds MDS columns dist_clm did not write; prepare the data again.")
-        mm = np.memmap(self.dir / reader.raw_data.basename, dtype=np.uint8, mode="r")
+            raise DataError(f"'{self.dir}' holds MDS columns dist_clm did not write; prepare the data again.")
+        path = self.dir / reader.raw_data.basename
+        self._check_size(path, reader.raw_data)  # again: it may have changed since the split was opened
+        mm = np.memmap(path, dtype=np.uint8, mode="r")
+        self._check_hash(path, reader.raw_data, mm)  # reads the file once (it is in the page cache after)
         offsets = np.frombuffer(mm, np.uint32, count=reader.samples + 1, offset=4)
         self._maps[shard] = (mm, offsets)
         expected = reader.get_item(0)
         got = self._views(shard, 0)
         if any(not np.array_equal(got[k], expected[k]) for k in expected):
-            raise UserError(f"'{self.dir}' uses an MDS layout this dist_clm cannot read; prepare the data again.")
+            raise DataError(f"'{self.dir}' uses an MDS layout this dist_clm cannot read; prepare the data again.")
         return mm, offsets
+
+    def shard_of(self, i: int) -> tuple[Path, int]:
+        """Chunk i's shard file and its sample number in it (for messages)."""
+        shard, j = self._locate(i)
+        return self.dir / self.readers[shard].raw_data.basename, j
 
     def _views(self, shard: int, j: int) -> dict[str, np.ndarray]:
         mm, offsets = self._maps[shard]
@@ -137,19 +270,28 @@ class TokenStream:
         info = manifest["splits"][split]
         self.n_chunks, self.tokens = info["chunks"], info["tokens"]
         self.chunk_tokens = manifest["chunk_tokens"]  # every chunk but the last holds exactly this many
+        self.limit = token_limit(manifest)  # the largest token id the stream may hold
         self.chunks = ChunkStore(Path(data_dir) / split)
         if len(self.chunks) != self.n_chunks:
-            raise UserError(
+            raise DataError(
                 f"'{data_dir}/{split}' holds {len(self.chunks)} chunks but its manifest says {self.n_chunks}; "
                 "the directory was changed after prepare: prepare it again."
             )
 
     def read(self, start: int, length: int, with_starts: bool = False):
         """Tokens [start, start + length) of the stream, across chunk borders; with `with_starts`, also the
-        offsets (relative to `start`) where documents begin inside that range."""
+        offsets (relative to `start`) where documents begin inside that range. Checked for token ids above
+        the manifest's (validation and evaluation read this way; training blocks are checked in MixedBlocks)."""
         out = np.empty(length, dtype=np.int64)
         starts = self.read_into(start, out, with_starts)
+        if length and out.max() > self.limit:
+            raise self.bad_token(start, out)
         return (out, starts) if with_starts else out
+
+    def bad_token(self, start: int, tokens: np.ndarray) -> DataError:
+        """The error for `tokens`, read from offset `start`, holding an id above the limit."""
+        at = int(np.argmax(tokens > self.limit))
+        return bad_token_error(self.chunks, (start + at) // self.chunk_tokens, int(tokens[at]), self.limit)
 
     def read_into(self, start: int, out: np.ndarray, with_starts: bool = False) -> np.ndarray | None:
         """Fill `out` with tokens [start, start + len(out)); return the document starts if asked."""
@@ -252,6 +394,10 @@ class MixedBlocks(Dataset):
             PackedBlocks(TokenStream(s.path, "train", s.manifest), block_size, shuffle, seed + 1000 * i, s.name)
             for i, s in enumerate(train)
         ]
+        # the largest id each source may hold: a larger one is damage, which the model would turn into an
+        # IndexError (on a GPU a device-side assert while the other ranks hang)
+        self.limits = np.array([b.stream.limit for b in self.blocks], dtype=np.int64)
+        self.smallest_limit = int(self.limits.min())
         self.mixture = Mixture([s.weight for s in train])
         self.block_size, self.document_mask = block_size, document_mask
 
@@ -279,10 +425,51 @@ class MixedBlocks(Dataset):
                 labels[row] = ids[row]
                 labels[row, starts[starts > 0]] = -100
                 positions[row] = document_positions(size, starts)
+        # one max over the batch (~3 us for 8 x 2048 tokens), then rows against their own source's limit only
+        # if it could be needed (sources prepared from different text have different largest ids)
+        if ids.max() > self.smallest_limit:
+            bad = np.flatnonzero(ids.max(axis=1) > self.limits[source])
+            if bad.size:
+                i, k = self.mixture(gs[bad[0]])
+                raise self.blocks[i].stream.bad_token(self.blocks[i].position(k), ids[bad[0]])
         batch = {"input_ids": ids, "source": source}
         if not self.document_mask:
             return {**batch, "labels": ids}
         return {**batch, "labels": labels, "position_ids": positions}
+
+
+def bad_token_error(store: ChunkStore, chunk: int, value: int, limit: int) -> DataError:
+    """A token id above the manifest's `max_token_id` in chunk `chunk` of `store`: the shard is damaged."""
+    path, j = store.shard_of(chunk)
+    return DataError(
+        f"shard file '{path}' holds token id {value} in chunk {chunk} (its sample {j}), above {limit}, the largest "
+        "id its manifest allows, so it was damaged after prepare; prepare the data again."
+    )
+
+
+class _Failed:
+    """A micro batch that could not be made: the error, carried as data (see _ErrorsAsData)."""
+
+    def __init__(self, error: UserError):
+        self.error = error
+
+
+class _ErrorsAsData(Dataset):
+    """MixedBlocks for the DataLoader, with a UserError returned as a `_Failed` batch instead of raised: torch
+    re-raises a worker's exception in the main process with a traceback for its message, while this way
+    TrainLoader raises the error itself, its one sentence intact (the same with 0 workers)."""
+
+    def __init__(self, blocks: MixedBlocks):
+        self.blocks = blocks
+
+    def __getitem__(self, g: int):
+        return self.__getitems__([g])
+
+    def __getitems__(self, gs: list[int]):
+        try:
+            return self.blocks.__getitems__(gs)
+        except UserError as e:
+            return _Failed(e)
 
 
 def _as_is(batch):
@@ -346,12 +533,13 @@ class TrainLoader:
         self.start = int(state["blocks_consumed"]) if state else 0
         self.blocks = MixedBlocks(sources, block_size, shuffle, seed, document_mask)
         self.loader = DataLoader(
-            self.blocks,
+            _ErrorsAsData(self.blocks),
             batch_size=micro_batch,
             sampler=RankShareSampler(rank, world, micro_batch * grad_accum, self.start),
             num_workers=num_workers,
             persistent_workers=num_workers > 0,
             collate_fn=_as_is,
+            worker_init_fn=ignore_stop_signals,  # a signal to the process group is for the main process
             # its own generator for the workers' base seed: making an iterator leaves torch's global one alone,
             # so a resumed run's random streams continue whenever the loader is made
             generator=torch.Generator().manual_seed(seed),
@@ -371,8 +559,16 @@ class TrainLoader:
         )  # fmt: skip
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Micro batches as tensors; damaged data raises a DataError (one sentence) from next()."""
         batches = iter(self.loader)  # made now, not at the first next(): the workers start here
-        return ({k: torch.from_numpy(v) for k, v in batch.items()} for batch in batches)
+        return self._tensors(batches)
+
+    @staticmethod
+    def _tensors(batches) -> Iterator[dict[str, torch.Tensor]]:
+        for batch in batches:
+            if isinstance(batch, _Failed):
+                raise batch.error
+            yield {k: torch.from_numpy(v) for k, v in batch.items()}
 
     def step_done(self) -> None:
         self.steps_done += 1

@@ -15,11 +15,16 @@ Documents go to the validation split by a hash of their text, so the split is th
 Tokenization runs in `num_proc` worker processes on batches whose boundaries do not depend on num_proc; the
 writer consumes results in order, so the shards are the same, byte for byte, for any num_proc. Everything
 is written into `.NAME.partial/` and renamed to NAME when complete: a killed prepare leaves only the partial
-directory, which the next prepare into NAME removes (saying so) before starting over.
+directory, which the next prepare into NAME removes (saying so) before starting over; a full disk ends the
+prepare with one sentence and nothing left behind.
+
+Every shard file's size and hash (`SHARD_HASH`, through MDSWriter's own `hashes`) are in its split's
+index.json, so readers can tell a truncated or changed shard from a good one (loader.ChunkStore checks them).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import os
@@ -27,6 +32,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,12 +41,34 @@ import numpy as np
 from dist_clm import __version__
 from dist_clm.data import _encode, sources
 from dist_clm.data.tokenizer import fingerprint, load_tokenizer, vocab_size
-from dist_clm.errors import UserError
+from dist_clm.errors import DataError, UserError
 from dist_clm.fsutil import atomic_dir, refuse_non_empty
 
 MANIFEST = "manifest.json"
 FORMAT = "dist_clm.prepared/1"
 SPLITS = ("train", "val")
+# xxh3_64 hashes a 64 MB shard in a few ms (xxhash is a dependency of streaming); sha1 where it is missing
+SHARD_HASH, FALLBACK_HASH = "xxh3_64", "sha1"
+_MANIFEST_KEYS = ("tokenizer", "token_dtype", "chunk_tokens", "splits")
+
+
+def shard_hash() -> str:
+    """The hash algorithm prepare records for every shard file (one streaming supports here)."""
+    from streaming.base.hashing import is_hash
+
+    return SHARD_HASH if is_hash(SHARD_HASH) else FALLBACK_HASH
+
+
+@contextmanager
+def _space_for(what: Path) -> Iterator[None]:
+    """A full disk (or quota) while writing `what` becomes one sentence: it is the user's to fix, not a bug."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        problem = "no space left on device" if e.errno == errno.ENOSPC else "disk quota exceeded"
+        raise UserError(f"{problem} while writing '{what}'; free space or choose another --out.") from None
 
 
 @dataclass
@@ -53,8 +81,11 @@ class SplitStats:
 class ChunkWriter:
     """Accumulates a split's token stream and writes it to MDS as fixed-size chunks with document starts."""
 
-    def __init__(self, out: Path, dtype: np.dtype, chunk_tokens: int, compression: str | None, shard_bytes: int):
+    def __init__(
+        self, out: Path, dtype: np.dtype, chunk_tokens: int, compression: str | None, shard_bytes: int, label: Path
+    ):
         self.dtype, self.chunk_tokens = dtype, chunk_tokens
+        self.label = label  # the split's final path, for messages (`out` is inside the partial directory)
         self.writer_args = dict(
             out=str(out),
             compression=compression,
@@ -83,12 +114,13 @@ class ChunkWriter:
         stream = np.concatenate(self.pending)
         starts = np.asarray(self.starts, dtype=np.int64) - self.written
         cut = len(stream) if final else len(stream) // self.chunk_tokens * self.chunk_tokens
-        for lo in range(0, cut, self.chunk_tokens):
-            hi = min(lo + self.chunk_tokens, cut)
-            inside = starts[(starts >= lo) & (starts < hi)] - lo
-            bounds = np.append(inside, hi - lo).astype(np.uint32)  # never empty: MDS can't store empty arrays
-            self.writer.write({"tokens": stream[lo:hi], "doc_bounds": bounds})
-            self.stats.chunks += 1
+        with _space_for(self.label):  # MDSWriter writes each shard file in this thread, when it is full
+            for lo in range(0, cut, self.chunk_tokens):
+                hi = min(lo + self.chunk_tokens, cut)
+                inside = starts[(starts >= lo) & (starts < hi)] - lo
+                bounds = np.append(inside, hi - lo).astype(np.uint32)  # never empty: MDS can't store empty arrays
+                self.writer.write({"tokens": stream[lo:hi], "doc_bounds": bounds})
+                self.stats.chunks += 1
         self.starts = [int(s) + self.written for s in starts if s >= cut]
         self.written += cut
         self.pending = [stream[cut:]] if cut < len(stream) else []
@@ -99,12 +131,14 @@ class ChunkWriter:
         if self._writer is None:
             from streaming import MDSWriter
 
-            self._writer = MDSWriter(**self.writer_args)
+            # streaming's own per-file hashes: index.json then holds each shard's size and hash
+            self._writer = MDSWriter(**self.writer_args, hashes=[shard_hash()])
         return self._writer
 
     def close(self) -> SplitStats:
         self._flush(final=True)
-        self.writer.finish()
+        with _space_for(self.label):
+            self.writer.finish()
         return self.stats
 
 
@@ -267,9 +301,12 @@ def prepare(
         if pipeline is None:
             pipeline = _Pipeline(_batches(docs, stats), *key, num_proc)
         pipeline.use(*key)
-        with atomic_dir(out, "prepare") as partial:
-            tok.save_pretrained(str(partial / "tokenizer"))
-            writers = {s: ChunkWriter(partial / s, dtype, chunk_tokens, compression, shard_bytes) for s in SPLITS}
+        with _space_for(out), atomic_dir(out, "prepare") as partial:  # (the outer one: fsync, rename)
+            with _space_for(out / "tokenizer"):
+                tok.save_pretrained(str(partial / "tokenizer"))
+            writers = {
+                s: ChunkWriter(partial / s, dtype, chunk_tokens, compression, shard_bytes, out / s) for s in SPLITS
+            }
             bar = tqdm(unit="doc", desc="prepare", disable=not progress, smoothing=0.1)
             tokens, max_id = 0, -1
             for batch, (flat, sizes, digests) in pipeline:
@@ -325,7 +362,8 @@ def prepare(
                 "shards": {"compression": compression, "bytes_limit": shard_bytes},
                 "seconds": round(time.time() - start, 2),
             }
-            (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last file: marks the data complete
+            with _space_for(out / MANIFEST):
+                (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last file: marks the data complete
     finally:
         if pipeline is not None:
             pipeline.close()
@@ -342,7 +380,20 @@ def read_manifest(data_dir: str | Path) -> dict:
         raise UserError(
             f"'{d}' has no {MANIFEST}, so it is not a complete prepared dataset; rerun `dist-clm prepare` into it."
         )
-    manifest = json.loads(m.read_text())
+    try:
+        manifest = json.loads(m.read_bytes())
+    except (OSError, ValueError):  # not JSON, not UTF-8, unreadable
+        manifest = None
+    if not isinstance(manifest, dict):
+        raise DataError(f"'{m}' is not a readable manifest (damaged or changed); prepare the data again.")
     if manifest.get("format") != FORMAT:
         raise UserError(f"'{d}' was written in format {manifest.get('format')!r}, this dist_clm reads {FORMAT!r}.")
+    missing = [k for k in _MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise DataError(f"'{m}' has no {', '.join(missing)} entry (damaged or changed); prepare the data again.")
     return manifest
+
+
+def token_limit(manifest: dict) -> int:
+    """The largest token id a prepared directory may hold: the one prepare saw, else the tokenizer's largest."""
+    return int(manifest.get("max_token_id", manifest["tokenizer"]["vocab_size"] - 1))

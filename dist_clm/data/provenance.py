@@ -3,7 +3,9 @@
 A run's tokenizer is the one its first source was prepared with (saved in that directory's tokenizer/).
 Every source must have been made with the same tokenizer (by fingerprint: sha256 of its tokenizer.json), and
 no token id in any source may be outside the model's embedding table: otherwise training would silently
-learn from ids that mean different words, or crash deep inside an embedding lookup.
+learn from ids that mean different words, or crash deep inside an embedding lookup. The manifest's
+`max_token_id` is checked here against the model; the loader checks every block against it (damage after
+prepare), and the shards against their index.json sizes and hashes.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 
 from dist_clm.config import Config
 from dist_clm.data.loader import Source
-from dist_clm.data.prepare import read_manifest
+from dist_clm.data.prepare import read_manifest, token_limit
 from dist_clm.data.tokenizer import fingerprint, load_tokenizer
 from dist_clm.errors import UserError
 
@@ -60,7 +62,7 @@ def check_sources(sources: list[Source], tok, model_vocab: int, pretrained: str 
                 f"(from {origin}) is {fp[:12]}; prepare '{s.path}' again with "
                 f"`--tokenizer {sources[0].path}/tokenizer`."
             )
-        top = s.manifest.get("max_token_id", s.manifest["tokenizer"]["vocab_size"] - 1)
+        top = token_limit(s.manifest)
         if top >= model_vocab:
             raise UserError(
                 f"the shards in '{s.path}' hold token ids up to {top} but the model embeds only {model_vocab}; "

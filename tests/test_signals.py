@@ -1,0 +1,100 @@
+"""Signals the way they arrive in practice end in a checkpoint: SIGTERM to the whole process group (loader
+workers included), and SIGTERM to the `deepspeed` or `torchrun` command alone. No process outlives its
+launcher, and the rerun continues from the checkpoint."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from dist_clm.checkpoint import COMPLETE, complete_checkpoints
+from dist_clm.distributed import free_port
+from dist_clm.preemption import PREEMPTED_EXIT
+from tests.helpers import BIN, TINY, metrics, train_losses
+
+pytestmark = pytest.mark.slow
+
+
+def start(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for_steps(run, n: int, proc: subprocess.Popen) -> None:
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (run / "metrics.jsonl").is_file() and len(train_losses(metrics(run))) >= n:
+            return
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.2)
+    raise AssertionError("training did not start")
+
+
+def session_processes(sid: int) -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return out
+
+
+def wait_until_gone(sid: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and session_processes(sid):
+        time.sleep(0.5)
+    left = session_processes(sid)
+    for p in left:
+        p.kill()
+    assert not left, f"processes outlived their launcher: {[p.cmdline()[:4] for p in left]}"
+
+
+def checkpoint_step(run) -> int:
+    [only] = complete_checkpoints(run)
+    return json.loads((only / COMPLETE).read_text())["step"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigterm_to_the_process_group_ends_in_a_checkpoint(tmp_path, data_dir, workers):
+    run = tmp_path / "run"
+    common = [*TINY, f"data.path={data_dir}", f"run.dir={run}", f"data.num_workers={workers}", "train.save_every=0",
+              "train.log_every=1", "train.eval_every=0"]  # fmt: skip
+    proc = start([str(BIN / "dist-clm"), "train", *common, "train.max_steps=100000"])
+    wait_for_steps(run, 3, proc)
+    os.killpg(proc.pid, signal.SIGTERM)  # the trainer and its loader workers alike, as SLURM and terminals do
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == PREEMPTED_EXIT, err[-3000:]
+    assert "stopped by SIGTERM" in err and "Traceback" not in err
+    at = checkpoint_step(run)
+    assert list(train_losses(metrics(run))) == list(range(1, at + 1))
+    wait_until_gone(proc.pid, 30)
+
+    skip = len(metrics(run))
+    r = subprocess.run([str(BIN / "dist-clm"), "train", *common, f"train.max_steps={at + 2}"], capture_output=True,
+                       text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert list(train_losses(metrics(run, skip))) == [at + 1, at + 2]
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+def test_sigterm_to_the_launcher_command_ends_in_a_checkpoint(tmp_path, data_dir, launcher):
+    run = tmp_path / "run"
+    port = str(free_port())
+    if launcher == "deepspeed":
+        head = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", port, "--module"]
+    else:
+        head = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port, "-m"]
+    common = [*TINY, f"data.path={data_dir}", f"run.dir={run}", "data.num_workers=2", "train.save_every=0",
+              "train.log_every=1", "train.eval_every=0"]  # fmt: skip
+    proc = start([*head, "dist_clm", "train", *common, "train.max_steps=100000"])
+    wait_for_steps(run, 3, proc)
+    proc.send_signal(signal.SIGTERM)  # the command the user started, alone
+    proc.communicate(timeout=300)
+    wait_until_gone(proc.pid)  # every rank and worker ends, none is left running without its launcher
+    at = checkpoint_step(run)
+    assert at >= 3 and list(train_losses(metrics(run))) == list(range(1, at + 1))
