@@ -38,7 +38,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from dist_clm.distributed import DistEnv, agree_on_error, all_reduce_sum, barrier
+from dist_clm.distributed import (
+    DistEnv,
+    agree_on_error,
+    all_gather_object,
+    all_reduce_sum,
+    barrier,
+    is_collective_failure,
+)
 from dist_clm.errors import UserError
 from dist_clm.fsutil import atomic_dir, atomic_write_text, fsync_dir, fsync_tree
 from dist_clm.metrics import say
@@ -190,19 +197,22 @@ class Checkpointer:
         try:
             engine.save_checkpoint(str(self.dir), tag=tag_dir.name, save_latest=False)
             _save_rng(tag_dir, self.env.rank)
-            if self.env.is_main:
+            sizes = _durable_sizes(tag_dir)  # every file this rank sees, fsynced: its own ones among them
+            views = all_gather_object(sizes)
+            if self.env.is_main:  # written after the views: no rank lists a file while it is being written
                 model_config.save_pretrained(str(tag_dir))
                 atomic_write_text(tag_dir / TRAIN_STATE, json.dumps(state.state_dict(), indent=2))
                 (tag_dir / READERS).touch()
-            sizes = _durable_sizes(tag_dir)  # every file this rank sees, fsynced: its own ones among them
+                views.append(_durable_sizes(tag_dir))
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            if is_collective_failure(e):
+                raise  # another rank is gone: not this filesystem's doing (train.py reports it)
             free = shutil.disk_usage(self.dir).free
             detail = getattr(e, "strerror", None) or str(e).splitlines()[0][:120]
             raise UserError(
                 f"could not save checkpoint '{tag_dir}' ({detail}; {_size(free)} free on its filesystem); free "
                 "space or fix the filesystem, then rerun: training resumes from the last complete checkpoint."
             ) from None
-        views = _all_gather(sizes)
         if self.env.is_main:
             files: dict[str, int] = {}
             for view in views:  # a writer's own view of its file is the freshest
@@ -310,7 +320,7 @@ class Checkpointer:
         """Collective: the steps of the checkpoints every rank sees complete, newest first."""
         mine = [int(p.name[len(PREFIX) :]) for p in complete_checkpoints(self.run_dir)]
         common = set(mine)
-        for view in _all_gather(mine):
+        for view in all_gather_object(mine):
             common &= set(view)
         return sorted(common, reverse=True)
 
@@ -419,7 +429,7 @@ def _durable_sizes(tag_dir: Path) -> dict[str, int]:
     return {
         str(p.relative_to(tag_dir)): p.stat().st_size
         for p in tag_dir.rglob("*")
-        if p.is_file() and p.name not in (COMPLETE, READERS)
+        if p.is_file() and p.name not in (COMPLETE, READERS) and not p.name.startswith(".")  # (temporary files)
     }
 
 
@@ -429,13 +439,3 @@ def _size(n: float) -> str:
 
 def _tree_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def _all_gather(obj) -> list:
-    import torch
-
-    if not torch.distributed.is_initialized():
-        return [obj]
-    out = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out

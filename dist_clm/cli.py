@@ -301,9 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except UserError as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"dist-clm: error: {e}", file=sys.stderr)
-        return 2
+        rank = os.environ.get("RANK", "0")
+        if rank == "0" or not e.agreed:  # a rank's own error is seen wherever it happened
+            node = os.environ.get("SLURMD_NODENAME")
+            where = "" if rank == "0" else f"rank {rank}{f' on {node}' if node else ''}: "
+            print(f"dist-clm: error: {where}{e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("dist-clm: interrupted; nothing partial was kept.", file=sys.stderr)
         return 130

@@ -97,6 +97,9 @@ class TrainConfig:
     spike_window: int = 50  # good steps in the running mean that spikes are measured against
     max_rollbacks: int = 5  # rollbacks in one process before giving up with an error
     resume: bool = True  # resume automatically from the latest complete checkpoint in run.dir
+    collective_timeout_s: float = 300.0  # from the second step on, a collective that waits longer ends the run:
+    # a rank died or stalled; every rank stops, naming it, with exit 75 (rerun / requeue resumes). Set-up,
+    # checkpoint saves and loads may wait 30 min
     fault_injection: str = ""  # drills and tests only: "STEP:KIND[@RANK],..." multiplies step STEP's loss
     # (KIND nan, inf or xF; see dist_clm/stability.py); announced in the log and as faults/injected in TensorBoard
 
@@ -163,6 +166,11 @@ class Config:
             ),
             (t.spike_window >= 1, "train.spike_window", f"must be at least 1, got {t.spike_window}"),
             (t.max_rollbacks >= 0, "train.max_rollbacks", f"must be 0 or more, got {t.max_rollbacks}"),
+            (
+                t.collective_timeout_s > 0,
+                "train.collective_timeout_s",
+                f"must be above 0, got {t.collective_timeout_s}",
+            ),
         ]
         for ok, key, problem in checks:
             if not ok:

@@ -1,17 +1,38 @@
-"""Who am I, and bringing up the process group: the deepspeed launcher, torchrun, or a plain process.
+"""Who am I, and bringing up the process group: the deepspeed launcher, torchrun, srun, or a plain process.
 
-The deepspeed launcher and torchrun both export RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT.
-A plain `python`/`dist-clm` process has none of them; DeepSpeed would then try MPI discovery (and fail
-without mpi4py), so we declare a world of one on a free local port first.
+The deepspeed launcher (local or pdsh), torchrun and submitit export RANK, LOCAL_RANK, WORLD_SIZE,
+MASTER_ADDR and MASTER_PORT. A task that `srun` started directly (also the deepspeed launcher's
+`--launcher slurm`, which is srun) has SLURM's variables only: they are translated (ranks from
+SLURM_PROCID/SLURM_LOCALID, the master from the step's first node, a port from the job and step ids). A
+plain `python`/`dist-clm` process has none of them; DeepSpeed would then try MPI discovery (and fail without
+mpi4py), so we declare a world of one on a free local port first.
+
+Once up, every rank's identity (node, local rank, local world size) is gathered and checked (`world_table`):
+a launcher that gave two ranks the same local rank on a node, or a local world size that is not the node's
+rank count, is one sentence instead of two processes fighting over one GPU. The table is written to
+RUN/ranks.json.
+
+Timeouts: set-up, checkpoint saves and loads wait up to SETUP_TIMEOUT_S in a collective (a universal
+checkpoint conversion or a large save can take minutes on one rank); training collectives wait
+`train.collective_timeout_s` from the second step on (`set_collective_timeout`). A rank that dies makes its
+peers' next collective fail at once; one that stalls makes it time out; either way every surviving rank ends
+(see train.py) instead of waiting forever. Each rank keeps a counter moving in the process group's store
+(`Heartbeat`), so the survivors can name the rank that stopped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
+
+SETUP_TIMEOUT_S = 1800.0  # collectives of set-up, resume and checkpointing (torch's gloo default)
 
 
 def use_cpu_accelerator_if_no_gpu() -> None:
@@ -29,6 +50,7 @@ class DistEnv:
     local_rank: int
     world_size: int
     device: str  # "cuda:N" or "cpu"
+    node: str = ""  # this rank's node: SLURM's node name, else the host name (+ torchrun's node rank)
 
     @property
     def is_main(self) -> bool:
@@ -43,6 +65,8 @@ def free_port() -> int:
 
 def init() -> DistEnv:
     """Initialise torch.distributed through DeepSpeed (nccl on GPU, gloo on CPU) and describe this process."""
+    if "RANK" not in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        _from_srun()
     if "RANK" not in os.environ:  # a plain process: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
@@ -63,7 +87,9 @@ def init() -> DistEnv:
         if shm is not None and shm.exists():  # our own name, so left by a killed run on this address and port
             print(f"removing stale shared memory '{shm}' left by a killed run", file=sys.stderr)
             shm.unlink(missing_ok=True)
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
+        deepspeed.init_distributed(
+            dist_backend="nccl" if on_gpu else "gloo", verbose=False, timeout=timedelta(seconds=SETUP_TIMEOUT_S)
+        )
         if shm is not None and shm.exists():
             torch.distributed.barrier()  # every local rank has mapped every segment: the names can go now
             shm.unlink(missing_ok=True)  # the memory lives on until the last process exits, even on kill -9
@@ -72,7 +98,171 @@ def init() -> DistEnv:
         local_rank=local_rank,
         world_size=torch.distributed.get_world_size(),
         device=f"cuda:{local_rank}" if on_gpu else "cpu",
+        node=node_name(),
     )
+
+
+def node_name() -> str:
+    """The node this process runs on, as the launcher knows it."""
+    if os.environ.get("SLURMD_NODENAME"):
+        return os.environ["SLURMD_NODENAME"]
+    host = socket.gethostname()
+    group = os.environ.get("GROUP_RANK")  # torchrun's node rank: nodes may share a host name in containers
+    return f"{host}/{group}" if group is not None and os.environ.get("TORCHELASTIC_RUN_ID") else host
+
+
+def _from_srun() -> None:
+    """RANK and the rest from the variables of a task srun started (no launcher set them)."""
+    env = os.environ
+    nodes = subprocess.run(
+        ["scontrol", "show", "hostnames", env["SLURM_STEP_NODELIST"]], capture_output=True, text=True
+    ).stdout.split() or [env["SLURM_STEP_NODELIST"]]
+    per_node = env.get("SLURM_STEP_TASKS_PER_NODE", "1").split("(")[0].split(",")[0]
+    job, step = int(env.get("SLURM_JOB_ID", "0")), int(env.get("SLURM_STEP_ID", "0"))
+    env.update(
+        RANK=env["SLURM_PROCID"],
+        LOCAL_RANK=env["SLURM_LOCALID"],
+        WORLD_SIZE=env["SLURM_STEP_NUM_TASKS"],
+        LOCAL_WORLD_SIZE=per_node,
+        MASTER_ADDR=env.get("MASTER_ADDR", nodes[0]),
+    )
+    env.setdefault("MASTER_PORT", str(20000 + (job * 7 + step) % 20000))  # the same on every task of the step
+
+
+def world_table(env: DistEnv) -> list[dict]:
+    """Collective: every rank's identity, checked: on each node the local ranks are 0..n-1 once each and the
+    local world size is n. One sentence (on every rank) when the launcher got it wrong."""
+    from dist_clm.errors import UserError, agreed
+
+    me = {"rank": env.rank, "node": env.node, "local_rank": env.local_rank, "pid": os.getpid(),
+          "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", "1")), "device": env.device}  # fmt: skip
+    table = all_gather_object(me)
+    problem = None
+    for node in sorted({r["node"] for r in table}):
+        here = [r for r in table if r["node"] == node]
+        local = sorted(r["local_rank"] for r in here)
+        sizes = {r["local_world_size"] for r in here}
+        if local != list(range(len(here))) or sizes != {len(here)}:
+            problem = (
+                f"the launcher gave the {len(here)} ranks on node {node} local ranks {local} and local world sizes "
+                f"{sorted(sizes)} (expected 0..{len(here) - 1} and {len(here)}); check its per-node process count."
+            )
+            break
+    if problem:
+        raise agreed(UserError(problem))  # (every rank saw the same table)
+    return table
+
+
+def describe(table: list[dict]) -> str:
+    """'4 ranks on 2 nodes (dn1: 0-1, dn2: 2-3)'."""
+    nodes: dict[str, list[int]] = {}
+    for r in table:
+        nodes.setdefault(r["node"], []).append(r["rank"])
+    parts = [f"{n}: {min(rs)}-{max(rs)}" if len(rs) > 1 else f"{n}: {rs[0]}" for n, rs in nodes.items()]
+    return f"{len(table)} ranks on {len(nodes)} node{'s' if len(nodes) > 1 else ''} ({', '.join(parts)})"
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """The timeout of every later collective, in every process group: the default one and the ones DeepSpeed
+    made for ZeRO (a stalled rank blocks its peers in whichever they are in)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    setter = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout  # (torch < 2.12 name)
+    groups = list(dist.distributed_c10d._world.pg_map) or [None]  # (torch lists its groups only privately)
+    for group in groups:
+        with contextlib.suppress(ValueError, RuntimeError):  # a group this rank is not part of
+            setter(timedelta(seconds=seconds), group)
+
+
+@contextlib.contextmanager
+def long_collectives(restore_s: float | None) -> Iterator[None]:
+    """Collectives inside the block may wait SETUP_TIMEOUT_S (a save or load on a slow filesystem); then back
+    to `restore_s` (None: it stays long)."""
+    set_collective_timeout(SETUP_TIMEOUT_S)
+    try:
+        yield
+    finally:
+        if restore_s is not None:
+            set_collective_timeout(restore_s)
+
+
+# what gloo and NCCL say when a peer is gone or a collective timed out (they raise plain RuntimeErrors)
+_FAILURE_MARKS = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                  "NCCL communicator was aborted", "ProcessGroupNCCL", "ProcessGroupGloo")  # fmt: skip
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """Whether `error` is a collective that failed because another rank died, stalled or went unreachable."""
+    import torch.distributed as dist
+
+    dist_error = getattr(dist, "DistError", ())
+    return (dist_error and isinstance(error, dist_error)) or any(m in str(error) for m in _FAILURE_MARKS)
+
+
+def failure_reason(error: BaseException, timeout_s: float) -> str:
+    text = str(error)
+    if "imed out" in text:
+        return f"no answer within the collective timeout of {timeout_s:g} s"
+    return "a peer closed its connection: its process died" if "by peer" in text else text.splitlines()[0][:160]
+
+
+class Heartbeat:
+    """Each rank's sign of life, in the process group's store (served by rank 0's process): a daemon thread
+    adds 1 to this rank's counter every second, whatever the main thread is doing (computing, or blocked in a
+    collective). When a collective fails, the survivors look at which counters stopped moving: those ranks'
+    processes are dead or stopped. The store is torch's own (no public accessor: `_get_default_store`)."""
+
+    PERIOD_S = 1.0
+
+    def __init__(self, env: DistEnv):
+        import threading
+
+        import torch.distributed as dist
+
+        self.env, self.store = env, None
+        if not (dist.is_initialized() and env.world_size > 1):
+            return
+        try:
+            self.store = dist.distributed_c10d._get_default_store()
+            self.store.set(f"dist_clm/node/{env.rank}", env.node)
+        except Exception:  # noqa: BLE001 (no store, no names: failures are still reported, without them)
+            self.store = None
+            return
+        threading.Thread(target=self._beat, name="dist-clm-heartbeat", daemon=True).start()
+
+    def _beat(self) -> None:
+        import time
+
+        key = f"dist_clm/alive/{self.env.rank}"
+        while True:
+            try:
+                self.store.add(key, 1)
+            except Exception:  # noqa: BLE001 (rank 0's process, which serves the store, is gone: nothing to do)
+                return
+            time.sleep(self.PERIOD_S)
+
+    def laggards(self) -> str:
+        """Who stopped, e.g. 'rank 3 (node dn2) stopped answering', or '' when it cannot be told."""
+        import time
+
+        if self.store is None:
+            return ""
+        try:
+            self.store.set_timeout(timedelta(seconds=5))
+            keys = [f"dist_clm/alive/{r}" for r in range(self.env.world_size)]
+            before = [self.store.add(k, 0) for k in keys]
+            time.sleep(3 * self.PERIOD_S)
+            after = [self.store.add(k, 0) for k in keys]
+            silent = [r for r in range(self.env.world_size) if after[r] == before[r]]
+            nodes = {r: self.store.get(f"dist_clm/node/{r}").decode() for r in silent}
+        except Exception:  # noqa: BLE001 (the store lives in rank 0's process: it may be the one that stopped)
+            return "rank 0 (which serves the process group's store) stopped answering"
+        if not silent or len(silent) == self.env.world_size:
+            return ""
+        named = ", ".join(f"rank {r} (node {nodes[r]})" for r in silent[:4]) + (" and more" if len(silent) > 4 else "")
+        return f"{named} stopped answering (dead or stopped process)"
 
 
 def _deepspeed_cpu_shm_segment() -> Path | None:
@@ -90,6 +280,17 @@ def _deepspeed_cpu_shm_segment() -> Path | None:
         f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}_"
         f"{env['RANK']}",
     )
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order (a world of one: [obj])."""
+    import torch
+
+    if not torch.distributed.is_initialized():
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
 
 
 def barrier() -> None:
@@ -115,7 +316,7 @@ def agree_on_error(error: Exception | None, device: str) -> None:
     left waiting in a collective for one that stopped."""
     import torch
 
-    from dist_clm.errors import UserError
+    from dist_clm.errors import UserError, agreed
 
     if not torch.distributed.is_initialized():
         if error is not None:
@@ -123,9 +324,8 @@ def agree_on_error(error: Exception | None, device: str) -> None:
         return
     if not all_reduce_sum([float(error is not None)], device)[0]:
         return
-    messages: list[str | None] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(messages, str(error) if error is not None else None)
+    messages = all_gather_object(str(error) if error is not None else None)
     first = next(m for m in messages if m is not None)
-    if error is not None and str(error) == first:
-        raise error
-    raise UserError(first)
+    if isinstance(error, UserError) and str(error) == first:
+        raise agreed(error)
+    raise agreed(UserError(first))

@@ -7,6 +7,8 @@ import json
 import time
 from pathlib import Path
 
+STRAGGLER_LAG = 1.5  # a rank this much slower than the median rank over a log window is a straggler
+
 # Peak dense bf16 tensor-core FLOP/s by GPU name (vendor data sheets, without sparsity), for MFU.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "A100": 312e12, "A800": 312e12}
 
@@ -56,26 +58,47 @@ class LogWindow:
     def __init__(self, sources: list[str], tokens_per_step: int, flops_per_token: float, world: int, device: str):
         self.sources, self.tokens_per_step, self.flops = sources, tokens_per_step, flops_per_token
         self.world, self.device = world, device
+        self.persistent_straggler: int | None = None  # a rank STRAGGLER_LAG x slow in the last two windows
+        self._last_slow: int | None = None
         self._reset()
 
     def _reset(self) -> None:
         self.start, self.steps, self.losses = time.perf_counter(), 0, []
         self.wait, self.blocks = 0.0, [0] * len(self.sources)
+        self.arrivals, self.token_sum = [0.0] * self.world, 0
 
-    def add(self, loss: float, good: bool, data_wait_s: float, blocks_per_source: list[int]) -> None:
+    def add(
+        self,
+        loss: float,
+        good: bool,
+        data_wait_s: float,
+        blocks_per_source: list[int],
+        arrivals: list[float],
+        token_sum: int = 0,
+    ) -> None:
         """One step (a step.StepResult's fields); its loss counts only if it was good (applied, not a spike)."""
         self.steps += 1
+        self.token_sum += token_sum
         if good:
             self.losses.append(loss)
         self.wait += data_wait_s
         self.blocks = [a + b for a, b in zip(self.blocks, blocks_per_source, strict=True)]
+        self.arrivals = [a + b for a, b in zip(self.arrivals, arrivals, strict=True)]
+
+    def straggler(self) -> tuple[int, float]:
+        """(the rank that reached the steps' agreement last on average over the window, its time over the
+        median rank's): a lag of 1.5 means that rank made every step 50% longer than it needed to be."""
+        ordered = sorted(self.arrivals)
+        median = ordered[len(ordered) // 2]
+        slowest = max(range(self.world), key=lambda r: self.arrivals[r])
+        return slowest, (self.arrivals[slowest] / median if median > 0 else 1.0)
 
     def emit(self, *, lr: float, grad_norm: float, tokens_seen: int, skipped_steps: int) -> dict[str, float]:
         """Collective (one small all-reduce): the window's scalars, the same on every rank."""
         from dist_clm.distributed import all_reduce_sum
 
         elapsed = time.perf_counter() - self.start
-        wait_sum, *mix = all_reduce_sum([self.wait, *self.blocks], self.device)
+        wait_sum, token_sum, *mix = all_reduce_sum([self.wait, self.token_sum, *self.blocks], self.device)
         out = {"train/loss": sum(self.losses) / len(self.losses)} if self.losses else {}
         out |= {  # (no train/loss when every step of the window was skipped)
             "train/lr": lr,
@@ -84,11 +107,19 @@ class LogWindow:
             "train/tokens_seen": tokens_seen,
             "train/data_wait_frac": wait_sum / (self.world * elapsed),  # of step time, mean over ranks
             "train/skipped_steps": skipped_steps,
+            # the window's token ids summed over ranks: the same data gives the same sum on any number of ranks
+            "data/token_sum": int(token_sum),
         }
         peak = peak_flops(self.device)
         if peak:  # model FLOPs utilization: achieved training FLOP/s per device over the device's peak
             out["train/mfu"] = out["train/tokens_per_s"] * self.flops / (self.world * peak)
         out |= memory_scalars(self.device)
+        if self.world > 1 and self.steps:
+            rank, lag = self.straggler()
+            out |= {"train/straggler_rank": rank, "train/straggler_lag": lag}
+            slow = rank if lag >= STRAGGLER_LAG else None
+            self.persistent_straggler = slow if slow == self._last_slow else None  # two windows in a row
+            self._last_slow = slow
         if len(mix) > 1:
             out |= {f"data/mix/{name}": n / sum(mix) for name, n in zip(self.sources, mix, strict=True)}
         self._reset()

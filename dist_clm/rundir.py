@@ -48,7 +48,8 @@ MATH_KEYS = (
     "train.weight_decay", "train.beta1", "train.beta2", "train.eps", "train.grad_clip", "train.precision",
 )  # fmt: skip
 # what a different run leaves in a run directory; run.overwrite=true deletes these
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", SKIPS, "tokenizer", "config.yaml", "ds_config.json")
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", SKIPS, "tokenizer", "config.yaml", "ds_config.json",
+               "ranks.json")  # fmt: skip
 
 
 def data_fingerprint(sources: list[Source]) -> list[dict]:
@@ -180,8 +181,9 @@ def _overwrite(run_dir: Path, why: str) -> None:
             p.unlink()
 
 
-def write_run_files(cfg: Config, tok, ds_config: dict) -> None:
-    """Rank 0, once the run is set up: config.yaml, the tokenizer (kept if it is the data's), ds_config.json."""
+def write_run_files(cfg: Config, tok, ds_config: dict, world: list[dict]) -> None:
+    """Rank 0, once the run is set up: config.yaml, the tokenizer (kept if it is the data's), ds_config.json,
+    ranks.json (every rank's node, local rank and pid)."""
     from dist_clm.data.tokenizer import fingerprint, load_tokenizer
 
     run_dir = Path(cfg.run.dir)
@@ -196,3 +198,4 @@ def write_run_files(cfg: Config, tok, ds_config: dict) -> None:
     if not tok_dir.is_dir():
         tok.save_pretrained(str(tok_dir))
     (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+    (run_dir / "ranks.json").write_text(json.dumps(world, indent=1))

@@ -12,7 +12,7 @@ import torch
 from dist_clm.config import Config
 from dist_clm.data.loader import Source, TrainLoader
 from dist_clm.data.provenance import check_sources, run_tokenizer, training_sources
-from dist_clm.distributed import DistEnv
+from dist_clm.distributed import DistEnv, agree_on_error, describe
 from dist_clm.engine import deepspeed_config, param_groups, resolve_grad_accum, resolve_precision, scheduler_factory
 from dist_clm.errors import UserError
 from dist_clm.metrics import say
@@ -75,10 +75,42 @@ class Run:
         )  # fmt: skip
 
 
-def setup(cfg: Config, env: DistEnv) -> Run:
-    """Collective (deepspeed.initialize): the run per `cfg` on this rank, from freshly initialised weights."""
+def setup(cfg: Config, env: DistEnv, world: list[dict]) -> Run:
+    """Collective (deepspeed.initialize): the run per `cfg` on this rank, from freshly initialised weights.
+    `world` is distributed.world_table's, written to RUN/ranks.json."""
     import deepspeed
 
+    t = cfg.train
+    problem, parts = None, None
+    try:
+        parts = _checked(cfg, env)
+    except UserError as e:
+        problem = e
+    agree_on_error(problem, env.device)  # a bad setting stops every rank alike, none waits for another
+    sources, tok, model, grad_accum, ds_config, precision = parts
+    n_params = count_params(model)
+    flops = flops_per_token(model.config, n_params, cfg.data.block_size)
+    say(
+        env.is_main,
+        f"model: {model.config.model_type}, {n_params / 1e6:.2f} M parameters, {flops / 1e6:.1f} MFLOPs per "
+        f"token; {describe(world)} on {env.device}, {precision}, ZeRO-{t.zero_stage}",
+    )
+    owner = claim(cfg, env, sources, env.world_size * t.micro_batch_size * grad_accum)  # the first write
+    if env.is_main:
+        write_run_files(cfg, tok, ds_config, world)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, t.weight_decay),
+        config=ds_config,
+        lr_scheduler=scheduler_factory(t),
+    )
+    if t.compile:
+        engine.compile()
+    return Run(cfg, env, sources, engine, scheduler, grad_accum, precision, n_params, flops, owner)
+
+
+def _checked(cfg: Config, env: DistEnv) -> tuple:
+    """Sources, tokenizer, model, accumulation, DeepSpeed config and precision, every check passed."""
     t = cfg.train
     sources = training_sources(cfg)
     tok = run_tokenizer(sources)
@@ -97,22 +129,4 @@ def setup(cfg: Config, env: DistEnv) -> Run:
     precision = resolve_precision(t.precision, on_gpu)
     if t.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    n_params = count_params(model)
-    flops = flops_per_token(model.config, n_params, cfg.data.block_size)
-    say(
-        env.is_main,
-        f"model: {model.config.model_type}, {n_params / 1e6:.2f} M parameters, {flops / 1e6:.1f} MFLOPs per "
-        f"token; world size {env.world_size} on {env.device}, {precision}, ZeRO-{t.zero_stage}",
-    )
-    owner = claim(cfg, env, sources, env.world_size * t.micro_batch_size * grad_accum)  # the first write
-    if env.is_main:
-        write_run_files(cfg, tok, ds_config)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model,
-        model_parameters=param_groups(model, t.weight_decay),
-        config=ds_config,
-        lr_scheduler=scheduler_factory(t),
-    )
-    if t.compile:
-        engine.compile()
-    return Run(cfg, env, sources, engine, scheduler, grad_accum, precision, n_params, flops, owner)
+    return sources, tok, model, grad_accum, ds_config, precision

@@ -70,6 +70,8 @@ class SlurmSettings:
             "name": self.job_name,
             "slurm_signal_delay_s": self.signal_delay_s,
             "slurm_additional_parameters": extra,
+            # one task that fails ends the step's others at once, instead of leaving them in a collective
+            "slurm_srun_args": ["--kill-on-bad-exit=1"],
         }
         if self.gpus_per_node:
             params["gpus_per_node"] = self.gpus_per_node
@@ -108,6 +110,7 @@ class TrainJob:
         import submitit
 
         from dist_clm.config import load_config
+        from dist_clm.errors import PeerLost
         from dist_clm.train import train
 
         job = submitit.JobEnvironment()
@@ -115,40 +118,76 @@ class TrainJob:
         os.environ.setdefault("LOCAL_WORLD_SIZE", str(job.num_tasks // max(1, job.num_nodes)))
         # SIGTERM stays with submitit (ignored): under SLURM it comes right before a kill (scancel, requeue,
         # preemption), and the job comes back, or not, by SLURM's decision, from its last checkpoint
-        trained = train(load_config(self.config, self.overrides), stop_signals=(signal.SIGUSR1, signal.SIGUSR2))
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        try:
+            trained = train(load_config(self.config, self.overrides), stop_signals=(signal.SIGUSR1, signal.SIGUSR2))
+        except PeerLost as e:  # another rank or node is gone: the job comes back on the nodes SLURM gives it
+            print(f"dist-clm: error: {e}", file=sys.stderr, flush=True)
+            down = _unresponsive_nodes()
+            if down:  # SLURM requeues the job itself (NODE_FAIL), without that node
+                print(f"dist-clm: node {', '.join(down)} stopped responding; SLURM requeues the job", file=sys.stderr)
+            else:  # a process died or stalled on a healthy node: ask for the requeue ourselves
+                self._requeue(job, restarts, "lost a rank", every_rank=True)
+            raise SystemExit(e.exit_code) from None
+        except UserError as e:  # one sentence in the task's log, as on the command line (no traceback)
+            if job.global_rank == 0 or not e.agreed:
+                print(f"dist-clm: error: rank {job.global_rank}: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(e.exit_code) from None
         result = dataclasses.asdict(trained) | {
             "slurm_job_id": job.job_id,
             "rank": job.global_rank,
             "world_size": job.num_tasks,
+            "restarts": restarts,
         }
-        result["restarts"] = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-        if result.get("preempted"):
-            self._requeue(job, result)
+        if result.get("preempted") and self._requeue(job, restarts, "was preempted"):
+            from dist_clm.distributed import barrier
+
+            barrier()
+            raise SystemExit(0)  # no result: the requeued job writes the final one
         return result
 
-    def _requeue(self, job, result: dict) -> None:
-        """After the checkpoint: come back (rank 0 asks SLURM), unless max_requeues is used up."""
-        from dist_clm.distributed import barrier
-
-        if result["restarts"] >= self.max_requeues:
+    def _requeue(self, job, restarts: int, why: str, every_rank: bool = False) -> bool:
+        """Ask SLURM to run the job again (rank 0, or each surviving rank when ranks were lost: the first one
+        it hears from wins), unless max_requeues is used up; whether it was asked."""
+        if restarts >= self.max_requeues:
             print(
-                f"dist-clm: job {job.job_id} was preempted after {result['restarts']} requeues (max_requeues); "
-                "it stops here with its checkpoint saved: submit it again to continue.",
+                f"dist-clm: job {job.job_id} {why} after {restarts} requeues (max_requeues); it stops here: submit "
+                "it again to continue from its last complete checkpoint.",
                 file=sys.stderr,
             )
-            return
-        if job.global_rank == 0:
+            return False
+        if job.global_rank == 0 or every_rank:
             r = subprocess.run(["scontrol", "requeue", str(job.job_id)], capture_output=True, text=True)
             # preemption by another partition requeues the job itself: then SLURM refuses a second one
             print(f"dist-clm: requeue of job {job.job_id}: {r.stdout.strip() or r.stderr.strip() or 'ok'}")
-        barrier()
-        raise SystemExit(0)  # no result: the requeued job writes the final one
+        return True
 
     def checkpoint(self):
         """submitit's USR2 handler, before the training loop took the signal over: run the same job again."""
         import submitit
 
         return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.overrides, self.max_requeues))
+
+
+def _unresponsive_nodes() -> list[str]:
+    """The job's nodes SLURM finds not responding, waiting as long as SLURM takes to decide (SlurmdTimeout,
+    and a margin): requeueing before it has would restart the job on the node that died."""
+    import time
+
+    nodes = subprocess.run(["scontrol", "show", "hostnames", os.environ.get("SLURM_JOB_NODELIST", "")],
+                           capture_output=True, text=True).stdout.split()  # fmt: skip
+    config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True).stdout
+    timeout = next((int(line.split("=")[1].split()[0]) for line in config.splitlines()
+                    if line.startswith("SlurmdTimeout")), 300)  # fmt: skip
+    deadline = time.monotonic() + min(timeout + 15, 600)
+    while nodes and time.monotonic() < deadline:
+        r = subprocess.run(["sinfo", "-h", "-N", "-n", ",".join(nodes), "-o", "%N %T"], capture_output=True, text=True)
+        down = sorted({n for n, state in (line.split() for line in r.stdout.splitlines() if len(line.split()) == 2)
+                       if state.endswith("*") or state.startswith(("down", "fail"))})  # fmt: skip
+        if down:
+            return down
+        time.sleep(1)
+    return []
 
 
 def make_executor(settings: SlurmSettings, folder: Path):

@@ -1,7 +1,8 @@
 """Protection from NaNs and loss spikes, and the one agreement the ranks make per step.
 
 Once per optimizer step, after the last forward pass and before its backward pass, the ranks all-reduce
-four things in one small collective: which stop signals arrived (see preemption.py), whether a rank found
+five things in one small collective: which stop signals arrived (see preemption.py), each rank's time from
+the step's start to this point (so stragglers are seen without another collective), whether a rank found
 damaged data (its loader raised a DataError; it trained on a blank batch meanwhile, so every rank reaches the
 agreement and none waits in a collective for a crashed one), how many micro-batch losses were non-finite, and
 the sum of the losses. Every rank then knows the same answers:
@@ -41,6 +42,7 @@ class Agreement:
     nonfinite: int  # non-finite micro-batch losses over all ranks
     mean_loss: float  # the step's loss, mean over ranks and micro batches (nan when any is non-finite)
     data_errors: int = 0  # ranks that found damaged data in this step (the run must stop)
+    arrivals: list[float] | None = None  # each rank's seconds from the step's start to this agreement
 
 
 def agree(
@@ -50,20 +52,27 @@ def agree(
     world: int,
     device: str,
     data_error: bool = False,
+    arrival_s: float = 0.0,
+    rank: int = 0,
 ) -> Agreement:
-    """Collective: one all-reduce of [one flag per stop signal, data-error flag, non-finite count, loss sum]."""
+    """Collective: one all-reduce of [one flag per stop signal, data-error flag, one arrival time per rank,
+    non-finite count, loss sum]."""
     local = torch.stack([loss.detach().float() for loss in losses])
     finite = torch.isfinite(local)
-    flags = torch.tensor([float(s in received) for s in signals] + [float(data_error)], device=local.device)
-    vec = torch.cat([flags, (~finite).sum().float().reshape(1), torch.where(finite, local, 0.0).sum().reshape(1)])
+    arrivals = [0.0] * world
+    arrivals[rank] = arrival_s  # the others' slots are theirs: the sum gathers them
+    head = [float(s in received) for s in signals] + [float(data_error)] + arrivals
+    vec = torch.cat([torch.tensor(head, device=local.device), (~finite).sum().float().reshape(1),
+                     torch.where(finite, local, 0.0).sum().reshape(1)])  # fmt: skip
     vec = vec.to(device, torch.float64)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(vec)
     values = vec.tolist()
-    got = [s for s, n in zip(signals, values[: len(signals)], strict=True) if n > 0]
+    n = len(signals)
+    got = [s for s, v in zip(signals, values[:n], strict=True) if v > 0]
     nonfinite = int(values[-2])
     mean = values[-1] / (world * len(losses)) if nonfinite == 0 else math.nan
-    return Agreement(got[0] if got else None, nonfinite, mean, int(values[-3]))
+    return Agreement(got[0] if got else None, nonfinite, mean, int(values[n]), values[n + 1 : n + 1 + world])
 
 
 class LossGuard:

@@ -25,6 +25,8 @@ class StepResult:
     stop_signal: int | None  # a stop signal some rank received (the same on every rank)
     data_wait_s: float  # seconds this rank waited for its batches
     blocks_per_source: list[int]  # this rank's blocks of each training source in this step
+    arrivals: list[float]  # every rank's seconds from the step's start to its agreement (stragglers)
+    token_sum: int = 0  # the sum of this rank's input ids in this step (what was read, in one number)
     injected: int = 0  # faults injected into this rank's losses in this step (train.fault_injection)
 
 
@@ -33,8 +35,9 @@ def train_step(
 ) -> StepResult:
     """Collective: step number `step` (1-based) on every rank, from `run.grad_accum` micro batches of `batches`."""
     engine, device = run.engine, run.env.device
+    start = time.perf_counter()
     losses, waited, blocks = [], 0.0, torch.zeros(len(run.source_names), dtype=torch.int64)
-    injected_before, damaged = inject.injected, None
+    injected_before, damaged, token_sum = inject.injected, None, 0
     for micro in range(run.grad_accum):  # engine.step() applies the update at the accumulation boundary
         t0 = time.perf_counter()
         try:
@@ -43,12 +46,14 @@ def train_step(
             damaged, batch = e, run.blank_batch()
         waited += time.perf_counter() - t0
         blocks += torch.bincount(batch.pop("source"), minlength=len(blocks))
+        token_sum += int(batch["input_ids"].sum())  # (on the host, before the copy to the device)
         inputs = {k: v.to(device) for k, v in batch.items()}  # input_ids, labels (, position_ids)
         loss = inject(step, engine(**inputs, use_cache=False).loss)
         losses.append(loss)
         last = micro == run.grad_accum - 1
         if last:  # the step's one collective: stop signals, non-finite losses, loss sum
-            agreed = agree(stop.signals, stop.received, losses, run.env.world_size, device, damaged is not None)
+            agreed = agree(stop.signals, stop.received, losses, run.env.world_size, device, damaged is not None,
+                           time.perf_counter() - start, run.env.rank)  # fmt: skip
             spike = guard.is_spike(agreed.mean_loss)
             skip = bool(agreed.nonfinite or spike or agreed.data_errors)
             if skip:
@@ -69,5 +74,7 @@ def train_step(
         stop_signal=agreed.signum,
         data_wait_s=waited,
         blocks_per_source=blocks.tolist(),
+        arrivals=agreed.arrivals,
+        token_sum=token_sum,
         injected=inject.injected - injected_before,
     )

@@ -1,5 +1,9 @@
 """The training loop, read top to bottom: set up -> resume -> validate -> loop -> finish.
 
+train() brings up the process group and turns a failed collective (a rank died, stalled past
+train.collective_timeout_s, or lost its network) into one sentence naming who stopped, on every surviving
+rank, with exit 75 (rerun / requeue resumes from the last checkpoint); the story itself is in _train().
+
 setup(cfg, env) -> Run              sources, tokenizer, model, DeepSpeed engine (setup.py)
 Checkpointer                        latest / save / restore -> TrainState / record_skip (checkpoint.py)
 train_step(...) -> StepResult       micro batches, the one agreement, the guard, backward, update (step.py)
@@ -20,7 +24,7 @@ from dist_clm import distributed
 from dist_clm.checkpoint import SKIPS, Checkpointer, TrainState, tag_for
 from dist_clm.config import Config
 from dist_clm.data.loader import TokenStream
-from dist_clm.errors import UserError
+from dist_clm.errors import PeerLost, UserError, agreed
 from dist_clm.evaluate import perplexity, windows
 from dist_clm.metrics import LogWindow, Metrics, say
 from dist_clm.preemption import SIGNALS, StopRequest, watch_launcher
@@ -46,12 +50,32 @@ def train(
     """Train per `cfg`, resuming from the run directory's latest complete checkpoint. Any of `stop_signals`
     on any rank: every rank saves a checkpoint at the next step boundary and returns. `on_step` is called on
     every rank after every step (the throughput benchmark times the loop with it)."""
-    t = cfg.train
     env = distributed.init()
+    heartbeat = distributed.Heartbeat(env)
+    try:
+        return _train(cfg, env, stop_signals, on_step)
+    except RuntimeError as e:
+        if env.world_size == 1 or not distributed.is_collective_failure(e):
+            raise
+        who = heartbeat.laggards()
+        raise PeerLost(
+            f"rank {env.rank} (node {env.node}) lost the other ranks in a collective "
+            f"({distributed.failure_reason(e, cfg.train.collective_timeout_s)})"
+            + (f": {who}" if who else "")
+            + "; every rank stops; rerun the same command (a SLURM job requeues itself) to resume from the last "
+            "complete checkpoint."
+        ) from None
+
+
+def _train(cfg: Config, env: distributed.DistEnv, stop_signals, on_step) -> TrainResult:
+    """The story: set up, resume, validate, then step / log / roll back / validate / save until the end or a
+    stop signal, and validate once more."""
+    t = cfg.train
     stop = StopRequest(stop_signals)  # e.g. SIGTERM: checkpoint at the next step boundary, then stop
     watch_launcher(stop)
     inject = LossInjector(env.rank, t.fault_injection)
-    run = setup(cfg, env)  # (rank 0 now holds the run directory's lock)
+    world = distributed.world_table(env)  # every rank's node and local rank, checked
+    run = setup(cfg, env, world)  # (rank 0 now holds the run directory's lock)
     checkpointer = Checkpointer(cfg.run.dir, t.keep_last, env, t.zero_stage, size_hint=16 * run.n_params)
     state = checkpointer.load_latest(run.engine) if t.resume else None
     if state:
@@ -71,12 +95,15 @@ def train(
     loader = run.loader(state.loader)
     batches = iter(loader)
     bar = progress_bar(t.max_steps, state.step, env.is_main and cfg.run.progress_bar)
-    rollbacks, preempted = 0, None
+    rollbacks, preempted, first_step = 0, None, state.step + 1
     while state.step < t.max_steps:
         result = train_step(run, batches, state.step + 1, stop, guard, inject)
         loader.step_done()
         state.advance(run.tokens_per_step, loader.state_dict())
-        window.add(result.loss, result.good, result.data_wait_s, result.blocks_per_source)
+        if state.step == first_step:  # compiled and warmed up: from now on a stalled rank is not waited for long
+            distributed.set_collective_timeout(t.collective_timeout_s)
+        window.add(result.loss, result.good, result.data_wait_s, result.blocks_per_source, result.arrivals,
+                   result.token_sum)  # fmt: skip
         bar.update(1)
         if on_step:
             on_step(state, result)
@@ -91,10 +118,13 @@ def train(
             )
             metrics.log(state.step, scalars)
             bar.set_postfix(loss=f"{scalars.get('train/loss', math.nan):.3f}")
+            if window.persistent_straggler is not None:
+                report_straggler(window.persistent_straggler, scalars, world, state.step, env.is_main)
         if result.rollback:
             rollbacks += 1
-            del batches, loader  # the old loader's workers stop
-            state = rollback(run, checkpointer, state, result.rollback, rollbacks)
+            loader.close()  # the old loader's workers stop
+            with distributed.long_collectives(t.collective_timeout_s):  # a load may be slow on one rank
+                state = rollback(run, checkpointer, state, result.rollback, rollbacks)
             guard.reset()
             metrics.log(state.step, {"train/rollbacks": rollbacks})
             loader = run.loader(state.loader)
@@ -106,13 +136,15 @@ def train(
             validate(state.step)
         preempted = result.stop_signal
         if (t.save_every and state.step % t.save_every == 0) or state.step == t.max_steps or preempted:
-            checkpointer.save(run.engine, state, run.engine.module.config)
+            with distributed.long_collectives(t.collective_timeout_s):  # a save may be slow on one rank
+                checkpointer.save(run.engine, state, run.engine.module.config)
         if preempted:
             say(env.is_main, f"stopping at step {state.step} on signal {signal.Signals(preempted).name}; "
                 "checkpoint saved")  # fmt: skip
             break
 
     bar.close()
+    loader.close()
     stop.restore()
     after = None if preempted else validate(state.step)
     metrics.close()
@@ -121,18 +153,25 @@ def train(
     return TrainResult(state.step, state.tokens_seen, before, after, name)
 
 
+def report_straggler(rank: int, scalars: dict, world: list[dict], step: int, is_main: bool) -> None:
+    """Say which rank has been the slowest by STRAGGLER_LAG x the median rank, two log windows in a row."""
+    lag = scalars["train/straggler_lag"]
+    say(is_main, f"step {step}: rank {rank} (node {world[rank]['node']}) is a straggler: it reaches each step's "
+        f"agreement {lag:.2f}x later than the median rank (two log windows in a row)")  # fmt: skip
+
+
 def rollback(run: Run, checkpointer: Checkpointer, state: TrainState, reason: str, rollbacks: int) -> TrainState:
     """Collective: back to the last complete checkpoint in the live engine, with the loader moved past the
     data window [checkpoint's position, now) that led to `reason`; the window is recorded in RUN/skips.json
     so that a resume from that checkpoint skips it too. The step count is the checkpoint's again."""
     back = checkpointer.load_latest(run.engine) if rollbacks <= run.cfg.train.max_rollbacks else None
     if back is None:
-        raise UserError(
+        raise agreed(UserError(
             f"training diverged at step {state.step} ({reason}) and "
             + ("there is no checkpoint to roll back to" if rollbacks <= run.cfg.train.max_rollbacks else
                f"{run.cfg.train.max_rollbacks} rollbacks did not help")
             + "; lower train.lr, raise train.warmup_steps or check the data, then rerun."
-        )  # fmt: skip
+        ))  # fmt: skip
     skip_to = state.loader["blocks_consumed"]
     skip_from = back.loader["blocks_consumed"]
     checkpointer.record_skip(skip_from, skip_to, state.step, reason)

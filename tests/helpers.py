@@ -7,10 +7,13 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -175,3 +178,103 @@ def check_export(out, tag_dir):
     generator = pipeline("text-generation", model=str(out), device="cpu")
     text = generator("import ", max_new_tokens=8, do_sample=False)[0]["generated_text"]
     assert text.startswith("import ") and len(text) > len("import ")
+
+
+# ---- the local SLURM cluster (launchers/local_slurm/start.sh)
+
+
+def slurm_up(partition: str = "debug") -> bool:
+    if shutil.which("sbatch") is None:
+        return False
+    if "is UP" not in subprocess.run(["scontrol", "ping"], capture_output=True, text=True).stdout:
+        return False
+    return bool(subprocess.run(["sinfo", "-h", "-p", partition], capture_output=True, text=True).stdout.strip())
+
+
+def needs_slurm(partition: str = "debug") -> None:
+    """Skip without a cluster (with that partition), except under CI, where it is a failure."""
+    if slurm_up(partition):
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must run the SLURM tests (partition {partition}): .ci/run starts a cluster with "
+                    "launchers/local_slurm/start.sh")  # fmt: skip
+    pytest.skip("no SLURM cluster here: start one with `bash launchers/local_slurm/start.sh` (as root)")
+
+
+def wait_for(condition, what: str, timeout: float = 240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def logged_steps(run) -> list[int]:
+    """Every step with a train/loss row, in the order logged (a resume logs steps again)."""
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if "train/loss" in line]
+
+
+def restarts(job_id: str) -> int:
+    r = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True)
+    for field in r.stdout.split():
+        if field.startswith("Restarts="):
+            return int(field.split("=")[1])
+    return -1
+
+
+def running(job_id: str) -> bool:
+    r = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
+    return r.stdout.strip() == "RUNNING"
+
+
+SLURM_DIR = Path(os.environ.get("DIST_CLM_SLURM_DIR", "/tmp/dist-clm-slurm"))
+
+
+def node_tasks(node: str) -> list[int]:
+    """The pids of the job tasks running on SLURM node `node` of the local cluster (they carry its name)."""
+    import psutil
+
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("SLURMD_NODENAME") == node and p.name().startswith("python"):
+                out.append(p.pid)
+        except psutil.Error:
+            pass
+    return out
+
+
+def kill_node(node: str) -> None:
+    """The node dies: its slurmd, its job step daemons and tasks, all at once (SIGKILL)."""
+    import psutil
+
+    victims = set(node_tasks(node))
+    for pid in list(victims):
+        with contextlib.suppress(psutil.Error):
+            parent = psutil.Process(pid).parent()
+            if parent is not None and parent.name() == "slurmstepd":
+                victims.add(parent.pid)
+    victims.add(int((SLURM_DIR / "run" / f"slurmd.{node}.pid").read_text().strip()))
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+
+
+def restore_node(node: str) -> None:
+    """Start the node's slurmd again (if it is not running) and wait until SLURM takes it back."""
+    conf = SLURM_DIR / "slurm.conf"
+    alive = subprocess.run(["pgrep", "-f", f"slurmd -f {conf} -N {node}$"], capture_output=True).returncode == 0
+    if not alive:
+        subprocess.run(["slurmd", "-f", str(conf), "-N", node], check=True, env={**os.environ, "SLURM_CONF": str(conf)})
+
+    def state() -> str:
+        return subprocess.run(["sinfo", "-h", "-N", "-n", node, "-o", "%T"], capture_output=True, text=True).stdout
+
+    if "idle" not in state() and "alloc" not in state():
+        subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], capture_output=True)
+    wait_for(lambda: any(s in state() for s in ("idle", "alloc", "mix")), f"node {node} back", 60)

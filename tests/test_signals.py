@@ -16,8 +16,6 @@ from dist_clm.distributed import free_port
 from dist_clm.preemption import PREEMPTED_EXIT
 from tests.helpers import BIN, TINY, metrics, train_losses
 
-pytestmark = pytest.mark.slow
-
 
 def start(cmd: list[str]) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -59,6 +57,7 @@ def checkpoint_step(run) -> int:
     return json.loads((only / COMPLETE).read_text())["step"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_sigterm_to_the_process_group_ends_in_a_checkpoint(tmp_path, data_dir, workers):
     run = tmp_path / "run"
@@ -81,6 +80,7 @@ def test_sigterm_to_the_process_group_ends_in_a_checkpoint(tmp_path, data_dir, w
     assert list(train_losses(metrics(run, skip))) == [at + 1, at + 2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
 def test_sigterm_to_the_launcher_command_ends_in_a_checkpoint(tmp_path, data_dir, launcher):
     run = tmp_path / "run"
@@ -98,3 +98,17 @@ def test_sigterm_to_the_launcher_command_ends_in_a_checkpoint(tmp_path, data_dir
     wait_until_gone(proc.pid)  # every rank and worker ends, none is left running without its launcher
     at = checkpoint_step(run)
     assert at >= 3 and list(train_losses(metrics(run))) == list(range(1, at + 1))
+
+
+def test_a_process_with_live_loader_workers_still_exits(data_dir):
+    """Workers ignore SIGTERM (it is the main process's), so multiprocessing's exit handler, which SIGTERMs
+    them, would wait for them forever: the loader closes them first."""
+    code = (
+        "import sys\nfrom dist_clm.data.loader import Source, TrainLoader\n"
+        "from dist_clm.data.prepare import read_manifest\n"
+        f"d = {str(data_dir)!r}\n"
+        "ld = TrainLoader([Source('a', d, read_manifest(d))], block_size=64, micro_batch=2, num_workers=2)\n"
+        "next(iter(ld))\n"
+    )
+    r = subprocess.run([str(BIN / "python"), "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

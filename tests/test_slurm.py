@@ -4,31 +4,13 @@ partition preemption and an outside `scontrol requeue`, each time resuming from 
 count continuing and no data repeated; a job array of two override sets; the generated sbatch script."""
 
 import json
-import os
-import shutil
 import subprocess
-import time
 
 import pytest
 
 from dist_clm.errors import UserError
 from dist_clm.slurm import SlurmSettings, TrainJob, submit
-from tests.helpers import TINY, run_cli
-
-
-def slurm_up() -> bool:
-    if shutil.which("sbatch") is None:
-        return False
-    r = subprocess.run(["scontrol", "ping"], capture_output=True, text=True)
-    return "is UP" in r.stdout
-
-
-def needs_slurm():
-    if slurm_up():
-        return
-    if os.environ.get("CI"):
-        pytest.fail("CI must run the SLURM tests: .ci/run starts a cluster with launchers/local_slurm/start.sh")
-    pytest.skip("no SLURM cluster here: start one with `bash launchers/local_slurm/start.sh` (as root)")
+from tests.helpers import TINY, logged_steps, needs_slurm, restarts, run_cli, running, wait_for
 
 
 def test_dry_run_prints_the_sbatch_script(tmp_path):
@@ -66,38 +48,8 @@ def test_requeueing_stops_at_max_requeues(capsys):
     class Job:  # the two JobEnvironment fields _requeue reads
         job_id, global_rank = "77", 0
 
-    TrainJob(None, [], max_requeues=2)._requeue(Job(), {"restarts": 2})  # returns: no scontrol, no exit
-    assert "after 2 requeues (max_requeues)" in capsys.readouterr().err
-
-
-def wait_for(condition, what: str, timeout: float = 240):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def logged_steps(run) -> list[int]:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line)["step"] for line in path.read_text().splitlines() if "train/loss" in line]
-
-
-def restarts(job_id: str) -> int:
-    r = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True)
-    for field in r.stdout.split():
-        if field.startswith("Restarts="):
-            return int(field.split("=")[1])
-    return -1
-
-
-def running(job_id: str) -> bool:
-    r = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
-    return r.stdout.strip() == "RUNNING"
+    assert not TrainJob(None, [], max_requeues=2)._requeue(Job(), 2, "was preempted")  # no scontrol, no exit
+    assert "was preempted after 2 requeues (max_requeues)" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -29,9 +29,11 @@ What is read is checked against what prepare wrote, and damage is a DataError (o
 
 from __future__ import annotations
 
+import atexit
 import errno
 import json
 import os
+import weakref
 from bisect import bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -497,8 +499,15 @@ class RankShareSampler(Sampler[int]):
             base += self.world * self.per_rank
 
 
+# loaders with worker processes; closed before multiprocessing's own exit handler, which would SIGTERM the
+# workers (ignored there) and wait for them forever (atexit runs the later registration first)
+_OPEN: weakref.WeakSet = weakref.WeakSet()
+atexit.register(lambda: [loader.close() for loader in list(_OPEN)])
+
+
 class TrainLoader:
-    """This rank's micro batches; `state_dict()` at a step boundary is the position to resume from."""
+    """This rank's micro batches; `state_dict()` at a step boundary is the position to resume from; `close()`
+    stops its workers."""
 
     def __init__(
         self,
@@ -561,6 +570,8 @@ class TrainLoader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         """Micro batches as tensors; damaged data raises a DataError (one sentence) from next()."""
         batches = iter(self.loader)  # made now, not at the first next(): the workers start here
+        if self.loader.num_workers:
+            _OPEN.add(self)
         return self._tensors(batches)
 
     @staticmethod
@@ -569,6 +580,14 @@ class TrainLoader:
             if isinstance(batch, _Failed):
                 raise batch.error
             yield {k: torch.from_numpy(v) for k, v in batch.items()}
+
+    def close(self) -> None:
+        """Stop the loader's worker processes now (they ignore SIGTERM, see preemption.py, so they must be told)."""
+        it = getattr(self.loader, "_iterator", None)  # persistent workers live in the DataLoader's iterator
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()  # torch's own orderly shutdown (no public method for persistent workers)
+        self.loader._iterator = None
+        _OPEN.discard(self)
 
     def step_done(self) -> None:
         self.steps_done += 1

@@ -1,12 +1,23 @@
 #!/usr/bin/env bash
-# A real single-node SLURM cluster on this machine, for dist_clm's CI and for trying the SLURM launcher:
-# munged, mariadbd + slurmdbd (accounting: submitit reads job states with sacct), slurmctld and one slurmd.
+# A real SLURM cluster on this machine, for dist_clm's CI and for trying the SLURM launcher: munged, mariadbd +
+# slurmdbd (accounting: submitit reads job states with sacct), slurmctld, and four slurmd: the machine itself
+# as one node, and three more nodes dn1, dn2, dn3 (a slurmd each, with its own node name, address and port).
 #
 #   bash launchers/local_slurm/start.sh     # installs Debian's slurm-wlm/munge/slurmdbd/mariadb if missing
 #   bash launchers/local_slurm/stop.sh
 #
-# Partitions: `debug` (default) and `urgent`, whose jobs preempt debug jobs (PreemptMode=REQUEUE, and the
-# job's --signal is sent first: preempt_send_user_signal). JobRequeue=1 (submitit does not pass --requeue),
+# Partitions: `debug` (default) and `urgent` on the machine's node, whose jobs preempt debug jobs
+# (PreemptMode=REQUEUE, and the job's --signal is sent first: preempt_send_user_signal); `multi` on dn[1-3]
+# and `multi_urgent`, which preempts it the same way.
+#
+# The nodes dn1-dn3 are separate slurmd processes on this machine (slurmd -N NAME), reached by slurmctld at
+# 127.0.1.1-3 (loopback addresses: traffic never leaves the machine), each on its own port, with its own
+# spool, log and pid file; /etc/hosts maps their names to those addresses (a "dist-clm local-slurm" line,
+# removed by stop.sh), because jobs take the master address from the first node's name. They share the
+# machine's hostname and CPUs (each declares 2 CPUs and a quarter of the memory), which is what a job can
+# tell apart from real nodes. A node dies for real when its slurmd and job steps are killed: slurmctld marks
+# it DOWN after SlurmdTimeout (5 s) and requeues its jobs (JobRequeue=1, NODE_FAIL); `slurmd -N dnK`
+# brings it back (ReturnToService=2). JobRequeue=1 (submitit does not pass --requeue),
 # KillWait=5, cred_expire=10 (a requeued job restarts ~12 s later instead of SLURM's default 2 min).
 # State, configs and logs live in $DIST_CLM_SLURM_DIR (default /tmp/dist-clm-slurm); /etc/slurm/slurm.conf
 # is linked to its slurm.conf. Must run as root. A second start while the cluster is up does nothing.
@@ -16,6 +27,7 @@ PORT=${DIST_CLM_SLURM_PORT:-6917}     # slurmctld; slurmd +1, slurmdbd +2, maria
 CONF=$DIR/slurm.conf
 SOCK=$DIR/munge/socket
 NODE=$(hostname -s)
+MULTI=(dn1 dn2 dn3)   # the extra nodes, at 127.0.1.1.. and ports PORT+11..
 export PATH=$PATH:/usr/sbin:/sbin SLURM_CONF=$CONF
 
 say() { echo "[local-slurm] $*"; }
@@ -29,7 +41,8 @@ pid_of() { local i; for ((i = 0; i < 300; i++)); do [[ -s $1 ]] && { tr -dc 0-9 
 
 [[ $(id -u) == 0 ]] || fail "run as root (slurmd and munged need it)"
 if [[ -f $DIR/up ]] && scontrol ping 2>/dev/null | grep -q "is UP" \
-   && [[ $(sinfo -h -N -o %T 2>/dev/null | head -n1) =~ ^(idle|mixed|allocated|completing)$ ]]; then
+   && [[ $(sinfo -h -N -o %T 2>/dev/null | head -n1) =~ ^(idle|mixed|allocated|completing)$ ]] \
+   && [[ $(sinfo -h -N -o %N 2>/dev/null | sort -u | wc -l) == 4 ]]; then
   say "already up ($CONF)"; exit 0
 fi
 
@@ -97,11 +110,12 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket=$SOCK,cred_expire=10
 StateSaveLocation=$DIR/ctld
-SlurmdSpoolDir=$DIR/slurmd
+SlurmdSpoolDir=$DIR/slurmd/%n
 SlurmctldPidFile=$DIR/run/slurmctld.pid
-SlurmdPidFile=$DIR/run/slurmd.pid
+SlurmdPidFile=$DIR/run/slurmd.%n.pid
 SlurmctldLogFile=$DIR/log/slurmctld
-SlurmdLogFile=$DIR/log/slurmd
+SlurmdLogFile=$DIR/log/slurmd.%n
+SlurmdTimeout=5
 MailProg=/bin/true
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -125,6 +139,16 @@ NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=30
 PartitionName=urgent Nodes=$NODE MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 EOF
+for i in "${!MULTI[@]}"; do
+  echo "NodeName=${MULTI[$i]} NodeHostname=$(hostname) NodeAddr=127.0.1.$((i + 1)) Port=$((PORT + 11 + i))" \
+       "CPUs=2 RealMemory=$((mem / 4)) State=UNKNOWN" >> "$CONF"
+done
+nodes="dn[1-${#MULTI[@]}]"
+echo "PartitionName=multi Nodes=$nodes MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=30" >> "$CONF"
+echo "PartitionName=multi_urgent Nodes=$nodes MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF" >> "$CONF"
+# the extra nodes' names resolve to their addresses (a job's master address is its first node's name)
+sed -i '/# dist-clm local-slurm$/d' /etc/hosts
+for i in "${!MULTI[@]}"; do echo "127.0.1.$((i + 1)) ${MULTI[$i]} # dist-clm local-slurm" >> /etc/hosts; done
 slurmdbd || fail "slurmdbd did not start"
 echo "slurmdbd $(pid_of "$DIR/run/slurmdbd.pid")" >> "$DIR/pids"
 until_ok sacctmgr -n list cluster || fail "slurmdbd does not answer"
@@ -132,11 +156,19 @@ sacctmgr -i -Q add cluster distclm >/dev/null || fail "sacctmgr add cluster fail
 slurmctld -f "$CONF" || fail "slurmctld did not start"
 echo "slurmctld $(pid_of "$DIR/run/slurmctld.pid")" >> "$DIR/pids"
 until_ok bash -c "scontrol ping | grep -q 'is UP'" || fail "slurmctld does not answer"
-slurmd -f "$CONF" -N "$NODE" || fail "slurmd did not start"
-echo "slurmd $(pid_of "$DIR/run/slurmd.pid")" >> "$DIR/pids"
-until_ok bash -c "scontrol show node $NODE | grep -q 'State=IDLE'" || fail "node $NODE did not become idle"
+for n in "$NODE" "${MULTI[@]}"; do
+  mkdir -p "$DIR/slurmd/$n"
+  slurmd -f "$CONF" -N "$n" || fail "slurmd of node $n did not start"
+  echo "slurmd $(pid_of "$DIR/run/slurmd.$n.pid")" >> "$DIR/pids"
+done
+for n in "$NODE" "${MULTI[@]}"; do
+  until_ok bash -c "scontrol show node $n | grep -q 'State=IDLE'" || fail "node $n did not become idle"
+done
 mkdir -p /etc/slurm && ln -sfn "$CONF" /etc/slurm/slurm.conf
 srun -N1 -n1 --time=1 -J smoke true || fail "srun smoke test failed"
+[[ $(srun -p multi -N2 -n2 --time=1 -J smoke2 printenv SLURMD_NODENAME | sort | tr '\n' ' ') == "dn1 dn2 " ]] \
+  || fail "a two-node srun did not run on dn1 and dn2"
 sacct -n -X -o JobID >/dev/null || fail "sacct does not work"
 touch "$DIR/up"
-say "up: node $NODE ($cpus CPUs, $mem MB), partitions debug (default) and urgent; state in $DIR"
+say "up: node $NODE ($cpus CPUs, $mem MB), partitions debug (default) and urgent; nodes ${MULTI[*]}," \
+    "partitions multi and multi_urgent; state in $DIR"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Stop the cluster launchers/local_slurm/start.sh started: cancel its jobs, then stop its daemons (SIGTERM,
-# SIGKILL after 20 s), only processes whose command line or environment names its state directory.
+# SIGKILL after 20 s), only processes whose command line or environment names its state directory; remove
+# the node names it added to /etc/hosts.
 set -uo pipefail
 DIR=${DIST_CLM_SLURM_DIR:-/tmp/dist-clm-slurm}
 QUIET=0; [[ ${1:-} == --quiet ]] && QUIET=1
@@ -19,13 +20,15 @@ if scontrol ping 2>/dev/null | grep -q "is UP"; then
   fi
 fi
 for name in slurmd slurmctld slurmdbd mariadbd munged; do
-  while read -r n pid; do
-    [[ $n == "$name" ]] && ours "$name" "$pid" || continue
+  # every such daemon of ours, also one started after start.sh (a node brought back with slurmd -N)
+  for f in /proc/[0-9]*/comm; do
+    pid=${f#/proc/}; pid=${pid%/comm}
+    ours "$name" "$pid" || continue
     say "stopping $name ($pid)"
     kill -TERM "$pid" 2>/dev/null
     for ((i = 0; i < 100; i++)); do ours "$name" "$pid" || break; sleep 0.2; done
     ours "$name" "$pid" && kill -KILL "$pid" 2>/dev/null
-  done < "$DIR/pids"
+  done
 done
 for f in /proc/[0-9]*/comm; do   # job step daemons outliving slurmd
   pid=${f#/proc/}; pid=${pid%/comm}
@@ -33,4 +36,5 @@ for f in /proc/[0-9]*/comm; do   # job step daemons outliving slurmd
     && kill -KILL "$pid" 2>/dev/null
 done
 rm -f "$DIR/pids"
+sed -i '/# dist-clm local-slurm$/d' /etc/hosts 2>/dev/null
 say "stopped"
