@@ -212,7 +212,9 @@ class Heartbeat:
     """Each rank's sign of life, in the process group's store (served by rank 0's process): a daemon thread
     adds 1 to this rank's counter every second, whatever the main thread is doing (computing, or blocked in a
     collective). When a collective fails, the survivors look at which counters stopped moving: those ranks'
-    processes are dead or stopped. The store is torch's own (no public accessor: `_get_default_store`)."""
+    processes are dead or stopped. The store is torch's own (no public accessor: `_get_default_store`).
+    `stop()` before the process exits: a daemon thread still inside the store's C++ client when the interpreter
+    finalizes aborts the process ("terminate called without an active exception")."""
 
     PERIOD_S = 1.0
 
@@ -221,7 +223,8 @@ class Heartbeat:
 
         import torch.distributed as dist
 
-        self.env, self.store = env, None
+        self.env, self.store, self._thread = env, None, None
+        self._stopped = threading.Event()
         if not (dist.is_initialized() and env.world_size > 1):
             return
         try:
@@ -230,18 +233,24 @@ class Heartbeat:
         except Exception:  # noqa: BLE001 (no store, no names: failures are still reported, without them)
             self.store = None
             return
-        threading.Thread(target=self._beat, name="dist-clm-heartbeat", daemon=True).start()
+        self._thread = threading.Thread(target=self._beat, name="dist-clm-heartbeat", daemon=True)
+        self._thread.start()
 
     def _beat(self) -> None:
-        import time
-
         key = f"dist_clm/alive/{self.env.rank}"
-        while True:
+        while not self._stopped.is_set():
             try:
                 self.store.add(key, 1)
             except Exception:  # noqa: BLE001 (rank 0's process, which serves the store, is gone: nothing to do)
                 return
-            time.sleep(self.PERIOD_S)
+            self._stopped.wait(self.PERIOD_S)
+
+    def stop(self) -> None:
+        """End the thread and wait for it (at most one store call: milliseconds, or an error once the store's
+        server is gone)."""
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
 
     def laggards(self) -> str:
         """Who stopped, e.g. 'rank 3 (node dn2) stopped answering', or '' when it cannot be told."""

@@ -89,7 +89,7 @@ class LogWindow:
         """(the rank that reached the steps' agreement last on average over the window, its time over the
         median rank's): a lag of 1.5 means that rank made every step 50% longer than it needed to be."""
         ordered = sorted(self.arrivals)
-        median = ordered[len(ordered) // 2]
+        median = ordered[(len(ordered) - 1) // 2]  # (the lower median: of two ranks, the faster one)
         slowest = max(range(self.world), key=lambda r: self.arrivals[r])
         return slowest, (self.arrivals[slowest] / median if median > 0 else 1.0)
 

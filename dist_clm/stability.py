@@ -19,8 +19,9 @@ the sum of the losses. Every rank then knows the same answers:
   a later resume skips it too).
 
 `train.fault_injection` is a fault-injection switch for tests and drills, off unless set: a comma-separated
-list of `STEP:KIND[@RANK]` entries, KIND `nan`, `inf` or `xF` (multiply by F), applied once each to the loss
-of 1-based step STEP (on RANK only, if given). A run with it set says so when it starts, and every injected
+list of `STEP[-LAST]:KIND[@RANK]` entries, KIND `nan`, `inf` or `xF` (multiply the loss by F), or `sleepS`
+(sleep S seconds before the agreement: a straggler), applied once each in 1-based step STEP (or each of
+STEP..LAST), on RANK only if given. A run with it set says so when it starts, and every injected
 step is logged as `faults/injected` (TensorBoard and metrics.jsonl).
 """
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -150,18 +152,21 @@ class LossInjector:
         self.pending: dict[int, list[str]] = {}
         for entry in filter(None, (e.strip() for e in spec.split(","))):
             try:
-                step_text, kind = entry.split(":")
+                steps_text, kind = entry.split(":")
                 kind, _, only = kind.partition("@")
-                if kind not in ("nan", "inf") and not (kind.startswith("x") and float(kind[1:])):
+                number = kind[5:] if kind.startswith("sleep") else kind[1:] if kind.startswith("x") else None
+                if kind not in ("nan", "inf") and not (number and float(number) > 0):
                     raise ValueError(kind)
-                step = int(step_text)
+                first, _, last = steps_text.partition("-")
+                steps = range(int(first), int(last or first) + 1)
             except ValueError:
                 raise UserError(
-                    f"config key 'train.fault_injection' has entry '{entry}', which is not STEP:KIND[@RANK] with "
-                    "KIND nan, inf or xF; fix it or leave the key empty."
+                    f"config key 'train.fault_injection' has entry '{entry}', which is not STEP[-LAST]:KIND[@RANK] "
+                    "with KIND nan, inf, xF or sleepS; fix it or leave the key empty."
                 ) from None
             if not only or int(only) == rank:
-                self.pending.setdefault(step, []).append(kind)
+                for step in steps:
+                    self.pending.setdefault(step, []).append(kind)
         self.injected = 0  # entries applied so far on this rank
 
     def __call__(self, step: int, loss: torch.Tensor) -> torch.Tensor:
@@ -170,6 +175,8 @@ class LossInjector:
             self.injected += 1
             if kind in ("nan", "inf"):
                 loss = loss * torch.tensor(float(kind), device=loss.device, dtype=loss.dtype)
+            elif kind.startswith("sleep"):  # a straggler: this rank reaches the step's agreement late
+                time.sleep(float(kind[5:]))
             else:
                 loss = loss * float(kind[1:])
         return loss

@@ -65,6 +65,8 @@ def train(
             + "; every rank stops; rerun the same command (a SLURM job requeues itself) to resume from the last "
             "complete checkpoint."
         ) from None
+    finally:
+        heartbeat.stop()
 
 
 def _train(cfg: Config, env: distributed.DistEnv, stop_signals, on_step) -> TrainResult:

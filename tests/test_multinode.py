@@ -75,6 +75,8 @@ def test_submitit_two_nodes_train_what_one_node_trains_and_resume_on_one_node(on
     assert sorted(nodes_of(run)) == [("dn1", 0), ("dn1", 1), ("dn2", 0), ("dn2", 1)]
     [job_dir] = [d for d in (run / "slurm").iterdir() if d.is_dir()]
     assert len(list(job_dir.glob("*_log.out"))) == 4  # one log per task
+    rank0 = next(job_dir.glob("*_0_log.*[rt]")).read_text() + next(job_dir.glob("*_0_log.out")).read_text()
+    assert "4 ranks on 2 nodes (dn1: 0-1, dn2: 2-3)" in rank0
     same_training(per_step(run), per_step(one_node))
 
     # the 2-node run's step-4 checkpoint continues on 1 node x 4 ranks, exactly as the 2-node run went on
@@ -109,7 +111,6 @@ def test_the_deepspeed_launcher_and_torchrun_over_two_nodes(one_node, tmp_path, 
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, (name, r.stdout[-2000:], r.stderr[-3000:])
         assert sorted(nodes_of(runs[name])) == [("dn1", 0), ("dn1", 1), ("dn2", 0), ("dn2", 1)], name
-        assert "4 ranks on 2 nodes (dn1: 0-1, dn2: 2-3)" in r.stdout + r.stderr
         same_training(per_step(runs[name]), per_step(one_node))
 
 
@@ -184,11 +185,12 @@ def test_a_stalled_rank_is_named_and_the_job_comes_back(tmp_path, data_dir):
         stalled = json.loads((run / "ranks.json").read_text())[3]
         stopped = time.time()
         os.kill(stalled["pid"], signal.SIGSTOP)  # alive, holding its connections, answering nothing
-        wait_for(lambda: "lost the other ranks in a collective" in logs(run, job), "the timeout", 120)
+        named = f"rank 3 (node {stalled['node']}) stopped answering"
+        # each survivor writes its own sentence (the one whose collective timed out, and those that then saw it
+        # leave): wait for the timeout's
+        wait_for(lambda: "no answer within the collective timeout of 15 s" in logs(run, job), "the timeout", 120)
         noticed = time.time()
-        text = logs(run, job)
-        assert "no answer within the collective timeout of 15 s" in text
-        assert f"rank 3 (node {stalled['node']}) stopped answering" in text
+        wait_for(lambda: named in logs(run, job), "the stalled rank named", 30)
         wait_for(lambda: restarts(job) >= 1 and running(job), "the job back", 300)
         print(f"rank 3 stopped: the others stopped {time.time() - stopped:.1f} s later (timeout 15 s), the job "
               f"ran again {time.time() - noticed:.1f} s after that")  # fmt: skip
@@ -197,3 +199,16 @@ def test_a_stalled_rank_is_named_and_the_job_comes_back(tmp_path, data_dir):
         assert all(r["step"] == 40 for r in final) and set(logged_steps(run)) == set(range(1, 41))
     finally:
         subprocess.run(["scancel", job], capture_output=True)
+
+
+def test_a_straggler_is_measured_on_the_steps_agreement_and_named(tmp_path, data_dir):
+    """Rank 1 reaches every step's agreement 0.3 s late (a drill): train/straggler_* say so, and the log names
+    it once it has been slow for two windows in a row. (No SLURM needed: two ranks on this machine.)"""
+    run = tmp_path / "run"
+    r = launch([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())], *TINY,
+               f"data.path={data_dir}", f"run.dir={run}", "train.max_steps=8", "train.log_every=2",
+               "train.eval_every=0", "train.fault_injection=1-8:sleep0.3@1")  # fmt: skip
+    windows = [row for row in metrics(run) if "train/straggler_lag" in row]
+    assert [w["step"] for w in windows] == [2, 4, 6, 8]
+    assert all(w["train/straggler_rank"] == 1 and w["train/straggler_lag"] > 1.5 for w in windows)
+    assert "step 4: rank 1 (node " in r.stdout + r.stderr and "is a straggler" in r.stdout + r.stderr

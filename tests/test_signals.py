@@ -100,15 +100,19 @@ def test_sigterm_to_the_launcher_command_ends_in_a_checkpoint(tmp_path, data_dir
     assert at >= 3 and list(train_losses(metrics(run))) == list(range(1, at + 1))
 
 
-def test_a_process_with_live_loader_workers_still_exits(data_dir):
+@pytest.mark.parametrize("held", ["alive", "in_a_cycle"])
+def test_a_process_with_live_loader_workers_still_exits(data_dir, held):
     """Workers ignore SIGTERM (it is the main process's), so multiprocessing's exit handler, which SIGTERMs
-    them, would wait for them forever: the loader closes them first."""
+    them, would wait for them forever: the loader stops them first, also when its iterator was lost in a
+    reference cycle (as a traceback makes), whose collection closes the workers' queues before they are told."""
     code = (
-        "import sys\nfrom dist_clm.data.loader import Source, TrainLoader\n"
+        "import gc\nfrom dist_clm.data.loader import Source, TrainLoader\n"
         "from dist_clm.data.prepare import read_manifest\n"
         f"d = {str(data_dir)!r}\n"
         "ld = TrainLoader([Source('a', d, read_manifest(d))], block_size=64, micro_batch=2, num_workers=2)\n"
-        "next(iter(ld))\n"
+        "held = [iter(ld)]\nnext(held[0])\n"
     )
+    if held == "in_a_cycle":
+        code += "held.append(held)\ndel held, ld\ngc.collect()\n"
     r = subprocess.run([str(BIN / "python"), "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -4,6 +4,7 @@ with train.fault_injection, in real runs."""
 
 import json
 import math
+import re
 import subprocess
 
 import pytest
@@ -52,9 +53,11 @@ def test_injector_applies_each_entry_once_on_its_rank():
     assert math.isnan(inj(3, loss)) and inj(3, loss) == 2.0  # applied once: a rolled-back step is clean
     assert inj(5, loss) == 2.0  # meant for rank 0
     assert LossInjector(rank=0, spec="4:x10")(4, loss) == 20.0
-    for bad in ("3", "x:nan", "3:zero", "3:x0"):
-        with pytest.raises(UserError, match="is not STEP:KIND"):
+    for bad in ("3", "x:nan", "3:zero", "3:x0", "3:sleep", "3-x:nan", "3:sleep-1"):
+        with pytest.raises(UserError, match=re.escape("is not STEP[-LAST]:KIND[@RANK]")):
             LossInjector(rank=0, spec=bad)
+    ranged = LossInjector(rank=1, spec="2-4:x2@1")
+    assert [float(ranged(s, loss)) for s in range(1, 6)] == [2.0, 4.0, 4.0, 4.0, 2.0] and ranged.injected == 3
 
 
 def test_skipped_windows_are_followed_on_resume(tmp_path):

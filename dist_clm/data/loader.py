@@ -32,6 +32,7 @@ from __future__ import annotations
 import atexit
 import errno
 import json
+import multiprocessing.util  # noqa: F401 -- its exit handler registered before ours, so ours runs first
 import os
 import weakref
 from bisect import bisect_right
@@ -499,10 +500,20 @@ class RankShareSampler(Sampler[int]):
             base += self.world * self.per_rank
 
 
-# loaders with worker processes; closed before multiprocessing's own exit handler, which would SIGTERM the
-# workers (ignored there) and wait for them forever (atexit runs the later registration first)
-_OPEN: weakref.WeakSet = weakref.WeakSet()
-atexit.register(lambda: [loader.close() for loader in list(_OPEN)])
+# Worker processes of the loaders made here. They ignore SIGTERM (see preemption.py), so multiprocessing's own exit
+# handler, which terminates and joins them, would wait forever for one still running: any left at exit are killed
+# first (atexit runs the later registration first, and multiprocessing.util is imported above). Tracked as
+# processes, not iterators: an iterator caught in a reference cycle (a traceback) can lose its queues to the
+# garbage collector before its own cleanup runs, and then its workers never hear that they should stop.
+_WORKERS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_leftover_workers() -> None:
+    for worker in list(_WORKERS):
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
 
 
 class TrainLoader:
@@ -570,14 +581,13 @@ class TrainLoader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         """Micro batches as tensors; damaged data raises a DataError (one sentence) from next()."""
         batches = iter(self.loader)  # made now, not at the first next(): the workers start here
-        if self.loader.num_workers:
-            _OPEN.add(self)
+        _WORKERS.update(getattr(batches, "_workers", ()))
         return self._tensors(batches)
 
-    @staticmethod
-    def _tensors(batches) -> Iterator[dict[str, torch.Tensor]]:
+    def _tensors(self, batches) -> Iterator[dict[str, torch.Tensor]]:
         for batch in batches:
             if isinstance(batch, _Failed):
+                self.close()  # damaged data ends the run: the workers stop now, not when the traceback is collected
                 raise batch.error
             yield {k: torch.from_numpy(v) for k, v in batch.items()}
 
@@ -587,7 +597,6 @@ class TrainLoader:
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()  # torch's own orderly shutdown (no public method for persistent workers)
         self.loader._iterator = None
-        _OPEN.discard(self)
 
     def step_done(self) -> None:
         self.steps_done += 1
