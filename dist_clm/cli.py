@@ -56,7 +56,7 @@ def _prepare(a: argparse.Namespace) -> None:
         chunk_tokens=a.chunk_tokens,
         text_column=a.text_column,
         compression=a.compression,
-        shard_bytes=a.shard_mb << 20,
+        shard_bytes=int(a.shard_mb * (1 << 20)),
         num_proc=a.num_proc,
         dedup=a.dedup,
         progress=not a.quiet,
@@ -204,13 +204,17 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("prepare", help="tokenize a corpus once into MDS shards")
     corpus_args(t)
     t.add_argument("--tokenizer", required=True, help="a local tokenizer directory")
-    t.add_argument("--out", required=True, help="directory to write (must not exist or be empty)")
+    t.add_argument(
+        "--out",
+        required=True,
+        help="directory to write (must not exist or be empty), or a URL such as s3://bucket/prefix (uploaded)",
+    )
     t.add_argument("--val-fraction", type=float, default=0.05, help="share of documents for validation")
     t.add_argument("--chunk-tokens", type=int, default=16384, help="tokens per stored MDS sample")
     t.add_argument("--num-proc", type=int, default=0, help="tokenizer processes (default: all cores)")
     t.add_argument("--dedup", action="store_true", help="drop exact duplicate documents")
     t.add_argument("--compression", default=None, help="MDS shard compression, e.g. zstd, zstd:7, gz, br")
-    t.add_argument("--shard-mb", type=int, default=64, help="shard size limit in MiB")
+    t.add_argument("--shard-mb", type=float, default=64, help="shard size limit in MiB (e.g. 64, or 0.5)")
     t.set_defaults(func=_prepare)
 
     dt = sub.add_parser("data", help="prepared-data tools").add_subparsers(dest="action", required=True)

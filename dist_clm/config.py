@@ -48,6 +48,14 @@ class DataConfig:
     block_size: int = 128  # tokens per training block, chosen here at train time, not at prepare time
     shuffle: bool = True  # shuffle the order of the training blocks, anew each epoch (seeded by train.seed)
     num_workers: int = 0  # DataLoader worker processes per rank
+    shuffle_window: int = 0  # tokens: shuffle windows of this many tokens of the stream (in a random order),
+    # then the blocks inside each window, so a rank reads a few shards at a time (for remote data through a
+    # bounded cache, e.g. 4 shards' worth); 0 = one global shuffle. Fixed for a run: resume refuses a change
+    prefetch_steps: int = 2  # remote data: fetch the shards the next N steps read into the cache ahead (0 = off)
+    cache_dir: str = ""  # where remote data (path or mix paths like s3://bucket/prefix) is cached on each node,
+    # shared by the node's ranks ("" = $DIST_CLM_CACHE, else ~/.cache/dist_clm/data)
+    cache_limit: str | int = 0  # the most bytes of shards that cache holds, e.g. 20GB or 512MiB; least recently read
+    # shards are removed to stay under it (a number is bytes; 0 = no limit)
 
 
 @dataclass(kw_only=True)
@@ -118,6 +126,8 @@ class Config:
             (t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"must be 0, 1, 2 or 3, got {t.zero_stage}"),
             (d.block_size >= 2, "data.block_size", f"must be at least 2, got {d.block_size}"),
             (d.num_workers >= 0, "data.num_workers", f"must be 0 or more, got {d.num_workers}"),
+            (d.shuffle_window >= 0, "data.shuffle_window", f"must be 0 or more tokens, got {d.shuffle_window}"),
+            (d.prefetch_steps >= 0, "data.prefetch_steps", f"must be 0 or more, got {d.prefetch_steps}"),
             (not (d.path and d.mix), "data.mix", "cannot be used together with data.path; give one of them"),
             (all(m.weight >= 0 for m in d.mix), "data.mix", "weights must be 0 or more"),
             (

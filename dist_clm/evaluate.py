@@ -180,6 +180,10 @@ def evaluate_cli(
         read, n_tokens = (lambda s, n: flat[s : s + n]), len(flat)
     else:
         data = data or (cfg.data.path or (cfg.data.mix[0].path if cfg.data.mix else None) if cfg else None)
+        if cfg is not None:  # remote data: through the cache the run used
+            from dist_clm.data.remote import configure
+
+            configure(cfg.data.cache_dir, cfg.data.cache_limit)
         if not data:
             raise UserError("no evaluation data: pass --data DIR (a prepared directory) or --text FILES.")
         manifest = read_manifest(data)

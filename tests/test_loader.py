@@ -71,6 +71,42 @@ def test_shuffled_epoch_is_a_permutation_of_the_blocks(data_dir):
     assert sorted(second) == plain and second != mixed  # a new order each epoch
 
 
+def test_windowed_shuffle_is_a_permutation_that_reads_one_window_at_a_time(data_dir):
+    """data.shuffle_window: each epoch is still a permutation of all blocks, but consecutive blocks come from
+    one window of the stream at a time (a few shards), in a new order each epoch; window 0 is the global
+    shuffle, bit for bit."""
+    stream = TokenStream(data_dir, "train", read_manifest(data_dir))
+    window = 7  # blocks (does not divide the epoch: the last window is short)
+    blocks = PackedBlocks(stream, 64, True, 3, window=window)
+    n = blocks.per_epoch
+    assert n % window
+    for epoch in (0, 1):
+        order = [blocks.position(epoch * n + k) // 64 for k in range(n)]
+        assert sorted(order) == list(range(n))
+        windows = [b // window for b in order]
+        runs = [w for i, w in enumerate(windows) if i == 0 or w != windows[i - 1]]
+        assert len(runs) == len(set(runs)) == -(-n // window)  # each window read whole, once, then left
+        assert runs != sorted(runs)  # in a shuffled order
+    first = [blocks.position(k) for k in range(n)]
+    assert first != [blocks.position(n + k) for k in range(n)]
+    global_ = PackedBlocks(stream, 64, True, 3)
+    assert [PackedBlocks(stream, 64, True, 3, window=0).position(k) for k in range(n)] == [
+        global_.position(k) for k in range(n)
+    ]
+
+
+def test_windowed_shuffle_resumes_exactly_and_refuses_another_window(data_dir):
+    whole = take_steps(loader(data_dir, shuffle_window=640), 8)
+    first = loader(data_dir, shuffle_window=640)
+    take_steps(first, 3)
+    state = first.state_dict()
+    assert state["shuffle_window"] == 640
+    np.testing.assert_array_equal(np.concatenate(take_steps(loader(data_dir, shuffle_window=640, state=state), 5)),
+                                  np.concatenate(whole[3:]))  # fmt: skip
+    with pytest.raises(UserError, match="'data.shuffle_window' is 0 but the checkpoint was trained with 640"):
+        loader(data_dir, state=state)
+
+
 def test_two_ranks_split_each_step_between_them(data_dir):
     one = take_steps(loader(data_dir, micro=2, accum=2, world=1), 5, accum=2)
     # world 2 with half the micro batch keeps the global batch: the union of ranks is the 1-rank stream
@@ -88,7 +124,7 @@ def test_resume_from_state_continues_exactly(data_dir, workers):
     first = loader(data_dir, micro=2, accum=2, workers=workers)
     take_steps(first, 4, accum=2)
     state = first.state_dict()
-    assert state == {"blocks_consumed": 16, "block_size": 64, "mix": [[data_dir.name, 1.0]]}
+    assert state == {"blocks_consumed": 16, "block_size": 64, "mix": [[data_dir.name, 1.0]], "shuffle_window": 0}
     rest = take_steps(loader(data_dir, micro=2, accum=2, state=state, workers=workers), 5, accum=2)
     for a, b in itertools.zip_longest(full[8:], rest):
         np.testing.assert_array_equal(a, b)

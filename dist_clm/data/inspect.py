@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dist_clm.data.prepare import read_manifest, token_limit
+from dist_clm.data.remote import local_dir, mirror_of
 
 
 def inspect(data_dir: str | Path, samples: int = 3, tokens: int = 60) -> str:
@@ -18,8 +19,9 @@ def inspect(data_dir: str | Path, samples: int = 3, tokens: int = 60) -> str:
     from dist_clm.data.tokenizer import load_tokenizer
 
     m = read_manifest(data_dir)
+    d, mirror = local_dir(data_dir), mirror_of(data_dir)  # (remote data: this node's cached copy)
     for split in m["splits"]:
-        read_index(Path(data_dir) / split)  # names checked in every split, though only train is read here
+        read_index(d / split)  # names checked in every split, though only train is read here
     t = m["tokenizer"]
     lines = [
         f"{data_dir}: {m['format']}, written {m['created']} by dist_clm {m['dist_clm_version']}",
@@ -39,11 +41,11 @@ def inspect(data_dir: str | Path, samples: int = 3, tokens: int = 60) -> str:
             peak = max(c for _, _, c in hist)
             for lo, hi, c in hist:
                 lines.append(f"  {lo:>8,}-{hi:<8,} {c:>9,} {'#' * max(1, round(30 * c / peak))}")
-    tok = load_tokenizer(Path(data_dir) / "tokenizer")
-    ds = ChunkStore(Path(data_dir) / "train")
+    tok = load_tokenizer(d / "tokenizer")
+    ds = ChunkStore(d / "train", mirror)
     shown = 0
     for i in range(len(ds)):
-        chunk = ds[i]
+        chunk = ds.arrays(i)
         for start in chunk["doc_bounds"][:-1]:
             if shown == samples:
                 break
@@ -61,14 +63,14 @@ def verify(data_dir: str | Path) -> list[str]:
     from dist_clm.data.loader import ChunkStore, bad_token_error, read_index
     from dist_clm.errors import DataError
 
-    d = Path(data_dir)
-    m = read_manifest(d)
+    m = read_manifest(data_dir)
+    d, mirror = local_dir(data_dir), mirror_of(data_dir)  # (remote data: every shard is fetched, then checked)
     for split in m["splits"]:
         read_index(d / split)  # every split's names before any split's files are opened
     limit, size = token_limit(m), m["chunk_tokens"]
     lines = []
     for split, info in m["splits"].items():
-        store = ChunkStore(d / split)  # sizes (and compressed files' hashes) checked here
+        store = ChunkStore(d / split, mirror)  # sizes (and compressed files' hashes) checked here
         algos = {store.verify_shard(s) for s in range(len(store.readers))}
         if len(store) != info["chunks"]:
             raise DataError(

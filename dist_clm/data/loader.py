@@ -45,7 +45,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from dist_clm.data.prefetch import Prefetcher
 from dist_clm.data.prepare import SHARD_HASH, token_limit
+from dist_clm.data.remote import Mirror, is_remote, local_dir, mirror_of
 from dist_clm.errors import DataError, UserError
 from dist_clm.preemption import ignore_stop_signals
 
@@ -116,10 +118,12 @@ class ChunkStore:
     values), and every shard's first sample is checked against `get_item` when it is first mapped.
     """
 
-    def __init__(self, split_dir: str | Path):
+    def __init__(self, split_dir: str | Path, mirror: Mirror | None = None):
+        """`split_dir`: a split of a prepared directory, or of the `mirror` of a remote one (whose shard files
+        are fetched when first mapped, and checked then)."""
         from streaming.base.format import reader_from_json
 
-        self.dir = Path(split_dir)
+        self.dir, self.mirror = Path(split_dir), mirror
         shards = read_index(self.dir)
         try:
             self.readers = [reader_from_json(str(self.dir), None, s) for s in shards]
@@ -127,7 +131,7 @@ class ChunkStore:
             raise DataError(
                 f"'{self.dir / 'index.json'}' is not a readable MDS index (damaged or changed); prepare the data again."
             ) from None
-        for reader in self.readers:
+        for reader in self.readers if mirror is None else ():  # (remote files: checked when fetched)
             raw = self.dir / reader.raw_data.basename
             if reader.zip_data is None or raw.is_file():
                 self._check_size(raw, reader.raw_data)
@@ -137,16 +141,38 @@ class ChunkStore:
         self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     @staticmethod
-    def _check_size(path: Path, info) -> None:
+    def _check_size(path: Path, info, label: str | None = None) -> None:
         try:
             size = path.stat().st_size
         except FileNotFoundError:
-            raise DataError(f"shard file '{path}' is missing; prepare the data again.") from None
+            raise DataError(f"shard file '{label or path}' is missing; prepare the data again.") from None
         if size != info.bytes:
-            raise _damaged(path, f"has {size:,} bytes where index.json says {info.bytes:,}")
+            raise _damaged(label or path, f"has {size:,} bytes where index.json says {info.bytes:,}")
+
+    def _fetched(self, info) -> Path:
+        """A remote shard file in the node's cache: downloaded if missing, its size and hash checked first."""
+        label = f"{self.mirror.url}/{self.dir.name}/{info.basename}"
+
+        def check(part: Path) -> None:
+            self._check_size(part, info, label)
+            self._check_hash(part, info, np.memmap(part, dtype=np.uint8, mode="r"), force=True, label=label)
+
+        return self.mirror.shard(self.dir.name, info.basename, info.bytes, check)
+
+    def _raw_file(self, reader) -> Path:
+        """The shard's raw file to read: in the directory, or fetched into the cache (and decompressed there)."""
+        if self.mirror is None:
+            return self.dir / reader.raw_data.basename
+        if reader.zip_data is None:
+            return self._fetched(reader.raw_data)
+        raw = self.dir / reader.raw_data.basename
+        if not raw.is_file():
+            self._fetched(reader.zip_data)
+            self._ensure_raw(reader)
+        return raw
 
     @staticmethod
-    def _check_hash(path: Path, info, data, force: bool = False) -> str | None:
+    def _check_hash(path: Path, info, data, force: bool = False, label: str | None = None) -> str | None:
         """Check `data` (the file's bytes, or a memory map of it) against index.json's hash, once per process
         unless `force`; returns the algorithm used, None if index.json has none (data prepared without)."""
         from streaming.base.hashing import get_hash, is_hash
@@ -159,7 +185,7 @@ class ChunkStore:
         key = (str(path.absolute()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         if force or key not in _VERIFIED:
             if get_hash(algo, data) != info.hashes[algo]:
-                raise _damaged(path, f"does not match its {algo} hash in index.json")
+                raise _damaged(label or path, f"does not match its {algo} hash in index.json")
             _VERIFIED.add(key)
         return algo
 
@@ -194,11 +220,23 @@ class ChunkStore:
                 "the data again without --compression."
             ) from None
 
+    def ensure_local(self, shard: int) -> bool:
+        """Remote data: have shard `shard`'s file in the node's cache now (True if it was fetched now, not
+        already there). Local data: nothing to do."""
+        if self.mirror is None:
+            return False
+        reader = self.readers[shard]
+        present = (self.dir / reader.raw_data.basename).is_file()
+        self._raw_file(reader)
+        return not present
+
     def verify_shard(self, shard: int) -> str | None:
         """Hash shard `shard`'s files now (the compressed one too, if it is there); the algorithm, or None if
         index.json records no hash (only sizes are checked then)."""
         reader = self.readers[shard]
         algo = None
+        if self.mirror is not None:
+            self._raw_file(reader)  # (fetched and checked, the compressed file too)
         if reader.zip_data is not None:
             packed = self.dir / reader.zip_data.basename
             if packed.is_file():  # (it may have been deleted to save space once the raw file was written)
@@ -232,7 +270,7 @@ class ChunkStore:
             e.startswith("ndarray:") and e.count(":") == 1 for e in reader.column_encodings
         ):
             raise DataError(f"'{self.dir}' holds MDS columns dist_clm did not write; prepare the data again.")
-        path = self.dir / reader.raw_data.basename
+        path = self._raw_file(reader)
         self._check_size(path, reader.raw_data)  # again: it may have changed since the split was opened
         mm = np.memmap(path, dtype=np.uint8, mode="r")
         self._check_hash(path, reader.raw_data, mm)  # reads the file once (it is in the page cache after)
@@ -247,7 +285,8 @@ class ChunkStore:
     def shard_of(self, i: int) -> tuple[Path, int]:
         """Chunk i's shard file and its sample number in it (for messages)."""
         shard, j = self._locate(i)
-        return self.dir / self.readers[shard].raw_data.basename, j
+        name = self.readers[shard].raw_data.basename
+        return (self.dir / name if self.mirror is None else f"{self.mirror.url}/{self.dir.name}/{name}"), j
 
     def _views(self, shard: int, j: int) -> dict[str, np.ndarray]:
         mm, offsets = self._maps[shard]
@@ -274,7 +313,7 @@ class TokenStream:
         self.n_chunks, self.tokens = info["chunks"], info["tokens"]
         self.chunk_tokens = manifest["chunk_tokens"]  # every chunk but the last holds exactly this many
         self.limit = token_limit(manifest)  # the largest token id the stream may hold
-        self.chunks = ChunkStore(Path(data_dir) / split)
+        self.chunks = ChunkStore(local_dir(data_dir) / split, mirror=mirror_of(data_dir))
         if len(self.chunks) != self.n_chunks:
             raise DataError(
                 f"'{data_dir}/{split}' holds {len(self.chunks)} chunks but its manifest says {self.n_chunks}; "
@@ -317,26 +356,53 @@ class TokenStream:
 
 
 class PackedBlocks:
-    """Block k of one source's stream: shuffled anew each epoch, the tail shorter than a block left out."""
+    """Block k of one source's stream: shuffled anew each epoch, the tail shorter than a block left out.
 
-    def __init__(self, stream: TokenStream, block_size: int, shuffle: bool, seed: int, name: str = "train"):
+    With `window` blocks (0: one window, a global shuffle), the shuffle has two levels: the epoch's windows of
+    `window` consecutive blocks (a stretch of the stream, so of a few shards) come in a seeded random order, and
+    the blocks inside each window in another; consecutive k then read one window at a time, which keeps a
+    bounded cache of remote shards from thrashing. Still a bijection of each epoch's blocks, a function of k.
+    """
+
+    def __init__(
+        self, stream: TokenStream, block_size: int, shuffle: bool, seed: int, name: str = "train", window: int = 0
+    ):
         self.stream, self.block_size, self.shuffle, self.seed = stream, block_size, shuffle, seed
         self.per_epoch = stream.tokens // block_size
+        self.window = window if 0 < window < self.per_epoch else self.per_epoch
         if self.per_epoch == 0:
             raise UserError(
                 f"the training split of '{name}' has {stream.tokens} tokens, fewer than one block of {block_size}; "
                 "lower data.block_size or prepare more data."
             )
         self._epoch, self._perm = -1, None
+        self._window, self._inner = -1, None
 
     def position(self, k: int) -> int:
         """Stream offset of block k."""
         epoch, j = divmod(k, self.per_epoch)
         if self.shuffle:
+            j = self._shuffled(epoch, j)
+        return j * self.block_size
+
+    def _shuffled(self, epoch: int, j: int) -> int:
+        if self.window == self.per_epoch:  # one window: the permutation of all the epoch's blocks
             if epoch != self._epoch:
                 self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.per_epoch)
-            j = int(self._perm[j])
-        return j * self.block_size
+            return int(self._perm[j])
+        if epoch != self._epoch:  # the windows' order, and where each starts in it (the last one may be short)
+            n = -(-self.per_epoch // self.window)
+            order = np.random.default_rng([self.seed, epoch, 1]).permutation(n)
+            sizes = np.minimum(self.window, self.per_epoch - order * self.window)
+            self._epoch, self._perm = epoch, (order, np.concatenate([[0], np.cumsum(sizes)]))
+            self._window = -1
+        order, starts = self._perm
+        at = int(np.searchsorted(starts, j, side="right")) - 1
+        w = int(order[at])
+        if w != self._window:  # the blocks' order inside window w
+            size = min(self.window, self.per_epoch - w * self.window)
+            self._window, self._inner = w, np.random.default_rng([self.seed, epoch, 2, w]).permutation(size)
+        return w * self.window + int(self._inner[j - int(starts[at])])
 
 
 class Mixture:
@@ -390,11 +456,13 @@ class MixedBlocks(Dataset):
     and transformers turns restarting positions into attention that does not cross documents.
     """
 
-    def __init__(self, sources: list[Source], block_size: int, shuffle: bool, seed: int, document_mask: bool):
+    def __init__(
+        self, sources: list[Source], block_size: int, shuffle: bool, seed: int, document_mask: bool, window: int = 0
+    ):
         train = [s for s in sources if s.weight > 0]
         self.names = [s.name for s in train]
         self.blocks = [
-            PackedBlocks(TokenStream(s.path, "train", s.manifest), block_size, shuffle, seed + 1000 * i, s.name)
+            PackedBlocks(TokenStream(s.path, "train", s.manifest), block_size, shuffle, seed + 1000 * i, s.name, window)
             for i, s in enumerate(train)
         ]
         # the largest id each source may hold: a larger one is damage, which the model would turn into an
@@ -534,9 +602,19 @@ class TrainLoader:
         num_workers: int = 0,
         state: dict | None = None,
         document_mask: bool = False,
+        shuffle_window: int = 0,
+        prefetch_steps: int = 0,
     ):
+        """`shuffle_window`: tokens per window of the two-level shuffle (0: a global shuffle); `prefetch_steps`:
+        how many steps ahead the shards of remote sources are fetched into the node's cache."""
         self.mix = [[s.name, s.weight] for s in sources if s.weight > 0]
+        self.shuffle_window = shuffle_window
         if state:
+            if state.get("shuffle_window", 0) != shuffle_window:
+                raise UserError(
+                    f"config key 'data.shuffle_window' is {shuffle_window} but the checkpoint was trained with "
+                    f"{state.get('shuffle_window', 0)}; resume with that value or start a new run directory."
+                )
             if state["block_size"] != block_size:
                 raise UserError(
                     f"config key 'data.block_size' is {block_size} but the checkpoint was trained with "
@@ -551,7 +629,14 @@ class TrainLoader:
         self.block_size = block_size
         self.global_blocks_per_step = world * micro_batch * grad_accum
         self.start = int(state["blocks_consumed"]) if state else 0
-        self.blocks = MixedBlocks(sources, block_size, shuffle, seed, document_mask)
+        window = max(1, shuffle_window // block_size) if shuffle_window else 0
+        self.blocks = MixedBlocks(sources, block_size, shuffle, seed, document_mask, window)
+        self.prefetcher = None
+        if prefetch_steps and any(is_remote(s.path) for s in sources if s.weight > 0):
+            self.prefetcher = Prefetcher(
+                MixedBlocks(sources, block_size, shuffle, seed, document_mask, window),
+                rank=rank, world=world, per_rank=micro_batch * grad_accum, start=self.start, steps=prefetch_steps,
+            )  # fmt: skip
         self.loader = DataLoader(
             _ErrorsAsData(self.blocks),
             batch_size=micro_batch,
@@ -575,6 +660,7 @@ class TrainLoader:
         return cls(
             sources, block_size=d.block_size, micro_batch=t.micro_batch_size, grad_accum=grad_accum, rank=rank,
             world=world, shuffle=d.shuffle, seed=t.seed, num_workers=d.num_workers, state=state,
+            shuffle_window=d.shuffle_window, prefetch_steps=d.prefetch_steps,
             document_mask=d.document_mask,
         )  # fmt: skip
 
@@ -597,13 +683,18 @@ class TrainLoader:
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()  # torch's own orderly shutdown (no public method for persistent workers)
         self.loader._iterator = None
+        if self.prefetcher is not None:
+            self.prefetcher.close()
 
     def step_done(self) -> None:
         self.steps_done += 1
+        if self.prefetcher is not None:
+            self.prefetcher.step_done()
 
     def state_dict(self) -> dict:
         return {
             "blocks_consumed": self.start + self.steps_done * self.global_blocks_per_step,
             "block_size": self.block_size,
             "mix": self.mix,
+            "shuffle_window": self.shuffle_window,
         }

@@ -28,6 +28,7 @@ import errno
 import json
 import multiprocessing
 import os
+import tempfile
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
@@ -40,6 +41,7 @@ import numpy as np
 
 from dist_clm import __version__
 from dist_clm.data import _encode, sources
+from dist_clm.data.remote import is_remote, refuse_complete_remote, upload_last
 from dist_clm.data.tokenizer import fingerprint, load_tokenizer, vocab_size
 from dist_clm.errors import DataError, UserError
 from dist_clm.fsutil import atomic_dir, refuse_non_empty
@@ -82,12 +84,21 @@ class ChunkWriter:
     """Accumulates a split's token stream and writes it to MDS as fixed-size chunks with document starts."""
 
     def __init__(
-        self, out: Path, dtype: np.dtype, chunk_tokens: int, compression: str | None, shard_bytes: int, label: Path
+        self,
+        out: Path,
+        dtype: np.dtype,
+        chunk_tokens: int,
+        compression: str | None,
+        shard_bytes: int,
+        label: Path,
+        remote: str | None = None,
     ):
         self.dtype, self.chunk_tokens = dtype, chunk_tokens
         self.label = label  # the split's final path, for messages (`out` is inside the partial directory)
         self.writer_args = dict(
-            out=str(out),
+            # with `remote`, streaming's writer uploads each shard as it closes (and index.json at the end)
+            out=(str(out), remote) if remote else str(out),
+            keep_local=True,
             compression=compression,
             size_limit=shard_bytes,
             columns={"tokens": f"ndarray:{dtype.name}", "doc_bounds": "ndarray:uint32"},
@@ -264,18 +275,34 @@ def prepare(
 
     The corpus is `inputs` (files, directories, globs, save_to_disk directories), or the Hugging Face
     dataset `dataset` (name or local dataset directory, streamed), or else the embedded default corpus.
+    `out_dir` may be a URL (s3://bucket/prefix): the shards are uploaded as they close, the manifest last.
     """
-    from tqdm.auto import tqdm
-
     if not 0 < val_fraction < 1:
         raise UserError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}.")
     if chunk_tokens < 2:
         raise UserError(f"--chunk-tokens must be at least 2, got {chunk_tokens}.")
     if inputs and dataset:
         raise UserError("give either input files or --dataset, not both.")
-    num_proc = num_proc or os.cpu_count() or 1
+    options = dict(
+        dataset=dataset, dataset_config=dataset_config, split=split, val_fraction=val_fraction,
+        chunk_tokens=chunk_tokens, text_column=text_column, compression=compression, shard_bytes=shard_bytes,
+        num_proc=num_proc or os.cpu_count() or 1, dedup=dedup, progress=progress,
+    )  # fmt: skip
+    if is_remote(out_dir):  # written here first, then uploaded (shards as they close, the manifest last)
+        url = str(out_dir).rstrip("/")
+        refuse_complete_remote(url)
+        with tempfile.TemporaryDirectory(prefix="dist-clm-prepare-") as staging:
+            return _prepare(tokenizer_dir, Path(staging) / "data", url, inputs, **options)
     out = Path(out_dir)
     refuse_non_empty(out)
+    return _prepare(tokenizer_dir, out, None, inputs, **options)
+
+
+def _prepare(tokenizer_dir, out: Path, url: str | None, inputs, *, dataset, dataset_config, split, val_fraction,
+             chunk_tokens, text_column, compression, shard_bytes, num_proc, dedup, progress) -> dict:  # fmt: skip
+    """`prepare` into the local directory `out` (and, with `url`, uploaded there as it is written)."""
+    from tqdm.auto import tqdm
+
     report = sources.Report()
     if dataset:
         files: list[Path] = []
@@ -305,7 +332,10 @@ def prepare(
             with _space_for(out / "tokenizer"):
                 tok.save_pretrained(str(partial / "tokenizer"))
             writers = {
-                s: ChunkWriter(partial / s, dtype, chunk_tokens, compression, shard_bytes, out / s) for s in SPLITS
+                s: ChunkWriter(
+                    partial / s, dtype, chunk_tokens, compression, shard_bytes, out / s, f"{url}/{s}" if url else None
+                )
+                for s in SPLITS
             }
             bar = tqdm(unit="doc", desc="prepare", disable=not progress, smoothing=0.1)
             tokens, max_id = 0, -1
@@ -346,6 +376,7 @@ def prepare(
                     "eos_id": eos,
                     "bos_id": tok.bos_token_id,
                     "source": str(tokenizer_dir),
+                    "files": sorted(p.name for p in (partial / "tokenizer").iterdir()),
                 },
                 "token_dtype": dtype.name,
                 "max_token_id": max_id,  # training checks it against the model's vocabulary
@@ -364,6 +395,8 @@ def prepare(
             }
             with _space_for(out / MANIFEST):
                 (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last file: marks the data complete
+        if url:
+            upload_last(out, url, [f"tokenizer/{name}" for name in manifest["tokenizer"]["files"]], MANIFEST)
     finally:
         if pipeline is not None:
             pipeline.close()
@@ -371,8 +404,11 @@ def prepare(
 
 
 def read_manifest(data_dir: str | Path) -> dict:
-    """The manifest of a complete prepared directory, or one clear sentence why it isn't one."""
-    d = Path(data_dir)
+    """The manifest of a complete prepared directory (local, or remote: read in the node's mirror of it), or
+    one clear sentence why it isn't one."""
+    from dist_clm.data.remote import local_dir
+
+    d = local_dir(data_dir)
     if not d.is_dir():
         raise UserError(f"data directory '{d}' does not exist; create it with `dist-clm prepare --out {d}`.")
     m = d / MANIFEST

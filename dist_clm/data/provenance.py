@@ -15,12 +15,16 @@ from pathlib import Path
 from dist_clm.config import Config
 from dist_clm.data.loader import Source
 from dist_clm.data.prepare import read_manifest, token_limit
+from dist_clm.data.remote import configure as configure_cache
+from dist_clm.data.remote import local_dir
 from dist_clm.data.tokenizer import fingerprint, load_tokenizer
 from dist_clm.errors import UserError
 
 
 def training_sources(cfg: Config) -> list[Source]:
-    """`data.mix` (or the single `data.path`) with manifests read and names resolved."""
+    """`data.mix` (or the single `data.path`) with manifests read and names resolved (remote ones through
+    this node's cache, per data.cache_dir and data.cache_limit)."""
+    configure_cache(cfg.data.cache_dir, cfg.data.cache_limit)
     mix = cfg.data.mix or []
     if not mix:
         if not cfg.data.path:
@@ -34,11 +38,12 @@ def training_sources(cfg: Config) -> list[Source]:
 
 def run_tokenizer(sources: list[Source]):
     """The tokenizer saved beside the first source's shards, checked against that source's manifest."""
-    first = Path(sources[0].path)
+    first = local_dir(sources[0].path)
     tok = load_tokenizer(first / "tokenizer")
     if fingerprint(tok) != sources[0].manifest["tokenizer"]["fingerprint"]:
         raise UserError(
-            f"the tokenizer in '{first}/tokenizer' is not the one the shards were made with; prepare the data again."
+            f"the tokenizer in '{sources[0].path}/tokenizer' is not the one the shards were made with; prepare the "
+            "data again."
         )
     return tok
 

@@ -1,0 +1,73 @@
+"""Exact prefetch of remote shards: the block order is a function of the step alone, so this rank knows which
+shards its next steps read; a background thread fetches exactly those into the node's cache, in the order they
+will be read, a few steps ahead of the loader (`data.prefetch_steps`).
+
+The thread has its own MixedBlocks (the block order's caches are not shared across threads). It never raises:
+a shard it could not fetch is fetched again, and its error raised, where the loader reads it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+
+class Prefetcher:
+    def __init__(self, blocks, *, rank: int, world: int, per_rank: int, start: int, steps: int):
+        """`blocks`: a MixedBlocks of the same sources and order as the loader's; this rank reads, in step s
+        (0-based since `start`), the global blocks start + s * world * per_rank + rank * per_rank + [0, per_rank)."""
+        self.blocks, self.steps = blocks, steps
+        self.first = start + rank * per_rank
+        self.stride, self.per_rank = world * per_rank, per_rank
+        self._done = 0  # steps the loader has finished
+        self._wake = threading.Condition()
+        self._stopped = False
+        self.fetched = 0  # shards this thread put in the cache (the rest were there already)
+        self._thread = threading.Thread(target=self._run, name="dist-clm-prefetch", daemon=True)
+        self._thread.start()
+
+    def step_done(self) -> None:
+        with self._wake:
+            self._done += 1
+            self._wake.notify()
+
+    def close(self) -> None:
+        with self._wake:
+            self._stopped = True
+            self._wake.notify()
+        self._thread.join(timeout=60)
+
+    def shards(self, step: int) -> Iterator[tuple[object, int]]:
+        """(ChunkStore, shard number) that step `step` reads on this rank, in reading order."""
+        seen = set()
+        base = self.first + step * self.stride
+        for g in range(base, base + self.per_rank):
+            i, k = self.blocks.mixture(g)
+            packed = self.blocks.blocks[i]
+            stream = packed.stream
+            pos = packed.position(k)
+            first, last = pos // stream.chunk_tokens, (pos + packed.block_size - 1) // stream.chunk_tokens
+            for chunk in range(first, last + 1):
+                shard = stream.chunks._locate(chunk)[0]
+                if (i, shard) not in seen:
+                    seen.add((i, shard))
+                    yield stream.chunks, shard
+
+    def _run(self) -> None:
+        ahead = 0  # the next step whose shards are not yet in the cache
+        while True:
+            with self._wake:
+                while not self._stopped and ahead >= self._done + self.steps:
+                    self._wake.wait()
+                if self._stopped:
+                    return
+                ahead = max(ahead, self._done)
+            for store, shard in self.shards(ahead):
+                if self._stopped:
+                    return
+                try:
+                    if store.ensure_local(shard):
+                        self.fetched += 1
+                except Exception:  # noqa: BLE001 (the loader meets the same error where it reads, and says it)
+                    pass
+            ahead += 1

@@ -1,0 +1,216 @@
+"""Prepared data in object storage, against a real S3-compatible server (SeaweedFS, started by
+launchers/local_s3/start.sh): prepare uploads, training reads through the bounded node cache with exact
+prefetch and the two-level shuffle, and faults end in one sentence."""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from dist_clm.distributed import free_port
+from tests.helpers import BIN, TINY, metrics, run_cli, train_losses
+
+ROOT = Path(__file__).resolve().parents[1]
+S3_DIR = Path(os.environ.get("DIST_CLM_S3_DIR", "/tmp/dist-clm-s3"))
+BUCKET = "dist-clm-tests"
+
+
+def server_env() -> dict:
+    env = {}
+    for line in (S3_DIR / "env").read_text().splitlines():
+        key, value = line.removeprefix("export ").split("=", 1)
+        env[key] = value.split(":-", 1)[1].rstrip("}") if value.startswith("${") else value
+    return env
+
+
+def start_server() -> dict:
+    r = subprocess.run(["bash", str(ROOT / "launchers/local_s3/start.sh")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return server_env()
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """The server's environment (S3_ENDPOINT_URL, keys), set in this process too, and a fresh bucket."""
+    import boto3
+
+    env = start_server()
+    os.environ.update(env)
+    client = boto3.client("s3", endpoint_url=env["S3_ENDPOINT_URL"])
+    with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+        client.create_bucket(Bucket=BUCKET)
+    return client
+
+
+@pytest.fixture(scope="module")
+def remote_data(s3, corpus_dir, tokenizer_dir, data_dir):
+    """The data_dir fixture's corpus prepared straight to s3:// with the same settings."""
+    url = f"s3://{BUCKET}/run-{os.getpid()}/data"
+    r = run_cli("prepare", "--tokenizer", str(tokenizer_dir), "--out", url, str(corpus_dir), "--val-fraction", "0.15",
+                "--chunk-tokens", "1000", "--shard-mb", str(1 / 64), "--quiet")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    return url
+
+
+def keys(s3, prefix: str) -> list[str]:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def downloads(cache: Path) -> list[str]:
+    return [line.split()[2] for log in cache.glob("*/downloads.log") for line in log.read_text().splitlines()]
+
+
+def test_prepare_uploads_the_same_data(s3, remote_data, data_dir):
+    prefix = remote_data.removeprefix(f"s3://{BUCKET}/")
+    names = {k.removeprefix(prefix + "/") for k in keys(s3, prefix)}
+    local = {str(p.relative_to(data_dir)) for p in data_dir.rglob("*") if p.is_file()}
+    assert names == local
+    for split in ("train", "val"):  # the same shards, byte for byte (sizes and hashes)
+        body = s3.get_object(Bucket=BUCKET, Key=f"{prefix}/{split}/index.json")["Body"].read()
+        assert json.loads(body) == json.loads((data_dir / split / "index.json").read_text())
+    # a complete remote directory is never overwritten
+    r = run_cli("prepare", "--tokenizer", str(data_dir / "tokenizer"), "--out", remote_data, "--quiet")
+    assert r.returncode == 2 and "already holds a complete prepared dataset" in r.stderr
+
+
+def test_a_prefix_without_manifest_is_not_data(s3, tmp_path):
+    s3.put_object(Bucket=BUCKET, Key="half/train/shard.00000.mds", Body=b"x")
+    r = run_cli("train", *TINY, f"data.path=s3://{BUCKET}/half", f"run.dir={tmp_path / 'run'}",
+                f"data.cache_dir={tmp_path / 'cache'}")  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"'s3://{BUCKET}/half' has no manifest.json, so it is not a complete prepared dataset" in r.stderr
+
+
+@pytest.mark.slow
+def test_two_ranks_train_from_s3_as_from_the_local_copy_within_a_bounded_cache(s3, remote_data, data_dir, tmp_path):
+    # windows of 2000 tokens: the 12 steps read several windows, so more shards than the cache can hold
+    common = [*TINY, "train.max_steps=12", "train.eval_every=0", "train.log_every=1", "train.save_every=6",
+              "data.shuffle_window=2000"]  # fmt: skip
+    torchrun = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m",
+                "dist_clm", "train"]  # fmt: skip
+    local, remote, cache = tmp_path / "local", tmp_path / "remote", tmp_path / "cache"
+    limit = 3 * (1 << 14)  # three shards' worth: far less than the corpus
+    sizes, stop = [], threading.Event()
+
+    def sample() -> None:  # the cache's shard bytes, every 50 ms while the run goes
+        while not stop.is_set():
+            sizes.append(sum(p.stat().st_size for p in cache.glob("*/*/shard.*") if p.exists()))
+            time.sleep(0.05)
+
+    r = subprocess.run([*torchrun, *common, f"data.path={data_dir}", f"run.dir={local}"], capture_output=True,
+                       text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    watcher = threading.Thread(target=sample)
+    watcher.start()
+    try:
+        r = subprocess.run([*torchrun, *common, f"data.path={remote_data}", f"run.dir={remote}",
+                            f"data.cache_dir={cache}", f"data.cache_limit={limit}"],
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    finally:
+        stop.set()
+        watcher.join()
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert train_losses(metrics(remote)) == pytest.approx(train_losses(metrics(local)), rel=1e-6)
+    assert max(sizes) <= limit and len(sizes) > 10
+    got = [n for n in downloads(cache) if "/shard." in n]
+    assert len(set(got)) > 3  # more shards than the cache holds went through it: it evicted, within its limit
+    # evaluation and inspection read the remote data too, through the same cache
+    evals = [run_cli("eval", str(run), "--data", data, "--json") for run, data in ((remote, remote_data),
+                                                                                   (local, str(data_dir)))]  # fmt: skip
+    assert all(e.returncode == 0 for e in evals), evals[0].stderr[-2000:]
+    assert json.loads(evals[0].stdout.splitlines()[-1])["loss"] == pytest.approx(
+        json.loads(evals[1].stdout.splitlines()[-1])["loss"], rel=1e-6
+    )
+    r = run_cli("data", "inspect", remote_data, "--verify", env={"DIST_CLM_CACHE": str(tmp_path / "inspect")})
+    assert r.returncode == 0 and "train:" in r.stdout, r.stderr[-2000:]
+    waits = [row["train/data_wait_frac"] for row in metrics(remote) if "train/data_wait_frac" in row]
+    print(f"shards downloaded: {len(got)} ({len(set(got))} distinct); data wait after step 2: {waits[2:]}")
+
+    # exact resume from the step-6 checkpoint with a cold cache
+    for tag in sorted((remote / "checkpoints").glob("step_*"))[1:]:
+        subprocess.run(["rm", "-rf", str(tag)], check=True)
+    subprocess.run(["rm", "-rf", str(cache)], check=True)
+    first = train_losses(metrics(remote))
+    r = subprocess.run([*torchrun, *common, f"data.path={remote_data}", f"run.dir={remote}",
+                        f"data.cache_dir={cache}", f"data.cache_limit={limit}"],
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = {r["step"]: r["train/loss"] for r in metrics(remote) if "train/loss" in r and r["step"] > 6}
+    assert again == pytest.approx({s: v for s, v in first.items() if s > 6}, rel=1e-6)
+
+
+def test_one_download_per_shard_per_node(remote_data, tmp_path):
+    """Ranks of one node share the cache: two processes reading the same shards download each once."""
+    code = (
+        "import sys\nfrom dist_clm.data import remote\nfrom dist_clm.data.loader import TokenStream\n"
+        "from dist_clm.data.prepare import read_manifest\n"
+        f"remote.configure({str(tmp_path / 'cache')!r}, None)\n"
+        f"url = {remote_data!r}\n"
+        "s = TokenStream(url, 'train', read_manifest(url))\n"
+        "for k in range(s.n_chunks):\n    s.chunks.ensure_local(s.chunks._locate(k)[0])\n"
+    )
+    procs = [subprocess.Popen([str(BIN / "python"), "-c", code], stderr=subprocess.PIPE, text=True) for _ in "ab"]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
+    shards = [n for n in downloads(tmp_path / "cache") if "/shard." in n]
+    assert shards and len(shards) == len(set(shards))
+
+
+def test_a_leftover_partial_download_is_never_taken_for_a_shard(remote_data, tmp_path):
+    """A kill -9 mid-download leaves `.NAME.part`: the next download replaces it, the shard is whole."""
+    from dist_clm.data import remote
+    from dist_clm.data.loader import TokenStream
+    from dist_clm.data.prepare import read_manifest
+
+    remote.configure(tmp_path / "cache", None)
+    stream = TokenStream(remote_data, "train", read_manifest(remote_data))
+    part = stream.chunks.dir / ".shard.00000.mds.part"
+    part.write_bytes(b"\0" * 100)  # what a killed download leaves
+    assert not (stream.chunks.dir / "shard.00000.mds").exists()
+    assert stream.read(0, 500).max() > 0
+    assert (stream.chunks.dir / "shard.00000.mds").is_file() and not part.exists()
+
+
+def test_a_corrupted_object_is_one_sentence_naming_it(s3, remote_data, tmp_path):
+    prefix = remote_data.removeprefix(f"s3://{BUCKET}/")
+    bad = f"{prefix}-bad"
+    for key in keys(s3, prefix + "/"):
+        body = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        if key.endswith("train/shard.00000.mds"):
+            body = body[:500] + bytes([body[500] ^ 0x40]) + body[501:]  # same size: only the hash can tell
+        s3.put_object(Bucket=BUCKET, Key=key.replace(prefix, bad, 1), Body=body)
+    r = run_cli("train", *TINY, f"data.path=s3://{BUCKET}/{bad}", f"run.dir={tmp_path / 'run'}", "data.shuffle=false",
+                f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=3")  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"s3://{BUCKET}/{bad}/train/shard.00000.mds' does not match its xxh3_64 hash" in r.stderr
+
+
+@pytest.mark.slow
+def test_the_server_stopped_mid_run_is_retried_then_one_sentence(s3, remote_data, tmp_path):
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    proc = subprocess.Popen(
+        [str(BIN / "dist-clm"), "train", *TINY, f"data.path={remote_data}", f"run.dir={run}", "train.max_steps=200",
+         "train.eval_every=0", "train.log_every=1", f"data.cache_dir={cache}", f"data.cache_limit={3 << 14}",
+         "data.prefetch_steps=0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        while not ((run / "metrics.jsonl").is_file() and len(train_losses(metrics(run))) >= 3):
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+            time.sleep(0.2)
+        pid = int((S3_DIR / "weed.pid").read_text())
+        os.killpg(pid, signal.SIGKILL)  # the storage goes away
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        start_server()
+    assert proc.returncode == 2 and "Traceback" not in err, err[-2000:]
+    assert "could not download shard" in err and "after 5 tries" in err and "is reachable and rerun" in err
