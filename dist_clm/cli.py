@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from dist_clm.errors import UserError
+from dist_clm.errors import PeerLost, UserError
 
 
 def _corpus(a: argparse.Namespace):
@@ -319,6 +319,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """Console-script entry point."""
+    from dist_clm.distributed import shutdown
+
     code = main()
+    if code != PeerLost.exit_code:  # (with peers gone, tearing the group down could wait on them)
+        shutdown()
     sys.stdout.flush()
     sys.exit(code)

@@ -208,6 +208,22 @@ def failure_reason(error: BaseException, timeout_s: float) -> str:
     return "a peer closed its connection: its process died" if "by peer" in text else text.splitlines()[0][:160]
 
 
+def shutdown() -> None:
+    """Destroy the process group, if any, before the interpreter exits: left to static destructors at exit, its
+    store's C++ threads can abort the process ("terminate called without an active exception"), which turns
+    any exit code, 0, 2 or 75, into SIGABRT."""
+    import contextlib
+    import sys
+
+    if "torch.distributed" not in sys.modules:  # (commands that never imported torch have nothing to do)
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):  # (peers gone: what is left goes with the process)
+            dist.destroy_process_group()
+
+
 class Heartbeat:
     """Each rank's sign of life, in the process group's store (served by rank 0's process): a daemon thread
     adds 1 to this rank's counter every second, whatever the main thread is doing (computing, or blocked in a
