@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import sys
@@ -319,10 +320,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """Console-script entry point."""
-    from dist_clm.distributed import shutdown
+    from dist_clm.distributed import keep_group_at_exit, shutdown
 
     code = main()
-    if code != PeerLost.exit_code:  # (with peers gone, tearing the group down could wait on them)
-        shutdown()
+    if code == PeerLost.exit_code:
+        keep_group_at_exit()  # (with peers gone, tearing the group down could wait on them)
+    shutdown()
+    # end as Python would (exit handlers run, streams flushed) but without the C++ static destructors, where a
+    # library's thread left joinable aborts the process ("terminate called without an active exception") and
+    # replaces the exit code, which launchers and SLURM act on, with SIGABRT
+    atexit._run_exitfuncs()
     sys.stdout.flush()
-    sys.exit(code)
+    sys.stderr.flush()
+    os._exit(code)

@@ -90,6 +90,9 @@ def init() -> DistEnv:
         deepspeed.init_distributed(
             dist_backend="nccl" if on_gpu else "gloo", verbose=False, timeout=timedelta(seconds=SETUP_TIMEOUT_S)
         )
+        import atexit
+
+        atexit.register(shutdown)  # any process that joined a group leaves it before the interpreter finalizes
         if shm is not None and shm.exists():
             torch.distributed.barrier()  # every local rank has mapped every segment: the names can go now
             shm.unlink(missing_ok=True)  # the memory lives on until the last process exits, even on kill -9
@@ -208,6 +211,14 @@ def failure_reason(error: BaseException, timeout_s: float) -> str:
     return "a peer closed its connection: its process died" if "by peer" in text else text.splitlines()[0][:160]
 
 
+_keep_at_exit = False  # peers gone: tearing the group down could wait on them
+
+
+def keep_group_at_exit() -> None:
+    global _keep_at_exit
+    _keep_at_exit = True
+
+
 def shutdown() -> None:
     """Destroy the process group, if any, before the interpreter exits: left to static destructors at exit, its
     store's C++ threads can abort the process ("terminate called without an active exception"), which turns
@@ -215,7 +226,7 @@ def shutdown() -> None:
     import contextlib
     import sys
 
-    if "torch.distributed" not in sys.modules:  # (commands that never imported torch have nothing to do)
+    if _keep_at_exit or "torch.distributed" not in sys.modules:  # (nothing to do without torch)
         return
     import torch.distributed as dist
 

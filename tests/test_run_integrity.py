@@ -163,6 +163,7 @@ from dist_clm.checkpoint import Checkpointer
 env = distributed.init()
 ckpt = Checkpointer(Path(sys.argv[1]) / f"view{env.rank}", 2, env, zero_stage=2)
 (Path(sys.argv[1]) / f"chosen{env.rank}").write_text(ckpt.latest().name)
+distributed.shutdown()
 """
 
 
