@@ -59,6 +59,12 @@ _SHAPE_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.uint32), n
 _VERIFIED: set[tuple] = set()
 
 
+def _verified_key(path: Path) -> tuple:
+    """A file as _VERIFIED knows it: its path and what changes when it is rewritten."""
+    st = path.stat()
+    return (str(path.absolute()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def plain_name(name: object) -> bool:
     """Whether an index.json file name is a plain name inside its directory (it is joined to it as a path)."""
     return (
@@ -153,11 +159,17 @@ class ChunkStore:
         """A remote shard file in the node's cache: downloaded if missing, its size and hash checked first."""
         label = f"{self.mirror.url}/{self.dir.name}/{info.basename}"
 
+        checked: list[Path] = []
+
         def check(part: Path) -> None:
             self._check_size(part, info, label)
             self._check_hash(part, info, np.memmap(part, dtype=np.uint8, mode="r"), force=True, label=label)
+            checked.append(part)
 
-        return self.mirror.shard(self.dir.name, info.basename, info.bytes, check)
+        path = self.mirror.shard(self.dir.name, info.basename, info.bytes, check)
+        if checked:  # hashed as it arrived: the renamed file (same inode) is not hashed again when mapped
+            _VERIFIED.add(_verified_key(path))
+        return path
 
     def _raw_file(self, reader) -> Path:
         """The shard's raw file to read: in the directory, or fetched into the cache (and decompressed there)."""
@@ -181,8 +193,7 @@ class ChunkStore:
         if not known:
             return None
         algo = SHARD_HASH if SHARD_HASH in known else known[0]
-        st = path.stat()
-        key = (str(path.absolute()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        key = _verified_key(path)
         if force or key not in _VERIFIED:
             if get_hash(algo, data) != info.hashes[algo]:
                 raise _damaged(label or path, f"does not match its {algo} hash in index.json")
