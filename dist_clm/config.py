@@ -40,10 +40,20 @@ class MixSource:
 
 
 @dataclass(kw_only=True)
+class StageConfig:
+    until: int = 0  # the stage's last step (the last stage lasts to the end of training: 0 there, or any step)
+    weights: dict[str, float]  # data.mix source name -> its weight in this stage (a source not named: 0)
+
+
+@dataclass(kw_only=True)
 class DataConfig:
     path: str = ""  # a directory written by `dist-clm prepare` (holds manifest.json, train/, val/, tokenizer/)
     mix: list[MixSource] = field(default_factory=list)  # instead of `path`: several prepared directories,
     # trained on in proportion to their weights; each one's validation split is reported separately
+    stages: list[StageConfig] = field(default_factory=list)  # the mixture of data.mix changing over the run, e.g.
+    # a cleaner mix for the decay of a WSD schedule: each stage's weights until its step (then the next stage's);
+    # a source's blocks continue across stages. Stages that have begun are fixed for the run; later ones may be
+    # appended or changed before they begin. data.mix weights then only say which sources train (more than 0)
     document_mask: bool = False  # positions restart at each document and attention stays inside it
     block_size: int = 128  # tokens per training block, chosen here at train time, not at prepare time
     shuffle: bool = True  # shuffle the order of the training blocks, anew each epoch (seeded by train.seed)
@@ -140,6 +150,7 @@ class Config:
                 "data.mix",
                 "has two sources with the same name; give each a distinct 'name'",
             ),
+            *_stage_checks(d),
             (t.global_batch_size >= 0, "train.global_batch_size", f"must be 0 or more, got {t.global_batch_size}"),
             (0 < t.decay_fraction <= 1, "train.decay_fraction", f"must be in (0, 1], got {t.decay_fraction}"),
             (
@@ -194,6 +205,38 @@ class Config:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+def _stage_checks(d: DataConfig) -> list[tuple[bool, str, str]]:
+    """data.stages: over data.mix's training sources, each stage with a positive weight, in step order."""
+    if not d.stages:
+        return []
+    trained = {m.name or Path(m.path).name for m in d.mix if m.weight > 0}
+    untils = [s.until for s in d.stages[:-1]]
+    named = {n for s in d.stages for n in s.weights}
+    last = d.stages[-1].until
+    return [
+        (bool(d.mix), "data.stages", "weighs the sources of data.mix; list the prepared directories there"),
+        (
+            named <= trained,
+            "data.stages",
+            f"names {', '.join(sorted(named - trained))}, not a data.mix source with a weight above 0 "
+            f"(those are: {', '.join(sorted(trained))})",
+        ),
+        (all(w >= 0 for s in d.stages for w in s.weights.values()), "data.stages", "weights must be 0 or more"),
+        (
+            all(any(w > 0 for w in s.weights.values()) for s in d.stages),
+            "data.stages",
+            "has a stage without a positive weight; give each stage at least one",
+        ),
+        (
+            all(u >= 1 for u in untils)
+            and untils == sorted(set(untils))
+            and (last == 0 or not untils or last > untils[-1]),
+            "data.stages",
+            f"'until' steps must rise from stage to stage (got {[s.until for s in d.stages]}; the last may be 0)",
+        ),
+    ]
+
+
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return " or ".join(repr(a) for a in typing.get_args(tp))
@@ -211,7 +254,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     elif origin is dict:
         if isinstance(value, dict):
-            return dict(value)
+            kt, vt = typing.get_args(tp) or (Any, Any)
+            return {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    elif tp is Any:
+        return value
     elif origin is list:
         if isinstance(value, list):
             (item,) = typing.get_args(tp)

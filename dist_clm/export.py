@@ -167,9 +167,10 @@ def _provenance(run_dir: Path, tag_dir: Path) -> dict:
     """What the model was trained on: each source's manifest (without its histograms), step and tokens."""
     from dist_clm.config import load_config
 
-    sources = []
+    sources, stages = [], []
     if (run_dir / "config.yaml").is_file():
         cfg = load_config(run_dir / "config.yaml")
+        stages = [{"until": s.until, "weights": s.weights} for s in cfg.data.stages]
         mix = cfg.data.mix or [None]
         for m in mix:
             path = m.path if m else cfg.data.path
@@ -185,6 +186,7 @@ def _provenance(run_dir: Path, tag_dir: Path) -> dict:
         "step": state.step,
         "tokens_seen": state.tokens_seen,
         "sources": sources,
+        "stages": stages,  # the mixture over the run, when it changed (data.stages)
         "skipped_windows": json.loads((run_dir / SKIPS).read_text()) if (run_dir / SKIPS).is_file() else [],
     }
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from dist_clm import distributed
 from dist_clm.checkpoint import SKIPS, Checkpointer, TrainState, tag_for
 from dist_clm.config import Config
-from dist_clm.data.loader import TokenStream
+from dist_clm.data.loader import TokenStream, TrainLoader
 from dist_clm.errors import PeerLost, UserError, agreed
 from dist_clm.evaluate import perplexity, windows
 from dist_clm.metrics import LogWindow, Metrics, say
@@ -97,8 +97,9 @@ def _train(cfg: Config, env: distributed.DistEnv, stop_signals, on_step) -> Trai
     loader = run.loader(state.loader)
     batches = iter(loader)
     bar = progress_bar(t.max_steps, state.step, env.is_main and cfg.run.progress_bar)
-    rollbacks, preempted, first_step = 0, None, state.step + 1
+    rollbacks, preempted, first_step, stage = 0, None, state.step + 1, None
     while state.step < t.max_steps:
+        stage = announce_stage(loader, metrics, state.step + 1, stage, env.is_main)
         result = train_step(run, batches, state.step + 1, stop, guard, inject)
         loader.step_done()
         state.advance(run.tokens_per_step, loader.state_dict())
@@ -153,6 +154,16 @@ def _train(cfg: Config, env: distributed.DistEnv, stop_signals, on_step) -> Trai
     run.owner.release()
     name = signal.Signals(preempted).name if preempted else None
     return TrainResult(state.step, state.tokens_seen, before, after, name)
+
+
+def announce_stage(loader: TrainLoader, metrics: Metrics, step: int, current: int | None, is_main: bool) -> int:
+    """With data.stages: when step `step` trains in another stage than the step before, say so with the stage's
+    exact share of blocks per source, and log data/stage and data/stage_share/NAME at that step."""
+    j = loader.stage(loader.state_dict()["blocks_consumed"])
+    if j != current and len(loader.stages) > 1:
+        say(is_main, f"step {step}: {loader.describe_stage(j)}")
+        metrics.log(step, {"data/stage": j + 1} | {f"data/stage_share/{n}": s for n, s in loader.stage_shares(j)})
+    return j
 
 
 def report_straggler(rank: int, scalars: dict, world: list[dict], step: int, is_main: bool) -> None:

@@ -6,6 +6,7 @@ from dist_clm.config import Config, ConfigError, load_config
 from dist_clm.model import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
+MIX = "data.mix=[{path: x/a}, {path: y/b}, {path: y/c, weight: 0}]"
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -53,6 +54,15 @@ def test_int_accepted_where_float_expected():
         (["train.lr=-1"], "config key 'train.lr' must be positive, got -1.0."),
         (["trainlr"], "override 'trainlr' is not of the form section.key=value"),
         (["train.lr.x=1"], "config key 'train.lr' must be a number, got {'x': 1}."),
+        (["data.stages=[{weights: {a: 1}}]"], "config key 'data.stages' weighs the sources of data.mix"),
+        ([MIX, "data.stages=[{weights: {a: 1, c: 2}}]"], "names c, not a data.mix source with a weight above 0"),
+        ([MIX, "data.stages=[{weights: {a: 0}}]"], "has a stage without a positive weight"),
+        ([MIX, "data.stages=[{weights: {a: x}}]"], "config key 'data.stages[0].weights.a' must be a number"),
+        (
+            [MIX, "data.stages=[{until: 50, weights: {a: 1}}, {until: 20, weights: {b: 1}}]"],
+            "'until' steps must rise from stage to stage (got [50, 20]; the last may be 0)",
+        ),
+        ([MIX, "data.stages=[{until: 5, weights: {a: 1}, extra: 1}]"], "config key 'data.stages[0].extra' is unknown"),
     ],
 )
 def test_bad_config_gives_one_sentence_naming_the_key(overrides, message):
@@ -84,3 +94,8 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(None, ["train.lr=5e-4", "model.preset=tiny-llama"])
     cfg.save(tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_stages_load_with_typed_weights():
+    cfg = load_config(None, [MIX, "data.stages=[{until: 80, weights: {a: 3, b: 1}}, {weights: {b: 1}}]"])
+    assert [(s.until, s.weights) for s in cfg.data.stages] == [(80, {"a": 3.0, "b": 1.0}), (0, {"b": 1.0})]

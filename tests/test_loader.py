@@ -6,16 +6,17 @@ import numpy as np
 import pytest
 import torch
 
+from dist_clm.config import StageConfig
 from dist_clm.data.loader import (
     ChunkStore,
     MixedBlocks,
-    Mixture,
     PackedBlocks,
     Source,
     TokenStream,
     TrainLoader,
     document_positions,
 )
+from dist_clm.data.mixture import Mixture, Stage, StagedMixture
 from dist_clm.data.prepare import prepare, read_manifest
 from dist_clm.errors import UserError
 from tests.helpers import read_split
@@ -124,7 +125,8 @@ def test_resume_from_state_continues_exactly(data_dir, workers):
     first = loader(data_dir, micro=2, accum=2, workers=workers)
     take_steps(first, 4, accum=2)
     state = first.state_dict()
-    assert state == {"blocks_consumed": 16, "block_size": 64, "mix": [[data_dir.name, 1.0]], "shuffle_window": 0}
+    assert state == {"blocks_consumed": 16, "block_size": 64, "mix": [[data_dir.name, 1.0]], "shuffle_window": 0,
+                     "stages": [[0, [1.0]]]}  # fmt: skip
     rest = take_steps(loader(data_dir, micro=2, accum=2, state=state, workers=workers), 5, accum=2)
     for a, b in itertools.zip_longest(full[8:], rest):
         np.testing.assert_array_equal(a, b)
@@ -180,6 +182,59 @@ def test_mixed_loader_draws_sources_by_weight_and_resumes_exactly(data_dir, data
     rest = take_steps(loader(sources, micro=4, accum=2, state=first.state_dict()), 17, accum=2)
     for x, y in itertools.zip_longest(full[26:], rest):
         np.testing.assert_array_equal(x, y)
+
+
+def test_staged_mixture_continues_each_source_and_realizes_each_stage():
+    stages = [Stage(0, (3.0, 1.0)), Stage(1000, (1.0, 3.0)), Stage(5000, (0.0, 1.0))]
+    mix = StagedMixture(stages)
+    got = [mix(g) for g in range(8000)]
+    for i in (0, 1):  # each source's blocks continue across the boundaries: none skipped or read twice
+        ks = [k for j, k in got if j == i]
+        assert ks == list(range(len(ks)))
+    for j, (lo, hi, share_a) in enumerate([(0, 1000, 0.75), (1000, 5000, 0.25), (5000, 8000, 0.0)]):
+        sources = [i for i, _ in got[lo:hi]]
+        assert sources.count(0) / len(sources) == pytest.approx(share_a, abs=1e-3)
+        assert {mix.stage_of(g) for g in range(lo, hi)} == {j}
+    assert mix.blocks_in(0) == [750, 250] and mix.blocks_in(1) == [1000, 3000] and mix.blocks_in(2) is None
+    assert StagedMixture([Stage(0, (3.0, 1.0))])(12345) == Mixture([3.0, 1.0])(12345)  # one stage: the mixture
+
+
+def stage(until, **weights):
+    return StageConfig(until=until, weights=weights)
+
+
+def test_staged_loader_resumes_exactly_inside_and_across_stages(data_dir, data_dir_b):
+    sources = [src(data_dir, name="a"), src(data_dir_b, name="b")]
+    stages = [stage(5, a=3, b=1), stage(0, a=1, b=3)]
+
+    whole = take_steps(loader(sources, micro=4, accum=2, stages=stages), 12, accum=2, key="source")
+    per_step = [np.concatenate(whole[2 * s : 2 * s + 2]) for s in range(12)]
+    assert np.mean(np.concatenate(per_step[:5]) == 0) == pytest.approx(0.75, abs=0.03)  # stage 1: a 3, b 1
+    assert np.mean(np.concatenate(per_step[5:]) == 0) == pytest.approx(0.25, abs=0.03)  # stage 2: a 1, b 3
+    tokens = take_steps(loader(sources, micro=4, accum=2, stages=stages), 12, accum=2)
+    for at in (3, 5, 8):  # inside stage 1, at the boundary, inside stage 2
+        first = loader(sources, micro=4, accum=2, stages=stages)
+        take_steps(first, at, accum=2)
+        rest = take_steps(loader(sources, micro=4, accum=2, stages=stages, state=first.state_dict()), 12 - at, 2)
+        for x, y in itertools.zip_longest(tokens[2 * at :], rest):
+            np.testing.assert_array_equal(x, y)
+    first = loader(sources, micro=4, accum=2, stages=stages)
+    take_steps(first, 8, accum=2)
+    state = first.state_dict()
+    assert first.stage(state["blocks_consumed"]) == 1
+    assert first.describe_stage(0) == "data stage 1 of 2 (steps 1-5): a 75.0%, b 25.0% of the blocks"
+    # a stage that has begun cannot change; a stage appended after the resume step can
+    for changed in ([stage(4, a=3, b=1), stage(0, a=1, b=3)], [stage(5, a=3, b=1), stage(0, a=1, b=2)]):
+        with pytest.raises(UserError, match="the data mixture of the 8 steps already trained would change"):
+            loader(sources, micro=4, accum=2, stages=changed, state=state)
+    more = [stage(5, a=3, b=1), stage(10, a=1, b=3), stage(0, a=1, b=0)]
+    rest = take_steps(loader(sources, micro=4, accum=2, stages=more, state=state), 4, accum=2, key="source")
+    np.testing.assert_array_equal(np.concatenate(rest[:4]), np.concatenate(whole[16:20]))  # steps 9-10 as before
+    assert (np.concatenate(rest[4:]) == 0).all()  # steps 11-12: the appended stage
+    # a run without stages may take them on from where it is, its past mixture kept
+    plain = loader(sources[:1] + [src(data_dir_b, 3.0, name="b")], micro=4, accum=2)
+    take_steps(plain, 2, accum=2)
+    loader(sources, micro=4, accum=2, stages=[stage(2, a=1, b=3), stage(0, a=1)], state=plain.state_dict())
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ import sys
 import numpy as np
 import pytest
 
-from dist_clm.data.loader import Mixture, PackedBlocks, TokenStream
+from dist_clm.data.loader import PackedBlocks, TokenStream
+from dist_clm.data.mixture import Mixture
 from dist_clm.data.prepare import read_manifest
 from tests.helpers import BIN, REPO
 

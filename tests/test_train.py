@@ -194,3 +194,33 @@ def test_mixed_run_reports_each_validation_set_and_the_realized_mixture(tmp_path
     mixes = [row for row in rows if "data/mix/prepared" in row]
     assert [m["data/mix/prepared"] for m in mixes] == pytest.approx([0.75, 0.75], abs=0.02)
     assert all("data/mix/held_out" not in m for m in mixes)  # weight 0: never trained on
+
+
+def test_staged_mixture_switches_at_its_step_is_logged_and_resumes_across_it_exactly(tmp_path, data_dir, data_dir_b):
+    run = tmp_path / "staged"
+    settings = (
+        *TINY, f"run.dir={run}", f"data.mix=[{{path: {data_dir}, name: a}}, {{path: {data_dir_b}, name: b}}]",
+        "data.stages=[{until: 4, weights: {a: 3, b: 1}}, {weights: {a: 1, b: 3}}]", "train.max_steps=8",
+        "train.log_every=1", "train.eval_every=0", "train.save_every=3", "train.keep_last=3",
+    )  # fmt: skip
+    r = run_cli("train", *settings)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step 1: data stage 1 of 2 (steps 1-4): a 75.0%, b 25.0% of the blocks" in r.stdout
+    assert "step 5: data stage 2 of 2 (steps 5-): a 25.0%, b 75.0% of the blocks" in r.stdout
+    rows = metrics(run)
+    assert [(x["step"], x["data/stage"], x["data/stage_share/a"]) for x in rows if "data/stage" in x] == [
+        (1, 1, 0.75),
+        (5, 2, 0.25),
+    ]
+    share = {x["step"]: x["data/mix/a"] for x in rows if "data/mix/a" in x}  # measured from the batches
+    assert sum(share[s] for s in range(1, 5)) / 4 == pytest.approx(0.75)
+    assert sum(share[s] for s in range(5, 9)) / 4 == pytest.approx(0.25)
+    whole = train_losses(rows)
+    for late in ("step_00000006", "step_00000008"):  # back to step 3, inside stage 1: resume across the boundary
+        shutil.rmtree(run / "checkpoints" / late)
+    r = run_cli("train", *settings)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step 4: data stage 1 of 2 (steps 1-4)" in r.stdout and "step 5: data stage 2 of 2" in r.stdout
+    again = train_losses(metrics(run, skip=len(rows)))
+    assert list(again) == [4, 5, 6, 7, 8]
+    assert all(again[s] == whole[s] for s in again), (again, whole)

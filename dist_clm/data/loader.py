@@ -6,7 +6,8 @@ The model of the data, in four lines:
 - Block k of a source is block perm_e(k mod per_epoch) of its epoch e = k // per_epoch, where perm_e is a
   seeded permutation drawn anew each epoch (the identity without shuffling).
 - Global block g belongs to source mix(g) as that source's block number k(g): a fixed interleaving that
-  realizes the weights exactly over every period of `Mixture.PERIOD` blocks (one source: k = g).
+  realizes the weights exactly over every period of `Mixture.PERIOD` blocks (one source: k = g), stage by
+  stage when the mixture changes over the run (mixture.py).
 - Optimizer step s uses global blocks [s*G, (s+1)*G), G = world * micro_batch * grad_accum; rank r takes the
   r-th contiguous share of them.
 
@@ -45,6 +46,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from dist_clm.data.mixture import Stage, StagedMixture, check_resume, describe, plan, shares
 from dist_clm.data.prefetch import Prefetcher
 from dist_clm.data.prepare import SHARD_HASH, token_limit
 from dist_clm.data.remote import Mirror, is_remote, local_dir, mirror_of
@@ -416,39 +418,6 @@ class PackedBlocks:
         return w * self.window + int(self._inner[j - int(starts[at])])
 
 
-class Mixture:
-    """Global block g -> (source i, that source's block number k), realizing the weights exactly per period.
-
-    Within a period the slots go to sources by largest deficit (weight share so far minus blocks given), so
-    every stretch of blocks, even one micro batch, holds each source close to its share. O(1) per lookup and
-    a pure function of g: resuming at any g continues the same interleaving.
-    """
-
-    PERIOD = 4096
-
-    def __init__(self, weights: list[float]):
-        total = sum(weights)
-        share = [w / total for w in weights]
-        counts = [int(s * self.PERIOD) for s in share]  # largest remainder: the counts sum to PERIOD
-        for i in sorted(range(len(share)), key=lambda i: counts[i] - share[i] * self.PERIOD)[
-            : self.PERIOD - sum(counts)
-        ]:
-            counts[i] += 1
-        self.counts = counts
-        self.source = np.empty(self.PERIOD, dtype=np.int64)  # the source of each slot
-        self.rank = np.empty(self.PERIOD, dtype=np.int64)  # how many earlier slots of the period it has
-        given = [0] * len(counts)
-        for t in range(self.PERIOD):
-            i = max(range(len(counts)), key=lambda i: (t + 1) * counts[i] / self.PERIOD - given[i])
-            self.source[t], self.rank[t] = i, given[i]
-            given[i] += 1
-
-    def __call__(self, g: int) -> tuple[int, int]:
-        period, t = divmod(g, self.PERIOD)
-        i = int(self.source[t])
-        return i, period * self.counts[i] + int(self.rank[t])
-
-
 @dataclass
 class Source:
     """One prepared directory in the training mixture (weight 0: validation only)."""
@@ -468,8 +437,16 @@ class MixedBlocks(Dataset):
     """
 
     def __init__(
-        self, sources: list[Source], block_size: int, shuffle: bool, seed: int, document_mask: bool, window: int = 0
+        self,
+        sources: list[Source],
+        block_size: int,
+        shuffle: bool,
+        seed: int,
+        document_mask: bool,
+        window: int = 0,
+        stages: list[Stage] | None = None,
     ):
+        """`stages`: the mixture over the run (mixture.plan); None: the sources' weights throughout."""
         train = [s for s in sources if s.weight > 0]
         self.names = [s.name for s in train]
         self.blocks = [
@@ -480,7 +457,7 @@ class MixedBlocks(Dataset):
         # IndexError (on a GPU a device-side assert while the other ranks hang)
         self.limits = np.array([b.stream.limit for b in self.blocks], dtype=np.int64)
         self.smallest_limit = int(self.limits.min())
-        self.mixture = Mixture([s.weight for s in train])
+        self.mixture = StagedMixture(stages or [Stage(0, tuple(s.weight for s in train))])
         self.block_size, self.document_mask = block_size, document_mask
 
     def __len__(self) -> int:  # endless: epochs follow each other
@@ -615,11 +592,16 @@ class TrainLoader:
         document_mask: bool = False,
         shuffle_window: int = 0,
         prefetch_steps: int = 0,
+        stages: list | None = None,
     ):
         """`shuffle_window`: tokens per window of the two-level shuffle (0: a global shuffle); `prefetch_steps`:
-        how many steps ahead the shards of remote sources are fetched into the node's cache."""
+        how many steps ahead the shards of remote sources are fetched into the node's cache; `stages`: the
+        config's data.stages (the mixture changing over the run; none: the sources' weights throughout)."""
         self.mix = [[s.name, s.weight] for s in sources if s.weight > 0]
+        self.names = [name for name, _ in self.mix]
         self.shuffle_window = shuffle_window
+        self.global_blocks_per_step = world * micro_batch * grad_accum
+        self.stages = plan(stages or [], self.names, [w for _, w in self.mix], self.global_blocks_per_step)
         if state:
             if state.get("shuffle_window", 0) != shuffle_window:
                 raise UserError(
@@ -632,20 +614,23 @@ class TrainLoader:
                     f"{state['block_size']}; resume with that value or start a new run directory."
                 )
             saved = state.get("mix", self.mix)
-            if [w for _, w in saved] != [w for _, w in self.mix]:  # the names may change (a moved directory)
+            saved_stages = [Stage.from_json(x) for x in state.get("stages", [[0, [w for _, w in saved]]])]
+            # the names may change (a moved directory), the number and order of sources may not
+            if len(saved) != len(self.mix) or (not stages and [w for _, w in saved] != [w for _, w in self.mix]):
                 raise UserError(
                     f"the training mixture is {self.mix} but the checkpoint was trained on {saved}; resume with "
                     "the same data.mix (names and weights) or start a new run directory."
                 )
+            check_resume(saved_stages, self.stages, int(state["blocks_consumed"]), self.names,
+                         self.global_blocks_per_step)  # fmt: skip
         self.block_size = block_size
-        self.global_blocks_per_step = world * micro_batch * grad_accum
         self.start = int(state["blocks_consumed"]) if state else 0
         window = max(1, shuffle_window // block_size) if shuffle_window else 0
-        self.blocks = MixedBlocks(sources, block_size, shuffle, seed, document_mask, window)
+        self.blocks = MixedBlocks(sources, block_size, shuffle, seed, document_mask, window, self.stages)
         self.prefetcher = None
         if prefetch_steps and any(is_remote(s.path) for s in sources if s.weight > 0):
             self.prefetcher = Prefetcher(
-                MixedBlocks(sources, block_size, shuffle, seed, document_mask, window),
+                MixedBlocks(sources, block_size, shuffle, seed, document_mask, window, self.stages),
                 rank=rank, world=world, per_rank=micro_batch * grad_accum, start=self.start, steps=prefetch_steps,
             )  # fmt: skip
         self.loader = DataLoader(
@@ -671,7 +656,7 @@ class TrainLoader:
         return cls(
             sources, block_size=d.block_size, micro_batch=t.micro_batch_size, grad_accum=grad_accum, rank=rank,
             world=world, shuffle=d.shuffle, seed=t.seed, num_workers=d.num_workers, state=state,
-            shuffle_window=d.shuffle_window, prefetch_steps=d.prefetch_steps,
+            shuffle_window=d.shuffle_window, prefetch_steps=d.prefetch_steps, stages=d.stages,
             document_mask=d.document_mask,
         )  # fmt: skip
 
@@ -708,4 +693,16 @@ class TrainLoader:
             "block_size": self.block_size,
             "mix": self.mix,
             "shuffle_window": self.shuffle_window,
+            "stages": [s.to_json() for s in self.stages],
         }
+
+    def stage(self, blocks_consumed: int) -> int:
+        """The stage (0-based) that the step starting at `blocks_consumed` trains in."""
+        return self.blocks.mixture.stage_of(blocks_consumed)
+
+    def describe_stage(self, j: int) -> str:
+        return describe(self.blocks.mixture, j, self.names, self.global_blocks_per_step)
+
+    def stage_shares(self, j: int) -> list[tuple[str, float]]:
+        """Stage j's exact share of the blocks, per training source."""
+        return list(zip(self.names, shares(self.blocks.mixture, j), strict=True))
