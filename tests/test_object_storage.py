@@ -214,3 +214,50 @@ def test_the_server_stopped_mid_run_is_retried_then_one_sentence(s3, remote_data
         start_server()
     assert proc.returncode == 2 and "Traceback" not in err, err[-2000:]
     assert "could not download shard" in err and "after 5 tries" in err and "is reachable and rerun" in err
+
+
+def slow_endpoint(rate: str, delay_ms: int = 0) -> tuple[subprocess.Popen, str]:
+    """The local S3 server behind launchers/local_s3/slow_proxy.py: (the proxy's process, its endpoint)."""
+    target = server_env()["S3_ENDPOINT_URL"].removeprefix("http://")
+    proxy = subprocess.Popen(
+        [str(BIN / "python"), str(ROOT / "launchers/local_s3/slow_proxy.py"), "--to", target, "--rate", rate,
+         "--delay-ms", str(delay_ms)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    line = proxy.stdout.readline()
+    assert line.startswith("listening on "), line
+    return proxy, line.split()[-1]
+
+
+def test_kill_9_during_a_download_leaves_nothing_taken_for_a_shard(s3, remote_data, data_dir, tmp_path):
+    """A run whose shard downloads crawl (8 KB/s through a proxy) is killed with -9 while one is on its way: no
+    file under a shard's name is anything but the whole shard, and the next run downloads it again."""
+    proxy, endpoint = slow_endpoint("8KB")
+    cache = tmp_path / "cache"
+    settings = [*TINY, f"data.path={remote_data}", f"data.cache_dir={cache}", "train.max_steps=3",
+                "train.eval_every=0", "data.prefetch_steps=0"]  # fmt: skip
+    proc = subprocess.Popen([str(BIN / "dist-clm"), "train", *settings, f"run.dir={tmp_path / 'killed'}"],
+                            env={**os.environ, "S3_ENDPOINT_URL": endpoint}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.time() + 240
+        while not any(cache.rglob(".shard.*")):  # a shard is on its way (written in pieces, or at its end)
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        proxy.terminate()
+        proxy.wait(timeout=30)
+
+    def shards() -> dict[str, bytes]:  # split/name -> the bytes under that name in the cache
+        return {f"{p.parent.name}/{p.name}": p.read_bytes() for p in cache.rglob("shard.*")}
+
+    assert any(cache.rglob(".shard.*")), "the kill came after the download"
+    for name, body in shards().items():  # whatever is under a shard's name is the whole shard
+        assert body == (data_dir / name).read_bytes(), name
+    r = run_cli("train", *settings, f"run.dir={tmp_path / 'again'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = shards()
+    assert got and all(body == (data_dir / name).read_bytes() for name, body in got.items())
