@@ -20,7 +20,11 @@ same block; (b) is set against (a) at 1024), `target` (the loader's: >= 8 M tok/
 scaling with workers, >= 0.25 x (a)). (b) runs in a fresh subprocess per measurement (its own TMPDIR, stale
 shared memory cleaned first), since streaming keeps a registry of local directories in shared memory.
 
-    python bench/loader_throughput.py [--quick] [--markdown] [--work DIR] [--seconds S]
+    python bench/loader_throughput.py [--quick] [--markdown] [--work DIR] [--seconds S] [--only local|remote]
+
+A second table, the remote rows (bench/loader_remote.py), follows in the same run: the quick-start training
+run reading its data from a local directory vs from s3:// on the project's local S3 server, cold and warm
+cache, 50 ms added per request, with and without prefetch: its data wait and throughput.
 
 With --work the corpora, the tokenizer and the prepared data are kept there, so a rerun only measures.
 --quick uses ~5 MB of each corpus and 2 s per measurement (about two minutes in all).
@@ -261,6 +265,7 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--work", default=None, help="scratch directory, kept for reruns (default: a temporary one)")
     ap.add_argument("--seconds", type=float, default=None, help="timed seconds per measurement (default 5, quick 2)")
+    ap.add_argument("--only", choices=("local", "remote"), help="one of the two tables (default: both)")
     ap.add_argument("--streaming-child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.streaming_child:
@@ -271,6 +276,19 @@ def main() -> None:
     warm = min(1.0, seconds / 4)
     work = Path(args.work or tempfile.mkdtemp(prefix="loader_bench_"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.only != "remote":
+        local_table(args, work, seconds, warm)
+    if args.only != "local":
+        from loader_remote import remote_rows, table
+
+        head, rows, note = remote_rows(work, args.quick)
+        print(f"\nremote rows (data wait of the quick-start training run):\n\n{table(head, rows, args.markdown)}")
+        print(f"\n{note}")
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def local_table(args: argparse.Namespace, work: Path, seconds: float, warm: float) -> None:
     cores = os.cpu_count() or 1
     corpora = make_corpora(work, args.quick)
     tok_dir = tokenizer(work, next(iter(corpora.values())), args.quick)
@@ -328,8 +346,6 @@ def main() -> None:
     else:
         print("\n".join(lines))
         print(f"machine: {machine}")
-    if not args.work:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,19 @@
 shards its next steps read; a background thread fetches exactly those into the node's cache, in the order they
 will be read, a few steps ahead of the loader (`data.prefetch_steps`).
 
-The thread has its own MixedBlocks (the block order's caches are not shared across threads). It never raises:
-a shard it could not fetch is fetched again, and its error raised, where the loader reads it.
+The thread has its own MixedBlocks (the block order's caches are not shared across threads) and fetches a
+step's shards side by side (`PARALLEL` downloads: a new shuffle window needs several shards at once, and over
+a distant bucket each one costs a round trip or more). It never raises: a shard it could not fetch is fetched
+again, and its error raised, where the loader reads it.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
+
+PARALLEL = 4  # downloads at once
 
 
 class Prefetcher:
@@ -23,6 +28,7 @@ class Prefetcher:
         self._wake = threading.Condition()
         self._stopped = False
         self.fetched = 0  # shards this thread put in the cache (the rest were there already)
+        self._pool = ThreadPoolExecutor(PARALLEL, thread_name_prefix="dist-clm-fetch")
         self._thread = threading.Thread(target=self._run, name="dist-clm-prefetch", daemon=True)
         self._thread.start()
 
@@ -36,6 +42,7 @@ class Prefetcher:
             self._stopped = True
             self._wake.notify()
         self._thread.join(timeout=60)
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def shards(self, step: int) -> Iterator[tuple[object, int]]:
         """(ChunkStore, shard number) that step `step` reads on this rank, in reading order."""
@@ -62,12 +69,14 @@ class Prefetcher:
                 if self._stopped:
                     return
                 ahead = max(ahead, self._done)
-            for store, shard in self.shards(ahead):
-                if self._stopped:
-                    return
-                try:
-                    if store.ensure_local(shard):
-                        self.fetched += 1
-                except Exception:  # noqa: BLE001 (the loader meets the same error where it reads, and says it)
-                    pass
+            wait([self._pool.submit(self._fetch, store, shard) for store, shard in self.shards(ahead)])
             ahead += 1
+
+    def _fetch(self, store, shard: int) -> None:
+        if self._stopped:
+            return
+        try:
+            if store.ensure_local(shard):
+                self.fetched += 1  # (a race between fetch threads only miscounts a statistic)
+        except Exception:  # noqa: BLE001 (the loader meets the same error where it reads, and says it)
+            pass

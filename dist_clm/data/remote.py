@@ -6,14 +6,17 @@ tokenizer files and each split's index.json are fetched when the data is opened 
 is first read. Streaming's own downloaders and uploaders move the bytes (its `S3_ENDPOINT_URL` convention and
 credentials). Invariants:
 
-- A file in the mirror is whole: it is downloaded to a `.part` name, checked (a shard against its size and hash
-  in index.json), and only then renamed into place. A kill at any moment leaves at most a `.part` file, which
-  the next download of that file removes.
+- A file in the mirror is whole: it is downloaded to `.NAME.part` (streaming's downloader may write a temporary
+  `.NAME.part.*` first), checked (a shard against its size and hash in index.json), and only then renamed into
+  place. A kill at any moment leaves only `.NAME.*` files, which the next download of that file removes.
 - One download per file per node: a download holds an exclusive lock on `.NAME.lock` beside the file; the other
   ranks of the node that need it wait, then find it in place.
-- The shard files under the cache stay within the cache limit: after each download the least recently read
-  shards (of any mirror) are removed until the rest fits. A process still reading a removed shard keeps its
-  memory map (the space is freed when it lets go of it).
+- The shard files under the cache stay within the cache limit at every moment, partial downloads included:
+  before a shard is downloaded, room is made for it (the least recently read shards of any mirror removed)
+  and held by a sparse `.NAME.room` file of its full size that the others count until the shard is in place,
+  all under one node-wide lock held for that bookkeeping only, so downloads run side by side. What a dead
+  download left (its room, its partial file) is removed by the next one that needs room. A process still
+  reading a removed shard keeps its memory map (the space is freed when it lets go of it).
 - A failed download is retried with backoff (`RETRIES` times): then one sentence naming the file and the
   endpoint. A file that is not there is not retried.
 - A remote directory is complete only once its manifest.json is there: prepare uploads it last.
@@ -24,8 +27,10 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -133,8 +138,12 @@ def upload_last(local: Path, url: str, names: list[str], manifest: str) -> None:
     """Upload `names` (relative to `local`) to `url`, then `manifest`: the mark that the data is complete."""
     from streaming.base.storage import CloudUploader
 
+    quiet = logging.getLogger("streaming.base.storage.upload")  # (it warns that `local` is not empty: it is ours)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         uploader = CloudUploader.get(out=(str(local), url), keep_local=True, exist_ok=True)
+        quiet.setLevel(level)
         for name in [*names, manifest]:
             uploader.upload_file(name)
     except Exception as e:  # noqa: BLE001 (each storage library raises its own types)
@@ -142,15 +151,33 @@ def upload_last(local: Path, url: str, names: list[str], manifest: str) -> None:
             f"uploading to '{url}' failed ({type(e).__name__}: {str(e).strip()[:200]}); it has no {manifest}, so "
             "nothing takes it for prepared data: run the same prepare again to restart."
         ) from None
+    finally:
+        quiet.setLevel(level)
+
+
+# streaming's downloader per (process, scheme), kept with its client: `CloudDownloader.direct_download` makes a
+# new client per file (~0.1 s of CPU, and new connections: a round trip or more to a distant bucket). Shared by
+# the threads of a process (an S3 client is thread-safe); a forked loader worker makes its own.
+_DOWNLOADERS: dict[tuple[int, str], object] = {}
+_DOWNLOADERS_LOCK = threading.Lock()
+
+
+def _downloader(remote: str, fresh: bool = False):
+    from streaming.base.storage import CloudDownloader
+
+    key = (os.getpid(), remote.split("://", 1)[0])
+    with _DOWNLOADERS_LOCK:
+        if fresh or key not in _DOWNLOADERS:
+            _DOWNLOADERS[key] = CloudDownloader.get(remote)  # (its client is made by its first download; two
+            # threads racing there make one each, both good)
+        return _DOWNLOADERS[key]
 
 
 def _download(remote: str, local: Path, what: str) -> None:
     """`remote` to `local` with streaming's downloader, retried with backoff; FileNotFoundError if absent."""
-    from streaming.base.storage import CloudDownloader
-
     for attempt in range(RETRIES + 1):
         try:
-            CloudDownloader.direct_download(remote, str(local), timeout=120)
+            _downloader(remote, fresh=attempt > 0).download(remote, str(local), timeout=120)  # a retry: new client
             return
         except Exception as e:  # noqa: BLE001 (each storage library raises its own types)
             if _not_found(e):
@@ -209,54 +236,100 @@ class Mirror:
         if local.is_file():
             os.utime(local)  # recently used: the last to be evicted
             return local
-        if self.config.limit is None:
-            self._fetch(f"{split}/{basename}", local, check=check, fresh=False)
-            return local
-        with open(self.config.root / ".evict.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # (downloads into a limited cache take turns on a node)
-            try:
-                self._evict(room_for=size, name=basename)
-                self._fetch(f"{split}/{basename}", local, check=check, fresh=False)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        reserve = None if self.config.limit is None else (lambda part: self._reserve(part, size, basename))
+        self._fetch(f"{split}/{basename}", local, check=check, fresh=False, reserve=reserve)
         return local
 
-    def _fetch(self, name: str, local: Path, check: Callable[[Path], None] | None, fresh: bool) -> None:
+    def _fetch(
+        self,
+        name: str,
+        local: Path,
+        check: Callable[[Path], None] | None,
+        fresh: bool,
+        reserve: Callable[[Path], None] | None = None,
+    ) -> None:
         local.parent.mkdir(parents=True, exist_ok=True)
-        with open(local.parent / f".{local.name}.lock", "a") as lock:
+        lock_name = f".{local.name}.lock"
+        with open(local.parent / lock_name, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one download per node; the others wait, then find it
             try:
                 if local.is_file() and not fresh:
                     return
-                part = local.with_name(f".{local.name}.part")  # (a kill's leftover is simply overwritten)
-                part.unlink(missing_ok=True)
+                for leftover in local.parent.glob(f".{local.name}.*"):  # a killed download's, if any
+                    if leftover.name != lock_name:
+                        leftover.unlink(missing_ok=True)
+                part = local.with_name(f".{local.name}.part")  # what streaming's downloader writes
+                if reserve is not None:
+                    reserve(local.with_name(f".{local.name}.room"))
                 _download(f"{self.url}/{name}", part, "shard" if check else "file")
                 if check is not None:
                     check(part)
                 os.replace(part, local)
+                local.with_name(f".{local.name}.room").unlink(missing_ok=True)  # (the shard holds its room now)
                 with open(self.root / "downloads.log", "a") as log:  # one line per download, for people and tests
                     log.write(f"{time.time():.3f} {os.getpid()} {name} {local.stat().st_size}\n")
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def _evict(self, room_for: int, name: str) -> None:
-        """Remove the least recently used shard files of the whole cache until `room_for` more bytes fit."""
+    def _reserve(self, room: Path, size: int, name: str) -> None:
+        """Make room for `size` more bytes in the cache and hold it with `room`, a sparse file of that size,
+        until the shard is in place. Waits while downloads in flight hold every byte."""
         limit = self.config.limit
-        if room_for > limit:
+        if size > limit:
             raise UserError(
-                f"data.cache_limit ({limit:,} bytes) cannot hold the shard '{name}' of '{self.url}' ({room_for:,} "
+                f"data.cache_limit ({limit:,} bytes) cannot hold the shard '{name}' of '{self.url}' ({size:,} "
                 "bytes); raise data.cache_limit to a few shards at least."
             )
-        shards = []
-        for path in self.config.root.glob("*/*/shard.*"):
+        while True:
+            with open(self.config.root / ".evict.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # the cache's bookkeeping, one process at a time on a node
+                try:
+                    if self._make_room(size):
+                        with open(room, "wb") as f:
+                            f.truncate(size)
+                        return
+                finally:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+            time.sleep(0.05)  # every byte is held by downloads in flight: one of them ends soon
+
+    def _make_room(self, size: int) -> bool:
+        """Remove the least recently read shards of the whole cache until `size` more bytes fit beside the
+        rest and the downloads in flight (each counted at its shard's full size; what a dead download left is
+        removed); False if they cannot."""
+        shards, held = [], 0
+        for path in self.config.root.glob("*/*/*shard.*"):
             try:
                 st = path.stat()
             except FileNotFoundError:
                 continue
-            shards.append((st.st_mtime, st.st_size, path))
-        total = sum(size for _, size, _ in shards)
-        for _, size, path in sorted(shards):
-            if total + room_for <= limit:
+            if path.name.startswith("shard."):
+                shards.append((st.st_mtime, st.st_size, path))
+            elif path.name.endswith(".room"):
+                if _in_flight(path):
+                    held += st.st_size
+                else:  # its download died (kill -9): its room and partial files go
+                    for leftover in path.parent.glob(path.name.removesuffix(".room") + ".*"):
+                        if not leftover.name.endswith(".lock"):
+                            leftover.unlink(missing_ok=True)
+        total = held + sum(n for _, n, _ in shards)
+        for _, n, path in sorted(shards):
+            if total + size <= self.config.limit:
                 break
             path.unlink(missing_ok=True)
-            total -= size
+            total -= n
+        return total + size <= self.config.limit
+
+
+def _in_flight(room: Path) -> bool:
+    """Whether the download that holds `.NAME.room` is alive: its `.NAME.lock` is locked."""
+    try:
+        fd = os.open(room.with_name(room.name.removesuffix(".room") + ".lock"), os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # (closing drops the lock if it was taken here)
+    return False
