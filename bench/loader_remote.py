@@ -59,6 +59,7 @@ CASES = [
     Case("s3 (localhost)", prefetch=0, cache="warm"),
     Case(f"s3 +{DELAY_MS} ms per request", delay=True, prefetch=0),
     Case(f"s3 +{DELAY_MS} ms per request", delay=True),
+    Case(f"s3 +{DELAY_MS} ms per request", delay=True, prefetch=4),
     Case(f"s3 +{DELAY_MS} ms per request", delay=True, limit_shards=4),
     Case(f"s3 +{DELAY_MS} ms per request, global shuffle", delay=True, limit_shards=4, window=0),
 ]

@@ -101,6 +101,9 @@ class TrainConfig:
     offload_params: bool = False  # ZeRO 3: parameters on the CPU between uses
     activation_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
     compile: bool = False  # torch.compile the model through DeepSpeed (engine.compile)
+    loss_head: Literal["auto", "fused", "plain"] = "auto"  # fused: the output projection and cross-entropy a chunk
+    # of tokens at a time, never the whole B x L x vocabulary logits (dist_clm/loss_head.py); auto: fused for the
+    # model types whose logits are a plain projection (GPT-2, Llama, Mistral, Qwen2), else plain
     deepspeed_config: str = ""  # a DeepSpeed JSON merged over the generated one (see dist_clm/engine.py)
     seed: int = 1234  # model init, data order, sampling
     log_every: int = 10  # steps between TensorBoard/console scalars

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from dist_clm import loss_head
 from dist_clm.config import Config
 from dist_clm.data.loader import Source, TrainLoader
 from dist_clm.data.provenance import check_sources, run_tokenizer, training_sources
@@ -117,6 +118,11 @@ def _checked(cfg: Config, env: DistEnv) -> tuple:
     grad_accum = resolve_grad_accum(t, env.world_size)
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = build_model(cfg.model.preset, cfg.model.pretrained, cfg.model.overrides, tok)
+    if t.loss_head != "plain" and not loss_head.install(model) and t.loss_head == "fused":
+        raise UserError(
+            f"config key 'train.loss_head' is 'fused' but {model.config.model_type} models are not known to compute "
+            f"their logits as a plain projection ({', '.join(loss_head.PLAIN_HEADS)} are); use auto or plain."
+        )
     limit = max_positions(model.config)
     if limit is not None and cfg.data.block_size > limit:
         raise UserError(

@@ -129,32 +129,25 @@ def test_deepspeed_launcher_zero2_bf16_two_ranks_loss_falls_and_resume_continues
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_zero3_llama_and_export(tmp_path, data_dir):
-    """A Llama-style model under torchrun with ZeRO-3: partitioned weights consolidate into a loadable export."""
+    """A Llama-style model under torchrun with ZeRO-3: the fused loss head trains as the plain one; partitioned
+    weights consolidate into a loadable export."""
     import torch
     from transformers import AutoModelForCausalLM
 
     run = tmp_path / "tr"
-    tr = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
     llama = ["model.preset=tiny-llama", "model.overrides.hidden_size=64", "model.overrides.intermediate_size=172"]
-    launch(
-        tr,
-        *llama,
-        "data.block_size=64",
-        "train.micro_batch_size=4",
-        "train.warmup_steps=1",
-        "train.eval_blocks=4",
-        "run.progress_bar=false",
-        f"data.path={data_dir}",
-        f"run.dir={run}",
-        "train.zero_stage=3",
-        "train.max_steps=4",
-        "train.save_every=4",
-        "train.log_every=2",
-    )
+    common = [*llama, "data.block_size=64", "train.micro_batch_size=4", "train.warmup_steps=1", "train.eval_blocks=4",
+              "run.progress_bar=false", f"data.path={data_dir}", "train.zero_stage=3", "train.max_steps=4",
+              "train.save_every=4", "train.log_every=2"]  # fmt: skip
+    for head, where in (("auto", run), ("plain", tmp_path / "plain")):  # the fused loss head, then the plain one
+        tr = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
+        launch(tr, *common, f"run.dir={where}", f"train.loss_head={head}")
     tag = run / "checkpoints" / "step_00000004"
     marker = json.loads((tag / "complete.json").read_text())
     assert marker["world_size"] == 2 and marker["zero_stage"] == 3
-    assert list(train_losses(metrics(run))) == [2, 4]
+    losses = train_losses(metrics(run))
+    assert list(losses) == [2, 4]
+    assert losses == pytest.approx(train_losses(metrics(tmp_path / "plain")), rel=1e-5)  # ZeRO-3 gathers its weight
 
     r = run_cli("export", str(run), "--out", str(tmp_path / "hf"))
     assert r.returncode == 0, r.stderr[-2000:]
