@@ -15,6 +15,8 @@ beside a plain PyTorch loop on the same model and the same batches.
                           block); TensorBoard, the progress bar and periodic checkpoints are off, and the
                           callback ends the run after the last timed step (no final validation or checkpoint)
     dist_clm, compile     the same with train.compile=true (engine.compile())
+    ..., plain loss head  the same with train.loss_head=plain: the logits of the whole micro batch, then the
+                          cross-entropy (dist_clm's default is the fused, chunked head of dist_clm/loss_head.py)
 
 Models (--models): GPT-2 124M (preset gpt2-124m) at seq 1024 x batch 32 and the Llama-style 468M (preset
 llama-468m: hidden 1024, 24 layers, 16 heads, MLP 4096) at seq 2048 x batch 16. Data: the default corpus of
@@ -23,7 +25,7 @@ byte-level BPE (`dist-clm tokenizer train --vocab-size 32000`) and prepared once
 prepare --tokenizer TOK --out DIR`, no inputs); both models read that directory. Each model's embedding table
 is set by `model.overrides.vocab_size` to its own vocabulary: 50257 for GPT-2 (GPT-2's, so the model is the
 124M of the reference; the data's ids are all below 32000) and 32000 for the 468M (the BPE may stop a little
-short of 32000 tokens on 5 MB). All four variants take their batches from the same TrainLoader (dist_clm's
+short of 32000 tokens on 5 MB). All variants take their batches from the same TrainLoader (dist_clm's
 streaming packer over the prepared shards, shuffled, 0 workers, micro batch = batch, one rank, built by
 TrainLoader.from_config), so each pays the same data cost, and each starts from the same weights
 (torch.manual_seed(train.seed) before build_model, which train() does too).
@@ -38,7 +40,7 @@ as it comes, and --json rewrites FILE after every row, so a run cut short keeps 
 Columns:
     model           the preset, and its parameter count (count_params, embeddings included)
     seq x batch     tokens per block x blocks per step (one micro batch, no accumulation)
-    variant         one of the four above
+    variant         one of the above
     tok/s           N x batch x seq / the timed seconds
     MFU             tok/s x flops_per_token(config, params, seq) / the GPU's peak dense bf16 FLOP/s
                     (dist_clm.metrics.peak_flops: 989e12 for H100/H200); '-' where the peak is unknown (CPU)
@@ -103,8 +105,10 @@ VARIANTS = {  # name -> row label; the table's order
     "plain-compile": "plain, torch.compile",
     "dist_clm": "dist_clm ZeRO-2, eager",
     "dist_clm-compile": "dist_clm ZeRO-2, engine.compile",
+    "dist_clm-compile-plain-head": "dist_clm ZeRO-2, engine.compile, plain loss head",
 }
-RUN_ORDER = ("plain-compile", "dist_clm-compile", "dist_clm", "plain")  # the target's pair first
+# the target's pair first; the plain loss head (train.loss_head=plain) beside the fused default
+RUN_ORDER = ("plain-compile", "dist_clm-compile", "dist_clm", "plain", "dist_clm-compile-plain-head")
 REFERENCE = (
     "reference figures (H200, plain loop): 124M 379 K tok/s compiled (33% MFU), 207 K eager; DeepSpeed ZeRO-2 "
     "249 K eager, 306 K engine.compile; 468M 121 K compiled (42% MFU), 87 K eager. "
@@ -153,7 +157,7 @@ def prepared(work: Path, vocab: int) -> Path:
 
 def run_child(args: argparse.Namespace, work: Path, data: Path, model: str, variant: str) -> dict:
     """One variant in a fresh process; its JSON result, or {"error": ...} with the tail of its log."""
-    compiled = variant.endswith("compile")
+    compiled = "compile" in variant
     if args.warmup is not None:
         warmup = args.warmup
     else:
@@ -332,7 +336,8 @@ def variant_overrides(model: str, variant: str, data: str | Path, run_dir: str |
         f"train.micro_batch_size={m['batch']}",
         f"train.max_steps={warmup + steps}",
         f"train.warmup_steps={min(warmup, 30)}",
-        f"train.compile={'true' if variant.endswith('compile') else 'false'}",
+        f"train.compile={'true' if 'compile' in variant else 'false'}",
+        f"train.loss_head={'plain' if variant.endswith('plain-head') else 'auto'}",
         "train.eval_every=0",
         "train.eval_blocks=1",
         "train.save_every=0",

@@ -58,9 +58,10 @@ class DataConfig:
     block_size: int = 128  # tokens per training block, chosen here at train time, not at prepare time
     shuffle: bool = True  # shuffle the order of the training blocks, anew each epoch (seeded by train.seed)
     num_workers: int = 0  # DataLoader worker processes per rank
-    shuffle_window: int = 0  # tokens: shuffle windows of this many tokens of the stream (in a random order),
-    # then the blocks inside each window, so a rank reads a few shards at a time (for remote data through a
-    # bounded cache, e.g. 4 shards' worth); 0 = one global shuffle. Fixed for a run: resume refuses a change
+    shuffle_window: int = 0  # tokens: read the data a window at a time, a window being as many whole shards,
+    # drawn at random, as hold about this many tokens (at least one), its blocks shuffled; so a rank reads a few
+    # shards at a time (remote data through a bounded cache: e.g. 8 shards' worth); 0 = one global shuffle.
+    # Larger is closer to the global shuffle (docs/PERFORMANCE.md). Fixed for a run: resume refuses a change
     prefetch_steps: int = 2  # remote data: fetch the shards the next N steps read into the cache ahead (0 = off)
     cache_dir: str = ""  # where remote data (path or mix paths like s3://bucket/prefix) is cached on each node,
     # shared by the node's ranks ("" = $DIST_CLM_CACHE, else ~/.cache/dist_clm/data)

@@ -72,28 +72,42 @@ def test_shuffled_epoch_is_a_permutation_of_the_blocks(data_dir):
     assert sorted(second) == plain and second != mixed  # a new order each epoch
 
 
-def test_windowed_shuffle_is_a_permutation_that_reads_one_window_at_a_time(data_dir):
-    """data.shuffle_window: each epoch is still a permutation of all blocks, but consecutive blocks come from
-    one window of the stream at a time (a few shards), in a new order each epoch; window 0 is the global
-    shuffle, bit for bit."""
+def test_windowed_shuffle_is_a_permutation_that_reads_a_few_random_shards_at_a_time(data_dir):
+    """data.shuffle_window: each epoch is still a permutation of all blocks, but consecutive blocks come from one
+    window at a time: a few whole shards drawn at random from the corpus (not neighbours), their blocks mixed,
+    in a new order each epoch; window 0 is the global shuffle, bit for bit."""
+    from bisect import bisect_right
+
     stream = TokenStream(data_dir, "train", read_manifest(data_dir))
-    window = 7  # blocks (does not divide the epoch: the last window is short)
-    blocks = PackedBlocks(stream, 64, True, 3, window=window)
-    n = blocks.per_epoch
-    assert n % window
+    blocks = PackedBlocks(stream, 64, True, 3, window=2 * stream.chunks.ends[0] * stream.chunk_tokens // 64)
+    n, edges = blocks.per_epoch, blocks.edges.tolist()
+    assert blocks.group == 2 and len(edges) - 1 > 6  # windows of two shards, of many
+    size = {p: edges[p + 1] - edges[p] for p in range(len(edges) - 1)}
     for epoch in (0, 1):
         order = [blocks.position(epoch * n + k) // 64 for k in range(n)]
         assert sorted(order) == list(range(n))
-        windows = [b // window for b in order]
-        runs = [w for i, w in enumerate(windows) if i == 0 or w != windows[i - 1]]
-        assert len(runs) == len(set(runs)) == -(-n // window)  # each window read whole, once, then left
-        assert runs != sorted(runs)  # in a shuffled order
+        windows, open_, left, changes = [], [], 0, 0
+        for k, b in enumerate(order):  # cut the order where the pieces begun so far are read whole
+            piece = bisect_right(edges, b) - 1
+            if piece not in open_:
+                open_.append(piece)
+                left += size[piece]
+            changes += k > 0 and piece != bisect_right(edges, order[k - 1]) - 1
+            left -= 1
+            if left == 0:
+                windows.append(sorted(open_))
+                open_ = []
+        assert not open_ and len(windows) == -(-(len(edges) - 1) // 2)  # each window read whole, once
+        assert all(len(w) == 2 for w in windows[:-1])
+        assert any(w[1] - w[0] > 1 for w in windows)  # random shards, not neighbours
+        assert changes > 3 * len(windows)  # a window's shards mixed, not read one after the other
     first = [blocks.position(k) for k in range(n)]
     assert first != [blocks.position(n + k) for k in range(n)]
     global_ = PackedBlocks(stream, 64, True, 3)
     assert [PackedBlocks(stream, 64, True, 3, window=0).position(k) for k in range(n)] == [
         global_.position(k) for k in range(n)
     ]
+    assert PackedBlocks(stream, 64, True, 3, window=n).window == n  # a window of the whole epoch: global
 
 
 def test_windowed_shuffle_resumes_exactly_and_refuses_another_window(data_dir):

@@ -371,10 +371,12 @@ class TokenStream:
 class PackedBlocks:
     """Block k of one source's stream: shuffled anew each epoch, the tail shorter than a block left out.
 
-    With `window` blocks (0: one window, a global shuffle), the shuffle has two levels: the epoch's windows of
-    `window` consecutive blocks (a stretch of the stream, so of a few shards) come in a seeded random order, and
-    the blocks inside each window in another; consecutive k then read one window at a time, which keeps a
-    bounded cache of remote shards from thrashing. Still a bijection of each epoch's blocks, a function of k.
+    With `window` blocks (0: a global shuffle), the shuffle has two levels over the epoch's pieces, one per
+    shard (the blocks that start in it): the pieces come in a seeded random order, consecutive groups of them
+    (as many whole shards as make about `window` blocks, at least one) form the windows, and the blocks of a
+    window come in another seeded order. Consecutive k then read one window, a few random shards of the
+    corpus, at a time, which keeps a bounded cache of remote shards from thrashing and mixes several distant
+    stretches of the stream in every window. Still a bijection of each epoch's blocks, a function of k.
     """
 
     def __init__(
@@ -382,12 +384,17 @@ class PackedBlocks:
     ):
         self.stream, self.block_size, self.shuffle, self.seed = stream, block_size, shuffle, seed
         self.per_epoch = stream.tokens // block_size
-        self.window = window if 0 < window < self.per_epoch else self.per_epoch
         if self.per_epoch == 0:
             raise UserError(
                 f"the training split of '{name}' has {stream.tokens} tokens, fewer than one block of {block_size}; "
                 "lower data.block_size or prepare more data."
             )
+        # where each shard's piece of the epoch's blocks starts (a block belongs to the shard it starts in)
+        bounds = {0} | {-(-e * stream.chunk_tokens // block_size) for e in stream.chunks.ends[:-1]}
+        self.edges = np.array(sorted(b for b in bounds if b < self.per_epoch) + [self.per_epoch])
+        n = len(self.edges) - 1
+        self.group = max(1, round(window * n / self.per_epoch)) if window else n  # shards per window
+        self.window = window if self.group < n else self.per_epoch  # (per_epoch: the global shuffle)
         self._epoch, self._perm = -1, None
         self._window, self._inner = -1, None
 
@@ -403,19 +410,23 @@ class PackedBlocks:
             if epoch != self._epoch:
                 self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.per_epoch)
             return int(self._perm[j])
-        if epoch != self._epoch:  # the windows' order, and where each starts in it (the last one may be short)
-            n = -(-self.per_epoch // self.window)
-            order = np.random.default_rng([self.seed, epoch, 1]).permutation(n)
-            sizes = np.minimum(self.window, self.per_epoch - order * self.window)
-            self._epoch, self._perm = epoch, (order, np.concatenate([[0], np.cumsum(sizes)]))
+        if epoch != self._epoch:  # the pieces' order, and where each window starts in it
+            order = np.random.default_rng([self.seed, epoch, 1]).permutation(len(self.edges) - 1)
+            sizes = np.diff(self.edges)[order]
+            per_window = np.add.reduceat(sizes, np.arange(0, len(order), self.group))
+            self._epoch, self._perm = epoch, (order, np.concatenate([[0], np.cumsum(per_window)]))
             self._window = -1
         order, starts = self._perm
-        at = int(np.searchsorted(starts, j, side="right")) - 1
-        w = int(order[at])
-        if w != self._window:  # the blocks' order inside window w
-            size = min(self.window, self.per_epoch - w * self.window)
-            self._window, self._inner = w, np.random.default_rng([self.seed, epoch, 2, w]).permutation(size)
-        return w * self.window + int(self._inner[j - int(starts[at])])
+        w = int(np.searchsorted(starts, j, side="right")) - 1
+        if w != self._window:  # window w: its pieces, where each starts in the window, the blocks' order
+            pieces = order[w * self.group : (w + 1) * self.group]
+            within = np.concatenate([[0], np.cumsum(np.diff(self.edges)[pieces])])
+            inner = np.random.default_rng([self.seed, epoch, 2, w]).permutation(int(within[-1]))
+            self._window, self._inner = w, (pieces, within, inner)
+        pieces, within, inner = self._inner
+        i = int(inner[j - int(starts[w])])
+        p = int(np.searchsorted(within, i, side="right")) - 1
+        return int(self.edges[pieces[p]]) + i - int(within[p])
 
 
 @dataclass
