@@ -2,10 +2,11 @@
 
 The quick-start run (dist_clm.quickstart.TRAIN_SETTINGS: the tiny GPT-2, 1000 steps of 8 x 128 tokens, on the
 quick-start corpus with its 4096-token BPE) is trained with the global shuffle (data.shuffle_window=0) under
-two seeds, which measures the noise between runs, and with windows of decreasing size. A window of W tokens
+two seeds, which measures the noise between runs, and with windows of decreasing size (the larger ones
+under both seeds too: a window's order is drawn from the seed). A window of W tokens
 makes a rank read the blocks of about W tokens' worth of random whole shards, in a random order, before the
 next window: the smaller the window, the less mixed a stretch of steps. The data is prepared
-in shards of 32 KiB (~16K tokens), so the windows hold 16, 4 and 1 random shards. Reported: validation
+in shards of 32 KiB (~12K tokens), so the windows hold about 21, 5 and 1 random shards. Reported: validation
 loss at each evaluation (every 250 steps, on the same 32 validation blocks), the difference to the global
 shuffle of the same seed, and the training loss of the last 100 steps (a window's blocks are alike, so the
 model fits them better than the corpus: the gap to validation grows as windows shrink). The loss-spike guard
@@ -26,7 +27,7 @@ from pathlib import Path
 
 BIN = Path(sys.executable).parent
 WINDOWS = (0, 262144, 65536, 16384)  # tokens; 0 = the global shuffle
-SHARD_MB = 1 / 32  # 32 KiB shards (~16K tokens), so that windows hold 16, 4 and 1 of them
+SHARD_MB = 1 / 32  # 32 KiB shards (~12K tokens), so that windows hold about 21, 5 and 1 of them
 
 
 def dist_clm(*args: str) -> None:
@@ -56,13 +57,13 @@ def main() -> None:
     tok, data = work / "qs_tokenizer", work / "qs_data"
     if not tok.exists():
         dist_clm("tokenizer", "train", "--out", str(tok), "--vocab-size", "4096", "--quiet")
-    if not (data / "manifest.json").exists():  # as quickstart prepares it, in shards of ~16K tokens
+    if not (data / "manifest.json").exists():  # as quickstart prepares it, in shards of ~12K tokens
         dist_clm("prepare", "--tokenizer", str(tok), "--out", str(data), "--chunk-tokens", "4096", "--shard-mb",
                  str(SHARD_MB), "--quiet")  # fmt: skip
     tokens = json.loads((data / "manifest.json").read_text())["splits"]["train"]["tokens"]
 
     results = {}
-    for seed, window in [(1234, w) for w in WINDOWS] + [(4321, 0)]:
+    for seed, window in [(1234, w) for w in WINDOWS] + [(4321, w) for w in WINDOWS[:3]]:
         run = work / f"run_w{window}_s{seed}"
         if losses(run, args.steps) is None:
             print(f"window {window}, seed {seed}", file=sys.stderr)
@@ -74,20 +75,24 @@ def main() -> None:
 
     base = results[1234, 0][0]
     steps = [s for s in sorted(base) if s > 0]
-    head = ["shuffle", "seed", *(f"val loss @{s}" for s in steps), f"vs global @{steps[-1]}", "train loss, last 100"]
+    head = [
+        "shuffle",
+        "seed",
+        *(f"val loss @{s}" for s in steps),
+        f"vs global, same seed, @{steps[-1]}",
+        "train loss, last 100",
+    ]
     lines = [" | ".join(head)]
+    shards = len(json.loads((data / "train" / "index.json").read_text())["shards"])
     for (seed, window), (val, train) in results.items():
-        what = "global" if not window else f"window {window // 1024}K tokens ({100 * window / tokens:.1f}% of corpus)"
-        what += (
-            f", {len(list(data.glob('train/shard.*')))} shards" if not window else f", {round(window / 16384)} shards"
-        )
-        delta = val[steps[-1]] - base[steps[-1]]
+        per_window = max(1, round(window * shards / tokens))  # as the loader counts them
+        what = "global" if not window else f"window {window // 1024}K tokens ({per_window} of {shards} shards)"
+        delta = val[steps[-1]] - results[seed, 0][0][steps[-1]]
         lines.append(" | ".join([what, str(seed), *(f"{val[s]:.4f}" for s in steps), f"{delta:+.4f}", f"{train:.4f}"]))
     if args.markdown:
         lines.insert(1, " | ".join("---" for _ in head))
         lines = [f"| {line} |" for line in lines]
     print("\n".join(lines))
-    shards = len(json.loads((data / "train" / "index.json").read_text())["shards"])
     print(f"\ncorpus: {tokens / 1e6:.2f} M training tokens in {shards} shards; {args.steps} steps of 8 x 128 tokens")
 
 
