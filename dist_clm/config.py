@@ -74,6 +74,10 @@ class ModelConfig:
     preset: str = "tiny"  # a name from dist_clm.model.PRESETS; ignored when `pretrained` is set
     pretrained: str = ""  # a local Hugging Face model directory to continue pretraining from
     overrides: dict[str, Any] = field(default_factory=dict)  # transformers config fields, e.g. {n_layer: 4}
+    attention: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"] = "auto"  # transformers'
+    # attention implementation while training; auto: with data.document_mask on a GPU, flash_attention_2 where
+    # the flash_attn package is installed, else flex_attention where the model has it (Llama: a block-sparse
+    # mask from the documents' bounds, not a dense L x L one), else sdpa; sdpa otherwise and on CPU
 
 
 @dataclass(kw_only=True)

@@ -104,6 +104,40 @@ def build_model(preset: str, pretrained: str, overrides: dict[str, Any], tokeniz
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn)  # fp32 master weights
 
 
+def attention_for(choice: str, document_mask: bool, on_gpu: bool) -> list[str]:
+    """The attention implementations to try, in order, for model.attention=`choice` (the first the model
+    supports is used). FlexAttention has no backward pass on CPU (torch 2.14), so it trains on GPUs only."""
+    if choice == "flex_attention" and not on_gpu:
+        raise UserError(
+            "config key 'model.attention' is 'flex_attention', which has no backward pass on CPU; use sdpa (or auto) "
+            "on CPU."
+        )
+    if choice != "auto":
+        return [choice]
+    if not (document_mask and on_gpu):
+        return ["sdpa"]
+    import importlib.util
+
+    flash = ["flash_attention_2"] if importlib.util.find_spec("flash_attn") else []
+    return [*flash, "flex_attention", "sdpa"]
+
+
+def build_model_with(attention: list[str], preset: str, pretrained: str, overrides: dict[str, Any], tokenizer):
+    """build_model with the first of `attention` the model supports; a single choice it lacks is one sentence."""
+    for i, attn in enumerate(attention):
+        try:
+            return build_model(preset, pretrained, overrides, tokenizer, attn)
+        except (ValueError, ImportError) as e:  # transformers: this model or machine lacks that implementation
+            if "attention" not in str(e).lower():
+                raise
+            if i + 1 == len(attention):
+                raise UserError(
+                    f"config key 'model.attention' is '{attn}', which this model or machine does not support "
+                    f"({str(e).strip().splitlines()[0][:200]}); use auto or sdpa."
+                ) from None
+    raise AssertionError("no attention implementation to try")
+
+
 def max_positions(config) -> int | None:
     """The longest sequence the model's position embeddings allow (None if the family has no limit)."""
     for key in ("n_positions", "max_position_embeddings"):

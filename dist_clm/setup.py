@@ -17,7 +17,7 @@ from dist_clm.distributed import DistEnv, agree_on_error, describe
 from dist_clm.engine import deepspeed_config, param_groups, resolve_grad_accum, resolve_precision, scheduler_factory
 from dist_clm.errors import UserError
 from dist_clm.metrics import say
-from dist_clm.model import build_model, count_params, flops_per_token, max_positions
+from dist_clm.model import attention_for, build_model_with, count_params, flops_per_token, max_positions
 from dist_clm.rundir import RunOwner, claim, data_fingerprint, write_run_files
 
 
@@ -117,7 +117,9 @@ def _checked(cfg: Config, env: DistEnv) -> tuple:
     tok = run_tokenizer(sources)
     grad_accum = resolve_grad_accum(t, env.world_size)
     torch.manual_seed(t.seed)  # the same initial weights on every rank
-    model = build_model(cfg.model.preset, cfg.model.pretrained, cfg.model.overrides, tok)
+    on_gpu = env.device != "cpu"
+    attention = attention_for(cfg.model.attention, cfg.data.document_mask, on_gpu)
+    model = build_model_with(attention, cfg.model.preset, cfg.model.pretrained, cfg.model.overrides, tok)
     if t.loss_head != "plain" and not loss_head.install(model) and t.loss_head == "fused":
         raise UserError(
             f"config key 'train.loss_head' is 'fused' but {model.config.model_type} models are not known to compute "
@@ -130,7 +132,6 @@ def _checked(cfg: Config, env: DistEnv) -> tuple:
             "positions; lower data.block_size or raise the model's positions."
         )
     check_sources(sources, tok, model.config.vocab_size, cfg.model.pretrained)
-    on_gpu = env.device != "cpu"
     ds_config = deepspeed_config(cfg, on_gpu=on_gpu, grad_accum=grad_accum)
     precision = resolve_precision(t.precision, on_gpu)
     if t.activation_checkpointing:

@@ -43,6 +43,10 @@ def test_tokenizer_without_eos(tmp_path, tokenizer_dir, corpus_dir):
         ("train.global_batch_size=6", ["'train.global_batch_size' is 6, which is not a multiple of", "4 x 1 = 4"]),
         ("train.precision=fp16", ["'train.precision' is fp16, which DeepSpeed supports on GPUs only"]),
         ("train.spike_factor=0.5", ["'train.spike_factor' must be 0 (off) or more than 1, got 0.5"]),
+        (
+            "model.attention=flex_attention",
+            ["'model.attention' is 'flex_attention', which has no backward pass on CPU"],
+        ),
         ("model.overrides.vocab_size=300", ["hold token ids up to", "the model embeds only 300"]),
         (("data.path=", "data.mix=[{weight: 1}]"), ["'data.mix[0].path' is required"]),
         (("data.path=", "data.mix=[{path: x, weight: -1}]"), ["'data.mix' weights must be 0 or more"]),

@@ -49,3 +49,50 @@ def test_bad_model_settings(tmp_path):
         build_model("tiny", "", {"n_lyer": 3}, FakeTokenizer(10))
     with pytest.raises(UserError, match="is not a model directory with config.json"):
         build_model("tiny", str(tmp_path), {}, FakeTokenizer(10))
+
+
+def test_attention_choice(monkeypatch):
+    from dist_clm.model import attention_for
+
+    assert attention_for("auto", document_mask=True, on_gpu=False) == ["sdpa"]  # CPU: as before
+    assert attention_for("auto", document_mask=False, on_gpu=True) == ["sdpa"]
+    assert attention_for("auto", document_mask=True, on_gpu=True)[-2:] == ["flex_attention", "sdpa"]
+    assert attention_for("eager", document_mask=True, on_gpu=False) == ["eager"]
+    with pytest.raises(UserError, match="'flex_attention', which has no backward pass on CPU"):
+        attention_for("flex_attention", document_mask=True, on_gpu=False)
+
+
+def test_flex_attention_masks_documents_as_sdpa_does(tokenizer_dir):
+    """FlexAttention's block-sparse mask from restarting positions (its forward: on CPU torch has no flex
+    backward) gives the logits of the SDPA-masked model and of each document run on its own."""
+    from dist_clm.data.tokenizer import load_tokenizer
+    from dist_clm.model import build_model_with
+
+    tok = load_tokenizer(tokenizer_dir)
+    torch.manual_seed(0)
+    sdpa = build_model_with(["sdpa"], "tiny-llama", "", {}, tok).eval()
+    flex = build_model_with(["flex_attention", "sdpa"], "tiny-llama", "", {}, tok).eval()
+    assert flex.config._attn_implementation == "flex_attention" and sdpa.config._attn_implementation == "sdpa"
+    flex.load_state_dict(sdpa.state_dict())
+    docs = ((0, 100), (100, 156), (156, 256))
+    ids = torch.randint(0, len(tok), (2, 256))
+    positions = torch.cat([torch.arange(e - s) for s, e in docs]).expand(2, -1)
+    with torch.no_grad():
+        packed = [m(input_ids=ids, position_ids=positions, use_cache=False).logits for m in (sdpa, flex)]
+        alone = torch.cat([sdpa(input_ids=ids[:, s:e], use_cache=False).logits for s, e in docs], dim=1)
+    torch.testing.assert_close(packed[1], packed[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[1], alone, rtol=1e-5, atol=1e-5)
+    gpt2 = build_model_with(["flex_attention", "sdpa"], "tiny", "", {}, tok)  # flex where the model has it
+    assert gpt2.config._attn_implementation in ("flex_attention", "sdpa")
+
+
+def test_an_attention_the_machine_lacks_is_one_sentence(tokenizer_dir):
+    import importlib.util
+
+    from dist_clm.data.tokenizer import load_tokenizer
+    from dist_clm.model import build_model_with
+
+    if importlib.util.find_spec("flash_attn"):
+        pytest.skip("flash_attn is installed here")
+    with pytest.raises(UserError, match="'model.attention' is 'flash_attention_2', which this model or machine"):
+        build_model_with(["flash_attention_2"], "tiny-llama", "", {}, load_tokenizer(tokenizer_dir))
