@@ -32,6 +32,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from tables import render
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SHARD_MB = 1 / 32  # 32 KiB shards
@@ -184,14 +186,6 @@ def remote_rows(work: Path, quick: bool) -> tuple[list[str], list[list[str]], st
     return head, rows, note
 
 
-def table(head: list[str], rows: list[list[str]], markdown: bool) -> str:
-    lines = [" | ".join(head), *(" | ".join(r) for r in rows)]
-    if markdown:
-        lines.insert(1, " | ".join("---" for _ in head))
-        return "\n".join(f"| {line} |" for line in lines)
-    return "\n".join(lines)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="100 steps per case instead of 300")
@@ -201,7 +195,7 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="loader_remote_"))
     work.mkdir(parents=True, exist_ok=True)
     head, rows, note = remote_rows(work, args.quick)
-    print(table(head, rows, args.markdown))
+    print(render(head, rows, args.markdown))
     print(f"\n{note}")
 
 

@@ -279,10 +279,11 @@ def main() -> None:
     if args.only != "remote":
         local_table(args, work, seconds, warm)
     if args.only != "local":
-        from loader_remote import remote_rows, table
+        from loader_remote import remote_rows
+        from tables import render
 
         head, rows, note = remote_rows(work, args.quick)
-        print(f"\nremote rows (data wait of the quick-start training run):\n\n{table(head, rows, args.markdown)}")
+        print(f"\nremote rows (data wait of the quick-start training run):\n\n{render(head, rows, args.markdown)}")
         print(f"\n{note}")
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)

@@ -20,6 +20,7 @@ import sys
 import time
 
 import psutil
+from tables import render
 
 
 def child(variant: str, vocab: int, batch: int, length: int, hidden: int) -> None:
@@ -72,7 +73,7 @@ def main() -> None:
     plain = runs["plain"]
     logits_gib = batch * length * args.vocab * 4 / 2**30
     head = ["loss head", "peak above baseline (GiB)", "x below plain", "forward+backward (s)", "loss", "target"]
-    lines = [" | ".join(head)]
+    rows = []
     for variant, r in runs.items():
         name = {
             "plain": "plain (logits, then cross-entropy)",
@@ -80,13 +81,10 @@ def main() -> None:
         }.get(variant, f"fused, chunks of {variant} tokens")
         ratio = plain["peak"] / max(r["peak"], 1)
         target = "" if variant == "plain" else f">= 4x: {'yes' if ratio >= 4 else 'NO'}"
-        lines.append(
-            f"{name} | {r['peak'] / 2**30:.2f} | {ratio:.1f} | {r['seconds']:.2f} | {r['loss']:.6f} | {target}"
+        rows.append(
+            [name, f"{r['peak'] / 2**30:.2f}", f"{ratio:.1f}", f"{r['seconds']:.2f}", f"{r['loss']:.6f}", target]
         )
-    if args.markdown:
-        lines.insert(1, " | ".join("---" for _ in head))
-        lines = [f"| {line} |" for line in lines]
-    print("\n".join(lines))
+    print(render(head, rows, args.markdown))
     print(
         f"\nvocabulary {args.vocab}, micro batch {batch} x {length}, hidden {args.hidden}, fp32 (the fp32 logits "
         f"alone: {logits_gib:.2f} GiB); {platform.processor() or platform.machine()}, {psutil.cpu_count()} cores"

@@ -25,6 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tables import render
+
 BIN = Path(sys.executable).parent
 WINDOWS = (0, 262144, 65536, 16384)  # tokens; 0 = the global shuffle
 SHARD_MB = 1 / 32  # 32 KiB shards (~12K tokens), so that windows hold about 21, 5 and 1 of them
@@ -82,17 +84,14 @@ def main() -> None:
         f"vs global, same seed, @{steps[-1]}",
         "train loss, last 100",
     ]
-    lines = [" | ".join(head)]
+    rows = []
     shards = len(json.loads((data / "train" / "index.json").read_text())["shards"])
     for (seed, window), (val, train) in results.items():
         per_window = max(1, round(window * shards / tokens))  # as the loader counts them
         what = "global" if not window else f"window {window // 1024}K tokens ({per_window} of {shards} shards)"
         delta = val[steps[-1]] - results[seed, 0][0][steps[-1]]
-        lines.append(" | ".join([what, str(seed), *(f"{val[s]:.4f}" for s in steps), f"{delta:+.4f}", f"{train:.4f}"]))
-    if args.markdown:
-        lines.insert(1, " | ".join("---" for _ in head))
-        lines = [f"| {line} |" for line in lines]
-    print("\n".join(lines))
+        rows.append([what, str(seed), *(f"{val[s]:.4f}" for s in steps), f"{delta:+.4f}", f"{train:.4f}"])
+    print(render(head, rows, args.markdown))
     print(f"\ncorpus: {tokens / 1e6:.2f} M training tokens in {shards} shards; {args.steps} steps of 8 x 128 tokens")
 
 
