@@ -17,6 +17,10 @@ beside a plain PyTorch loop on the same model and the same batches.
     dist_clm, compile     the same with train.compile=true (engine.compile())
     ..., plain loss head  the same with train.loss_head=plain: the logits of the whole micro batch, then the
                           cross-entropy (dist_clm's default is the fused, chunked head of dist_clm/loss_head.py)
+    ..., document mask    dist_clm compiled with data.document_mask=true (attention stays inside each packed
+                          document): on SDPA (model.attention=sdpa: a dense 4-D mask), and on what
+                          model.attention=auto picks (on a GPU flash_attention_2 where flash_attn is installed,
+                          else FlexAttention's block-sparse mask where the model has it; the row names it)
 
 Models (--models): GPT-2 124M (preset gpt2-124m) at seq 1024 x batch 32 and the Llama-style 468M (preset
 llama-468m: hidden 1024, 24 layers, 16 heads, MLP 4096) at seq 2048 x batch 16. Data: the default corpus of
@@ -71,6 +75,8 @@ run (~5-8 min, mostly cold torch.compile):
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site-packages .whl/*.whl
     PYTHONPATH=/tmp/site-packages python3 bench/gpu_throughput.py --markdown --work /tmp/gbench --json $OUT/g.jsonl
+
+bench/gpu_suite.sh runs the correctness smoke (bench/gpu_smoke.py) and then this table with --quick.
 """
 
 from __future__ import annotations
@@ -106,9 +112,13 @@ VARIANTS = {  # name -> row label; the table's order
     "dist_clm": "dist_clm ZeRO-2, eager",
     "dist_clm-compile": "dist_clm ZeRO-2, engine.compile",
     "dist_clm-compile-plain-head": "dist_clm ZeRO-2, engine.compile, plain loss head",
+    "dist_clm-compile-docmask-sdpa": "dist_clm ZeRO-2, engine.compile, document mask on SDPA",
+    "dist_clm-compile-docmask": "dist_clm ZeRO-2, engine.compile, document mask on model.attention=auto",
 }
-# the target's pair first; the plain loss head (train.loss_head=plain) beside the fused default
-RUN_ORDER = ("plain-compile", "dist_clm-compile", "dist_clm", "plain", "dist_clm-compile-plain-head")
+# the target's pair first; the plain loss head (train.loss_head=plain) beside the fused default; document
+# masking on SDPA's dense mask and on what model.attention=auto picks (block-sparse on a GPU)
+RUN_ORDER = ("plain-compile", "dist_clm-compile", "dist_clm", "plain", "dist_clm-compile-plain-head",
+             "dist_clm-compile-docmask-sdpa", "dist_clm-compile-docmask")  # fmt: skip
 REFERENCE = (
     "reference figures (H200, plain loop): 124M 379 K tok/s compiled (33% MFU), 207 K eager; DeepSpeed ZeRO-2 "
     "249 K eager, 306 K engine.compile; 468M 121 K compiled (42% MFU), 87 K eager. "
@@ -234,7 +244,9 @@ def table(rows: list[dict], cpu: bool, markdown: bool) -> list[str]:
     for r in sorted(rows, key=lambda r: (list(MODELS).index(r["model"]), order[r["variant"]])):
         m = MODELS[r["model"]]
         name = r["model"] + (f" ({r['params'] / 1e6:.0f} M)" if "params" in r else "")
-        cells = [name, f"{m['seq']} x {m['batch']}", VARIANTS[r["variant"]]]
+        masked = "docmask" in r["variant"] and "attention" in r
+        label = VARIANTS[r["variant"]] + (f" ({r['attention']})" if masked else "")
+        cells = [name, f"{m['seq']} x {m['batch']}", label]
         if "error" in r:
             cells += [f"failed: {r['error']}", "-", "-", "-", "-", "-"]
         else:
@@ -338,6 +350,8 @@ def variant_overrides(model: str, variant: str, data: str | Path, run_dir: str |
         f"train.warmup_steps={min(warmup, 30)}",
         f"train.compile={'true' if 'compile' in variant else 'false'}",
         f"train.loss_head={'plain' if variant.endswith('plain-head') else 'auto'}",
+        f"data.document_mask={'true' if 'docmask' in variant else 'false'}",
+        f"model.attention={'sdpa' if variant.endswith('docmask-sdpa') else 'auto'}",
         "train.eval_every=0",
         "train.eval_blocks=1",
         "train.save_every=0",
@@ -350,7 +364,7 @@ def one(args: argparse.Namespace) -> None:
     from dist_clm.config import load_config
     from dist_clm.data.provenance import run_tokenizer, training_sources
     from dist_clm.metrics import peak_flops
-    from dist_clm.model import build_model, count_params, flops_per_token
+    from dist_clm.model import attention_for, build_model, build_model_with, count_params, flops_per_token
 
     m = MODELS[args.models]
     variant = args.one
@@ -362,8 +376,9 @@ def one(args: argparse.Namespace) -> None:
     tok = run_tokenizer(sources)
     torch.manual_seed(cfg.train.seed)
     if variant.startswith("dist_clm"):  # train() builds its own; this one is only counted
-        with torch.device("meta"):
-            model = build_model(cfg.model.preset, cfg.model.pretrained, cfg.model.overrides, tok)
+        attention = attention_for(cfg.model.attention, cfg.data.document_mask, device != "cpu")
+        with torch.device("meta"):  # (with the attention train() picks, to name it)
+            model = build_model_with(attention, cfg.model.preset, cfg.model.pretrained, cfg.model.overrides, tok)
         res = dist_clm_loop(cfg, device, args.warmup, args.steps)
     else:
         model = build_model(cfg.model.preset, cfg.model.pretrained, cfg.model.overrides, tok)
@@ -396,6 +411,7 @@ def one(args: argparse.Namespace) -> None:
         "loss": sum(res["losses"]) / len(res["losses"]),
         "losses": res["losses"],
         "device": "cpu" if device == "cpu" else torch.cuda.get_device_name(torch.device(device)),
+        "attention": model.config._attn_implementation,
     }
     Path(args.result).write_text(json.dumps(out))
     phase("done")

@@ -7,7 +7,9 @@
                                      + config.json (the transformers model config)
                                      + READERS (readers lock it; pruning leaves a checkpoint being read alone)
                                      + complete.json  <- written last, after every rank's files are durable;
-                                       it lists every file with its size
+                                       it lists every file with its size (with train.async_save, DeepSpeed's
+                                       files are written by a background thread from a host snapshot and
+                                       the marker comes at the first step boundary after they are durable)
     RUN/skips.json                   data windows skipped after rollbacks (a resume skips them again)
 
 Only a directory holding complete.json is a checkpoint: a run killed while saving leaves a directory without
@@ -37,6 +39,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dist_clm.distributed import (
     DistEnv,
@@ -49,6 +52,9 @@ from dist_clm.distributed import (
 from dist_clm.errors import UserError
 from dist_clm.fsutil import atomic_dir, atomic_write_text, fsync_dir, fsync_tree
 from dist_clm.metrics import say
+
+if TYPE_CHECKING:
+    from dist_clm.checkpoint_writer import BackgroundWriter
 
 COMPLETE = "complete.json"
 TRAIN_STATE = "train_state.json"
@@ -101,6 +107,19 @@ def resolve(path: str | Path) -> Path:
     if not found:
         raise UserError(f"'{p}' holds no complete checkpoint; train with train.save_every > 0 or point at another run.")
     return found[-1]
+
+
+@dataclass
+class _Pending:
+    """A save whose files are being written: not a checkpoint until _complete marks it."""
+
+    tag_dir: Path
+    step: int
+    zero_stage: int
+    world_size: int
+    writer: BackgroundWriter | None
+    start: float  # perf_counter at the save's start
+    blocked_s: float  # seconds the step loop has waited for it so far
 
 
 @dataclass
@@ -159,10 +178,14 @@ def reading(path: str | Path) -> Iterator[Path]:
 class Checkpointer:
     """Saves and restores a run's checkpoints, for this rank; keeps the last `keep_last` complete ones."""
 
-    def __init__(self, run_dir: str | Path, keep_last: int, env: DistEnv, zero_stage: int, size_hint: int = 0):
+    def __init__(self, run_dir: str | Path, keep_last: int, env: DistEnv, zero_stage: int, size_hint: int = 0,
+                 background: bool = False):  # fmt: skip
         self.run_dir, self.dir = Path(run_dir), checkpoints_dir(run_dir)
         self.keep_last, self.env, self.zero_stage = keep_last, env, zero_stage
         self.size_hint = size_hint  # bytes a checkpoint takes, before the first one exists (a pre-flight check)
+        self.background = background  # DeepSpeed's files written behind the step loop (checkpoint_writer.py)
+        self.pending: _Pending | None = None  # the save in flight, not yet marked complete
+        self.done: list[dict[str, float]] = []  # poll()'s reports of the saves completed since its last call
 
     def latest(self) -> Path | None:
         """Collective: the newest checkpoint that every rank sees complete, or None (agreed, so that ranks
@@ -173,6 +196,7 @@ class Checkpointer:
     def load_latest(self, engine) -> TrainState | None:
         """Collective: restore the newest complete checkpoint that is whole on every rank's view. One whose
         files are missing or truncated is reported, loudly, and the one before it is used: never a mix."""
+        self.wait()  # (a rollback: the save in flight may be the checkpoint to go back to)
         for step in self._complete_steps():
             tag_dir = self.dir / tag_for(step)
             problem = _damage(tag_dir)
@@ -188,48 +212,105 @@ class Checkpointer:
             )
         return None
 
-    def save(self, engine, state: TrainState, model_config) -> Path:
-        """Collective: every rank writes its shard and generators and makes them durable; then rank 0 writes
-        the model config and the train state, and last the completion marker, which lists every file with its
-        size; then it prunes old checkpoints."""
+    def save(self, engine, state: TrainState, model_config, wait: bool = False) -> Path:
+        """Collective: rank 0 writes the model config and the train state; every rank writes its DeepSpeed
+        files and generators. Synchronous saving then completes the checkpoint here; background saving
+        (`background`) returns once DeepSpeed's files are snapshotted, and `poll` completes it at the first
+        step boundary where every rank's files are written (`wait=True`, or the next save, waits for that).
+        Completing: every rank makes its files durable, and rank 0 writes the marker, which lists every file
+        with its size, then prunes old checkpoints."""
+        self.wait()  # one checkpoint in flight at a time
+        start = time.perf_counter()
         tag_dir = self.dir / tag_for(state.step)
         self._check_space(tag_dir)
+        writer = self._writer(engine)
         try:
-            engine.save_checkpoint(str(self.dir), tag=tag_dir.name, save_latest=False)
-            _save_rng(tag_dir, self.env.rank)
-            sizes = _durable_sizes(tag_dir)  # every file this rank sees, fsynced: its own ones among them
-            views = all_gather_object(sizes)
-            if self.env.is_main:  # written after the views: no rank lists a file while it is being written
+            tag_dir.mkdir(parents=True, exist_ok=True)
+            if self.env.is_main:  # before DeepSpeed's last barrier: every rank sees them whole after it
                 model_config.save_pretrained(str(tag_dir))
                 atomic_write_text(tag_dir / TRAIN_STATE, json.dumps(state.state_dict(), indent=2))
                 (tag_dir / READERS).touch()
-                views.append(_durable_sizes(tag_dir))
+            _save_rng(tag_dir, self.env.rank)
+            engine.save_checkpoint(str(self.dir), tag=tag_dir.name, save_latest=False)
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
             if is_collective_failure(e):
                 raise  # another rank is gone: not this filesystem's doing (train.py reports it)
-            free = shutil.disk_usage(self.dir).free
-            detail = getattr(e, "strerror", None) or str(e).splitlines()[0][:120]
-            raise UserError(
-                f"could not save checkpoint '{tag_dir}' ({detail}; {_size(free)} free on its filesystem); free "
-                "space or fix the filesystem, then rerun: training resumes from the last complete checkpoint."
-            ) from None
+            raise self._write_failed(tag_dir, e) from None
+        blocked = time.perf_counter() - start
+        self.pending = _Pending(tag_dir, state.step, engine.zero_optimization_stage(), engine.world_size, writer,
+                                start, blocked)  # fmt: skip
+        if wait or writer is None:
+            self.wait()
+        return tag_dir
+
+    def poll(self) -> list[dict[str, float]]:
+        """Collective, at every step boundary: complete the save in flight once no rank's writer is busy.
+        Returns checkpoint/* scalars for each save completed since the last call: its step, the seconds the
+        step loop was blocked by it, and the seconds from its start to its marker."""
+        p = self.pending
+        if p is not None and not all_reduce_sum([float(p.writer.busy())], self.env.device)[0]:
+            self._complete()
+        done, self.done = self.done, []
+        return done
+
+    def wait(self) -> None:
+        """Collective: complete the save in flight, if any, waiting for every rank's writer."""
+        if self.pending is None:
+            return
+        start = time.perf_counter()
+        if self.pending.writer is not None:
+            self.pending.writer.drain()
+        self.pending.blocked_s += time.perf_counter() - start
+        self._complete()
+
+    def _complete(self) -> None:
+        """Collective: the pending save's files made durable on every rank; then rank 0 writes its marker."""
+        p, start = self.pending, time.perf_counter()
+        self.pending = None
+        error = p.writer.take_error() if p.writer is not None else None
+        agree_on_error(self._write_failed(p.tag_dir, error) if error else None, self.env.device)
+        try:
+            sizes = _durable_sizes(p.tag_dir)  # every file this rank sees, fsynced: its own ones among them
+        except OSError as e:
+            raise self._write_failed(p.tag_dir, e) from None
+        views = all_gather_object(sizes)
         if self.env.is_main:
             files: dict[str, int] = {}
             for view in views:  # a writer's own view of its file is the freshest
                 for name, size in view.items():
                     files[name] = max(size, files.get(name, 0))
             marker = {
-                "step": state.step,
-                "zero_stage": engine.zero_optimization_stage(),
-                "world_size": engine.world_size,
+                "step": p.step,
+                "zero_stage": p.zero_stage,
+                "world_size": p.world_size,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "files": dict(sorted(files.items())),
             }
-            atomic_write_text(tag_dir / COMPLETE, json.dumps(marker, indent=2))
+            atomic_write_text(p.tag_dir / COMPLETE, json.dumps(marker, indent=2))
             fsync_dir(self.dir)
             self._prune()
         barrier()
-        return tag_dir
+        now = time.perf_counter()
+        self.done.append({"checkpoint/step": p.step, "checkpoint/blocked_s": p.blocked_s + now - start,
+                          "checkpoint/save_s": now - p.start})  # fmt: skip
+
+    def _writer(self, engine) -> BackgroundWriter | None:
+        """The engine's background writer (installed at the first save), or None when saving synchronously."""
+        if not self.background:
+            return None
+        from dist_clm.checkpoint_writer import BackgroundWriter  # (imports DeepSpeed)
+
+        if not isinstance(engine.checkpoint_engine, BackgroundWriter):
+            BackgroundWriter.replacing(engine)
+        return engine.checkpoint_engine
+
+    def _write_failed(self, tag_dir: Path, error: BaseException) -> UserError:
+        free = shutil.disk_usage(self.dir).free
+        detail = getattr(error, "strerror", None) or str(error).splitlines()[0][:120]
+        return UserError(
+            f"could not save checkpoint '{tag_dir}' ({detail}; {_size(free)} free on its filesystem); free "
+            "space or fix the filesystem, then rerun: training resumes from the last complete checkpoint."
+        )
 
     def restore(self, engine, tag_dir: Path) -> TrainState:
         """Collective: load a complete checkpoint into the engine (directly, or through DeepSpeed's universal

@@ -76,8 +76,9 @@ class ModelConfig:
     overrides: dict[str, Any] = field(default_factory=dict)  # transformers config fields, e.g. {n_layer: 4}
     attention: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"] = "auto"  # transformers'
     # attention implementation while training; auto: with data.document_mask on a GPU, flash_attention_2 where
-    # the flash_attn package is installed, else flex_attention where the model has it (Llama: a block-sparse
-    # mask from the documents' bounds, not a dense L x L one), else sdpa; sdpa otherwise and on CPU
+    # the flash_attn package is installed, else flex_attention where the model has it (Llama, GPT-2: a
+    # block-sparse mask from the documents' bounds, not a dense L x L one; not with attention dropout), else
+    # sdpa; sdpa otherwise and on CPU (FlexAttention has no backward pass there)
 
 
 @dataclass(kw_only=True)
@@ -105,7 +106,8 @@ class TrainConfig:
     offload_optimizer: bool = False  # ZeRO 1-3: optimizer state and step on the CPU (DeepSpeed's CPU Adam)
     offload_params: bool = False  # ZeRO 3: parameters on the CPU between uses
     activation_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
-    compile: bool = False  # torch.compile the model through DeepSpeed (engine.compile)
+    compile: bool | Literal["auto"] = "auto"  # torch.compile the model through DeepSpeed (engine.compile); auto:
+    # on GPUs (where it pays; the time the first step took, compilation included, is reported), not on the CPU
     loss_head: Literal["auto", "fused", "plain"] = "auto"  # fused: the output projection and cross-entropy a chunk
     # of tokens at a time, never the whole B x L x vocabulary logits (dist_clm/loss_head.py); auto: fused for the
     # model types whose logits are a plain projection (GPT-2, Llama, Mistral, Qwen2), else plain
@@ -116,6 +118,9 @@ class TrainConfig:
     eval_blocks: int = 32  # validation blocks per evaluation (0 = the whole validation split)
     save_every: int = 100  # steps between checkpoints (0 = only at the end)
     keep_last: int = 2  # complete checkpoints to keep
+    async_save: bool = True  # the step loop waits only for a host copy of the checkpoint; a background thread
+    # writes it, and it counts as complete (complete.json) at the first step boundary after every rank's files
+    # are durable. Costs host memory for one copy of each rank's share while it is written
     max_bad_steps: int = 3  # steps in a row with a non-finite loss or gradient norm (each one skipped, never
     # applied) before rolling back to the last checkpoint past the data that led there (0 = never roll back)
     spike_factor: float = 2.0  # a step loss above this x the mean of the last spike_window good steps is not

@@ -27,7 +27,7 @@ class Metrics:
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         """Record `scalars` (names like "train/loss") at `step`."""
-        if not self.is_main:
+        if not self.is_main or not scalars:
             return
         if self.writer is not None:
             for name, value in scalars.items():

@@ -55,6 +55,10 @@ class Run:
         return self.global_batch * self.cfg.data.block_size
 
     @property
+    def compiled(self) -> bool:
+        return bool(getattr(self.engine, "is_compiled", False))
+
+    @property
     def zero0_fp32(self) -> bool:
         """ZeRO-0 in fp32, the one setting where DeepSpeed has no overflow path to skip a bad update."""
         return self.cfg.train.zero_stage == 0 and self.precision == "fp32"
@@ -105,7 +109,7 @@ def setup(cfg: Config, env: DistEnv, world: list[dict]) -> Run:
         config=ds_config,
         lr_scheduler=scheduler_factory(t),
     )
-    if t.compile:
+    if t.compile is True or (t.compile == "auto" and env.device != "cpu"):
         engine.compile()
     return Run(cfg, env, sources, engine, scheduler, grad_accum, precision, n_params, flops, owner)
 

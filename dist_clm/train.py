@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +79,7 @@ def _train(cfg: Config, env: distributed.DistEnv, stop_signals, on_step) -> Trai
     inject = LossInjector(env.rank, t.fault_injection)
     world = distributed.world_table(env)  # every rank's node and local rank, checked
     run = setup(cfg, env, world)  # (rank 0 now holds the run directory's lock)
-    checkpointer = Checkpointer(cfg.run.dir, t.keep_last, env, t.zero_stage, size_hint=16 * run.n_params)
+    checkpointer = Checkpointer(cfg.run.dir, t.keep_last, env, t.zero_stage, 16 * run.n_params, t.async_save)
     state = checkpointer.load_latest(run.engine) if t.resume else None
     if state:
         say(env.is_main, f"resumed from {checkpointer.dir / tag_for(state.step)} at step {state.step}")
@@ -90,6 +91,7 @@ def _train(cfg: Config, env: distributed.DistEnv, stop_signals, on_step) -> Trai
             "losses will be altered on purpose")  # fmt: skip
         metrics.log(state.step, {"faults/planned": len(t.fault_injection.split(","))})
     validate = Validation(run, metrics)
+    started = time.perf_counter()  # (the first validation and step compile the model under torch.compile)
     before = validate(state.step)
 
     guard = LossGuard(t.max_bad_steps, t.spike_factor, t.spike_window)
@@ -105,6 +107,7 @@ def _train(cfg: Config, env: distributed.DistEnv, stop_signals, on_step) -> Trai
         state.advance(run.tokens_per_step, loader.state_dict())
         if state.step == first_step:  # compiled and warmed up: from now on a stalled rank is not waited for long
             distributed.set_collective_timeout(t.collective_timeout_s)
+            report_first_step(run, metrics, state.step, time.perf_counter() - started)
         window.add(result.loss, result.good, result.data_wait_s, result.blocks_per_source, result.arrivals,
                    result.token_sum)  # fmt: skip
         bar.update(1)
@@ -138,9 +141,12 @@ def _train(cfg: Config, env: distributed.DistEnv, stop_signals, on_step) -> Trai
         if t.eval_every and state.step % t.eval_every == 0 and state.step < t.max_steps:
             validate(state.step)
         preempted = result.stop_signal
-        if (t.save_every and state.step % t.save_every == 0) or state.step == t.max_steps or preempted:
+        last = state.step == t.max_steps or preempted  # (a save that ends the run waits for its files)
+        if (t.save_every and state.step % t.save_every == 0) or last:
             with distributed.long_collectives(t.collective_timeout_s):  # a save may be slow on one rank
-                checkpointer.save(run.engine, state, run.engine.module.config)
+                checkpointer.save(run.engine, state, run.engine.module.config, wait=last)
+        for report in checkpointer.poll():  # a background save completes at the first step boundary after
+            metrics.log(state.step, report)  # its files are durable
         if preempted:
             say(env.is_main, f"stopping at step {state.step} on signal {signal.Signals(preempted).name}; "
                 "checkpoint saved")  # fmt: skip
@@ -164,6 +170,15 @@ def announce_stage(loader: TrainLoader, metrics: Metrics, step: int, current: in
         say(is_main, f"step {step}: {loader.describe_stage(j)}")
         metrics.log(step, {"data/stage": j + 1} | {f"data/stage_share/{n}": s for n, s in loader.stage_shares(j)})
     return j
+
+
+def report_first_step(run: Run, metrics: Metrics, step: int, seconds: float) -> None:
+    """Once: the seconds of this process's first validation and step (train/first_step_s); with torch.compile,
+    the model's compilation happens in them."""
+    metrics.log(step, {"train/first_step_s": seconds})
+    if run.compiled:
+        say(run.env.is_main, f"the first validation and step took {seconds:.1f} s, torch.compile's compilation "
+            "included")  # fmt: skip
 
 
 def report_straggler(rank: int, scalars: dict, world: list[dict], step: int, is_main: bool) -> None:

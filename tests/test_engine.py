@@ -96,9 +96,11 @@ def test_runs_with_wsd_a_merged_config_and_activation_checkpointing(tmp_path, da
 def test_torch_compile_through_deepspeed(tmp_path, data_dir):
     common = [*TINY, f"data.path={data_dir}", "train.max_steps=4", "train.log_every=1", "train.eval_every=0"]
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    for run, flag in ((eager, "false"), (compiled, "true")):
+    for run, flag in ((eager, "auto"), (compiled, "true")):  # (auto: not on the CPU)
         r = run_cli("train", *common, f"run.dir={run}", f"train.compile={flag}")
         assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.count("torch.compile's compilation included") == (flag == "true")  # said once, if compiled
+        assert [row["step"] for row in metrics(run) if "train/first_step_s" in row] == [1]
     assert train_losses(metrics(compiled)) == pytest.approx(train_losses(metrics(eager)), rel=1e-3)
 
 

@@ -1,4 +1,5 @@
-"""A run killed (SIGKILL) while it is writing a checkpoint resumes from the previous complete one."""
+"""A run killed (SIGKILL) while it is writing a checkpoint resumes from the previous complete one: whether the
+step loop waits for the write (train.async_save=false) or goes on while a background thread writes it."""
 
 import json
 import os
@@ -8,28 +9,40 @@ import time
 
 import pytest
 
-from dist_clm.checkpoint import COMPLETE, complete_checkpoints
+from dist_clm.checkpoint import COMPLETE, PREFIX, complete_checkpoints
 from tests.helpers import BIN, TINY, metrics, train_losses
 
 pytestmark = pytest.mark.slow
 
 
-def test_sigkill_in_the_middle_of_a_save(tmp_path, data_dir):
+def _last_logged_step(run) -> int:
+    try:
+        return max((row["step"] for row in metrics(run)), default=0)
+    except (FileNotFoundError, json.JSONDecodeError):  # (a line being written)
+        return 0
+
+
+def _kill_during_a_save(tmp_path, data_dir, async_save: bool):
     run = tmp_path / "run"
     # a wider model, so that each save takes long enough to be caught in the act
     cmd = [str(BIN / "dist-clm"), "train", *TINY, f"data.path={data_dir}", f"run.dir={run}",
-           "model.overrides.n_embd=256", "model.overrides.n_layer=4", "train.max_steps=60", "train.save_every=1",
-           "train.keep_last=3", "train.log_every=1", "train.eval_every=0"]  # fmt: skip
+           "model.overrides.n_embd=256", "model.overrides.n_layer=4", f"train.async_save={str(async_save).lower()}",
+           "train.max_steps=60", f"train.save_every={2 if async_save else 1}", "train.keep_last=3",
+           "train.log_every=1", "train.eval_every=0"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    caught = None
+    caught, trained_past = None, 0
     deadline = time.time() + 400
     while proc.poll() is None and time.time() < deadline:
         ckdir = run / "checkpoints"
         partial = [d for d in ckdir.glob("step_*") if not (d / COMPLETE).exists() and any(d.iterdir())]
         if partial and complete_checkpoints(run):
-            os.killpg(proc.pid, signal.SIGKILL)
-            caught = partial[0]
-            break
+            step = int(partial[0].name[len(PREFIX) :])
+            trained_past = _last_logged_step(run)
+            # in the background: only once the step loop has gone past the checkpoint's step
+            if not async_save or trained_past > step:
+                os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, writer thread and all
+                caught = partial[0]
+                break
         time.sleep(0.002)
     proc.wait()
     assert caught is not None, "no save was caught in progress"
@@ -45,3 +58,16 @@ def test_sigkill_in_the_middle_of_a_save(tmp_path, data_dir):
     assert f"resumed from {last_good}" in r.stdout + r.stderr
     assert list(train_losses(metrics(run, skip))) == [good_step + 1, good_step + 2]
     assert not caught.exists() or (caught / COMPLETE).exists()  # the fragment was cleared (or rewritten whole)
+    return run, caught, trained_past
+
+
+def test_sigkill_in_the_middle_of_a_save(tmp_path, data_dir):
+    _kill_during_a_save(tmp_path, data_dir, async_save=False)
+
+
+def test_sigkill_while_a_checkpoint_is_written_in_the_background(tmp_path, data_dir):
+    run, caught, trained_past = _kill_during_a_save(tmp_path, data_dir, async_save=True)
+    assert trained_past > int(caught.name[len(PREFIX) :])  # training had gone on past the checkpoint being written
+    saves = [row for row in metrics(run) if "checkpoint/step" in row]  # each completed save is logged ...
+    assert saves and all(row["checkpoint/blocked_s"] <= row["checkpoint/save_s"] for row in saves)
+    assert any(row["step"] > row["checkpoint/step"] for row in saves)  # ... at a step after its own

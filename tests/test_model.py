@@ -62,16 +62,18 @@ def test_attention_choice(monkeypatch):
         attention_for("flex_attention", document_mask=True, on_gpu=False)
 
 
-def test_flex_attention_masks_documents_as_sdpa_does(tokenizer_dir):
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny"])
+def test_flex_attention_masks_documents_as_sdpa_does(tokenizer_dir, preset):
     """FlexAttention's block-sparse mask from restarting positions (its forward: on CPU torch has no flex
-    backward) gives the logits of the SDPA-masked model and of each document run on its own."""
+    backward) gives the logits of the SDPA-masked model and of each document run on its own: Llama through
+    transformers' own support, GPT-2 through dist_clm's switch (transformers 4.57's GPT-2 declares none)."""
     from dist_clm.data.tokenizer import load_tokenizer
     from dist_clm.model import build_model_with
 
     tok = load_tokenizer(tokenizer_dir)
     torch.manual_seed(0)
-    sdpa = build_model_with(["sdpa"], "tiny-llama", "", {}, tok).eval()
-    flex = build_model_with(["flex_attention", "sdpa"], "tiny-llama", "", {}, tok).eval()
+    sdpa = build_model_with(["sdpa"], preset, "", {}, tok).eval()
+    flex = build_model_with(["flex_attention", "sdpa"], preset, "", {}, tok).eval()
     assert flex.config._attn_implementation == "flex_attention" and sdpa.config._attn_implementation == "sdpa"
     flex.load_state_dict(sdpa.state_dict())
     docs = ((0, 100), (100, 156), (156, 256))
@@ -80,10 +82,20 @@ def test_flex_attention_masks_documents_as_sdpa_does(tokenizer_dir):
     with torch.no_grad():
         packed = [m(input_ids=ids, position_ids=positions, use_cache=False).logits for m in (sdpa, flex)]
         alone = torch.cat([sdpa(input_ids=ids[:, s:e], use_cache=False).logits for s, e in docs], dim=1)
+        causal = sdpa(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(packed[1], packed[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(packed[1], alone, rtol=1e-5, atol=1e-5)
-    gpt2 = build_model_with(["flex_attention", "sdpa"], "tiny", "", {}, tok)  # flex where the model has it
-    assert gpt2.config._attn_implementation in ("flex_attention", "sdpa")
+    assert not torch.allclose(causal[:, 100:], alone[:, 100:], atol=1e-3)  # (the mask does change the logits)
+
+
+def test_flex_attention_is_not_taken_where_it_would_drop_attention_dropout(tokenizer_dir):
+    from dist_clm.data.tokenizer import load_tokenizer
+    from dist_clm.model import build_model_with
+
+    tok = load_tokenizer(tokenizer_dir)
+    for preset, dropout in (("tiny", "attn_pdrop"), ("tiny-llama", "attention_dropout")):
+        model = build_model_with(["flex_attention", "sdpa"], preset, "", {dropout: 0.1}, tok)
+        assert model.config._attn_implementation == "sdpa"
 
 
 def test_an_attention_the_machine_lacks_is_one_sentence(tokenizer_dir):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import GPT2Config
 
 from dist_clm.checkpoint import COMPLETE, Checkpointer, TrainState
 from dist_clm.distributed import DistEnv, free_port
@@ -225,6 +226,25 @@ def test_a_full_disk_at_a_checkpoint_is_one_sentence(tmp_path, data_dir):
 
         env = DistEnv(rank=0, local_rank=0, world_size=1, device="cpu")
         with pytest.raises(UserError, match=r"could not save checkpoint .*step_00000005.* free on its filesystem"):
-            Checkpointer(mnt / "fake", 1, env, zero_stage=2).save(Engine(), TrainState(step=5), None)
+            Checkpointer(mnt / "fake", 1, env, zero_stage=2).save(Engine(), TrainState(step=5), GPT2Config())
+
+        # the same write failing in the background writer: the save returns, its completion says so
+        class EngineWithWriter(Engine):
+            checkpoint_engine, world_size = None, 1
+
+            def save_checkpoint(self, save_dir, tag, save_latest):
+                (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+                self.checkpoint_engine.save({"w": torch.zeros(1 << 20)}, str(Path(save_dir) / tag / "states.pt"))
+
+            def zero_optimization_stage(self):
+                return 2
+
+        shutil.rmtree(mnt / "fake")
+        background = Checkpointer(mnt / "fake", 1, env, zero_stage=2, background=True)
+        background.save(EngineWithWriter(), TrainState(step=6), GPT2Config())  # snapshotted, not yet written
+        assert background.pending is not None
+        with pytest.raises(UserError, match=r"could not save checkpoint .*step_00000006.* free on its filesystem"):
+            background.wait()
+        assert not (mnt / "fake" / "checkpoints" / "step_00000006" / COMPLETE).exists()
     finally:
         subprocess.run(["umount", "-l", str(mnt)])
