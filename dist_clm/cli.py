@@ -37,14 +37,14 @@ def _tokenizer_train(a: argparse.Namespace) -> None:
     if a.sample_docs:
         docs = islice(docs, a.sample_docs)
     docs = tqdm(docs, unit="doc", desc="reading", total=a.sample_docs or None, disable=a.quiet)
-    out = train_bpe(docs, a.out, vocab_size=a.vocab_size)
+    out = train_bpe(docs, a.out, vocab_size=a.vocab_size, chat_template=a.chat_template)
     print(f"tokenizer saved to {out}")
 
 
 def _prepare(a: argparse.Namespace) -> None:
     from dist_clm.data.prepare import prepare
 
-    if not a.inputs and not a.dataset:
+    if not a.inputs and not a.dataset and a.format == "text":
         print("no corpus named: preparing files of the Python standard library")
     m = prepare(
         a.tokenizer,
@@ -61,10 +61,21 @@ def _prepare(a: argparse.Namespace) -> None:
         num_proc=a.num_proc,
         dedup=a.dedup,
         progress=not a.quiet,
+        fmt=a.format,
+        block_size=a.block_size,
+        chat_template=a.chat_template,
     )
     for split, s in m["splits"].items():
-        print(f"{split}: {s['documents']} documents, {s['tokens']} tokens, {s['chunks']} chunks")
+        what = "conversations" if "fine_tuning" in m else "documents"
+        print(f"{split}: {s['documents']} {what}, {s['tokens']} tokens, {s['chunks']} chunks"
+              + (f"; {s['truncated']} truncated, {s['dropped']} dropped" if "fine_tuning" in m else ""))  # fmt: skip
     print(f"prepared data written to {a.out} in {m['seconds']:.1f} s")
+
+
+def _synthetic(a: argparse.Namespace) -> None:
+    from dist_clm.data.synthetic import write
+
+    print(f"{a.records} {a.task} records written to {write(a.task, a.out, a.records, a.seed)}")
 
 
 def _inspect(a: argparse.Namespace) -> None:
@@ -136,6 +147,9 @@ def _generate(a: argparse.Namespace) -> None:
         if not path.is_file():
             raise UserError(f"prompt file '{path}' does not exist; give a text file with one prompt per line.")
         prompts += [line for line in path.read_text().splitlines() if line.strip()]
+    conversations = [[{"role": "user", "content": p}] for p in prompts] if a.chat else []
+    if a.chat_file:
+        conversations += _conversations(Path(a.chat_file))
     prompts = prompts or [""]
     s = Sampling(
         max_new_tokens=a.max_new_tokens,
@@ -151,7 +165,12 @@ def _generate(a: argparse.Namespace) -> None:
     from dist_clm.export import load_model
 
     model, tok, _ = load_model(a.checkpoint)
-    stream = len(prompts) == 1 and s.num_return_sequences == 1
+    if conversations:
+        from dist_clm.generate import chat_prompts
+
+        prompts = chat_prompts(tok, conversations, a.checkpoint)
+        shown = [c[-1]["content"] for c in conversations]
+    stream = len(prompts) == 1 and s.num_return_sequences == 1 and not conversations
     if stream:
         print(prompts[0], end="", flush=True)
     results = generate(model, tok, prompts, s, stream=stream)
@@ -160,7 +179,26 @@ def _generate(a: argparse.Namespace) -> None:
     for i, (prompt, texts) in enumerate(zip(prompts, results, strict=True)):
         for j, text in enumerate(texts):
             print(f"=== prompt {i + 1}" + (f", sequence {j + 1}" if len(texts) > 1 else "") + " ===")
-            print(prompt + text)
+            print(f"user: {shown[i]}\nassistant: {text}" if conversations else prompt + text)
+
+
+def _conversations(path: Path) -> list[list[dict]]:
+    """--chat-file: one JSON object per line with a `messages` list (the conversation so far)."""
+    if not path.is_file():
+        raise UserError(f"chat file '{path}' does not exist; give a jsonl file with a 'messages' list per line.")
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            messages = json.loads(line)["messages"]
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"line {n} of '{path}' is not a JSON object with a 'messages' list; fix it.") from None
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                     for m in messages):  # fmt: skip
+            raise UserError(f"line {n} of '{path}': 'messages' must be a list of {{role, content}} objects.")
+        out.append(messages)
+    return out
 
 
 def _export(a: argparse.Namespace) -> None:
@@ -200,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="directory to save the tokenizer to")
     t.add_argument("--vocab-size", type=int, default=8192)
     t.add_argument("--sample-docs", type=int, default=0, help="train on the first N documents only (0 = all)")
+    t.add_argument("--chat-template", choices=["chatml"], help="reserve its special tokens and save the template")
     t.set_defaults(func=_tokenizer_train)
 
     t = sub.add_parser("prepare", help="tokenize a corpus once into MDS shards")
@@ -216,9 +255,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dedup", action="store_true", help="drop exact duplicate documents")
     t.add_argument("--compression", default=None, help="MDS shard compression, e.g. zstd, zstd:7, gz, br")
     t.add_argument("--shard-mb", type=float, default=64, help="shard size limit in MiB (e.g. 64, or 0.5)")
+    t.add_argument(
+        "--format",
+        default="text",
+        choices=["text", "chat", "prompt-completion"],
+        help="chat: a messages column; prompt-completion: prompt and completion columns (fine-tuning)",
+    )
+    t.add_argument("--block-size", type=int, default=0, help="fine-tuning formats: tokens per packed block")
+    t.add_argument("--chat-template", choices=["chatml"], help="for a tokenizer without a chat template")
     t.set_defaults(func=_prepare)
 
     dt = sub.add_parser("data", help="prepared-data tools").add_subparsers(dest="action", required=True)
+    t = dt.add_parser("synthetic", help="a small fine-tuning dataset (arithmetic), as JSON lines")
+    t.add_argument("--task", default="chat", choices=["chat", "prompt-completion"])
+    t.add_argument("--out", required=True, help="the .jsonl file to write")
+    t.add_argument("--records", type=int, default=2000)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=_synthetic)
     t = dt.add_parser("inspect", help="a prepared directory's figures and a few decoded documents")
     t.add_argument("dir")
     t.add_argument("--samples", type=int, default=3, help="documents to decode")
@@ -249,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("checkpoint", help="a run directory, a checkpoint directory (any ZeRO stage), or an exported model")
     t.add_argument("--prompt", action="append", help="a prompt (repeat for a batch); default: a new document")
     t.add_argument("--prompt-file", help="a text file with one prompt per line (batched)")
+    t.add_argument("--chat", action="store_true", help="each prompt is a user turn, rendered with the chat template")
+    t.add_argument("--chat-file", help="a jsonl file, one conversation ({messages: [...]}) per line, to answer")
     t.add_argument("--max-new-tokens", type=int, default=64)
     t.add_argument("--greedy", action="store_true", help="always the most likely token")
     t.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")

@@ -54,7 +54,8 @@ class DataConfig:
     # a cleaner mix for the decay of a WSD schedule: each stage's weights until its step (then the next stage's);
     # a source's blocks continue across stages. Stages that have begun are fixed for the run; later ones may be
     # appended or changed before they begin. data.mix weights then only say which sources train (more than 0)
-    document_mask: bool = False  # positions restart at each document and attention stays inside it
+    document_mask: bool | None = None  # positions restart at each document and attention stays inside it; None
+    # (the default): on when a training source is fine-tuning data (prepare --format chat / prompt-completion)
     block_size: int = 128  # tokens per training block, chosen here at train time, not at prepare time
     shuffle: bool = True  # shuffle the order of the training blocks, anew each epoch (seeded by train.seed)
     num_workers: int = 0  # DataLoader worker processes per rank
@@ -106,6 +107,9 @@ class TrainConfig:
     offload_optimizer: bool = False  # ZeRO 1-3: optimizer state and step on the CPU (DeepSpeed's CPU Adam)
     offload_params: bool = False  # ZeRO 3: parameters on the CPU between uses
     activation_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
+    objective: Literal["auto", "clm", "sft"] = "auto"  # clm: next-token loss on every token, the mean of each
+    # micro batch; sft: on the learned tokens of fine-tuning data only (its loss mask), averaged over the learned
+    # tokens of the whole step (all ranks and micro batches); auto: sft when a training source is fine-tuning data
     compile: bool | Literal["auto"] = "auto"  # torch.compile the model through DeepSpeed (engine.compile); auto:
     # on GPUs (where it pays; the time the first step took, compilation included, is reported), not on the CPU
     loss_head: Literal["auto", "fused", "plain"] = "auto"  # fused: the output projection and cross-entropy a chunk
@@ -253,6 +257,10 @@ def _stage_checks(d: DataConfig) -> list[tuple[bool, str, str]]:
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return " or ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
     origin = typing.get_origin(tp)
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
         tp, {dict: "a mapping", list: "a list"}.get(origin, str(tp))
@@ -269,7 +277,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, dict):
             kt, vt = typing.get_args(tp) or (Any, Any)
             return {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
-    elif tp is Any:
+    elif tp is Any or (tp is type(None) and value is None):
         return value
     elif origin is list:
         if isinstance(value, list):

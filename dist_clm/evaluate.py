@@ -89,6 +89,8 @@ def perplexity(
     byte_lengths: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Score `wins` of the stream `read(start, length)`; each rank takes every world-th window, sums reduce.
+    A `read` that returns (tokens, learned, positions) (TokenStream.read_learned: fine-tuning data) scores only
+    the learned tokens, with attention kept inside each document by the restarting positions.
 
     Every rank runs the same number of forward passes (a rank with fewer windows repeats one and discards
     it), because under ZeRO-3 a forward pass gathers parameters collectively.
@@ -104,17 +106,25 @@ def perplexity(
     for i in range(int(n_batches.item())):
         real = i < len(batches) and damaged is None
         batch = batches[i] if i < len(batches) else [wins[0]]
+        shape, learned, extra = (len(batch), batch[0].length), None, {}
         try:
-            ids = torch.stack([torch.from_numpy(read(w.start, w.length).astype(np.int64)) for w in batch])
+            got = [read(w.start, w.length) for w in batch]
+            if isinstance(got[0], tuple):  # (tokens, learned, positions)
+                ids, learned, positions = (torch.stack([torch.from_numpy(g[i].astype(np.int64)) for g in got])
+                                           for i in range(3))  # fmt: skip
+                extra = {"position_ids": positions.to(device), "use_cache": False}
+            else:
+                ids = torch.stack([torch.from_numpy(g.astype(np.int64)) for g in got])
         except DataError as e:  # keep the forward passes in step with the other ranks; all stop below
-            damaged, real = e, False
-            ids = torch.zeros((len(batch), batch[0].length), dtype=torch.int64)
-        logits = model(input_ids=ids.to(device)).logits.float()
+            damaged, real, ids, learned, extra = e, False, torch.zeros(shape, dtype=torch.int64), None, {}
+        logits = model(input_ids=ids.to(device), **extra).logits.float()
         targets = ids[:, 1:]
         per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.to(device).flatten(), reduction="none")
-        # a window scores its last `scored` targets
+        # a window scores its last `scored` targets (of fine-tuning data: the learned ones among them)
         first = torch.tensor([targets.shape[1] - w.scored for w in batch]).unsqueeze(1)
         mask = torch.arange(targets.shape[1]).unsqueeze(0) >= first
+        if learned is not None:
+            mask &= learned[:, 1:].bool()
         if real:
             nll += float((per_token.view(targets.shape).cpu() * mask).sum(dtype=torch.float64))
             count += int(mask.sum())
@@ -193,7 +203,7 @@ def evaluate_cli(
                 "the model's tokenizer or pass --text."
             )
         stream = TokenStream(data, "val", manifest)
-        read, n_tokens = stream.read, stream.tokens
+        read, n_tokens = stream.reader(), stream.tokens
     env = distributed.init() if "RANK" in os.environ else None
     device = env.device if env else "cpu"
     wins = windows(n_tokens, block_size, stride, max_blocks)

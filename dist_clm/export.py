@@ -140,7 +140,7 @@ def _export(tag_dir: Path, out: Path, dtype: str, max_shard_size: str) -> Path:
     import torch
     from transformers import AutoConfig, GenerationConfig
 
-    from dist_clm.data.tokenizer import load_tokenizer
+    from dist_clm.data.tokenizer import end_of_turn_ids, load_tokenizer
 
     run_dir = run_dir_of(tag_dir)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
@@ -151,9 +151,11 @@ def _export(tag_dir: Path, out: Path, dtype: str, max_shard_size: str) -> Path:
         config.dtype = dtype
         config.save_pretrained(str(tmp))
         # the special tokens only: greedy by default, and no sampling flag that a greedy call would ignore
+        stops = [tok.eos_token_id, *end_of_turn_ids(tok)]  # a chat model's answer ends with its turn
         GenerationConfig(
-            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id
-        ).save_pretrained(str(tmp))
+            bos_token_id=tok.bos_token_id, eos_token_id=stops if len(stops) > 1 else stops[0],
+            pad_token_id=tok.eos_token_id,
+        ).save_pretrained(str(tmp))  # fmt: skip
         tok.save_pretrained(str(tmp))
         if (run_dir / "config.yaml").is_file():
             shutil.copy(run_dir / "config.yaml", tmp / "dist_clm_config.yaml")

@@ -43,6 +43,21 @@ class Sampling:
         return self.greedy or self.temperature == 0
 
 
+def chat_prompts(tokenizer, conversations: list[list[dict]], where: str) -> list[str]:
+    """Each conversation rendered with the tokenizer's chat template, ending with an opened assistant turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            f"the tokenizer of '{where}' has no chat template, so --chat has nothing to render turns with; train "
+            "on data prepared with --format chat (its template is kept with the run), or drop --chat."
+        )
+    out = []
+    for messages in conversations:
+        if messages and messages[-1].get("role") == "assistant":
+            raise UserError("a --chat conversation must end with a user turn (the model answers it).")
+        out.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    return out
+
+
 def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
     """Token ids of each prompt; an empty prompt starts from end-of-text, i.e. "a new document"."""
     return [tokenizer(p, add_special_tokens=False).input_ids or [tokenizer.eos_token_id] for p in prompts]
@@ -57,10 +72,12 @@ def generate(model, tokenizer, prompts: list[str], s: Sampling, stream: bool = F
     import torch
     from transformers import TextStreamer
 
+    from dist_clm.data.tokenizer import end_of_turn_ids
     from dist_clm.model import max_positions
 
     s.check()
     ids = encode_prompts(tokenizer, prompts)
+    stops = [tokenizer.eos_token_id, *end_of_turn_ids(tokenizer)]  # a chat answer ends with its turn
     limit = max_positions(model.config)
     max_new = s.max_new_tokens
     if limit is not None:
@@ -87,12 +104,14 @@ def generate(model, tokenizer, prompts: list[str], s: Sampling, stream: bool = F
         repetition_penalty=s.repetition_penalty,
         num_return_sequences=s.num_return_sequences,
         pad_token_id=pad,
+        eos_token_id=stops,
         streamer=streamer,
     )
     if streamer is not None:
         sys.stdout.flush()
     texts = []
-    for row in out[:, width:].tolist():  # a continuation ends at its first end-of-text (the rest is padding)
-        texts.append(tokenizer.decode(row[: row.index(pad)] if pad in row else row))
+    for row in out[:, width:].tolist():  # a continuation ends at its first stop token (the rest is padding)
+        end = next((i for i, t in enumerate(row) if t in stops), len(row))
+        texts.append(tokenizer.decode(row[:end]))
     n = s.num_return_sequences
     return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]

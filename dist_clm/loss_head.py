@@ -89,13 +89,14 @@ def fused_linear_cross_entropy(
 
 def causal_lm_loss(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None = None,
-    chunk: int | None = None,
+    chunk: int | None = None, num_items: torch.Tensor | float | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """transformers' causal-LM loss (token t predicts label t+1, -100 ignored, mean over predicted tokens)
-    from the final hidden states (B x L x H), without the B x L x V logits."""
+    from the final hidden states (B x L x H), without the B x L x V logits. With `num_items` (transformers'
+    num_items_in_batch), the sum over predicted tokens divided by it instead."""
     shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)
     total, count = fused_linear_cross_entropy(hidden, weight, shifted, bias, chunk)
-    return total / count.clamp(min=1)
+    return total / (count.clamp(min=1) if num_items is None else num_items)
 
 
 # model types whose logits are exactly lm_head(the base model's last hidden state): no scaling or soft-capping
@@ -115,17 +116,17 @@ def install(model, chunk: int | None = None) -> bool:
     head, base = model.get_output_embeddings(), model.base_model
     project, whole = head.forward, model.forward
 
-    def head_forward(hidden, labels=None):
+    def head_forward(hidden, labels=None, num_items=None):
         if labels is None:
             return project(hidden)
-        return causal_lm_loss(hidden, head.weight, labels, head.bias, chunk)
+        return causal_lm_loss(hidden, head.weight, labels, head.bias, chunk, num_items)
 
-    def forward(input_ids=None, labels=None, **kwargs):
+    def forward(input_ids=None, labels=None, num_items_in_batch=None, **kwargs):
         if labels is None:
             return whole(input_ids=input_ids, **kwargs)
         kwargs["use_cache"] = False
         hidden = base(input_ids=input_ids, **kwargs).last_hidden_state
-        return CausalLMOutputWithPast(loss=head(hidden, labels=labels))
+        return CausalLMOutputWithPast(loss=head(hidden, labels=labels, num_items=num_items_in_batch))
 
     head.forward, model.forward = head_forward, forward
     return True

@@ -59,6 +59,11 @@ class Run:
         return bool(getattr(self.engine, "is_compiled", False))
 
     @property
+    def token_weighted(self) -> bool:
+        """A step's loss is the mean over its learned tokens on every rank (sft), not a mean of micro batches'."""
+        return self.cfg.train.objective == "sft"
+
+    @property
     def zero0_fp32(self) -> bool:
         """ZeRO-0 in fp32, the one setting where DeepSpeed has no overflow path to skip a bad update."""
         return self.cfg.train.zero_stage == 0 and self.precision == "fp32"
@@ -114,10 +119,33 @@ def setup(cfg: Config, env: DistEnv, world: list[dict]) -> Run:
     return Run(cfg, env, sources, engine, scheduler, grad_accum, precision, n_params, flops, owner)
 
 
+def resolve_fine_tuning(cfg: Config, sources: list[Source]) -> None:
+    """Settle train.objective and data.document_mask from the data (in `cfg`, so that config.yaml and the
+    resume check see the values trained with), and check fine-tuning data's block size."""
+    tuned = [s for s in sources if s.weight > 0 and "fine_tuning" in s.manifest]
+    if cfg.train.objective == "auto":
+        cfg.train.objective = "sft" if tuned else "clm"
+    if cfg.train.objective == "sft" and not tuned:
+        raise UserError(
+            "config key 'train.objective' is sft but no training source is fine-tuning data; prepare it with "
+            "`dist-clm prepare --format chat` (or prompt-completion), or use clm."
+        )
+    if cfg.data.document_mask is None:
+        cfg.data.document_mask = bool(tuned)
+    for s in tuned:
+        packed = s.manifest["fine_tuning"]["block_size"]
+        if packed != cfg.data.block_size:
+            raise UserError(
+                f"'{s.path}' packs whole conversations into blocks of {packed} tokens; set data.block_size={packed} "
+                "(or prepare it again with --block-size)."
+            )
+
+
 def _checked(cfg: Config, env: DistEnv) -> tuple:
     """Sources, tokenizer, model, accumulation, DeepSpeed config and precision, every check passed."""
     t = cfg.train
     sources = training_sources(cfg)
+    resolve_fine_tuning(cfg, sources)
     tok = run_tokenizer(sources)
     grad_accum = resolve_grad_accum(t, env.world_size)
     torch.manual_seed(t.seed)  # the same initial weights on every rank

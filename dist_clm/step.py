@@ -36,19 +36,23 @@ def train_step(
     """Collective: step number `step` (1-based) on every rank, from `run.grad_accum` micro batches of `batches`."""
     engine, device = run.engine, run.env.device
     start = time.perf_counter()
-    losses, waited, blocks = [], 0.0, torch.zeros(len(run.source_names), dtype=torch.int64)
-    injected_before, damaged, token_sum = inject.injected, None, 0
-    for micro in range(run.grad_accum):  # engine.step() applies the update at the accumulation boundary
+    micro_batches, waited, damaged = [], 0.0, None
+    for _ in range(run.grad_accum):
         t0 = time.perf_counter()
         try:
-            batch = next(batches) if damaged is None else run.blank_batch()
+            micro_batches.append(next(batches) if damaged is None else run.blank_batch())
         except DataError as e:  # train this step on a blank batch: the ranks stop together after the agreement
-            damaged, batch = e, run.blank_batch()
+            damaged = e
+            micro_batches.append(run.blank_batch())
         waited += time.perf_counter() - t0
+    weighting = per_learned_token(run, micro_batches)
+    losses, blocks = [], torch.zeros(len(run.source_names), dtype=torch.int64)
+    injected_before, token_sum = inject.injected, 0
+    for micro, batch in enumerate(micro_batches):  # engine.step() applies the update at the accumulation boundary
         blocks += torch.bincount(batch.pop("source"), minlength=len(blocks))
         token_sum += int(batch["input_ids"].sum())  # (on the host, before the copy to the device)
         inputs = {k: v.to(device) for k, v in batch.items()}  # input_ids, labels (, position_ids)
-        loss = inject(step, engine(**inputs, use_cache=False).loss)
+        loss = inject(step, engine(**inputs, **weighting, use_cache=False).loss)
         losses.append(loss)
         last = micro == run.grad_accum - 1
         if last:  # the step's one collective: stop signals, non-finite losses, loss sum
@@ -78,3 +82,19 @@ def train_step(
         token_sum=token_sum,
         injected=inject.injected - injected_before,
     )
+
+
+def per_learned_token(run: Run, micro_batches: list[dict]) -> dict:
+    """With train.objective sft, the model's keyword for a loss that is the sum over a micro batch's learned
+    tokens divided by num_items_in_batch = (learned tokens of the step on all ranks) / (ranks x micro batches):
+    DeepSpeed divides the gradient by the micro batches and averages it over the ranks, so the step's gradient
+    and its logged loss (the mean of all micro batches' losses) are those of the mean over every learned token
+    of the step, however unevenly the micro batches hold them. One small all-reduce; {} for clm."""
+    if not run.token_weighted:
+        return {}
+    from dist_clm.distributed import all_reduce_sum
+
+    mine = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+    total = all_reduce_sum([float(mine)], run.env.device)[0]
+    share = max(total, 1.0) / (run.env.world_size * run.grad_accum)
+    return {"num_items_in_batch": torch.tensor(share, dtype=torch.float32, device=run.env.device)}

@@ -225,7 +225,7 @@ class Validation:
         env, results = self.run.env, {}
         for name, split in self.splits.items():
             results[name] = perplexity(
-                self.run.engine.module, split.read, self.windows[name], self.run.cfg.train.micro_batch_size,
+                self.run.engine.module, split.reader(), self.windows[name], self.run.cfg.train.micro_batch_size,
                 env.device, env.rank, env.world_size,
             )  # fmt: skip
         nll = sum(r["loss"] * r["tokens"] for r in results.values())

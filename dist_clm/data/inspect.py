@@ -28,10 +28,18 @@ def inspect(data_dir: str | Path, samples: int = 3, tokens: int = 60) -> str:
         f"tokenizer: fingerprint {t['fingerprint']}, vocabulary {t['vocab_size']}, eos {t['eos_id']}, "
         f"bos {t['bos_id']}; tokens stored as {m['token_dtype']}, {m['chunk_tokens']} per chunk",
         f"source: {m['sources']}",
-        f"skipped: {m['empty_documents_skipped']} empty, {m.get('duplicates_removed') or 0} duplicate, "
+        f"skipped: {m.get('empty_documents_skipped', 0)} empty, {m.get('duplicates_removed') or 0} duplicate, "
         f"{m.get('undecodable_documents', 0)} with undecodable bytes (kept)",
     ]
+    tuned = m.get("fine_tuning")
+    if tuned:
+        lines.append(f"fine-tuning data: format {tuned['format']}, objective {tuned['objective']}, whole conversations "
+                     f"packed into blocks of {tuned['block_size']} tokens")  # fmt: skip
     for split, s in m["splits"].items():
+        if tuned:
+            lines.append(f"{split}: {s['conversations']:,} conversations ({s['truncated']:,} truncated, "
+                         f"{s['dropped']:,} dropped), {s['learned_tokens']:,} learned tokens, "
+                         f"{s['padding_tokens']:,} padding tokens")  # fmt: skip
         lines.append(
             f"{split}: {s['documents']:,} documents, {s['tokens']:,} tokens, {s['chunks']:,} chunks, "
             f"{s['tokens'] / max(1, s['documents']):,.0f} tokens per document"
@@ -49,8 +57,11 @@ def inspect(data_dir: str | Path, samples: int = 3, tokens: int = 60) -> str:
         for start in chunk["doc_bounds"][:-1]:
             if shown == samples:
                 break
-            ids = chunk["tokens"][start : start + tokens].tolist()
-            lines.append(f"--- train document starting in chunk {i} at {start}:\n{tok.decode(ids)}")
+            ids = chunk["tokens"][start : start + tokens]
+            lines.append(f"--- train document starting in chunk {i} at {start}:\n{tok.decode(ids.tolist())}")
+            if tuned:  # what of it is learned
+                learned = ids[chunk["loss_mask"][start : start + tokens] == 1].tolist()
+                lines.append(f"--- of which learned:\n{tok.decode(learned)}")
             shown += 1
         if shown == samples:
             break
@@ -83,6 +94,8 @@ def verify(data_dir: str | Path) -> list[str]:
             ids, bounds = chunk["tokens"], chunk["doc_bounds"]
             if not (0 < len(ids) <= size if i == len(store) - 1 else len(ids) == size):
                 raise _changed(store, i, f"holds {len(ids):,} tokens where the manifest says {size:,} per chunk")
+            if "fine_tuning" in m and len(chunk.get("loss_mask", ())) != len(ids):
+                raise _changed(store, i, f"has no loss mask of its {len(ids):,} tokens")
             if not len(bounds) or bounds[-1] != len(ids):
                 raise _changed(store, i, f"records document bounds that do not end at its length, {len(ids):,}")
             peak = int(ids.max())

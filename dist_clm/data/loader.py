@@ -326,6 +326,7 @@ class TokenStream:
         self.n_chunks, self.tokens = info["chunks"], info["tokens"]
         self.chunk_tokens = manifest["chunk_tokens"]  # every chunk but the last holds exactly this many
         self.limit = token_limit(manifest)  # the largest token id the stream may hold
+        self.masked = "fine_tuning" in manifest  # its chunks carry a loss mask (fine-tuning data)
         self.chunks = ChunkStore(local_dir(data_dir) / split, mirror=mirror_of(data_dir))
         if len(self.chunks) != self.n_chunks:
             raise DataError(
@@ -348,8 +349,26 @@ class TokenStream:
         at = int(np.argmax(tokens > self.limit))
         return bad_token_error(self.chunks, (start + at) // self.chunk_tokens, int(tokens[at]), self.limit)
 
-    def read_into(self, start: int, out: np.ndarray, with_starts: bool = False) -> np.ndarray | None:
-        """Fill `out` with tokens [start, start + len(out)); return the document starts if asked."""
+    def reader(self):
+        """What evaluation reads windows with: `read_learned` for fine-tuning data, else `read`."""
+        return self.read_learned if self.masked else self.read
+
+    def read_learned(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens, learned, positions) of [start, start + length): `learned` marks the tokens that are targets
+        (the loss mask of fine-tuning data, all tokens otherwise; never a document's first token) and the
+        positions restart at every document start (for attention that stays inside documents)."""
+        ids, learned = np.empty(length, dtype=np.int64), np.ones(length, dtype=np.uint8)
+        starts = self.read_into(start, ids, True, learned if self.masked else None)
+        if length and ids.max() > self.limit:
+            raise self.bad_token(start, ids)
+        learned[starts] = 0
+        return ids, learned, document_positions(length, starts)
+
+    def read_into(
+        self, start: int, out: np.ndarray, with_starts: bool = False, mask: np.ndarray | None = None
+    ) -> np.ndarray | None:
+        """Fill `out` with tokens [start, start + len(out)) (and `mask` with their loss mask); return the
+        document starts if asked."""
         length = len(out)
         if start < 0 or start + length > self.tokens:
             raise IndexError(f"tokens [{start}, {start + length}) are outside the stream of {self.tokens}")
@@ -361,6 +380,8 @@ class TokenStream:
             tokens = chunk["tokens"]
             take = min(length - filled, len(tokens) - lo)
             out[filled : filled + take] = tokens[lo : lo + take]
+            if mask is not None:
+                mask[filled : filled + take] = chunk["loss_mask"][lo : lo + take]
             if with_starts:
                 b = chunk["doc_bounds"][:-1].astype(np.int64)  # the last entry is the chunk length
                 starts.append(b[(b >= lo) & (b < lo + take)] - lo + filled)
@@ -444,7 +465,8 @@ class MixedBlocks(Dataset):
 
     labels = input_ids (the model shifts them). With `document_mask`, positions restart at every document start
     and the label of each document's first token is ignored (-100): nothing is predicted across a boundary,
-    and transformers turns restarting positions into attention that does not cross documents.
+    and transformers turns restarting positions into attention that does not cross documents. Fine-tuning
+    data carries a loss mask: the labels of the tokens it does not learn (prompts, padding) are -100 too.
     """
 
     def __init__(
@@ -470,6 +492,8 @@ class MixedBlocks(Dataset):
         self.smallest_limit = int(self.limits.min())
         self.mixture = StagedMixture(stages or [Stage(0, tuple(s.weight for s in train))])
         self.block_size, self.document_mask = block_size, document_mask
+        self.masked = [b.stream.masked for b in self.blocks]
+        self.labelled = document_mask or any(self.masked)  # labels differ from the ids
 
     def __len__(self) -> int:  # endless: epochs follow each other
         raise TypeError("MixedBlocks is endless")
@@ -484,15 +508,21 @@ class MixedBlocks(Dataset):
         tensors, which torch moves through a new shared-memory segment each (TrainLoader converts them)."""
         n, size = len(gs), self.block_size
         ids, source = np.empty((n, size), dtype=np.int64), np.empty(n, dtype=np.int64)
+        if self.labelled:
+            labels, learned = np.empty((n, size), dtype=np.int64), np.empty(size, dtype=np.uint8)
         if self.document_mask:
-            labels, positions = np.empty((n, size), dtype=np.int64), np.empty((n, size), dtype=np.int64)
+            positions = np.empty((n, size), dtype=np.int64)
         for row, g in enumerate(gs):
             i, k = self.mixture(g)
             blocks = self.blocks[i]
             source[row] = i
-            starts = blocks.stream.read_into(blocks.position(k), ids[row], with_starts=self.document_mask)
-            if self.document_mask:
+            mask = learned if self.masked[i] else None
+            starts = blocks.stream.read_into(blocks.position(k), ids[row], self.document_mask, mask)
+            if self.labelled:
                 labels[row] = ids[row]
+                if mask is not None:
+                    labels[row, mask == 0] = -100
+            if self.document_mask:
                 labels[row, starts[starts > 0]] = -100
                 positions[row] = document_positions(size, starts)
         # one max over the batch (~3 us for 8 x 2048 tokens), then rows against their own source's limit only
@@ -502,10 +532,8 @@ class MixedBlocks(Dataset):
             if bad.size:
                 i, k = self.mixture(gs[bad[0]])
                 raise self.blocks[i].stream.bad_token(self.blocks[i].position(k), ids[bad[0]])
-        batch = {"input_ids": ids, "source": source}
-        if not self.document_mask:
-            return {**batch, "labels": ids}
-        return {**batch, "labels": labels, "position_ids": positions}
+        batch = {"input_ids": ids, "source": source, "labels": labels if self.labelled else ids}
+        return batch | ({"position_ids": positions} if self.document_mask else {})
 
 
 def bad_token_error(store: ChunkStore, chunk: int, value: int, limit: int) -> DataError:

@@ -92,8 +92,9 @@ class ChunkWriter:
         shard_bytes: int,
         label: Path,
         remote: str | None = None,
+        with_mask: bool = False,
     ):
-        self.dtype, self.chunk_tokens = dtype, chunk_tokens
+        self.dtype, self.chunk_tokens, self.with_mask = dtype, chunk_tokens, with_mask
         self.label = label  # the split's final path, for messages (`out` is inside the partial directory)
         self.writer_args = dict(
             # with `remote`, streaming's writer uploads each shard as it closes (and index.json at the end)
@@ -101,18 +102,22 @@ class ChunkWriter:
             keep_local=True,
             compression=compression,
             size_limit=shard_bytes,
-            columns={"tokens": f"ndarray:{dtype.name}", "doc_bounds": "ndarray:uint32"},
+            columns={"tokens": f"ndarray:{dtype.name}", "doc_bounds": "ndarray:uint32"}
+            | ({"loss_mask": "ndarray:uint8"} if with_mask else {}),
         )
         self._writer = None  # made on first use: importing streaming takes seconds, the tokenizers meanwhile run
         self.pending: list[np.ndarray] = []  # documents (with EOS) not yet written, in order
+        self.pending_masks: list[np.ndarray] = []  # their loss masks (with_mask)
         self.pending_tokens = 0
         self.starts: list[int] = []  # stream offsets of the documents that start in `pending`
         self.written = 0  # stream offset of the first pending token
         self.stats = SplitStats()
 
-    def add(self, ids: np.ndarray) -> None:
+    def add(self, ids: np.ndarray, mask: np.ndarray | None = None) -> None:
         self.starts.append(self.written + self.pending_tokens)
         self.pending.append(ids)
+        if self.with_mask:
+            self.pending_masks.append(mask.astype(np.uint8))
         self.pending_tokens += len(ids)
         self.stats.documents += 1
         self.stats.tokens += len(ids)
@@ -123,6 +128,7 @@ class ChunkWriter:
         if not self.pending:
             return
         stream = np.concatenate(self.pending)
+        masks = np.concatenate(self.pending_masks) if self.with_mask else None
         starts = np.asarray(self.starts, dtype=np.int64) - self.written
         cut = len(stream) if final else len(stream) // self.chunk_tokens * self.chunk_tokens
         with _space_for(self.label):  # MDSWriter writes each shard file in this thread, when it is full
@@ -130,11 +136,13 @@ class ChunkWriter:
                 hi = min(lo + self.chunk_tokens, cut)
                 inside = starts[(starts >= lo) & (starts < hi)] - lo
                 bounds = np.append(inside, hi - lo).astype(np.uint32)  # never empty: MDS can't store empty arrays
-                self.writer.write({"tokens": stream[lo:hi], "doc_bounds": bounds})
+                sample = {"tokens": stream[lo:hi], "doc_bounds": bounds}
+                self.writer.write(sample | ({"loss_mask": masks[lo:hi]} if self.with_mask else {}))
                 self.stats.chunks += 1
         self.starts = [int(s) + self.written for s in starts if s >= cut]
         self.written += cut
         self.pending = [stream[cut:]] if cut < len(stream) else []
+        self.pending_masks = [masks[cut:]] if self.with_mask and cut < len(stream) else []
         self.pending_tokens = len(stream) - cut
 
     @property
@@ -270,13 +278,27 @@ def prepare(
     num_proc: int | None = None,
     dedup: bool = False,
     progress: bool = True,
+    fmt: str = "text",
+    block_size: int = 0,
+    chat_template: str | None = None,
 ) -> dict:
     """Tokenize a corpus once into MDS shards; returns the manifest (also written as manifest.json, last).
 
     The corpus is `inputs` (files, directories, globs, save_to_disk directories), or the Hugging Face
     dataset `dataset` (name or local dataset directory, streamed), or else the embedded default corpus.
     `out_dir` may be a URL (s3://bucket/prefix): the shards are uploaded as they close, the manifest last.
+    `fmt` chat or prompt-completion: fine-tuning records, packed whole into blocks of `block_size` tokens with
+    a loss mask (data/conversations.py); a tokenizer without a chat template takes `chat_template` (a name).
     """
+    from dist_clm.data.conversations import FORMATS
+
+    if fmt not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}.")
+    if fmt != "text" and block_size < 2:
+        raise UserError(f"--format {fmt} packs whole conversations into blocks: give --block-size (the training "
+                        "data.block_size), e.g. --block-size 2048.")  # fmt: skip
+    if fmt != "text" and not (inputs or dataset):
+        raise UserError(f"--format {fmt} needs its records: name jsonl/parquet files or --dataset.")
     if not 0 < val_fraction < 1:
         raise UserError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}.")
     if chunk_tokens < 2:
@@ -286,7 +308,8 @@ def prepare(
     options = dict(
         dataset=dataset, dataset_config=dataset_config, split=split, val_fraction=val_fraction,
         chunk_tokens=chunk_tokens, text_column=text_column, compression=compression, shard_bytes=shard_bytes,
-        num_proc=num_proc or os.cpu_count() or 1, dedup=dedup, progress=progress,
+        num_proc=num_proc or os.cpu_count() or 1, dedup=dedup, progress=progress, fmt=fmt, block_size=block_size,
+        chat_template=chat_template,
     )  # fmt: skip
     if is_remote(out_dir):  # written here first, then uploaded (shards as they close, the manifest last)
         url = str(out_dir).rstrip("/")
@@ -299,9 +322,17 @@ def prepare(
 
 
 def _prepare(tokenizer_dir, out: Path, url: str | None, inputs, *, dataset, dataset_config, split, val_fraction,
-             chunk_tokens, text_column, compression, shard_bytes, num_proc, dedup, progress) -> dict:  # fmt: skip
+             chunk_tokens, text_column, compression, shard_bytes, num_proc, dedup, progress, fmt, block_size,
+             chat_template) -> dict:  # fmt: skip
     """`prepare` into the local directory `out` (and, with `url`, uploaded there as it is written)."""
     from tqdm.auto import tqdm
+
+    if fmt != "text":
+        return _prepare_conversations(
+            tokenizer_dir, out, url, inputs, dataset=dataset, dataset_config=dataset_config, split=split,
+            val_fraction=val_fraction, chunk_tokens=chunk_tokens, compression=compression, shard_bytes=shard_bytes,
+            dedup=dedup, progress=progress, fmt=fmt, block_size=block_size, chat_template=chat_template,
+        )  # fmt: skip
 
     report = sources.Report()
     if dataset:
@@ -357,31 +388,8 @@ def _prepare(tokenizer_dir, out: Path, url: str | None, inputs, *, dataset, data
                 bar.set_postfix(tokens=f"{tokens / 1e6:.1f}M", refresh=False)
             bar.close()
             split_stats = {s: w.close() for s, w in writers.items()}
-            total_docs = sum(st.documents for st in split_stats.values())
-            if total_docs == 0:
-                raise UserError("the corpus holds no non-empty document; point prepare at files that contain text.")
-            for s in SPLITS:
-                if split_stats[s].documents == 0:
-                    raise UserError(
-                        f"the {s} split got no document ({total_docs} in all with --val-fraction {val_fraction}); "
-                        "use a larger corpus or change --val-fraction."
-                    )
-            manifest = {
-                "format": FORMAT,
-                "dist_clm_version": __version__,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "tokenizer": {
-                    "fingerprint": fingerprint(tok),
-                    "vocab_size": n_vocab,
-                    "eos_id": eos,
-                    "bos_id": tok.bos_token_id,
-                    "source": str(tokenizer_dir),
-                    "files": sorted(p.name for p in (partial / "tokenizer").iterdir()),
-                },
-                "token_dtype": dtype.name,
-                "max_token_id": max_id,  # training checks it against the model's vocabulary
-                "chunk_tokens": chunk_tokens,
-                "val_fraction": val_fraction,
+            _check_splits(split_stats, val_fraction, "document")
+            manifest = _manifest(tok, tokenizer_dir, partial, dtype, max_id, chunk_tokens, val_fraction) | {
                 "splits": {
                     s: {**vars(split_stats[s]), "length_histogram": _length_histogram(lengths[s])} for s in SPLITS
                 },
@@ -393,13 +401,135 @@ def _prepare(tokenizer_dir, out: Path, url: str | None, inputs, *, dataset, data
                 "shards": {"compression": compression, "bytes_limit": shard_bytes},
                 "seconds": round(time.time() - start, 2),
             }
-            with _space_for(out / MANIFEST):
-                (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last file: marks the data complete
+            _write_manifest(out, partial, manifest)
         if url:
             upload_last(out, url, [f"tokenizer/{name}" for name in manifest["tokenizer"]["files"]], MANIFEST)
     finally:
         if pipeline is not None:
             pipeline.close()
+    return manifest
+
+
+def _check_splits(split_stats: dict[str, SplitStats], val_fraction: float, what: str) -> None:
+    total = sum(st.documents for st in split_stats.values())
+    if total == 0:
+        raise UserError(f"the corpus holds no non-empty {what}; point prepare at files that contain some.")
+    for s in SPLITS:
+        if split_stats[s].documents == 0:
+            raise UserError(
+                f"the {s} split got no {what} ({total} in all with --val-fraction {val_fraction}); use a larger "
+                "corpus or change --val-fraction."
+            )
+
+
+def _manifest(tok, tokenizer_dir, partial: Path, dtype, max_id: int, chunk_tokens: int, val_fraction: float) -> dict:
+    """The manifest entries every prepared directory has (the splits and the sources are the caller's)."""
+    return {
+        "format": FORMAT,
+        "dist_clm_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "tokenizer": {
+            "fingerprint": fingerprint(tok),
+            "vocab_size": vocab_size(tok),
+            "eos_id": tok.eos_token_id,
+            "bos_id": tok.bos_token_id,
+            "source": str(tokenizer_dir),
+            "files": sorted(p.name for p in (partial / "tokenizer").iterdir()),
+        },
+        "token_dtype": dtype.name,
+        "max_token_id": max_id,  # training checks it against the model's vocabulary
+        "chunk_tokens": chunk_tokens,
+        "val_fraction": val_fraction,
+    }
+
+
+def _write_manifest(out: Path, partial: Path, manifest: dict) -> None:
+    with _space_for(out / MANIFEST):
+        (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last file: marks the data complete
+
+
+def _prepare_conversations(tokenizer_dir, out: Path, url: str | None, inputs, *, dataset, dataset_config, split,
+                           val_fraction, chunk_tokens, compression, shard_bytes, dedup, progress, fmt, block_size,
+                           chat_template) -> dict:  # fmt: skip
+    """Fine-tuning records (conversations.py) -> whole conversations packed into blocks, with loss masks."""
+    from tqdm.auto import tqdm
+
+    from dist_clm.data import conversations as conv
+    from dist_clm.data.tokenizer import use_chat_template
+
+    start, report, columns = time.time(), sources.Report(), conv.COLUMNS[fmt]
+    if dataset:
+        records = conv.hf_dataset_records(dataset, dataset_config, split, columns)
+        origin = {"dataset": dataset, "config": dataset_config, "split": split}
+    else:
+        files = sources.resolve_inputs(inputs)
+        records = conv.iter_records(files, columns, report, split)
+        origin = {"inputs": list(inputs), "files": len(files)}
+    tok = load_tokenizer(tokenizer_dir)
+    if fmt == "chat" or chat_template:
+        use_chat_template(tok, chat_template, tokenizer_dir)
+    render, dtype = conv.Renderer(tok, fmt), _dtype_for(vocab_size(tok))
+    chunk_tokens = max(1, chunk_tokens // block_size) * block_size  # a block never straddles two chunks
+    packers = {s: conv.Packer(block_size, tok.eos_token_id) for s in SPLITS}
+    seen: set[bytes] = set()
+    duplicates, max_id = 0, -1
+    with _space_for(out), atomic_dir(out, "prepare") as partial:
+        with _space_for(out / "tokenizer"):
+            tok.save_pretrained(str(partial / "tokenizer"))  # (with the chat template the data was rendered with)
+        writers = {
+            s: ChunkWriter(partial / s, dtype, chunk_tokens, compression, shard_bytes, out / s,
+                           f"{url}/{s}" if url else None, with_mask=True)
+            for s in SPLITS
+        }  # fmt: skip
+        bar = tqdm(unit="record", desc="prepare", disable=not progress, smoothing=0.1)
+        for where, record in records:
+            d = _encode.digest(json.dumps(record, sort_keys=True, default=str))
+            if dedup:
+                if d in seen:
+                    duplicates += 1
+                    continue
+                seen.add(d)
+            ids, mask = render(record, where)
+            max_id = max(max_id, int(ids.max()))
+            name = "val" if _encode.digest_is_val(d, val_fraction) else "train"
+            for block in packers[name].add(ids, mask):
+                for piece_ids, piece_mask in block:
+                    writers[name].add(piece_ids.astype(dtype), piece_mask)
+            bar.update(1)
+        bar.close()
+        for name, packer in packers.items():
+            for block in packer.finish():
+                for piece_ids, piece_mask in block:
+                    writers[name].add(piece_ids.astype(dtype), piece_mask)
+        split_stats = {s: w.close() for s, w in writers.items()}
+        for s in SPLITS:  # a split's documents are its conversations (the padding pieces are not counted)
+            split_stats[s].documents = packers[s].stats["conversations"]
+        dropped = sum(p.stats["dropped"] for p in packers.values())
+        if dropped and not sum(p.stats["conversations"] for p in packers.values()):
+            raise UserError(f"all {dropped} conversations were dropped: none keeps a learned token within --block-size "
+                            f"{block_size}; raise --block-size.")  # fmt: skip
+        _check_splits(split_stats, val_fraction, "conversation")
+        manifest = _manifest(
+            tok, tokenizer_dir, partial, dtype, max(max_id, tok.eos_token_id), chunk_tokens, val_fraction
+        ) | {  # fmt: skip
+            "splits": {s: {**vars(split_stats[s]), **packers[s].stats} for s in SPLITS},
+            "fine_tuning": {
+                "format": fmt,
+                "objective": "sft",
+                "block_size": block_size,
+                "chat_template": getattr(tok, "chat_template", None) if fmt == "chat" or chat_template else None,
+                "rules": "whole conversations packed into blocks of block_size tokens (first fit); one longer than "
+                "a block keeps its first block_size tokens (truncated), one left with no learned token is dropped",
+            },
+            "duplicates_removed": duplicates if dedup else None,
+            "undecodable_documents": report.undecodable,
+            "sources": {**origin, "columns": list(columns)},
+            "shards": {"compression": compression, "bytes_limit": shard_bytes},
+            "seconds": round(time.time() - start, 2),
+        }
+        _write_manifest(out, partial, manifest)
+    if url:
+        upload_last(out, url, [f"tokenizer/{name}" for name in manifest["tokenizer"]["files"]], MANIFEST)
     return manifest
 
 

@@ -210,27 +210,35 @@ def _hf_rows(ds, column: str, where: str) -> Iterator[str]:
             yield _as_text(value)
 
 
-def _disk_rows(path: Path, column: str, split: str) -> Iterator[str]:
+def disk_dataset(path: Path, split: str):
+    """One split of a `save_to_disk` directory (memory-mapped Arrow: rows are read, not loaded)."""
     import datasets
 
-    ds = datasets.load_from_disk(str(path))  # memory-mapped Arrow: rows are read, not loaded
+    ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise UserError(f"'{path}' has no split '{split}' (splits: {', '.join(ds)}); set --split.")
         ds = ds[split]
-    yield from _hf_rows(ds, column, f"'{path}'")
+    return ds
 
 
-def hf_dataset_documents(name: str, config: str | None, split: str, column: str) -> Iterator[str]:
+def _disk_rows(path: Path, column: str, split: str) -> Iterator[str]:
+    yield from _hf_rows(disk_dataset(path, split), column, f"'{path}'")
+
+
+def streamed_dataset(name: str, config: str | None, split: str):
     """A Hugging Face dataset by hub name or local dataset directory, streamed (never held whole)."""
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+        return datasets.load_dataset(name, config, split=split, streaming=True)
     except (FileNotFoundError, ValueError, ConnectionError) as e:
         problem = str(e).strip().rstrip(".")
         raise UserError(f"cannot load the dataset '{name}' (config {config}, split {split}): {problem}.") from None
-    yield from _hf_rows(ds, column, f"dataset '{name}'")
+
+
+def hf_dataset_documents(name: str, config: str | None, split: str, column: str) -> Iterator[str]:
+    yield from _hf_rows(streamed_dataset(name, config, split), column, f"dataset '{name}'")
 
 
 def iter_documents(

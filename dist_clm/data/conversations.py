@@ -1,0 +1,239 @@
+"""Fine-tuning data: records -> token ids with a loss mask -> blocks of whole conversations.
+
+Formats (`dist-clm prepare --format`):
+- `chat`: a `messages` column, a list of {role, content} (roles system, user, assistant), rendered with the
+  tokenizer's chat template. The assistant turns are learned, each with what the template puts after its
+  content (the end-of-turn token: the model learns to stop); system and user turns are not.
+- `prompt-completion`: `prompt` and `completion` columns. Strings: the completion's tokens follow the prompt's
+  (each tokenized on its own) and end with EOS; the completion and the EOS are learned. Lists of messages: the
+  prompt's messages then the completion's, rendered as a chat, only the completion's assistant turns learned.
+
+Which tokens are learned is decided on characters: the rendering of the conversation up to each assistant turn
+(with the generation prompt) and through it give the turn's span in the whole rendering, and a token is learned
+when it starts inside a span. A template whose renderings are not prefixes of each other cannot be split this
+way and is refused.
+
+Packing (`Packer`): blocks of exactly `block_size` tokens, each holding whole conversations, first fit over a
+few open blocks in order; the rest of a block is padding (EOS, not learned, a document of its own). A
+conversation longer than a block keeps its first `block_size` tokens (counted as truncated); one that keeps no
+learned token is dropped (counted). Every conversation starts a document, so with document masking (on for
+such data) attention stays inside it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from dist_clm.data.sources import (
+    Report,
+    _decode,
+    _open_binary,
+    disk_dataset,
+    inner_suffix,
+    is_hf_disk_dir,
+    streamed_dataset,
+)
+from dist_clm.errors import UserError
+
+FORMATS = ("text", "chat", "prompt-completion")
+COLUMNS = {"chat": ("messages",), "prompt-completion": ("prompt", "completion")}
+ROLES = ("system", "user", "assistant")
+
+
+def iter_records(files: list[Path], columns: tuple[str, ...], report: Report, split: str = "train") -> Iterator:
+    """(where, {column: value}) for every record of every input (jsonl/json, parquet, save_to_disk)."""
+    for f in files:
+        kind = inner_suffix(f)
+        if is_hf_disk_dir(f):
+            yield from dataset_records(disk_dataset(f, split), columns, f"'{f}'")
+        elif kind in (".jsonl", ".ndjson", ".json"):
+            yield from _json_records(f, columns, report)
+        elif kind == ".parquet":
+            yield from _parquet_records(f, columns)
+        else:
+            raise UserError(f"'{f}' is not a jsonl, json or parquet file or a dataset directory; records for "
+                            f"--format with columns {', '.join(columns)} come from those.")  # fmt: skip
+
+
+def hf_dataset_records(name: str, config: str | None, split: str, columns: tuple[str, ...]) -> Iterator:
+    yield from dataset_records(streamed_dataset(name, config, split), columns, f"dataset '{name}'")
+
+
+def dataset_records(ds, columns: tuple[str, ...], where: str) -> Iterator:
+    n = 0
+    for batch in ds.iter(batch_size=256):
+        _check_columns(batch, columns, where)
+        for values in zip(*(batch[c] for c in columns), strict=True):
+            n += 1
+            yield f"row {n} of {where}", dict(zip(columns, values, strict=True))
+
+
+def _check_columns(record, columns: tuple[str, ...], where: str) -> None:
+    if not isinstance(record, dict):
+        raise UserError(f"{where} is not a JSON object; each record must be an object with {', '.join(columns)}.")
+    missing = [c for c in columns if c not in record]
+    if missing:
+        raise UserError(
+            f"{where} has no column '{missing[0]}' (columns: {', '.join(map(str, record)) or 'none'}); this --format "
+            f"reads {', '.join(columns)}."
+        )
+
+
+def _json_records(path: Path, columns: tuple[str, ...], report: Report) -> Iterator:
+    with _open_binary(path) as stream:
+        if stream.peek(1 << 16).lstrip()[:1] == b"[":
+            try:
+                records = json.loads(_decode(stream.read(), str(path), report))
+            except json.JSONDecodeError as e:
+                raise UserError(f"'{path}' is not valid JSON ({e.msg} at line {e.lineno}); fix the file.") from None
+            for n, record in enumerate(records, 1):
+                where = f"record {n} of '{path}'"
+                _check_columns(record, columns, where)
+                yield where, {c: record[c] for c in columns}
+            return
+        for n, line in enumerate(stream, 1):
+            if not line.strip():
+                continue
+            where = f"line {n} of '{path}'"
+            try:
+                record = json.loads(_decode(line, where, report))
+            except json.JSONDecodeError:
+                raise UserError(f"{where} is not valid JSON; fix it or remove the line.") from None
+            _check_columns(record, columns, where)
+            yield where, {c: record[c] for c in columns}
+
+
+def _parquet_records(path: Path, columns: tuple[str, ...]) -> Iterator:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:
+        raise UserError(f"'{path}' is not a readable parquet file ({e}).") from None
+    _check_columns(dict.fromkeys(pf.schema_arrow.names), columns, f"'{path}'")
+    n = 0
+    for batch in pf.iter_batches(columns=list(columns), batch_size=1024):
+        for row in batch.to_pylist():
+            n += 1
+            yield f"row {n} of '{path}'", row
+
+
+class Renderer:
+    """A record of one format -> (token ids, loss mask: 1 where the token is learned), both int64 arrays."""
+
+    def __init__(self, tok, fmt: str):
+        self.tok, self.fmt = tok, fmt
+
+    def __call__(self, record: dict, where: str) -> tuple[np.ndarray, np.ndarray]:
+        if self.fmt == "chat":
+            return self.chat(_messages(record["messages"], where, "messages"), 0, where)
+        prompt, completion = record["prompt"], record["completion"]
+        if isinstance(prompt, str) and isinstance(completion, str):
+            return self.plain(prompt, completion, where)
+        if isinstance(prompt, list) and isinstance(completion, list):
+            first = len(prompt)
+            return self.chat(_messages(prompt, where, "prompt") + _messages(completion, where, "completion"), first,
+                             where)  # fmt: skip
+        raise UserError(
+            f"{where}: prompt and completion must both be strings or both be lists of messages; got "
+            f"{type(prompt).__name__} and {type(completion).__name__}."
+        )
+
+    def plain(self, prompt: str, completion: str, where: str) -> tuple[np.ndarray, np.ndarray]:
+        if not completion:
+            raise UserError(f"{where} has an empty completion: nothing to learn; remove the record or fill it in.")
+        p = self.tok(prompt, add_special_tokens=False)["input_ids"]
+        c = self.tok(completion, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+        return np.asarray(p + c, dtype=np.int64), np.asarray([0] * len(p) + [1] * len(c), dtype=np.int64)
+
+    def chat(self, messages: list[dict], first: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+        """`messages` rendered; the assistant turns from index `first` on are learned."""
+        learned = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= first]
+        if not learned:
+            raise UserError(
+                f"{where} has no assistant turn{' in its completion' if first else ''}: nothing to learn; remove "
+                "the record or add the assistant's answer."
+            )
+        text = self._render(messages, False, where)
+        spans = []
+        for i in learned:
+            before = self._render(messages[:i], True, where)
+            through = self._render(messages[: i + 1], False, where)
+            if not (text.startswith(through) and through.startswith(before)):
+                raise UserError(
+                    f"the tokenizer's chat template renders {where} differently turn by turn (a turn's rendering is "
+                    "not a prefix of the whole), so its assistant turns cannot be found; use a template that "
+                    "renders turns in order, e.g. --chat-template chatml on a tokenizer without one."
+                )
+            spans.append((len(before), len(through)))
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        starts = np.asarray([a for a, _ in enc["offset_mapping"]], dtype=np.int64)
+        mask = np.zeros(len(starts), dtype=np.int64)
+        for lo, hi in spans:
+            mask[(starts >= lo) & (starts < hi)] = 1
+        return np.asarray(enc["input_ids"], dtype=np.int64), mask
+
+    def _render(self, messages: list[dict], generation_prompt: bool, where: str) -> str:
+        try:
+            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as e:  # jinja's errors (a template's raise_exception, undefined variables)
+            raise UserError(f"the tokenizer's chat template cannot render {where} ({e}).") from None
+
+
+def _messages(value, where: str, column: str) -> list[dict]:
+    """`value` checked to be a list of {role, content} with known roles and string contents."""
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{where}: '{column}' must be a non-empty list of messages with 'role' and 'content'.")
+    out = []
+    for n, m in enumerate(value, 1):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
+            raise UserError(
+                f"{where}: message {n} of '{column}' must have a role ({', '.join(ROLES)}) and a string content, got "
+                f"{str(m)[:80]}."
+            )
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+class Packer:
+    """Conversations (ids, mask) -> blocks of exactly `block_size` tokens of whole conversations plus padding."""
+
+    OPEN = 8  # blocks being filled at once (first fit); the oldest is closed when a ninth is needed
+
+    def __init__(self, block_size: int, pad_id: int):
+        self.block_size, self.pad_id = block_size, pad_id
+        self.open: list[list[tuple[np.ndarray, np.ndarray]]] = []
+        self.stats = {"conversations": 0, "truncated": 0, "dropped": 0, "learned_tokens": 0, "padding_tokens": 0}
+
+    def add(self, ids: np.ndarray, mask: np.ndarray) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
+        """Place one conversation; yields the blocks this closes (each a list of (ids, mask) pieces)."""
+        if len(ids) > self.block_size:
+            ids, mask = ids[: self.block_size], mask[: self.block_size]
+            self.stats["truncated"] += 1
+        if not mask[1:].any():  # (a block's first token is never a target: nothing would be learned)
+            self.stats["dropped"] += 1
+            return
+        self.stats["conversations"] += 1
+        self.stats["learned_tokens"] += int(mask[1:].sum())
+        for block in self.open:
+            if sum(len(p[0]) for p in block) + len(ids) <= self.block_size:
+                block.append((ids, mask))
+                return
+        if len(self.open) == self.OPEN:
+            yield self._close(self.open.pop(0))
+        self.open.append([(ids, mask)])
+
+    def finish(self) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
+        while self.open:
+            yield self._close(self.open.pop(0))
+
+    def _close(self, block: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        room = self.block_size - sum(len(p[0]) for p in block)
+        if room:
+            block.append((np.full(room, self.pad_id, dtype=np.int64), np.zeros(room, dtype=np.int64)))
+            self.stats["padding_tokens"] += room
+        return block
