@@ -66,10 +66,19 @@ def _prepare(a: argparse.Namespace) -> None:
         chat_template=a.chat_template,
     )
     for split, s in m["splits"].items():
-        what = "conversations" if "fine_tuning" in m else "documents"
+        tuned = m.get("fine_tuning") or {}
+        what = "pairs" if tuned.get("pairs") else "conversations" if tuned else "documents"
         print(f"{split}: {s['documents']} {what}, {s['tokens']} tokens, {s['chunks']} chunks"
               + (f"; {s['truncated']} truncated, {s['dropped']} dropped" if "fine_tuning" in m else ""))  # fmt: skip
     print(f"prepared data written to {a.out} in {m['seconds']:.1f} s")
+
+
+def _prepare_reference(a: argparse.Namespace) -> None:
+    from dist_clm.preference import compute_reference
+
+    record = compute_reference(a.model, a.data, a.batch_size)
+    print(f"reference values of {record['conversations']} conversations (weights {record['weights']}) written to "
+          f"{a.data}")  # fmt: skip
 
 
 def _synthetic(a: argparse.Namespace) -> None:
@@ -258,16 +267,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--format",
         default="text",
-        choices=["text", "chat", "prompt-completion"],
-        help="chat: a messages column; prompt-completion: prompt and completion columns (fine-tuning)",
+        choices=["text", "chat", "prompt-completion", "preference"],
+        help="chat: a messages column; prompt-completion: prompt and completion columns; preference: prompt, chosen "
+        "and rejected columns (fine-tuning)",
     )
     t.add_argument("--block-size", type=int, default=0, help="fine-tuning formats: tokens per packed block")
     t.add_argument("--chat-template", choices=["chatml"], help="for a tokenizer without a chat template")
     t.set_defaults(func=_prepare)
 
+    t = sub.add_parser("prepare-reference", help="DPO: the starting model's log-probabilities of prepared pairs")
+    t.add_argument("data", help="a directory prepared with --format preference")
+    t.add_argument("--model", required=True, help="the model DPO starts from (an export, a run or a checkpoint)")
+    t.add_argument("--batch-size", type=int, default=8)
+    t.set_defaults(func=_prepare_reference)
+
     dt = sub.add_parser("data", help="prepared-data tools").add_subparsers(dest="action", required=True)
     t = dt.add_parser("synthetic", help="a small fine-tuning dataset (arithmetic), as JSON lines")
-    t.add_argument("--task", default="chat", choices=["chat", "prompt-completion"])
+    t.add_argument("--task", default="chat", choices=["chat", "prompt-completion", "preference"])
     t.add_argument("--out", required=True, help="the .jsonl file to write")
     t.add_argument("--records", type=int, default=2000)
     t.add_argument("--seed", type=int, default=0)

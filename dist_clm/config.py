@@ -107,9 +107,13 @@ class TrainConfig:
     offload_optimizer: bool = False  # ZeRO 1-3: optimizer state and step on the CPU (DeepSpeed's CPU Adam)
     offload_params: bool = False  # ZeRO 3: parameters on the CPU between uses
     activation_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
-    objective: Literal["auto", "clm", "sft"] = "auto"  # clm: next-token loss on every token, the mean of each
-    # micro batch; sft: on the learned tokens of fine-tuning data only (its loss mask), averaged over the learned
-    # tokens of the whole step (all ranks and micro batches); auto: sft when a training source is fine-tuning data
+    objective: Literal["auto", "clm", "sft", "dpo", "orpo"] = "auto"  # clm: next-token loss on every token, the
+    # mean of each micro batch; sft: on the learned tokens of fine-tuning data only (its loss mask), averaged over
+    # the learned tokens of the whole step (all ranks and micro batches); dpo / orpo: preference pairs (prepare
+    # --format preference; dpo needs the reference values of prepare-reference), averaged over the step's pairs;
+    # auto: sft for fine-tuning data, dpo for preference data, clm otherwise
+    dpo_beta: float = 0.1  # DPO's beta: the strength of the pull towards the reference model
+    orpo_lambda: float = 0.1  # ORPO's weight of the odds-ratio term beside the chosen answers' NLL
     compile: bool | Literal["auto"] = "auto"  # torch.compile the model through DeepSpeed (engine.compile); auto:
     # on GPUs (where it pays; the time the first step took, compilation included, is reported), not on the CPU
     loss_head: Literal["auto", "fused", "plain"] = "auto"  # fused: the output projection and cross-entropy a chunk

@@ -66,6 +66,7 @@ class LogWindow:
         self.start, self.steps, self.losses = time.perf_counter(), 0, []
         self.wait, self.blocks = 0.0, [0] * len(self.sources)
         self.arrivals, self.token_sum = [0.0] * self.world, 0
+        self.pairs = [0.0] * 4  # dpo / orpo: pairs, summed rewards chosen and rejected, pairs ranked right
 
     def add(
         self,
@@ -75,9 +76,12 @@ class LogWindow:
         blocks_per_source: list[int],
         arrivals: list[float],
         token_sum: int = 0,
+        pairs: list[float] | None = None,
     ) -> None:
         """One step (a step.StepResult's fields); its loss counts only if it was good (applied, not a spike)."""
         self.steps += 1
+        if pairs:
+            self.pairs = [a + b for a, b in zip(self.pairs, pairs, strict=True)]
         self.token_sum += token_sum
         if good:
             self.losses.append(loss)
@@ -98,7 +102,9 @@ class LogWindow:
         from dist_clm.distributed import all_reduce_sum
 
         elapsed = time.perf_counter() - self.start
-        wait_sum, token_sum, *mix = all_reduce_sum([self.wait, self.token_sum, *self.blocks], self.device)
+        wait_sum, token_sum, n, chosen, rejected, right, *mix = all_reduce_sum(
+            [self.wait, self.token_sum, *self.pairs, *self.blocks], self.device
+        )
         out = {"train/loss": sum(self.losses) / len(self.losses)} if self.losses else {}
         out |= {  # (no train/loss when every step of the window was skipped)
             "train/lr": lr,
@@ -110,6 +116,9 @@ class LogWindow:
             # the window's token ids summed over ranks: the same data gives the same sum on any number of ranks
             "data/token_sum": int(token_sum),
         }
+        if n:  # preference objectives: dpo's implicit rewards (orpo's log odds) of the window's pairs
+            out |= {"train/rewards_chosen": chosen / n, "train/rewards_rejected": rejected / n,
+                    "train/reward_accuracy": right / n, "train/reward_margin": (chosen - rejected) / n}  # fmt: skip
         peak = peak_flops(self.device)
         if peak:  # model FLOPs utilization: achieved training FLOP/s per device over the device's peak
             out["train/mfu"] = out["train/tokens_per_s"] * self.flops / (self.world * peak)

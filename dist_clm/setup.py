@@ -5,6 +5,7 @@ run directory's config.yaml, tokenizer/ and ds_config.json."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,11 +14,13 @@ from dist_clm import loss_head
 from dist_clm.config import Config
 from dist_clm.data.loader import Source, TrainLoader
 from dist_clm.data.provenance import check_sources, run_tokenizer, training_sources
+from dist_clm.data.remote import local_dir
 from dist_clm.distributed import DistEnv, agree_on_error, describe
 from dist_clm.engine import deepspeed_config, param_groups, resolve_grad_accum, resolve_precision, scheduler_factory
 from dist_clm.errors import UserError
 from dist_clm.metrics import say
 from dist_clm.model import attention_for, build_model_with, count_params, flops_per_token, max_positions
+from dist_clm.preference import REFERENCE
 from dist_clm.rundir import RunOwner, claim, data_fingerprint, write_run_files
 
 
@@ -57,6 +60,10 @@ class Run:
     @property
     def compiled(self) -> bool:
         return bool(getattr(self.engine, "is_compiled", False))
+
+    @property
+    def preference(self) -> bool:
+        return self.cfg.train.objective in ("dpo", "orpo")
 
     @property
     def token_weighted(self) -> bool:
@@ -123,8 +130,16 @@ def resolve_fine_tuning(cfg: Config, sources: list[Source]) -> None:
     """Settle train.objective and data.document_mask from the data (in `cfg`, so that config.yaml and the
     resume check see the values trained with), and check fine-tuning data's block size."""
     tuned = [s for s in sources if s.weight > 0 and "fine_tuning" in s.manifest]
+    paired = [s for s in tuned if s.manifest["fine_tuning"].get("pairs")]
     if cfg.train.objective == "auto":
-        cfg.train.objective = "sft" if tuned else "clm"
+        cfg.train.objective = "dpo" if paired else "sft" if tuned else "clm"
+    if cfg.train.objective in ("dpo", "orpo"):
+        check_preference(cfg, tuned, paired)
+    elif paired:
+        raise UserError(
+            f"'{paired[0].path}' holds preference pairs, which train with train.objective dpo or orpo, not "
+            f"{cfg.train.objective}."
+        )
     if cfg.train.objective == "sft" and not tuned:
         raise UserError(
             "config key 'train.objective' is sft but no training source is fine-tuning data; prepare it with "
@@ -141,6 +156,46 @@ def resolve_fine_tuning(cfg: Config, sources: list[Source]) -> None:
             )
 
 
+def check_preference(cfg: Config, tuned: list[Source], paired: list[Source]) -> None:
+    """dpo / orpo: one training source, of pairs; an even micro batch (whole pairs); dpo: its reference values."""
+    what = cfg.train.objective
+    if not paired or len(tuned) != 1 or sum(1 for s in cfg.data.mix if s.weight > 0) > 1:
+        raise UserError(
+            f"config key 'train.objective' is {what}, which trains on one source of preference pairs (prepare "
+            "--format preference) and nothing mixed with it; set data.path to such a directory."
+        )
+    if cfg.data.document_mask is False:
+        raise UserError(f"config key 'data.document_mask' is false, but {what} scores each conversation of a pair "
+                        "on its own; leave it unset (on) or set it true.")  # fmt: skip
+    if cfg.train.micro_batch_size % 2:
+        raise UserError(
+            f"config key 'train.micro_batch_size' is {cfg.train.micro_batch_size}; {what} reads whole pairs (a chosen "
+            "and a rejected block), so it must be even."
+        )
+    if what == "dpo" and not (Path(local_dir(paired[0].path)) / REFERENCE).is_file():
+        raise UserError(
+            f"'{paired[0].path}' has no reference values for dpo; compute them with `dist-clm prepare-reference "
+            f"{paired[0].path} --model STARTING_MODEL`, or use train.objective=orpo (no reference)."
+        )
+
+
+def check_reference(sources: list[Source], model) -> None:
+    """dpo: the stored reference values were computed with the model this run starts from (the same weights)."""
+    import json
+
+    from dist_clm.preference import weights_fingerprint
+
+    (source,) = [s for s in sources if s.weight > 0]
+    stored = json.loads((Path(local_dir(source.path)) / REFERENCE).read_text())
+    mine = weights_fingerprint(model)
+    if stored["weights"] != mine:
+        raise UserError(
+            f"the reference values of '{source.path}' were computed with another model ({stored['model']}, weights "
+            f"{stored['weights']}) than this run starts from (weights {mine}); recompute them with `dist-clm "
+            "prepare-reference` and the model in model.pretrained, or train from that model."
+        )
+
+
 def _checked(cfg: Config, env: DistEnv) -> tuple:
     """Sources, tokenizer, model, accumulation, DeepSpeed config and precision, every check passed."""
     t = cfg.train
@@ -152,6 +207,8 @@ def _checked(cfg: Config, env: DistEnv) -> tuple:
     on_gpu = env.device != "cpu"
     attention = attention_for(cfg.model.attention, cfg.data.document_mask, on_gpu)
     model = build_model_with(attention, cfg.model.preset, cfg.model.pretrained, cfg.model.overrides, tok)
+    if t.objective == "dpo":
+        check_reference(sources, model)
     if t.loss_head != "plain" and not loss_head.install(model) and t.loss_head == "fused":
         raise UserError(
             f"config key 'train.loss_head' is 'fused' but {model.config.model_type} models are not known to compute "

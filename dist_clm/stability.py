@@ -86,10 +86,16 @@ class LossGuard:
         self.bad_in_a_row = 0
         self.skipped = 0  # updates not applied, over the whole run in this process
 
+    SPIKE_FLOOR = 0.05  # nats a spike must also rise above the mean: losses near 0 (a preference loss that has
+    # learned its pairs) vary by large factors harmlessly
+
     def is_spike(self, loss: float) -> bool:
         """`loss` is a spike: the guard is on, has seen enough good steps, and the loss is far above them."""
         warm = len(self.recent) >= min(10, self.recent.maxlen or 10)
-        return self.spike_factor > 0 and warm and loss > self.spike_factor * sum(self.recent) / len(self.recent)
+        if not (self.spike_factor > 0 and warm):
+            return False
+        mean = sum(self.recent) / len(self.recent)
+        return loss > self.spike_factor * mean and loss > mean + self.SPIKE_FLOOR
 
     def after_step(self, applied: bool, loss: float, spike: bool) -> str | None:
         """Record one step; the reason to roll back now, or None."""

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dist_clm import preference
 from dist_clm.distributed import agree_on_error
 from dist_clm.errors import DataError
 from dist_clm.preemption import StopRequest
@@ -28,6 +29,7 @@ class StepResult:
     arrivals: list[float]  # every rank's seconds from the step's start to its agreement (stragglers)
     token_sum: int = 0  # the sum of this rank's input ids in this step (what was read, in one number)
     injected: int = 0  # faults injected into this rank's losses in this step (train.fault_injection)
+    pairs: list[float] | None = None  # dpo / orpo: [pairs, summed reward chosen, rejected, ranked right] here
 
 
 def train_step(
@@ -46,13 +48,18 @@ def train_step(
             micro_batches.append(run.blank_batch())
         waited += time.perf_counter() - t0
     weighting = per_learned_token(run, micro_batches)
-    losses, blocks = [], torch.zeros(len(run.source_names), dtype=torch.int64)
+    losses, blocks, pairs = [], torch.zeros(len(run.source_names), dtype=torch.int64), [0.0] * 4
     injected_before, token_sum = inject.injected, 0
     for micro, batch in enumerate(micro_batches):  # engine.step() applies the update at the accumulation boundary
         blocks += torch.bincount(batch.pop("source"), minlength=len(blocks))
         token_sum += int(batch["input_ids"].sum())  # (on the host, before the copy to the device)
-        inputs = {k: v.to(device) for k, v in batch.items()}  # input_ids, labels (, position_ids)
-        loss = inject(step, engine(**inputs, **weighting, use_cache=False).loss)
+        inputs = {k: v.to(device) for k, v in batch.items()}  # input_ids, labels (, position_ids, reference)
+        if run.preference:
+            loss, stats = preference.step_loss(run, inputs, weighting["num_items_in_batch"])
+            pairs = [a + b for a, b in zip(pairs, stats, strict=True)]
+            loss = inject(step, loss)
+        else:
+            loss = inject(step, engine(**inputs, **weighting, use_cache=False).loss)
         losses.append(loss)
         last = micro == run.grad_accum - 1
         if last:  # the step's one collective: stop signals, non-finite losses, loss sum
@@ -81,6 +88,7 @@ def train_step(
         arrivals=agreed.arrivals,
         token_sum=token_sum,
         injected=inject.injected - injected_before,
+        pairs=pairs,
     )
 
 
@@ -90,11 +98,14 @@ def per_learned_token(run: Run, micro_batches: list[dict]) -> dict:
     DeepSpeed divides the gradient by the micro batches and averages it over the ranks, so the step's gradient
     and its logged loss (the mean of all micro batches' losses) are those of the mean over every learned token
     of the step, however unevenly the micro batches hold them. One small all-reduce; {} for clm."""
-    if not run.token_weighted:
+    if not (run.token_weighted or run.preference):
         return {}
     from dist_clm.distributed import all_reduce_sum
 
-    mine = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+    if run.preference:  # (the unit is a pair)
+        mine = sum(preference.count_pairs(b["labels"], b["position_ids"]) for b in micro_batches)
+    else:
+        mine = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
     total = all_reduce_sum([float(mine)], run.env.device)[0]
     share = max(total, 1.0) / (run.env.world_size * run.grad_accum)
     return {"num_items_in_batch": torch.tensor(share, dtype=torch.float32, device=run.env.device)}

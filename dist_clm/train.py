@@ -109,7 +109,7 @@ def _train(cfg: Config, env: distributed.DistEnv, stop_signals, on_step) -> Trai
             distributed.set_collective_timeout(t.collective_timeout_s)
             report_first_step(run, metrics, state.step, time.perf_counter() - started)
         window.add(result.loss, result.good, result.data_wait_s, result.blocks_per_source, result.arrivals,
-                   result.token_sum)  # fmt: skip
+                   result.token_sum, result.pairs)  # fmt: skip
         bar.update(1)
         if on_step:
             on_step(state, result)

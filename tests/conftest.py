@@ -82,3 +82,14 @@ def trained_run(tmp_path_factory, data_dir) -> Path:
     )
     assert r.returncode == 0, r.stderr[-3000:]
     return run
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer(tmp_path_factory, corpus_dir) -> Path:
+    """A BPE trained on the corpus with the ChatML template and its special tokens (fine-tuning tests)."""
+    from dist_clm.data import sources
+    from dist_clm.data.tokenizer import train_bpe
+
+    out = tmp_path_factory.mktemp("chat_tok") / "tok"
+    files = sources.resolve_inputs([str(corpus_dir)])
+    return train_bpe(sources.iter_documents(files), out, vocab_size=512, chat_template="chatml")

@@ -17,15 +17,6 @@ SFT = [*TINY, "data.block_size=128", "model.overrides.n_positions=256", "train.m
 
 
 @pytest.fixture(scope="module")
-def chat_tokenizer(tmp_path_factory, corpus_dir):
-    out = tmp_path_factory.mktemp("chat_tok") / "tok"
-    r = run_cli("tokenizer", "train", str(corpus_dir), "--out", str(out), "--vocab-size", "512", "--chat-template",
-                "chatml", "--quiet")  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
-    return out
-
-
-@pytest.fixture(scope="module")
 def chat_records(tmp_path_factory):
     path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
     assert run_cli("data", "synthetic", "--task", "chat", "--out", str(path), "--records", "300").returncode == 0

@@ -39,8 +39,9 @@ from dist_clm.data.sources import (
 )
 from dist_clm.errors import UserError
 
-FORMATS = ("text", "chat", "prompt-completion")
-COLUMNS = {"chat": ("messages",), "prompt-completion": ("prompt", "completion")}
+FORMATS = ("text", "chat", "prompt-completion", "preference")
+COLUMNS = {"chat": ("messages",), "prompt-completion": ("prompt", "completion"),
+           "preference": ("prompt", "chosen", "rejected")}  # fmt: skip
 ROLES = ("system", "user", "assistant")
 
 
@@ -128,6 +129,14 @@ class Renderer:
     def __init__(self, tok, fmt: str):
         self.tok, self.fmt = tok, fmt
 
+    def pair(self, record: dict, where: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        """A preference record: [(chosen ids, mask), (rejected ids, mask)], each the prompt and one answer."""
+        if record["chosen"] == record["rejected"]:
+            raise UserError(
+                f"{where} has the same chosen and rejected answer: the pair teaches nothing; remove it or fix one."
+            )
+        return [self({"prompt": record["prompt"], "completion": record[k]}, where) for k in ("chosen", "rejected")]
+
     def __call__(self, record: dict, where: str) -> tuple[np.ndarray, np.ndarray]:
         if self.fmt == "chat":
             return self.chat(_messages(record["messages"], where, "messages"), 0, where)
@@ -200,40 +209,52 @@ def _messages(value, where: str, column: str) -> list[dict]:
 
 
 class Packer:
-    """Conversations (ids, mask) -> blocks of exactly `block_size` tokens of whole conversations plus padding."""
+    """Conversations (ids, mask) -> blocks of exactly `block_size` tokens of whole conversations plus padding.
 
-    OPEN = 8  # blocks being filled at once (first fit); the oldest is closed when a ninth is needed
+    With `lanes` = 2 (preference pairs) each item is a pair of conversations (chosen, rejected) placed in two
+    parallel blocks, at the same rank among the conversations of each: the j-th conversation of the chosen
+    block and the j-th of the rejected block are one pair, and the two blocks follow each other in the stream.
+    """
 
-    def __init__(self, block_size: int, pad_id: int):
-        self.block_size, self.pad_id = block_size, pad_id
-        self.open: list[list[tuple[np.ndarray, np.ndarray]]] = []
+    OPEN = 8  # items being filled at once (first fit); the oldest is closed when a ninth is needed
+
+    def __init__(self, block_size: int, pad_id: int, lanes: int = 1):
+        self.block_size, self.pad_id, self.lanes = block_size, pad_id, lanes
+        self.open: list[list[list[tuple[np.ndarray, np.ndarray]]]] = []  # per open item: per lane, its pieces
         self.stats = {"conversations": 0, "truncated": 0, "dropped": 0, "learned_tokens": 0, "padding_tokens": 0}
 
-    def add(self, ids: np.ndarray, mask: np.ndarray) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
-        """Place one conversation; yields the blocks this closes (each a list of (ids, mask) pieces)."""
-        if len(ids) > self.block_size:
-            ids, mask = ids[: self.block_size], mask[: self.block_size]
-            self.stats["truncated"] += 1
-        if not mask[1:].any():  # (a block's first token is never a target: nothing would be learned)
+    def add(self, *items: tuple[np.ndarray, np.ndarray]) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
+        """Place one conversation (or one pair: one per lane); yields the blocks this closes, lane by lane, each
+        a list of (ids, mask) pieces."""
+        kept = []
+        for ids, mask in items:
+            if len(ids) > self.block_size:
+                ids, mask = ids[: self.block_size], mask[: self.block_size]
+                self.stats["truncated"] += 1
+            kept.append((ids, mask))
+        if not all(mask[1:].any() for _, mask in kept):  # (a block's first token is never a target)
             self.stats["dropped"] += 1
             return
         self.stats["conversations"] += 1
-        self.stats["learned_tokens"] += int(mask[1:].sum())
-        for block in self.open:
-            if sum(len(p[0]) for p in block) + len(ids) <= self.block_size:
-                block.append((ids, mask))
+        self.stats["learned_tokens"] += sum(int(mask[1:].sum()) for _, mask in kept)
+        for item in self.open:
+            if all(sum(len(p[0]) for p in lane) + len(ids) <= self.block_size
+                   for lane, (ids, _) in zip(item, kept, strict=True)):  # fmt: skip
+                for lane, piece in zip(item, kept, strict=True):
+                    lane.append(piece)
                 return
         if len(self.open) == self.OPEN:
-            yield self._close(self.open.pop(0))
-        self.open.append([(ids, mask)])
+            yield from self._close(self.open.pop(0))
+        self.open.append([[piece] for piece in kept])
 
     def finish(self) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
         while self.open:
-            yield self._close(self.open.pop(0))
+            yield from self._close(self.open.pop(0))
 
-    def _close(self, block: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
-        room = self.block_size - sum(len(p[0]) for p in block)
-        if room:
-            block.append((np.full(room, self.pad_id, dtype=np.int64), np.zeros(room, dtype=np.int64)))
-            self.stats["padding_tokens"] += room
-        return block
+    def _close(self, item: list[list[tuple[np.ndarray, np.ndarray]]]) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
+        for block in item:
+            room = self.block_size - sum(len(p[0]) for p in block)
+            if room:
+                block.append((np.full(room, self.pad_id, dtype=np.int64), np.zeros(room, dtype=np.int64)))
+                self.stats["padding_tokens"] += room
+            yield block

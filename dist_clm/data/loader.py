@@ -327,6 +327,7 @@ class TokenStream:
         self.chunk_tokens = manifest["chunk_tokens"]  # every chunk but the last holds exactly this many
         self.limit = token_limit(manifest)  # the largest token id the stream may hold
         self.masked = "fine_tuning" in manifest  # its chunks carry a loss mask (fine-tuning data)
+        self.paired = bool(manifest.get("fine_tuning", {}).get("pairs"))  # preference pairs: blocks 2k, 2k+1
         self.chunks = ChunkStore(local_dir(data_dir) / split, mirror=mirror_of(data_dir))
         if len(self.chunks) != self.n_chunks:
             raise DataError(
@@ -482,9 +483,11 @@ class MixedBlocks(Dataset):
         """`stages`: the mixture over the run (mixture.plan); None: the sources' weights throughout."""
         train = [s for s in sources if s.weight > 0]
         self.names = [s.name for s in train]
+        streams = [TokenStream(s.path, "train", s.manifest) for s in train]
+        # a source of preference pairs is shuffled pair by pair: its units are two blocks (chosen, rejected)
         self.blocks = [
-            PackedBlocks(TokenStream(s.path, "train", s.manifest), block_size, shuffle, seed + 1000 * i, s.name, window)
-            for i, s in enumerate(train)
+            PackedBlocks(t, block_size * (2 if t.paired else 1), shuffle, seed + 1000 * i, s.name, window)
+            for i, (s, t) in enumerate(zip(train, streams, strict=True))
         ]
         # the largest id each source may hold: a larger one is damage, which the model would turn into an
         # IndexError (on a GPU a device-side assert while the other ranks hang)
@@ -493,10 +496,21 @@ class MixedBlocks(Dataset):
         self.mixture = StagedMixture(stages or [Stage(0, tuple(s.weight for s in train))])
         self.block_size, self.document_mask = block_size, document_mask
         self.masked = [b.stream.masked for b in self.blocks]
+        # preference pairs with the reference model's values (prepare-reference): (offsets, values) per source
+        self.references = [_reference(s.path, "train") if t.paired else None
+                           for s, t in zip(train, streams, strict=True)]  # fmt: skip
+        self.with_reference = any(r is not None for r in self.references)
         self.labelled = document_mask or any(self.masked)  # labels differ from the ids
 
     def __len__(self) -> int:  # endless: epochs follow each other
         raise TypeError("MixedBlocks is endless")
+
+    def offset(self, i: int, k: int) -> int:
+        """Stream offset of block k of training source i (of a source of pairs: member k % 2 of pair k // 2)."""
+        blocks = self.blocks[i]
+        if blocks.stream.paired:
+            return blocks.position(k // 2) + (k % 2) * self.block_size
+        return blocks.position(k)
 
     def __getitem__(self, g: int) -> dict[str, torch.Tensor]:
         return {k: torch.as_tensor(v[0]) for k, v in self.__getitems__([g]).items()}
@@ -512,12 +526,19 @@ class MixedBlocks(Dataset):
             labels, learned = np.empty((n, size), dtype=np.int64), np.empty(size, dtype=np.uint8)
         if self.document_mask:
             positions = np.empty((n, size), dtype=np.int64)
+        if self.with_reference:  # each row's learned conversations' reference values, in order (NaN after)
+            reference = np.full((n, size // 2), np.nan)
         for row, g in enumerate(gs):
             i, k = self.mixture(g)
             blocks = self.blocks[i]
             source[row] = i
             mask = learned if self.masked[i] else None
-            starts = blocks.stream.read_into(blocks.position(k), ids[row], self.document_mask, mask)
+            at = self.offset(i, k)
+            starts = blocks.stream.read_into(at, ids[row], self.document_mask, mask)
+            if self.with_reference and self.references[i] is not None:
+                offsets, values = self.references[i]
+                lo, hi = np.searchsorted(offsets, [at, at + size])
+                reference[row, : hi - lo] = values[lo:hi]
             if self.labelled:
                 labels[row] = ids[row]
                 if mask is not None:
@@ -531,9 +552,20 @@ class MixedBlocks(Dataset):
             bad = np.flatnonzero(ids.max(axis=1) > self.limits[source])
             if bad.size:
                 i, k = self.mixture(gs[bad[0]])
-                raise self.blocks[i].stream.bad_token(self.blocks[i].position(k), ids[bad[0]])
+                raise self.blocks[i].stream.bad_token(self.offset(i, k), ids[bad[0]])
         batch = {"input_ids": ids, "source": source, "labels": labels if self.labelled else ids}
+        if self.with_reference:
+            batch["reference"] = reference
         return batch | ({"position_ids": positions} if self.document_mask else {})
+
+
+def _reference(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The reference values stored with preference data (offsets, values), or None before prepare-reference."""
+    path = local_dir(data_dir) / f"reference_{split}.npy"
+    if not (local_dir(data_dir) / "reference.json").is_file():
+        return None
+    offsets, values = np.load(path)
+    return offsets.astype(np.int64), values
 
 
 def bad_token_error(store: ChunkStore, chunk: int, value: int, limit: int) -> DataError:

@@ -50,10 +50,9 @@ class Prefetcher:
         base = self.first + step * self.stride
         for g in range(base, base + self.per_rank):
             i, k = self.blocks.mixture(g)
-            packed = self.blocks.blocks[i]
-            stream = packed.stream
-            pos = packed.position(k)
-            first, last = pos // stream.chunk_tokens, (pos + packed.block_size - 1) // stream.chunk_tokens
+            stream = self.blocks.blocks[i].stream
+            pos = self.blocks.offset(i, k)
+            first, last = pos // stream.chunk_tokens, (pos + self.blocks.block_size - 1) // stream.chunk_tokens
             for chunk in range(first, last + 1):
                 shard = stream.chunks._locate(chunk)[0]
                 if (i, shard) not in seen:

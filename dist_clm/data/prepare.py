@@ -470,7 +470,8 @@ def _prepare_conversations(tokenizer_dir, out: Path, url: str | None, inputs, *,
         use_chat_template(tok, chat_template, tokenizer_dir)
     render, dtype = conv.Renderer(tok, fmt), _dtype_for(vocab_size(tok))
     chunk_tokens = max(1, chunk_tokens // block_size) * block_size  # a block never straddles two chunks
-    packers = {s: conv.Packer(block_size, tok.eos_token_id) for s in SPLITS}
+    lanes = 2 if fmt == "preference" else 1  # a pair: its chosen and rejected blocks, one after the other
+    packers = {s: conv.Packer(block_size, tok.eos_token_id, lanes) for s in SPLITS}
     seen: set[bytes] = set()
     duplicates, max_id = 0, -1
     with _space_for(out), atomic_dir(out, "prepare") as partial:
@@ -489,10 +490,10 @@ def _prepare_conversations(tokenizer_dir, out: Path, url: str | None, inputs, *,
                     duplicates += 1
                     continue
                 seen.add(d)
-            ids, mask = render(record, where)
-            max_id = max(max_id, int(ids.max()))
+            items = render.pair(record, where) if lanes == 2 else [render(record, where)]
+            max_id = max(max_id, *(int(ids.max()) for ids, _ in items))
             name = "val" if _encode.digest_is_val(d, val_fraction) else "train"
-            for block in packers[name].add(ids, mask):
+            for block in packers[name].add(*items):
                 for piece_ids, piece_mask in block:
                     writers[name].add(piece_ids.astype(dtype), piece_mask)
             bar.update(1)
@@ -515,7 +516,8 @@ def _prepare_conversations(tokenizer_dir, out: Path, url: str | None, inputs, *,
             "splits": {s: {**vars(split_stats[s]), **packers[s].stats} for s in SPLITS},
             "fine_tuning": {
                 "format": fmt,
-                "objective": "sft",
+                "objective": "dpo" if lanes == 2 else "sft",
+                "pairs": lanes == 2,  # blocks 2k and 2k+1: the chosen and rejected answers of the same prompts
                 "block_size": block_size,
                 "chat_template": getattr(tok, "chat_template", None) if fmt == "chat" or chat_template else None,
                 "rules": "whole conversations packed into blocks of block_size tokens (first fit); one longer than "

@@ -15,7 +15,8 @@ from pathlib import Path
 from dist_clm.errors import UserError
 from dist_clm.fsutil import atomic_write_text
 
-TASKS = ("chat", "prompt-completion")
+TASKS = ("chat", "prompt-completion", "preference")
+REFUSALS = ("I do not know.", "Ask someone else.", "Numbers are hard.", "No.")
 
 
 def arithmetic(task: str, n: int, seed: int = 0) -> list[dict]:
@@ -27,6 +28,11 @@ def arithmetic(task: str, n: int, seed: int = 0) -> list[dict]:
         question, answer = f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."
         if task == "prompt-completion":
             out.append({"prompt": f"Q: {question}\nA:", "completion": f" {answer}"})
+            continue
+        if task == "preference":  # the answer preferred to a refusal (learnable from the answers' form)
+            user = [{"role": "user", "content": question}]
+            out.append({"prompt": user, "chosen": [{"role": "assistant", "content": answer}],
+                        "rejected": [{"role": "assistant", "content": rng.choice(REFUSALS)}]})  # fmt: skip
             continue
         messages = [
             {"role": "system", "content": "You add numbers."},

@@ -1,0 +1,182 @@
+"""Preference objectives on packed pairs: DPO (sigmoid) and ORPO.
+
+A micro batch of preference data holds whole pairs of blocks: rows 2i (chosen answers) and 2i+1 (rejected
+answers of the same prompts, in the same order; data/conversations.py). A row's documents are its conversations
+(positions restart at each) and padding; `segment_logps` sums each conversation's log-probabilities over its
+learned tokens (the answer), and the j-th conversation of row 2i pairs with the j-th of row 2i+1.
+
+DPO (Rafailov et al. 2023): loss = -log sigmoid(beta * ((pc - rc) - (pr - rr))) per pair, with p the policy's
+and r the reference model's summed log-probabilities of the chosen (c) and rejected answers; the implicit
+rewards are beta * (pc - rc) and beta * (pr - rr). ORPO (Hong et al. 2024), no reference: the chosen answer's
+mean NLL + lambda * -log sigmoid(log odds(chosen) - log odds(rejected)), odds(y) = p / (1 - p) with p the
+answer's mean per-token probability.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+@dataclass
+class Segments:
+    """Per learned conversation of a micro batch, in order: the summed log-probability of its learned tokens,
+    how many there are, and the row it is in."""
+
+    logps: torch.Tensor
+    counts: torch.Tensor
+    rows: torch.Tensor
+
+
+def segment_logps(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor) -> Segments:
+    """The learned conversations of each row (B x L logits over V, labels with -100, restarting positions)."""
+    targets = labels[:, 1:]
+    logp = -F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets.clamp(min=0), reduction="none")
+    learned = targets != IGNORE
+    doc = torch.cumsum(positions == 0, dim=1)[:, 1:] - 1  # the document of each target token
+    n_docs = int(doc.max()) + 1
+    flat = doc + n_docs * torch.arange(len(doc), device=doc.device)[:, None]
+    sums = torch.zeros(len(doc) * n_docs, dtype=logp.dtype, device=logp.device)
+    sums = sums.index_add(0, flat.flatten(), (logp * learned).flatten())
+    counts = torch.zeros(len(doc) * n_docs, dtype=torch.int64, device=logp.device)
+    counts = counts.index_add(0, flat.flatten(), learned.flatten().long())
+    keep = counts > 0
+    rows = torch.arange(len(doc) * n_docs, device=logp.device) // n_docs
+    return Segments(sums[keep], counts[keep], rows[keep])
+
+
+def pairs(seg: Segments) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices into `seg` of the chosen and the rejected conversation of every pair (rows 2i and 2i+1)."""
+    chosen, rejected = (torch.nonzero(seg.rows % 2 == side).flatten() for side in (0, 1))
+    if len(chosen) != len(rejected):
+        raise ValueError("a micro batch of preference data holds unequal chosen and rejected conversations")
+    return chosen, rejected
+
+
+def dpo(policy: Segments, reference: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(per-pair DPO losses, per-pair rewards chosen / rejected); `reference` holds the reference model's summed
+    log-probabilities of the same segments, in the same order."""
+    c, r = pairs(policy)
+    chosen = beta * (policy.logps[c] - reference[c])
+    rejected = beta * (policy.logps[r] - reference[r])
+    return -F.logsigmoid(chosen - rejected), {"chosen": chosen.detach(), "rejected": rejected.detach()}
+
+
+def orpo(policy: Segments, lam: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(per-pair ORPO losses, per-pair log odds of chosen / rejected, reported as its rewards)."""
+    c, r = pairs(policy)
+    mean = policy.logps / policy.counts
+    log_odds = mean - torch.log1p(-torch.exp(mean).clamp(max=1 - 1e-6))
+    ratio = -F.logsigmoid(log_odds[c] - log_odds[r])
+    return -mean[c] + lam * ratio, {"chosen": log_odds[c].detach(), "rejected": log_odds[r].detach()}
+
+
+# ---- the reference model's log-probabilities, computed once and stored with the data
+
+REFERENCE = "reference.json"  # written last: names the model and the arrays
+OBJECTIVES = ("dpo", "orpo")
+
+
+def weights_fingerprint(model) -> str:
+    """A hash of a model's weights (fp32, by name): the identity of a reference model."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def compute_reference(model_path: str, data_dir, batch_size: int = 8, device: str = "cpu") -> dict:
+    """`dist-clm prepare-reference`: the summed log-probabilities of every learned conversation of a prepared
+    directory of pairs, under the model at `model_path` (the policy's starting point), stored beside the data as
+    reference_{split}.npy (each conversation's stream offset and value) and reference.json (the model's weights
+    fingerprint), written last."""
+    import json
+
+    import numpy as np
+
+    from dist_clm.data.loader import TokenStream
+    from dist_clm.data.prepare import read_manifest
+    from dist_clm.data.remote import is_remote
+    from dist_clm.errors import UserError
+    from dist_clm.export import load_model
+    from dist_clm.fsutil import atomic_write_text, fsync_file
+
+    if is_remote(data_dir):
+        raise UserError("prepare-reference writes beside the data: run it on a local copy, then upload it.")
+    manifest = read_manifest(data_dir)
+    tuned = manifest.get("fine_tuning") or {}
+    if not tuned.get("pairs"):
+        raise UserError(f"'{data_dir}' holds no preference pairs; prepare it with --format preference.")
+    model, tok, _ = load_model(model_path)
+    from dist_clm.data.tokenizer import fingerprint
+
+    if fingerprint(tok) != manifest["tokenizer"]["fingerprint"]:
+        raise UserError(
+            f"'{model_path}' uses another tokenizer than '{data_dir}'; prepare the data with its tokenizer."
+        )
+    model.to(device)
+    block, out = tuned["block_size"], {}
+    from pathlib import Path
+
+    for split in ("train", "val"):
+        stream = TokenStream(data_dir, split, manifest)
+        offsets, values = [], []
+        for start in range(0, stream.tokens, block * batch_size):
+            rows = [
+                stream.read_learned(s, block)
+                for s in range(start, min(start + block * batch_size, stream.tokens), block)
+            ]
+            ids, learned, positions = (torch.as_tensor(np.stack([r[i] for r in rows])).long() for i in range(3))
+            labels = torch.where(learned.bool(), ids, torch.full_like(ids, IGNORE))
+            logits = model(input_ids=ids.to(device), position_ids=positions.to(device), use_cache=False).logits
+            seg = segment_logps(logits, labels.to(device), positions.to(device))
+            values += seg.logps.double().cpu().tolist()
+            for r, (_, lrn, pos) in enumerate(rows):
+                for d in np.flatnonzero(pos == 0):
+                    end = d + 1 + np.argmax(np.append(pos[d + 1 :], 0) == 0)
+                    if lrn[d:end].any():
+                        offsets.append(start + r * block + int(d))
+        if len(offsets) != len(values):
+            raise AssertionError("reference: segments and values disagree")
+        path = Path(data_dir) / f"reference_{split}.npy"
+        np.save(path, np.array([offsets, values], dtype=np.float64))
+        fsync_file(path)
+        out[split] = len(values)
+    record = {"model": str(model_path), "weights": weights_fingerprint(model), "conversations": out}
+    atomic_write_text(Path(data_dir) / REFERENCE, json.dumps(record, indent=2))
+    return record
+
+
+def count_pairs(labels: torch.Tensor, positions: torch.Tensor) -> int:
+    """The pairs in a micro batch: the learned conversations of its chosen rows (0, 2, 4, ...)."""
+    chosen_labels, chosen_positions = labels[0::2, 1:], positions[0::2]
+    doc = torch.cumsum(chosen_positions == 0, dim=1)[:, 1:]
+    learned = chosen_labels != IGNORE
+    return int(sum(len(torch.unique(d[m])) for d, m in zip(doc, learned, strict=True)))
+
+
+def step_loss(run, inputs: dict, divisor: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+    """One micro batch's share of the step's mean pair loss (its pairs' losses summed over `divisor`: see
+    step.per_learned_token's reasoning), and [pairs, summed reward chosen, rejected, pairs ranked right]."""
+    reference = inputs.pop("reference", None)
+    labels = inputs.pop("labels")
+    logits = run.engine(**inputs, use_cache=False).logits
+    seg = segment_logps(logits, labels, inputs["position_ids"])
+    t = run.cfg.train
+    if t.objective == "dpo":
+        values = reference[~torch.isnan(reference)].to(seg.logps.dtype)
+        losses, rewards = dpo(seg, values, t.dpo_beta)
+    else:
+        losses, rewards = orpo(seg, t.orpo_lambda)
+    chosen, rejected = rewards["chosen"], rewards["rejected"]
+    right = (chosen > rejected).float().sum() + 0.5 * (chosen == rejected).float().sum()  # (a tie: half right)
+    stats = [float(len(losses)), float(chosen.sum()), float(rejected.sum()), float(right)]
+    return losses.sum() / divisor, stats

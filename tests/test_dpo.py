@@ -1,0 +1,199 @@
+"""Preference data for DPO / ORPO: pairs prepared once with loss masks, packed into a chosen block and a rejected
+block that follow each other, and read pair by pair (shuffled by pairs, never split)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import assert_clean_error, run_cli
+
+BLOCK = 128
+
+
+@pytest.fixture(scope="module")
+def pref_data(tmp_path_factory, chat_tokenizer):
+    root = tmp_path_factory.mktemp("pref")
+    records = root / "pairs.jsonl"
+    assert (
+        run_cli("data", "synthetic", "--task", "preference", "--out", str(records), "--records", "200").returncode == 0
+    )
+    out = root / "data"
+    r = run_cli("prepare", str(records), "--tokenizer", str(chat_tokenizer), "--out", str(out), "--format",
+                "preference", "--block-size", str(BLOCK), "--val-fraction", "0.1", "--quiet")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def test_pairs_are_packed_into_a_chosen_and_a_rejected_block_in_the_same_order(pref_data):
+    from dist_clm.data.loader import TokenStream
+    from dist_clm.data.prepare import read_manifest
+    from dist_clm.data.synthetic import REFUSALS
+    from dist_clm.data.tokenizer import load_tokenizer
+
+    manifest = read_manifest(pref_data)
+    assert manifest["fine_tuning"]["objective"] == "dpo" and manifest["fine_tuning"]["pairs"]
+    train = manifest["splits"]["train"]
+    assert train["tokens"] % (2 * BLOCK) == 0 and train["conversations"] > 150  # whole pairs of blocks
+    tok = load_tokenizer(pref_data / "tokenizer")
+    stream = TokenStream(pref_data, "train", manifest)
+    ids, learned, positions = stream.read_learned(0, stream.tokens)
+    for start in range(0, stream.tokens, 2 * BLOCK):
+        segments = []
+        for block in (start, start + BLOCK):
+            s = slice(block, block + BLOCK)
+            docs = np.split(np.arange(BLOCK), np.flatnonzero(positions[s] == 0)[1:])
+            segments.append([d for d in docs if learned[s][d].any()])  # conversations (not padding)
+        chosen, rejected = segments
+        assert len(chosen) == len(rejected) > 0
+        for c, r in zip(chosen, rejected, strict=True):
+            c_text, r_text = tok.decode(ids[start + c]), tok.decode(ids[start + BLOCK + r])
+            assert c_text.split("<|im_start|>assistant")[0] == r_text.split("<|im_start|>assistant")[0]  # one prompt
+            assert (
+                tok.decode(ids[start + BLOCK + r][learned[start + BLOCK + r] == 1]).split("<|im_end|>")[0] in REFUSALS
+            )
+            assert " is " in tok.decode(ids[start + c][learned[start + c] == 1])
+
+
+def test_the_loader_keeps_each_pair_together_and_shuffles_by_pairs(pref_data):
+    from dist_clm.data.loader import MixedBlocks, Source
+    from dist_clm.data.prepare import read_manifest
+
+    source = Source("pref", str(pref_data), read_manifest(pref_data))
+    blocks = MixedBlocks([source], BLOCK, shuffle=True, seed=3, document_mask=True)
+    plain = MixedBlocks([source], BLOCK, shuffle=False, seed=3, document_mask=True)
+    stored = {tuple(plain.__getitems__([k])["input_ids"][0]) for k in range(0, 2 * blocks.blocks[0].per_epoch)}
+    batch = {k: torch.as_tensor(v) for k, v in blocks.__getitems__(list(range(16))).items()}
+    offsets = [blocks.offset(0, k) for k in range(16)]
+    assert all(offsets[2 * j + 1] == offsets[2 * j] + BLOCK for j in range(8))  # rejected follows its chosen
+    assert all(o % (2 * BLOCK) == 0 for o in offsets[::2])  # every pair starts at a pair boundary
+    assert offsets[::2] != sorted(offsets[::2])  # shuffled, by pairs
+    assert all(tuple(row.tolist()) in stored for row in batch["input_ids"])
+
+
+def test_a_pair_whose_answers_are_the_same_is_one_sentence_and_writes_nothing(tmp_path, chat_tokenizer):
+    path = tmp_path / "bad.jsonl"
+    same = [{"role": "assistant", "content": "4."}]
+    path.write_text(json.dumps({"prompt": [{"role": "user", "content": "2+2?"}], "chosen": same, "rejected": same}))
+    out = tmp_path / "out"
+    r = run_cli("prepare", str(path), "--tokenizer", str(chat_tokenizer), "--out", str(out), "--format", "preference",
+                "--block-size", "64", "--quiet")  # fmt: skip
+    assert_clean_error(r, "line 1 of", "has the same chosen and rejected answer")
+    assert not out.exists()
+
+
+def test_dpo_and_orpo_equal_a_direct_computation_with_their_gradients():
+    """Two pairs packed in one chosen and one rejected row (plus padding): the per-conversation log-probabilities,
+    the DPO and ORPO losses and their gradients against a per-pair loop written from the papers' formulas."""
+    from dist_clm.preference import dpo, orpo, segment_logps
+
+    torch.manual_seed(0)
+    V, L = 11, 16
+    logits = torch.randn(2, L, V, requires_grad=True)
+    ids = torch.randint(0, V, (2, L))
+    docs = [[(0, 6), (6, 13), (13, 16)], [(0, 5), (5, 12), (12, 16)]]  # two conversations and padding per row
+    answers = [[(3, 6), (10, 13)], [(3, 5), (9, 12)]]  # the learned tokens of each conversation
+    positions, labels = torch.zeros(2, L, dtype=torch.long), torch.full((2, L), -100)
+    for row in range(2):
+        for s, e in docs[row]:
+            positions[row, s:e] = torch.arange(e - s)
+        for s, e in answers[row]:
+            labels[row, s:e] = ids[row, s:e]
+    reference = torch.tensor([-9.0, -7.5, -8.0, -6.0])
+    beta, lam = 0.1, 0.2
+
+    def direct(row, s, e):  # the summed log-probability of tokens s..e-1 of a row, each from the one before
+        logp = torch.log_softmax(logits[row], -1)
+        return sum(logp[t - 1, ids[row, t]] for t in range(s, e)), e - s
+
+    seg = segment_logps(logits, labels, positions)
+    expect = [direct(row, s, e) for row in range(2) for s, e in answers[row]]
+    torch.testing.assert_close(seg.logps, torch.stack([x for x, _ in expect]))
+    assert seg.counts.tolist() == [n for _, n in expect] and seg.rows.tolist() == [0, 0, 1, 1]
+
+    for name in ("dpo", "orpo"):
+        ours = (dpo(seg, reference, beta) if name == "dpo" else orpo(seg, lam))[0].sum()
+        (g_ours,) = torch.autograd.grad(ours, logits, retain_graph=True)
+        total = 0.0
+        for j in range(2):
+            (pc, nc), (pr, nr) = expect[j], expect[2 + j]
+            if name == "dpo":
+                margin = beta * ((pc - reference[j]) - (pr - reference[2 + j]))
+                total = total - torch.log(torch.sigmoid(margin))
+            else:
+                mc, mr = pc / nc, pr / nr
+                odds = lambda m: torch.log(torch.exp(m) / (1 - torch.exp(m)))  # noqa: E731
+                total = total - mc - lam * torch.log(torch.sigmoid(odds(mc) - odds(mr)))
+        (g_direct,) = torch.autograd.grad(total, logits, retain_graph=True)
+        torch.testing.assert_close(ours, total, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g_ours, g_direct, rtol=1e-4, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def start_model(tmp_path_factory, chat_tokenizer, pref_data):
+    """The model DPO starts from: a tiny GPT-2 trained briefly on the pairs' prompts with their chosen answers
+    (SFT on the synthetic chat data, the same tokenizer), exported."""
+    root = tmp_path_factory.mktemp("start")
+    chat = root / "chat.jsonl"
+    assert run_cli("data", "synthetic", "--task", "chat", "--out", str(chat), "--records", "200").returncode == 0
+    data = root / "sft"
+    r = run_cli("prepare", str(chat), "--tokenizer", str(chat_tokenizer), "--out", str(data), "--format", "chat",
+                "--block-size", str(BLOCK), "--quiet")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli("train", *TINY_PREF, f"data.path={data}", f"run.dir={root / 'run'}", "train.max_steps=10")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert run_cli("export", str(root / "run"), "--out", str(root / "model")).returncode == 0
+    r = run_cli("prepare-reference", str(pref_data), "--model", str(root / "model"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return root / "model"
+
+
+TINY_PREF = ["model.preset=tiny", "model.overrides.n_embd=64", "data.block_size=128", "train.micro_batch_size=4",
+             "train.warmup_steps=2", "train.lr=3e-3", "train.eval_blocks=2", "train.eval_every=0",
+             "run.progress_bar=false", "train.log_every=10"]  # fmt: skip
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+def test_reward_accuracy_rises_on_a_learnable_preference(tmp_path, pref_data, start_model, objective):
+    from tests.helpers import metrics
+
+    run = tmp_path / objective
+    # dpo from the SFT model its reference values were computed with; orpo (no reference) from scratch
+    start = [f"model.pretrained={start_model}"] if objective == "dpo" else []
+    r = run_cli("train", *TINY_PREF, f"data.path={pref_data}", f"run.dir={run}", *start,
+                f"train.objective={objective}", "train.max_steps=150", "train.lr=1e-3", "train.log_every=1",
+                "train.dpo_beta=0.5")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [row for row in metrics(run) if "train/reward_accuracy" in row]
+    first, last = rows[0]["train/reward_accuracy"], rows[-1]["train/reward_accuracy"]
+    # from chance (dpo's step 1: the policy is its reference, every reward 0, a tie) to above 90%
+    assert first < 0.75 and last > 0.9, [row["train/reward_accuracy"] for row in rows]
+    assert rows[-1]["train/reward_margin"] > rows[0]["train/reward_margin"]
+
+
+def test_dpo_resumes_exactly_and_refuses_another_reference(tmp_path, pref_data, start_model):
+    import shutil
+
+    from tests.helpers import metrics, train_losses
+
+    run = tmp_path / "run"
+    settings = [*TINY_PREF, f"data.path={pref_data}", f"model.pretrained={start_model}", "train.log_every=1",
+                "train.max_steps=8", "train.save_every=4", "train.keep_last=3"]  # fmt: skip
+    r = run_cli("train", *settings, f"run.dir={run}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "objective: dpo" in (run / "config.yaml").read_text()  # chosen from the data
+    whole = train_losses(metrics(run))
+    cut = tmp_path / "cut"
+    shutil.copytree(run, cut)
+    shutil.rmtree(cut / "checkpoints" / "step_00000008")
+    r = run_cli("train", *settings, f"run.dir={cut}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = train_losses(metrics(cut))
+    assert [resumed[s] for s in range(5, 9)] == [whole[s] for s in range(5, 9)]  # bit for bit
+
+    r = run_cli("train", *TINY_PREF, f"data.path={pref_data}", f"run.dir={tmp_path / 'other'}", "train.max_steps=3")
+    assert_clean_error(r, "reference values of", "were computed with another model", "prepare-reference")
+    r = run_cli("train", *TINY_PREF, f"data.path={pref_data}", f"run.dir={tmp_path / 'odd'}",
+                f"model.pretrained={start_model}", "train.micro_batch_size=3", "train.max_steps=3")  # fmt: skip
+    assert_clean_error(r, "train.micro_batch_size", "must be even")
