@@ -172,7 +172,8 @@ def step_loss(run, inputs: dict, divisor: torch.Tensor) -> tuple[torch.Tensor, l
     seg = segment_logps(logits, labels, inputs["position_ids"])
     t = run.cfg.train
     if t.objective == "dpo":
-        values = reference[~torch.isnan(reference)].to(seg.logps.dtype)
+        # (a blank batch standing in for damaged data has no reference values; its step is never applied)
+        values = reference[~torch.isnan(reference)].to(seg.logps.dtype) if reference is not None else seg.logps.detach()
         losses, rewards = dpo(seg, values, t.dpo_beta)
     else:
         losses, rewards = orpo(seg, t.orpo_lambda)
