@@ -25,28 +25,37 @@ IGNORE = -100
 @dataclass
 class Segments:
     """Per learned conversation of a micro batch, in order: the summed log-probability of its learned tokens,
-    how many there are, and the row it is in."""
+    how many there are, the row it is in and where in the row it starts."""
 
     logps: torch.Tensor
     counts: torch.Tensor
     rows: torch.Tensor
+    starts: torch.Tensor
+
+
+def _documents(labels: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(each target token's document as a flat index row * n_docs + document, whether it is learned, n_docs)."""
+    doc = torch.cumsum(positions == 0, dim=1)[:, 1:] - 1  # the document of each target token
+    n_docs = int(doc.max()) + 1
+    flat = doc + n_docs * torch.arange(len(doc), device=doc.device)[:, None]
+    return flat, labels[:, 1:] != IGNORE, n_docs
 
 
 def segment_logps(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor) -> Segments:
     """The learned conversations of each row (B x L logits over V, labels with -100, restarting positions)."""
-    targets = labels[:, 1:]
-    logp = -F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets.clamp(min=0), reduction="none")
-    learned = targets != IGNORE
-    doc = torch.cumsum(positions == 0, dim=1)[:, 1:] - 1  # the document of each target token
-    n_docs = int(doc.max()) + 1
-    flat = doc + n_docs * torch.arange(len(doc), device=doc.device)[:, None]
-    sums = torch.zeros(len(doc) * n_docs, dtype=logp.dtype, device=logp.device)
+    logp = -F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:].clamp(min=0), reduction="none")
+    flat, learned, n_docs = _documents(labels, positions)
+    size = len(labels) * n_docs
+    sums = torch.zeros(size, dtype=logp.dtype, device=logp.device)
     sums = sums.index_add(0, flat.flatten(), (logp * learned).flatten())
-    counts = torch.zeros(len(doc) * n_docs, dtype=torch.int64, device=logp.device)
+    counts = torch.zeros(size, dtype=torch.int64, device=logp.device)
     counts = counts.index_add(0, flat.flatten(), learned.flatten().long())
+    row, col = torch.nonzero(positions == 0, as_tuple=True)  # each document's first token, in order
+    starts = torch.zeros(size, dtype=torch.int64, device=logp.device)
+    starts[row * n_docs + torch.cumsum(positions == 0, dim=1)[row, col] - 1] = col
     keep = counts > 0
-    rows = torch.arange(len(doc) * n_docs, device=logp.device) // n_docs
-    return Segments(sums[keep], counts[keep], rows[keep])
+    rows = torch.arange(size, device=logp.device) // n_docs
+    return Segments(sums[keep], counts[keep], rows[keep], starts[keep])
 
 
 def pairs(seg: Segments) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,13 +148,7 @@ def compute_reference(model_path: str, data_dir, batch_size: int = 8, device: st
             logits = model(input_ids=ids.to(device), position_ids=positions.to(device), use_cache=False).logits
             seg = segment_logps(logits, labels.to(device), positions.to(device))
             values += seg.logps.double().cpu().tolist()
-            for r, (_, lrn, pos) in enumerate(rows):
-                for d in np.flatnonzero(pos == 0):
-                    end = d + 1 + np.argmax(np.append(pos[d + 1 :], 0) == 0)
-                    if lrn[d:end].any():
-                        offsets.append(start + r * block + int(d))
-        if len(offsets) != len(values):
-            raise AssertionError("reference: segments and values disagree")
+            offsets += (start + seg.rows * block + seg.starts).cpu().tolist()
         path = Path(data_dir) / f"reference_{split}.npy"
         np.save(path, np.array([offsets, values], dtype=np.float64))
         fsync_file(path)
@@ -157,10 +160,8 @@ def compute_reference(model_path: str, data_dir, batch_size: int = 8, device: st
 
 def count_pairs(labels: torch.Tensor, positions: torch.Tensor) -> int:
     """The pairs in a micro batch: the learned conversations of its chosen rows (0, 2, 4, ...)."""
-    chosen_labels, chosen_positions = labels[0::2, 1:], positions[0::2]
-    doc = torch.cumsum(chosen_positions == 0, dim=1)[:, 1:]
-    learned = chosen_labels != IGNORE
-    return int(sum(len(torch.unique(d[m])) for d, m in zip(doc, learned, strict=True)))
+    flat, learned, n_docs = _documents(labels[0::2], positions[0::2])
+    return int(torch.bincount(flat[learned], minlength=1).count_nonzero())
 
 
 def step_loss(run, inputs: dict, divisor: torch.Tensor) -> tuple[torch.Tensor, list[float]]:

@@ -56,6 +56,18 @@ def launch(launcher: list[str], *overrides: str, timeout: int = 600, env: dict |
     return r
 
 
+def resume_moved(run: Path, moved: Path, launcher: list[str], *overrides: str, last: int):
+    """Copy RUN to MOVED without its step-LAST checkpoint and resume it there under another launcher (another
+    number of ranks: DeepSpeed's universal checkpoint carries the state over); (the resumed steps' losses, the
+    process)."""
+    shutil.copytree(run, moved)
+    shutil.rmtree(moved / "checkpoints" / f"step_{last:08d}")
+    skip = len(metrics(moved))
+    r = launch(launcher, *overrides, f"run.dir={moved}")
+    assert "universal checkpoint" in r.stdout + r.stderr
+    return train_losses(metrics(moved, skip)), r
+
+
 def assert_clean_error(r, *fragments):
     """The command failed the way a user error must: exit 2, one `dist-clm: error:` sentence holding each of
     `fragments`, no traceback."""

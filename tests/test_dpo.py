@@ -83,6 +83,67 @@ def test_a_pair_whose_answers_are_the_same_is_one_sentence_and_writes_nothing(tm
     assert not out.exists()
 
 
+def test_pairs_given_as_plain_strings_learn_each_answer_and_its_end(tmp_path, chat_tokenizer):
+    """Preference records whose prompt and answers are plain text: the prompt is context, each answer and the
+    end-of-text token after it are learned; chosen and rejected sit at the same place of blocks that follow each
+    other."""
+    from dist_clm.data.loader import TokenStream
+    from dist_clm.data.prepare import read_manifest
+    from dist_clm.data.tokenizer import load_tokenizer
+
+    records = [{"prompt": f"Q: {a} plus {b}?\nA:", "chosen": f" {a + b}.", "rejected": f" {a + b + 1}."}
+               for a in range(20) for b in range(5)]  # fmt: skip
+    path = tmp_path / "plain.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "data"
+    r = run_cli("prepare", str(path), "--tokenizer", str(chat_tokenizer), "--out", str(out), "--format", "preference",
+                "--block-size", "64", "--val-fraction", "0.1", "--quiet")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    manifest = read_manifest(out)
+    splits = manifest["splits"]
+    assert manifest["fine_tuning"]["pairs"]
+    assert splits["train"]["conversations"] + splits["val"]["conversations"] == len(records)  # pairs
+    tok = load_tokenizer(out / "tokenizer")
+    found = set()
+    for split in ("train", "val"):
+        stream = TokenStream(out, split, manifest)
+        ids, learned, positions = stream.read_learned(0, stream.tokens)
+        for start in range(0, stream.tokens, 128):
+            sides = []
+            for block in (start, start + 64):  # the chosen block, then the rejected one
+                s = slice(block, block + 64)
+                docs = np.split(np.arange(64), np.flatnonzero(positions[s] == 0)[1:])
+                sides.append([(tok.decode(ids[s][d][learned[s][d] == 0]), tok.decode(ids[s][d][learned[s][d] == 1]))
+                              for d in docs if learned[s][d].any()])  # fmt: skip
+            for (prompt, chosen), (prompt_again, rejected) in zip(*sides, strict=True):
+                assert prompt == prompt_again
+                found.add((prompt.strip(), chosen, rejected))
+    eos = tok.eos_token
+    assert found == {(r["prompt"], r["chosen"] + eos, r["rejected"] + eos) for r in records}
+
+
+def test_damaged_preference_data_stops_a_dpo_run_with_one_sentence(tmp_path, pref_data, start_model):
+    """A shard whose bytes changed after prepare: the step that reads it trains a blank batch (no pairs, no
+    reference values), the update is dropped and the run stops with the shard's sentence, no traceback."""
+    import shutil
+
+    from tests.helpers import metrics, train_losses
+
+    data = tmp_path / "data"
+    shutil.copytree(pref_data, data)
+    shards = sorted((data / "train").glob("shard.*.mds"))
+    for shard in shards:  # the first step's reads find it, wherever the shuffle starts
+        raw = bytearray(shard.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        shard.write_bytes(bytes(raw))
+    run = tmp_path / "run"
+    r = run_cli("train", *TINY_PREF, f"data.path={data}", f"run.dir={run}", f"model.pretrained={start_model}",
+                "train.max_steps=4", "train.log_every=1")  # fmt: skip
+    assert_clean_error(r, "does not match its xxh3_64 hash", "prepare the data again")
+    rows = metrics(run) if (run / "metrics.jsonl").exists() else []
+    assert not train_losses(rows)  # the step on the blank batch was not applied
+
+
 def test_dpo_and_orpo_equal_a_direct_computation_with_their_gradients():
     """Two pairs packed in one chosen and one rejected row (plus padding): the per-conversation log-probabilities,
     the DPO and ORPO losses and their gradients against a per-pair loop written from the papers' formulas."""
@@ -197,3 +258,40 @@ def test_dpo_resumes_exactly_and_refuses_another_reference(tmp_path, pref_data, 
     r = run_cli("train", *TINY_PREF, f"data.path={pref_data}", f"run.dir={tmp_path / 'odd'}",
                 f"model.pretrained={start_model}", "train.micro_batch_size=3", "train.max_steps=3")  # fmt: skip
     assert_clean_error(r, "train.micro_batch_size", "must be even")
+
+
+@pytest.mark.slow
+def test_dpo_on_slurm_survives_preemption_and_moves_to_one_rank(tmp_path, pref_data, start_model):
+    """The same DPO run three ways: under torchrun on 2 ranks; as a 2-task SLURM job (submitit) preempted
+    mid-run, requeued and resumed from the checkpoint its signal wrote; and moved from the torchrun run's step-20
+    checkpoint to 1 rank. Every way sees the same pairs at every step, with the same losses."""
+    from dist_clm.distributed import free_port
+    from dist_clm.slurm import SlurmSettings, submit
+    from tests.helpers import BIN, launch, logged_steps, metrics, needs_slurm, resume_moved, train_losses, wait_for
+
+    needs_slurm()
+    common = [*TINY_PREF, f"data.path={pref_data}", f"model.pretrained={start_model}", "train.log_every=1",
+              "train.global_batch_size=8", "train.max_steps=30", "train.save_every=10",
+              "train.keep_last=5"]  # fmt: skip
+    full = tmp_path / "full"
+    launch([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())], *common,
+           f"run.dir={full}")  # fmt: skip
+    reference = train_losses(metrics(full))
+    assert list(reference) == list(range(1, 31))
+
+    slurm = tmp_path / "slurm"
+    settings = SlurmSettings(tasks_per_node=2, cpus_per_task=1, time_min=30, signal_delay_s=30, max_requeues=3)
+    [(job, _)] = submit(settings, None, [*common, f"run.dir={slurm}"])
+    wait_for(lambda: len(logged_steps(slurm)) >= 5, "the first steps")
+    job._interrupt()  # submitit's preemption: checkpoint on the signal, requeue, resume
+    results = job.results()
+    assert all(r["step"] == 30 and r["world_size"] == 2 for r in results) and results[0]["restarts"] == 1
+    steps = logged_steps(slurm)
+    assert steps == sorted(set(steps)) == list(range(1, 31))  # resumed where the signal stopped it
+    for step, loss in train_losses(metrics(slurm)).items():
+        assert loss == pytest.approx(reference[step], rel=1e-5), (step, loss, reference[step])
+
+    resumed, r = resume_moved(full, tmp_path / "moved", [str(BIN / "python")], *common, last=30)
+    assert list(resumed) == list(range(21, 31))
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(reference[step], rel=2e-4), (step, loss, reference[step])

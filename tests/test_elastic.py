@@ -8,12 +8,11 @@ and the saved loader position is exactly the blocks of the steps taken.
 """
 
 import json
-import shutil
 
 import pytest
 
 from dist_clm.distributed import free_port
-from tests.helpers import BIN, TINY, launch, metrics, train_losses, train_state
+from tests.helpers import BIN, TINY, launch, metrics, resume_moved, train_losses, train_state
 
 pytestmark = pytest.mark.slow
 
@@ -46,13 +45,8 @@ def test_resume_on_another_number_of_ranks_continues_the_same_run(tmp_path, data
     assert list(reference) == list(range(1, 9))
 
     moved = tmp_path / "moved"
-    shutil.copytree(full, moved)
-    shutil.rmtree(moved / "checkpoints" / "step_00000008")
-    skip = len(metrics(moved))
-    r = launch(launcher(after), *common, f"run.dir={moved}")
-    assert "universal checkpoint" in r.stdout + r.stderr
+    resumed, r = resume_moved(full, moved, launcher(after), *common, last=8)
     assert (moved / "checkpoints" / "step_00000004" / "universal").is_dir()
-    resumed = train_losses(metrics(moved, skip))
     assert list(resumed) == [5, 6, 7, 8]
     # step 5's loss depends on the restored weights and data only; later ones on the optimizer state too,
     # which DeepSpeed's universal load restores exactly for ZeRO 1/2 but not for ZeRO-3 (see docs/design.md)

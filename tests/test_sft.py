@@ -282,3 +282,33 @@ def test_chat_records_from_parquet_and_datasets_prepare_as_from_jsonl(tmp_path, 
         shards[name] = learned_stream(out)
     for a, b in zip(shards["jsonl"], shards[kind], strict=True):
         assert np.array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_sft_rolls_back_under_the_deepspeed_launcher_and_resumes_on_one_rank(tmp_path, sft_data):
+    """Two ranks under the deepspeed launcher: a loss spike at step 5 rolls the run back to step 4 and skips
+    that window; the run is then moved to one rank from its step-6 checkpoint (the same global batch, twice the
+    accumulation) and its steps 7 and 8 see the same blocks, with the same loss over their learned tokens."""
+    from dist_clm.checkpoint import SKIPS
+    from dist_clm.distributed import free_port
+    from tests.helpers import BIN, launch, resume_moved, train_state
+
+    common = [*SFT, f"data.path={sft_data}", "train.global_batch_size=8", "train.max_steps=8", "train.save_every=2",
+              "train.keep_last=10", "train.spike_window=3", "train.fault_injection=5:x10"]  # fmt: skip
+    full = tmp_path / "full"
+    deepspeed = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
+    r = launch(deepspeed, *common, f"run.dir={full}")
+    out = r.stdout + r.stderr
+    assert "is more than 2 x the running mean" in out and "rolled back to step 4" in out
+    skips = json.loads((full / SKIPS).read_text())
+    assert [(s["from_block"], s["to_block"], s["diverged_at_step"]) for s in skips] == [(32, 40, 5)]
+    reference = train_losses(metrics(full))
+    assert sorted(reference) == list(range(1, 9))
+
+    resumed, _ = resume_moved(full, tmp_path / "moved", [str(BIN / "python")], *common, last=8)
+    assert list(resumed) == [7, 8]
+    for step in (7, 8):
+        assert resumed[step] == pytest.approx(reference[step], rel=2e-4), (step, resumed[step], reference[step])
+    assert (
+        train_state(tmp_path / "moved", 8)["loader"]["blocks_consumed"] == (8 + 1) * 8
+    )  # 8 steps and the skipped window
