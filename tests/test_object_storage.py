@@ -184,6 +184,54 @@ def test_a_leftover_partial_download_is_never_taken_for_a_shard(remote_data, tmp
     assert (stream.chunks.dir / "shard.00000.mds").is_file() and not part.exists()
 
 
+def test_room_held_by_a_dead_download_is_taken_back_and_a_live_one_is_waited_for(remote_data, tmp_path):
+    """With a cache limit, a download first reserves its shard's size (`.NAME.room`) while it holds `.NAME.lock`.
+    A reservation whose holder is alive is counted, and a download that needs its bytes waits; one whose holder
+    died (kill -9: the lock went with it) is removed with its partial file, and the download goes on."""
+    from dist_clm.data import remote
+    from dist_clm.data.loader import TokenStream
+    from dist_clm.data.prepare import read_manifest
+
+    limit = 4 << 14
+    remote.configure(tmp_path / "cache", limit)
+    stream = TokenStream(remote_data, "train", read_manifest(remote_data))
+    where = stream.chunks.dir
+
+    def reservation(name: str) -> list[Path]:  # the files of a download in flight: room (all the cache), part
+        paths = [where / f".{name}.room", where / f".{name}.part", where / f".{name}.lock"]
+        with open(paths[0], "wb") as f:
+            f.truncate(limit)
+        paths[1].write_bytes(b"\0" * 100)
+        paths[2].touch()
+        return paths
+
+    room, part, lock = reservation("shard.99998.mds")  # its holder is gone: nothing holds the lock
+    reader = threading.Thread(target=stream.read, args=(0, 500), daemon=True)
+    reader.start()
+    reader.join(timeout=60)
+    assert not reader.is_alive()  # shard 0 came in (not a wait for a room no one will give back)
+    assert (where / "shard.00000.mds").is_file() and not room.exists() and not part.exists()
+
+    live = reservation("shard.99999.mds")
+    holder = subprocess.Popen([str(BIN / "python"), "-c", "import fcntl, sys, time\nf = open(sys.argv[1], 'a')\n"
+                               "fcntl.flock(f, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(600)",
+                               str(live[2])], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        last = stream.tokens - 1
+        reader = threading.Thread(target=stream.read, args=(last, 1), daemon=True)  # the last shard, not cached
+        reader.start()
+        reader.join(timeout=3)
+        assert reader.is_alive() and live[0].exists()  # waits: every byte of the cache is held by a live download
+        holder.kill()  # the holder dies; its lock goes with it
+        reader.join(timeout=60)
+        assert not reader.is_alive() and not live[0].exists() and not live[1].exists()
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert sum(p.stat().st_size for p in where.glob("shard.*")) <= limit
+
+
 def test_a_corrupted_object_is_one_sentence_naming_it(s3, remote_data, tmp_path):
     prefix = remote_data.removeprefix(f"s3://{BUCKET}/")
     bad = f"{prefix}-bad"

@@ -28,6 +28,7 @@ class Prefetcher:
         self._wake = threading.Condition()
         self._stopped = False
         self.fetched = 0  # shards this thread put in the cache (the rest were there already)
+        self._count = threading.Lock()  # (the fetch threads add to it side by side)
         self._pool = ThreadPoolExecutor(PARALLEL, thread_name_prefix="dist-clm-fetch")
         self._thread = threading.Thread(target=self._run, name="dist-clm-prefetch", daemon=True)
         self._thread.start()
@@ -76,6 +77,7 @@ class Prefetcher:
             return
         try:
             if store.ensure_local(shard):
-                self.fetched += 1  # (a race between fetch threads only miscounts a statistic)
+                with self._count:
+                    self.fetched += 1
         except Exception:  # noqa: BLE001 (the loader meets the same error where it reads, and says it)
             pass
