@@ -263,20 +263,30 @@ def test_fine_tuning_data_mixes_with_pretraining_data(tmp_path, sft_data, chat_t
     assert {"val/chat/loss", "val/text/loss"} <= set().union(*rows)
 
 
-@pytest.mark.parametrize("kind", ["parquet", "save_to_disk"])
+@pytest.mark.parametrize("kind", ["parquet", "save_to_disk", "dataset"])
 def test_chat_records_from_parquet_and_datasets_prepare_as_from_jsonl(tmp_path, chat_tokenizer, chat_records, kind):
+    """The same conversations from a parquet file, a save_to_disk directory and a dataset by name (load_dataset
+    with a local dataset repository: the call a user with network makes with a hub name) prepare alike."""
     import datasets
 
     rows = [json.loads(line) for line in chat_records.read_text().splitlines()[:60]]
     jsonl = tmp_path / "first.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
     ds = datasets.Dataset.from_list(rows)
-    source = tmp_path / ("chat.parquet" if kind == "parquet" else "chat_ds")
-    ds.to_parquet(str(source)) if kind == "parquet" else ds.save_to_disk(str(source))
+    if kind == "parquet":
+        ds.to_parquet(str(tmp_path / "chat.parquet"))
+        source = [str(tmp_path / "chat.parquet")]
+    elif kind == "save_to_disk":
+        ds.save_to_disk(str(tmp_path / "chat_ds"))
+        source = [str(tmp_path / "chat_ds")]
+    else:
+        (tmp_path / "repo" / "data").mkdir(parents=True)
+        shutil.copy(jsonl, tmp_path / "repo" / "data" / "train.jsonl")
+        source = ["--dataset", str(tmp_path / "repo")]
     shards = {}
-    for name, path in (("jsonl", jsonl), (kind, source)):
+    for name, args in (("jsonl", [str(jsonl)]), (kind, source)):
         out = tmp_path / f"data_{name}"
-        r = run_cli("prepare", str(path), "--tokenizer", str(chat_tokenizer), "--out", str(out), "--format", "chat",
+        r = run_cli("prepare", *args, "--tokenizer", str(chat_tokenizer), "--out", str(out), "--format", "chat",
                     "--block-size", "128", "--quiet")  # fmt: skip
         assert r.returncode == 0, r.stderr[-2000:]
         shards[name] = learned_stream(out)
