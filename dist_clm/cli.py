@@ -77,8 +77,9 @@ def _prepare_reference(a: argparse.Namespace) -> None:
     from dist_clm.preference import compute_reference
 
     record = compute_reference(a.model, a.data, a.batch_size)
-    print(f"reference values of {record['conversations']} conversations (weights {record['weights']}) written to "
-          f"{a.data}")  # fmt: skip
+    counts = ", ".join(f"{split} {s['conversations']}" for split, s in record["splits"].items())
+    print(f"reference values of the conversations ({counts}) under weights {record['weights']} written to "
+          f"{a.data}/reference")  # fmt: skip
 
 
 def _synthetic(a: argparse.Namespace) -> None:

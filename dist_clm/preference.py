@@ -84,9 +84,8 @@ def orpo(policy: Segments, lam: float) -> tuple[torch.Tensor, dict[str, torch.Te
     return -mean[c] + lam * ratio, {"chosen": log_odds[c].detach(), "rejected": log_odds[r].detach()}
 
 
-# ---- the reference model's log-probabilities, computed once and stored with the data
+# ---- the reference model's log-probabilities, computed once and stored with the data (data/reference_store.py)
 
-REFERENCE = "reference.json"  # written last: names the model and the arrays
 OBJECTIVES = ("dpo", "orpo")
 
 
@@ -102,39 +101,31 @@ def weights_fingerprint(model) -> str:
 
 
 @torch.no_grad()
-def compute_reference(model_path: str, data_dir, batch_size: int = 8, device: str = "cpu") -> dict:
+def compute_reference(model_path: str, data_dir: str, batch_size: int = 8, device: str = "cpu") -> dict:
     """`dist-clm prepare-reference`: the summed log-probabilities of every learned conversation of a prepared
-    directory of pairs, under the model at `model_path` (the policy's starting point), stored beside the data as
-    reference_{split}.npy (each conversation's stream offset and value) and reference.json (the model's weights
-    fingerprint), written last."""
-    import json
-
+    directory (or URL) of pairs under the model at `model_path` (the policy's starting point), stored with the
+    data with the model's weights fingerprint."""
     import numpy as np
 
+    from dist_clm.data import reference_store
     from dist_clm.data.loader import TokenStream
     from dist_clm.data.prepare import read_manifest
-    from dist_clm.data.remote import is_remote
+    from dist_clm.data.tokenizer import fingerprint
     from dist_clm.errors import UserError
     from dist_clm.export import load_model
-    from dist_clm.fsutil import atomic_write_text, fsync_file
 
-    if is_remote(data_dir):
-        raise UserError("prepare-reference writes beside the data: run it on a local copy, then upload it.")
     manifest = read_manifest(data_dir)
     tuned = manifest.get("fine_tuning") or {}
     if not tuned.get("pairs"):
         raise UserError(f"'{data_dir}' holds no preference pairs; prepare it with --format preference.")
+    reference_store.check_writable(data_dir)
     model, tok, _ = load_model(model_path)
-    from dist_clm.data.tokenizer import fingerprint
-
     if fingerprint(tok) != manifest["tokenizer"]["fingerprint"]:
         raise UserError(
             f"'{model_path}' uses another tokenizer than '{data_dir}'; prepare the data with its tokenizer."
         )
     model.to(device)
-    block, out = tuned["block_size"], {}
-    from pathlib import Path
-
+    block, arrays = tuned["block_size"], {}
     for split in ("train", "val"):
         stream = TokenStream(data_dir, split, manifest)
         offsets, values = [], []
@@ -149,13 +140,9 @@ def compute_reference(model_path: str, data_dir, batch_size: int = 8, device: st
             seg = segment_logps(logits, labels.to(device), positions.to(device))
             values += seg.logps.double().cpu().tolist()
             offsets += (start + seg.rows * block + seg.starts).cpu().tolist()
-        path = Path(data_dir) / f"reference_{split}.npy"
-        np.save(path, np.array([offsets, values], dtype=np.float64))
-        fsync_file(path)
-        out[split] = len(values)
-    record = {"model": str(model_path), "weights": weights_fingerprint(model), "conversations": out}
-    atomic_write_text(Path(data_dir) / REFERENCE, json.dumps(record, indent=2))
-    return record
+        arrays[split] = np.array([offsets, values], dtype=np.float64)
+    record = {"model": str(model_path), "weights": weights_fingerprint(model)}
+    return reference_store.write(data_dir, arrays, record)
 
 
 def count_pairs(labels: torch.Tensor, positions: torch.Tensor) -> int:

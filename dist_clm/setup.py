@@ -5,7 +5,6 @@ run directory's config.yaml, tokenizer/ and ds_config.json."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,13 +13,12 @@ from dist_clm import loss_head
 from dist_clm.config import Config
 from dist_clm.data.loader import Source, TrainLoader
 from dist_clm.data.provenance import check_sources, run_tokenizer, training_sources
-from dist_clm.data.remote import local_dir
+from dist_clm.data.reference_store import read_record
 from dist_clm.distributed import DistEnv, agree_on_error, describe
 from dist_clm.engine import deepspeed_config, param_groups, resolve_grad_accum, resolve_precision, scheduler_factory
 from dist_clm.errors import UserError
 from dist_clm.metrics import say
 from dist_clm.model import attention_for, build_model_with, count_params, flops_per_token, max_positions
-from dist_clm.preference import REFERENCE
 from dist_clm.rundir import RunOwner, claim, data_fingerprint, write_run_files
 
 
@@ -172,7 +170,7 @@ def check_preference(cfg: Config, tuned: list[Source], paired: list[Source]) -> 
             f"config key 'train.micro_batch_size' is {cfg.train.micro_batch_size}; {what} reads whole pairs (a chosen "
             "and a rejected block), so it must be even."
         )
-    if what == "dpo" and not (Path(local_dir(paired[0].path)) / REFERENCE).is_file():
+    if what == "dpo" and read_record(paired[0].path) is None:
         raise UserError(
             f"'{paired[0].path}' has no reference values for dpo; compute them with `dist-clm prepare-reference "
             f"{paired[0].path} --model STARTING_MODEL`, or use train.objective=orpo (no reference)."
@@ -181,12 +179,10 @@ def check_preference(cfg: Config, tuned: list[Source], paired: list[Source]) -> 
 
 def check_reference(sources: list[Source], model) -> None:
     """dpo: the stored reference values were computed with the model this run starts from (the same weights)."""
-    import json
-
     from dist_clm.preference import weights_fingerprint
 
     (source,) = [s for s in sources if s.weight > 0]
-    stored = json.loads((Path(local_dir(source.path)) / REFERENCE).read_text())
+    stored = read_record(source.path)
     mine = weights_fingerprint(model)
     if stored["weights"] != mine:
         raise UserError(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY, corpus_files, run_cli
+from tests.helpers import BUCKET, TINY, corpus_files, run_cli, start_server
 
 # Each StreamingDataset leaves lock files in the temp dir; give the session its own (also for subprocesses).
 _TMP = tempfile.mkdtemp(prefix="dist_clm_tests_")
@@ -93,3 +93,18 @@ def chat_tokenizer(tmp_path_factory, corpus_dir) -> Path:
     out = tmp_path_factory.mktemp("chat_tok") / "tok"
     files = sources.resolve_inputs([str(corpus_dir)])
     return train_bpe(sources.iter_documents(files), out, vocab_size=512, chat_template="chatml")
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """The S3-compatible server's environment (S3_ENDPOINT_URL, keys), set in this process too, and a bucket."""
+    import contextlib
+
+    import boto3
+
+    env = start_server()
+    os.environ.update(env)
+    client = boto3.client("s3", endpoint_url=env["S3_ENDPOINT_URL"])
+    with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+        client.create_bucket(Bucket=BUCKET)
+    return client

@@ -290,3 +290,24 @@ def restore_node(node: str) -> None:
     if "idle" not in state() and "alloc" not in state():
         subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], capture_output=True)
     wait_for(lambda: any(s in state() for s in ("idle", "alloc", "mix")), f"node {node} back", 60)
+
+
+# ---- the S3-compatible server (launchers/local_s3/start.sh)
+
+ROOT = Path(__file__).resolve().parents[1]
+S3_DIR = Path(os.environ.get("DIST_CLM_S3_DIR", "/tmp/dist-clm-s3"))
+BUCKET = "dist-clm-tests"
+
+
+def server_env() -> dict:
+    env = {}
+    for line in (S3_DIR / "env").read_text().splitlines():
+        key, value = line.removeprefix("export ").split("=", 1)
+        env[key] = value.split(":-", 1)[1].rstrip("}") if value.startswith("${") else value
+    return env
+
+
+def start_server() -> dict:
+    r = subprocess.run(["bash", str(ROOT / "launchers/local_s3/start.sh")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return server_env()

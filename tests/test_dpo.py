@@ -295,3 +295,123 @@ def test_dpo_on_slurm_survives_preemption_and_moves_to_one_rank(tmp_path, pref_d
     assert list(resumed) == list(range(21, 31))
     for step, loss in resumed.items():
         assert loss == pytest.approx(reference[step], rel=2e-4), (step, loss, reference[step])
+
+
+def test_reference_values_are_checked_and_survive_a_killed_or_concurrent_rerun(tmp_path, pref_data, start_model):
+    """The stored values are checked when a run loads them (bit rot, a cut copy: one sentence); a second
+    prepare-reference on the same data is refused while one runs; one killed (-9, its process group) at any
+    moment while it replaces the values with another model's leaves a record naming whole arrays, the old
+    model's or the new one's, never a mix."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import time
+
+    from dist_clm.data import reference_store
+    from dist_clm.data.inspect import inspect, verify
+    from dist_clm.errors import DataError
+    from tests.helpers import BIN
+
+    data = tmp_path / "data"
+    shutil.copytree(pref_data, data)
+    old = reference_store.read_record(data)
+    assert set(old["splits"]) == {"train", "val"}
+    array = data / "reference" / old["splits"]["train"]["file"]
+    original = array.read_bytes()
+    flipped = bytearray(original)
+    flipped[-3] ^= 0x10
+    for damaged in (bytes(flipped), original[:-8]):
+        array.write_bytes(damaged)
+        r = run_cli("train", *TINY_PREF, f"data.path={data}", f"model.pretrained={start_model}",
+                    f"run.dir={tmp_path / 'damaged'}", "train.max_steps=3")  # fmt: skip
+        assert_clean_error(r, f"'{data}/reference/{array.name}'", "do not match their size and hash", "again")
+        with pytest.raises(DataError, match="do not match their size and hash"):
+            verify(data)  # `data inspect --verify` finds it too
+        shutil.rmtree(tmp_path / "damaged", ignore_errors=True)
+    array.write_bytes(original)
+    assert f"reference values of {old['splits']['train']['conversations']} conversations" in verify(data)[0]
+
+    other = tmp_path / "other"  # another model: one ORPO step from scratch
+    r = run_cli("train", *TINY_PREF, f"data.path={data}", f"run.dir={other}", "train.objective=orpo",
+                "train.max_steps=1", "train.warmup_steps=0")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    holder = subprocess.Popen([str(BIN / "python"), "-c", "import fcntl, sys, time\nf = open(sys.argv[1], 'a')\n"
+                               "fcntl.flock(f, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(600)",
+                               str(data / "reference" / ".lock")], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = run_cli("prepare-reference", str(data), "--model", str(other))
+        assert_clean_error(r, "another prepare-reference is writing", "wait for it")
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+    # the moment that matters, made certain: the new arrays are in place and the process dies before the record
+    code = (
+        "import os, sys, numpy as np\nfrom dist_clm.data import reference_store as rs\n"
+        "rs.atomic_write_text = lambda *a: os._exit(9)\n"
+        "rs.write(sys.argv[1], {s: np.zeros((2, 3)) for s in ('train', 'val')}, {'model': 'x', 'weights': 'x'})"
+    )
+    assert subprocess.run([str(BIN / "python"), "-c", code, str(data)]).returncode == 9
+    assert len(list((data / "reference").glob("*.npy"))) == 4  # the old train and val arrays, and the new
+    assert reference_store.read_record(data) == old and reference_store.load_values(data, "train") is not None
+
+    weights = {old["weights"]}
+    for delay in (1.0, 2.5, 3.5, 4.0, 4.5, 6.0):  # (it loads in ~1.5 s, and is done in ~4.5 s)
+        proc = subprocess.Popen([str(BIN / "dist-clm"), "prepare-reference", str(data), "--model", str(other)],
+                                start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)  # fmt: skip
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        record = reference_store.read_record(data)
+        weights.add(record["weights"])
+        for split in ("train", "val"):
+            offsets, values = reference_store.load_values(data, split)  # whole: its size and hash check passes
+            assert len(offsets) == len(values) == record["splits"][split]["conversations"]
+    r = run_cli("prepare-reference", str(data), "--model", str(other))
+    assert r.returncode == 0, r.stderr[-2000:]
+    new = reference_store.read_record(data)
+    assert new["weights"] != old["weights"] and weights <= {old["weights"], new["weights"]}
+    kept = {p.name for p in (data / "reference").iterdir()}
+    assert kept == {"reference.json", ".lock", *(s["file"] for s in new["splits"].values())}  # nothing else left
+    shown = inspect(data, samples=0)  # `data inspect`
+    assert f"reference values (dpo): of {other} (weights {new['weights']})" in shown and " pairs (0 truncated" in shown
+
+
+def test_dpo_reads_pairs_and_reference_values_from_a_bucket(tmp_path, s3, chat_tokenizer, pref_data, start_model):
+    """Pairs prepared into a bucket, their reference values computed through the node cache and uploaded beside
+    them: a DPO run from the bucket trains exactly as from the local copy of the same data."""
+    import os
+
+    from dist_clm.data import reference_store
+    from tests.helpers import BUCKET, metrics, train_losses
+
+    records = tmp_path / "pairs.jsonl"
+    r = run_cli("data", "synthetic", "--task", "preference", "--out", str(records), "--records", "200")
+    assert r.returncode == 0
+    url = f"s3://{BUCKET}/run-{os.getpid()}/dpo-pairs"
+    r = run_cli("prepare", str(records), "--tokenizer", str(chat_tokenizer), "--out", url, "--format", "preference",
+                "--block-size", str(BLOCK), "--val-fraction", "0.1", "--quiet")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli("train", *TINY_PREF, f"data.path={url}", f"model.pretrained={start_model}",
+                f"run.dir={tmp_path / 'early'}", "train.max_steps=3")  # fmt: skip
+    assert_clean_error(r, "has no reference values for dpo", "prepare-reference")
+    r = run_cli("prepare-reference", url, "--model", str(start_model), env={"DIST_CLM_CACHE": str(tmp_path / "c1")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    prefix = url.removeprefix(f"s3://{BUCKET}/")
+    stored = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/reference/")["Contents"]}
+    record = reference_store.read_record(pref_data)
+    names = ["reference.json", *(s["file"] for s in record["splits"].values())]
+    assert stored == {f"{prefix}/reference/{name}" for name in names}  # the local copy's values, by their hashes
+
+    losses = {}
+    for name, path in (("bucket", url), ("local", pref_data)):
+        run = tmp_path / name
+        r = run_cli("train", *TINY_PREF, f"data.path={path}", f"model.pretrained={start_model}", f"run.dir={run}",
+                    f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=4", "train.log_every=1")  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        losses[name] = train_losses(metrics(run))
+    assert losses["bucket"] == losses["local"] and len(losses["local"]) == 4

@@ -14,38 +14,7 @@ from pathlib import Path
 import pytest
 
 from dist_clm.distributed import free_port
-from tests.helpers import BIN, TINY, metrics, run_cli, train_losses
-
-ROOT = Path(__file__).resolve().parents[1]
-S3_DIR = Path(os.environ.get("DIST_CLM_S3_DIR", "/tmp/dist-clm-s3"))
-BUCKET = "dist-clm-tests"
-
-
-def server_env() -> dict:
-    env = {}
-    for line in (S3_DIR / "env").read_text().splitlines():
-        key, value = line.removeprefix("export ").split("=", 1)
-        env[key] = value.split(":-", 1)[1].rstrip("}") if value.startswith("${") else value
-    return env
-
-
-def start_server() -> dict:
-    r = subprocess.run(["bash", str(ROOT / "launchers/local_s3/start.sh")], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return server_env()
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """The server's environment (S3_ENDPOINT_URL, keys), set in this process too, and a fresh bucket."""
-    import boto3
-
-    env = start_server()
-    os.environ.update(env)
-    client = boto3.client("s3", endpoint_url=env["S3_ENDPOINT_URL"])
-    with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
-        client.create_bucket(Bucket=BUCKET)
-    return client
+from tests.helpers import BIN, BUCKET, ROOT, S3_DIR, TINY, metrics, run_cli, server_env, start_server, train_losses
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dist_clm.data.prepare import read_manifest, token_limit
+from dist_clm.data.reference_store import load_values, read_record
 from dist_clm.data.remote import local_dir, mirror_of
 
 
@@ -35,9 +36,12 @@ def inspect(data_dir: str | Path, samples: int = 3, tokens: int = 60) -> str:
     if tuned:
         lines.append(f"fine-tuning data: format {tuned['format']}, objective {tuned['objective']}, whole conversations "
                      f"packed into blocks of {tuned['block_size']} tokens")  # fmt: skip
+        if tuned.get("pairs"):
+            lines.append(_reference_line(data_dir))
     for split, s in m["splits"].items():
         if tuned:
-            lines.append(f"{split}: {s['conversations']:,} conversations ({s['truncated']:,} truncated, "
+            what = "pairs" if tuned.get("pairs") else "conversations"
+            lines.append(f"{split}: {s['conversations']:,} {what} ({s['truncated']:,} truncated, "
                          f"{s['dropped']:,} dropped), {s['learned_tokens']:,} learned tokens, "
                          f"{s['padding_tokens']:,} padding tokens")  # fmt: skip
         lines.append(
@@ -107,13 +111,28 @@ def verify(data_dir: str | Path) -> list[str]:
                 f"'{d / split}' holds {total:,} tokens but '{d / 'manifest.json'}' says {info['tokens']:,}, "
                 "so the directory was changed after prepare; prepare the data again."
             )
+        reference = ""
+        if m.get("fine_tuning", {}).get("pairs") and read_record(data_dir) is not None:
+            offsets, _ = load_values(data_dir, split)  # its size and hash checked
+            reference = f", reference values of {len(offsets):,} conversations (size, xxh3_64 hash)"
+            if len(offsets) and (offsets.max() >= total or offsets.min() < 0):
+                raise DataError(f"the reference values of '{data_dir}' name conversations outside its {split} split; "
+                                "run `dist-clm prepare-reference` again.")  # fmt: skip
         hashes = " and ".join(sorted(a for a in algos if a)) or "no"
         note = "" if None not in algos else " (index.json records no hash for some shards: sizes only there)"
         lines.append(
             f"{split}: ok: {len(store.readers)} shards (names, sizes, {hashes} hashes){note}, "
-            f"{len(store):,} chunks, {total:,} tokens, token ids <= {limit} (largest {top})"
+            f"{len(store):,} chunks, {total:,} tokens, token ids <= {limit} (largest {top}){reference}"
         )
     return lines
+
+
+def _reference_line(data_dir) -> str:
+    record = read_record(data_dir)
+    if record is None:
+        return "reference values (dpo): none yet; compute them with `dist-clm prepare-reference DATA --model START`"
+    counts = ", ".join(f"{split} {s['conversations']:,}" for split, s in record["splits"].items())
+    return f"reference values (dpo): of {record['model']} (weights {record['weights']}), {counts} conversations"
 
 
 def _changed(store, i: int, what: str):

@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from dist_clm.data.mixture import Stage, StagedMixture, check_resume, describe, plan, shares
 from dist_clm.data.prefetch import Prefetcher
 from dist_clm.data.prepare import SHARD_HASH, token_limit
+from dist_clm.data.reference_store import load_values
 from dist_clm.data.remote import Mirror, is_remote, local_dir, mirror_of
 from dist_clm.errors import DataError, UserError
 from dist_clm.preemption import ignore_stop_signals
@@ -497,7 +498,7 @@ class MixedBlocks(Dataset):
         self.block_size, self.document_mask = block_size, document_mask
         self.masked = [b.stream.masked for b in self.blocks]
         # preference pairs with the reference model's values (prepare-reference): (offsets, values) per source
-        self.references = [_reference(s.path, "train") if t.paired else None
+        self.references = [load_values(s.path, "train") if t.paired else None
                            for s, t in zip(train, streams, strict=True)]  # fmt: skip
         self.with_reference = any(r is not None for r in self.references)
         self.labelled = document_mask or any(self.masked)  # labels differ from the ids
@@ -557,15 +558,6 @@ class MixedBlocks(Dataset):
         if self.with_reference:
             batch["reference"] = reference
         return batch | ({"position_ids": positions} if self.document_mask else {})
-
-
-def _reference(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """The reference values stored with preference data (offsets, values), or None before prepare-reference."""
-    path = local_dir(data_dir) / f"reference_{split}.npy"
-    if not (local_dir(data_dir) / "reference.json").is_file():
-        return None
-    offsets, values = np.load(path)
-    return offsets.astype(np.int64), values
 
 
 def bad_token_error(store: ChunkStore, chunk: int, value: int, limit: int) -> DataError:

@@ -134,7 +134,8 @@ def refuse_complete_remote(url: str) -> None:
     raise UserError(f"'{url}' already holds a complete prepared dataset (its manifest.json); choose another --out.")
 
 
-def upload_last(local: Path, url: str, names: list[str], manifest: str) -> None:
+def upload_last(local: Path, url: str, names: list[str], manifest: str, rerun: str = "run the same prepare again to "
+                "restart") -> None:  # fmt: skip
     """Upload `names` (relative to `local`) to `url`, then `manifest`: the mark that the data is complete."""
     from streaming.base.storage import CloudUploader
 
@@ -148,8 +149,8 @@ def upload_last(local: Path, url: str, names: list[str], manifest: str) -> None:
             uploader.upload_file(name)
     except Exception as e:  # noqa: BLE001 (each storage library raises its own types)
         raise UserError(
-            f"uploading to '{url}' failed ({type(e).__name__}: {str(e).strip()[:200]}); it has no {manifest}, so "
-            "nothing takes it for prepared data: run the same prepare again to restart."
+            f"uploading to '{url}' failed ({type(e).__name__}: {str(e).strip()[:200]}); {manifest} was not uploaded, "
+            f"so nothing takes what was for complete: {rerun}."
         ) from None
     finally:
         quiet.setLevel(level)
@@ -228,6 +229,13 @@ class Mirror:
             for split in manifest.get("splits", {}) if isinstance(manifest, dict) else ():
                 self._fetch(f"{split}/index.json", self.root / split / "index.json", check=None, fresh=True)
         return self.root / "manifest.json"
+
+    def file(self, name: str, check: Callable[[Path], None] | None = None, fresh: bool = False) -> Path:
+        """The local copy of the remote file `name` (relative to the directory), downloaded if missing or `fresh`,
+        `check`ed before it is put in place. FileNotFoundError: the remote has no such file."""
+        local = self.root / name
+        self._fetch(name, local, check=check, fresh=fresh)
+        return local
 
     def shard(self, split: str, basename: str, size: int, check: Callable[[Path], None]) -> Path:
         """The local path of a shard file of `size` bytes, downloaded if missing (and `check`ed before it is put

@@ -1,0 +1,157 @@
+"""Where DPO's reference values live beside prepared preference data, local or in object storage.
+
+    DATA/reference/reference.json          the record: the model, its weights fingerprint, per split the array
+                                           file's name, size and xxh3_64 hash (and its conversation count)
+    DATA/reference/{split}-{hash}.npy      (2, n) float64: each learned conversation's stream offset and value
+
+The arrays are named by their content hash and never overwritten, and the record is written last (locally
+fsynced and renamed over the old one; in a bucket, one PUT, which replaces an object whole). So a record always
+names arrays that exist and hold what it says, whatever moment a `prepare-reference` is killed at, and a rerun
+with another model leaves the old record valid until the new one replaces it. Each array is checked against
+its size and hash when a run loads it (bit rot, a truncated copy: one sentence). Locally one writer at a time
+(a lock; a second is refused) and arrays no record names are removed after the record is written; in a bucket
+the old arrays stay (a few bytes per pair).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from dist_clm.data.remote import is_remote, mirror, upload_last
+from dist_clm.errors import DataError, UserError
+from dist_clm.fsutil import atomic_write_text, fsync_dir
+
+DIR, RECORD = "reference", "reference.json"
+
+
+def _digest(path: Path) -> str:
+    import xxhash  # (a dependency of mosaicml-streaming)
+
+    h = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_record(data: str | Path) -> dict | None:
+    """The reference record of a prepared directory or URL, or None where `prepare-reference` has not run."""
+    if is_remote(data):
+        try:
+            path = mirror(str(data)).file(f"{DIR}/{RECORD}", fresh=True)
+        except FileNotFoundError:
+            return None
+    else:
+        path = Path(data) / DIR / RECORD
+        if not path.is_file():
+            return None
+    try:
+        record = json.loads(path.read_text())
+        record["splits"]  # noqa: B018 (a record without it is not one this version wrote)
+    except (ValueError, KeyError, TypeError):
+        raise DataError(
+            f"'{data}/{DIR}/{RECORD}' is not a readable reference record; run `dist-clm prepare-reference` again."
+        ) from None
+    return record
+
+
+def load_values(data: str | Path, split: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(offsets, values) of one split's learned conversations, checked against the record; None without one."""
+    record = read_record(data)
+    if record is None:
+        return None
+    entry = record["splits"][split]
+    name = entry["file"]
+
+    def check(path: Path) -> None:
+        size = path.stat().st_size
+        if size != entry["bytes"] or _digest(path) != entry["xxh3_64"]:
+            raise DataError(
+                f"the reference values '{data}/{DIR}/{name}' do not match their size and hash in {RECORD} (damaged "
+                "or cut short); run `dist-clm prepare-reference` again."
+            )
+
+    if is_remote(data):
+        try:
+            path = mirror(str(data)).file(f"{DIR}/{name}", check=check)
+        except FileNotFoundError:
+            raise DataError(f"'{data}/{DIR}/{name}' named by {RECORD} is missing; run `dist-clm prepare-reference` "
+                            "again.") from None  # fmt: skip
+    else:
+        path = Path(data) / DIR / name
+        if not path.is_file():
+            raise DataError(f"'{path}' named by {RECORD} is missing; run `dist-clm prepare-reference` again.")
+    check(path)
+    offsets, values = np.load(path)
+    return offsets.astype(np.int64), values
+
+
+@contextmanager
+def _writer(data: Path) -> Iterator[Path]:
+    """The local reference directory, held by this process alone while the block runs."""
+    where = data / DIR
+    where.mkdir(exist_ok=True)
+    with open(where / ".lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UserError(f"another prepare-reference is writing '{where}'; wait for it or stop it first.") from None
+        try:
+            yield where
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def check_writable(data: str | Path) -> None:
+    """Before the model pass: a local directory has no other writer (checked again when the values are written)."""
+    if not is_remote(data):
+        with _writer(Path(data)):
+            pass
+
+
+def write(data: str | Path, arrays: dict[str, np.ndarray], record: dict) -> dict:
+    """Store `arrays` (split -> (2, n) array) and `record` with the data: the arrays, then the record."""
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / DIR
+        staged.mkdir()
+        splits = {}
+        for split, array in arrays.items():
+            part = staged / f".{split}.npy"
+            np.save(part, array)
+            digest = _digest(part)
+            name = f"{split}-{digest}.npy"
+            part.rename(staged / name)
+            splits[split] = {"file": name, "bytes": (staged / name).stat().st_size, "xxh3_64": digest,
+                             "conversations": int(array.shape[1])}  # fmt: skip
+        record = {**record, "splits": splits}
+        text = json.dumps(record, indent=2)
+        if is_remote(data):
+            (staged / RECORD).write_text(text)
+            upload_last(Path(tmp), str(data), [f"{DIR}/{s['file']}" for s in splits.values()], f"{DIR}/{RECORD}",
+                        rerun="run the same prepare-reference again")  # fmt: skip
+            return record
+        with _writer(Path(data)) as where:
+            for s in splits.values():
+                target = where / s["file"]
+                if not target.is_file():  # (named by its hash: a file of that name holds these bytes)
+                    tmp_target = where / f".{s['file']}.tmp-{os.getpid()}"
+                    tmp_target.write_bytes((staged / s["file"]).read_bytes())
+                    with open(tmp_target, "rb") as f:
+                        os.fsync(f.fileno())
+                    os.replace(tmp_target, target)
+            fsync_dir(where)
+            atomic_write_text(where / RECORD, text)
+            named = {s["file"] for s in splits.values()}
+            for old in [*where.glob("*.npy"), *where.glob(".*.tmp-*")]:  # older values; a killed writer's copies
+                if old.name not in named:
+                    old.unlink()
+            fsync_dir(where)
+    return record
