@@ -74,9 +74,11 @@ def _prepare(a: argparse.Namespace) -> None:
 
 
 def _prepare_reference(a: argparse.Namespace) -> None:
+    import torch
+
     from dist_clm.preference import compute_reference
 
-    record = compute_reference(a.model, a.data, a.batch_size)
+    record = compute_reference(a.model, a.data, a.batch_size, "cuda" if torch.cuda.is_available() else "cpu")
     counts = ", ".join(f"{split} {s['conversations']}" for split, s in record["splits"].items())
     print(f"reference values of the conversations ({counts}) under weights {record['weights']} written to "
           f"{a.data}/reference")  # fmt: skip
@@ -279,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("prepare-reference", help="DPO: the starting model's log-probabilities of prepared pairs")
     t.add_argument("data", help="a directory prepared with --format preference")
     t.add_argument("--model", required=True, help="the model DPO starts from (an export, a run or a checkpoint)")
-    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass (on a GPU where there is one)")
     t.set_defaults(func=_prepare_reference)
 
     dt = sub.add_parser("data", help="prepared-data tools").add_subparsers(dest="action", required=True)

@@ -100,13 +100,10 @@ def weights_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
-@torch.no_grad()
 def compute_reference(model_path: str, data_dir: str, batch_size: int = 8, device: str = "cpu") -> dict:
     """`dist-clm prepare-reference`: the summed log-probabilities of every learned conversation of a prepared
     directory (or URL) of pairs under the model at `model_path` (the policy's starting point), stored with the
-    data with the model's weights fingerprint."""
-    import numpy as np
-
+    data with the model's weights fingerprint (data/reference_store.py); returns the record written."""
     from dist_clm.data import reference_store
     from dist_clm.data.loader import TokenStream
     from dist_clm.data.prepare import read_manifest
@@ -118,31 +115,37 @@ def compute_reference(model_path: str, data_dir: str, batch_size: int = 8, devic
     tuned = manifest.get("fine_tuning") or {}
     if not tuned.get("pairs"):
         raise UserError(f"'{data_dir}' holds no preference pairs; prepare it with --format preference.")
-    reference_store.check_writable(data_dir)
-    model, tok, _ = load_model(model_path)
-    if fingerprint(tok) != manifest["tokenizer"]["fingerprint"]:
-        raise UserError(
-            f"'{model_path}' uses another tokenizer than '{data_dir}'; prepare the data with its tokenizer."
-        )
-    model.to(device)
-    block, arrays = tuned["block_size"], {}
-    for split in ("train", "val"):
-        stream = TokenStream(data_dir, split, manifest)
-        offsets, values = [], []
-        for start in range(0, stream.tokens, block * batch_size):
-            rows = [
-                stream.read_learned(s, block)
-                for s in range(start, min(start + block * batch_size, stream.tokens), block)
-            ]
-            ids, learned, positions = (torch.as_tensor(np.stack([r[i] for r in rows])).long() for i in range(3))
-            labels = torch.where(learned.bool(), ids, torch.full_like(ids, IGNORE))
-            logits = model(input_ids=ids.to(device), position_ids=positions.to(device), use_cache=False).logits
-            seg = segment_logps(logits, labels.to(device), positions.to(device))
-            values += seg.logps.double().cpu().tolist()
-            offsets += (start + seg.rows * block + seg.starts).cpu().tolist()
-        arrays[split] = np.array([offsets, values], dtype=np.float64)
-    record = {"model": str(model_path), "weights": weights_fingerprint(model)}
-    return reference_store.write(data_dir, arrays, record)
+    with reference_store.claim(data_dir):  # one writer at a time, from before the pass
+        model, tok, _ = load_model(model_path)
+        if fingerprint(tok) != manifest["tokenizer"]["fingerprint"]:
+            raise UserError(
+                f"'{model_path}' uses another tokenizer than '{data_dir}'; prepare the data with its tokenizer."
+            )
+        model.to(device)
+        arrays = {
+            split: _stream_values(model, TokenStream(data_dir, split, manifest), tuned["block_size"], batch_size)
+            for split in ("train", "val")
+        }
+        record = {"model": str(model_path), "weights": weights_fingerprint(model)}
+        return reference_store.write(data_dir, arrays, record)
+
+
+@torch.no_grad()
+def _stream_values(model, stream, block: int, batch_size: int):
+    """(2, n) float64: the stream offset and summed log-probability of each learned conversation, in order."""
+    import numpy as np
+
+    device = next(model.parameters()).device
+    offsets, values = [], []
+    for start in range(0, stream.tokens, block * batch_size):
+        rows = [stream.read_learned(s, block) for s in range(start, min(start + block * batch_size, stream.tokens),
+                                                             block)]  # fmt: skip
+        ids, learned, positions = (torch.as_tensor(np.stack([r[i] for r in rows])).long().to(device) for i in range(3))
+        labels = torch.where(learned.bool(), ids, torch.full_like(ids, IGNORE))
+        seg = segment_logps(model(input_ids=ids, position_ids=positions, use_cache=False).logits, labels, positions)
+        values += seg.logps.double().cpu().tolist()
+        offsets += (start + seg.rows * block + seg.starts).cpu().tolist()
+    return np.array([offsets, values], dtype=np.float64)
 
 
 def count_pairs(labels: torch.Tensor, positions: torch.Tensor) -> int:

@@ -352,7 +352,8 @@ def test_reference_values_are_checked_and_survive_a_killed_or_concurrent_rerun(t
     code = (
         "import os, sys, numpy as np\nfrom dist_clm.data import reference_store as rs\n"
         "rs.atomic_write_text = lambda *a: os._exit(9)\n"
-        "rs.write(sys.argv[1], {s: np.zeros((2, 3)) for s in ('train', 'val')}, {'model': 'x', 'weights': 'x'})"
+        "with rs.claim(sys.argv[1]):\n"
+        "    rs.write(sys.argv[1], {s: np.zeros((2, 3)) for s in ('train', 'val')}, {'model': 'x', 'weights': 'x'})"
     )
     assert subprocess.run([str(BIN / "python"), "-c", code, str(data)]).returncode == 9
     assert len(list((data / "reference").glob("*.npy"))) == 4  # the old train and val arrays, and the new

@@ -22,20 +22,18 @@ def _last_logged_step(run) -> int:
         return 0
 
 
-def _kill_during_a_save(tmp_path, data_dir, async_save: bool):
-    run = tmp_path / "run"
-    # a wider model, so that each save takes long enough to be caught in the act
-    cmd = [str(BIN / "dist-clm"), "train", *TINY, f"data.path={data_dir}", f"run.dir={run}",
-           "model.overrides.n_embd=256", "model.overrides.n_layer=4", f"train.async_save={str(async_save).lower()}",
-           "train.max_steps=60", f"train.save_every={2 if async_save else 1}", "train.keep_last=3",
-           "train.log_every=1", "train.eval_every=0"]  # fmt: skip
+def _catch_a_save(run, cmd: list[str], async_save: bool) -> tuple[object, int]:
+    """Run `cmd` and kill its process group (-9) while a checkpoint after a complete one is being written: (that
+    checkpoint, the last step logged then), or (None, 0) where none was caught or the kill came too late (its
+    marker landed between the look and the kill: a complete save, not the case under test)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     caught, trained_past = None, 0
     deadline = time.time() + 400
     while proc.poll() is None and time.time() < deadline:
-        ckdir = run / "checkpoints"
-        partial = [d for d in ckdir.glob("step_*") if not (d / COMPLETE).exists() and any(d.iterdir())]
-        if partial and complete_checkpoints(run):
+        complete = complete_checkpoints(run)  # (first: a save may complete while the directory is listed)
+        partial = [d for d in (run / "checkpoints").glob("step_*")
+                   if complete and d.name > complete[-1].name and any(d.iterdir())]  # fmt: skip
+        if partial:
             step = int(partial[0].name[len(PREFIX) :])
             trained_past = _last_logged_step(run)
             # in the background: only once the step loop has gone past the checkpoint's step
@@ -44,8 +42,26 @@ def _kill_during_a_save(tmp_path, data_dir, async_save: bool):
                 caught = partial[0]
                 break
         time.sleep(0.002)
+    proc.kill()
     proc.wait()
-    assert caught is not None, "no save was caught in progress"
+    if caught is None or (caught / COMPLETE).exists():
+        return None, 0
+    return caught, trained_past
+
+
+def _kill_during_a_save(tmp_path, data_dir, async_save: bool):
+    for attempt in range(3):
+        run = tmp_path / f"run{attempt}"
+        # a wider model, so that each save takes long enough to be caught in the act
+        cmd = [str(BIN / "dist-clm"), "train", *TINY, f"data.path={data_dir}", f"run.dir={run}",
+               "model.overrides.n_embd=256", "model.overrides.n_layer=4",
+               f"train.async_save={str(async_save).lower()}", "train.max_steps=60",
+               f"train.save_every={2 if async_save else 1}", "train.keep_last=3", "train.log_every=1",
+               "train.eval_every=0"]  # fmt: skip
+        caught, trained_past = _catch_a_save(run, cmd, async_save)
+        if caught is not None:
+            break
+    assert caught is not None, "no save was caught in progress in 3 runs"
     assert not (caught / COMPLETE).exists()  # the half-written checkpoint is not marked complete
     last_good = complete_checkpoints(run)[-1]
     assert last_good.name < caught.name

@@ -27,7 +27,7 @@ import numpy as np
 
 from dist_clm.data.remote import is_remote, mirror, upload_last
 from dist_clm.errors import DataError, UserError
-from dist_clm.fsutil import atomic_write_text, fsync_dir
+from dist_clm.fsutil import atomic_write_text, fsync_dir, fsync_file
 
 DIR, RECORD = "reference", "reference.json"
 
@@ -95,9 +95,14 @@ def load_values(data: str | Path, split: str) -> tuple[np.ndarray, np.ndarray] |
 
 
 @contextmanager
-def _writer(data: Path) -> Iterator[Path]:
-    """The local reference directory, held by this process alone while the block runs."""
-    where = data / DIR
+def claim(data: str | Path) -> Iterator[None]:
+    """Hold a local prepared directory's reference values for one writer while the block runs (a second is
+    refused with one sentence); `write` runs inside it. A bucket has no lock: the last record uploaded wins, and
+    every record names its own arrays."""
+    if is_remote(data):
+        yield
+        return
+    where = Path(data) / DIR
     where.mkdir(exist_ok=True)
     with open(where / ".lock", "a") as lock:
         try:
@@ -105,20 +110,14 @@ def _writer(data: Path) -> Iterator[Path]:
         except OSError:
             raise UserError(f"another prepare-reference is writing '{where}'; wait for it or stop it first.") from None
         try:
-            yield where
+            yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def check_writable(data: str | Path) -> None:
-    """Before the model pass: a local directory has no other writer (checked again when the values are written)."""
-    if not is_remote(data):
-        with _writer(Path(data)):
-            pass
-
-
 def write(data: str | Path, arrays: dict[str, np.ndarray], record: dict) -> dict:
-    """Store `arrays` (split -> (2, n) array) and `record` with the data: the arrays, then the record."""
+    """Store `arrays` (split -> (2, n) array) and `record` with the data: the arrays, then the record (inside
+    `claim(data)`); returns the record written."""
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / DIR
         staged.mkdir()
@@ -138,20 +137,19 @@ def write(data: str | Path, arrays: dict[str, np.ndarray], record: dict) -> dict
             upload_last(Path(tmp), str(data), [f"{DIR}/{s['file']}" for s in splits.values()], f"{DIR}/{RECORD}",
                         rerun="run the same prepare-reference again")  # fmt: skip
             return record
-        with _writer(Path(data)) as where:
-            for s in splits.values():
-                target = where / s["file"]
-                if not target.is_file():  # (named by its hash: a file of that name holds these bytes)
-                    tmp_target = where / f".{s['file']}.tmp-{os.getpid()}"
-                    tmp_target.write_bytes((staged / s["file"]).read_bytes())
-                    with open(tmp_target, "rb") as f:
-                        os.fsync(f.fileno())
-                    os.replace(tmp_target, target)
-            fsync_dir(where)
-            atomic_write_text(where / RECORD, text)
-            named = {s["file"] for s in splits.values()}
-            for old in [*where.glob("*.npy"), *where.glob(".*.tmp-*")]:  # older values; a killed writer's copies
-                if old.name not in named:
-                    old.unlink()
-            fsync_dir(where)
+        where = Path(data) / DIR
+        for s in splits.values():
+            target = where / s["file"]
+            if not target.is_file():  # (named by its hash: a file of that name holds these bytes)
+                part = where / f".{s['file']}.tmp-{os.getpid()}"
+                part.write_bytes((staged / s["file"]).read_bytes())
+                fsync_file(part)
+                os.replace(part, target)
+    fsync_dir(where)
+    atomic_write_text(where / RECORD, text)
+    named = {s["file"] for s in splits.values()}
+    for old in [*where.glob("*.npy"), *where.glob(".*.tmp-*")]:  # older values; a killed writer's copies
+        if old.name not in named:
+            old.unlink()
+    fsync_dir(where)
     return record
