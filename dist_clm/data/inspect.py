@@ -114,7 +114,7 @@ def verify(data_dir: str | Path) -> list[str]:
         reference = ""
         if m.get("fine_tuning", {}).get("pairs") and read_record(data_dir) is not None:
             offsets, _ = load_values(data_dir, split)  # its size and hash checked
-            reference = f", reference values of {len(offsets):,} conversations (size, xxh3_64 hash)"
+            reference = f", reference values of {len(offsets):,} conversations (size, hash)"
             if len(offsets) and (offsets.max() >= total or offsets.min() < 0):
                 raise DataError(f"the reference values of '{data_dir}' name conversations outside its {split} split; "
                                 "run `dist-clm prepare-reference` again.")  # fmt: skip

@@ -1,7 +1,8 @@
 """Where DPO's reference values live beside prepared preference data, local or in object storage.
 
     DATA/reference/reference.json          the record: the model, its weights fingerprint, per split the array
-                                           file's name, size and xxh3_64 hash (and its conversation count)
+                                           file's name, size and hash (prepare's shard hash: xxh3_64),
+                                           and its conversation count
     DATA/reference/{split}-{hash}.npy      (2, n) float64: each learned conversation's stream offset and value
 
 The arrays are named by their content hash and never overwritten, and the record is written last (locally
@@ -32,14 +33,11 @@ from dist_clm.fsutil import atomic_write_text, fsync_dir, fsync_file
 DIR, RECORD = "reference", "reference.json"
 
 
-def _digest(path: Path) -> str:
-    import xxhash  # (a dependency of mosaicml-streaming)
+def _digest(path: Path, algo: str) -> str:
+    """streaming's hash of a file, the one prepare records for shards (the arrays are small: read whole)."""
+    from streaming.base.hashing import get_hash
 
-    h = xxhash.xxh3_64()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    return get_hash(algo, path.read_bytes())
 
 
 def read_record(data: str | Path) -> dict | None:
@@ -73,7 +71,7 @@ def load_values(data: str | Path, split: str) -> tuple[np.ndarray, np.ndarray] |
 
     def check(path: Path) -> None:
         size = path.stat().st_size
-        if size != entry["bytes"] or _digest(path) != entry["xxh3_64"]:
+        if size != entry["bytes"] or _digest(path, entry["hash"]) != entry["digest"]:
             raise DataError(
                 f"the reference values '{data}/{DIR}/{name}' do not match their size and hash in {RECORD} (damaged "
                 "or cut short); run `dist-clm prepare-reference` again."
@@ -118,38 +116,38 @@ def claim(data: str | Path) -> Iterator[None]:
 def write(data: str | Path, arrays: dict[str, np.ndarray], record: dict) -> dict:
     """Store `arrays` (split -> (2, n) array) and `record` with the data: the arrays, then the record (inside
     `claim(data)`); returns the record written."""
-    with tempfile.TemporaryDirectory() as tmp:
-        staged = Path(tmp) / DIR
-        staged.mkdir()
-        splits = {}
-        for split, array in arrays.items():
-            part = staged / f".{split}.npy"
-            np.save(part, array)
-            digest = _digest(part)
-            name = f"{split}-{digest}.npy"
-            part.rename(staged / name)
-            splits[split] = {"file": name, "bytes": (staged / name).stat().st_size, "xxh3_64": digest,
-                             "conversations": int(array.shape[1])}  # fmt: skip
-        record = {**record, "splits": splits}
-        text = json.dumps(record, indent=2)
-        if is_remote(data):
-            (staged / RECORD).write_text(text)
-            upload_last(Path(tmp), str(data), [f"{DIR}/{s['file']}" for s in splits.values()], f"{DIR}/{RECORD}",
-                        rerun="run the same prepare-reference again")  # fmt: skip
-            return record
-        where = Path(data) / DIR
-        for s in splits.values():
-            target = where / s["file"]
-            if not target.is_file():  # (named by its hash: a file of that name holds these bytes)
-                part = where / f".{s['file']}.tmp-{os.getpid()}"
-                part.write_bytes((staged / s["file"]).read_bytes())
-                fsync_file(part)
-                os.replace(part, target)
+    if is_remote(data):  # staged here, then uploaded: the arrays, the record last
+        with tempfile.TemporaryDirectory() as tmp:
+            staged = Path(tmp) / DIR
+            staged.mkdir()
+            record = {**record, "splits": {split: _save(staged, split, a) for split, a in arrays.items()}}
+            (staged / RECORD).write_text(json.dumps(record, indent=2))
+            names = [f"{DIR}/{s['file']}" for s in record["splits"].values()]
+            upload_last(Path(tmp), str(data), names, f"{DIR}/{RECORD}", rerun="run the same prepare-reference again")
+        return record
+    where = Path(data) / DIR
+    record = {**record, "splits": {split: _save(where, split, a) for split, a in arrays.items()}}
     fsync_dir(where)
-    atomic_write_text(where / RECORD, text)
-    named = {s["file"] for s in splits.values()}
+    atomic_write_text(where / RECORD, json.dumps(record, indent=2))
+    named = {s["file"] for s in record["splits"].values()}
     for old in [*where.glob("*.npy"), *where.glob(".*.tmp-*")]:  # older values; a killed writer's copies
         if old.name not in named:
             old.unlink()
     fsync_dir(where)
     return record
+
+
+def _save(where: Path, split: str, array: np.ndarray) -> dict:
+    """One split's array, fsynced and renamed to a name holding its hash; its entry in the record."""
+    from dist_clm.data.prepare import shard_hash
+
+    part = where / f".{split}.npy.tmp-{os.getpid()}"
+    with open(part, "wb") as f:
+        np.save(f, array)
+    fsync_file(part)
+    algo = shard_hash()
+    digest = _digest(part, algo)
+    name = f"{split}-{digest}.npy"
+    size = part.stat().st_size
+    os.replace(part, where / name)  # (a file of that name already there holds these very bytes)
+    return {"file": name, "bytes": size, "hash": algo, "digest": digest, "conversations": int(array.shape[1])}
