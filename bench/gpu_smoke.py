@@ -10,6 +10,18 @@ commands, as a user runs them, on the `tiny` preset and the benchmark's prepared
     export            `dist-clm export` of the ZeRO-3 run: `dist-clm eval` of the export (transformers'
                       AutoModelForCausalLM.from_pretrained) equals that of the checkpoint, and transformers'
                       pipeline("text-generation") generates from it
+    eval, generate    `dist-clm eval` and `dist-clm generate` of the ZeRO-3 checkpoint, run in this process
+                      (dist_clm.cli.main), outside a launcher: they run on the GPU (its memory was used)
+    zero3 + act. ckpt ZeRO-3, activation checkpointing and the default train.compile (configs/llama-1b.yaml's
+                      combination): losses equal the same run eager
+    document masks    tiny GPT-2 and tiny Llama in bf16, a micro batch of 4 rows of packed documents (rows that
+                      begin inside a document too): the logits of every attention path a run may pick
+                      (flex_attention; flash_attention_2 where flash_attn is installed, fed the documents' bounds
+                      as in training) equal SDPA's with the dense document mask (and flash attention without
+                      the bounds does not: it would attend across documents)
+    loss head         the fused loss head's forward + backward against the plain head's (logits, then
+                      cross-entropy) at GPT-2 124M's size (32 x 1024 tokens, 768 wide, 50257 words, bf16): its time
+                      is at most 1.5x the plain head's (its weight gradient runs on bf16 tensor cores)
 
 "Equal" is to --rtol (relative, default 2e-2 on a GPU: bf16, and kernels whose reductions are not ordered the
 same from run to run, such as the embedding's backward; on the CPU the resumed losses are bitwise equal and
@@ -129,6 +141,126 @@ class Smoke:
         self.check("export loads in transformers", ok, f"validation loss {theirs:.4f} (export) vs {ours:.4f} "
                    f"(checkpoint); pipeline generated {gen.stdout.strip()[:40]!r}")  # fmt: skip
 
+    def inference_on_device(self, run: Path) -> None:
+        """`dist-clm eval` and `dist-clm generate` in this process, as a user runs them outside a launcher."""
+        import contextlib
+        import io
+
+        import torch
+
+        from dist_clm.cli import main as cli
+
+        checkpoint = str(sorted((run / "checkpoints").glob("step_*"))[-1])
+        device = "cpu" if self.args.cpu else "cuda"
+        commands = {
+            "eval": ["eval", checkpoint, "--data", str(self.data), "--max-blocks", "2", "--json"],
+            "generate": ["generate", checkpoint, "--prompt", "def ", "--max-new-tokens", "8"],
+        }
+        for name, args in commands.items():
+            if not self.args.cpu:
+                torch.cuda.reset_peak_memory_stats()
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                code = cli(args)
+            used = self.args.cpu or torch.cuda.max_memory_allocated() > 0
+            said = out.getvalue().strip()[-60:]
+            where = "GPU memory used" if used else "no GPU memory used"
+            self.check(f"{name} runs on the {device}", code == 0 and used, f"exit {code}; {where}; {said!r}")
+
+    def checkpointing_compiled(self) -> None:
+        """ZeRO-3 + activation checkpointing + the default train.compile, against the same run eager."""
+        runs = [self.train(name, 3, "train.activation_checkpointing=true", *extra)
+                for name, extra in (("zero3_ckpt", ()), ("zero3_ckpt_eager", ("train.compile=false",)))]  # fmt: skip
+        if None in runs:
+            return
+        a, b = losses(runs[0]), losses(runs[1])
+        ok, worst = close([a[s] for s in sorted(a)], [b[s] for s in sorted(a)], self.args.rtol)
+        self.check("ZeRO-3 + activation checkpointing + default compile equals eager", ok,
+                   f"{len(a)} steps: max relative difference {worst:.2e}")  # fmt: skip
+
+    def document_masks(self) -> None:
+        """The logits of each attention path a document-masked run may pick, micro batch 4, against SDPA's."""
+        import importlib.util
+
+        import torch
+
+        from dist_clm.attention import FLASH, build_model_with, feed_documents
+
+        class Vocabulary:
+            bos_token_id, eos_token_id = 0, 1
+
+            def __len__(self):
+                return 512
+
+        device = "cpu" if self.args.cpu else "cuda"
+        lengths = [[100, 300, 112], [37, 400, 75], [512], [256, 256]]
+        positions = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
+        positions[1, :37] += 60  # (a row that begins inside a document)
+        ids = torch.randint(2, 512, positions.shape)
+        paths = ["flex_attention"] + ([FLASH] if importlib.util.find_spec("flash_attn") else [])
+        for preset in ("tiny", "tiny-llama"):
+            out = {}
+            for attn in ["sdpa", *paths]:
+                torch.manual_seed(0)
+                try:
+                    model = build_model_with([attn], preset, "", {}, Vocabulary(), document_mask=True)
+                except Exception as e:  # noqa: BLE001 (reported as the check's failure)
+                    self.check(f"{preset} {attn} keeps documents apart", False, str(e).splitlines()[0][:160])
+                    continue
+                model = model.to(device, torch.bfloat16).eval()
+                with torch.no_grad():
+                    if attn == FLASH:  # what flash attention does without the bounds: the defect, for contrast
+                        out["flash, no bounds"] = model(input_ids=ids.to(device), position_ids=positions.to(device),
+                                                        use_cache=False).logits.float()  # fmt: skip
+                        feed_documents(model)
+                    out[attn] = model(input_ids=ids.to(device), position_ids=positions.to(device),
+                                      use_cache=False).logits.float()  # fmt: skip
+            for attn in paths:
+                if attn not in out:
+                    continue
+                worst = float((out[attn] - out["sdpa"]).abs().max())
+                detail = f"max |logit difference| to SDPA with the dense mask {worst:.3g} (bf16)"
+                if attn == FLASH:
+                    detail += f"; without the bounds {float((out['flash, no bounds'] - out['sdpa']).abs().max()):.3g}"
+                self.check(f"{preset} {attn} keeps documents apart (micro batch 4)", worst < 0.05, detail)
+
+    def loss_head_time(self) -> None:
+        """The fused loss head's forward + backward against the plain head's, at GPT-2 124M's size."""
+        import torch
+
+        from dist_clm.loss_head import causal_lm_loss
+
+        if self.args.cpu:  # (the size is a GPU's; on the CPU a small one)
+            tokens, width, vocab, device = 2 * 256, 128, 4096, "cpu"
+        else:
+            tokens, width, vocab, device = 32 * 1024, 768, 50257, "cuda"
+        torch.manual_seed(0)
+        hidden = torch.randn(1, tokens, width, device=device, dtype=torch.bfloat16, requires_grad=True)
+        weight = (0.02 * torch.randn(vocab, width, device=device)).to(torch.bfloat16).requires_grad_()
+        labels = torch.randint(0, vocab, (1, tokens), device=device)
+
+        def plain():
+            logits = hidden @ weight.T
+            return torch.nn.functional.cross_entropy(logits[0, :-1].float(), labels[0, 1:])
+
+        def fused():
+            return causal_lm_loss(hidden, weight, labels)
+
+        times = {}
+        for name, head in (("plain", plain), ("fused", fused)):
+            for i in range(4):  # one warm-up, then the best of three
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                head().backward()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                if i:
+                    times[name] = min(times.get(name, 1e9), time.perf_counter() - t)
+        ratio = times["fused"] / times["plain"]
+        self.check("fused loss head step time", ratio <= 1.5, f"{times['fused'] * 1e3:.1f} ms vs plain "
+                   f"{times['plain'] * 1e3:.1f} ms ({ratio:.2f}x), forward + backward, {tokens} tokens")  # fmt: skip
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -152,6 +284,10 @@ def main() -> None:
     zero3 = smoke.resume(3)
     if zero3 is not None:
         smoke.export_loads(zero3)
+        smoke.inference_on_device(zero3)
+    smoke.checkpointing_compiled()
+    smoke.document_masks()
+    smoke.loss_head_time()
     rows = [[r["check"], "ok" if r["ok"] else "FAILED", r["detail"]] for r in smoke.results]
     print(render(["check", "result", "detail"], rows, args.markdown))
     print(f"\n{'CPU' if args.cpu else torch.cuda.get_device_name(0)}; {time.perf_counter() - start:.0f} s")

@@ -18,9 +18,10 @@ beside a plain PyTorch loop on the same model and the same batches.
     ..., plain loss head  the same with train.loss_head=plain: the logits of the whole micro batch, then the
                           cross-entropy (dist_clm's default is the fused, chunked head of dist_clm/loss_head.py)
     ..., document mask    dist_clm compiled with data.document_mask=true (attention stays inside each packed
-                          document): on SDPA (model.attention=sdpa: a dense 4-D mask), and on what
-                          model.attention=auto picks (on a GPU flash_attention_2 where flash_attn is installed,
-                          else FlexAttention's block-sparse mask where the model has it; the row names it)
+                          document): on SDPA (model.attention=sdpa: a dense 4-D mask), on FlexAttention's
+                          block-sparse mask (model.attention=flex_attention), and on what model.attention=auto
+                          picks (on a GPU flash_attention_2 fed the documents' bounds where flash_attn is
+                          installed, else flex_attention; the row names it): flash against flex side by side
 
 Models (--models): GPT-2 124M (preset gpt2-124m) at seq 1024 x batch 32 and the Llama-style 468M (preset
 llama-468m: hidden 1024, 24 layers, 16 heads, MLP 4096) at seq 2048 x batch 16. Data: the default corpus of
@@ -113,12 +114,13 @@ VARIANTS = {  # name -> row label; the table's order
     "dist_clm-compile": "dist_clm ZeRO-2, engine.compile",
     "dist_clm-compile-plain-head": "dist_clm ZeRO-2, engine.compile, plain loss head",
     "dist_clm-compile-docmask-sdpa": "dist_clm ZeRO-2, engine.compile, document mask on SDPA",
+    "dist_clm-compile-docmask-flex": "dist_clm ZeRO-2, engine.compile, document mask on flex_attention",
     "dist_clm-compile-docmask": "dist_clm ZeRO-2, engine.compile, document mask on model.attention=auto",
 }
 # the target's pair first; the plain loss head (train.loss_head=plain) beside the fused default; document
 # masking on SDPA's dense mask and on what model.attention=auto picks (block-sparse on a GPU)
 RUN_ORDER = ("plain-compile", "dist_clm-compile", "dist_clm", "plain", "dist_clm-compile-plain-head",
-             "dist_clm-compile-docmask-sdpa", "dist_clm-compile-docmask")  # fmt: skip
+             "dist_clm-compile-docmask-sdpa", "dist_clm-compile-docmask-flex", "dist_clm-compile-docmask")  # fmt: skip
 REFERENCE = (
     "reference figures (H200, plain loop): 124M 379 K tok/s compiled (33% MFU), 207 K eager; DeepSpeed ZeRO-2 "
     "249 K eager, 306 K engine.compile; 468M 121 K compiled (42% MFU), 87 K eager. "
@@ -293,6 +295,8 @@ def main() -> None:
         return
     models = args.models.split(",") if args.models else list(CPU_MODELS if args.cpu else GPU_MODELS)
     variants = args.variants.split(",")
+    if args.cpu and args.variants == ap.get_default("variants"):  # (FlexAttention has no backward on the CPU)
+        variants.remove("dist_clm-compile-docmask-flex")
     for name, known in (("model", MODELS), ("variant", VARIANTS)):
         bad = [x for x in (models if name == "model" else variants) if x not in known]
         if bad:
@@ -334,6 +338,9 @@ def phase(what: str) -> None:
     print(f"[{time.perf_counter() - START:7.1f} s] {what}", file=sys.stderr, flush=True)
 
 
+DOCMASK_ATTENTION = {"sdpa": "sdpa", "flex": "flex_attention"}  # the document-mask rows that name their attention
+
+
 def variant_overrides(model: str, variant: str, data: str | Path, run_dir: str | Path, warmup: int, steps: int):
     """The training config of one variant, as `dist-clm train` overrides."""
     m = MODELS[model]
@@ -351,7 +358,7 @@ def variant_overrides(model: str, variant: str, data: str | Path, run_dir: str |
         f"train.compile={'true' if 'compile' in variant else 'false'}",
         f"train.loss_head={'plain' if variant.endswith('plain-head') else 'auto'}",
         f"data.document_mask={'true' if 'docmask' in variant else 'false'}",
-        f"model.attention={'sdpa' if variant.endswith('docmask-sdpa') else 'auto'}",
+        f"model.attention={DOCMASK_ATTENTION.get(variant.rsplit('-', 1)[-1], 'auto')}",
         "train.eval_every=0",
         "train.eval_blocks=1",
         "train.save_every=0",
@@ -361,10 +368,12 @@ def variant_overrides(model: str, variant: str, data: str | Path, run_dir: str |
 def one(args: argparse.Namespace) -> None:
     import torch
 
+    from dist_clm.attention import attention_for, build_model_with
     from dist_clm.config import load_config
     from dist_clm.data.provenance import run_tokenizer, training_sources
+    from dist_clm.engine import resolve_precision
     from dist_clm.metrics import peak_flops
-    from dist_clm.model import attention_for, build_model, build_model_with, count_params, flops_per_token
+    from dist_clm.model import build_model, count_params, flops_per_token
 
     m = MODELS[args.models]
     variant = args.one
@@ -376,9 +385,11 @@ def one(args: argparse.Namespace) -> None:
     tok = run_tokenizer(sources)
     torch.manual_seed(cfg.train.seed)
     if variant.startswith("dist_clm"):  # train() builds its own; this one is only counted
-        attention = attention_for(cfg.model.attention, cfg.data.document_mask, device != "cpu")
+        precision = resolve_precision(cfg.train.precision, device != "cpu")
+        attention = attention_for(cfg.model.attention, cfg.data.document_mask, device != "cpu", precision)
         with torch.device("meta"):  # (with the attention train() picks, to name it)
-            model = build_model_with(attention, cfg.model.preset, cfg.model.pretrained, cfg.model.overrides, tok)
+            model = build_model_with(attention, cfg.model.preset, cfg.model.pretrained, cfg.model.overrides, tok,
+                                     cfg.data.document_mask)  # fmt: skip
         res = dist_clm_loop(cfg, device, args.warmup, args.steps)
     else:
         model = build_model(cfg.model.preset, cfg.model.pretrained, cfg.model.overrides, tok)

@@ -74,11 +74,10 @@ def _prepare(a: argparse.Namespace) -> None:
 
 
 def _prepare_reference(a: argparse.Namespace) -> None:
-    import torch
-
+    from dist_clm.distributed import inference_device
     from dist_clm.preference import compute_reference
 
-    record = compute_reference(a.model, a.data, a.batch_size, "cuda" if torch.cuda.is_available() else "cpu")
+    record = compute_reference(a.model, a.data, a.batch_size, inference_device())
     counts = ", ".join(f"{split} {s['conversations']}" for split, s in record["splits"].items())
     print(f"reference values of the conversations ({counts}) under weights {record['weights']} written to "
           f"{a.data}/reference")  # fmt: skip
@@ -174,9 +173,11 @@ def _generate(a: argparse.Namespace) -> None:
         seed=a.seed,
     )
     s.check()
+    from dist_clm.distributed import inference_device
     from dist_clm.export import load_model
 
     model, tok, _ = load_model(a.checkpoint)
+    model.to(inference_device())
     if conversations:
         from dist_clm.generate import chat_prompts
 

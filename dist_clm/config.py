@@ -101,9 +101,11 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
     zero_stage: int = 2  # DeepSpeed ZeRO stage, 0-3
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPUs that have it, else fp32 (bf16
-    # also runs on CPU, ~10x slower than fp32 without bf16 instructions); fp16 (dynamic loss scaling) for GPUs
-    # without bf16 (V100-class)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPUs with bf16 tensor cores (A100,
+    # H100 and later), fp16 with dynamic loss scaling on older GPUs with fp16 ones (V100, T4: their bf16 is emulated,
+    # several times slower), fp32 on the CPU (bf16 also runs there, ~10x slower than fp32 without bf16 instructions)
+    tf32: bool = True  # on GPUs, fp32 matrix products (fp32 runs; the fp32 parts of bf16 runs) use TF32 tensor cores
+    # (PyTorch's default for convolutions, not for matmuls); false: full fp32 everywhere
     offload_optimizer: bool = False  # ZeRO 1-3: optimizer state and step on the CPU (DeepSpeed's CPU Adam)
     offload_params: bool = False  # ZeRO 3: parameters on the CPU between uses
     activation_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from dist_clm.errors import UserError
+
 SETUP_TIMEOUT_S = 1800.0  # collectives of set-up, resume and checkpointing (torch's gloo default)
 
 
@@ -80,8 +82,9 @@ def init() -> DistEnv:
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     on_gpu = torch.cuda.is_available()
+    gpu = bind_gpu(local_rank) if on_gpu else 0
     if on_gpu:
-        torch.cuda.set_device(local_rank)
+        nccl_errors_raise()
     if not torch.distributed.is_initialized():
         shm = None if on_gpu else _deepspeed_cpu_shm_segment()
         if shm is not None and shm.exists():  # our own name, so left by a killed run on this address and port
@@ -100,9 +103,69 @@ def init() -> DistEnv:
         rank=torch.distributed.get_rank(),
         local_rank=local_rank,
         world_size=torch.distributed.get_world_size(),
-        device=f"cuda:{local_rank}" if on_gpu else "cpu",
+        device=f"cuda:{gpu}" if on_gpu else "cpu",
         node=node_name(),
     )
+
+
+def bind_gpu(local_rank: int) -> int:
+    """Make this process drive its GPU (gpu_index) and return its index. DeepSpeed takes the index of its device
+    from LOCAL_RANK (engine, process group, ZeRO-3), so LOCAL_RANK becomes that index; the launcher's local rank
+    stays in DistEnv.local_rank."""
+    import torch
+
+    gpu = gpu_index(local_rank, torch.cuda.device_count())
+    torch.cuda.set_device(gpu)
+    os.environ["LOCAL_RANK"] = str(gpu)
+    return gpu
+
+
+def gpu_index(local_rank: int, visible: int) -> int:
+    """The GPU a rank drives, of the `visible` ones: its local rank, or the only one it sees (a launcher that
+    binds one GPU to each task, as SLURM's --gpus-per-task=1 or --gpu-bind=single, shows every task its own
+    GPU as device 0). Two ranks on one GPU are caught in world_table."""
+    if visible == 1:
+        return 0
+    if local_rank < visible:
+        return local_rank
+    raise UserError(
+        f"local rank {local_rank} sees only {visible} GPUs (CUDA_VISIBLE_DEVICES="
+        f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')!r}); start one rank per GPU on each node, or bind one GPU "
+        "to each task."
+    )
+
+
+def gpu_id(device: str) -> str:
+    """The identity of the GPU behind `device` (its UUID), '' on the CPU."""
+    if not device.startswith("cuda"):
+        return ""
+    import torch
+
+    return str(getattr(torch.cuda.get_device_properties(torch.device(device)), "uuid", "")) or device
+
+
+def inference_device() -> str:
+    """Where eval, generate and prepare-reference run outside a launcher: the first GPU this process sees (a
+    launcher's rank uses its own), else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+NCCL_ERROR_HANDLING = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
+
+
+def nccl_errors_raise() -> None:
+    """A collective that times out under NCCL must reach the code that names the rank and exits 75 (train.py),
+    not kill the process. NCCL collectives return at once and the main thread waits later, in a host read; torch's
+    watchdog sees the timeout, and by default (3, and torchrun's 1) ends the process with SIGABRT. 2: it aborts
+    the communicators only, which ends the wait, and the next collective raises in the main thread. Set before
+    the process group exists, whatever the launcher set (the old value is said)."""
+    old = os.environ.get(NCCL_ERROR_HANDLING)
+    if old not in (None, "2") and os.environ.get("RANK", "0") == "0":
+        print(f"{NCCL_ERROR_HANDLING}={old} becomes 2: a collective timeout ends the run with a sentence naming the "
+              "rank that stopped and exit 75, not with SIGABRT", file=sys.stderr)  # fmt: skip
+    os.environ[NCCL_ERROR_HANDLING] = "2"
 
 
 def node_name() -> str:
@@ -135,25 +198,39 @@ def _from_srun() -> None:
 def world_table(env: DistEnv) -> list[dict]:
     """Collective: every rank's identity, checked: on each node the local ranks are 0..n-1 once each and the
     local world size is n. One sentence (on every rank) when the launcher got it wrong."""
-    from dist_clm.errors import UserError, agreed
+    from dist_clm.errors import agreed
 
     me = {"rank": env.rank, "node": env.node, "local_rank": env.local_rank, "pid": os.getpid(),
-          "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", "1")), "device": env.device}  # fmt: skip
+          "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", "1")), "device": env.device,
+          "gpu": gpu_id(env.device)}  # fmt: skip
     table = all_gather_object(me)
-    problem = None
+    problem = table_problem(table)
+    if problem:
+        raise agreed(UserError(problem))  # (every rank saw the same table)
+    return table
+
+
+def table_problem(table: list[dict]) -> str | None:
+    """What is wrong with the rank table, in one sentence (None: nothing): on each node the local ranks must be
+    0..n-1 once each, the local world size n, and no two ranks may drive the same GPU."""
     for node in sorted({r["node"] for r in table}):
         here = [r for r in table if r["node"] == node]
         local = sorted(r["local_rank"] for r in here)
         sizes = {r["local_world_size"] for r in here}
         if local != list(range(len(here))) or sizes != {len(here)}:
-            problem = (
+            return (
                 f"the launcher gave the {len(here)} ranks on node {node} local ranks {local} and local world sizes "
                 f"{sorted(sizes)} (expected 0..{len(here) - 1} and {len(here)}); check its per-node process count."
             )
-            break
-    if problem:
-        raise agreed(UserError(problem))  # (every rank saw the same table)
-    return table
+        gpus: dict[str, int] = {}
+        for r in here:
+            if r.get("gpu") and r["gpu"] in gpus:
+                return (
+                    f"ranks {gpus[r['gpu']]} and {r['rank']} on node {node} drive the same GPU ({r['device']}, "
+                    f"{r['gpu']}); start one rank per GPU on each node, or bind one GPU to each task."
+                )
+            gpus[r.get("gpu") or f"cpu{r['rank']}"] = r["rank"]
+    return None
 
 
 def describe(table: list[dict]) -> str:
@@ -336,14 +413,33 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def all_reduce_sum(values: list[float], device: str) -> list[float]:
-    """Sum a few floats over all ranks (float64, so token counts stay exact)."""
+def reduce_to_host(tensor, op=None) -> list:
+    """Collective: all-reduce `tensor` (sum, or `op`) and read it back. Under NCCL a collective that timed out
+    has its communicator aborted (nccl_errors_raise), which ends the wait with whatever the buffer held: the
+    work's error is raised instead of those values."""
     import torch
 
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t)
-    return t.tolist()
+    if not torch.distributed.is_initialized():
+        return tensor.tolist()
+    work = torch.distributed.all_reduce(tensor, op=op or torch.distributed.ReduceOp.SUM, async_op=True)
+    work.wait()
+    values = tensor.tolist()
+    failed = work.exception() if hasattr(work, "exception") else None
+    if failed is not None:
+        raise RuntimeError(f"ProcessGroupNCCL: the collective failed: {failed}")
+    return values
+
+
+def all_reduce_sum(values: list, device: str) -> list[float]:
+    """Sum a few floats over all ranks (float64, so token counts stay exact); an entry may be a tensor of one or
+    more values on the device, read with the sum (no host read of its own)."""
+    import torch
+
+    if all(isinstance(v, (int, float)) for v in values):
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+    else:
+        t = torch.cat([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(-1) for v in values])
+    return reduce_to_host(t)
 
 
 def agree_on_error(error: Exception | None, device: str) -> None:

@@ -37,7 +37,20 @@ def resolve_precision(precision: str, on_gpu: bool) -> str:
         )
     if precision != "auto":
         return precision
-    return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
+    if not on_gpu:
+        return "fp32"
+    if torch.cuda.is_bf16_supported(including_emulation=False):  # (emulated bf16 is several times slower)
+        return "bf16"
+    return "fp16" if torch.cuda.get_device_capability()[0] >= 7 else "fp32"  # V100, T4: fp16 tensor cores
+
+
+def use_tf32(enabled: bool, on_gpu: bool) -> None:
+    """fp32 matrix products and convolutions on a GPU's TF32 tensor cores (10-bit mantissa, fp32 range and
+    accumulation: 8x an A100's or H100's fp32 rate), or in full fp32; process-wide, GPUs only (the CPU is left
+    alone)."""
+    if on_gpu:
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
 
 
 def resolve_grad_accum(t: TrainConfig, world: int) -> int:

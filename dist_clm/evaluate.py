@@ -205,7 +205,7 @@ def evaluate_cli(
         stream = TokenStream(data, "val", manifest)
         read, n_tokens = stream.reader(), stream.tokens
     env = distributed.init() if "RANK" in os.environ else None
-    device = env.device if env else "cpu"
+    device = env.device if env else distributed.inference_device()
     wins = windows(n_tokens, block_size, stride, max_blocks)
     result = perplexity(
         model.to(device),

@@ -6,7 +6,9 @@ The plain head computes logits = hidden @ W.T for every token (B x L x V, upcast
 size. Here the tokens go through in chunks of `chunk` rows: each chunk's logits are made, reduced to its loss
 and turned at once into the chunk's gradients for the hidden states and the weight (softmax minus the one-hot
 target), then dropped. The backward pass only scales the gradients kept from the forward pass. Peak memory is
-a few chunk x V tensors, not B x L x V. This is what liger-kernel's fused linear cross-entropy does with
+a few chunk x V tensors, not B x L x V. The matrix products run in the weights' dtype, as the plain head's do
+(bf16 on tensor cores; fp32 on TF32 tensor cores where train.tf32 allows); the weight's gradient is summed
+over the chunks in fp32. This is what liger-kernel's fused linear cross-entropy does with
 Triton kernels on a GPU; this one is plain PyTorch, so it runs wherever the model runs (CPU included). The
 logits and softmax are computed in fp32 whatever the weights' dtype, as the plain head's loss does.
 
@@ -54,8 +56,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad *= keep[:, None]
             if grad_hidden is not None:
                 grad_hidden[start : start + chunk] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
-            if grad_weight is not None:
-                grad_weight += grad.T @ h.float()
+            if grad_weight is not None:  # the product in the weights' dtype (tensor cores), the sum over chunks in fp32
+                grad_weight += (grad.to(weight.dtype).T @ h.to(weight.dtype)).float()
             if grad_bias is not None:
                 grad_bias += grad.sum(0)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
@@ -129,4 +131,5 @@ def install(model, chunk: int | None = None) -> bool:
         return CausalLMOutputWithPast(loss=head(hidden, labels=labels, num_items=num_items_in_batch))
 
     head.forward, model.forward = head_forward, forward
+    head.fused_loss = True  # (attention.feed_documents calls the head with labels too)
     return True

@@ -9,8 +9,28 @@ from pathlib import Path
 
 STRAGGLER_LAG = 1.5  # a rank this much slower than the median rank over a log window is a straggler
 
-# Peak dense bf16 tensor-core FLOP/s by GPU name (vendor data sheets, without sparsity), for MFU.
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "A100": 312e12, "A800": 312e12}
+# Peak dense FLOP/s by GPU, from the vendors' data sheets (without sparsity), for MFU: (the words of the
+# device's name that pick the row, e.g. 'NVIDIA H100 PCIe' -> H100 + PCIE; the first row whose words are all
+# there wins) -> per precision: bf16 and fp16 on tensor cores, tf32 (fp32 runs with train.tf32), fp32 on the
+# CUDA cores. None: not there (V100 and T4 emulate bf16).
+PEAKS: list[tuple[tuple[str, ...], dict[str, float | None]]] = [
+    (("H100", "NVL"), dict(bf16=835e12, fp16=835e12, tf32=418e12, fp32=60e12)),
+    (("H100", "PCIE"), dict(bf16=756e12, fp16=756e12, tf32=378e12, fp32=51e12)),
+    (("H100",), dict(bf16=989e12, fp16=989e12, tf32=495e12, fp32=67e12)),  # SXM
+    (("H200", "NVL"), dict(bf16=835e12, fp16=835e12, tf32=418e12, fp32=60e12)),
+    (("H200",), dict(bf16=989e12, fp16=989e12, tf32=495e12, fp32=67e12)),
+    (("GH200",), dict(bf16=989e12, fp16=989e12, tf32=495e12, fp32=67e12)),
+    (("H800", "PCIE"), dict(bf16=756e12, fp16=756e12, tf32=378e12, fp32=51e12)),
+    (("H800",), dict(bf16=989e12, fp16=989e12, tf32=495e12, fp32=67e12)),
+    (("B200",), dict(bf16=2250e12, fp16=2250e12, tf32=1100e12, fp32=None)),
+    (("A100",), dict(bf16=312e12, fp16=312e12, tf32=156e12, fp32=19.5e12)),
+    (("A800",), dict(bf16=312e12, fp16=312e12, tf32=156e12, fp32=19.5e12)),
+    (("L40S",), dict(bf16=362e12, fp16=362e12, tf32=183e12, fp32=91.6e12)),
+    (("L4",), dict(bf16=121e12, fp16=121e12, tf32=60e12, fp32=30.3e12)),
+    (("A10",), dict(bf16=125e12, fp16=125e12, tf32=62.5e12, fp32=31.2e12)),
+    (("V100",), dict(bf16=None, fp16=125e12, tf32=None, fp32=15.7e12)),
+    (("T4",), dict(bf16=None, fp16=65e12, tf32=None, fp32=8.1e12)),
+]
 
 
 class Metrics:
@@ -55,9 +75,11 @@ class LogWindow:
     """The steps since the last log line: their losses, time, data wait and blocks per source; `emit()` turns
     them into the logged training scalars and starts a new window."""
 
-    def __init__(self, sources: list[str], tokens_per_step: int, flops_per_token: float, world: int, device: str):
+    def __init__(self, sources: list[str], tokens_per_step: int, flops_per_token: float, world: int, device: str,
+                 precision: str = "bf16", tf32: bool = True):  # fmt: skip
         self.sources, self.tokens_per_step, self.flops = sources, tokens_per_step, flops_per_token
         self.world, self.device = world, device
+        self.peak = peak_flops(device, precision, tf32)  # (None on the CPU and on GPUs not in PEAKS)
         self.persistent_straggler: int | None = None  # a rank STRAGGLER_LAG x slow in the last two windows
         self._last_slow: int | None = None
         self._reset()
@@ -66,7 +88,7 @@ class LogWindow:
         self.start, self.steps, self.losses = time.perf_counter(), 0, []
         self.wait, self.blocks = 0.0, [0] * len(self.sources)
         self.arrivals, self.token_sum = [0.0] * self.world, 0
-        self.pairs = [0.0] * 4  # dpo / orpo: pairs, summed rewards chosen and rejected, pairs ranked right
+        self.pairs = None  # dpo / orpo: preference.STATS of the window's steps, on the device (read at emit)
 
     def add(
         self,
@@ -76,12 +98,12 @@ class LogWindow:
         blocks_per_source: list[int],
         arrivals: list[float],
         token_sum: int = 0,
-        pairs: list[float] | None = None,
+        pairs=None,
     ) -> None:
         """One step (a step.StepResult's fields); its loss counts only if it was good (applied, not a spike)."""
         self.steps += 1
-        if pairs:
-            self.pairs = [a + b for a, b in zip(self.pairs, pairs, strict=True)]
+        if pairs is not None:
+            self.pairs = pairs if self.pairs is None else self.pairs + pairs
         self.token_sum += token_sum
         if good:
             self.losses.append(loss)
@@ -102,8 +124,9 @@ class LogWindow:
         from dist_clm.distributed import all_reduce_sum
 
         elapsed = time.perf_counter() - self.start
+        pairs = self.pairs[:4] if self.pairs is not None else [0.0] * 4  # (the device's sums join the one reduction)
         wait_sum, token_sum, n, chosen, rejected, right, *mix = all_reduce_sum(
-            [self.wait, self.token_sum, *self.pairs, *self.blocks], self.device
+            [self.wait, self.token_sum, *pairs, *self.blocks], self.device
         )
         out = {"train/loss": sum(self.losses) / len(self.losses)} if self.losses else {}
         out |= {  # (no train/loss when every step of the window was skipped)
@@ -119,9 +142,8 @@ class LogWindow:
         if n:  # preference objectives: dpo's implicit rewards (orpo's log odds) of the window's pairs
             out |= {"train/rewards_chosen": chosen / n, "train/rewards_rejected": rejected / n,
                     "train/reward_accuracy": right / n, "train/reward_margin": (chosen - rejected) / n}  # fmt: skip
-        peak = peak_flops(self.device)
-        if peak:  # model FLOPs utilization: achieved training FLOP/s per device over the device's peak
-            out["train/mfu"] = out["train/tokens_per_s"] * self.flops / (self.world * peak)
+        if self.peak:  # model FLOPs utilization: achieved training FLOP/s per device over its peak in this precision
+            out["train/mfu"] = out["train/tokens_per_s"] * self.flops / (self.world * self.peak)
         out |= memory_scalars(self.device)
         if self.world > 1 and self.steps:
             rank, lag = self.straggler()
@@ -135,14 +157,22 @@ class LogWindow:
         return out
 
 
-def peak_flops(device: str) -> float | None:
-    """The device's peak dense bf16 FLOP/s if known (MFU is reported only then)."""
+def peak_flops(device: str, precision: str = "bf16", tf32: bool = True) -> float | None:
+    """The device's peak dense FLOP/s in `precision` if known (MFU is reported only then)."""
     if not device.startswith("cuda"):
         return None
     import torch
 
-    name = torch.cuda.get_device_name(torch.device(device))
-    return next((v for k, v in PEAK_BF16.items() if k in name.upper()), None)
+    return peak_for(torch.cuda.get_device_name(torch.device(device)), precision, tf32)
+
+
+def peak_for(name: str, precision: str, tf32: bool = True) -> float | None:
+    """PEAKS' figure for the GPU called `name` in `precision` (fp32: its TF32 figure when `tf32`)."""
+    import re
+
+    words = set(re.split(r"[\s_-]+", name.upper()))
+    key = "tf32" if precision == "fp32" and tf32 else precision
+    return next((peaks.get(key) for picks, peaks in PEAKS if set(picks) <= words), None)
 
 
 def memory_scalars(device: str) -> dict[str, float]:

@@ -104,63 +104,6 @@ def build_model(preset: str, pretrained: str, overrides: dict[str, Any], tokeniz
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn)  # fp32 master weights
 
 
-def attention_for(choice: str, document_mask: bool, on_gpu: bool) -> list[str]:
-    """The attention implementations to try, in order, for model.attention=`choice` (the first the model
-    supports is used). FlexAttention has no backward pass on CPU (torch 2.14), so it trains on GPUs only."""
-    if choice == "flex_attention" and not on_gpu:
-        raise UserError(
-            "config key 'model.attention' is 'flex_attention', which has no backward pass on CPU; use sdpa (or auto) "
-            "on CPU."
-        )
-    if choice != "auto":
-        return [choice]
-    if not (document_mask and on_gpu):
-        return ["sdpa"]
-    import importlib.util
-
-    flash = ["flash_attention_2"] if importlib.util.find_spec("flash_attn") else []
-    return [*flash, "flex_attention", "sdpa"]
-
-
-# Model types whose attention goes through transformers' AttentionInterface and whose mask comes from
-# create_causal_mask (so FlexAttention's BlockMask reaches it), without declaring FlexAttention support
-# (transformers 4.57's GPT-2): dist_clm switches them to flex_attention after building them with sdpa.
-FLEX_THROUGH_INTERFACE = ("gpt2",)
-
-
-def _with_flex(preset: str, pretrained: str, overrides: dict[str, Any], tokenizer):
-    """The model with FlexAttention: transformers' own where the model declares it, else the switch above."""
-    try:
-        model = build_model(preset, pretrained, overrides, tokenizer, "flex_attention")
-    except ValueError:
-        model = build_model(preset, pretrained, overrides, tokenizer, "sdpa")
-        if model.config.model_type not in FLEX_THROUGH_INTERFACE:
-            raise
-        model.config._attn_implementation = "flex_attention"
-    # transformers' flex_attention takes no dropout: the model's attention dropout would be dropped silently
-    if any(getattr(model.config, key, 0.0) for key in ("attn_pdrop", "attention_dropout")):
-        raise ValueError("flex_attention has no attention dropout, and this model's is above 0")
-    return model
-
-
-def build_model_with(attention: list[str], preset: str, pretrained: str, overrides: dict[str, Any], tokenizer):
-    """build_model with the first of `attention` the model supports; a single choice it lacks is one sentence."""
-    for i, attn in enumerate(attention):
-        try:
-            if attn == "flex_attention":
-                return _with_flex(preset, pretrained, overrides, tokenizer)
-            return build_model(preset, pretrained, overrides, tokenizer, attn)
-        except (ValueError, ImportError) as e:  # transformers: this model or machine lacks that implementation
-            if "attention" not in str(e).lower():
-                raise
-            if i + 1 == len(attention):
-                raise UserError(
-                    f"config key 'model.attention' is '{attn}', which this model or machine does not support "
-                    f"({str(e).strip().splitlines()[0][:200]}); use auto or sdpa."
-                ) from None
-    raise AssertionError("no attention implementation to try")
-
-
 def max_positions(config) -> int | None:
     """The longest sequence the model's position embeddings allow (None if the family has no limit)."""
     for key in ("n_positions", "max_position_embeddings"):

@@ -23,65 +23,72 @@ IGNORE = -100
 
 
 @dataclass
-class Segments:
-    """Per learned conversation of a micro batch, in order: the summed log-probability of its learned tokens,
-    how many there are, the row it is in and where in the row it starts."""
+class Conversations:
+    """The learned conversations of a micro batch (B rows of L tokens) in a fixed layout, so that the step needs no
+    host read: slot [b, j] is row b's j-th learned conversation: the summed log-probability of its learned tokens,
+    how many there are (0: no conversation in that slot) and where in the row it starts."""
 
-    logps: torch.Tensor
-    counts: torch.Tensor
-    rows: torch.Tensor
-    starts: torch.Tensor
+    logps: torch.Tensor  # B x L
+    counts: torch.Tensor  # B x L, int64
+    starts: torch.Tensor  # B x L, int64
 
-
-def _documents(labels: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(each target token's document as a flat index row * n_docs + document, whether it is learned, n_docs)."""
-    doc = torch.cumsum(positions == 0, dim=1)[:, 1:] - 1  # the document of each target token
-    n_docs = int(doc.max()) + 1
-    flat = doc + n_docs * torch.arange(len(doc), device=doc.device)[:, None]
-    return flat, labels[:, 1:] != IGNORE, n_docs
+    def valid(self) -> torch.Tensor:
+        return self.counts > 0
 
 
-def segment_logps(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor) -> Segments:
-    """The learned conversations of each row (B x L logits over V, labels with -100, restarting positions)."""
+def _compact(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Each row's kept entries (B x L), moved to its first slots in order; the rest 0. No host read."""
+    b, n = keep.shape
+    slot = torch.cumsum(keep, dim=1) - 1 + n * torch.arange(b, device=keep.device)[:, None]
+    index = torch.where(keep, slot, b * n)  # (the entries not kept go to one spare slot at the end)
+    out = torch.zeros(b * n + 1, dtype=values.dtype, device=values.device)
+    return out.scatter(0, index.flatten(), values.flatten())[:-1].view(b, n)
+
+
+def conversation_logps(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor) -> Conversations:
+    """The learned conversations of each row (B x L logits over V, labels with -100, positions restarting at 0
+    at each conversation and at the padding)."""
+    b, n = labels.shape
     logp = -F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:].clamp(min=0), reduction="none")
-    flat, learned, n_docs = _documents(labels, positions)
-    size = len(labels) * n_docs
-    sums = torch.zeros(size, dtype=logp.dtype, device=logp.device)
-    sums = sums.index_add(0, flat.flatten(), (logp * learned).flatten())
-    counts = torch.zeros(size, dtype=torch.int64, device=logp.device)
-    counts = counts.index_add(0, flat.flatten(), learned.flatten().long())
-    row, col = torch.nonzero(positions == 0, as_tuple=True)  # each document's first token, in order
-    starts = torch.zeros(size, dtype=torch.int64, device=logp.device)
-    starts[row * n_docs + torch.cumsum(positions == 0, dim=1)[row, col] - 1] = col
-    keep = counts > 0
-    rows = torch.arange(size, device=logp.device) // n_docs
-    return Segments(sums[keep], counts[keep], rows[keep], starts[keep])
+    first = positions == 0
+    doc = torch.cumsum(first, dim=1) - 1  # each token's document in its row
+    rows = n * torch.arange(b, device=labels.device)[:, None]
+    target_doc = (doc[:, 1:] + rows).flatten()  # (the document of each target token, as a flat slot)
+    learned = labels[:, 1:] != IGNORE
+    sums = logp.new_zeros(b * n).index_add(0, target_doc, (logp * learned).flatten())
+    counts = target_doc.new_zeros(b * n).index_add(0, target_doc, learned.flatten().long())
+    starts = torch.zeros(b * n + 1, dtype=torch.int64, device=logp.device)
+    at = torch.where(first, doc + rows, b * n).flatten()  # each document's first token writes its column
+    starts = starts.scatter(0, at, torch.arange(n, device=logp.device).expand(b, n).flatten())[:-1]
+    keep = counts.view(b, n) > 0
+    return Conversations(*(_compact(x.view(b, n), keep) for x in (sums, counts, starts)))
 
 
-def pairs(seg: Segments) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices into `seg` of the chosen and the rejected conversation of every pair (rows 2i and 2i+1)."""
-    chosen, rejected = (torch.nonzero(seg.rows % 2 == side).flatten() for side in (0, 1))
-    if len(chosen) != len(rejected):
-        raise ValueError("a micro batch of preference data holds unequal chosen and rejected conversations")
-    return chosen, rejected
+def pairs(conv: Conversations) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P x L slots where both the chosen (row 2i) and the rejected (row 2i+1) conversation of a pair are, the
+    number of slots where only one of them is: damaged data)."""
+    chosen, rejected = conv.valid()[0::2], conv.valid()[1::2]
+    return chosen & rejected, (chosen ^ rejected).sum()
 
 
-def dpo(policy: Segments, reference: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(per-pair DPO losses, per-pair rewards chosen / rejected); `reference` holds the reference model's summed
-    log-probabilities of the same segments, in the same order."""
-    c, r = pairs(policy)
-    chosen = beta * (policy.logps[c] - reference[c])
-    rejected = beta * (policy.logps[r] - reference[r])
-    return -F.logsigmoid(chosen - rejected), {"chosen": chosen.detach(), "rejected": rejected.detach()}
+def dpo(policy: Conversations, reference: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(per-pair DPO losses, per-pair rewards chosen / rejected), P x L with 0 outside the pairs; `reference`
+    holds the reference model's summed log-probabilities in the same slots (B x L)."""
+    both, _ = pairs(policy)
+    delta = torch.where(policy.valid(), policy.logps - reference, 0.0)  # (no NaN outside: it would reach the gradient)
+    chosen, rejected = beta * delta[0::2], beta * delta[1::2]
+    losses = torch.where(both, -F.logsigmoid(chosen - rejected), 0.0)
+    return losses, {"chosen": chosen.detach(), "rejected": rejected.detach()}
 
 
-def orpo(policy: Segments, lam: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(per-pair ORPO losses, per-pair log odds of chosen / rejected, reported as its rewards)."""
-    c, r = pairs(policy)
-    mean = policy.logps / policy.counts
+def orpo(policy: Conversations, lam: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(per-pair ORPO losses, per-pair log odds of chosen / rejected, reported as its rewards), P x L as dpo's."""
+    both, _ = pairs(policy)
+    mean = policy.logps / policy.counts.clamp(min=1)
     log_odds = mean - torch.log1p(-torch.exp(mean).clamp(max=1 - 1e-6))
-    ratio = -F.logsigmoid(log_odds[c] - log_odds[r])
-    return -mean[c] + lam * ratio, {"chosen": log_odds[c].detach(), "rejected": log_odds[r].detach()}
+    chosen, rejected = log_odds[0::2], log_odds[1::2]
+    losses = torch.where(both, -mean[0::2] + lam * -F.logsigmoid(chosen - rejected), 0.0)
+    return losses, {"chosen": chosen.detach(), "rejected": rejected.detach()}
 
 
 # ---- the reference model's log-probabilities, computed once and stored with the data (data/reference_store.py)
@@ -142,33 +149,42 @@ def _stream_values(model, stream, block: int, batch_size: int):
                                                              block)]  # fmt: skip
         ids, learned, positions = (torch.as_tensor(np.stack([r[i] for r in rows])).long().to(device) for i in range(3))
         labels = torch.where(learned.bool(), ids, torch.full_like(ids, IGNORE))
-        seg = segment_logps(model(input_ids=ids, position_ids=positions, use_cache=False).logits, labels, positions)
-        values += seg.logps.double().cpu().tolist()
-        offsets += (start + seg.rows * block + seg.starts).cpu().tolist()
+        conv = conversation_logps(model(input_ids=ids, position_ids=positions, use_cache=False).logits, labels,
+                                  positions)  # fmt: skip
+        rows = torch.arange(len(ids), device=device)[:, None].expand_as(conv.counts)
+        values += conv.logps[conv.valid()].double().cpu().tolist()
+        offsets += (start + rows * block + conv.starts)[conv.valid()].cpu().tolist()
     return np.array([offsets, values], dtype=np.float64)
 
 
 def count_pairs(labels: torch.Tensor, positions: torch.Tensor) -> int:
-    """The pairs in a micro batch: the learned conversations of its chosen rows (0, 2, 4, ...)."""
-    flat, learned, n_docs = _documents(labels[0::2], positions[0::2])
-    return int(torch.bincount(flat[learned], minlength=1).count_nonzero())
+    """The pairs in a micro batch (on the host): the learned conversations of its chosen rows (0, 2, 4, ...)."""
+    learned = labels[0::2, 1:] != IGNORE
+    doc = torch.cumsum(positions[0::2] == 0, dim=1)[:, 1:] - 1
+    flat = doc + positions.shape[1] * torch.arange(len(doc))[:, None]
+    return int(torch.unique(flat[learned]).numel())
 
 
-def step_loss(run, inputs: dict, divisor: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+STATS = ("pairs", "reward_chosen", "reward_rejected", "ranked_right", "unpaired")  # step_loss's statistics
+
+
+def step_loss(run, inputs: dict, divisor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One micro batch's share of the step's mean pair loss (its pairs' losses summed over `divisor`: see
-    step.per_learned_token's reasoning), and [pairs, summed reward chosen, rejected, pairs ranked right]."""
+    step.per_learned_token's reasoning), and its STATS summed, on the device: no host read in the step."""
     reference = inputs.pop("reference", None)
     labels = inputs.pop("labels")
     logits = run.engine(**inputs, use_cache=False).logits
-    seg = segment_logps(logits, labels, inputs["position_ids"])
+    conv = conversation_logps(logits, labels, inputs["position_ids"])
+    both, unpaired = pairs(conv)
     t = run.cfg.train
     if t.objective == "dpo":
         # (a blank batch standing in for damaged data has no reference values; its step is never applied)
-        values = reference[~torch.isnan(reference)].to(seg.logps.dtype) if reference is not None else seg.logps.detach()
-        losses, rewards = dpo(seg, values, t.dpo_beta)
+        width = labels.shape[1]
+        values = conv.logps.detach() if reference is None else F.pad(reference, (0, width - reference.shape[1]))
+        losses, rewards = dpo(conv, values.to(conv.logps.dtype), t.dpo_beta)
     else:
-        losses, rewards = orpo(seg, t.orpo_lambda)
-    chosen, rejected = rewards["chosen"], rewards["rejected"]
-    right = (chosen > rejected).float().sum() + 0.5 * (chosen == rejected).float().sum()  # (a tie: half right)
-    stats = [float(len(losses)), float(chosen.sum()), float(rejected.sum()), float(right)]
+        losses, rewards = orpo(conv, t.orpo_lambda)
+    chosen, rejected = rewards["chosen"] * both, rewards["rejected"] * both
+    right = ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()) * both  # (a tie: half right)
+    stats = torch.stack([both.sum().float(), chosen.sum(), rejected.sum(), right.sum(), unpaired.float()])
     return losses.sum() / divisor, stats

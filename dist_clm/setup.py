@@ -9,16 +9,23 @@ from typing import Any
 
 import torch
 
-from dist_clm import loss_head
+from dist_clm import attention, loss_head
 from dist_clm.config import Config
 from dist_clm.data.loader import Source, TrainLoader
 from dist_clm.data.provenance import check_sources, run_tokenizer, training_sources
 from dist_clm.data.reference_store import read_record
 from dist_clm.distributed import DistEnv, agree_on_error, describe
-from dist_clm.engine import deepspeed_config, param_groups, resolve_grad_accum, resolve_precision, scheduler_factory
+from dist_clm.engine import (
+    deepspeed_config,
+    param_groups,
+    resolve_grad_accum,
+    resolve_precision,
+    scheduler_factory,
+    use_tf32,
+)
 from dist_clm.errors import UserError
 from dist_clm.metrics import say
-from dist_clm.model import attention_for, build_model_with, count_params, flops_per_token, max_positions
+from dist_clm.model import count_params, flops_per_token, max_positions
 from dist_clm.rundir import RunOwner, claim, data_fingerprint, write_run_files
 
 
@@ -86,7 +93,7 @@ class Run:
         """This rank's training batches from `state` (a TrainLoader.state_dict(); None: the start)."""
         return TrainLoader.from_config(
             self.cfg, self.sources, rank=self.env.rank, world=self.env.world_size, grad_accum=self.grad_accum,
-            state=state,
+            state=state, pin_memory=self.env.device != "cpu",
         )  # fmt: skip
 
 
@@ -108,7 +115,8 @@ def setup(cfg: Config, env: DistEnv, world: list[dict]) -> Run:
     say(
         env.is_main,
         f"model: {model.config.model_type}, {n_params / 1e6:.2f} M parameters, {flops / 1e6:.1f} MFLOPs per "
-        f"token; {describe(world)} on {env.device}, {precision}, ZeRO-{t.zero_stage}",
+        f"token; {describe(world)} on {env.device}, {precision}, ZeRO-{t.zero_stage}, attention "
+        f"{model.config._attn_implementation}",
     )
     owner = claim(cfg, env, sources, env.world_size * t.micro_batch_size * grad_accum)  # the first write
     if env.is_main:
@@ -201,8 +209,11 @@ def _checked(cfg: Config, env: DistEnv) -> tuple:
     grad_accum = resolve_grad_accum(t, env.world_size)
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     on_gpu = env.device != "cpu"
-    attention = attention_for(cfg.model.attention, cfg.data.document_mask, on_gpu)
-    model = build_model_with(attention, cfg.model.preset, cfg.model.pretrained, cfg.model.overrides, tok)
+    precision = resolve_precision(t.precision, on_gpu)
+    use_tf32(t.tf32, on_gpu)
+    choices = attention.attention_for(cfg.model.attention, cfg.data.document_mask, on_gpu, precision)
+    model = attention.build_model_with(choices, cfg.model.preset, cfg.model.pretrained, cfg.model.overrides, tok,
+                                       cfg.data.document_mask)  # fmt: skip
     if t.objective == "dpo":
         check_reference(sources, model)
     if t.loss_head != "plain" and not loss_head.install(model) and t.loss_head == "fused":
@@ -210,6 +221,8 @@ def _checked(cfg: Config, env: DistEnv) -> tuple:
             f"config key 'train.loss_head' is 'fused' but {model.config.model_type} models are not known to compute "
             f"their logits as a plain projection ({', '.join(loss_head.PLAIN_HEADS)} are); use auto or plain."
         )
+    if cfg.data.document_mask and model.config._attn_implementation == attention.FLASH:
+        attention.feed_documents(model)  # (after the loss head: it calls the head with the documents' bounds)
     limit = max_positions(model.config)
     if limit is not None and cfg.data.block_size > limit:
         raise UserError(
@@ -218,7 +231,6 @@ def _checked(cfg: Config, env: DistEnv) -> tuple:
         )
     check_sources(sources, tok, model.config.vocab_size, cfg.model.pretrained)
     ds_config = deepspeed_config(cfg, on_gpu=on_gpu, grad_accum=grad_accum)
-    precision = resolve_precision(t.precision, on_gpu)
     if t.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return sources, tok, model, grad_accum, ds_config, precision

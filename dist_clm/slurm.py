@@ -17,6 +17,14 @@ the loop runs (while imports load), submitit's own handler calls `TrainJob.check
 same job again, and requeues it: there is no progress to lose yet. SIGTERM is left to submitit, which ignores
 it: SLURM sends it just before a kill (scancel, an outside `scontrol requeue`, preemption after its grace
 time), and whether the job comes back is SLURM's decision; it then resumes from its last complete checkpoint.
+
+Lost ranks: a rank that finds another one gone (a collective failed or timed out) says which, and asks SLURM to
+requeue the job (a dead node: SLURM requeues it itself). A task killed by a signal says nothing: an abort (torch's
+NCCL watchdog after a collective timeout, a crash), the out-of-memory killer; srun --kill-on-bad-exit then kills
+the others at once, before they can notice. So every task records that it ended on its own (ENDED/<job>.<restart>
+.<rank>, whatever the ending: done, an error, a requeue asked for), and the batch script, once srun returns,
+runs `after_srun`: srun failed and no task recorded its end, so ranks were lost without a word; it requeues the
+job (up to max_requeues), as for any lost rank.
 """
 
 from __future__ import annotations
@@ -54,8 +62,9 @@ class SlurmSettings:
     def tasks(self) -> int:
         return self.tasks_per_node or self.gpus_per_node or 1
 
-    def executor_parameters(self) -> dict:
-        """submitit AutoExecutor parameters (the `slurm_` ones are SLURM-only)."""
+    def executor_parameters(self, log_root: Path | None = None) -> dict:
+        """submitit AutoExecutor parameters (the `slurm_` ones are SLURM-only); with `log_root`, the batch
+        script's guard for tasks lost without a word (after_srun)."""
         extra = {}
         for item in self.sbatch:
             key, sep, value = item.partition("=")
@@ -73,6 +82,8 @@ class SlurmSettings:
             # one task that fails ends the step's others at once, instead of leaving them in a collective
             "slurm_srun_args": ["--kill-on-bad-exit=1"],
         }
+        if log_root is not None:
+            params["slurm_setup"] = guard_lines(log_root, self.max_requeues)
         if self.gpus_per_node:
             params["gpus_per_node"] = self.gpus_per_node
         if self.mem_gb:
@@ -103,10 +114,19 @@ class SlurmSettings:
 class TrainJob:
     """What each SLURM task runs: `dist-clm train` with these arguments, as rank `global_rank` of the job."""
 
-    def __init__(self, config: str | None, overrides: list[str], max_requeues: int):
+    def __init__(self, config: str | None, overrides: list[str], max_requeues: int, log_root: str = ""):
         self.config, self.overrides, self.max_requeues = config, list(overrides), max_requeues
+        self.log_root = log_root  # where ENDED lives (the submission's log folder)
 
     def __call__(self) -> dict:
+        try:
+            return self._run()
+        finally:  # (not reached when a signal kills the task: after_srun tells those endings by this)
+            if getattr(self, "log_root", ""):  # (a job pickled by an older version has none)
+                ended_marker(Path(self.log_root), os.environ.get("SLURM_JOB_ID", "0"), _restarts(),
+                             os.environ.get("SLURM_PROCID", "0")).touch()  # fmt: skip
+
+    def _run(self) -> dict:
         import submitit
 
         from dist_clm.config import load_config
@@ -118,7 +138,7 @@ class TrainJob:
         os.environ.setdefault("LOCAL_WORLD_SIZE", str(job.num_tasks // max(1, job.num_nodes)))
         # SIGTERM stays with submitit (ignored): under SLURM it comes right before a kill (scancel, requeue,
         # preemption), and the job comes back, or not, by SLURM's decision, from its last checkpoint
-        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        restarts = _restarts()
         try:
             trained = train(load_config(self.config, self.overrides), stop_signals=(signal.SIGUSR1, signal.SIGUSR2))
         except PeerLost as e:  # another rank or node is gone: the job comes back on the nodes SLURM gives it
@@ -166,7 +186,52 @@ class TrainJob:
         """submitit's USR2 handler, before the training loop took the signal over: run the same job again."""
         import submitit
 
-        return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.overrides, self.max_requeues))
+        return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.overrides, self.max_requeues,
+                                                           self.log_root))  # fmt: skip
+
+
+def _restarts() -> int:
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+
+
+ENDED = "ended"  # under the log folder: one empty file per task that ended on its own
+
+
+def ended_marker(log_root: Path, job: str, restart: int, rank: str) -> Path:
+    folder = log_root / ENDED
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{job}.{restart}.{rank}"
+
+
+def guard_lines(log_root: Path, max_requeues: int) -> list[str]:
+    """Lines for the batch script, before its srun: when srun returns, run after_srun (a TERM to the script
+    means SLURM ends or requeues the job itself: then nothing)."""
+    import shlex
+
+    call = (f'{shlex.quote(sys.executable)} -m dist_clm.slurm after-srun "$1" "$dist_clm_signalled" '
+            f"{shlex.quote(str(log_root))} {max_requeues}")  # fmt: skip
+    return ["dist_clm_signalled=0", f"dist_clm_after_srun() {{ {call}; }}",
+            "trap 'dist_clm_signalled=1; exit 143' TERM", "trap 'dist_clm_after_srun $?' EXIT"]  # fmt: skip
+
+
+def after_srun(status: int, signalled: bool, log_root: Path, max_requeues: int) -> str:
+    """In the batch script once srun returned with `status`: requeue the job when srun failed and none of its
+    tasks recorded its end (ranks killed by a signal, see the module docstring); what was decided, in a word."""
+    if signalled or status == 0:
+        return "nothing to do"
+    job, restart = os.environ.get("SLURM_JOB_ID", "0"), _restarts()
+    if any((log_root / ENDED).glob(f"{job}.{restart}.*")):
+        return "a task said why it ended"
+    say = f"dist-clm: job {job}: srun ended with status {status} and no task said why: a rank was killed by a signal"
+    say += " (an abort after a collective timeout, the out-of-memory killer, a crash)"
+    if restart >= max_requeues:
+        print(f"{say}; it stops here after {restart} requeues (max_requeues): submit it again to continue from its "
+              "last complete checkpoint.", file=sys.stderr, flush=True)  # fmt: skip
+        return "max requeues"
+    r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    answer = r.stdout.strip() or r.stderr.strip() or "ok"
+    print(f"{say}; requeued to resume from its last complete checkpoint ({answer})", file=sys.stderr, flush=True)
+    return "requeued"
 
 
 def _unresponsive_nodes() -> list[str]:
@@ -191,10 +256,11 @@ def _unresponsive_nodes() -> list[str]:
 
 
 def make_executor(settings: SlurmSettings, folder: Path):
+    """submitit's executor for `folder` (RUN/slurm/%j: the log root is its parent)."""
     import submitit
 
     executor = submitit.AutoExecutor(folder=str(folder))
-    executor.update_parameters(**settings.executor_parameters())
+    executor.update_parameters(**settings.executor_parameters(folder.parent))
     return executor
 
 
@@ -224,7 +290,7 @@ def submit(
     jobs = []
     with executor.batch() if len(runs) > 1 else contextlib.nullcontext():
         for o in runs:
-            jobs.append(executor.submit(TrainJob(config, o, settings.max_requeues)))
+            jobs.append(executor.submit(TrainJob(config, o, settings.max_requeues, str(folder))))
     return list(zip(jobs, dirs, strict=True))
 
 
@@ -243,7 +309,7 @@ def _sbatch_script(settings: SlurmSettings, folder: Path, array: int) -> str:
 
     renamed = {"tasks_per_node": "ntasks_per_node", "timeout_min": "time", "name": "job_name"}
     params = {}
-    for key, value in settings.executor_parameters().items():
+    for key, value in settings.executor_parameters(folder.parent).items():
         if key.startswith("slurm_"):
             key = key[len("slurm_") :]
         if key == "mem_gb":
@@ -287,3 +353,9 @@ def launch_cli(a) -> None:
         for job, _ in out:
             results = job.results()
             print(f"job {job.job_id} finished: {results[0]}")
+
+
+if __name__ == "__main__":  # the batch script's guard: python -m dist_clm.slurm after-srun STATUS SIGNALLED ROOT MAX
+    _, what, status, signalled, root, most = sys.argv
+    assert what == "after-srun", what
+    after_srun(int(status), signalled == "1", Path(root), int(most))

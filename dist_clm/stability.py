@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dist_clm.distributed import reduce_to_host
 from dist_clm.errors import UserError
 
 
@@ -43,7 +44,8 @@ class Agreement:
     signum: int | None  # a stop signal some rank received
     nonfinite: int  # non-finite micro-batch losses over all ranks
     mean_loss: float  # the step's loss, mean over ranks and micro batches (nan when any is non-finite)
-    data_errors: int = 0  # ranks that found damaged data in this step (the run must stop)
+    data_errors: int = 0  # damaged data found in this step, by ranks (a loader's DataError) and by preference
+    # slots whose pair is incomplete (preference.pairs): the run must stop
     arrivals: list[float] | None = None  # each rank's seconds from the step's start to this agreement
 
 
@@ -53,28 +55,26 @@ def agree(
     losses: list[torch.Tensor],
     world: int,
     device: str,
-    data_error: bool = False,
+    data_error: float | torch.Tensor = 0.0,
     arrival_s: float = 0.0,
     rank: int = 0,
 ) -> Agreement:
-    """Collective: one all-reduce of [one flag per stop signal, data-error flag, one arrival time per rank,
-    non-finite count, loss sum]."""
+    """Collective: one all-reduce of [one flag per stop signal, data errors (a count, may be a tensor on the
+    device: no host read), one arrival time per rank, non-finite count, loss sum]."""
     local = torch.stack([loss.detach().float() for loss in losses])
     finite = torch.isfinite(local)
     arrivals = [0.0] * world
     arrivals[rank] = arrival_s  # the others' slots are theirs: the sum gathers them
-    head = [float(s in received) for s in signals] + [float(data_error)] + arrivals
-    vec = torch.cat([torch.tensor(head, device=local.device), (~finite).sum().float().reshape(1),
+    flags = torch.tensor([float(s in received) for s in signals], device=local.device)
+    errors = torch.as_tensor(data_error, dtype=torch.float32, device=local.device).reshape(1)
+    vec = torch.cat([flags, errors, torch.tensor(arrivals, device=local.device), (~finite).sum().float().reshape(1),
                      torch.where(finite, local, 0.0).sum().reshape(1)])  # fmt: skip
-    vec = vec.to(device, torch.float64)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(vec)
-    values = vec.tolist()
+    values = reduce_to_host(vec.to(device, torch.float64))
     n = len(signals)
     got = [s for s, v in zip(signals, values[:n], strict=True) if v > 0]
     nonfinite = int(values[-2])
     mean = values[-1] / (world * len(losses)) if nonfinite == 0 else math.nan
-    return Agreement(got[0] if got else None, nonfinite, mean, int(values[n]), values[n + 1 : n + 1 + world])
+    return Agreement(got[0] if got else None, nonfinite, mean, round(values[n]), values[n + 1 : n + 1 + world])
 
 
 class LossGuard:
@@ -131,11 +131,10 @@ def step_zero0_fp32(engine, force_skip: bool, device: str) -> None:
     The copy is made on bad steps only."""
     params = list(engine.module.parameters())
     grads = [p.grad for p in params if p.grad is not None]
-    bad = torch.tensor(float(force_skip or not all(bool(torch.isfinite(g).all()) for g in grads)), device=device)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
+    bad = (~finite.to(device) | force_skip).float().reshape(1)  # (the one host read is the agreed value)
     optimizer = engine.optimizer
-    optimizer.overflow = bool(bad.item())  # read by DeepSpeed after optimizer.step()
+    optimizer.overflow = bool(reduce_to_host(bad, torch.distributed.ReduceOp.MAX)[0])  # read by DeepSpeed's step
     if not optimizer.overflow:
         engine.step()
         return

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dist_clm import preference
+from dist_clm import attention, preference
 from dist_clm.distributed import agree_on_error
 from dist_clm.errors import DataError
 from dist_clm.preemption import StopRequest
@@ -29,7 +29,7 @@ class StepResult:
     arrivals: list[float]  # every rank's seconds from the step's start to its agreement (stragglers)
     token_sum: int = 0  # the sum of this rank's input ids in this step (what was read, in one number)
     injected: int = 0  # faults injected into this rank's losses in this step (train.fault_injection)
-    pairs: list[float] | None = None  # dpo / orpo: [pairs, summed reward chosen, rejected, ranked right] here
+    pairs: torch.Tensor | None = None  # dpo / orpo: preference.STATS summed over this rank's micro batches (device)
 
 
 def train_step(
@@ -48,22 +48,23 @@ def train_step(
             micro_batches.append(run.blank_batch())
         waited += time.perf_counter() - t0
     weighting = per_learned_token(run, micro_batches)
-    losses, blocks, pairs = [], torch.zeros(len(run.source_names), dtype=torch.int64), [0.0] * 4
+    losses, blocks, pairs = [], torch.zeros(len(run.source_names), dtype=torch.int64), None
     injected_before, token_sum = inject.injected, 0
     for micro, batch in enumerate(micro_batches):  # engine.step() applies the update at the accumulation boundary
         blocks += torch.bincount(batch.pop("source"), minlength=len(blocks))
         token_sum += int(batch["input_ids"].sum())  # (on the host, before the copy to the device)
-        inputs = {k: v.to(device) for k, v in batch.items()}  # input_ids, labels (, position_ids, reference)
+        inputs = model_inputs(run, batch)  # input_ids, labels (, position_ids, reference)
         if run.preference:
             loss, stats = preference.step_loss(run, inputs, weighting["num_items_in_batch"])
-            pairs = [a + b for a, b in zip(pairs, stats, strict=True)]
+            pairs = stats if pairs is None else pairs + stats
             loss = inject(step, loss)
         else:
             loss = inject(step, engine(**inputs, **weighting, use_cache=False).loss)
         losses.append(loss)
         last = micro == run.grad_accum - 1
         if last:  # the step's one collective: stop signals, non-finite losses, loss sum
-            agreed = agree(stop.signals, stop.received, losses, run.env.world_size, device, damaged is not None,
+            flaws = float(damaged is not None) if pairs is None else pairs[-1] + float(damaged is not None)
+            agreed = agree(stop.signals, stop.received, losses, run.env.world_size, device, flaws,
                            time.perf_counter() - start, run.env.rank)  # fmt: skip
             spike = guard.is_spike(agreed.mean_loss)
             skip = bool(agreed.nonfinite or spike or agreed.data_errors)
@@ -75,7 +76,7 @@ def train_step(
         else:
             engine.step()
     if agreed.data_errors:
-        agree_on_error(damaged, device)  # every rank raises the damaged rank's sentence
+        agree_on_error(damaged or unpaired(pairs), device)  # every rank raises the damaged rank's sentence
     # fp16's loss scaler skips overflowing steps by design while it finds its scale: not a bad step
     healthy = engine.was_step_applied() or (run.precision == "fp16" and not agreed.nonfinite)
     return StepResult(
@@ -90,6 +91,28 @@ def train_step(
         injected=inject.injected - injected_before,
         pairs=pairs,
     )
+
+
+def unpaired(pairs: torch.Tensor | None) -> DataError | None:
+    """The error of preference data whose rows do not pair up (preference.pairs), if this rank read such."""
+    if pairs is None or not float(pairs[-1]):
+        return None
+    return DataError(
+        f"a micro batch of preference data holds {int(pairs[-1])} conversations without their other half (a chosen "
+        "answer without its rejected one, or the reverse); prepare the data again with `dist-clm prepare --format "
+        "preference`."
+    )
+
+
+def model_inputs(run: Run, batch: dict[str, torch.Tensor]) -> dict:
+    """A micro batch on the device, copied without waiting (on a GPU the loader's batches are in pinned
+    memory); with flash attention's document bounds (attention.feed_documents), computed on the host first."""
+    device = run.env.device
+    inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if attention.feeds_documents(run.engine.module):
+        bounds = attention.document_bounds(batch["position_ids"])
+        inputs |= {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in bounds.items()}
+    return inputs
 
 
 def per_learned_token(run: Run, micro_batches: list[dict]) -> dict:

@@ -95,7 +95,8 @@ def _train(cfg: Config, env: distributed.DistEnv, stop_signals, on_step) -> Trai
     before = validate(state.step)
 
     guard = LossGuard(t.max_bad_steps, t.spike_factor, t.spike_window)
-    window = LogWindow(run.source_names, run.tokens_per_step, run.flops_per_token, env.world_size, env.device)
+    window = LogWindow(run.source_names, run.tokens_per_step, run.flops_per_token, env.world_size, env.device,
+                       run.precision, t.tf32)  # fmt: skip
     loader = run.loader(state.loader)
     batches = iter(loader)
     bar = progress_bar(t.max_steps, state.step, env.is_main and cfg.run.progress_bar)

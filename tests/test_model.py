@@ -52,14 +52,14 @@ def test_bad_model_settings(tmp_path):
 
 
 def test_attention_choice(monkeypatch):
-    from dist_clm.model import attention_for
+    from dist_clm.attention import attention_for
 
-    assert attention_for("auto", document_mask=True, on_gpu=False) == ["sdpa"]  # CPU: as before
-    assert attention_for("auto", document_mask=False, on_gpu=True) == ["sdpa"]
-    assert attention_for("auto", document_mask=True, on_gpu=True)[-2:] == ["flex_attention", "sdpa"]
-    assert attention_for("eager", document_mask=True, on_gpu=False) == ["eager"]
+    assert attention_for("auto", document_mask=True, on_gpu=False, precision="fp32") == ["sdpa"]  # CPU: as before
+    assert attention_for("auto", document_mask=False, on_gpu=True, precision="bf16") == ["sdpa"]
+    assert attention_for("auto", document_mask=True, on_gpu=True, precision="bf16")[-2:] == ["flex_attention", "sdpa"]
+    assert attention_for("eager", document_mask=True, on_gpu=False, precision="fp32") == ["eager"]
     with pytest.raises(UserError, match="'flex_attention', which has no backward pass on CPU"):
-        attention_for("flex_attention", document_mask=True, on_gpu=False)
+        attention_for("flex_attention", document_mask=True, on_gpu=False, precision="fp32")
 
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny"])
@@ -67,8 +67,8 @@ def test_flex_attention_masks_documents_as_sdpa_does(tokenizer_dir, preset):
     """FlexAttention's block-sparse mask from restarting positions (its forward: on CPU torch has no flex
     backward) gives the logits of the SDPA-masked model and of each document run on its own: Llama through
     transformers' own support, GPT-2 through dist_clm's switch (transformers 4.57's GPT-2 declares none)."""
+    from dist_clm.attention import build_model_with
     from dist_clm.data.tokenizer import load_tokenizer
-    from dist_clm.model import build_model_with
 
     tok = load_tokenizer(tokenizer_dir)
     torch.manual_seed(0)
@@ -89,8 +89,8 @@ def test_flex_attention_masks_documents_as_sdpa_does(tokenizer_dir, preset):
 
 
 def test_flex_attention_is_not_taken_where_it_would_drop_attention_dropout(tokenizer_dir):
+    from dist_clm.attention import build_model_with
     from dist_clm.data.tokenizer import load_tokenizer
-    from dist_clm.model import build_model_with
 
     tok = load_tokenizer(tokenizer_dir)
     for preset, dropout in (("tiny", "attn_pdrop"), ("tiny-llama", "attention_dropout")):
@@ -101,8 +101,8 @@ def test_flex_attention_is_not_taken_where_it_would_drop_attention_dropout(token
 def test_an_attention_the_machine_lacks_is_one_sentence(tokenizer_dir):
     import importlib.util
 
+    from dist_clm.attention import build_model_with
     from dist_clm.data.tokenizer import load_tokenizer
-    from dist_clm.model import build_model_with
 
     if importlib.util.find_spec("flash_attn"):
         pytest.skip("flash_attn is installed here")

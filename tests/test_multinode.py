@@ -5,6 +5,7 @@ block; a resume on another node count continues exactly; a preemption of a 2-nod
 that dies and a rank that stalls end every rank with a sentence naming it, and the job comes back from its
 last checkpoint on the nodes that are left."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -197,6 +198,35 @@ def test_a_stalled_rank_is_named_and_the_job_comes_back(tmp_path, data_dir):
         final = wait_for(lambda: results(run, job) if not running(job) and results(run, job) else None,
                          "the job's end", 400)  # fmt: skip
         assert all(r["step"] == 40 for r in final) and set(logged_steps(run)) == set(range(1, 41))
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+
+
+def test_ranks_that_abort_without_a_word_are_lost_peers_and_the_job_comes_back(tmp_path, data_dir):
+    """NCCL's default after a collective timeout, played on CPU: the rank that stopped is gone (kill -9) and each
+    survivor's watchdog aborts its process (SIGABRT), so no rank says a word and srun ends the step. The batch
+    script sees that no task recorded its end, requeues the job as for any lost rank, and it resumes from its
+    last complete checkpoint."""
+    needs_slurm("multi")
+    run = tmp_path / "run"
+    job = submit(run, data_dir, "train.max_steps=20", "train.save_every=5")
+    try:
+        wait_for(lambda: len(logged_steps(run)) >= 8, "the first steps", 300)
+        ranks = json.loads((run / "ranks.json").read_text())
+        last = max(json.loads(p.read_text())["step"] for p in (run / "checkpoints").glob("step_*/complete.json"))
+        os.kill(ranks[3]["pid"], signal.SIGKILL)
+        for r in ranks[:3]:
+            with contextlib.suppress(ProcessLookupError):  # (srun may have ended it already)
+                os.kill(r["pid"], signal.SIGABRT)
+        wait_for(lambda: restarts(job) >= 1 and running(job), "the job requeued", 300)
+        assert "no task said why: a rank was killed by a signal" in logs(run, job)
+        final = wait_for(lambda: results(run, job) if not running(job) and results(run, job) else None,
+                         "the job's end", 400)  # fmt: skip
+        assert all(r["step"] == 20 and r["restarts"] == 1 for r in final)
+        steps = logged_steps(run)
+        went_back = [(a, b) for a, b in zip(steps, steps[1:], strict=False) if b <= a]
+        assert len(went_back) <= 1 and set(steps) == set(range(1, 21))
+        assert not went_back or went_back[0][1] <= last + 1 + 5  # from a complete checkpoint (perhaps a newer one)
     finally:
         subprocess.run(["scancel", job], capture_output=True)
 

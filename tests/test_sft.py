@@ -160,11 +160,11 @@ def test_the_step_loss_is_the_mean_over_all_its_learned_tokens(tmp_path, sft_dat
     loss of step 1 (before any update) is their NLL summed over every learned token of the step, over the count,
     as computed here with the plain model from each rank's share of the blocks; not a mean of micro batches'
     means."""
+    from dist_clm.attention import build_model_with
     from dist_clm.config import load_config
     from dist_clm.data.loader import TrainLoader
     from dist_clm.data.provenance import run_tokenizer, training_sources
     from dist_clm.distributed import free_port
-    from dist_clm.model import build_model_with
     from dist_clm.setup import resolve_fine_tuning
     from tests.helpers import BIN, launch
 

@@ -25,6 +25,7 @@ def test_dry_run_prints_the_sbatch_script(tmp_path):
                  f"--output={tmp_path / 'run' / 'slurm'}"]:  # fmt: skip
         assert f"#SBATCH {line}" in r.stdout, line
     assert "srun" in r.stdout and "submitit.core._submit" in r.stdout
+    assert "trap 'dist_clm_after_srun $?' EXIT" in r.stdout  # the guard for ranks lost without a word
     assert not (tmp_path / "run").exists()  # nothing written, nothing submitted
     sweep = run_cli("launch", "slurm", "--dry-run", f"run.dir={tmp_path / 'run'}", "--sweep", "train.lr=1e-3",
                     "--sweep", "train.lr=3e-4")  # fmt: skip
@@ -111,3 +112,34 @@ def test_a_sweep_through_the_command_is_one_job_array_with_a_run_directory_per_m
     runs = [sweep / "sweep_00", sweep / "sweep_01"]
     lrs = [[row["train/lr"] for row in metrics(d) if "train/lr" in row][-1] for d in runs]
     assert lrs[0] != lrs[1]  # each member trained with its own overrides
+
+
+def test_a_failed_step_that_no_task_explained_is_requeued(tmp_path, monkeypatch, capsys):
+    """The batch script's guard (after_srun): srun failed and no task recorded its end (they were killed by a
+    signal) -> requeue, up to max_requeues; a task's own end (success, an error, a requeue it asked for), a
+    success, or SLURM ending the job itself (TERM to the script) -> nothing. The generated lines run in bash."""
+    from dist_clm import slurm
+
+    asked = []
+    with monkeypatch.context() as m:  # (subprocess.run: scontrol is recorded, not run)
+        m.setattr(subprocess, "run", lambda cmd, **k: asked.append(cmd) or subprocess.CompletedProcess(cmd, 0, "", ""))
+        monkeypatch.setenv("SLURM_JOB_ID", "41")
+        monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+        assert slurm.after_srun(0, False, tmp_path, 3) == "nothing to do"
+        assert slurm.after_srun(143, True, tmp_path, 3) == "nothing to do"
+        assert slurm.after_srun(134, False, tmp_path, 3) == "requeued" and asked == [["scontrol", "requeue", "41"]]
+        assert "no task said why: a rank was killed by a signal" in capsys.readouterr().err
+        assert slurm.after_srun(134, False, tmp_path, 1) == "max requeues" and len(asked) == 1
+        slurm.ended_marker(tmp_path, "41", 0, "2").touch()  # (an earlier attempt's)
+        assert slurm.after_srun(134, False, tmp_path, 3) == "requeued"
+        slurm.ended_marker(tmp_path, "41", 1, "2").touch()
+        assert slurm.after_srun(2, False, tmp_path, 3) == "a task said why it ended"
+
+    # the lines in a batch script: srun failing, srun succeeding, the script terminated by SLURM
+    log, fake = tmp_path / "guard.log", tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\necho "$4 $5" >> {log}\n')  # (python -m dist_clm.slurm after-srun STATUS SIGNALLED)
+    fake.chmod(0o755)
+    monkeypatch.setattr(slurm.sys, "executable", str(fake))
+    for srun in ("(exit 134)", "true", "kill -TERM $$; sleep 1"):
+        subprocess.run(["bash", "-c", "\n".join([*slurm.guard_lines(tmp_path, 3), srun])], check=False)
+    assert log.read_text().splitlines() == ["134 0", "0 0", "143 1"]

@@ -656,10 +656,12 @@ class TrainLoader:
         shuffle_window: int = 0,
         prefetch_steps: int = 0,
         stages: list | None = None,
+        pin_memory: bool = False,
     ):
         """`shuffle_window`: tokens per window of the two-level shuffle (0: a global shuffle); `prefetch_steps`:
         how many steps ahead the shards of remote sources are fetched into the node's cache; `stages`: the
-        config's data.stages (the mixture changing over the run; none: the sources' weights throughout)."""
+        config's data.stages (the mixture changing over the run; none: the sources' weights throughout); `pin_memory`:
+        batches in page-locked memory (for a GPU)."""
         self.mix = [[s.name, s.weight] for s in sources if s.weight > 0]
         self.names = [name for name, _ in self.mix]
         self.shuffle_window = shuffle_window
@@ -709,10 +711,19 @@ class TrainLoader:
             generator=torch.Generator().manual_seed(seed),
         )
         self.steps_done = 0  # optimizer steps taken since `start`
+        self.pin_memory = pin_memory
 
     @classmethod
     def from_config(
-        cls, cfg: Config, sources: list[Source], *, rank: int, world: int, grad_accum: int, state: dict | None = None
+        cls,
+        cfg: Config,
+        sources: list[Source],
+        *,
+        rank: int,
+        world: int,
+        grad_accum: int,
+        state: dict | None = None,
+        pin_memory: bool = False,
     ) -> TrainLoader:
         """The loader a run's config means (data.* and the batch and seed of train.*), for this rank."""
         d, t = cfg.data, cfg.train
@@ -720,21 +731,24 @@ class TrainLoader:
             sources, block_size=d.block_size, micro_batch=t.micro_batch_size, grad_accum=grad_accum, rank=rank,
             world=world, shuffle=d.shuffle, seed=t.seed, num_workers=d.num_workers, state=state,
             shuffle_window=d.shuffle_window, prefetch_steps=d.prefetch_steps, stages=d.stages,
-            document_mask=d.document_mask,
+            document_mask=d.document_mask, pin_memory=pin_memory,
         )  # fmt: skip
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         """Micro batches as tensors; damaged data raises a DataError (one sentence) from next()."""
         batches = iter(self.loader)  # made now, not at the first next(): the workers start here
         _WORKERS.update(getattr(batches, "_workers", ()))
-        return self._tensors(batches)
+        return self._checked(batches)
 
-    def _tensors(self, batches) -> Iterator[dict[str, torch.Tensor]]:
+    def _checked(self, batches) -> Iterator[dict[str, torch.Tensor]]:
         for batch in batches:
             if isinstance(batch, _Failed):
                 self.close()  # damaged data ends the run: the workers stop now, not when the traceback is collected
                 raise batch.error
-            yield {k: torch.from_numpy(v) for k, v in batch.items()}
+            tensors = {k: torch.from_numpy(v) for k, v in batch.items()}
+            # page-locked for a GPU, so that the step's copies do not wait (here, not in the DataLoader's pin
+            # thread: it pins tensors only, and arrays travel from workers faster than tensors, see above)
+            yield {k: v.pin_memory() for k, v in tensors.items()} if self.pin_memory else tensors
 
     def close(self) -> None:
         """Stop the loader's worker processes now (they ignore SIGTERM, see preemption.py, so they must be told)."""
