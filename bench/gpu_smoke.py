@@ -164,7 +164,7 @@ class Smoke:
                 code = cli(args)
             used = self.args.cpu or torch.cuda.max_memory_allocated() > 0
             said = out.getvalue().strip()[-60:]
-            where = "GPU memory used" if used else "no GPU memory used"
+            where = "the CPU run" if self.args.cpu else "GPU memory used" if used else "no GPU memory used"
             self.check(f"{name} runs on the {device}", code == 0 and used, f"exit {code}; {where}; {said!r}")
 
     def checkpointing_compiled(self) -> None:

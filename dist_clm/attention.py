@@ -115,13 +115,15 @@ def build_model_with(
 def document_bounds(position_ids: torch.Tensor) -> dict[str, Any]:
     """flash attention's variable-length arguments (transformers' FlashAttentionKwargs) for a micro batch of
     packed rows (B x L position ids that restart at 0 at each document): the B x L tokens as one run cut at
-    every document start and at every row's start. Two host reads; none when the ids are on the host."""
+    every document start and at every row's start. The longest sequence is given as L, a bound that holds for
+    every micro batch: the same value each time (torch.compile does not specialize on it) and no host read
+    to find it; finding the cuts reads the ids (done on the host by the training step)."""
     starts = position_ids == 0
     starts[:, 0] = True  # (a row that begins inside a document still begins a sequence)
     cuts = torch.nonzero(starts.flatten()).flatten()
     bounds = torch.cat([cuts, cuts.new_tensor([position_ids.numel()])]).to(torch.int32)
-    longest = int(bounds.diff().max())
-    return {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest, "max_length_k": longest}
+    row = position_ids.shape[1]
+    return {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": row, "max_length_k": row}
 
 
 def feeds_documents(model) -> bool:

@@ -36,7 +36,7 @@ def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, drop
            causal=False, **_):  # fmt: skip
     assert torch.equal(cu_seqlens_q, cu_seqlens_k) and cu_seqlens_q.dtype == torch.int32
     cuts = cu_seqlens_q.tolist()
-    assert max_seqlen_q == max(b - a for a, b in zip(cuts, cuts[1:], strict=False))
+    assert max_seqlen_q == max_seqlen_k >= max(b - a for a, b in zip(cuts, cuts[1:], strict=False))
     CALLS.append(cuts)
     pieces = zip(cuts, cuts[1:], strict=False)
     return torch.cat([_attend(q[a:b], k[a:b], v[a:b], causal, softmax_scale) for a, b in pieces])

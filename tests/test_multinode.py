@@ -16,6 +16,7 @@ import time
 import pytest
 
 from dist_clm.distributed import free_port
+from dist_clm.slurm import ENDED
 from tests.helpers import (
     BIN,
     TINY,
@@ -74,7 +75,8 @@ def test_submitit_two_nodes_train_what_one_node_trains_and_resume_on_one_node(on
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
     assert "finished: {'step': 8" in r.stdout
     assert sorted(nodes_of(run)) == [("dn1", 0), ("dn1", 1), ("dn2", 0), ("dn2", 1)]
-    [job_dir] = [d for d in (run / "slurm").iterdir() if d.is_dir()]
+    [job_dir] = [d for d in (run / "slurm").iterdir() if d.is_dir() and d.name != ENDED]
+    assert len(list((run / "slurm" / ENDED).iterdir())) == 4  # each task recorded that it ended on its own
     assert len(list(job_dir.glob("*_log.out"))) == 4  # one log per task
     rank0 = next(job_dir.glob("*_0_log.*[rt]")).read_text() + next(job_dir.glob("*_0_log.out")).read_text()
     assert "4 ranks on 2 nodes (dn1: 0-1, dn2: 2-3)" in rank0
