@@ -133,8 +133,9 @@ class TrainConfig:
     # are durable. Costs host memory for one copy of each rank's share while it is written
     max_bad_steps: int = 3  # steps in a row with a non-finite loss or gradient norm (each one skipped, never
     # applied) before rolling back to the last checkpoint past the data that led there (0 = never roll back)
-    spike_factor: float = 2.0  # a step loss above this x the mean of the last spike_window good steps is not
-    # applied and rolls back the same way (0 = off)
+    spike_factor: float = 2.0  # clm and sft: a step loss above this x the mean of the last spike_window good steps
+    # is not applied and rolls back the same way (with no checkpoint yet, training goes on without it); dpo and orpo,
+    # whose losses are noisy by nature, use the median of those steps + 10 robust spreads instead (0 = off for all)
     spike_window: int = 50  # good steps in the running mean that spikes are measured against
     max_rollbacks: int = 5  # rollbacks in one process before giving up with an error
     resume: bool = True  # resume automatically from the latest complete checkpoint in run.dir
@@ -368,7 +369,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         p = Path(path)
         if not p.is_file():
             raise ConfigError(
-                f"config file '{p}' does not exist; pass the path of a YAML file such as configs/tiny.yaml."
+                f"config file '{p}' does not exist; pass the path of a YAML file such as configs/tiny-cpu.yaml."
             )
         try:
             loaded = yaml.safe_load(p.read_text())

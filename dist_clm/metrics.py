@@ -56,6 +56,16 @@ class Metrics:
         self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
         self.jsonl.flush()
 
+    def note(self, step: int, name: str, text: str) -> None:
+        """Record a sentence (a skipped step's reason) at `step`: in metrics.jsonl, and TensorBoard's text tab."""
+        if not self.is_main:
+            return
+        if self.writer is not None:
+            self.writer.add_text(name, text, step)
+            self.writer.flush()
+        self.jsonl.write(json.dumps({"step": step, name: text}) + "\n")
+        self.jsonl.flush()
+
     def close(self) -> None:
         if self.is_main:
             if self.writer is not None:
@@ -76,9 +86,10 @@ class LogWindow:
     them into the logged training scalars and starts a new window."""
 
     def __init__(self, sources: list[str], tokens_per_step: int, flops_per_token: float, world: int, device: str,
-                 precision: str = "bf16", tf32: bool = True):  # fmt: skip
+                 precision: str = "bf16", tf32: bool = True, objective=None):  # fmt: skip
         self.sources, self.tokens_per_step, self.flops = sources, tokens_per_step, flops_per_token
         self.world, self.device = world, device
+        self.objective = objective  # (objectives.py) names what its statistics log; None: the window logs none
         self.peak = peak_flops(device, precision, tf32)  # (None on the CPU and on GPUs not in PEAKS)
         self.persistent_straggler: int | None = None  # a rank STRAGGLER_LAG x slow in the last two windows
         self._last_slow: int | None = None
@@ -88,7 +99,7 @@ class LogWindow:
         self.start, self.steps, self.losses = time.perf_counter(), 0, []
         self.wait, self.blocks = 0.0, [0] * len(self.sources)
         self.arrivals, self.token_sum = [0.0] * self.world, 0
-        self.pairs = None  # dpo / orpo: preference.STATS of the window's steps, on the device (read at emit)
+        self.stats = None  # the objective's statistics summed over the window's steps, on the device (read at emit)
 
     def add(
         self,
@@ -98,12 +109,12 @@ class LogWindow:
         blocks_per_source: list[int],
         arrivals: list[float],
         token_sum: int = 0,
-        pairs=None,
+        stats=None,
     ) -> None:
         """One step (a step.StepResult's fields); its loss counts only if it was good (applied, not a spike)."""
         self.steps += 1
-        if pairs is not None:
-            self.pairs = pairs if self.pairs is None else self.pairs + pairs
+        if stats is not None:
+            self.stats = stats if self.stats is None else self.stats + stats
         self.token_sum += token_sum
         if good:
             self.losses.append(loss)
@@ -124,10 +135,12 @@ class LogWindow:
         from dist_clm.distributed import all_reduce_sum
 
         elapsed = time.perf_counter() - self.start
-        pairs = self.pairs[:4] if self.pairs is not None else [0.0] * 4  # (the device's sums join the one reduction)
-        wait_sum, token_sum, n, chosen, rejected, right, *mix = all_reduce_sum(
-            [self.wait, self.token_sum, *pairs, *self.blocks], self.device
+        n_stats = len(self.objective.stats) if self.objective is not None else 0
+        stats = [] if not n_stats else self.stats if self.stats is not None else [0.0] * n_stats
+        wait_sum, token_sum, *rest = all_reduce_sum(  # (the device's sums join the one reduction)
+            [self.wait, self.token_sum, *stats, *self.blocks], self.device
         )
+        sums, mix = rest[:n_stats], rest[n_stats:]
         out = {"train/loss": sum(self.losses) / len(self.losses)} if self.losses else {}
         out |= {  # (no train/loss when every step of the window was skipped)
             "train/lr": lr,
@@ -139,9 +152,8 @@ class LogWindow:
             # the window's token ids summed over ranks: the same data gives the same sum on any number of ranks
             "data/token_sum": int(token_sum),
         }
-        if n:  # preference objectives: dpo's implicit rewards (orpo's log odds) of the window's pairs
-            out |= {"train/rewards_chosen": chosen / n, "train/rewards_rejected": rejected / n,
-                    "train/reward_accuracy": right / n, "train/reward_margin": (chosen - rejected) / n}  # fmt: skip
+        if n_stats:
+            out |= self.objective.scalars(sums)
         if self.peak:  # model FLOPs utilization: achieved training FLOP/s per device over its peak in this precision
             out["train/mfu"] = out["train/tokens_per_s"] * self.flops / (self.world * self.peak)
         out |= memory_scalars(self.device)

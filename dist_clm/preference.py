@@ -93,8 +93,6 @@ def orpo(policy: Conversations, lam: float) -> tuple[torch.Tensor, dict[str, tor
 
 # ---- the reference model's log-probabilities, computed once and stored with the data (data/reference_store.py)
 
-OBJECTIVES = ("dpo", "orpo")
-
 
 def weights_fingerprint(model) -> str:
     """A hash of a model's weights (fp32, by name): the identity of a reference model."""
@@ -165,26 +163,4 @@ def count_pairs(labels: torch.Tensor, positions: torch.Tensor) -> int:
     return int(torch.unique(flat[learned]).numel())
 
 
-STATS = ("pairs", "reward_chosen", "reward_rejected", "ranked_right", "unpaired")  # step_loss's statistics
-
-
-def step_loss(run, inputs: dict, divisor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One micro batch's share of the step's mean pair loss (its pairs' losses summed over `divisor`: see
-    step.per_learned_token's reasoning), and its STATS summed, on the device: no host read in the step."""
-    reference = inputs.pop("reference", None)
-    labels = inputs.pop("labels")
-    logits = run.engine(**inputs, use_cache=False).logits
-    conv = conversation_logps(logits, labels, inputs["position_ids"])
-    both, unpaired = pairs(conv)
-    t = run.cfg.train
-    if t.objective == "dpo":
-        # (a blank batch standing in for damaged data has no reference values; its step is never applied)
-        width = labels.shape[1]
-        values = conv.logps.detach() if reference is None else F.pad(reference, (0, width - reference.shape[1]))
-        losses, rewards = dpo(conv, values.to(conv.logps.dtype), t.dpo_beta)
-    else:
-        losses, rewards = orpo(conv, t.orpo_lambda)
-    chosen, rejected = rewards["chosen"] * both, rewards["rejected"] * both
-    right = ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()) * both  # (a tie: half right)
-    stats = torch.stack([both.sum().float(), chosen.sum(), rejected.sum(), right.sum(), unpaired.float()])
-    return losses.sum() / divisor, stats
+STATS = ("pairs", "reward_chosen", "reward_rejected", "ranked_right", "unpaired")  # a micro batch's statistics

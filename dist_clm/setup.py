@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from dist_clm import attention, loss_head
+from dist_clm import attention, loss_head, objectives
 from dist_clm.config import Config
 from dist_clm.data.loader import Source, TrainLoader
 from dist_clm.data.provenance import check_sources, run_tokenizer, training_sources
@@ -43,6 +43,7 @@ class Run:
     n_params: int
     flops_per_token: float  # training FLOPs per token (forward + backward), for MFU
     owner: RunOwner  # rank 0's lock on the run directory, released by train() at the end
+    objective: objectives.Objective  # what the run minimizes (train.objective, settled from the data)
 
     @property
     def global_batch(self) -> int:
@@ -65,15 +66,6 @@ class Run:
     @property
     def compiled(self) -> bool:
         return bool(getattr(self.engine, "is_compiled", False))
-
-    @property
-    def preference(self) -> bool:
-        return self.cfg.train.objective in ("dpo", "orpo")
-
-    @property
-    def token_weighted(self) -> bool:
-        """A step's loss is the mean over its learned tokens on every rank (sft), not a mean of micro batches'."""
-        return self.cfg.train.objective == "sft"
 
     @property
     def zero0_fp32(self) -> bool:
@@ -129,7 +121,8 @@ def setup(cfg: Config, env: DistEnv, world: list[dict]) -> Run:
     )
     if t.compile is True or (t.compile == "auto" and env.device != "cpu"):
         engine.compile()
-    return Run(cfg, env, sources, engine, scheduler, grad_accum, precision, n_params, flops, owner)
+    return Run(cfg, env, sources, engine, scheduler, grad_accum, precision, n_params, flops, owner,
+               objectives.for_run(t))  # fmt: skip
 
 
 def resolve_fine_tuning(cfg: Config, sources: list[Source]) -> None:

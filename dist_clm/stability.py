@@ -2,21 +2,25 @@
 
 Once per optimizer step, after the last forward pass and before its backward pass, the ranks all-reduce
 five things in one small collective: which stop signals arrived (see preemption.py), each rank's time from
-the step's start to this point (so stragglers are seen without another collective), whether a rank found
-damaged data (its loader raised a DataError; it trained on a blank batch meanwhile, so every rank reaches the
-agreement and none waits in a collective for a crashed one), how many micro-batch losses were non-finite, and
-the sum of the losses. Every rank then knows the same answers:
+the step's start to this point (so stragglers are seen without another collective), how many flaws of damaged
+data a rank found (its loader raised a DataError, and it trained on a blank batch meanwhile, so every rank
+reaches the agreement and none waits in a collective for a crashed one; or its objective found some on the
+device), how many micro-batch losses were non-finite, and the sum of the losses. Every rank then knows the same
+answers:
 
 - damaged data anywhere: the update is dropped (below) and every rank stops with that rank's sentence;
-
-- a non-finite loss anywhere, or a loss above `spike_factor` x the running mean of recent good steps:
-  the update must not happen. The last backward pass is then run on a NaN loss on every rank, which sends
-  DeepSpeed down its own overflow path (ZeRO 1-3 and its bf16/fp16 optimizers check the global gradient
-  norm): gradients dropped, no optimizer or schedule step. A non-finite gradient norm with a finite loss
-  takes the same path by itself; `engine.was_step_applied()` reports both.
+- a non-finite loss anywhere, or a spike by the objective's rule (objectives.py: a loss above `spike_factor` x
+  the running mean of recent good steps for clm and sft; far above the robust spread of recent steps for the
+  preference objectives, whose losses are noisy by nature): the update must not happen. The last backward pass
+  runs as usual, the step's real gradient norm is taken (it is logged with the reason), and one gradient is
+  set to NaN with DeepSpeed's own `safe_set_full_grad` on every rank, which sends DeepSpeed down its overflow
+  path (ZeRO 1-3 and its bf16/fp16 optimizers check the global gradient norm): gradients dropped, no optimizer
+  or schedule step. A non-finite gradient norm with a finite loss takes the same path by itself;
+  `engine.was_step_applied()` reports both.
 - after `max_bad_steps` bad steps in a row, or at once on a spike, the loop rolls back to the last
   checkpoint and skips the data window that led there (train.py; the skip is recorded in RUN/skips.json so
-  a later resume skips it too).
+  a later resume skips it too). With no checkpoint yet, a spike's step is dropped and training goes on;
+  bad steps in a row with no checkpoint end the run with one sentence.
 
 `train.fault_injection` is a fault-injection switch for tests and drills, off unless set: a comma-separated
 list of `STEP[-LAST]:KIND[@RANK]` entries, KIND `nan`, `inf` or `xF` (multiply the loss by F), or `sleepS`
@@ -77,32 +81,36 @@ def agree(
     return Agreement(got[0] if got else None, nonfinite, mean, round(values[n]), values[n + 1 : n + 1 + world])
 
 
-class LossGuard:
-    """Counts bad steps in a row and keeps the running mean of good steps' losses; says when to roll back."""
+@dataclass
+class Trouble:
+    """Why the loop must roll back now (LossGuard.after_step)."""
 
-    def __init__(self, max_bad_steps: int, spike_factor: float, window: int):
-        self.max_bad_steps, self.spike_factor = max_bad_steps, spike_factor
+    reason: str
+    spike: bool  # a spike (with no checkpoint yet the run goes on), not bad steps in a row
+
+
+class LossGuard:
+    """Counts bad steps in a row and keeps the losses of recent good steps; asks the objective's spike rule
+    (objectives.py) about each step's loss; says when to roll back."""
+
+    def __init__(self, max_bad_steps: int, rule, window: int):
+        self.max_bad_steps, self.rule = max_bad_steps, rule
         self.recent: deque[float] = deque(maxlen=window)
         self.bad_in_a_row = 0
         self.skipped = 0  # updates not applied, over the whole run in this process
 
-    SPIKE_FLOOR = 0.05  # nats a spike must also rise above the mean: losses near 0 (a preference loss that has
-    # learned its pairs) vary by large factors harmlessly
+    def spike(self, loss: float) -> str | None:
+        """Why `loss` is a spike (the guard has seen enough good steps and the rule says so), or None."""
+        if len(self.recent) < min(10, self.recent.maxlen or 10):
+            return None
+        return self.rule.verdict(loss, list(self.recent))
 
-    def is_spike(self, loss: float) -> bool:
-        """`loss` is a spike: the guard is on, has seen enough good steps, and the loss is far above them."""
-        warm = len(self.recent) >= min(10, self.recent.maxlen or 10)
-        if not (self.spike_factor > 0 and warm):
-            return False
-        mean = sum(self.recent) / len(self.recent)
-        return loss > self.spike_factor * mean and loss > mean + self.SPIKE_FLOOR
-
-    def after_step(self, applied: bool, loss: float, spike: bool) -> str | None:
-        """Record one step; the reason to roll back now, or None."""
+    def after_step(self, applied: bool, loss: float, spike: str | None) -> Trouble | None:
+        """Record one step; why to roll back now, or None."""
         if spike:
             self.skipped += 1
-            mean = sum(self.recent) / len(self.recent)
-            return f"loss {loss:.4g} is more than {self.spike_factor:g} x the running mean {mean:.4g}"
+            self.bad_in_a_row += 1
+            return Trouble(spike, spike=True)
         if applied:
             self.bad_in_a_row = 0
             self.recent.append(loss)
@@ -110,7 +118,7 @@ class LossGuard:
         self.skipped += 1
         self.bad_in_a_row += 1
         if self.max_bad_steps and self.bad_in_a_row >= self.max_bad_steps:
-            return f"{self.bad_in_a_row} steps in a row had a non-finite loss or gradient norm"
+            return Trouble(f"{self.bad_in_a_row} steps in a row had a non-finite loss or gradient norm", spike=False)
         return None
 
     def reset(self) -> None:
@@ -118,9 +126,25 @@ class LossGuard:
         self.recent.clear()
 
 
-def poison(loss: torch.Tensor) -> torch.Tensor:
-    """The same graph with a NaN value: its backward pass fills every gradient with NaN."""
-    return loss * torch.tensor(math.nan, device=loss.device, dtype=loss.dtype)
+def real_grad_norm(engine) -> float:
+    """The global norm of the step's gradient, after the accumulation boundary's backward pass and before the
+    step, whatever the ZeRO stage (DeepSpeed's safe_get_full_grad; each call is a collective for ZeRO 1-3: every
+    rank calls it alike). For a step that is not applied: DeepSpeed's own norm is then the NaN set below."""
+    from deepspeed.utils import safe_get_full_grad
+
+    squares = [g.float().pow(2).sum() for p in engine.module.parameters()
+               if p.requires_grad and (g := safe_get_full_grad(p)) is not None]  # fmt: skip
+    return math.sqrt(float(torch.stack(squares).sum())) if squares else 0.0
+
+
+def drop_update(engine) -> None:
+    """Make DeepSpeed's next step skip: one gradient set to NaN (DeepSpeed's safe_set_full_grad, on every rank),
+    so its overflow path drops the gradients without an optimizer or schedule step."""
+    from deepspeed.utils import safe_set_full_grad
+
+    first = next(p for p in engine.module.parameters() if p.requires_grad)
+    shape = getattr(first, "ds_shape", first.shape)  # (ZeRO-3 holds a partition; the value is the whole)
+    safe_set_full_grad(first, torch.full(shape, math.nan, dtype=torch.float32, device=first.device))
 
 
 def step_zero0_fp32(engine, force_skip: bool, device: str) -> None:

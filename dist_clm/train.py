@@ -30,7 +30,7 @@ from dist_clm.evaluate import perplexity, windows
 from dist_clm.metrics import LogWindow, Metrics, say
 from dist_clm.preemption import SIGNALS, StopRequest, watch_launcher
 from dist_clm.setup import Run, setup
-from dist_clm.stability import LossGuard, LossInjector
+from dist_clm.stability import LossGuard, LossInjector, Trouble
 from dist_clm.step import StepResult, train_step
 
 
@@ -94,9 +94,9 @@ def _train(cfg: Config, env: distributed.DistEnv, stop_signals, on_step) -> Trai
     started = time.perf_counter()  # (the first validation and step compile the model under torch.compile)
     before = validate(state.step)
 
-    guard = LossGuard(t.max_bad_steps, t.spike_factor, t.spike_window)
+    guard = LossGuard(t.max_bad_steps, run.objective.spike_rule(), t.spike_window)
     window = LogWindow(run.source_names, run.tokens_per_step, run.flops_per_token, env.world_size, env.device,
-                       run.precision, t.tf32)  # fmt: skip
+                       run.precision, t.tf32, run.objective)  # fmt: skip
     loader = run.loader(state.loader)
     batches = iter(loader)
     bar = progress_bar(t.max_steps, state.step, env.is_main and cfg.run.progress_bar)
@@ -110,16 +110,18 @@ def _train(cfg: Config, env: distributed.DistEnv, stop_signals, on_step) -> Trai
             distributed.set_collective_timeout(t.collective_timeout_s)
             report_first_step(run, metrics, state.step, time.perf_counter() - started)
         window.add(result.loss, result.good, result.data_wait_s, result.blocks_per_source, result.arrivals,
-                   result.token_sum, result.pairs)  # fmt: skip
+                   result.token_sum, result.stats)  # fmt: skip
         bar.update(1)
         if on_step:
             on_step(state, result)
         if result.injected:
             metrics.log(state.step, {"faults/injected": result.injected})
-        if state.step % t.log_every == 0 or state.step == t.max_steps or result.rollback:
+        if result.skipped:
+            report_skip(result, metrics, state.step, env.is_main)
+        if state.step % t.log_every == 0 or state.step == t.max_steps or result.trouble:
             scalars = window.emit(
                 lr=run.scheduler.get_last_lr()[0],
-                grad_norm=float(run.engine.get_global_grad_norm() or 0.0),
+                grad_norm=result.grad_norm if result.skipped else float(run.engine.get_global_grad_norm() or 0.0),
                 tokens_seen=state.tokens_seen,
                 skipped_steps=guard.skipped,
             )
@@ -127,11 +129,13 @@ def _train(cfg: Config, env: distributed.DistEnv, stop_signals, on_step) -> Trai
             bar.set_postfix(loss=f"{scalars.get('train/loss', math.nan):.3f}")
             if window.persistent_straggler is not None:
                 report_straggler(window.persistent_straggler, scalars, world, state.step, env.is_main)
-        if result.rollback:
+        if result.trouble:
+            with distributed.long_collectives(t.collective_timeout_s):  # a load may be slow on one rank
+                back = rollback(run, checkpointer, state, result.trouble, rollbacks + 1, guard)
+        if result.trouble and back is not None:
             rollbacks += 1
             loader.close()  # the old loader's workers stop
-            with distributed.long_collectives(t.collective_timeout_s):  # a load may be slow on one rank
-                state = rollback(run, checkpointer, state, result.rollback, rollbacks)
+            state = back
             guard.reset()
             metrics.log(state.step, {"train/rollbacks": rollbacks})
             loader = run.loader(state.loader)
@@ -189,11 +193,29 @@ def report_straggler(rank: int, scalars: dict, world: list[dict], step: int, is_
         f"agreement {lag:.2f}x later than the median rank (two log windows in a row)")  # fmt: skip
 
 
-def rollback(run: Run, checkpointer: Checkpointer, state: TrainState, reason: str, rollbacks: int) -> TrainState:
+def report_skip(result: StepResult, metrics: Metrics, step: int, is_main: bool) -> None:
+    """A step whose update was not applied: why, and its real gradient norm (console, and train/skip_reason)."""
+    norm = f"; its gradient norm {result.grad_norm:.4g}" if result.grad_norm is not None else ""
+    say(is_main, f"step {step}: update not applied ({result.skipped}{norm})")
+    metrics.note(step, "train/skip_reason", result.skipped + norm)
+
+
+def rollback(
+    run: Run, checkpointer: Checkpointer, state: TrainState, trouble: Trouble, rollbacks: int, guard: LossGuard
+) -> TrainState | None:
     """Collective: back to the last complete checkpoint in the live engine, with the loader moved past the
-    data window [checkpoint's position, now) that led to `reason`; the window is recorded in RUN/skips.json
-    so that a resume from that checkpoint skips it too. The step count is the checkpoint's again."""
-    back = checkpointer.load_latest(run.engine) if rollbacks <= run.cfg.train.max_rollbacks else None
+    data window [checkpoint's position, now) that led to the trouble; the window is recorded in RUN/skips.json
+    so that a resume from that checkpoint skips it too. The step count is the checkpoint's again. A spike with
+    no checkpoint yet: None, the run goes on (the spike's update was not applied), unless it is one of
+    train.max_bad_steps bad steps in a row."""
+    reason, t = trouble.reason, run.cfg.train
+    back = checkpointer.load_latest(run.engine) if rollbacks <= t.max_rollbacks else None
+    if back is None and rollbacks <= t.max_rollbacks and trouble.spike:
+        if not t.max_bad_steps or guard.bad_in_a_row < t.max_bad_steps:
+            say(run.env.is_main, f"step {state.step}: {reason}; no checkpoint to roll back to yet: training goes on "
+                "without that step's update")  # fmt: skip
+            return None
+        reason = f"{guard.bad_in_a_row} bad steps in a row, the last: {reason}"
     if back is None:
         raise agreed(UserError(
             f"training diverged at step {state.step} ({reason}) and "

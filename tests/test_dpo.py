@@ -2,6 +2,7 @@
 block that follow each other, and read pair by pair (shuffled by pairs, never split)."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -419,3 +420,83 @@ def test_dpo_reads_pairs_and_reference_values_from_a_bucket(tmp_path, s3, chat_t
         assert r.returncode == 0, r.stderr[-3000:]
         losses[name] = train_losses(metrics(run))
     assert losses["bucket"] == losses["local"] and len(losses["local"]) == 4
+
+
+@pytest.fixture(scope="module")
+def hard_pairs(tmp_path_factory, chat_tokenizer):
+    """(Pairs whose rejected answer is a refusal or the right answer about another sum, so the preference needs
+    the question read; the SFT export they start from, whose reference values they carry): the scenario of a
+    new user's DPO run, whose losses are noisy."""
+    import random
+
+    rng, root = random.Random(1), tmp_path_factory.mktemp("hard")
+    assert run_cli("data", "synthetic", "--task", "chat", "--out", str(root / "chat.jsonl")).returncode == 0
+    r = run_cli("prepare", str(root / "chat.jsonl"), "--tokenizer", str(chat_tokenizer), "--out", str(root / "sft"),
+                "--format", "chat", "--block-size", str(BLOCK), "--quiet")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli("train", "model.preset=tiny", f"data.block_size={BLOCK}", f"data.path={root / 'sft'}",
+                f"run.dir={root / 'sft_run'}", "train.max_steps=60", "train.eval_every=0", "train.eval_blocks=2",
+                "run.progress_bar=false")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert run_cli("export", str(root / "sft_run"), "--out", str(root / "start")).returncode == 0
+    records = []
+    for i in range(600):
+        a, b, c, d = (rng.randint(0, 99) for _ in range(4))
+        rejected = "I do not know." if i % 2 else f"{c} plus {d} is {c + d}."
+        records.append({"prompt": [{"role": "user", "content": f"What is {a} plus {b}?"}],
+                        "chosen": [{"role": "assistant", "content": f"{a} plus {b} is {a + b}."}],
+                        "rejected": [{"role": "assistant", "content": rejected}]})  # fmt: skip
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    r = run_cli("prepare", str(root / "pairs.jsonl"), "--tokenizer", str(chat_tokenizer), "--out", str(root / "data"),
+                "--format", "preference", "--block-size", str(BLOCK), "--quiet")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert run_cli("prepare-reference", str(root / "data"), "--model", str(root / "start")).returncode == 0
+    return root / "data", root / "start"
+
+
+@pytest.mark.parametrize("micro_batch, lr", [(8, "5e-4"), (4, "1e-3")])
+def test_noisy_dpo_runs_train_to_their_last_step(tmp_path, hard_pairs, micro_batch, lr):
+    """A DPO run as a new user starts it (no checkpoint for its first 100 steps), and a noisier one (two pairs a
+    step): their losses jump by factors of two and three from step to step, which pretraining's spike rule took
+    for divergence (and, with no checkpoint yet, ended the run at once); the preference rule lets them train."""
+    from dist_clm.objectives import MeanRise
+    from tests.helpers import metrics, train_losses
+
+    (data, start), run = hard_pairs, tmp_path / "run"
+    r = run_cli("train", "model.preset=tiny", f"data.block_size={BLOCK}", f"data.path={data}",
+                f"run.dir={run}", f"model.pretrained={start}", f"train.micro_batch_size={micro_batch}",
+                f"train.lr={lr}", "train.dpo_beta=0.5", "train.max_steps=60", "train.log_every=1",
+                "train.eval_every=0", "train.eval_blocks=2", "run.progress_bar=false")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses = list(train_losses(metrics(run)).values())
+    assert len(losses) == 60 and "update not applied" not in r.stdout + r.stderr
+    recent, old_rule = [], []  # what pretraining's rule (2 x the running mean of up to 50 good steps) said
+    for step, loss in enumerate(losses, 1):
+        if len(recent) >= 10 and MeanRise(2.0).verdict(loss, recent[-50:]):
+            old_rule.append(step)
+        else:
+            recent.append(loss)
+    assert old_rule, losses  # (the runs are the ones that rule stopped)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+def test_a_real_divergence_of_a_preference_objective_is_caught(tmp_path, pref_data, start_model, objective):
+    """A preference loss a thousand times its size is a spike: rolled back past its data with a checkpoint; skipped with
+    none yet (the run goes on), its reason and its real gradient norm logged."""
+    from tests.helpers import metrics
+
+    common = [*TINY_PREF, f"data.path={pref_data}", f"model.pretrained={start_model}", f"train.objective={objective}",
+              "train.max_steps=18", "train.log_every=1", "train.fault_injection=14:x1000"]  # fmt: skip
+    r = run_cli("train", *common, f"run.dir={tmp_path / 'saved'}", "train.save_every=5")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "robust spreads" in r.stdout + r.stderr and "rolled back to step 10" in r.stdout + r.stderr
+    r = run_cli("train", *common, f"run.dir={tmp_path / 'unsaved'}", "train.save_every=0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "no checkpoint to roll back to yet: training goes on" in r.stdout + r.stderr
+    rows = metrics(tmp_path / "unsaved")
+    [skip] = [row for row in rows if "train/skip_reason" in row]
+    assert skip["step"] == 14 and "a spike" in skip["train/skip_reason"]
+    norm = float(skip["train/skip_reason"].split("its gradient norm ")[1])
+    logged = {row["step"]: row for row in rows if "train/grad_norm" in row}
+    assert math.isfinite(norm) and logged[14]["train/grad_norm"] == pytest.approx(norm, rel=1e-3)  # not infinity
+    assert max(row["step"] for row in rows if "train/loss" in row) == 18

@@ -294,7 +294,8 @@ def test_the_preference_loss_of_a_micro_batch_reads_nothing_back_from_the_device
     window, with its reduction."""
     from types import SimpleNamespace
 
-    from dist_clm.preference import STATS, step_loss
+    from dist_clm.objectives import OBJECTIVES
+    from dist_clm.preference import STATS
 
     model = tiny("tiny", "sdpa").float()
     positions = torch.cat([torch.arange(20), torch.arange(30), torch.arange(14)]).expand(4, -1).clone()
@@ -304,11 +305,11 @@ def test_the_preference_loss_of_a_micro_batch_reads_nothing_back_from_the_device
     labels = torch.where((positions >= 5) & (torch.arange(64) < 50), ids, -100)  # two learned conversations a row
     reference = torch.full((4, 32), float("nan"))
     reference[:, :2] = -20.0
-    cfg = SimpleNamespace(train=SimpleNamespace(objective=objective, dpo_beta=0.1, orpo_lambda=0.1))
-    run = SimpleNamespace(engine=model, cfg=cfg)
+    t = SimpleNamespace(objective=objective, dpo_beta=0.1, orpo_lambda=0.1, spike_factor=2.0)
+    run = SimpleNamespace(engine=model)
     inputs = {"input_ids": ids, "labels": labels, "position_ids": positions, "reference": reference}
     with HostReads() as reads:
-        loss, stats = step_loss(run, inputs, torch.tensor(4.0))
+        loss, stats = OBJECTIVES[objective](t).loss(run, inputs, {"num_items_in_batch": torch.tensor(4.0)})
         loss.backward()
     assert reads.seen == []
     assert len(stats) == len(STATS) and stats.tolist()[0] == 4 and stats.tolist()[-1] == 0  # 4 pairs, all whole
@@ -349,7 +350,7 @@ def test_batches_are_pinned_for_a_gpu_and_copied_without_waiting(monkeypatch, da
     cfg = load_config(None, [*TINY, f"data.path={data_dir}"])
     sources = training_sources(cfg)
     env = SimpleNamespace(rank=0, world_size=1, device="cuda:0")
-    run = Run(cfg, env, sources, SimpleNamespace(module=torch.nn.Linear(1, 1)), None, 1, "bf16", 0, 0.0, None)
+    run = Run(cfg, env, sources, SimpleNamespace(module=torch.nn.Linear(1, 1)), None, 1, "bf16", 0, 0.0, None, None)
     assert run.loader().pin_memory
     env.device = "cpu"
     assert not run.loader().pin_memory

@@ -13,6 +13,7 @@ import torch
 from dist_clm.checkpoint import SKIPS, Checkpointer
 from dist_clm.distributed import DistEnv, free_port
 from dist_clm.errors import UserError
+from dist_clm.objectives import MeanRise, SpreadRise
 from dist_clm.stability import LossGuard, LossInjector
 from tests.helpers import (
     BIN,
@@ -29,21 +30,38 @@ from tests.helpers import (
 )
 
 
-def test_guard_counts_bad_steps_in_a_row_and_measures_spikes_against_good_ones():
-    g = LossGuard(max_bad_steps=2, spike_factor=2.0, window=3)
-    assert not g.is_spike(100.0)  # no history yet: nothing to compare with
+def test_guard_counts_bad_steps_in_a_row_and_asks_the_objectives_rule_about_spikes():
+    g = LossGuard(max_bad_steps=2, rule=MeanRise(2.0), window=3)
+    assert g.spike(100.0) is None  # no history yet: nothing to compare with
     for loss in (5.0, 4.0, 3.0):
-        assert g.after_step(True, loss, False) is None
-    assert g.is_spike(8.1) and not g.is_spike(7.9)  # mean of the last three is 4
-    assert g.after_step(False, math.nan, False) is None
-    assert g.after_step(True, 3.0, False) is None  # a good step ends the streak
-    assert g.after_step(False, math.nan, False) is None
-    assert "2 steps in a row" in g.after_step(False, math.nan, False)
-    assert "more than 2 x the running mean" in g.after_step(False, 9.0, True)
+        assert g.after_step(True, loss, None) is None
+    assert "more than 2 x the running mean 4" in g.spike(8.1) and g.spike(7.9) is None  # the last three's mean: 4
+    assert g.after_step(False, math.nan, None) is None
+    assert g.after_step(True, 3.0, None) is None  # a good step ends the streak
+    assert g.after_step(False, math.nan, None) is None
+    streak = g.after_step(False, math.nan, None)
+    assert "2 steps in a row" in streak.reason and not streak.spike
+    spike = g.after_step(False, 9.0, g.spike(9.0))
+    assert "more than 2 x the running mean" in spike.reason and spike.spike
     assert g.skipped == 4
     g.reset()
-    assert not g.is_spike(100.0) and g.bad_in_a_row == 0
-    assert not LossGuard(3, 0.0, 3).is_spike(1e9)  # spike_factor 0: off
+    assert g.spike(100.0) is None and g.bad_in_a_row == 0
+    off = LossGuard(3, MeanRise(0.0), 3)
+    for loss in (1.0, 1.0, 1.0):
+        off.after_step(True, loss, None)
+    assert off.spike(1e9) is None  # spike_factor 0: off
+
+
+def test_the_preference_rule_lets_noisy_losses_through_and_catches_a_divergence():
+    """DPO's step losses as a new user saw them (micro batch 8: four pairs a step): the pretraining rule called
+    the 11th a spike and, with no checkpoint yet, ended the run; the preference rule measures it against the
+    robust spread of the recent losses, which it is well within, while a real divergence is far outside."""
+    seen = [0.69, 0.39, 0.34, 0.27, 0.37, 0.42, 0.70, 0.22, 0.38, 0.63]
+    assert MeanRise(2.0).verdict(1.141, seen)  # the old rule
+    assert SpreadRise(10).verdict(1.141, seen) is None
+    assert "robust spreads" in SpreadRise(10).verdict(4.0, seen)
+    assert SpreadRise(0).verdict(1e9, seen) is None  # off
+    assert SpreadRise(10).verdict(0.2, [0.01] * 10) is None and SpreadRise(10).verdict(0.6, [0.01] * 10)  # (floor)
 
 
 def test_injector_applies_each_entry_once_on_its_rank():
