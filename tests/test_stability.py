@@ -4,8 +4,10 @@ with train.fault_injection, in real runs."""
 
 import json
 import math
+import os
 import re
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -147,3 +149,51 @@ def test_zero0_fp32_skips_too_and_without_a_checkpoint_divergence_is_a_clear_err
     r = run_cli("train", *common, f"run.dir={tmp_path / 'nockpt'}", "train.max_steps=5", "train.save_every=0",
                 "train.fault_injection=2:nan,3:inf")  # fmt: skip
     assert_clean_error(r, "training diverged at step 3", "no checkpoint to roll back to", "lower train.lr")
+
+
+DROPPED_UPDATE = """
+import math, os, sys, torch, deepspeed
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+from dist_clm.stability import drop_update, real_grad_norm
+
+deepspeed.init_distributed("gloo", verbose=False)
+for stage in (1, 2, 3):
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+        config = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0, "bf16": {"enabled": bf16},
+                  "zero_optimization": {"stage": stage}, "steps_per_print": 1 << 30,
+                  "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+        x = torch.randn(2, 8).to(torch.bfloat16 if bf16 else torch.float32)
+        loss = lambda: engine(x).float().pow(2).mean()
+        engine.backward(loss())
+        engine.step()
+        params = list(engine.module.parameters())
+        state = lambda: [t.clone() for p in params for t in (safe_get_full_fp32_param(p),
+                         safe_get_full_optimizer_state(p, "exp_avg"), safe_get_full_optimizer_state(p, "exp_avg_sq"))]
+        before, lr = state(), engine.get_lr()
+        engine.backward(loss())
+        norm = real_grad_norm(engine)
+        drop_update(engine)
+        engine.step()
+        dropped = not engine.was_step_applied() and all(map(torch.equal, before, state())) and engine.get_lr() == lr
+        engine.backward(loss())  # the same gradient again, applied: DeepSpeed's own norm of it
+        engine.step()
+        print(stage, bf16, dropped, engine.was_step_applied(), norm, float(engine.get_global_grad_norm()))
+"""
+
+
+def test_a_dropped_update_leaves_weights_and_optimizer_state_alone_on_every_zero_stage(tmp_path):
+    """A skipped step: the real gradient's norm is taken (DeepSpeed's own for the same gradient, applied next),
+    then one gradient set to NaN sends ZeRO 1, 2 and 3, fp32 and bf16, down DeepSpeed's overflow path: weights,
+    Adam's moments and the learning rate are bitwise what they were, and the next step applies."""
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu"}  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", DROPPED_UPDATE], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line.split() for line in r.stdout.splitlines() if line[:2] in ("1 ", "2 ", "3 ")]
+    assert len(rows) == 6
+    for stage, bf16, dropped, applied, norm, theirs in rows:
+        assert dropped == "True" and applied == "True", (stage, bf16)
+        assert float(norm) == pytest.approx(float(theirs), rel=1e-5), (stage, bf16)
