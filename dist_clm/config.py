@@ -229,6 +229,50 @@ class Config:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+# the settings whose change makes a resumed run another training: its math (the model, the data's shape, the
+# optimizer, the schedule's shape, the precision, the seed); the data and the batch are the data part's to check
+MATH_KEYS = (
+    "model.preset", "model.pretrained", "model.overrides",
+    "data.block_size", "data.document_mask", "data.shuffle",
+    "train.seed", "train.lr", "train.min_lr_ratio", "train.warmup_steps", "train.schedule", "train.decay_fraction",
+    "train.weight_decay", "train.beta1", "train.beta2", "train.eps", "train.grad_clip", "train.precision",
+    "train.objective",
+)  # fmt: skip
+
+
+class Settings:
+    """The part of a checkpoint that says which training it is (checkpoint.Stateful): the MATH_KEYS. A resume
+    with any of them changed is another training, refused naming each one. Free choices stay free: the length
+    of the run (to extend it), the ZeRO stage and the number of ranks (elastic resume), intervals, logging,
+    offload, compilation."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def state_dict(self) -> dict:
+        flat = _flat(self.cfg.to_dict())
+        return {key: flat.get(key) for key in MATH_KEYS}
+
+    def load_state_dict(self, state: dict) -> None:
+        from dist_clm.errors import Mismatch
+
+        now = self.state_dict()
+        changes = [f"{k}: {state.get(k)!r} -> {now[k]!r}" for k in MATH_KEYS if state.get(k) != now[k]]
+        if changes:
+            raise Mismatch(changes)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and name != "model.overrides":
+            out |= _flat(value, f"{name}.")
+        else:
+            out[name] = value
+    return out
+
+
 def _stage_checks(d: DataConfig) -> list[tuple[bool, str, str]]:
     """data.stages: over data.mix's training sources, each stage with a positive weight, in step order."""
     if not d.stages:

@@ -25,3 +25,12 @@ def agreed(error: UserError) -> UserError:
     """Mark `error` as raised alike on every rank."""
     error.agreed = True
     return error
+
+
+class Mismatch(Exception):
+    """A part of a run that cannot continue from a checkpoint's state (checkpoint.Stateful.load_state_dict): what
+    changed, one phrase per change; the checkpointer names them all in one sentence."""
+
+    def __init__(self, changes: list[str]):
+        super().__init__("; ".join(changes))
+        self.changes = changes

@@ -13,7 +13,8 @@ import json
 import shutil
 from pathlib import Path
 
-from dist_clm.checkpoint import COMPLETE, SKIPS, read_marker, read_train_state, reading, run_dir_of
+from dist_clm.checkpoint import COMPLETE, read_marker, read_parts, reading, run_dir_of
+from dist_clm.data.order import SKIPS
 from dist_clm.errors import UserError
 from dist_clm.fsutil import atomic_dir, refuse_non_empty
 
@@ -182,11 +183,11 @@ def _provenance(run_dir: Path, tag_dir: Path) -> dict:
                 split.pop("length_histogram", None)
             sources.append({"name": (m.name if m else "") or Path(path).name, "path": str(path),
                             "weight": m.weight if m else 1.0, "manifest": manifest})  # fmt: skip
-    state = read_train_state(tag_dir)
+    progress = read_parts(tag_dir)["progress"]
     return {
         "checkpoint": str(tag_dir),
-        "step": state.step,
-        "tokens_seen": state.tokens_seen,
+        "step": progress["step"],
+        "tokens_seen": progress["tokens_seen"],
         "sources": sources,
         "stages": stages,  # the mixture over the run, when it changed (data.stages)
         "skipped_windows": json.loads((run_dir / SKIPS).read_text()) if (run_dir / SKIPS).is_file() else [],

@@ -1,20 +1,24 @@
-"""Setting up a training run: its data sources, tokenizer, the run directory (locked for this run, and checked
-to continue the same training), model and DeepSpeed engine, all checked before anything is written; then the
-run directory's config.yaml, tokenizer/ and ds_config.json."""
+"""Setting up a training run: its data sources, tokenizer, model and settings, all checked; the run directory
+(locked for this run); the parts a checkpoint carries, each continuing from the newest checkpoint if it can
+(before anything is written); the run directory's config.yaml, tokenizer/ and ds_config.json; the DeepSpeed
+engine, with its state from that checkpoint."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from dist_clm import attention, loss_head, objectives
-from dist_clm.config import Config
+from dist_clm import attention, loss_head, objectives, rundir
+from dist_clm.checkpoint import Checkpointer, RandomState, Stateful
+from dist_clm.config import Config, Settings
 from dist_clm.data.loader import Source, TrainLoader
+from dist_clm.data.order import DataPosition
 from dist_clm.data.provenance import check_sources, run_tokenizer, training_sources
 from dist_clm.data.reference_store import read_record
-from dist_clm.distributed import DistEnv, agree_on_error, describe
+from dist_clm.distributed import DistEnv, agree_on_error, barrier, describe
 from dist_clm.engine import (
     deepspeed_config,
     param_groups,
@@ -23,10 +27,29 @@ from dist_clm.engine import (
     scheduler_factory,
     use_tf32,
 )
-from dist_clm.errors import UserError
+from dist_clm.errors import Mismatch, UserError, agreed
 from dist_clm.metrics import say
 from dist_clm.model import count_params, flops_per_token, max_positions
-from dist_clm.rundir import RunOwner, claim, data_fingerprint, write_run_files
+from dist_clm.rundir import RunOwner, claim, write_run_files
+from dist_clm.stability import LossGuard
+
+
+@dataclass
+class Progress:
+    """The loop's counters (a checkpoint part)."""
+
+    step: int = 0  # optimizer steps applied or skipped (a rollback sets it back)
+    tokens_seen: int = 0  # training tokens of those steps (skipped data windows are not counted)
+
+    def advance(self, tokens: int) -> None:
+        self.step += 1
+        self.tokens_seen += tokens
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
 
 
 @dataclass
@@ -44,15 +67,27 @@ class Run:
     flops_per_token: float  # training FLOPs per token (forward + backward), for MFU
     owner: RunOwner  # rank 0's lock on the run directory, released by train() at the end
     objective: objectives.Objective  # what the run minimizes (train.objective, settled from the data)
+    parts: dict[str, Stateful]  # what a checkpoint carries besides the engine and RandomState (make_parts)
+    random: RandomState  # this rank's random generators (a part of its own: a file per rank)
+    checkpointer: Checkpointer
+    resumed_from: Path | None  # the checkpoint the run continues, or None: a fresh start
+
+    @property
+    def progress(self) -> Progress:
+        return self.parts["progress"]
+
+    @property
+    def position(self) -> DataPosition:
+        return self.parts["data"]
+
+    @property
+    def guard(self) -> LossGuard:
+        return self.parts["guard"]
 
     @property
     def global_batch(self) -> int:
         """Blocks per optimizer step over all ranks."""
         return self.env.world_size * self.cfg.train.micro_batch_size * self.grad_accum
-
-    @property
-    def data_fingerprint(self) -> list[dict]:
-        return data_fingerprint(self.sources)
 
     @property
     def source_names(self) -> list[str]:
@@ -81,11 +116,11 @@ class Run:
             batch["position_ids"] = torch.arange(shape[1]).expand(shape).contiguous()
         return batch
 
-    def loader(self, state: dict | None = None) -> TrainLoader:
-        """This rank's training batches from `state` (a TrainLoader.state_dict(); None: the start)."""
+    def loader(self) -> TrainLoader:
+        """This rank's training batches, from where the data position stands."""
         return TrainLoader.from_config(
-            self.cfg, self.sources, rank=self.env.rank, world=self.env.world_size, grad_accum=self.grad_accum,
-            state=state, pin_memory=self.env.device != "cpu",
+            self.cfg, self.sources, self.position, rank=self.env.rank, world=self.env.world_size,
+            grad_accum=self.grad_accum, pin_memory=self.env.device != "cpu",
         )  # fmt: skip
 
 
@@ -110,7 +145,12 @@ def setup(cfg: Config, env: DistEnv, world: list[dict]) -> Run:
         f"token; {describe(world)} on {env.device}, {precision}, ZeRO-{t.zero_stage}, attention "
         f"{model.config._attn_implementation}",
     )
-    owner = claim(cfg, env, sources, env.world_size * t.micro_batch_size * grad_accum)  # the first write
+    owner = claim(cfg.run.dir, env)  # the first write
+    objective = objectives.for_run(t)
+    global_batch = env.world_size * t.micro_batch_size * grad_accum
+    checkpointer = Checkpointer(cfg.run.dir, t.keep_last, env, t.zero_stage, 16 * n_params, t.async_save)
+    parts, resumed_from = resume(checkpointer, lambda: make_parts(cfg, env, sources, global_batch, objective), cfg,
+                                 env)  # fmt: skip
     if env.is_main:
         write_run_files(cfg, tok, ds_config, world)
     engine, _, _, scheduler = deepspeed.initialize(
@@ -119,10 +159,53 @@ def setup(cfg: Config, env: DistEnv, world: list[dict]) -> Run:
         config=ds_config,
         lr_scheduler=scheduler_factory(t),
     )
+    random = RandomState(env)
+    if resumed_from is not None:
+        checkpointer.load_engine(engine, resumed_from, random)
     if t.compile is True or (t.compile == "auto" and env.device != "cpu"):
         engine.compile()
-    return Run(cfg, env, sources, engine, scheduler, grad_accum, precision, n_params, flops, owner,
-               objectives.for_run(t))  # fmt: skip
+    return Run(cfg, env, sources, engine, scheduler, grad_accum, precision, n_params, flops, owner, objective, parts,
+               random, checkpointer, resumed_from)  # fmt: skip
+
+
+def make_parts(cfg: Config, env: DistEnv, sources: list[Source], global_batch: int, objective) -> dict[str, Stateful]:
+    """The parts of a run that a checkpoint carries as JSON, at their start."""
+    t = cfg.train
+    return {
+        "progress": Progress(),
+        "settings": Settings(cfg),
+        "data": DataPosition.from_config(cfg, sources, global_batch, writes=env.is_main),
+        "guard": LossGuard(t.max_bad_steps, objective.spike_rule(), t.spike_window),
+    }
+
+
+def resume(checkpointer: Checkpointer, make, cfg: Config, env: DistEnv) -> tuple[dict[str, Stateful], Path | None]:
+    """Collective, before the run writes anything: its parts (`make()`), each continuing from the newest
+    checkpoint it can be loaded from whole, or at their start when there is none (the checkpoint, or None). A part
+    that cannot continue refuses, naming what changed, and so does train.resume=false in a directory with
+    checkpoints; with run.overwrite=true the earlier run's outputs are deleted instead and the run starts afresh."""
+    parts, run_dir = make(), Path(cfg.run.dir)
+    tag_dir = checkpointer.choose()
+    if tag_dir is None:
+        return parts, None
+    fresh = "choose a new run.dir, or set run.overwrite=true to delete its checkpoints and start afresh"
+    if not cfg.train.resume:
+        why = "train.resume=false"
+        refusal = f"train.resume=false but run directory '{run_dir}' holds checkpoints (the newest: {tag_dir.name}); "
+    else:
+        try:
+            checkpointer.load_parts(tag_dir, parts)
+            return parts, tag_dir
+        except Mismatch as e:
+            why = "; ".join(e.changes)
+            refusal = f"run directory '{run_dir}' holds checkpoints of another training ({why}); resume with the "
+            refusal += "same settings, "
+    if not cfg.run.overwrite:
+        raise agreed(UserError(refusal + fresh + "."))  # (every rank read the same checkpoint)
+    if env.is_main:
+        rundir.clear(run_dir, why)
+    barrier()
+    return make(), None
 
 
 def resolve_fine_tuning(cfg: Config, sources: list[Source]) -> None:

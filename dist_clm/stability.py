@@ -125,6 +125,15 @@ class LossGuard:
         self.bad_in_a_row = 0
         self.recent.clear()
 
+    def state_dict(self) -> dict:
+        """(A checkpoint part: a resumed run measures spikes against the same recent steps.)"""
+        return {"recent": list(self.recent), "bad_in_a_row": self.bad_in_a_row, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.recent.clear()
+        self.recent.extend(state["recent"])  # (the last spike_window of them, should that have changed)
+        self.bad_in_a_row, self.skipped = state["bad_in_a_row"], state["skipped"]
+
 
 def real_grad_norm(engine) -> float:
     """The global norm of the step's gradient, after the accumulation boundary's backward pass and before the

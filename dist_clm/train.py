@@ -4,8 +4,8 @@ train() brings up the process group and turns a failed collective (a rank died, 
 train.collective_timeout_s, or lost its network) into one sentence naming who stopped, on every surviving
 rank, with exit 75 (rerun / requeue resumes from the last checkpoint); the story itself is in _train().
 
-setup(cfg, env) -> Run              sources, tokenizer, model, DeepSpeed engine (setup.py)
-Checkpointer                        latest / save / restore -> TrainState / record_skip (checkpoint.py)
+setup(cfg, env) -> Run              sources, tokenizer, model, the parts resumed, DeepSpeed engine (setup.py)
+Checkpointer                        choose / save / load the parts and the engine (checkpoint.py)
 train_step(...) -> StepResult       micro batches, the one agreement, the guard, backward, update (step.py)
 LogWindow                           the logged training scalars of a window of steps (metrics.py)
 Validation                          perplexity on every source's validation split (below)
@@ -22,15 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dist_clm import distributed
-from dist_clm.checkpoint import SKIPS, Checkpointer, TrainState, tag_for
 from dist_clm.config import Config
 from dist_clm.data.loader import TokenStream, TrainLoader
 from dist_clm.errors import PeerLost, UserError, agreed
 from dist_clm.evaluate import perplexity, windows
 from dist_clm.metrics import LogWindow, Metrics, say
 from dist_clm.preemption import SIGNALS, StopRequest, watch_launcher
-from dist_clm.setup import Run, setup
-from dist_clm.stability import LossGuard, LossInjector, Trouble
+from dist_clm.setup import Progress, Run, setup
+from dist_clm.stability import LossInjector, Trouble
 from dist_clm.step import StepResult, train_step
 
 
@@ -46,7 +45,7 @@ class TrainResult:
 def train(
     cfg: Config,
     stop_signals: tuple[signal.Signals, ...] = SIGNALS,
-    on_step: Callable[[TrainState, StepResult], None] | None = None,
+    on_step: Callable[[Progress, StepResult], None] | None = None,
 ) -> TrainResult:
     """Train per `cfg`, resuming from the run directory's latest complete checkpoint. Any of `stop_signals`
     on any rank: every rank saves a checkpoint at the next step boundary and returns. `on_step` is called on
@@ -71,106 +70,99 @@ def train(
 
 
 def _train(cfg: Config, env: distributed.DistEnv, stop_signals, on_step) -> TrainResult:
-    """The story: set up, resume, validate, then step / log / roll back / validate / save until the end or a
+    """The story: set up and resume, validate, then step / log / roll back / validate / save until the end or a
     stop signal, and validate once more."""
     t = cfg.train
     stop = StopRequest(stop_signals)  # e.g. SIGTERM: checkpoint at the next step boundary, then stop
     watch_launcher(stop)
     inject = LossInjector(env.rank, t.fault_injection)
     world = distributed.world_table(env)  # every rank's node and local rank, checked
-    run = setup(cfg, env, world)  # (rank 0 now holds the run directory's lock)
-    checkpointer = Checkpointer(cfg.run.dir, t.keep_last, env, t.zero_stage, 16 * run.n_params, t.async_save)
-    state = checkpointer.load_latest(run.engine) if t.resume else None
-    if state:
-        say(env.is_main, f"resumed from {checkpointer.dir / tag_for(state.step)} at step {state.step}")
-    state = state or TrainState()
-    state.global_batch, state.data = run.global_batch, run.data_fingerprint  # what the next checkpoints carry
+    run = setup(cfg, env, world)  # (rank 0 now holds the run directory's lock; the parts continue a checkpoint)
+    progress, checkpointer, guard = run.progress, run.checkpointer, run.guard
+    if run.resumed_from:
+        say(env.is_main, f"resumed from {run.resumed_from} at step {progress.step}")
     metrics = Metrics(Path(cfg.run.dir), env.is_main, cfg.run.tensorboard)
     if t.fault_injection:
         say(env.is_main, f"WARNING: fault injection is on (train.fault_injection={t.fault_injection!r}): "
             "losses will be altered on purpose")  # fmt: skip
-        metrics.log(state.step, {"faults/planned": len(t.fault_injection.split(","))})
+        metrics.log(progress.step, {"faults/planned": len(t.fault_injection.split(","))})
     validate = Validation(run, metrics)
     started = time.perf_counter()  # (the first validation and step compile the model under torch.compile)
-    before = validate(state.step)
+    before = validate(progress.step)
 
-    guard = LossGuard(t.max_bad_steps, run.objective.spike_rule(), t.spike_window)
     window = LogWindow(run.source_names, run.tokens_per_step, run.flops_per_token, env.world_size, env.device,
                        run.precision, t.tf32, run.objective)  # fmt: skip
-    loader = run.loader(state.loader)
+    loader = run.loader()
     batches = iter(loader)
-    bar = progress_bar(t.max_steps, state.step, env.is_main and cfg.run.progress_bar)
-    rollbacks, preempted, first_step, stage = 0, None, state.step + 1, None
-    while state.step < t.max_steps:
-        stage = announce_stage(loader, metrics, state.step + 1, stage, env.is_main)
-        result = train_step(run, batches, state.step + 1, stop, guard, inject)
-        loader.step_done()
-        state.advance(run.tokens_per_step, loader.state_dict())
-        if state.step == first_step:  # compiled and warmed up: from now on a stalled rank is not waited for long
+    bar = progress_bar(t.max_steps, progress.step, env.is_main and cfg.run.progress_bar)
+    rollbacks, preempted, first_step, stage = 0, None, progress.step + 1, None
+    while progress.step < t.max_steps:
+        stage = announce_stage(loader, metrics, progress.step + 1, stage, env.is_main)
+        result = train_step(run, batches, progress.step + 1, stop, guard, inject)
+        loader.step_done()  # (the data position moves on)
+        progress.advance(run.tokens_per_step)
+        if progress.step == first_step:  # compiled and warmed up: from now on a stalled rank is not waited for long
             distributed.set_collective_timeout(t.collective_timeout_s)
-            report_first_step(run, metrics, state.step, time.perf_counter() - started)
+            report_first_step(run, metrics, progress.step, time.perf_counter() - started)
         window.add(result.loss, result.good, result.data_wait_s, result.blocks_per_source, result.arrivals,
                    result.token_sum, result.stats)  # fmt: skip
         bar.update(1)
         if on_step:
-            on_step(state, result)
+            on_step(progress, result)
         if result.injected:
-            metrics.log(state.step, {"faults/injected": result.injected})
+            metrics.log(progress.step, {"faults/injected": result.injected})
         if result.skipped:
-            report_skip(result, metrics, state.step, env.is_main)
-        if state.step % t.log_every == 0 or state.step == t.max_steps or result.trouble:
+            report_skip(result, metrics, progress.step, env.is_main)
+        if progress.step % t.log_every == 0 or progress.step == t.max_steps or result.trouble:
             scalars = window.emit(
                 lr=run.scheduler.get_last_lr()[0],
                 grad_norm=result.grad_norm if result.skipped else float(run.engine.get_global_grad_norm() or 0.0),
-                tokens_seen=state.tokens_seen,
+                tokens_seen=progress.tokens_seen,
                 skipped_steps=guard.skipped,
             )
-            metrics.log(state.step, scalars)
+            metrics.log(progress.step, scalars)
             bar.set_postfix(loss=f"{scalars.get('train/loss', math.nan):.3f}")
             if window.persistent_straggler is not None:
-                report_straggler(window.persistent_straggler, scalars, world, state.step, env.is_main)
+                report_straggler(window.persistent_straggler, scalars, world, progress.step, env.is_main)
         if result.trouble:
+            loader.close()  # the old loader's workers stop (a new one starts where the position then stands)
             with distributed.long_collectives(t.collective_timeout_s):  # a load may be slow on one rank
-                back = rollback(run, checkpointer, state, result.trouble, rollbacks + 1, guard)
-        if result.trouble and back is not None:
-            rollbacks += 1
-            loader.close()  # the old loader's workers stop
-            state = back
-            guard.reset()
-            metrics.log(state.step, {"train/rollbacks": rollbacks})
-            loader = run.loader(state.loader)
+                rollbacks += rollback(run, result.trouble, rollbacks + 1)
+            metrics.log(progress.step, {"train/rollbacks": rollbacks})
+            loader = run.loader()
             batches = iter(loader)
             bar.reset(total=t.max_steps)
-            bar.update(state.step)
+            bar.update(progress.step)
             continue
-        if t.eval_every and state.step % t.eval_every == 0 and state.step < t.max_steps:
-            validate(state.step)
+        if t.eval_every and progress.step % t.eval_every == 0 and progress.step < t.max_steps:
+            validate(progress.step)
         preempted = result.stop_signal
-        last = state.step == t.max_steps or preempted  # (a save that ends the run waits for its files)
-        if (t.save_every and state.step % t.save_every == 0) or last:
+        last = progress.step == t.max_steps or preempted  # (a save that ends the run waits for its files)
+        if (t.save_every and progress.step % t.save_every == 0) or last:
             with distributed.long_collectives(t.collective_timeout_s):  # a save may be slow on one rank
-                checkpointer.save(run.engine, state, run.engine.module.config, wait=last)
+                checkpointer.save(run.engine, progress.step, run.parts, run.random, run.engine.module.config,
+                                  wait=last)  # fmt: skip
         for report in checkpointer.poll():  # a background save completes at the first step boundary after
-            metrics.log(state.step, report)  # its files are durable
+            metrics.log(progress.step, report)  # its files are durable
         if preempted:
-            say(env.is_main, f"stopping at step {state.step} on signal {signal.Signals(preempted).name}; "
+            say(env.is_main, f"stopping at step {progress.step} on signal {signal.Signals(preempted).name}; "
                 "checkpoint saved")  # fmt: skip
             break
 
     bar.close()
     loader.close()
     stop.restore()
-    after = None if preempted else validate(state.step)
+    after = None if preempted else validate(progress.step)
     metrics.close()
     run.owner.release()
     name = signal.Signals(preempted).name if preempted else None
-    return TrainResult(state.step, state.tokens_seen, before, after, name)
+    return TrainResult(progress.step, progress.tokens_seen, before, after, name)
 
 
 def announce_stage(loader: TrainLoader, metrics: Metrics, step: int, current: int | None, is_main: bool) -> int:
     """With data.stages: when step `step` trains in another stage than the step before, say so with the stage's
     exact share of blocks per source, and log data/stage and data/stage_share/NAME at that step."""
-    j = loader.stage(loader.state_dict()["blocks_consumed"])
+    j = loader.stage(loader.position.blocks_consumed)
     if j != current and len(loader.stages) > 1:
         say(is_main, f"step {step}: {loader.describe_stage(j)}")
         metrics.log(step, {"data/stage": j + 1} | {f"data/stage_share/{n}": s for n, s in loader.stage_shares(j)})
@@ -200,39 +192,38 @@ def report_skip(result: StepResult, metrics: Metrics, step: int, is_main: bool) 
     metrics.note(step, "train/skip_reason", result.skipped + norm)
 
 
-def rollback(
-    run: Run, checkpointer: Checkpointer, state: TrainState, trouble: Trouble, rollbacks: int, guard: LossGuard
-) -> TrainState | None:
-    """Collective: back to the last complete checkpoint in the live engine, with the loader moved past the
-    data window [checkpoint's position, now) that led to the trouble; the window is recorded in RUN/skips.json
-    so that a resume from that checkpoint skips it too. The step count is the checkpoint's again. A spike with
-    no checkpoint yet: None, the run goes on (the spike's update was not applied), unless it is one of
-    train.max_bad_steps bad steps in a row."""
-    reason, t = trouble.reason, run.cfg.train
-    back = checkpointer.load_latest(run.engine) if rollbacks <= t.max_rollbacks else None
-    if back is None and rollbacks <= t.max_rollbacks and trouble.spike:
+def rollback(run: Run, trouble: Trouble, rollbacks: int) -> int:
+    """Collective: back to the last complete checkpoint in the live engine and parts, with the data position
+    moved past the window [checkpoint's position, now) that led to the trouble; the window is recorded in
+    RUN/skips.json so that a resume from that checkpoint skips it too. The step count is the checkpoint's again.
+    A spike with no checkpoint yet: the run goes on where it is (the spike's update was not applied), unless it
+    is one of train.max_bad_steps bad steps in a row. Returns the rollbacks made (1 or 0)."""
+    t, guard, progress, position = run.cfg.train, run.guard, run.progress, run.position
+    reason, step, now = trouble.reason, progress.step, position.blocks_consumed
+    tag_dir = run.checkpointer.choose() if rollbacks <= t.max_rollbacks else None
+    if tag_dir is None and rollbacks <= t.max_rollbacks and trouble.spike:
         if not t.max_bad_steps or guard.bad_in_a_row < t.max_bad_steps:
-            say(run.env.is_main, f"step {state.step}: {reason}; no checkpoint to roll back to yet: training goes on "
+            say(run.env.is_main, f"step {step}: {reason}; no checkpoint to roll back to yet: training goes on "
                 "without that step's update")  # fmt: skip
-            return None
+            return 0
         reason = f"{guard.bad_in_a_row} bad steps in a row, the last: {reason}"
-    if back is None:
+    if tag_dir is None:
         raise agreed(UserError(
-            f"training diverged at step {state.step} ({reason}) and "
-            + ("there is no checkpoint to roll back to" if rollbacks <= run.cfg.train.max_rollbacks else
-               f"{run.cfg.train.max_rollbacks} rollbacks did not help")
+            f"training diverged at step {step} ({reason}) and "
+            + ("there is no checkpoint to roll back to" if rollbacks <= t.max_rollbacks else
+               f"{t.max_rollbacks} rollbacks did not help")
             + "; lower train.lr, raise train.warmup_steps or check the data, then rerun."
         ))  # fmt: skip
-    skip_to = state.loader["blocks_consumed"]
-    skip_from = back.loader["blocks_consumed"]
-    checkpointer.record_skip(skip_from, skip_to, state.step, reason)
-    back.loader["blocks_consumed"] = skip_to
+    run.checkpointer.load_parts(tag_dir, run.parts)  # (the same training: no part refuses)
+    run.checkpointer.load_engine(run.engine, tag_dir, run.random)
+    guard.reset()
+    skip_from, skip_to = position.skip_to(now, step, reason)
     say(
         run.env.is_main,
-        f"step {state.step}: {reason}; rolled back to step {back.step} and skipped training blocks "
-        f"[{skip_from}, {skip_to}) (recorded in {checkpointer.run_dir / SKIPS})",
+        f"step {step}: {reason}; rolled back to step {progress.step} and skipped training blocks "
+        f"[{skip_from}, {skip_to}) (recorded in {position.skips})",
     )
-    return back
+    return 1
 
 
 class Validation:

@@ -144,8 +144,8 @@ def weights(run: Path, step: int) -> dict:
 
 
 def train_state(run: Path, step: int) -> dict:
-    """The train state (step, tokens_seen, loader, ...) saved in the checkpoint at `step`."""
-    return json.loads((checkpoint_dir(run, step) / "train_state.json").read_text())
+    """The parts' states saved in the checkpoint at `step`, by part (progress, settings, data, guard)."""
+    return json.loads((checkpoint_dir(run, step) / "train_state.json").read_text())["parts"]
 
 
 def same(a: dict, b: dict) -> bool:

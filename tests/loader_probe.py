@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from dist_clm.data.loader import Source, TrainLoader
+from dist_clm.data.order import DataPosition
 from dist_clm.data.prepare import read_manifest
 
 
@@ -53,9 +54,12 @@ def main() -> None:
         for workers in (0, 2):
 
             def make(state=None, sources=sources, workers=workers):
+                position = DataPosition(sources, block_size=a.block, global_batch=a.global_batch)
+                if state is not None:
+                    position.load_state_dict(state)
                 return TrainLoader(
-                    sources, block_size=a.block, micro_batch=micro, grad_accum=a.accum, rank=rank, world=world,
-                    shuffle=True, seed=7, num_workers=workers, state=state,
+                    sources, position, micro_batch=micro, grad_accum=a.accum, rank=rank, world=world, shuffle=True,
+                    seed=7, num_workers=workers,
                 )  # fmt: skip
 
             tag = f"{name}_w{workers}"
@@ -64,7 +68,7 @@ def main() -> None:
                 np.save(out / f"{tag}_full_world{world}.rank{rank}.npy", take(make(), a.total, a.accum))
                 first = make()
                 np.save(out / f"{tag}_seg1_world{world}.rank{rank}.npy", take(first, a.first, a.accum))
-                mine = json.dumps(first.state_dict())  # the same on every rank: a function of the steps taken
+                mine = json.dumps(first.position.state_dict())  # the same on every rank: a function of the steps
                 if rank == 0:
                     (out / f"{tag}_state_world{world}.json").write_text(mine)
             for w in a.states:

@@ -60,4 +60,4 @@ def test_resume_on_another_number_of_ranks_continues_the_same_run(tmp_path, data
     marker = json.loads((moved / "checkpoints" / "step_00000008" / "complete.json").read_text())
     assert marker["world_size"] == after
     state = train_state(moved, 8)
-    assert state["loader"]["blocks_consumed"] == 8 * GLOBAL and state["tokens_seen"] == 8 * GLOBAL * 64
+    assert state["data"]["blocks_consumed"] == 8 * GLOBAL and state["progress"]["tokens_seen"] == 8 * GLOBAL * 64

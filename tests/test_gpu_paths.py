@@ -343,6 +343,7 @@ def test_batches_are_pinned_for_a_gpu_and_copied_without_waiting(monkeypatch, da
     from types import SimpleNamespace
 
     from dist_clm.config import load_config
+    from dist_clm.data.order import DataPosition
     from dist_clm.data.provenance import training_sources
     from dist_clm.setup import Run
     from dist_clm.step import model_inputs
@@ -350,7 +351,8 @@ def test_batches_are_pinned_for_a_gpu_and_copied_without_waiting(monkeypatch, da
     cfg = load_config(None, [*TINY, f"data.path={data_dir}"])
     sources = training_sources(cfg)
     env = SimpleNamespace(rank=0, world_size=1, device="cuda:0")
-    run = Run(cfg, env, sources, SimpleNamespace(module=torch.nn.Linear(1, 1)), None, 1, "bf16", 0, 0.0, None, None)
+    run = Run(cfg, env, sources, SimpleNamespace(module=torch.nn.Linear(1, 1)), None, 1, "bf16", 0, 0.0, None, None,
+              {"data": DataPosition.from_config(cfg, sources, 4)}, None, None, None)  # fmt: skip
     assert run.loader().pin_memory
     env.device = "cpu"
     assert not run.loader().pin_memory
@@ -383,6 +385,7 @@ def test_under_nccl_a_timed_out_collective_raises_in_the_main_thread(monkeypatch
             return "Watchdog caught collective operation timeout: WorkNCCL(OpType=ALLREDUCE) timed out"
 
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
     monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: TimedOut())
     with pytest.raises(RuntimeError) as raised:
         distributed.reduce_to_host(torch.zeros(3))

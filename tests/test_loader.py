@@ -17,8 +17,9 @@ from dist_clm.data.loader import (
     document_positions,
 )
 from dist_clm.data.mixture import Mixture, Stage, StagedMixture
+from dist_clm.data.order import DataPosition
 from dist_clm.data.prepare import prepare, read_manifest
-from dist_clm.errors import UserError
+from dist_clm.errors import Mismatch, UserError
 from tests.helpers import read_split
 
 
@@ -26,11 +27,17 @@ def src(d, weight=1.0, name=None):
     return Source(name or d.name, str(d), read_manifest(d), weight)
 
 
-def loader(data_dir, block=64, micro=2, accum=1, rank=0, world=1, shuffle=True, state=None, workers=0, **kw):
+def loader(data_dir, block=64, micro=2, accum=1, rank=0, world=1, shuffle=True, state=None, workers=0,
+           shuffle_window=0, stages=None, **kw):  # fmt: skip
+    """A TrainLoader; from `state` (a DataPosition's state_dict, which must let it continue) when given."""
     sources = data_dir if isinstance(data_dir, list) else [src(data_dir)]
+    batch = world * micro * accum
+    position = DataPosition(sources, block_size=block, global_batch=batch, shuffle_window=shuffle_window, stages=stages)
+    if state is not None:
+        position.load_state_dict(state)
     return TrainLoader(
-        sources, block_size=block, micro_batch=micro, grad_accum=accum, rank=rank, world=world, shuffle=shuffle,
-        seed=7, num_workers=workers, state=state, **kw,
+        sources, position, micro_batch=micro, grad_accum=accum, rank=rank, world=world, shuffle=shuffle, seed=7,
+        num_workers=workers, **kw,
     )  # fmt: skip
 
 
@@ -114,11 +121,11 @@ def test_windowed_shuffle_resumes_exactly_and_refuses_another_window(data_dir):
     whole = take_steps(loader(data_dir, shuffle_window=640), 8)
     first = loader(data_dir, shuffle_window=640)
     take_steps(first, 3)
-    state = first.state_dict()
+    state = first.position.state_dict()
     assert state["shuffle_window"] == 640
     np.testing.assert_array_equal(np.concatenate(take_steps(loader(data_dir, shuffle_window=640, state=state), 5)),
                                   np.concatenate(whole[3:]))  # fmt: skip
-    with pytest.raises(UserError, match="'data.shuffle_window' is 0 but the checkpoint was trained with 640"):
+    with pytest.raises(Mismatch, match="data.shuffle_window: 640 -> 0"):
         loader(data_dir, state=state)
 
 
@@ -138,23 +145,29 @@ def test_resume_from_state_continues_exactly(data_dir, workers):
     full = take_steps(loader(data_dir, micro=2, accum=2, workers=workers), 9, accum=2)
     first = loader(data_dir, micro=2, accum=2, workers=workers)
     take_steps(first, 4, accum=2)
-    state = first.state_dict()
-    assert state == {"blocks_consumed": 16, "block_size": 64, "mix": [[data_dir.name, 1.0]], "shuffle_window": 0,
-                     "stages": [[0, [1.0]]]}  # fmt: skip
+    state = first.position.state_dict()
+    assert {k: state[k] for k in ("blocks_consumed", "block_size", "global_batch", "mix", "shuffle_window",
+                                  "stages")} == {"blocks_consumed": 16, "block_size": 64, "global_batch": 4,
+                                                 "mix": [[data_dir.name, 1.0]], "shuffle_window": 0,
+                                                 "stages": [[0, [1.0]]]}  # fmt: skip
     rest = take_steps(loader(data_dir, micro=2, accum=2, state=state, workers=workers), 5, accum=2)
     for a, b in itertools.zip_longest(full[8:], rest):
         np.testing.assert_array_equal(a, b)
 
 
-def test_block_size_change_on_resume_is_refused(data_dir):
-    with pytest.raises(UserError, match="data.block_size' is 32 but the checkpoint was trained with 64"):
-        loader(data_dir, block=32, state={"blocks_consumed": 8, "block_size": 64})
-
-
-def test_mixture_change_on_resume_is_refused(data_dir, data_dir_b):
-    state = {"blocks_consumed": 8, "block_size": 64, "mix": [["a", 1.0]]}
-    with pytest.raises(UserError, match="training mixture is .* but the checkpoint was trained on"):
-        loader([src(data_dir, 3.0), src(data_dir_b, 1.0)], state=state)
+def test_the_data_position_refuses_what_would_order_the_blocks_differently(data_dir, data_dir_b):
+    """Every change that reorders the blocks already trained is named at once; what does not is accepted (the
+    number of ranks with the same global batch, a moved directory)."""
+    first = loader(data_dir, micro=2, accum=2)
+    take_steps(first, 2, accum=2)
+    state = first.position.state_dict()
+    with pytest.raises(Mismatch) as refused:
+        loader(data_dir, block=32, micro=4, accum=2, state=state)
+    assert refused.value.changes == ["the global batch (4 -> 8 blocks per step)", "data.block_size: 64 -> 32"]
+    with pytest.raises(Mismatch, match=r"the training mixture \(\[\['prepared', 1.0\]\] -> "):
+        loader([src(data_dir, 3.0), src(data_dir_b, 1.0)], micro=2, accum=2, state=state)
+    moved = loader([src(data_dir, name="elsewhere")], micro=1, accum=2, world=2, state=state)
+    assert moved.position.blocks_consumed == 8
 
 
 def test_block_larger_than_split_is_refused(data_dir):
@@ -193,7 +206,7 @@ def test_mixed_loader_draws_sources_by_weight_and_resumes_exactly(data_dir, data
     full = take_steps(loader(sources, micro=4, accum=2), 30, accum=2)
     first = loader(sources, micro=4, accum=2)
     take_steps(first, 13, accum=2)
-    rest = take_steps(loader(sources, micro=4, accum=2, state=first.state_dict()), 17, accum=2)
+    rest = take_steps(loader(sources, micro=4, accum=2, state=first.position.state_dict()), 17, accum=2)
     for x, y in itertools.zip_longest(full[26:], rest):
         np.testing.assert_array_equal(x, y)
 
@@ -229,17 +242,21 @@ def test_staged_loader_resumes_exactly_inside_and_across_stages(data_dir, data_d
     for at in (3, 5, 8):  # inside stage 1, at the boundary, inside stage 2
         first = loader(sources, micro=4, accum=2, stages=stages)
         take_steps(first, at, accum=2)
-        rest = take_steps(loader(sources, micro=4, accum=2, stages=stages, state=first.state_dict()), 12 - at, 2)
+        rest = take_steps(
+            loader(sources, micro=4, accum=2, stages=stages, state=first.position.state_dict()), 12 - at, 2
+        )
         for x, y in itertools.zip_longest(tokens[2 * at :], rest):
             np.testing.assert_array_equal(x, y)
     first = loader(sources, micro=4, accum=2, stages=stages)
     take_steps(first, 8, accum=2)
-    state = first.state_dict()
+    state = first.position.state_dict()
     assert first.stage(state["blocks_consumed"]) == 1
     assert first.describe_stage(0) == "data stage 1 of 2 (steps 1-5): a 75.0%, b 25.0% of the blocks"
     # a stage that has begun cannot change; a stage appended after the resume step can
     for changed in ([stage(4, a=3, b=1), stage(0, a=1, b=3)], [stage(5, a=3, b=1), stage(0, a=1, b=2)]):
-        with pytest.raises(UserError, match="the data mixture of the 8 steps already trained would change"):
+        with pytest.raises(
+            Mismatch, match="the data mixture of the 8 steps already trained .*: stages that have begun"
+        ):
             loader(sources, micro=4, accum=2, stages=changed, state=state)
     more = [stage(5, a=3, b=1), stage(10, a=1, b=3), stage(0, a=1, b=0)]
     rest = take_steps(loader(sources, micro=4, accum=2, stages=more, state=state), 4, accum=2, key="source")
@@ -248,7 +265,7 @@ def test_staged_loader_resumes_exactly_inside_and_across_stages(data_dir, data_d
     # a run without stages may take them on from where it is, its past mixture kept
     plain = loader(sources[:1] + [src(data_dir_b, 3.0, name="b")], micro=4, accum=2)
     take_steps(plain, 2, accum=2)
-    loader(sources, micro=4, accum=2, stages=[stage(2, a=1, b=3), stage(0, a=1)], state=plain.state_dict())
+    loader(sources, micro=4, accum=2, stages=[stage(2, a=1, b=3), stage(0, a=1)], state=plain.position.state_dict())
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import GPT2Config
 
-from dist_clm.checkpoint import COMPLETE, Checkpointer, TrainState
+from dist_clm.checkpoint import COMPLETE, Checkpointer, RandomState
 from dist_clm.distributed import DistEnv, free_port
 from dist_clm.errors import UserError
 from tests.helpers import BIN, REPO, TINY, assert_clean_error, metrics, run_cli, train_losses
@@ -152,8 +152,8 @@ def test_a_damaged_newest_checkpoint_is_reported_and_the_previous_one_continues_
 
     # the project's own state loads without running code
     tag_dir = trained_run / "checkpoints" / "step_00000012"
-    assert json.loads((tag_dir / "train_state.json").read_text())["step"] == 12
-    assert set(torch.load(tag_dir / "rng_rank0.pt", weights_only=True)) >= {"python", "numpy", "torch"}
+    assert json.loads((tag_dir / "train_state.json").read_text())["parts"]["progress"]["step"] == 12
+    assert set(torch.load(tag_dir / "random_rank0.pt", weights_only=True)) >= {"python", "numpy", "torch"}
 
 
 AGREE = """
@@ -226,7 +226,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_sentence(tmp_path, data_dir):
 
         env = DistEnv(rank=0, local_rank=0, world_size=1, device="cpu")
         with pytest.raises(UserError, match=r"could not save checkpoint .*step_00000005.* free on its filesystem"):
-            Checkpointer(mnt / "fake", 1, env, zero_stage=2).save(Engine(), TrainState(step=5), GPT2Config())
+            Checkpointer(mnt / "fake", 1, env, zero_stage=2).save(Engine(), 5, {}, RandomState(env), GPT2Config())
 
         # the same write failing in the background writer: the save returns, its completion says so
         class EngineWithWriter(Engine):
@@ -241,7 +241,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_sentence(tmp_path, data_dir):
 
         shutil.rmtree(mnt / "fake")
         background = Checkpointer(mnt / "fake", 1, env, zero_stage=2, background=True)
-        background.save(EngineWithWriter(), TrainState(step=6), GPT2Config())  # snapshotted, not yet written
+        background.save(EngineWithWriter(), 6, {}, RandomState(env), GPT2Config())  # snapshotted, not yet written
         assert background.pending is not None
         with pytest.raises(UserError, match=r"could not save checkpoint .*step_00000006.* free on its filesystem"):
             background.wait()

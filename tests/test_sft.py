@@ -299,7 +299,7 @@ def test_sft_rolls_back_under_the_deepspeed_launcher_and_resumes_on_one_rank(tmp
     """Two ranks under the deepspeed launcher: a loss spike at step 5 rolls the run back to step 4 and skips
     that window; the run is then moved to one rank from its step-6 checkpoint (the same global batch, twice the
     accumulation) and its steps 7 and 8 see the same blocks, with the same loss over their learned tokens."""
-    from dist_clm.checkpoint import SKIPS
+    from dist_clm.data.order import SKIPS
     from dist_clm.distributed import free_port
     from tests.helpers import BIN, launch, resume_moved, train_state
 
@@ -320,5 +320,5 @@ def test_sft_rolls_back_under_the_deepspeed_launcher_and_resumes_on_one_rank(tmp
     for step in (7, 8):
         assert resumed[step] == pytest.approx(reference[step], rel=2e-4), (step, resumed[step], reference[step])
     assert (
-        train_state(tmp_path / "moved", 8)["loader"]["blocks_consumed"] == (8 + 1) * 8
+        train_state(tmp_path / "moved", 8)["data"]["blocks_consumed"] == (8 + 1) * 8
     )  # 8 steps and the skipped window

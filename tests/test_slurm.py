@@ -59,7 +59,8 @@ def test_two_task_job_trains_and_survives_three_kinds_of_preemption(tmp_path, da
     run = tmp_path / "run"
     settings = SlurmSettings(tasks_per_node=2, cpus_per_task=1, time_min=60, signal_delay_s=30, max_requeues=5)
     overrides = [*TINY, f"data.path={data_dir}", f"run.dir={run}", "train.max_steps=250", "train.save_every=10",
-                 "train.keep_last=50", "train.log_every=1", "train.eval_every=0", "train.eval_blocks=2"]  # fmt: skip
+                 "train.keep_last=50", "train.log_every=1", "train.eval_every=0", "train.eval_blocks=2",
+                 "train.fault_injection=1-250:sleep0.05"]  # (a paced run: each preemption lands mid-run)  # fmt: skip
     [(job, run_dir)] = submit(settings, None, overrides)
     assert run_dir == run and (run / "slurm").is_dir()
 
@@ -93,7 +94,7 @@ def test_two_task_job_trains_and_survives_three_kinds_of_preemption(tmp_path, da
     marker = json.loads(sorted((run / "checkpoints").glob("step_*"))[-1].joinpath("complete.json").read_text())
     assert marker["world_size"] == 2
     states = json.loads(sorted((run / "checkpoints").glob("step_*"))[-1].joinpath("train_state.json").read_text())
-    assert states["loader"]["blocks_consumed"] == 250 * 2 * 4  # no block read twice, none skipped
+    assert states["parts"]["data"]["blocks_consumed"] == 250 * 2 * 4  # no block read twice, none skipped
 
 
 @pytest.mark.slow

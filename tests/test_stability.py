@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
-from dist_clm.checkpoint import SKIPS, Checkpointer
-from dist_clm.distributed import DistEnv, free_port
+from dist_clm.data.order import SKIPS, DataPosition
+from dist_clm.distributed import free_port
 from dist_clm.errors import UserError
 from dist_clm.objectives import MeanRise, SpreadRise
 from dist_clm.stability import LossGuard, LossInjector
@@ -80,15 +80,23 @@ def test_injector_applies_each_entry_once_on_its_rank():
     assert [float(ranged(s, loss)) for s in range(1, 6)] == [2.0, 4.0, 4.0, 4.0, 2.0] and ranged.injected == 3
 
 
-def test_skipped_windows_are_followed_on_resume(tmp_path):
-    main, other = (Checkpointer(tmp_path, 2, DistEnv(rank, rank, 2, "cpu"), zero_stage=2) for rank in (0, 1))
-    other.record_skip(16, 24, 3, "spike")  # only rank 0 writes
-    assert not (tmp_path / SKIPS).exists()
-    main.record_skip(16, 24, 3, "spike")
-    main.record_skip(24, 40, 5, "nan")  # a rollback right after the last one
-    for ckpt in (main, other):  # every rank reads the record
-        assert ckpt.past_skipped(16) == 40
-        assert ckpt.past_skipped(8) == 8 and ckpt.past_skipped(24) == 40
+def test_skipped_windows_are_followed_on_resume(tmp_path, data_dir):
+    from dist_clm.data.loader import Source
+    from dist_clm.data.prepare import read_manifest
+
+    sources = [Source("a", str(data_dir), read_manifest(data_dir))]
+    main, other = (DataPosition(sources, block_size=64, global_batch=8, run_dir=tmp_path, writes=rank == 0)
+                   for rank in (0, 1))  # fmt: skip
+    main.blocks_consumed = other.blocks_consumed = 16  # (both back at a checkpoint's position)
+    assert other.skip_to(24, 3, "spike") == (16, 24) and not (tmp_path / SKIPS).exists()  # only rank 0 writes
+    assert main.skip_to(24, 3, "spike") == (16, 24) and main.blocks_consumed == 24
+    main.skip_to(40, 5, "nan")  # a rollback right after the last one
+    for position in (main, other):  # every rank reads the record
+        assert position.past_skipped(16) == 40
+        assert position.past_skipped(8) == 8 and position.past_skipped(24) == 40
+    saved = {**main.state_dict(), "blocks_consumed": 16}  # a resume from the checkpoint before both windows
+    other.load_state_dict(saved)
+    assert other.blocks_consumed == 40
 
 
 @pytest.mark.slow
@@ -115,7 +123,7 @@ def test_two_ranks_agree_to_skip_and_roll_back(tmp_path, data_dir):
         (7 * per_step, 8 * per_step, 8),  # the data of step 8 (back to the checkpoint of step 7)
         (12 * per_step, 13 * per_step, 12),  # the data of step 12, counted past the first window
     ]
-    assert train_state(run, 14)["loader"]["blocks_consumed"] == 16 * per_step  # 14 steps trained + 2 skipped windows
+    assert train_state(run, 14)["data"]["blocks_consumed"] == 16 * per_step  # 14 steps trained + 2 skipped windows
 
     rows = metrics(run)
     losses = train_losses(rows)

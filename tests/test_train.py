@@ -116,9 +116,9 @@ def test_deepspeed_launcher_zero2_bf16_two_ranks_loss_falls_and_resume_continues
         assert loss == pytest.approx(losses[step], rel=1e-4), step
 
     state = train_state(b, 12)
-    assert state["step"] == 12 and state["loader"]["blocks_consumed"] == 12 * 2 * 2 * 2
-    assert state["loader"]["block_size"] == 64
-    assert state["tokens_seen"] == 12 * 8 * 64
+    assert state["progress"]["step"] == 12 and state["data"]["blocks_consumed"] == 12 * 2 * 2 * 2
+    assert state["data"]["block_size"] == 64
+    assert state["progress"]["tokens_seen"] == 12 * 8 * 64
 
     # the 2-rank ZeRO-2 checkpoint (bf16 weights, fp32 masters) exports with the masters' logits
 

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dist_clm.data.mixture import Stage, StagedMixture, check_resume, describe, plan, shares
+from dist_clm.data.mixture import Stage, StagedMixture, describe, shares
 from dist_clm.data.prefetch import Prefetcher
 from dist_clm.data.prepare import SHARD_HASH, token_limit
 from dist_clm.data.reference_store import load_values
@@ -56,6 +56,7 @@ from dist_clm.preemption import ignore_stop_signals
 
 if TYPE_CHECKING:
     from dist_clm.config import Config
+    from dist_clm.data.order import DataPosition
 
 _SHAPE_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.uint32), np.dtype(np.uint64))
 # shard files whose hash this process has checked: (path, device, inode, size, mtime); a changed file is new
@@ -636,14 +637,16 @@ def _kill_leftover_workers() -> None:
 
 
 class TrainLoader:
-    """This rank's micro batches; `state_dict()` at a step boundary is the position to resume from; `close()`
-    stops its workers."""
+    """This rank's micro batches, from its DataPosition on; `close()` stops its workers."""
 
     def __init__(
         self,
         sources: list[Source],
+        position: DataPosition | None = None,
         *,
-        block_size: int,
+        block_size: int = 0,
+        shuffle_window: int = 0,
+        stages: list | None = None,
         micro_batch: int,
         grad_accum: int = 1,
         rank: int = 0,
@@ -651,45 +654,27 @@ class TrainLoader:
         shuffle: bool = True,
         seed: int = 0,
         num_workers: int = 0,
-        state: dict | None = None,
         document_mask: bool = False,
-        shuffle_window: int = 0,
         prefetch_steps: int = 0,
-        stages: list | None = None,
         pin_memory: bool = False,
     ):
-        """`shuffle_window`: tokens per window of the two-level shuffle (0: a global shuffle); `prefetch_steps`:
-        how many steps ahead the shards of remote sources are fetched into the node's cache; `stages`: the
-        config's data.stages (the mixture changing over the run; none: the sources' weights throughout); `pin_memory`:
-        batches in page-locked memory (for a GPU)."""
-        self.mix = [[s.name, s.weight] for s in sources if s.weight > 0]
-        self.names = [name for name, _ in self.mix]
-        self.shuffle_window = shuffle_window
-        self.global_blocks_per_step = world * micro_batch * grad_accum
-        self.stages = plan(stages or [], self.names, [w for _, w in self.mix], self.global_blocks_per_step)
-        if state:
-            if state.get("shuffle_window", 0) != shuffle_window:
-                raise UserError(
-                    f"config key 'data.shuffle_window' is {shuffle_window} but the checkpoint was trained with "
-                    f"{state.get('shuffle_window', 0)}; resume with that value or start a new run directory."
-                )
-            if state["block_size"] != block_size:
-                raise UserError(
-                    f"config key 'data.block_size' is {block_size} but the checkpoint was trained with "
-                    f"{state['block_size']}; resume with that value or start a new run directory."
-                )
-            saved = state.get("mix", self.mix)
-            saved_stages = [Stage.from_json(x) for x in state.get("stages", [[0, [w for _, w in saved]]])]
-            # the names may change (a moved directory), the number and order of sources may not
-            if len(saved) != len(self.mix) or (not stages and [w for _, w in saved] != [w for _, w in self.mix]):
-                raise UserError(
-                    f"the training mixture is {self.mix} but the checkpoint was trained on {saved}; resume with "
-                    "the same data.mix (names and weights) or start a new run directory."
-                )
-            check_resume(saved_stages, self.stages, int(state["blocks_consumed"]), self.names,
-                         self.global_blocks_per_step)  # fmt: skip
-        self.block_size = block_size
-        self.start = int(state["blocks_consumed"]) if state else 0
+        """`position`: the data's order settings and where to start (order.DataPosition, which this loader moves
+        on at each step_done); None: at the start of the order `block_size`, `shuffle_window` (tokens per window
+        of the two-level shuffle; 0: a global shuffle) and `stages` (data.stages) make. `prefetch_steps`: how many
+        steps ahead the shards of remote sources are fetched into the node's cache; `pin_memory`: batches in
+        page-locked memory (for a GPU)."""
+        if position is None:
+            from dist_clm.data.order import DataPosition
+
+            position = DataPosition(sources, block_size=block_size, global_batch=world * micro_batch * grad_accum,
+                                    shuffle_window=shuffle_window, stages=stages)  # fmt: skip
+        if world * micro_batch * grad_accum != position.global_batch:
+            raise ValueError(f"{world} x {micro_batch} x {grad_accum} blocks per step, not {position.global_batch}")
+        self.position, self.names, self.stages = position, position.names, position.stages
+        self.global_blocks_per_step = position.global_batch
+        self.block_size = block_size = position.block_size
+        shuffle_window = position.shuffle_window
+        self.start = position.blocks_consumed
         window = max(1, shuffle_window // block_size) if shuffle_window else 0
         self.blocks = MixedBlocks(sources, block_size, shuffle, seed, document_mask, window, self.stages)
         self.prefetcher = None
@@ -718,19 +703,20 @@ class TrainLoader:
         cls,
         cfg: Config,
         sources: list[Source],
+        position: DataPosition | None = None,
         *,
         rank: int,
         world: int,
         grad_accum: int,
-        state: dict | None = None,
         pin_memory: bool = False,
     ) -> TrainLoader:
-        """The loader a run's config means (data.* and the batch and seed of train.*), for this rank."""
+        """The loader a run's config means (data.* and the batch and seed of train.*), for this rank, from
+        `position` (None: the start)."""
         d, t = cfg.data, cfg.train
         return cls(
-            sources, block_size=d.block_size, micro_batch=t.micro_batch_size, grad_accum=grad_accum, rank=rank,
-            world=world, shuffle=d.shuffle, seed=t.seed, num_workers=d.num_workers, state=state,
-            shuffle_window=d.shuffle_window, prefetch_steps=d.prefetch_steps, stages=d.stages,
+            sources, position, block_size=d.block_size, shuffle_window=d.shuffle_window, stages=d.stages,
+            micro_batch=t.micro_batch_size, grad_accum=grad_accum, rank=rank, world=world,
+            shuffle=d.shuffle, seed=t.seed, num_workers=d.num_workers, prefetch_steps=d.prefetch_steps,
             document_mask=d.document_mask, pin_memory=pin_memory,
         )  # fmt: skip
 
@@ -760,18 +746,11 @@ class TrainLoader:
             self.prefetcher.close()
 
     def step_done(self) -> None:
+        """One optimizer step's micro batches consumed: the position moves on (and the prefetcher with it)."""
         self.steps_done += 1
+        self.position.step_done()
         if self.prefetcher is not None:
             self.prefetcher.step_done()
-
-    def state_dict(self) -> dict:
-        return {
-            "blocks_consumed": self.start + self.steps_done * self.global_blocks_per_step,
-            "block_size": self.block_size,
-            "mix": self.mix,
-            "shuffle_window": self.shuffle_window,
-            "stages": [s.to_json() for s in self.stages],
-        }
 
     def stage(self, blocks_consumed: int) -> int:
         """The stage (0-based) that the step starting at `blocks_consumed` trains in."""

@@ -1,0 +1,135 @@
+"""Where a run stands in its data, and what fixes the order of the blocks: the part of a checkpoint that decides
+whether a resume continues the same data.
+
+The order of the training blocks is a pure function of the global block number (loader.MixedBlocks over
+mixture.StagedMixture), given the settings this part holds: the training sources (their weights, tokenizer and
+token counts: a fingerprint, not a path, so a moved directory still resumes), the block size, the shuffle
+window, the stages (in blocks) and the global batch (blocks per optimizer step). Its position is one integer,
+the global blocks consumed, moved past every data window a rollback skipped (RUN/skips.json, kept by rank 0:
+a resume from a checkpoint before a rollback skips that window again).
+
+`load_state_dict` refuses, naming each change, a checkpoint whose blocks this run would order differently;
+the number of ranks and the micro batch may change (the global batch may not), and stages that have not begun
+may be appended or changed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dist_clm.data.mixture import Stage, past_changed, plan
+from dist_clm.errors import Mismatch
+from dist_clm.fsutil import atomic_write_text
+
+SKIPS = "skips.json"
+
+
+def data_fingerprint(sources) -> list[dict]:
+    """What identifies the data: per source, whether it trains (its weight is the order's: the mixture's and the
+    stages' checks), its tokenizer and its token stream's shape."""
+    out = []
+    for s in sources:
+        m = s.manifest
+        splits = {k: [v["documents"], v["tokens"], v["chunks"]] for k, v in sorted(m["splits"].items())}
+        out.append({"trains": s.weight > 0, "tokenizer": m["tokenizer"]["fingerprint"],
+                    "chunk_tokens": m["chunk_tokens"], "splits": splits})  # fmt: skip
+    return out
+
+
+class DataPosition:
+    """The data's order settings and the run's position in it (the module docstring)."""
+
+    def __init__(self, sources, *, block_size: int, global_batch: int, shuffle_window: int = 0, stages=None,
+                 run_dir: str | Path | None = None, writes: bool = True):  # fmt: skip
+        """`sources`: loader.Source (validation-only ones, weight 0, included); `stages`: data.stages (None: the
+        sources' weights throughout); `run_dir`: where RUN/skips.json lives (None: no rollbacks recorded);
+        `writes`: this process records skips (rank 0)."""
+        self.mix = [[s.name, s.weight] for s in sources if s.weight > 0]
+        self.names = [name for name, _ in self.mix]
+        self.block_size, self.shuffle_window, self.global_batch = block_size, shuffle_window, global_batch
+        self.stages = plan(stages or [], self.names, [w for _, w in self.mix], global_batch)
+        self.fingerprint = data_fingerprint(sources)
+        self.skips = Path(run_dir) / SKIPS if run_dir is not None else None
+        self.writes = writes
+        self.blocks_consumed = 0
+
+    @classmethod
+    def from_config(cls, cfg, sources, global_batch: int, writes: bool = True) -> DataPosition:
+        d = cfg.data
+        return cls(sources, block_size=d.block_size, global_batch=global_batch, shuffle_window=d.shuffle_window,
+                   stages=d.stages, run_dir=cfg.run.dir, writes=writes)  # fmt: skip
+
+    def state_dict(self) -> dict:
+        return {
+            "blocks_consumed": self.blocks_consumed,
+            "block_size": self.block_size,
+            "global_batch": self.global_batch,
+            "mix": self.mix,
+            "shuffle_window": self.shuffle_window,
+            "stages": [s.to_json() for s in self.stages],
+            "fingerprint": self.fingerprint,
+        }
+
+    def load_state_dict(self, saved: dict) -> None:
+        """Continue from `saved` (past any skipped window), or raise Mismatch naming what would order the blocks
+        differently."""
+        changes = []
+        if saved["fingerprint"] != self.fingerprint:
+            changes.append("the training data (tokenizer, sources or token counts)")
+        if saved["global_batch"] != self.global_batch:
+            changes.append(f"the global batch ({saved['global_batch']} -> {self.global_batch} blocks per step)")
+        for key in ("block_size", "shuffle_window"):
+            if saved[key] != getattr(self, key):
+                changes.append(f"data.{key}: {saved[key]} -> {getattr(self, key)}")
+        past = [Stage.from_json(x) for x in saved["stages"]]
+        if len(saved["mix"]) != len(self.mix) or (len(past) == len(self.stages) == 1 and past != self.stages):
+            changes.append(f"the training mixture ({saved['mix']} -> {self.mix})")  # (names may change: a move)
+        elif past_changed(past, self.stages, saved["blocks_consumed"]):
+            changes.append(self._stage_change(past, saved["blocks_consumed"]))
+        if changes:
+            raise Mismatch(changes)
+        self.blocks_consumed = self.past_skipped(saved["blocks_consumed"])
+
+    def _stage_change(self, past: list[Stage], blocks: int) -> str:
+        per_step = self.global_batch
+
+        def show(stages: list[Stage]) -> str:
+            return "; ".join(
+                f"from step {s.start // per_step + 1}: "
+                + ", ".join(f"{n} {w:g}" for n, w in zip(self.names, s.weights, strict=True))
+                for s in stages
+                if s.start < blocks
+            )
+
+        return (
+            f"the data mixture of the {blocks // per_step} steps already trained ({show(past)} -> "
+            f"{show(self.stages)}): stages that have begun cannot change (appending a stage, or changing one that "
+            "has not begun, is fine)"
+        )
+
+    def step_done(self) -> None:
+        """One optimizer step's blocks consumed."""
+        self.blocks_consumed += self.global_batch
+
+    def skip_to(self, blocks: int, at_step: int, reason: str) -> tuple[int, int]:
+        """After a rollback to a checkpoint (this position is the checkpoint's): move to `blocks` (where the run
+        stood), past the data window that led to `reason`, and record the window so that a resume from that
+        checkpoint skips it too. Returns the window."""
+        window = (self.blocks_consumed, blocks)
+        if self.writes and self.skips is not None:
+            skips = json.loads(self.skips.read_text()) if self.skips.is_file() else []
+            skips.append({"from_block": window[0], "to_block": window[1], "diverged_at_step": at_step,
+                          "reason": reason})  # fmt: skip
+            atomic_write_text(self.skips, json.dumps(skips, indent=2))
+        self.blocks_consumed = blocks
+        return window
+
+    def past_skipped(self, blocks_consumed: int) -> int:
+        """`blocks_consumed`, moved past every skipped window starting there."""
+        if self.skips is None or not self.skips.is_file():
+            return blocks_consumed
+        ends = {s["from_block"]: s["to_block"] for s in json.loads(self.skips.read_text())}  # the latest record wins
+        while blocks_consumed in ends and ends[blocks_consumed] > blocks_consumed:
+            blocks_consumed = ends[blocks_consumed]
+        return blocks_consumed
