@@ -123,8 +123,8 @@ def prepared(work: Path, corpus: Path, tok_dir: Path) -> Path:
     """`dist-clm prepare` of the corpus (once), its per-document MDS copy for (b), its flat uint16 file for (a)."""
     from streaming import MDSWriter
 
-    from dist_clm.data.loader import TokenStream
-    from dist_clm.data.prepare import read_manifest
+    from dist_clm.data.format import read_manifest
+    from dist_clm.data.stream import TokenStream
 
     out = work / "prepared" / corpus.stem
     if not (out / "manifest.json").exists():
@@ -230,8 +230,9 @@ def run_b(per_doc: Path, work: Path, workers: int, seconds: float, warm: float) 
 
 
 def run_c(prep: Path, block: int, workers: int, seconds: float, warm: float, document_mask: bool = False) -> float:
-    from dist_clm.data.loader import Source, TrainLoader
-    from dist_clm.data.prepare import read_manifest
+    from dist_clm.data.format import read_manifest
+    from dist_clm.data.loader import TrainLoader
+    from dist_clm.data.order import Source
 
     loader = TrainLoader(
         [Source(prep.name, str(prep), read_manifest(prep))],
@@ -294,7 +295,7 @@ def local_table(args: argparse.Namespace, work: Path, seconds: float, warm: floa
     corpora = make_corpora(work, args.quick)
     tok_dir = tokenizer(work, next(iter(corpora.values())), args.quick)
 
-    from dist_clm.data.prepare import read_manifest
+    from dist_clm.data.format import read_manifest
 
     rows: list[tuple[str, str, int, int | None, float, float, str]] = []
 

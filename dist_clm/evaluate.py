@@ -164,8 +164,8 @@ def evaluate_cli(
     from dist_clm.checkpoint import COMPLETE, run_dir_of
     from dist_clm.config import load_config
     from dist_clm.data import sources
-    from dist_clm.data.loader import TokenStream
-    from dist_clm.data.prepare import read_manifest
+    from dist_clm.data.format import read_manifest
+    from dist_clm.data.stream import TokenStream
     from dist_clm.data.tokenizer import fingerprint
     from dist_clm.errors import UserError
     from dist_clm.export import load_model

@@ -110,8 +110,8 @@ def compute_reference(model_path: str, data_dir: str, batch_size: int = 8, devic
     directory (or URL) of pairs under the model at `model_path` (the policy's starting point), stored with the
     data with the model's weights fingerprint (data/reference_store.py); returns the record written."""
     from dist_clm.data import reference_store
-    from dist_clm.data.loader import TokenStream
-    from dist_clm.data.prepare import read_manifest
+    from dist_clm.data.format import read_manifest
+    from dist_clm.data.stream import TokenStream
     from dist_clm.data.tokenizer import fingerprint
     from dist_clm.errors import UserError
     from dist_clm.export import load_model

@@ -14,8 +14,8 @@ import torch
 from dist_clm import attention, loss_head, objectives, rundir
 from dist_clm.checkpoint import Checkpointer, RandomState, Stateful
 from dist_clm.config import Config, Settings
-from dist_clm.data.loader import Source, TrainLoader
-from dist_clm.data.order import DataPosition
+from dist_clm.data.loader import TrainLoader
+from dist_clm.data.order import DataPosition, Source
 from dist_clm.data.provenance import check_sources, run_tokenizer, training_sources
 from dist_clm.data.reference_store import read_record
 from dist_clm.distributed import DistEnv, agree_on_error, barrier, describe

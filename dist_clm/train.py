@@ -23,7 +23,8 @@ from pathlib import Path
 
 from dist_clm import distributed
 from dist_clm.config import Config
-from dist_clm.data.loader import TokenStream, TrainLoader
+from dist_clm.data.loader import TrainLoader
+from dist_clm.data.stream import TokenStream
 from dist_clm.errors import PeerLost, UserError, agreed
 from dist_clm.evaluate import perplexity, windows
 from dist_clm.metrics import LogWindow, Metrics, say

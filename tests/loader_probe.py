@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_clm.data.loader import Source, TrainLoader
-from dist_clm.data.order import DataPosition
-from dist_clm.data.prepare import read_manifest
+from dist_clm.data.format import read_manifest
+from dist_clm.data.loader import TrainLoader
+from dist_clm.data.order import DataPosition, Source
 
 
 def take(loader: TrainLoader, steps: int, accum: int) -> np.ndarray:

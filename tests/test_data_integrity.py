@@ -16,9 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dist_clm.data.batches import MixedBlocks
+from dist_clm.data.format import SHARD_HASH, read_manifest
 from dist_clm.data.inspect import inspect, verify
-from dist_clm.data.loader import ChunkStore, MixedBlocks, Source, TokenStream, TrainLoader
-from dist_clm.data.prepare import SHARD_HASH, prepare, read_manifest
+from dist_clm.data.loader import TrainLoader
+from dist_clm.data.order import Source
+from dist_clm.data.prepare import prepare
+from dist_clm.data.stream import ChunkStore, TokenStream
 from dist_clm.distributed import free_port
 from dist_clm.errors import DataError
 from tests.helpers import BIN, TINY, assert_clean_error, metrics, run_cli
@@ -175,7 +179,7 @@ def test_data_prepared_without_hashes_is_still_read(tmp_path, data_dir):
     write_index(d / "train", index)
     flip_byte(d / "train" / "shard.00000.mds", 0.9)
     store = ChunkStore(d / "train")
-    assert store.verify_shard(0) is None
+    assert store.files.verify_shard(0) is None
     assert len(store.arrays(0)["tokens"]) == 1000
 
 

@@ -28,8 +28,8 @@ def pref_data(tmp_path_factory, chat_tokenizer):
 
 
 def test_pairs_are_packed_into_a_chosen_and_a_rejected_block_in_the_same_order(pref_data):
-    from dist_clm.data.loader import TokenStream
-    from dist_clm.data.prepare import read_manifest
+    from dist_clm.data.format import read_manifest
+    from dist_clm.data.stream import TokenStream
     from dist_clm.data.synthetic import REFUSALS
     from dist_clm.data.tokenizer import load_tokenizer
 
@@ -58,8 +58,9 @@ def test_pairs_are_packed_into_a_chosen_and_a_rejected_block_in_the_same_order(p
 
 
 def test_the_loader_keeps_each_pair_together_and_shuffles_by_pairs(pref_data):
-    from dist_clm.data.loader import MixedBlocks, Source
-    from dist_clm.data.prepare import read_manifest
+    from dist_clm.data.batches import MixedBlocks
+    from dist_clm.data.format import read_manifest
+    from dist_clm.data.order import Source
 
     source = Source("pref", str(pref_data), read_manifest(pref_data))
     blocks = MixedBlocks([source], BLOCK, shuffle=True, seed=3, document_mask=True)
@@ -88,8 +89,8 @@ def test_pairs_given_as_plain_strings_learn_each_answer_and_its_end(tmp_path, ch
     """Preference records whose prompt and answers are plain text: the prompt is context, each answer and the
     end-of-text token after it are learned; chosen and rejected sit at the same place of blocks that follow each
     other."""
-    from dist_clm.data.loader import TokenStream
-    from dist_clm.data.prepare import read_manifest
+    from dist_clm.data.format import read_manifest
+    from dist_clm.data.stream import TokenStream
     from dist_clm.data.tokenizer import load_tokenizer
 
     records = [{"prompt": f"Q: {a} plus {b}?\nA:", "chosen": f" {a + b}.", "rejected": f" {a + b + 1}."}

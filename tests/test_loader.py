@@ -7,18 +7,13 @@ import pytest
 import torch
 
 from dist_clm.config import StageConfig
-from dist_clm.data.loader import (
-    ChunkStore,
-    MixedBlocks,
-    PackedBlocks,
-    Source,
-    TokenStream,
-    TrainLoader,
-    document_positions,
-)
+from dist_clm.data.batches import MixedBlocks
+from dist_clm.data.format import read_manifest
+from dist_clm.data.loader import TrainLoader
 from dist_clm.data.mixture import Mixture, Stage, StagedMixture
-from dist_clm.data.order import DataPosition
-from dist_clm.data.prepare import prepare, read_manifest
+from dist_clm.data.order import DataPosition, PackedBlocks, Source
+from dist_clm.data.prepare import prepare
+from dist_clm.data.stream import ChunkStore, TokenStream, document_positions
 from dist_clm.errors import Mismatch, UserError
 from tests.helpers import read_split
 

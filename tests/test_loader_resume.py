@@ -13,9 +13,10 @@ import sys
 import numpy as np
 import pytest
 
-from dist_clm.data.loader import PackedBlocks, TokenStream
+from dist_clm.data.format import read_manifest
 from dist_clm.data.mixture import Mixture
-from dist_clm.data.prepare import read_manifest
+from dist_clm.data.order import PackedBlocks
+from dist_clm.data.stream import TokenStream
 from tests.helpers import BIN, REPO
 
 pytestmark = pytest.mark.slow

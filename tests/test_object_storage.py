@@ -124,12 +124,12 @@ def test_two_ranks_train_from_s3_as_from_the_local_copy_within_a_bounded_cache(s
 def test_one_download_per_shard_per_node(remote_data, tmp_path):
     """Ranks of one node share the cache: two processes reading the same shards download each once."""
     code = (
-        "import sys\nfrom dist_clm.data import remote\nfrom dist_clm.data.loader import TokenStream\n"
-        "from dist_clm.data.prepare import read_manifest\n"
+        "import sys\nfrom dist_clm.data import remote\nfrom dist_clm.data.stream import TokenStream\n"
+        "from dist_clm.data.format import read_manifest\n"
         f"remote.configure({str(tmp_path / 'cache')!r}, None)\n"
         f"url = {remote_data!r}\n"
         "s = TokenStream(url, 'train', read_manifest(url))\n"
-        "for k in range(s.n_chunks):\n    s.chunks.ensure_local(s.chunks._locate(k)[0])\n"
+        "for k in range(s.n_chunks):\n    s.chunks.files.ensure_local(s.chunks.shard_of_chunk(k))\n"
     )
     procs = [subprocess.Popen([str(BIN / "python"), "-c", code], stderr=subprocess.PIPE, text=True) for _ in "ab"]
     for p in procs:
@@ -141,8 +141,8 @@ def test_one_download_per_shard_per_node(remote_data, tmp_path):
 def test_a_leftover_partial_download_is_never_taken_for_a_shard(remote_data, tmp_path):
     """A kill -9 mid-download leaves `.NAME.part`: the next download replaces it, the shard is whole."""
     from dist_clm.data import remote
-    from dist_clm.data.loader import TokenStream
-    from dist_clm.data.prepare import read_manifest
+    from dist_clm.data.format import read_manifest
+    from dist_clm.data.stream import TokenStream
 
     remote.configure(tmp_path / "cache", None)
     stream = TokenStream(remote_data, "train", read_manifest(remote_data))
@@ -158,8 +158,8 @@ def test_room_held_by_a_dead_download_is_taken_back_and_a_live_one_is_waited_for
     A reservation whose holder is alive is counted, and a download that needs its bytes waits; one whose holder
     died (kill -9: the lock went with it) is removed with its partial file, and the download goes on."""
     from dist_clm.data import remote
-    from dist_clm.data.loader import TokenStream
-    from dist_clm.data.prepare import read_manifest
+    from dist_clm.data.format import read_manifest
+    from dist_clm.data.stream import TokenStream
 
     limit = 4 << 14
     remote.configure(tmp_path / "cache", limit)

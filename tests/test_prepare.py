@@ -10,7 +10,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from dist_clm.data import sources
-from dist_clm.data.prepare import is_val, prepare, read_manifest
+from dist_clm.data.format import read_manifest
+from dist_clm.data.prepare import is_val, prepare
 from dist_clm.data.tokenizer import fingerprint, load_tokenizer
 from dist_clm.errors import UserError
 from tests.helpers import BIN, read_split, without_eos

@@ -33,8 +33,8 @@ def sft_data(tmp_path_factory, chat_tokenizer, chat_records):
 
 
 def learned_stream(data, split="train"):
-    from dist_clm.data.loader import TokenStream
-    from dist_clm.data.prepare import read_manifest
+    from dist_clm.data.format import read_manifest
+    from dist_clm.data.stream import TokenStream
 
     stream = TokenStream(data, split, read_manifest(data))
     return stream.read_learned(0, stream.tokens)
@@ -122,8 +122,9 @@ def test_bad_fine_tuning_input_is_one_sentence_and_writes_nothing(tmp_path, chat
 def test_packed_loss_equals_the_conversations_one_at_a_time_and_prompts_get_no_gradient(sft_data):
     """One packed block through the model as training feeds it (restarting positions, masked labels) gives the
     loss of its conversations run alone; the loss's gradient reaches the logits of learned targets only."""
-    from dist_clm.data.loader import MixedBlocks, Source
-    from dist_clm.data.prepare import read_manifest
+    from dist_clm.data.batches import MixedBlocks
+    from dist_clm.data.format import read_manifest
+    from dist_clm.data.order import Source
     from dist_clm.data.tokenizer import load_tokenizer
     from dist_clm.model import build_model
 

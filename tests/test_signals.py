@@ -106,8 +106,8 @@ def test_a_process_with_live_loader_workers_still_exits(data_dir, held):
     them, would wait for them forever: the loader stops them first, also when its iterator was lost in a
     reference cycle (as a traceback makes), whose collection closes the workers' queues before they are told."""
     code = (
-        "import gc\nfrom dist_clm.data.loader import Source, TrainLoader\n"
-        "from dist_clm.data.prepare import read_manifest\n"
+        "import gc\nfrom dist_clm.data.loader import TrainLoader\nfrom dist_clm.data.order import Source\n"
+        "from dist_clm.data.format import read_manifest\n"
         f"d = {str(data_dir)!r}\n"
         "ld = TrainLoader([Source('a', d, read_manifest(d))], block_size=64, micro_batch=2, num_workers=2)\n"
         "held = [iter(ld)]\nnext(held[0])\n"

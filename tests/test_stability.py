@@ -81,8 +81,8 @@ def test_injector_applies_each_entry_once_on_its_rank():
 
 
 def test_skipped_windows_are_followed_on_resume(tmp_path, data_dir):
-    from dist_clm.data.loader import Source
-    from dist_clm.data.prepare import read_manifest
+    from dist_clm.data.format import read_manifest
+    from dist_clm.data.order import Source
 
     sources = [Source("a", str(data_dir), read_manifest(data_dir))]
     main, other = (DataPosition(sources, block_size=64, global_batch=8, run_dir=tmp_path, writes=rank == 0)

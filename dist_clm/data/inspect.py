@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dist_clm.data.prepare import read_manifest, token_limit
+from dist_clm.data.format import read_manifest, token_limit
 from dist_clm.data.reference_store import load_values, read_record
 from dist_clm.data.remote import local_dir, mirror_of
 
 
 def inspect(data_dir: str | Path, samples: int = 3, tokens: int = 60) -> str:
-    from dist_clm.data.loader import ChunkStore, read_index
+    from dist_clm.data.format import read_index
+    from dist_clm.data.stream import ChunkStore
     from dist_clm.data.tokenizer import load_tokenizer
 
     m = read_manifest(data_dir)
@@ -75,7 +76,8 @@ def inspect(data_dir: str | Path, samples: int = 3, tokens: int = 60) -> str:
 def verify(data_dir: str | Path) -> list[str]:
     """Check every shard of every split against its index.json (names, sizes, hashes) and the manifest (chunk
     and token counts, chunk lengths, token ids up to `max_token_id`); one line per split, or a DataError."""
-    from dist_clm.data.loader import ChunkStore, bad_token_error, read_index
+    from dist_clm.data.format import read_index
+    from dist_clm.data.stream import ChunkStore, bad_token_error
     from dist_clm.errors import DataError
 
     m = read_manifest(data_dir)
@@ -86,7 +88,7 @@ def verify(data_dir: str | Path) -> list[str]:
     lines = []
     for split, info in m["splits"].items():
         store = ChunkStore(d / split, mirror)  # sizes (and compressed files' hashes) checked here
-        algos = {store.verify_shard(s) for s in range(len(store.readers))}
+        algos = {store.files.verify_shard(s) for s in range(len(store.readers))}
         if len(store) != info["chunks"]:
             raise DataError(
                 f"'{d / split}' holds {len(store):,} chunks but '{d / 'manifest.json'}' says {info['chunks']:,}, "

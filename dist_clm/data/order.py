@@ -16,13 +16,98 @@ may be appended or changed.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from dist_clm.data.mixture import Stage, past_changed, plan
-from dist_clm.errors import Mismatch
+from dist_clm.errors import Mismatch, UserError
 from dist_clm.fsutil import atomic_write_text
 
+if TYPE_CHECKING:
+    from dist_clm.data.stream import TokenStream
+
 SKIPS = "skips.json"
+
+
+@dataclass
+class Source:
+    """One prepared directory in the training mixture (weight 0: validation only)."""
+
+    name: str
+    path: str
+    manifest: dict
+    weight: float = 1.0
+
+
+class PackedBlocks:
+    """Block k of one source's stream: shuffled anew each epoch, the tail shorter than a block left out.
+
+    With `window` blocks (0: a global shuffle), the shuffle has two levels over the epoch's pieces, one per
+    shard (the blocks that start in it): the pieces come in a seeded random order, consecutive groups of them
+    (as many whole shards as make about `window` blocks, at least one) form the windows, and the blocks of a
+    window come in another seeded order. Consecutive k then read one window, a few random shards of the
+    corpus, at a time, which keeps a bounded cache of remote shards from thrashing and mixes several distant
+    stretches of the stream in every window. Still a bijection of each epoch's blocks, a function of k.
+    """
+
+    def __init__(
+        self, stream: TokenStream, block_size: int, shuffle: bool, seed: int, name: str = "train", window: int = 0
+    ):
+        self.stream, self.block_size, self.shuffle, self.seed = stream, block_size, shuffle, seed
+        self.per_epoch = stream.tokens // block_size
+        if self.per_epoch == 0:
+            raise UserError(
+                f"the training split of '{name}' has {stream.tokens} tokens, fewer than one block of {block_size}; "
+                "lower data.block_size or prepare more data."
+            )
+        # where each shard's piece of the epoch's blocks starts (a block belongs to the shard it starts in)
+        bounds = {0} | {-(-e * stream.chunk_tokens // block_size) for e in stream.chunks.ends[:-1]}
+        self.edges = np.array(sorted(b for b in bounds if b < self.per_epoch) + [self.per_epoch])
+        n = len(self.edges) - 1
+        self.group = max(1, round(window * n / self.per_epoch)) if window else n  # shards per window
+        self.window = window if self.group < n else self.per_epoch  # (per_epoch: the global shuffle)
+        self._epoch, self._perm = -1, None
+        self._window, self._inner = -1, None
+
+    def position(self, k: int) -> int:
+        """Stream offset of block k."""
+        epoch, j = divmod(k, self.per_epoch)
+        if self.shuffle:
+            j = self._shuffled(epoch, j)
+        return j * self.block_size
+
+    def _shuffled(self, epoch: int, j: int) -> int:
+        if self.window == self.per_epoch:  # one window: the permutation of all the epoch's blocks
+            if epoch != self._epoch:
+                self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.per_epoch)
+            return int(self._perm[j])
+        if epoch != self._epoch:  # the pieces' order, and where each window starts in it
+            order = np.random.default_rng([self.seed, epoch, 1]).permutation(len(self.edges) - 1)
+            sizes = np.diff(self.edges)[order]
+            per_window = np.add.reduceat(sizes, np.arange(0, len(order), self.group))
+            self._epoch, self._perm = epoch, (order, np.concatenate([[0], np.cumsum(per_window)]))
+            self._window = -1
+        order, starts = self._perm
+        w = int(np.searchsorted(starts, j, side="right")) - 1
+        if w != self._window:  # window w: its pieces, where each starts in the window, the blocks' order
+            pieces = order[w * self.group : (w + 1) * self.group]
+            within = np.concatenate([[0], np.cumsum(np.diff(self.edges)[pieces])])
+            inner = np.random.default_rng([self.seed, epoch, 2, w]).permutation(int(within[-1]))
+            self._window, self._inner = w, (pieces, within, inner)
+        pieces, within, inner = self._inner
+        i = int(inner[j - int(starts[w])])
+        p = int(np.searchsorted(within, i, side="right")) - 1
+        return int(self.edges[pieces[p]]) + i - int(within[p])
+
+
+def rank_blocks(start: int, step: int, rank: int, world: int, per_rank: int) -> range:
+    """The global blocks rank `rank` reads in step `step` (0-based from the global block `start`): its contiguous
+    share of the step's world x per_rank blocks."""
+    first = start + (step * world + rank) * per_rank
+    return range(first, first + per_rank)
 
 
 def data_fingerprint(sources) -> list[dict]:

@@ -14,16 +14,17 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 
+from dist_clm.data.order import rank_blocks
+
 PARALLEL = 4  # downloads at once
 
 
 class Prefetcher:
     def __init__(self, blocks, *, rank: int, world: int, per_rank: int, start: int, steps: int):
         """`blocks`: a MixedBlocks of the same sources and order as the loader's; this rank reads, in step s
-        (0-based since `start`), the global blocks start + s * world * per_rank + rank * per_rank + [0, per_rank)."""
+        (0-based since `start`), the global blocks order.rank_blocks gives (as the loader's sampler does)."""
         self.blocks, self.steps = blocks, steps
-        self.first = start + rank * per_rank
-        self.stride, self.per_rank = world * per_rank, per_rank
+        self.share = (start, rank, world, per_rank)
         self._done = 0  # steps the loader has finished
         self._wake = threading.Condition()
         self._stopped = False
@@ -48,14 +49,14 @@ class Prefetcher:
     def shards(self, step: int) -> Iterator[tuple[object, int]]:
         """(ChunkStore, shard number) that step `step` reads on this rank, in reading order."""
         seen = set()
-        base = self.first + step * self.stride
-        for g in range(base, base + self.per_rank):
+        start, rank, world, per_rank = self.share
+        for g in rank_blocks(start, step, rank, world, per_rank):
             i, k = self.blocks.mixture(g)
             stream = self.blocks.blocks[i].stream
             pos = self.blocks.offset(i, k)
             first, last = pos // stream.chunk_tokens, (pos + self.blocks.block_size - 1) // stream.chunk_tokens
             for chunk in range(first, last + 1):
-                shard = stream.chunks._locate(chunk)[0]
+                shard = stream.chunks.shard_of_chunk(chunk)
                 if (i, shard) not in seen:
                     seen.add((i, shard))
                     yield stream.chunks, shard
@@ -76,7 +77,7 @@ class Prefetcher:
         if self._stopped:
             return
         try:
-            if store.ensure_local(shard):
+            if store.files.ensure_local(shard):
                 with self._count:
                     self.fetched += 1
         except Exception:  # noqa: BLE001 (the loader meets the same error where it reads, and says it)

@@ -18,8 +18,9 @@ is written into `.NAME.partial/` and renamed to NAME when complete: a killed pre
 directory, which the next prepare into NAME removes (saying so) before starting over; a full disk ends the
 prepare with one sentence and nothing left behind.
 
-Every shard file's size and hash (`SHARD_HASH`, through MDSWriter's own `hashes`) are in its split's
-index.json, so readers can tell a truncated or changed shard from a good one (loader.ChunkStore checks them).
+Every shard file's size and hash (format.shard_hash(), through MDSWriter's own `hashes`) are in its split's
+index.json, so readers can tell a truncated or changed shard from a good one (shards.ShardFiles checks them).
+The layout readers rely on is format.py's.
 """
 
 from __future__ import annotations
@@ -41,24 +42,11 @@ import numpy as np
 
 from dist_clm import __version__
 from dist_clm.data import _encode, sources
+from dist_clm.data.format import FORMAT, MANIFEST, SPLITS, shard_hash
 from dist_clm.data.remote import is_remote, refuse_complete_remote, upload_last
 from dist_clm.data.tokenizer import fingerprint, load_tokenizer, vocab_size
-from dist_clm.errors import DataError, UserError
+from dist_clm.errors import UserError
 from dist_clm.fsutil import atomic_dir, refuse_non_empty
-
-MANIFEST = "manifest.json"
-FORMAT = "dist_clm.prepared/1"
-SPLITS = ("train", "val")
-# xxh3_64 hashes a 64 MB shard in a few ms (xxhash is a dependency of streaming); sha1 where it is missing
-SHARD_HASH, FALLBACK_HASH = "xxh3_64", "sha1"
-_MANIFEST_KEYS = ("tokenizer", "token_dtype", "chunk_tokens", "splits")
-
-
-def shard_hash() -> str:
-    """The hash algorithm prepare records for every shard file (one streaming supports here)."""
-    from streaming.base.hashing import is_hash
-
-    return SHARD_HASH if is_hash(SHARD_HASH) else FALLBACK_HASH
 
 
 @contextmanager
@@ -533,35 +521,3 @@ def _prepare_conversations(tokenizer_dir, out: Path, url: str | None, inputs, *,
     if url:
         upload_last(out, url, [f"tokenizer/{name}" for name in manifest["tokenizer"]["files"]], MANIFEST)
     return manifest
-
-
-def read_manifest(data_dir: str | Path) -> dict:
-    """The manifest of a complete prepared directory (local, or remote: read in the node's mirror of it), or
-    one clear sentence why it isn't one."""
-    from dist_clm.data.remote import local_dir
-
-    d = local_dir(data_dir)
-    if not d.is_dir():
-        raise UserError(f"data directory '{d}' does not exist; create it with `dist-clm prepare --out {d}`.")
-    m = d / MANIFEST
-    if not m.is_file():
-        raise UserError(
-            f"'{d}' has no {MANIFEST}, so it is not a complete prepared dataset; rerun `dist-clm prepare` into it."
-        )
-    try:
-        manifest = json.loads(m.read_bytes())
-    except (OSError, ValueError):  # not JSON, not UTF-8, unreadable
-        manifest = None
-    if not isinstance(manifest, dict):
-        raise DataError(f"'{m}' is not a readable manifest (damaged or changed); prepare the data again.")
-    if manifest.get("format") != FORMAT:
-        raise UserError(f"'{d}' was written in format {manifest.get('format')!r}, this dist_clm reads {FORMAT!r}.")
-    missing = [k for k in _MANIFEST_KEYS if k not in manifest]
-    if missing:
-        raise DataError(f"'{m}' has no {', '.join(missing)} entry (damaged or changed); prepare the data again.")
-    return manifest
-
-
-def token_limit(manifest: dict) -> int:
-    """The largest token id a prepared directory may hold: the one prepare saw, else the tokenizer's largest."""
-    return int(manifest.get("max_token_id", manifest["tokenizer"]["vocab_size"] - 1))

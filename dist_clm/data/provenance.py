@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from dist_clm.config import Config
-from dist_clm.data.loader import Source
-from dist_clm.data.prepare import read_manifest, token_limit
+from dist_clm.data.format import read_manifest, token_limit
+from dist_clm.data.order import Source
 from dist_clm.data.remote import configure as configure_cache
 from dist_clm.data.remote import local_dir
 from dist_clm.data.tokenizer import fingerprint, load_tokenizer

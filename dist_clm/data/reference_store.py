@@ -139,7 +139,7 @@ def write(data: str | Path, arrays: dict[str, np.ndarray], record: dict) -> dict
 
 def _save(where: Path, split: str, array: np.ndarray) -> dict:
     """One split's array, fsynced and renamed to a name holding its hash; its entry in the record."""
-    from dist_clm.data.prepare import shard_hash
+    from dist_clm.data.format import shard_hash
 
     part = where / f".{split}.npy.tmp-{os.getpid()}"
     with open(part, "wb") as f:

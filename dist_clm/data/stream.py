@@ -1,0 +1,194 @@
+"""A split's token stream, read at random: its chunks (MDS samples, read through memory maps of the shard files),
+in stored order, concatenated; the documents' starts inside any range; the largest token id it may hold.
+
+Chunks are read with mosaicml-streaming's own MDS shard readers, by random access. `StreamingDataset` is not
+used: its coordination (shared memory between local ranks, a registry of local directories) exists to plan a
+sample order, and ours is computed, not coordinated (order.py). Without it a run killed with -9 leaves no
+shared memory behind, and any number of runs can read one prepared directory side by side.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from dist_clm.data.format import token_limit
+from dist_clm.data.remote import local_dir, mirror_of
+from dist_clm.data.shards import ShardFiles
+from dist_clm.errors import DataError
+
+if TYPE_CHECKING:
+    from dist_clm.data.remote import Mirror
+
+_SHAPE_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.uint32), np.dtype(np.uint64))
+
+
+class ChunkStore:
+    """Chunk i of one split, read with streaming's MDS readers; compressed shards are decompressed once.
+
+    `store[i]` is streaming's own decoding (`get_item`). The loader's hot path, `arrays(i)`, instead views the
+    columns in a memory map of the shard: `get_item` opens the file and decodes the whole 16K-token sample on
+    every call (~80 us), while a block needs a slice of it. The views follow the MDS layout streaming writes
+    (sample offsets, then per sample the column sizes and each `ndarray:DTYPE` column's shape header and
+    values), and every shard's first sample is checked against `get_item` when it is first mapped.
+    """
+
+    def __init__(self, split_dir: str | Path, mirror: Mirror | None = None):
+        """`split_dir`: a split of a prepared directory, or of the `mirror` of a remote one (whose shard files
+        are fetched when first mapped, and checked then)."""
+        self.files = ShardFiles(split_dir, mirror)
+        self.dir, self.mirror, self.readers = self.files.dir, mirror, self.files.readers
+        self.ends = np.cumsum([r.samples for r in self.readers]).tolist()
+        self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return self.ends[-1] if self.ends else 0
+
+    def shard_of_chunk(self, i: int) -> int:
+        """The shard that holds chunk i."""
+        return self._locate(i)[0]
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        shard = bisect_right(self.ends, i)
+        return shard, i - (self.ends[shard - 1] if shard else 0)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        shard, j = self._locate(i)
+        return self.readers[shard].get_item(j)
+
+    def arrays(self, i: int) -> dict[str, np.ndarray]:
+        """Chunk i's columns as read-only views of the memory-mapped shard (no copy, no file open)."""
+        shard, j = self._locate(i)
+        if shard not in self._maps:
+            self._maps[shard] = self._map(shard)
+        return self._views(shard, j)
+
+    def _map(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        reader = self.readers[shard]
+        if any(s is not None for s in reader.column_sizes) or not all(
+            e.startswith("ndarray:") and e.count(":") == 1 for e in reader.column_encodings
+        ):
+            raise DataError(f"'{self.dir}' holds MDS columns dist_clm did not write; prepare the data again.")
+        path = self.files.raw(shard)  # checked (its size again: it may have changed since the split was opened)
+        mm = np.memmap(path, dtype=np.uint8, mode="r")
+        self.files.check_hash(path, reader.raw_data, mm)  # reads the file once (it is in the page cache after)
+        offsets = np.frombuffer(mm, np.uint32, count=reader.samples + 1, offset=4)
+        self._maps[shard] = (mm, offsets)
+        expected = reader.get_item(0)
+        got = self._views(shard, 0)
+        if any(not np.array_equal(got[k], expected[k]) for k in expected):
+            raise DataError(f"'{self.dir}' uses an MDS layout this dist_clm cannot read; prepare the data again.")
+        return mm, offsets
+
+    def shard_of(self, i: int) -> tuple[Path, int]:
+        """Chunk i's shard file and its sample number in it (for messages)."""
+        shard, j = self._locate(i)
+        name = self.readers[shard].raw_data.basename
+        return (self.dir / name if self.mirror is None else f"{self.mirror.url}/{self.dir.name}/{name}"), j
+
+    def _views(self, shard: int, j: int) -> dict[str, np.ndarray]:
+        mm, offsets = self._maps[shard]
+        reader = self.readers[shard]
+        names = reader.column_names
+        begin = int(offsets[j])
+        sizes = np.frombuffer(mm, np.uint32, count=len(names), offset=begin).tolist()  # every column varies
+        pos = begin + 4 * len(names)
+        out = {}
+        for name, encoding, size in zip(names, reader.column_encodings, sizes, strict=True):
+            head = int(mm[pos])  # ndim << 2 | shape dtype
+            header = 1 + (head >> 2) * _SHAPE_DTYPES[head & 3].itemsize
+            dtype = np.dtype(encoding.split(":")[1])
+            out[name] = np.frombuffer(mm, dtype, count=(size - header) // dtype.itemsize, offset=pos + header)
+            pos += size
+        return out
+
+
+class TokenStream:
+    """Random access into the token stream of one split, in stored order, with its document starts."""
+
+    def __init__(self, data_dir: str | Path, split: str, manifest: dict):
+        info = manifest["splits"][split]
+        self.n_chunks, self.tokens = info["chunks"], info["tokens"]
+        self.chunk_tokens = manifest["chunk_tokens"]  # every chunk but the last holds exactly this many
+        self.limit = token_limit(manifest)  # the largest token id the stream may hold
+        self.masked = "fine_tuning" in manifest  # its chunks carry a loss mask (fine-tuning data)
+        self.paired = bool(manifest.get("fine_tuning", {}).get("pairs"))  # preference pairs: blocks 2k, 2k+1
+        self.chunks = ChunkStore(local_dir(data_dir) / split, mirror=mirror_of(data_dir))
+        if len(self.chunks) != self.n_chunks:
+            raise DataError(
+                f"'{data_dir}/{split}' holds {len(self.chunks)} chunks but its manifest says {self.n_chunks}; "
+                "the directory was changed after prepare: prepare it again."
+            )
+
+    def read(self, start: int, length: int, with_starts: bool = False):
+        """Tokens [start, start + length) of the stream, across chunk borders; with `with_starts`, also the
+        offsets (relative to `start`) where documents begin inside that range. Checked for token ids above
+        the manifest's (validation and evaluation read this way; training blocks are checked in MixedBlocks)."""
+        out = np.empty(length, dtype=np.int64)
+        starts = self.read_into(start, out, with_starts)
+        if length and out.max() > self.limit:
+            raise self.bad_token(start, out)
+        return (out, starts) if with_starts else out
+
+    def bad_token(self, start: int, tokens: np.ndarray) -> DataError:
+        """The error for `tokens`, read from offset `start`, holding an id above the limit."""
+        at = int(np.argmax(tokens > self.limit))
+        return bad_token_error(self.chunks, (start + at) // self.chunk_tokens, int(tokens[at]), self.limit)
+
+    def reader(self):
+        """What evaluation reads windows with: `read_learned` for fine-tuning data, else `read`."""
+        return self.read_learned if self.masked else self.read
+
+    def read_learned(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens, learned, positions) of [start, start + length): `learned` marks the tokens that are targets
+        (the loss mask of fine-tuning data, all tokens otherwise; never a document's first token) and the
+        positions restart at every document start (for attention that stays inside documents)."""
+        ids, learned = np.empty(length, dtype=np.int64), np.ones(length, dtype=np.uint8)
+        starts = self.read_into(start, ids, True, learned if self.masked else None)
+        if length and ids.max() > self.limit:
+            raise self.bad_token(start, ids)
+        learned[starts] = 0
+        return ids, learned, document_positions(length, starts)
+
+    def read_into(
+        self, start: int, out: np.ndarray, with_starts: bool = False, mask: np.ndarray | None = None
+    ) -> np.ndarray | None:
+        """Fill `out` with tokens [start, start + len(out)) (and `mask` with their loss mask); return the
+        document starts if asked."""
+        length = len(out)
+        if start < 0 or start + length > self.tokens:
+            raise IndexError(f"tokens [{start}, {start + length}) are outside the stream of {self.tokens}")
+        starts: list[np.ndarray] = []
+        filled = 0
+        while filled < length:
+            k, lo = divmod(start + filled, self.chunk_tokens)
+            chunk = self.chunks.arrays(k)
+            tokens = chunk["tokens"]
+            take = min(length - filled, len(tokens) - lo)
+            out[filled : filled + take] = tokens[lo : lo + take]
+            if mask is not None:
+                mask[filled : filled + take] = chunk["loss_mask"][lo : lo + take]
+            if with_starts:
+                b = chunk["doc_bounds"][:-1].astype(np.int64)  # the last entry is the chunk length
+                starts.append(b[(b >= lo) & (b < lo + take)] - lo + filled)
+            filled += take
+        return np.concatenate(starts) if with_starts else None
+
+
+def bad_token_error(store: ChunkStore, chunk: int, value: int, limit: int) -> DataError:
+    """A token id above the manifest's `max_token_id` in chunk `chunk` of `store`: the shard is damaged."""
+    path, j = store.shard_of(chunk)
+    return DataError(
+        f"shard file '{path}' holds token id {value} in chunk {chunk} (its sample {j}), above {limit}, the largest "
+        "id its manifest allows, so it was damaged after prepare; prepare the data again."
+    )
+
+
+def document_positions(length: int, starts: np.ndarray) -> np.ndarray:
+    """Positions that restart at 0 at every document start (a block's first token starts one too)."""
+    begin = np.zeros(length, dtype=np.int64)
+    begin[starts] = starts
+    return np.arange(length, dtype=np.int64) - np.maximum.accumulate(begin)
