@@ -22,21 +22,11 @@ such data) attention stays inside it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 
-from dist_clm.data.sources import (
-    Report,
-    _decode,
-    _open_binary,
-    disk_dataset,
-    inner_suffix,
-    is_hf_disk_dir,
-    streamed_dataset,
-)
+from dist_clm.data.sources import Columns
 from dist_clm.errors import UserError
 
 FORMATS = ("text", "chat", "prompt-completion", "preference")
@@ -45,82 +35,10 @@ COLUMNS = {"chat": ("messages",), "prompt-completion": ("prompt", "completion"),
 ROLES = ("system", "user", "assistant")
 
 
-def iter_records(files: list[Path], columns: tuple[str, ...], report: Report, split: str = "train") -> Iterator:
-    """(where, {column: value}) for every record of every input (jsonl/json, parquet, save_to_disk)."""
-    for f in files:
-        kind = inner_suffix(f)
-        if is_hf_disk_dir(f):
-            yield from dataset_records(disk_dataset(f, split), columns, f"'{f}'")
-        elif kind in (".jsonl", ".ndjson", ".json"):
-            yield from _json_records(f, columns, report)
-        elif kind == ".parquet":
-            yield from _parquet_records(f, columns)
-        else:
-            raise UserError(f"'{f}' is not a jsonl, json or parquet file or a dataset directory; records for "
-                            f"--format with columns {', '.join(columns)} come from those.")  # fmt: skip
-
-
-def hf_dataset_records(name: str, config: str | None, split: str, columns: tuple[str, ...]) -> Iterator:
-    yield from dataset_records(streamed_dataset(name, config, split), columns, f"dataset '{name}'")
-
-
-def dataset_records(ds, columns: tuple[str, ...], where: str) -> Iterator:
-    n = 0
-    for batch in ds.iter(batch_size=256):
-        _check_columns(batch, columns, where)
-        for values in zip(*(batch[c] for c in columns), strict=True):
-            n += 1
-            yield f"row {n} of {where}", dict(zip(columns, values, strict=True))
-
-
-def _check_columns(record, columns: tuple[str, ...], where: str) -> None:
-    if not isinstance(record, dict):
-        raise UserError(f"{where} is not a JSON object; each record must be an object with {', '.join(columns)}.")
-    missing = [c for c in columns if c not in record]
-    if missing:
-        raise UserError(
-            f"{where} has no column '{missing[0]}' (columns: {', '.join(map(str, record)) or 'none'}); this --format "
-            f"reads {', '.join(columns)}."
-        )
-
-
-def _json_records(path: Path, columns: tuple[str, ...], report: Report) -> Iterator:
-    with _open_binary(path) as stream:
-        if stream.peek(1 << 16).lstrip()[:1] == b"[":
-            try:
-                records = json.loads(_decode(stream.read(), str(path), report))
-            except json.JSONDecodeError as e:
-                raise UserError(f"'{path}' is not valid JSON ({e.msg} at line {e.lineno}); fix the file.") from None
-            for n, record in enumerate(records, 1):
-                where = f"record {n} of '{path}'"
-                _check_columns(record, columns, where)
-                yield where, {c: record[c] for c in columns}
-            return
-        for n, line in enumerate(stream, 1):
-            if not line.strip():
-                continue
-            where = f"line {n} of '{path}'"
-            try:
-                record = json.loads(_decode(line, where, report))
-            except json.JSONDecodeError:
-                raise UserError(f"{where} is not valid JSON; fix it or remove the line.") from None
-            _check_columns(record, columns, where)
-            yield where, {c: record[c] for c in columns}
-
-
-def _parquet_records(path: Path, columns: tuple[str, ...]) -> Iterator:
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:
-        raise UserError(f"'{path}' is not a readable parquet file ({e}).") from None
-    _check_columns(dict.fromkeys(pf.schema_arrow.names), columns, f"'{path}'")
-    n = 0
-    for batch in pf.iter_batches(columns=list(columns), batch_size=1024):
-        for row in batch.to_pylist():
-            n += 1
-            yield f"row {n} of '{path}'", row
+def columns(fmt: str) -> Columns:
+    """The columns a record of `fmt` has (sources.iter_records reads them)."""
+    names = COLUMNS[fmt]
+    return Columns(names, f"this --format reads {', '.join(names)}")
 
 
 class Renderer:

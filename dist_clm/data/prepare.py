@@ -250,152 +250,265 @@ def _length_histogram(counts: Counter) -> list[list[int]]:
     return [[1 << (b - 1), (1 << b) - 1, counts[b]] for b in sorted(counts)]
 
 
-def prepare(
-    tokenizer_dir: str | Path,
-    out_dir: str | Path,
-    inputs: list[str] | None = None,
-    *,
-    dataset: str | None = None,
-    dataset_config: str | None = None,
-    split: str = "train",
-    val_fraction: float = 0.05,
-    chunk_tokens: int = 16384,
-    text_column: str = "text",
-    compression: str | None = None,
-    shard_bytes: int = 1 << 26,
-    num_proc: int | None = None,
-    dedup: bool = False,
-    progress: bool = True,
-    fmt: str = "text",
-    block_size: int = 0,
-    chat_template: str | None = None,
-) -> dict:
+@dataclass(kw_only=True)
+class PrepareOptions:
+    """How `dist-clm prepare` reads a corpus and writes it (each field is the command's option of that name)."""
+
+    dataset: str | None = None  # a Hugging Face dataset (hub name or local dataset directory), streamed
+    dataset_config: str | None = None  # its configuration
+    split: str = "train"  # the split of the dataset, or of a save_to_disk directory
+    fmt: str = "text"  # text, or a fine-tuning format: chat, prompt-completion, preference (conversations.py)
+    text_column: str = "text"  # text: the column (field) that holds a record's text
+    block_size: int = 0  # fine-tuning formats: the training block size, whole conversations packed into it
+    chat_template: str | None = None  # a chat template by name for a tokenizer that has none
+    val_fraction: float = 0.05  # the share of records (by a hash of each) in the validation split
+    dedup: bool = False  # drop exact duplicates (by the same hash)
+    chunk_tokens: int = 16384  # tokens per MDS sample (fine-tuning formats: rounded down to whole blocks)
+    shard_bytes: int = 1 << 26  # a shard file's size limit
+    compression: str | None = None  # streaming's compression of the shard files (e.g. zstd)
+    num_proc: int | None = None  # text: tokenizer processes (default: every core)
+    progress: bool = True  # a progress bar
+
+    def check(self, inputs: list[str] | None) -> None:
+        from dist_clm.data.conversations import FORMATS
+
+        if self.fmt not in FORMATS:
+            raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {self.fmt!r}.")
+        if self.fmt != "text" and self.block_size < 2:
+            raise UserError(f"--format {self.fmt} packs whole conversations into blocks: give --block-size (the "
+                            "training data.block_size), e.g. --block-size 2048.")  # fmt: skip
+        if self.fmt != "text" and not (inputs or self.dataset):
+            raise UserError(f"--format {self.fmt} needs its records: name jsonl/parquet files or --dataset.")
+        if not 0 < self.val_fraction < 1:
+            raise UserError(f"--val-fraction must be between 0 and 1 (exclusive), got {self.val_fraction}.")
+        if self.chunk_tokens < 2:
+            raise UserError(f"--chunk-tokens must be at least 2, got {self.chunk_tokens}.")
+        if inputs and self.dataset:
+            raise UserError("give either input files or --dataset, not both.")
+
+
+def prepare(tokenizer_dir: str | Path, out_dir: str | Path, inputs: list[str] | None = None, **options) -> dict:
     """Tokenize a corpus once into MDS shards; returns the manifest (also written as manifest.json, last).
 
     The corpus is `inputs` (files, directories, globs, save_to_disk directories), or the Hugging Face
     dataset `dataset` (name or local dataset directory, streamed), or else the embedded default corpus.
     `out_dir` may be a URL (s3://bucket/prefix): the shards are uploaded as they close, the manifest last.
-    `fmt` chat or prompt-completion: fine-tuning records, packed whole into blocks of `block_size` tokens with
-    a loss mask (data/conversations.py); a tokenizer without a chat template takes `chat_template` (a name).
+    `options`: PrepareOptions' fields.
     """
-    from dist_clm.data.conversations import FORMATS
-
-    if fmt not in FORMATS:
-        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}.")
-    if fmt != "text" and block_size < 2:
-        raise UserError(f"--format {fmt} packs whole conversations into blocks: give --block-size (the training "
-                        "data.block_size), e.g. --block-size 2048.")  # fmt: skip
-    if fmt != "text" and not (inputs or dataset):
-        raise UserError(f"--format {fmt} needs its records: name jsonl/parquet files or --dataset.")
-    if not 0 < val_fraction < 1:
-        raise UserError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}.")
-    if chunk_tokens < 2:
-        raise UserError(f"--chunk-tokens must be at least 2, got {chunk_tokens}.")
-    if inputs and dataset:
-        raise UserError("give either input files or --dataset, not both.")
-    options = dict(
-        dataset=dataset, dataset_config=dataset_config, split=split, val_fraction=val_fraction,
-        chunk_tokens=chunk_tokens, text_column=text_column, compression=compression, shard_bytes=shard_bytes,
-        num_proc=num_proc or os.cpu_count() or 1, dedup=dedup, progress=progress, fmt=fmt, block_size=block_size,
-        chat_template=chat_template,
-    )  # fmt: skip
+    o = PrepareOptions(**options)
+    o.check(inputs)
     if is_remote(out_dir):  # written here first, then uploaded (shards as they close, the manifest last)
         url = str(out_dir).rstrip("/")
         refuse_complete_remote(url)
         with tempfile.TemporaryDirectory(prefix="dist-clm-prepare-") as staging:
-            return _prepare(tokenizer_dir, Path(staging) / "data", url, inputs, **options)
+            return _prepare(tokenizer_dir, Path(staging) / "data", url, inputs, o)
     out = Path(out_dir)
     refuse_non_empty(out)
-    return _prepare(tokenizer_dir, out, None, inputs, **options)
+    return _prepare(tokenizer_dir, out, None, inputs, o)
 
 
-def _prepare(tokenizer_dir, out: Path, url: str | None, inputs, *, dataset, dataset_config, split, val_fraction,
-             chunk_tokens, text_column, compression, shard_bytes, num_proc, dedup, progress, fmt, block_size,
-             chat_template) -> dict:  # fmt: skip
-    """`prepare` into the local directory `out` (and, with `url`, uploaded there as it is written)."""
+def _prepare(tokenizer_dir, out: Path, url: str | None, inputs: list[str] | None, o: PrepareOptions) -> dict:
+    """The pipeline, for every format: records (sources.py) -> the format's stage (record -> token ids and a
+    loss mask) -> the split chosen by each record's hash -> ChunkWriter per split -> the manifest, last; into
+    the local directory `out` (and, with `url`, uploaded there as it is written)."""
     from tqdm.auto import tqdm
 
-    if fmt != "text":
-        return _prepare_conversations(
-            tokenizer_dir, out, url, inputs, dataset=dataset, dataset_config=dataset_config, split=split,
-            val_fraction=val_fraction, chunk_tokens=chunk_tokens, compression=compression, shard_bytes=shard_bytes,
-            dedup=dedup, progress=progress, fmt=fmt, block_size=block_size, chat_template=chat_template,
-        )  # fmt: skip
-
-    report = sources.Report()
-    if dataset:
-        files: list[Path] = []
-        docs = sources.hf_dataset_documents(dataset, dataset_config, split, text_column)
-        origin = {"dataset": dataset, "config": dataset_config, "split": split}
+    start, report = time.time(), sources.Report()
+    if o.dataset:
+        origin = {"dataset": o.dataset, "config": o.dataset_config, "split": o.split}
+    elif inputs:
+        origin = {"inputs": list(inputs), "files": 0}
     else:
-        files = sources.resolve_inputs(inputs) if inputs else sources.default_corpus_files()
-        docs = sources.iter_documents(files, text_column, report, split)
-        origin = {"inputs": list(inputs) if inputs else ["<python standard library>"], "files": len(files)}
-    stats = {"empty": 0, "duplicates": 0}
-    seen: set[bytes] = set()
-    lengths: dict[str, Counter] = {s: Counter() for s in SPLITS}  # document lengths by bit length
-    start = time.time()
-    pipeline = None
+        origin = {"inputs": ["<python standard library>"], "files": 0}
+    stage = None
     try:
-        guess = _tokenizer_json_guess(tokenizer_dir)
-        if guess:
-            pipeline = _Pipeline(_batches(docs, stats), *guess, num_proc)  # starts tokenizing at once
-        tok = load_tokenizer(tokenizer_dir)  # the authority on what the tokenizer is
-        n_vocab, eos = vocab_size(tok), tok.eos_token_id
-        dtype = _dtype_for(n_vocab)
-        key = (tok.backend_tokenizer.to_str(), eos, dtype.name)
-        if pipeline is None:
-            pipeline = _Pipeline(_batches(docs, stats), *key, num_proc)
-        pipeline.use(*key)
+        stage = (_Text if o.fmt == "text" else _Conversations)(tokenizer_dir, o, _records(inputs, o, report, origin))
         with _space_for(out), atomic_dir(out, "prepare") as partial:  # (the outer one: fsync, rename)
             with _space_for(out / "tokenizer"):
-                tok.save_pretrained(str(partial / "tokenizer"))
+                stage.tok.save_pretrained(str(partial / "tokenizer"))  # (with a chat template the data used)
             writers = {
-                s: ChunkWriter(
-                    partial / s, dtype, chunk_tokens, compression, shard_bytes, out / s, f"{url}/{s}" if url else None
-                )
+                s: ChunkWriter(partial / s, stage.dtype, stage.chunk_tokens, o.compression, o.shard_bytes, out / s,
+                               f"{url}/{s}" if url else None, with_mask=stage.with_mask)
                 for s in SPLITS
-            }
-            bar = tqdm(unit="doc", desc="prepare", disable=not progress, smoothing=0.1)
-            tokens, max_id = 0, -1
-            for batch, (flat, sizes, digests) in pipeline:
-                max_id = max(max_id, int(flat.max()))
-                offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
-                for i, n in enumerate(sizes.tolist()):
-                    d = digests[16 * i : 16 * i + 16]
-                    if dedup:
-                        if d in seen:
-                            stats["duplicates"] += 1
-                            continue
-                        seen.add(d)
-                    name = "val" if _encode.digest_is_val(d, val_fraction) else "train"
-                    writers[name].add(flat[offsets[i] : offsets[i + 1]])
-                    lengths[name][n.bit_length()] += 1
-                tokens += offsets[-1]
-                bar.update(len(batch))
-                bar.set_postfix(tokens=f"{tokens / 1e6:.1f}M", refresh=False)
+            }  # fmt: skip
+            bar = tqdm(unit=stage.unit, desc="prepare", disable=not o.progress, smoothing=0.1)
+            seen: set[bytes] = set()
+            duplicates = 0
+            for digest, item in stage.items(bar):
+                if o.dedup:
+                    if digest in seen:
+                        duplicates += 1
+                        continue
+                    seen.add(digest)
+                split = "val" if _encode.digest_is_val(digest, o.val_fraction) else "train"
+                stage.add(split, item, writers[split])
             bar.close()
+            stage.finish(writers)
             split_stats = {s: w.close() for s, w in writers.items()}
-            _check_splits(split_stats, val_fraction, "document")
-            manifest = _manifest(tok, tokenizer_dir, partial, dtype, max_id, chunk_tokens, val_fraction) | {
-                "splits": {
-                    s: {**vars(split_stats[s]), "length_histogram": _length_histogram(lengths[s])} for s in SPLITS
-                },
-                "empty_documents_skipped": stats["empty"],
-                "duplicates_removed": stats["duplicates"] if dedup else None,
-                "undecodable_documents": report.undecodable,
-                "undecodable_examples": report.undecodable_examples,
-                "sources": {**origin, "text_column": text_column},
-                "shards": {"compression": compression, "bytes_limit": shard_bytes},
-                "seconds": round(time.time() - start, 2),
-            }
+            manifest = (
+                _manifest(
+                    stage.tok, tokenizer_dir, partial, stage.dtype, stage.max_id, stage.chunk_tokens, o.val_fraction
+                )
+                | stage.manifest(split_stats)
+                | {  # fmt: skip
+                    "duplicates_removed": duplicates if o.dedup else None,
+                    "undecodable_documents": report.undecodable,
+                    "sources": {**origin, **stage.source_fields},
+                    "shards": {"compression": o.compression, "bytes_limit": o.shard_bytes},
+                    "seconds": round(time.time() - start, 2),
+                }
+            )
+            if o.fmt == "text":
+                manifest["undecodable_examples"] = report.undecodable_examples
             _write_manifest(out, partial, manifest)
         if url:
             upload_last(out, url, [f"tokenizer/{name}" for name in manifest["tokenizer"]["files"]], MANIFEST)
     finally:
-        if pipeline is not None:
-            pipeline.close()
+        if stage is not None:
+            stage.close()
     return manifest
+
+
+def _records(inputs: list[str] | None, o: PrepareOptions, report: sources.Report, origin: dict):
+    """(where, record) of the corpus, lazily; `origin` gets the number of files."""
+    from dist_clm.data import conversations
+
+    columns = sources.Columns((o.text_column,), sources.TEXT_FIX) if o.fmt == "text" else conversations.columns(o.fmt)
+    if o.dataset:
+        return sources.dataset_by_name(o.dataset, o.dataset_config, o.split, columns)
+    files = sources.resolve_inputs(inputs) if inputs else sources.default_corpus_files()
+    origin["files"] = len(files)
+    return sources.iter_records(files, columns, report, o.split)
+
+
+class _Text:
+    """text: each record's text is a document, its ids followed by EOS, tokenized in batches by `num_proc`
+    worker processes (_Pipeline), which start at once: the tokenizer's JSON is read straight from its file
+    while transformers (seconds to import) loads it properly. A document's hash (from the workers) picks its
+    split; empty documents are skipped and counted."""
+
+    unit, with_mask = "doc", False
+
+    def __init__(self, tokenizer_dir, o: PrepareOptions, records):
+        self.o, self.stats = o, {"empty": 0}
+        self.lengths: dict[str, Counter] = {s: Counter() for s in SPLITS}  # document lengths by bit length
+        self.text_column, self.chunk_tokens, self.max_id = o.text_column, o.chunk_tokens, -1
+        docs = (sources.as_text(record[o.text_column]) for _, record in records)
+        num_proc = o.num_proc or os.cpu_count() or 1
+        guess, self.pipeline = _tokenizer_json_guess(tokenizer_dir), None
+        if guess:
+            self.pipeline = _Pipeline(_batches(docs, self.stats), *guess, num_proc)  # starts tokenizing at once
+        self.tok = load_tokenizer(tokenizer_dir)  # the authority on what the tokenizer is
+        self.dtype = _dtype_for(vocab_size(self.tok))
+        key = (self.tok.backend_tokenizer.to_str(), self.tok.eos_token_id, self.dtype.name)
+        if self.pipeline is None:
+            self.pipeline = _Pipeline(_batches(docs, self.stats), *key, num_proc)
+        self.pipeline.use(*key)
+
+    def items(self, bar):
+        tokens = 0
+        for batch, (flat, sizes, digests) in self.pipeline:
+            self.max_id = max(self.max_id, int(flat.max()))
+            offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+            for i in range(len(sizes)):
+                yield digests[16 * i : 16 * i + 16], flat[offsets[i] : offsets[i + 1]]
+            tokens += offsets[-1]
+            bar.update(len(batch))
+            bar.set_postfix(tokens=f"{tokens / 1e6:.1f}M", refresh=False)
+
+    def add(self, split: str, ids: np.ndarray, writer: ChunkWriter) -> None:
+        writer.add(ids)
+        self.lengths[split][len(ids).bit_length()] += 1
+
+    def finish(self, writers: dict) -> None:
+        pass
+
+    def manifest(self, split_stats: dict[str, SplitStats]) -> dict:
+        _check_splits(split_stats, self.o.val_fraction, "document")
+        return {
+            "splits": {
+                s: {**vars(split_stats[s]), "length_histogram": _length_histogram(self.lengths[s])} for s in SPLITS
+            },  # fmt: skip
+            "empty_documents_skipped": self.stats["empty"],
+        }
+
+    @property
+    def source_fields(self) -> dict:
+        return {"text_column": self.text_column}
+
+    def close(self) -> None:
+        if self.pipeline is not None:
+            self.pipeline.close()
+
+
+class _Conversations:
+    """chat, prompt-completion, preference: each record rendered (conversations.Renderer: token ids and a loss
+    mask; a pair: its chosen and its rejected conversation), its hash (of the record) picking its split, then
+    packed whole into blocks of block_size (conversations.Packer; a pair into two blocks side by side)."""
+
+    unit, with_mask = "record", True
+
+    def __init__(self, tokenizer_dir, o: PrepareOptions, records):
+        from dist_clm.data import conversations as conv
+        from dist_clm.data.tokenizer import use_chat_template
+
+        self.o, self.records, self.columns = o, records, conv.COLUMNS[o.fmt]
+        self.tok = load_tokenizer(tokenizer_dir)
+        if o.fmt == "chat" or o.chat_template:
+            use_chat_template(self.tok, o.chat_template, tokenizer_dir)
+        self.render, self.dtype = conv.Renderer(self.tok, o.fmt), _dtype_for(vocab_size(self.tok))
+        self.chunk_tokens = max(1, o.chunk_tokens // o.block_size) * o.block_size  # a block never straddles chunks
+        self.lanes = 2 if o.fmt == "preference" else 1  # a pair: its chosen and rejected blocks, one after the other
+        self.packers = {s: conv.Packer(o.block_size, self.tok.eos_token_id, self.lanes) for s in SPLITS}
+        self.max_id = self.tok.eos_token_id
+
+    def items(self, bar):
+        for where, record in self.records:
+            digest = _encode.digest(json.dumps(record, sort_keys=True, default=str))
+            items = self.render.pair(record, where) if self.lanes == 2 else [self.render(record, where)]
+            self.max_id = max(self.max_id, *(int(ids.max()) for ids, _ in items))
+            yield digest, items
+            bar.update(1)
+
+    def add(self, split: str, items, writer: ChunkWriter) -> None:
+        for block in self.packers[split].add(*items):
+            for piece_ids, piece_mask in block:
+                writer.add(piece_ids.astype(self.dtype), piece_mask)
+
+    def finish(self, writers: dict) -> None:
+        for name, packer in self.packers.items():
+            for block in packer.finish():
+                for piece_ids, piece_mask in block:
+                    writers[name].add(piece_ids.astype(self.dtype), piece_mask)
+
+    def manifest(self, split_stats: dict[str, SplitStats]) -> dict:
+        for s in SPLITS:  # a split's documents are its conversations (the padding pieces are not counted)
+            split_stats[s].documents = self.packers[s].stats["conversations"]
+        dropped = sum(p.stats["dropped"] for p in self.packers.values())
+        if dropped and not sum(p.stats["conversations"] for p in self.packers.values()):
+            raise UserError(f"all {dropped} conversations were dropped: none keeps a learned token within "
+                            f"--block-size {self.o.block_size}; raise --block-size.")  # fmt: skip
+        _check_splits(split_stats, self.o.val_fraction, "conversation")
+        templated = self.o.fmt == "chat" or self.o.chat_template
+        return {
+            "splits": {s: {**vars(split_stats[s]), **self.packers[s].stats} for s in SPLITS},
+            "fine_tuning": {
+                "format": self.o.fmt,
+                "objective": "dpo" if self.lanes == 2 else "sft",
+                "pairs": self.lanes == 2,  # blocks 2k and 2k+1: the chosen and rejected answers of the same prompts
+                "block_size": self.o.block_size,
+                "chat_template": getattr(self.tok, "chat_template", None) if templated else None,
+                "rules": "whole conversations packed into blocks of block_size tokens (first fit); one longer than "
+                "a block keeps its first block_size tokens (truncated), one left with no learned token is dropped",
+            },
+        }
+
+    @property
+    def source_fields(self) -> dict:
+        return {"columns": list(self.columns)}
+
+    def close(self) -> None:
+        pass
 
 
 def _check_splits(split_stats: dict[str, SplitStats], val_fraction: float, what: str) -> None:
@@ -434,90 +547,3 @@ def _manifest(tok, tokenizer_dir, partial: Path, dtype, max_id: int, chunk_token
 def _write_manifest(out: Path, partial: Path, manifest: dict) -> None:
     with _space_for(out / MANIFEST):
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last file: marks the data complete
-
-
-def _prepare_conversations(tokenizer_dir, out: Path, url: str | None, inputs, *, dataset, dataset_config, split,
-                           val_fraction, chunk_tokens, compression, shard_bytes, dedup, progress, fmt, block_size,
-                           chat_template) -> dict:  # fmt: skip
-    """Fine-tuning records (conversations.py) -> whole conversations packed into blocks, with loss masks."""
-    from tqdm.auto import tqdm
-
-    from dist_clm.data import conversations as conv
-    from dist_clm.data.tokenizer import use_chat_template
-
-    start, report, columns = time.time(), sources.Report(), conv.COLUMNS[fmt]
-    if dataset:
-        records = conv.hf_dataset_records(dataset, dataset_config, split, columns)
-        origin = {"dataset": dataset, "config": dataset_config, "split": split}
-    else:
-        files = sources.resolve_inputs(inputs)
-        records = conv.iter_records(files, columns, report, split)
-        origin = {"inputs": list(inputs), "files": len(files)}
-    tok = load_tokenizer(tokenizer_dir)
-    if fmt == "chat" or chat_template:
-        use_chat_template(tok, chat_template, tokenizer_dir)
-    render, dtype = conv.Renderer(tok, fmt), _dtype_for(vocab_size(tok))
-    chunk_tokens = max(1, chunk_tokens // block_size) * block_size  # a block never straddles two chunks
-    lanes = 2 if fmt == "preference" else 1  # a pair: its chosen and rejected blocks, one after the other
-    packers = {s: conv.Packer(block_size, tok.eos_token_id, lanes) for s in SPLITS}
-    seen: set[bytes] = set()
-    duplicates, max_id = 0, -1
-    with _space_for(out), atomic_dir(out, "prepare") as partial:
-        with _space_for(out / "tokenizer"):
-            tok.save_pretrained(str(partial / "tokenizer"))  # (with the chat template the data was rendered with)
-        writers = {
-            s: ChunkWriter(partial / s, dtype, chunk_tokens, compression, shard_bytes, out / s,
-                           f"{url}/{s}" if url else None, with_mask=True)
-            for s in SPLITS
-        }  # fmt: skip
-        bar = tqdm(unit="record", desc="prepare", disable=not progress, smoothing=0.1)
-        for where, record in records:
-            d = _encode.digest(json.dumps(record, sort_keys=True, default=str))
-            if dedup:
-                if d in seen:
-                    duplicates += 1
-                    continue
-                seen.add(d)
-            items = render.pair(record, where) if lanes == 2 else [render(record, where)]
-            max_id = max(max_id, *(int(ids.max()) for ids, _ in items))
-            name = "val" if _encode.digest_is_val(d, val_fraction) else "train"
-            for block in packers[name].add(*items):
-                for piece_ids, piece_mask in block:
-                    writers[name].add(piece_ids.astype(dtype), piece_mask)
-            bar.update(1)
-        bar.close()
-        for name, packer in packers.items():
-            for block in packer.finish():
-                for piece_ids, piece_mask in block:
-                    writers[name].add(piece_ids.astype(dtype), piece_mask)
-        split_stats = {s: w.close() for s, w in writers.items()}
-        for s in SPLITS:  # a split's documents are its conversations (the padding pieces are not counted)
-            split_stats[s].documents = packers[s].stats["conversations"]
-        dropped = sum(p.stats["dropped"] for p in packers.values())
-        if dropped and not sum(p.stats["conversations"] for p in packers.values()):
-            raise UserError(f"all {dropped} conversations were dropped: none keeps a learned token within --block-size "
-                            f"{block_size}; raise --block-size.")  # fmt: skip
-        _check_splits(split_stats, val_fraction, "conversation")
-        manifest = _manifest(
-            tok, tokenizer_dir, partial, dtype, max(max_id, tok.eos_token_id), chunk_tokens, val_fraction
-        ) | {  # fmt: skip
-            "splits": {s: {**vars(split_stats[s]), **packers[s].stats} for s in SPLITS},
-            "fine_tuning": {
-                "format": fmt,
-                "objective": "dpo" if lanes == 2 else "sft",
-                "pairs": lanes == 2,  # blocks 2k and 2k+1: the chosen and rejected answers of the same prompts
-                "block_size": block_size,
-                "chat_template": getattr(tok, "chat_template", None) if fmt == "chat" or chat_template else None,
-                "rules": "whole conversations packed into blocks of block_size tokens (first fit); one longer than "
-                "a block keeps its first block_size tokens (truncated), one left with no learned token is dropped",
-            },
-            "duplicates_removed": duplicates if dedup else None,
-            "undecodable_documents": report.undecodable,
-            "sources": {**origin, "columns": list(columns)},
-            "shards": {"compression": compression, "bytes_limit": shard_bytes},
-            "seconds": round(time.time() - start, 2),
-        }
-        _write_manifest(out, partial, manifest)
-    if url:
-        upload_last(out, url, [f"tokenizer/{name}" for name in manifest["tokenizer"]["files"]], MANIFEST)
-    return manifest

@@ -127,18 +127,34 @@ def _decode(data: bytes, where: str, report: Report) -> str:
         return data.decode("utf-8", errors="replace")
 
 
-def _missing_column(where: str, column: str, columns) -> UserError:
-    return UserError(
-        f"{where} has no column '{column}' (columns: {', '.join(map(str, columns)) or 'none'}); "
-        "set --text-column to one of them."
-    )
+@dataclass(frozen=True)
+class Columns:
+    """The columns a record must have, and what to tell a user whose records lack them."""
+
+    names: tuple[str, ...]
+    fix: str  # the end of the sentence for a missing column, e.g. "set --text-column to one of them"
+
+    def check(self, record, where: str) -> dict:
+        """`record`'s values of these columns, or one sentence why it has none."""
+        if not isinstance(record, dict):
+            wanted = f"a '{self.names[0]}' field" if len(self.names) == 1 else ", ".join(self.names)
+            raise UserError(f"{where} is not a JSON object; each record must be an object with {wanted}.")
+        missing = [c for c in self.names if c not in record]
+        if missing:
+            raise self.missing(where, missing[0], record)
+        return {c: record[c] for c in self.names}
+
+    def missing(self, where: str, column: str, present) -> UserError:
+        return UserError(
+            f"{where} has no column '{column}' (columns: {', '.join(map(str, present)) or 'none'}); {self.fix}."
+        )
 
 
-def _as_text(value) -> str:
+def as_text(value) -> str:
     return value if isinstance(value, str) else ("" if value is None else str(value))
 
 
-def _json_records(path: Path, column: str, report: Report) -> Iterator[str]:
+def _json_records(path: Path, columns: Columns, report: Report) -> Iterator[tuple[str, dict]]:
     with _open_binary(path) as stream:
         if stream.peek(1 << 16).lstrip()[:1] == b"[":  # one JSON array: parsed whole (JSON lines stream)
             try:
@@ -146,68 +162,68 @@ def _json_records(path: Path, column: str, report: Report) -> Iterator[str]:
             except json.JSONDecodeError as e:
                 raise UserError(f"'{path}' is not valid JSON ({e.msg} at line {e.lineno}); fix the file.") from None
             for n, record in enumerate(records, 1):
-                yield _record_text(record, column, f"record {n} of '{path}'")
+                where = f"record {n} of '{path}'"
+                yield where, columns.check(record, where)
             return
         for n, line in enumerate(stream, 1):
             if not line.strip():
                 continue
+            where = f"line {n} of '{path}'"
             try:
-                record = json.loads(_decode(line, f"line {n} of '{path}'", report))
+                record = json.loads(_decode(line, where, report))
             except json.JSONDecodeError:
-                raise UserError(f"line {n} of '{path}' is not valid JSON; fix it or remove the line.") from None
-            yield _record_text(record, column, f"line {n} of '{path}'")
+                raise UserError(f"{where} is not valid JSON; fix it or remove the line.") from None
+            yield where, columns.check(record, where)
 
 
-def _record_text(record, column: str, where: str) -> str:
-    if not isinstance(record, dict):
-        raise UserError(f"{where} is not a JSON object; each record must be an object with a '{column}' field.")
-    if column not in record:
-        raise _missing_column(where, column, record)
-    return _as_text(record[column])
-
-
-def _parquet_rows(path: Path, column: str) -> Iterator[str]:
+def _parquet_records(path: Path, columns: Columns) -> Iterator[tuple[str, dict]]:
     import pyarrow.parquet as pq
 
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:
         raise UserError(f"'{path}' is not a readable parquet file ({e}).") from None
-    if column not in pf.schema_arrow.names:
-        raise _missing_column(f"'{path}'", column, pf.schema_arrow.names)
-    for batch in pf.iter_batches(columns=[column], batch_size=4096):  # one row group at a time
-        for value in batch.column(0).to_pylist():
-            yield _as_text(value)
+    columns.check(dict.fromkeys(pf.schema_arrow.names), f"'{path}'")
+    n = 0
+    for batch in pf.iter_batches(columns=list(columns.names), batch_size=4096):  # one row group at a time
+        for row in batch.to_pylist():
+            n += 1
+            yield f"row {n} of '{path}'", row
 
 
-def _csv_rows(path: Path, column: str, report: Report) -> Iterator[str]:
+def _csv_records(path: Path, columns: Columns, report: Report) -> Iterator[tuple[str, dict]]:
     csv.field_size_limit(sys.maxsize)  # documents are long; the default limit is 128 KiB
     with _open_binary(path) as raw:
         text = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
         reader = csv.DictReader(text, delimiter="\t" if inner_suffix(path) == ".tsv" else ",")
-        if reader.fieldnames is None or column not in reader.fieldnames:
-            raise _missing_column(f"'{path}'", column, reader.fieldnames or [])
+        columns.check(dict.fromkeys(reader.fieldnames or []), f"'{path}'")
         for n, row in enumerate(reader, 2):
-            value = _as_text(row[column])
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError as e:
-                report.bad_bytes(f"row at line {n} of '{path}'", e.start)
-                value = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-            yield value
+            where = f"row at line {n} of '{path}'"
+            record = {}
+            for c in columns.names:
+                value = as_text(row[c])
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    report.bad_bytes(where, e.start)
+                    value = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                record[c] = value
+            yield where, record
 
 
-def _hf_rows(ds, column: str, where: str) -> Iterator[str]:
+def dataset_records(ds, columns: Columns, where: str) -> Iterator[tuple[str, dict]]:
+    """The rows of a `datasets` dataset (in memory, memory-mapped or streamed), batch by batch."""
     names = list(ds.column_names or []) if getattr(ds, "column_names", None) is not None else None
     if names is None and getattr(ds, "features", None) is not None:
         names = list(ds.features)
-    if names is not None and column not in names:
-        raise _missing_column(where, column, names)
+    if names is not None:
+        columns.check(dict.fromkeys(names), where)
+    n = 0
     for batch in ds.iter(batch_size=1024):
-        if column not in batch:
-            raise _missing_column(where, column, list(batch))
-        for value in batch[column]:
-            yield _as_text(value)
+        columns.check(batch, where)
+        for values in zip(*(batch[c] for c in columns.names), strict=True):
+            n += 1
+            yield f"row {n} of {where}", dict(zip(columns.names, values, strict=True))
 
 
 def disk_dataset(path: Path, split: str):
@@ -222,10 +238,6 @@ def disk_dataset(path: Path, split: str):
     return ds
 
 
-def _disk_rows(path: Path, column: str, split: str) -> Iterator[str]:
-    yield from _hf_rows(disk_dataset(path, split), column, f"'{path}'")
-
-
 def streamed_dataset(name: str, config: str | None, split: str):
     """A Hugging Face dataset by hub name or local dataset directory, streamed (never held whole)."""
     import datasets
@@ -237,25 +249,43 @@ def streamed_dataset(name: str, config: str | None, split: str):
         raise UserError(f"cannot load the dataset '{name}' (config {config}, split {split}): {problem}.") from None
 
 
-def hf_dataset_documents(name: str, config: str | None, split: str, column: str) -> Iterator[str]:
-    yield from _hf_rows(streamed_dataset(name, config, split), column, f"dataset '{name}'")
-
-
-def iter_documents(
-    files: list[Path], text_column: str = "text", report: Report | None = None, split: str = "train"
-) -> Iterator[str]:
-    """Yield every document of every input, in order. Empty documents are yielded too (callers count them)."""
+def iter_records(files: list[Path], columns: Columns, report: Report | None = None,
+                 split: str = "train") -> Iterator[tuple[str, dict]]:  # fmt: skip
+    """(where, {column: value}) for every record of every input, in order: JSON lines or a JSON array, parquet
+    rows (only those columns read), CSV/TSV rows, a save_to_disk directory's `split`; any other file is one
+    record whose first column is its whole text."""
     report = report if report is not None else Report()
     for f in files:
         kind = inner_suffix(f)
         if is_hf_disk_dir(f):
-            yield from _disk_rows(f, text_column, split)
+            yield from dataset_records(disk_dataset(f, split), columns, f"'{f}'")
         elif kind in (".jsonl", ".ndjson", ".json"):
-            yield from _json_records(f, text_column, report)
+            yield from _json_records(f, columns, report)
         elif kind == ".parquet":
-            yield from _parquet_rows(f, text_column)
+            yield from _parquet_records(f, columns)
         elif kind in (".csv", ".tsv"):
-            yield from _csv_rows(f, text_column, report)
+            yield from _csv_records(f, columns, report)
         else:
             with _open_binary(f) as raw:
-                yield _decode(raw.read(), f"'{f}'", report)
+                yield f"'{f}'", {columns.names[0]: _decode(raw.read(), f"'{f}'", report)}
+
+
+def dataset_by_name(name: str, config: str | None, split: str, columns: Columns) -> Iterator[tuple[str, dict]]:
+    """The records of a Hugging Face dataset (hub name or local dataset directory), streamed."""
+    yield from dataset_records(streamed_dataset(name, config, split), columns, f"dataset '{name}'")
+
+
+TEXT_FIX = "set --text-column to one of them"
+
+
+def hf_dataset_documents(name: str, config: str | None, split: str, column: str) -> Iterator[str]:
+    """The documents (`column`) of a Hugging Face dataset, streamed."""
+    for _, record in dataset_by_name(name, config, split, Columns((column,), TEXT_FIX)):
+        yield as_text(record[column])
+
+
+def iter_documents(files: list[Path], text_column: str = "text", report: Report | None = None,
+                   split: str = "train") -> Iterator[str]:  # fmt: skip
+    """Every document (a record's text column) of every input, in order; empty ones too (callers count them)."""
+    for _, record in iter_records(files, Columns((text_column,), TEXT_FIX), report, split):
+        yield as_text(record[text_column])
