@@ -1,6 +1,6 @@
 """How long a checkpoint save stops the step loop, side by side in one run: synchronous saving
-(train.async_save=false: every rank waits until its files are written and fsynced) vs background saving
-(train.async_save=true, the default: the loop waits for a host copy of its share, a thread writes it).
+(checkpoint.async_save=false: every rank waits until its files are written and fsynced) vs background saving
+(checkpoint.async_save=true, the default: the loop waits for a host copy of its share, a thread writes it).
 
 Both runs are `dist-clm train` under torchrun with 2 ranks on this machine's CPU: GPT-2 124M (preset gpt2-124m
 with GPT-2's 50257-token vocabulary), fp32, ZeRO-2, one block of 128 tokens per rank per step, a save every
@@ -35,17 +35,18 @@ def run(work: Path, data: Path, async_save: bool, steps: int, every: int) -> dic
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "dist_clm", "train",
            "model.preset=gpt2-124m", "model.overrides.vocab_size=50257", f"data.path={data}", f"run.dir={out}",
-           "data.block_size=128", "train.micro_batch_size=1", "train.zero_stage=2", "train.precision=fp32",
-           f"train.max_steps={steps}", f"train.save_every={every}", f"train.keep_last={steps}", "train.log_every=1",
-           "train.warmup_steps=2", "train.eval_every=0", "train.eval_blocks=1",
-           f"train.async_save={str(async_save).lower()}",
+           "data.block_size=128", "train.micro_batch_size=1", "distributed.zero_stage=2", "train.precision=fp32",
+           f"train.max_steps={steps}", f"checkpoint.save_every={every}", f"checkpoint.keep_last={steps}",
+           "train.log_every=1",
+           "optim.warmup_steps=2", "train.eval_every=0", "train.eval_blocks=1",
+           f"checkpoint.async_save={str(async_save).lower()}",
            "run.tensorboard=false", "run.progress_bar=false"]  # fmt: skip
     env = child_env(work) | {"OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"the run with train.async_save={async_save} failed (exit status {proc.returncode})")
+        raise SystemExit(f"the run with checkpoint.async_save={async_save} failed (exit status {proc.returncode})")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     saves = [r for r in rows if "checkpoint/step" in r and r["checkpoint/step"] < steps]
     step_s = [2 * 128 / r["train/tokens_per_s"] for r in rows if "train/tokens_per_s" in r]  # 2 ranks x 128

@@ -70,8 +70,8 @@ class Smoke:
         run = Path(self.args.work) / "smoke" / name
         r = dist_clm(Path(self.args.work), self.args.cpu, "train", "model.preset=tiny", f"data.path={self.data}",
                      f"run.dir={run}", "data.block_size=128", "train.micro_batch_size=8", "train.precision=bf16",
-                     f"train.zero_stage={zero}", f"train.max_steps={STEPS}", f"train.save_every={CUT}",
-                     "train.keep_last=4", "train.warmup_steps=2", "train.log_every=1", "train.eval_every=0",
+                     f"distributed.zero_stage={zero}", f"train.max_steps={STEPS}", f"checkpoint.save_every={CUT}",
+                     "checkpoint.keep_last=4", "optim.warmup_steps=2", "train.log_every=1", "train.eval_every=0",
                      "train.eval_blocks=2", "run.tensorboard=false", "run.progress_bar=false", *extra)  # fmt: skip
         if r.returncode != 0:
             self.check(f"{name} trains", False, (r.stderr.strip().splitlines() or ["no output"])[-1][:200])

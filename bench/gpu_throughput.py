@@ -3,7 +3,7 @@ beside a plain PyTorch loop on the same model and the same batches.
 
     plain, eager          the usual hand-written loop: the HF model built by dist_clm.model.build_model, fp32
                           weights on the GPU, torch.autocast("cuda", bfloat16), loss.backward(),
-                          clip_grad_norm_(train.grad_clip), torch.optim.AdamW(param_groups(...), fused=True),
+                          clip_grad_norm_(optim.grad_clip), torch.optim.AdamW(param_groups(...), fused=True),
                           the same LambdaLR schedule (scheduler_factory), zero_grad(set_to_none=True)
     plain, torch.compile  the same loop over torch.compile(model)
     dist_clm, eager       dist_clm's own training loop, run as it is: dist_clm.train.train(cfg) (a world of
@@ -354,14 +354,14 @@ def variant_overrides(model: str, variant: str, data: str | Path, run_dir: str |
         f"model.overrides.vocab_size={m['vocab']}",
         f"train.micro_batch_size={m['batch']}",
         f"train.max_steps={warmup + steps}",
-        f"train.warmup_steps={min(warmup, 30)}",
+        f"optim.warmup_steps={min(warmup, 30)}",
         f"train.compile={'true' if 'compile' in variant else 'false'}",
         f"train.loss_head={'plain' if variant.endswith('plain-head') else 'auto'}",
         f"data.document_mask={'true' if 'docmask' in variant else 'false'}",
         f"model.attention={DOCMASK_ATTENTION.get(variant.rsplit('-', 1)[-1], 'auto')}",
         "train.eval_every=0",
         "train.eval_blocks=1",
-        "train.save_every=0",
+        "checkpoint.save_every=0",
     ]
 
 
@@ -370,7 +370,7 @@ def one(args: argparse.Namespace) -> None:
 
     from dist_clm.attention import attention_for, build_model_with
     from dist_clm.config import load_config
-    from dist_clm.data.provenance import run_tokenizer, training_sources
+    from dist_clm.data.run_data import run_tokenizer, training_sources
     from dist_clm.engine import resolve_precision
     from dist_clm.metrics import peak_flops
     from dist_clm.model import build_model, count_params, flops_per_token
@@ -381,7 +381,7 @@ def one(args: argparse.Namespace) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = load_config(None, variant_overrides(args.models, variant, args.data, run_dir, args.warmup, args.steps))
     device = "cpu" if args.cpu else "cuda:0"
-    sources = training_sources(cfg)
+    sources = training_sources(cfg.data)
     tok = run_tokenizer(sources)
     torch.manual_seed(cfg.train.seed)
     if variant.startswith("dist_clm"):  # train() builds its own; this one is only counted
@@ -444,7 +444,7 @@ def plain_loop(cfg, model, sources, device: str, warmup: int, steps: int) -> dic
     from dist_clm.engine import param_groups, resolve_precision, scheduler_factory
 
     start = time.perf_counter()
-    t = cfg.train
+    t, o = cfg.train, cfg.optim
     on_gpu = device != "cpu"
     if on_gpu:
         torch.cuda.set_device(torch.device(device))
@@ -452,15 +452,15 @@ def plain_loop(cfg, model, sources, device: str, warmup: int, steps: int) -> dic
     model = model.to(device=device, dtype=torch.float32)
     model.train()
     opt = torch.optim.AdamW(
-        param_groups(model, t.weight_decay),
-        lr=t.lr,
-        betas=(t.beta1, t.beta2),
-        eps=t.eps,
+        param_groups(model, o.weight_decay),
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
         **({"fused": True} if on_gpu else {}),
     )
-    sched = scheduler_factory(t)(opt)
+    sched = scheduler_factory(o, t.max_steps)(opt)
     fwd = torch.compile(model) if t.compile else model
-    batches = iter(TrainLoader.from_config(cfg, sources, rank=0, world=1, grad_accum=1))
+    batches = iter(TrainLoader.from_config(cfg.data, t, sources, rank=0, world=1, grad_accum=1))
     losses = []
 
     def step() -> torch.Tensor:
@@ -470,8 +470,8 @@ def plain_loop(cfg, model, sources, device: str, warmup: int, steps: int) -> dic
         with torch.autocast(device_type="cuda" if on_gpu else "cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = fwd(**inputs, use_cache=False).loss
         loss.backward()
-        if t.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        if o.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)

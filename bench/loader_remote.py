@@ -121,7 +121,7 @@ def run_case(case: Case, work: Path, local: Path, url: str, env: dict, steps: in
     run = work / f"run_{uuid.uuid4().hex[:6]}"
     settings = [
         *TRAIN_SETTINGS, f"data.path={url if case.remote else local}", f"run.dir={run}", f"train.max_steps={steps}",
-        f"train.log_every={LOG_EVERY}", "train.eval_every=0", "train.save_every=0", "run.progress_bar=false",
+        f"train.log_every={LOG_EVERY}", "train.eval_every=0", "checkpoint.save_every=0", "run.progress_bar=false",
         "run.tensorboard=false", f"data.shuffle_window={case.window}", f"data.prefetch_steps={case.prefetch}",
         f"data.cache_dir={cache}", f"data.cache_limit={case.limit_shards * int(SHARD_MB * 2**20)}",
     ]  # fmt: skip

@@ -10,7 +10,7 @@ in shards of 32 KiB (~12K tokens), so the windows hold about 21, 5 and 1 random 
 loss at each evaluation (every 250 steps, on the same 32 validation blocks), the difference to the global
 shuffle of the same seed, and the training loss of the last 100 steps (a window's blocks are alike, so the
 model fits them better than the corpus: the gap to validation grows as windows shrink). The loss-spike guard
-is off (train.spike_factor=0): a new window can raise the loss 2x its running mean, which the guard would
+is off (stability.spike_factor=0): a new window can raise the loss 2x its running mean, which the guard would
 take for a spike and roll back.
 
     python bench/shuffle_window_price.py [--markdown] [--work DIR] [--steps N]
@@ -71,7 +71,7 @@ def main() -> None:
             print(f"window {window}, seed {seed}", file=sys.stderr)
             dist_clm("train", *TRAIN_SETTINGS, f"data.path={data}", f"run.dir={run}", f"train.max_steps={args.steps}",
                      f"data.shuffle_window={window}", f"train.seed={seed}", "run.progress_bar=false",
-                     "run.tensorboard=false", "train.save_every=0", "train.spike_factor=0",
+                     "run.tensorboard=false", "checkpoint.save_every=0", "stability.spike_factor=0",
                      "run.overwrite=true")  # fmt: skip
         results[seed, window] = losses(run, args.steps)
 

@@ -7,7 +7,7 @@
                                      + config.json (the transformers model config)
                                      + READERS (readers lock it; pruning leaves a checkpoint being read alone)
                                      + complete.json  <- written last, after every rank's files are durable;
-                                       it lists every file with its size (with train.async_save, DeepSpeed's
+                                       it lists every file with its size (with checkpoint.async_save, DeepSpeed's
                                        files are written by a background thread from a host snapshot and
                                        the marker comes at the first step boundary after they are durable)
 
@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from dist_clm import console
 from dist_clm.distributed import (
     DistEnv,
     agree_on_error,
@@ -54,7 +55,6 @@ from dist_clm.distributed import (
 )
 from dist_clm.errors import Mismatch, UserError
 from dist_clm.fsutil import atomic_dir, atomic_write_text, fsync_dir, fsync_tree
-from dist_clm.metrics import say
 
 if TYPE_CHECKING:
     from dist_clm.checkpoint_writer import BackgroundWriter
@@ -116,7 +116,9 @@ def resolve(path: str | Path) -> Path:
         )
     found = complete_checkpoints(p.parent if p.name == "checkpoints" else p)
     if not found:
-        raise UserError(f"'{p}' holds no complete checkpoint; train with train.save_every > 0 or point at another run.")
+        raise UserError(
+            f"'{p}' holds no complete checkpoint; train with checkpoint.save_every > 0 or point at another run."
+        )
     return found[-1]
 
 
@@ -196,8 +198,8 @@ class Checkpointer:
             damaged = all_reduce_sum([float(problem is not None)], self.env.device)[0]
             if not damaged:
                 return tag_dir
-            say(self.env.is_main, f"WARNING: checkpoint {tag_dir} is damaged ({problem or 'on another rank'}); "
-                "falling back to the previous complete checkpoint")  # fmt: skip
+            console.warning(f"checkpoint {tag_dir} is damaged ({problem or 'on another rank'}); falling back to "
+                            "the previous complete checkpoint", every_rank=False)  # fmt: skip
         if complete_checkpoints(self.run_dir):
             raise UserError(
                 f"no checkpoint in '{self.dir}' can be loaded whole (each lacks or has a truncated file); restore "
@@ -228,11 +230,11 @@ class Checkpointer:
         where = self._universal(tag_dir) if elastic else tag_dir
         engine.load_checkpoint(str(where.parent), tag=where.name)
         if elastic and self.zero_stage == 3:
-            say(
-                self.env.is_main,
-                "warning: DeepSpeed's universal checkpoint restores ZeRO-3 weights exactly, but the optimizer "
-                "state is approximate (losses drift ~5e-4 relative from an uninterrupted run); data and step "
-                "count continue exactly",
+            console.warning(
+                "DeepSpeed's universal checkpoint restores ZeRO-3 weights exactly, but the optimizer state is "
+                "approximate (losses drift ~5e-4 relative from an uninterrupted run); data and step count continue "
+                "exactly",
+                every_rank=False,
             )
         mine = tag_dir / random.file(self.env.rank)  # (none for a rank the writer did not have)
         random.load_state_dict(torch_load(mine) if mine.is_file() else None)
@@ -351,14 +353,10 @@ class Checkpointer:
         """Collective: `tag_dir/universal`, DeepSpeed's world-size independent form of the checkpoint, made once
         by rank 0 with DeepSpeed's own converter (ds_to_universal) and kept beside the original."""
         import subprocess
-        import sys
 
         out, problem = tag_dir / UNIVERSAL, None
         if self.env.is_main and not out.is_dir():
-            print(
-                f"the world size or ZeRO stage changed: converting {tag_dir} to a universal checkpoint",
-                file=sys.stderr,
-            )
+            console.info(f"the world size or ZeRO stage changed: converting {tag_dir} to a universal checkpoint")
             with atomic_dir(out, "universal checkpoint conversion") as partial:
                 r = subprocess.run(
                     [
@@ -399,7 +397,7 @@ class Checkpointer:
         if free < need:
             problem = UserError(
                 f"not enough space to save checkpoint '{tag_dir}': {_size(free)} free on its filesystem, "
-                f"~{_size(need)} needed; free space (or lower train.keep_last), then rerun: training resumes "
+                f"~{_size(need)} needed; free space (or lower checkpoint.keep_last), then rerun: training resumes "
                 "from the last complete checkpoint."
             )
         agree_on_error(problem, self.env.device)
@@ -408,7 +406,7 @@ class Checkpointer:
         for old in complete_checkpoints(self.run_dir)[: -self.keep_last]:
             with _exclusive(old) as free:
                 if not free:
-                    print(f"keeping {old} a while: a reader (eval, generate or export) has it open", file=sys.stderr)
+                    console.info(f"keeping {old} a while: a reader (eval, generate or export) has it open")
                     continue
                 (old / COMPLETE).unlink()  # first un-mark, so a crash mid-delete never leaves a "complete" fragment
                 shutil.rmtree(old, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Checkpoint files written behind the training step (train.async_save).
+"""Checkpoint files written behind the training step (checkpoint.async_save).
 
 `BackgroundWriter` is a DeepSpeed checkpoint engine: DeepSpeed hands it each file's state dict during
 `engine.save_checkpoint`; it copies every tensor to host memory there and then (a snapshot: the next step may

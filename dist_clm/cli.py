@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from dist_clm import console
 from dist_clm.errors import PeerLost, UserError
 
 
@@ -90,7 +91,7 @@ def _synthetic(a: argparse.Namespace) -> None:
 
 
 def _inspect(a: argparse.Namespace) -> None:
-    from dist_clm.data.inspect import inspect, verify
+    from dist_clm.data.audit import inspect, verify
 
     if a.verify:  # one line per split, or a DataError (exit 2) at the first problem
         for line in verify(a.dir):
@@ -303,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train (plain, or under deepspeed/torchrun launchers)")
     t.add_argument("--config", help="a YAML config file (see configs/)")
-    t.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=3e-4")
+    t.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=3e-4")
     t.set_defaults(func=_train)
 
     t = sub.add_parser("eval", help="perplexity and bits per byte of a checkpoint (any launcher: ranks share it)")
@@ -381,14 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except UserError as e:
-        rank = os.environ.get("RANK", "0")
-        if rank == "0" or not e.agreed:  # a rank's own error is seen wherever it happened
-            node = os.environ.get("SLURMD_NODENAME")
-            where = "" if rank == "0" else f"rank {rank}{f' on {node}' if node else ''}: "
-            print(f"dist-clm: error: {where}{e}", file=sys.stderr)
+        console.error(e)
         return e.exit_code
     except KeyboardInterrupt:
-        print("dist-clm: interrupted; nothing partial was kept.", file=sys.stderr)
+        console.warning("dist-clm: interrupted; nothing partial was kept.")
         return 130
     return 0
 

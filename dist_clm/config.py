@@ -1,8 +1,11 @@
 """Typed run configuration: defaults <- YAML file <- dotted command-line overrides.
 
-Every field is a typed dataclass attribute with a comment saying what it is. Unknown keys, wrong types and
-bad values are rejected with one sentence that names the key. The resolved config is written to the run
-directory as `config.yaml` so a run can always be reproduced from its own directory.
+One section per owner (run, data, model, train: the loop, optim, objective, checkpoint, stability,
+distributed), each a frozen dataclass whose fields are documented where they are declared and which checks
+itself; components receive their section. Unknown keys, wrong types and bad values are refused with one sentence
+naming the key; a key that moved to its own section is refused naming where it is now. The config a run trains
+with (its objective and document mask settled from the data) is written to the run directory as `config.yaml`,
+so a run can always be reproduced from its own directory.
 """
 
 from __future__ import annotations
@@ -18,34 +21,36 @@ import yaml
 
 from dist_clm.errors import UserError
 
+Check = tuple[bool, str, str]  # (holds, the key within its section, what is wrong when it does not)
+
 
 class ConfigError(UserError):
     """A config file or override that cannot be turned into a valid `Config`."""
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
     dir: str = "runs/quickstart"  # everything a run writes: config.yaml, checkpoints/, tensorboard/, metrics.jsonl
     tensorboard: bool = True  # write TensorBoard event files under <dir>/tensorboard on rank 0
     progress_bar: bool = True  # a tqdm bar on rank 0
     overwrite: bool = False  # when `dir` holds checkpoints of another training (other settings or data, or
-    # train.resume=false): delete them, with the metrics and TensorBoard files, and start afresh (default: refuse)
+    # checkpoint.resume=false): delete them, with the metrics and TensorBoard files, and start afresh (default: refuse)
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class MixSource:
     path: str  # a directory written by `dist-clm prepare`
     weight: float = 1.0  # share of training blocks, relative to the other sources (0 = validation only)
     name: str = ""  # how its metrics are named (default: the directory's name)
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class StageConfig:
     until: int = 0  # the stage's last step (the last stage lasts to the end of training: 0 there, or any step)
     weights: dict[str, float]  # data.mix source name -> its weight in this stage (a source not named: 0)
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class DataConfig:
     path: str = ""  # a directory written by `dist-clm prepare` (holds manifest.json, train/, val/, tokenizer/)
     mix: list[MixSource] = field(default_factory=list)  # instead of `path`: several prepared directories,
@@ -69,8 +74,23 @@ class DataConfig:
     cache_limit: str | int = 0  # the most bytes of shards that cache holds, e.g. 20GB or 512MiB; least recently read
     # shards are removed to stay under it (a number is bytes; 0 = no limit)
 
+    def checks(self) -> list[Check]:
+        return [
+            (self.block_size >= 2, "block_size", f"must be at least 2, got {self.block_size}"),
+            (self.num_workers >= 0, "num_workers", f"must be 0 or more, got {self.num_workers}"),
+            (self.shuffle_window >= 0, "shuffle_window", f"must be 0 or more tokens, got {self.shuffle_window}"),
+            (self.prefetch_steps >= 0, "prefetch_steps", f"must be 0 or more, got {self.prefetch_steps}"),
+            (not (self.path and self.mix), "mix", "cannot be used together with data.path; give one of them"),
+            (all(m.weight >= 0 for m in self.mix), "mix", "weights must be 0 or more"),
+            (not self.mix or any(m.weight > 0 for m in self.mix), "mix",
+             "needs at least one source with a positive weight"),
+            (len({m.name or Path(m.path).name for m in self.mix}) == len(self.mix), "mix",
+             "has two sources with the same name; give each a distinct 'name'"),
+            *_stage_checks(self),
+        ]  # fmt: skip
 
-@dataclass(kw_only=True)
+
+@dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     preset: str = "tiny"  # a name from dist_clm.model.PRESETS; ignored when `pretrained` is set
     pretrained: str = ""  # a local Hugging Face model directory to continue pretraining from
@@ -82,15 +102,49 @@ class ModelConfig:
     # sdpa; sdpa otherwise and on CPU (FlexAttention has no backward pass there)
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
+    """The loop: how long, how much per step, in which number format, how often it evaluates and logs."""
+
     max_steps: int = 300  # optimizer steps
     micro_batch_size: int = 8  # blocks per rank per forward/backward
     grad_accum: int = 1  # micro batches per optimizer step
     global_batch_size: int = 0  # blocks per optimizer step over all ranks; when set, grad_accum is derived from
     # it and the world size, so a resume on another number of ranks keeps the same batch (0 = off)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPUs with bf16 tensor cores (A100,
+    # H100 and later), fp16 with dynamic loss scaling on older GPUs with fp16 ones (V100, T4: their bf16 is emulated,
+    # several times slower), fp32 on the CPU (bf16 also runs there, ~10x slower than fp32 without bf16 instructions)
+    tf32: bool = True  # on GPUs, fp32 matrix products (fp32 runs; the fp32 parts of bf16 runs) use TF32 tensor cores
+    # (PyTorch's default for convolutions, not for matmuls); false: full fp32 everywhere
+    activation_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
+    compile: bool | Literal["auto"] = "auto"  # torch.compile the model through DeepSpeed (engine.compile); auto:
+    # on GPUs (where it pays; the time the first step took, compilation included, is reported), not on the CPU
+    loss_head: Literal["auto", "fused", "plain"] = "auto"  # fused: the output projection and cross-entropy a chunk
+    # of tokens at a time, never the whole B x L x vocabulary logits (dist_clm/loss_head.py); auto: fused for the
+    # model types whose logits are a plain projection (GPT-2, Llama, Mistral, Qwen2), else plain
+    seed: int = 1234  # model init, data order, sampling
+    log_every: int = 10  # steps between TensorBoard/console scalars
+    eval_every: int = 100  # steps between validation perplexity runs (0 = only before and after)
+    eval_blocks: int = 32  # validation blocks per evaluation (0 = the whole validation split)
+
+    def checks(self) -> list[Check]:
+        return [
+            (self.max_steps >= 1, "max_steps", f"must be at least 1, got {self.max_steps}"),
+            (self.micro_batch_size >= 1, "micro_batch_size", f"must be at least 1, got {self.micro_batch_size}"),
+            (self.grad_accum >= 1, "grad_accum", f"must be at least 1, got {self.grad_accum}"),
+            (self.global_batch_size >= 0, "global_batch_size", f"must be 0 or more, got {self.global_batch_size}"),
+            (self.log_every >= 1, "log_every", f"must be at least 1, got {self.log_every}"),
+            (self.eval_every >= 0, "eval_every", f"must be 0 or more, got {self.eval_every}"),
+            (self.eval_blocks >= 0, "eval_blocks", f"must be 0 or more, got {self.eval_blocks}"),
+        ]
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """AdamW and its learning-rate schedule (dist_clm/engine.py turns them into DeepSpeed's)."""
+
     lr: float = 2e-3  # peak learning rate, reached after warmup
-    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio at max_steps
+    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio at train.max_steps
     warmup_steps: int = 30  # linear warmup from 0
     schedule: Literal["cosine", "linear", "wsd"] = "cosine"  # after warmup: cosine or linear decay, or WSD
     # (warmup-stable-decay: constant lr, then a linear decay over the last decay_fraction of the steps)
@@ -100,37 +154,58 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
-    zero_stage: int = 2  # DeepSpeed ZeRO stage, 0-3
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPUs with bf16 tensor cores (A100,
-    # H100 and later), fp16 with dynamic loss scaling on older GPUs with fp16 ones (V100, T4: their bf16 is emulated,
-    # several times slower), fp32 on the CPU (bf16 also runs there, ~10x slower than fp32 without bf16 instructions)
-    tf32: bool = True  # on GPUs, fp32 matrix products (fp32 runs; the fp32 parts of bf16 runs) use TF32 tensor cores
-    # (PyTorch's default for convolutions, not for matmuls); false: full fp32 everywhere
-    offload_optimizer: bool = False  # ZeRO 1-3: optimizer state and step on the CPU (DeepSpeed's CPU Adam)
-    offload_params: bool = False  # ZeRO 3: parameters on the CPU between uses
-    activation_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
-    objective: Literal["auto", "clm", "sft", "dpo", "orpo"] = "auto"  # clm: next-token loss on every token, the
-    # mean of each micro batch; sft: on the learned tokens of fine-tuning data only (its loss mask), averaged over
-    # the learned tokens of the whole step (all ranks and micro batches); dpo / orpo: preference pairs (prepare
+
+    def checks(self) -> list[Check]:
+        return [
+            (self.lr > 0, "lr", f"must be positive, got {self.lr}"),
+            (0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be between 0 and 1, got {self.min_lr_ratio}"),
+            (self.warmup_steps >= 0, "warmup_steps", f"must be 0 or more, got {self.warmup_steps}"),
+            (0 < self.decay_fraction <= 1, "decay_fraction", f"must be in (0, 1], got {self.decay_fraction}"),
+            (self.grad_clip >= 0, "grad_clip", f"must be 0 (off) or positive, got {self.grad_clip}"),
+        ]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ObjectiveConfig:
+    """What the run minimizes (dist_clm/objectives.py)."""
+
+    kind: Literal["auto", "clm", "sft", "dpo", "orpo"] = "auto"  # clm: next-token loss on every token, the mean of
+    # each micro batch; sft: on the learned tokens of fine-tuning data only (its loss mask), averaged over the
+    # learned tokens of the whole step (all ranks and micro batches); dpo / orpo: preference pairs (prepare
     # --format preference; dpo needs the reference values of prepare-reference), averaged over the step's pairs;
-    # auto: sft for fine-tuning data, dpo for preference data, clm otherwise
+    # auto: sft for fine-tuning data, dpo for preference data, clm otherwise (settled before training starts)
     dpo_beta: float = 0.1  # DPO's beta: the strength of the pull towards the reference model
     orpo_lambda: float = 0.1  # ORPO's weight of the odds-ratio term beside the chosen answers' NLL
-    compile: bool | Literal["auto"] = "auto"  # torch.compile the model through DeepSpeed (engine.compile); auto:
-    # on GPUs (where it pays; the time the first step took, compilation included, is reported), not on the CPU
-    loss_head: Literal["auto", "fused", "plain"] = "auto"  # fused: the output projection and cross-entropy a chunk
-    # of tokens at a time, never the whole B x L x vocabulary logits (dist_clm/loss_head.py); auto: fused for the
-    # model types whose logits are a plain projection (GPT-2, Llama, Mistral, Qwen2), else plain
-    deepspeed_config: str = ""  # a DeepSpeed JSON merged over the generated one (see dist_clm/engine.py)
-    seed: int = 1234  # model init, data order, sampling
-    log_every: int = 10  # steps between TensorBoard/console scalars
-    eval_every: int = 100  # steps between validation perplexity runs (0 = only before and after)
-    eval_blocks: int = 32  # validation blocks per evaluation (0 = the whole validation split)
+
+    def checks(self) -> list[Check]:
+        return [
+            (self.dpo_beta > 0, "dpo_beta", f"must be positive, got {self.dpo_beta}"),
+            (self.orpo_lambda >= 0, "orpo_lambda", f"must be 0 or more, got {self.orpo_lambda}"),
+        ]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    """When checkpoints are written, how many are kept, and whether a run continues from them."""
+
     save_every: int = 100  # steps between checkpoints (0 = only at the end)
     keep_last: int = 2  # complete checkpoints to keep
     async_save: bool = True  # the step loop waits only for a host copy of the checkpoint; a background thread
     # writes it, and it counts as complete (complete.json) at the first step boundary after every rank's files
     # are durable. Costs host memory for one copy of each rank's share while it is written
+    resume: bool = True  # resume automatically from the latest complete checkpoint in run.dir
+
+    def checks(self) -> list[Check]:
+        return [
+            (self.save_every >= 0, "save_every", f"must be 0 or more, got {self.save_every}"),
+            (self.keep_last >= 1, "keep_last", f"must be at least 1, got {self.keep_last}"),
+        ]
+
+
+@dataclass(frozen=True, kw_only=True)
+class StabilityConfig:
+    """What counts as a bad step and what happens then (dist_clm/stability.py)."""
+
     max_bad_steps: int = 3  # steps in a row with a non-finite loss or gradient norm (each one skipped, never
     # applied) before rolling back to the last checkpoint past the data that led there (0 = never roll back)
     spike_factor: float = 2.0  # clm and sft: a step loss above this x the mean of the last spike_window good steps
@@ -138,89 +213,89 @@ class TrainConfig:
     # whose losses are noisy by nature, use the median of those steps + 10 robust spreads instead (0 = off for all)
     spike_window: int = 50  # good steps in the running mean that spikes are measured against
     max_rollbacks: int = 5  # rollbacks in one process before giving up with an error
-    resume: bool = True  # resume automatically from the latest complete checkpoint in run.dir
+    fault_injection: str = ""  # drills and tests only: "STEP:KIND[@RANK],..." multiplies step STEP's loss
+    # (KIND nan, inf or xF; or sleepS, a pause of S seconds; see dist_clm/stability.py); announced in the log and
+    # as faults/injected in TensorBoard
+
+    def checks(self) -> list[Check]:
+        return [
+            (self.max_bad_steps >= 0, "max_bad_steps", f"must be 0 or more, got {self.max_bad_steps}"),
+            (
+                self.spike_factor == 0 or self.spike_factor > 1,
+                "spike_factor",
+                f"must be 0 (off) or more than 1, got {self.spike_factor}",
+            ),
+            (self.spike_window >= 1, "spike_window", f"must be at least 1, got {self.spike_window}"),
+            (self.max_rollbacks >= 0, "max_rollbacks", f"must be 0 or more, got {self.max_rollbacks}"),
+        ]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistributedConfig:
+    """How the ranks share the model and wait for each other (DeepSpeed's ZeRO, offload, collectives)."""
+
+    zero_stage: int = 2  # DeepSpeed ZeRO stage, 0-3
+    offload_optimizer: bool = False  # ZeRO 1-3: optimizer state and step on the CPU (DeepSpeed's CPU Adam)
+    offload_params: bool = False  # ZeRO 3: parameters on the CPU between uses
+    deepspeed_config: str = ""  # a DeepSpeed JSON merged over the generated one (see dist_clm/engine.py)
     collective_timeout_s: float = 300.0  # from the second step on, a collective that waits longer ends the run:
     # a rank died or stalled; every rank stops, naming it, with exit 75 (rerun / requeue resumes). Set-up,
     # checkpoint saves and loads may wait 30 min
-    fault_injection: str = ""  # drills and tests only: "STEP:KIND[@RANK],..." multiplies step STEP's loss
-    # (KIND nan, inf or xF; see dist_clm/stability.py); announced in the log and as faults/injected in TensorBoard
+
+    def checks(self) -> list[Check]:
+        return [
+            (self.zero_stage in (0, 1, 2, 3), "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}"),
+            (
+                not self.offload_params or self.zero_stage == 3,
+                "offload_params",
+                "needs distributed.zero_stage=3 (only ZeRO-3 partitions parameters)",
+            ),
+            (
+                not self.offload_optimizer or self.zero_stage >= 1,
+                "offload_optimizer",
+                "needs distributed.zero_stage 1, 2 or 3",
+            ),
+            (
+                self.collective_timeout_s > 0,
+                "collective_timeout_s",
+                f"must be above 0, got {self.collective_timeout_s}",
+            ),
+        ]
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class Config:
+    """The whole run's settings, one section per owner; frozen once built (setup.settle derives the one config
+    a run trains with, its objective and document mask settled from the data)."""
+
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def validate(self) -> Config:
-        """Cross-field and range checks; each failure names the key and what to do."""
-        t, d = self.train, self.data
-        checks = [
-            (t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"must be 0, 1, 2 or 3, got {t.zero_stage}"),
-            (d.block_size >= 2, "data.block_size", f"must be at least 2, got {d.block_size}"),
-            (d.num_workers >= 0, "data.num_workers", f"must be 0 or more, got {d.num_workers}"),
-            (d.shuffle_window >= 0, "data.shuffle_window", f"must be 0 or more tokens, got {d.shuffle_window}"),
-            (d.prefetch_steps >= 0, "data.prefetch_steps", f"must be 0 or more, got {d.prefetch_steps}"),
-            (not (d.path and d.mix), "data.mix", "cannot be used together with data.path; give one of them"),
-            (all(m.weight >= 0 for m in d.mix), "data.mix", "weights must be 0 or more"),
-            (
-                not d.mix or any(m.weight > 0 for m in d.mix),
-                "data.mix",
-                "needs at least one source with a positive weight",
-            ),
-            (
-                len({m.name or Path(m.path).name for m in d.mix}) == len(d.mix),
-                "data.mix",
-                "has two sources with the same name; give each a distinct 'name'",
-            ),
-            *_stage_checks(d),
-            (t.global_batch_size >= 0, "train.global_batch_size", f"must be 0 or more, got {t.global_batch_size}"),
-            (0 < t.decay_fraction <= 1, "train.decay_fraction", f"must be in (0, 1], got {t.decay_fraction}"),
-            (
-                not t.offload_params or t.zero_stage == 3,
-                "train.offload_params",
-                "needs train.zero_stage=3 (only ZeRO-3 partitions parameters)",
-            ),
-            (
-                not t.offload_optimizer or t.zero_stage >= 1,
-                "train.offload_optimizer",
-                "needs train.zero_stage 1, 2 or 3",
-            ),
-            (t.max_steps >= 1, "train.max_steps", f"must be at least 1, got {t.max_steps}"),
-            (t.micro_batch_size >= 1, "train.micro_batch_size", f"must be at least 1, got {t.micro_batch_size}"),
-            (t.grad_accum >= 1, "train.grad_accum", f"must be at least 1, got {t.grad_accum}"),
-            (t.lr > 0, "train.lr", f"must be positive, got {t.lr}"),
-            (0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be between 0 and 1, got {t.min_lr_ratio}"),
-            (
-                0 <= t.warmup_steps < t.max_steps,
-                "train.warmup_steps",
-                f"must be at least 0 and below train.max_steps ({t.max_steps}), got {t.warmup_steps}",
-            ),
-            (t.grad_clip >= 0, "train.grad_clip", f"must be 0 (off) or positive, got {t.grad_clip}"),
-            (t.log_every >= 1, "train.log_every", f"must be at least 1, got {t.log_every}"),
-            (t.eval_every >= 0, "train.eval_every", f"must be 0 or more, got {t.eval_every}"),
-            (t.eval_blocks >= 0, "train.eval_blocks", f"must be 0 or more, got {t.eval_blocks}"),
-            (t.save_every >= 0, "train.save_every", f"must be 0 or more, got {t.save_every}"),
-            (t.keep_last >= 1, "train.keep_last", f"must be at least 1, got {t.keep_last}"),
-            (t.max_bad_steps >= 0, "train.max_bad_steps", f"must be 0 or more, got {t.max_bad_steps}"),
-            (
-                t.spike_factor == 0 or t.spike_factor > 1,
-                "train.spike_factor",
-                f"must be 0 (off) or more than 1, got {t.spike_factor}",
-            ),
-            (t.spike_window >= 1, "train.spike_window", f"must be at least 1, got {t.spike_window}"),
-            (t.max_rollbacks >= 0, "train.max_rollbacks", f"must be 0 or more, got {t.max_rollbacks}"),
-            (
-                t.collective_timeout_s > 0,
-                "train.collective_timeout_s",
-                f"must be above 0, got {t.collective_timeout_s}",
-            ),
-        ]
-        for ok, key, problem in checks:
-            if not ok:
-                raise ConfigError(f"config key '{key}' {problem}.")
+        """Each section's checks, then the few that span two; each failure names the key and what to do."""
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            for ok, key, problem in getattr(section, "checks", list)():
+                if not ok:
+                    raise ConfigError(f"config key '{f.name}.{key}' {problem}.")
+        o, t = self.optim, self.train
+        if o.warmup_steps >= t.max_steps:
+            raise ConfigError(
+                f"config key 'optim.warmup_steps' must be below train.max_steps ({t.max_steps}), got {o.warmup_steps}."
+            )
         return self
+
+    def replace(self, **sections: dict[str, Any]) -> Config:
+        """A new config with some fields of some sections changed, e.g. replace(data={"document_mask": True})."""
+        changed = {name: dataclasses.replace(getattr(self, name), **fields) for name, fields in sections.items()}
+        return dataclasses.replace(self, **changed)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -229,14 +304,27 @@ class Config:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+# the keys a section of its own now holds, refused where they stood before with the new key named
+MOVED = {
+    **{f"train.{k}": f"optim.{k}" for k in (f.name for f in dataclasses.fields(OptimConfig))},
+    **{f"train.{k}": f"checkpoint.{k}" for k in (f.name for f in dataclasses.fields(CheckpointConfig))},
+    **{f"train.{k}": f"stability.{k}" for k in (f.name for f in dataclasses.fields(StabilityConfig))},
+    **{f"train.{k}": f"distributed.{k}" for k in (f.name for f in dataclasses.fields(DistributedConfig))},
+    "train.objective": "objective.kind",
+    "train.dpo_beta": "objective.dpo_beta",
+    "train.orpo_lambda": "objective.orpo_lambda",
+}
+
+
 # the settings whose change makes a resumed run another training: its math (the model, the data's shape, the
 # optimizer, the schedule's shape, the precision, the seed); the data and the batch are the data part's to check
 MATH_KEYS = (
     "model.preset", "model.pretrained", "model.overrides",
     "data.block_size", "data.document_mask", "data.shuffle",
-    "train.seed", "train.lr", "train.min_lr_ratio", "train.warmup_steps", "train.schedule", "train.decay_fraction",
-    "train.weight_decay", "train.beta1", "train.beta2", "train.eps", "train.grad_clip", "train.precision",
-    "train.objective",
+    "train.seed", "train.precision",
+    "optim.lr", "optim.min_lr_ratio", "optim.warmup_steps", "optim.schedule", "optim.decay_fraction",
+    "optim.weight_decay", "optim.beta1", "optim.beta2", "optim.eps", "optim.grad_clip",
+    "objective.kind", "objective.dpo_beta", "objective.orpo_lambda",
 )  # fmt: skip
 
 
@@ -273,7 +361,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def _stage_checks(d: DataConfig) -> list[tuple[bool, str, str]]:
+def _stage_checks(d: DataConfig) -> list[Check]:
     """data.stages: over data.mix's training sources, each stage with a positive weight, in step order."""
     if not d.stages:
         return []
@@ -282,24 +370,24 @@ def _stage_checks(d: DataConfig) -> list[tuple[bool, str, str]]:
     named = {n for s in d.stages for n in s.weights}
     last = d.stages[-1].until
     return [
-        (bool(d.mix), "data.stages", "weighs the sources of data.mix; list the prepared directories there"),
+        (bool(d.mix), "stages", "weighs the sources of data.mix; list the prepared directories there"),
         (
             named <= trained,
-            "data.stages",
+            "stages",
             f"names {', '.join(sorted(named - trained))}, not a data.mix source with a weight above 0 "
             f"(those are: {', '.join(sorted(trained))})",
         ),
-        (all(w >= 0 for s in d.stages for w in s.weights.values()), "data.stages", "weights must be 0 or more"),
+        (all(w >= 0 for s in d.stages for w in s.weights.values()), "stages", "weights must be 0 or more"),
         (
             all(any(w > 0 for w in s.weights.values()) for s in d.stages),
-            "data.stages",
+            "stages",
             "has a stage without a positive weight; give each stage at least one",
         ),
         (
             all(u >= 1 for u in untils)
             and untils == sorted(set(untils))
             and (last == 0 or not untils or last > untils[-1]),
-            "data.stages",
+            "stages",
             f"'until' steps must rise from stage to stage (got {[s.until for s in d.stages]}; the last may be 0)",
         ),
     ]
@@ -370,6 +458,12 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
+        if full in MOVED:
+            new = MOVED[full]
+            raise ConfigError(
+                f"config key '{full}' is now '{new}' (section {new.split('.')[0]}); write {new}=... on the command "
+                f"line, or `{new.split('.')[1]}:` under `{new.split('.')[0]}:` in a YAML file."
+            )
         if key not in names:
             raise ConfigError(f"config key '{full}' is unknown; valid keys here are: {', '.join(names)}.")
         tp = hints[key]
@@ -395,10 +489,10 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """`train.lr=3e-4` -> ("train.lr", "3e-4" as YAML reads it)."""
+    """`optim.lr=3e-4` -> ("optim.lr", "3e-4" as YAML reads it)."""
     key, sep, raw = text.partition("=")
     if not sep or not key or any(not p for p in key.split(".")):
-        raise ConfigError(f"override '{text}' is not of the form section.key=value (e.g. train.lr=3e-4).")
+        raise ConfigError(f"override '{text}' is not of the form section.key=value (e.g. optim.lr=3e-4).")
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
@@ -423,7 +517,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file '{p}' is not valid YAML{where}; fix its syntax.") from None
         if loaded is not None:
             if not isinstance(loaded, dict):
-                raise ConfigError(f"config file '{p}' must hold a mapping of sections (run, data, model, train).")
+                sections = ", ".join(f.name for f in dataclasses.fields(Config))
+                raise ConfigError(f"config file '{p}' must hold a mapping of sections ({sections}).")
             tree = loaded
     for text in overrides:
         key, value = parse_override(text)

@@ -14,7 +14,7 @@ RUN/ranks.json.
 
 Timeouts: set-up, checkpoint saves and loads wait up to SETUP_TIMEOUT_S in a collective (a universal
 checkpoint conversion or a large save can take minutes on one rank); training collectives wait
-`train.collective_timeout_s` from the second step on (`set_collective_timeout`). A rank that dies makes its
+`distributed.collective_timeout_s` from the second step on (`set_collective_timeout`). A rank that dies makes its
 peers' next collective fail at once; one that stalls makes it time out; either way every surviving rank ends
 (see train.py) instead of waiting forever. Each rank keeps a counter moving in the process group's store
 (`Heartbeat`), so the survivors can name the rank that stopped.
@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from dist_clm import console
 from dist_clm.errors import UserError
 
 SETUP_TIMEOUT_S = 1800.0  # collectives of set-up, resume and checkpointing (torch's gloo default)
@@ -88,7 +89,7 @@ def init() -> DistEnv:
     if not torch.distributed.is_initialized():
         shm = None if on_gpu else _deepspeed_cpu_shm_segment()
         if shm is not None and shm.exists():  # our own name, so left by a killed run on this address and port
-            print(f"removing stale shared memory '{shm}' left by a killed run", file=sys.stderr)
+            console.warning(f"removing stale shared memory '{shm}' left by a killed run")
             shm.unlink(missing_ok=True)
         deepspeed.init_distributed(
             dist_backend="nccl" if on_gpu else "gloo", verbose=False, timeout=timedelta(seconds=SETUP_TIMEOUT_S)
@@ -99,13 +100,15 @@ def init() -> DistEnv:
         if shm is not None and shm.exists():
             torch.distributed.barrier()  # every local rank has mapped every segment: the names can go now
             shm.unlink(missing_ok=True)  # the memory lives on until the last process exits, even on kill -9
-    return DistEnv(
+    env = DistEnv(
         rank=torch.distributed.get_rank(),
         local_rank=local_rank,
         world_size=torch.distributed.get_world_size(),
         device=f"cuda:{gpu}" if on_gpu else "cpu",
         node=node_name(),
     )
+    console.bind(env.rank, env.world_size, env.node)
+    return env
 
 
 def bind_gpu(local_rank: int) -> int:
@@ -163,8 +166,8 @@ def nccl_errors_raise() -> None:
     the process group exists, whatever the launcher set (the old value is said)."""
     old = os.environ.get(NCCL_ERROR_HANDLING)
     if old not in (None, "2") and os.environ.get("RANK", "0") == "0":
-        print(f"{NCCL_ERROR_HANDLING}={old} becomes 2: a collective timeout ends the run with a sentence naming the "
-              "rank that stopped and exit 75, not with SIGABRT", file=sys.stderr)  # fmt: skip
+        console.warning(f"{NCCL_ERROR_HANDLING}={old} becomes 2: a collective timeout ends the run with a sentence "
+                        "naming the rank that stopped and exit 75, not with SIGABRT")  # fmt: skip
     os.environ[NCCL_ERROR_HANDLING] = "2"
 
 
@@ -301,7 +304,6 @@ def shutdown() -> None:
     store's C++ threads can abort the process ("terminate called without an active exception"), which turns
     any exit code, 0, 2 or 75, into SIGABRT."""
     import contextlib
-    import sys
 
     if _keep_at_exit or "torch.distributed" not in sys.modules:  # (nothing to do without torch)
         return

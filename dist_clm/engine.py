@@ -1,8 +1,9 @@
 """What the run's settings mean for DeepSpeed: its config, the learning-rate schedule, the parameter groups.
 
-Precedence of the DeepSpeed config, lowest first: what dist_clm generates from `train.*` -> the user's JSON
-file (`train.deepspeed_config`), merged key by key -> the batch keys, which only `train.*` may set (the loader
-must agree with them; a file that sets them differently is refused). Model parallelism (tensor or sequence
+Precedence of the DeepSpeed config, lowest first: what dist_clm generates from the `train`, `optim` and
+`distributed` sections -> the user's JSON file (`distributed.deepspeed_config`), merged key by key -> the batch
+keys, which only `train.*` may set (the loader must agree with them; a file that sets them differently is
+refused). Model parallelism (tensor or sequence
 parallel sizes above 1) is refused too: the loader feeds every rank its own data. The result is written to
 RUN/ds_config.json.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from dist_clm.config import Config, TrainConfig
+from dist_clm.config import DistributedConfig, OptimConfig, TrainConfig
 from dist_clm.errors import UserError
 
 BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
@@ -67,45 +68,49 @@ def resolve_grad_accum(t: TrainConfig, world: int) -> int:
     return t.global_batch_size // per_pass
 
 
-def deepspeed_config(cfg: Config, on_gpu: bool, grad_accum: int | None = None) -> dict:
-    """The DeepSpeed config this run's settings mean (the user's JSON merged in); DeepSpeed owns the optimizer."""
-    t = cfg.train
+def deepspeed_config(
+    t: TrainConfig, o: OptimConfig, d: DistributedConfig, on_gpu: bool, grad_accum: int | None = None
+) -> dict:
+    """The DeepSpeed config the loop's, optimizer's and distributed settings mean (the user's JSON merged in);
+    DeepSpeed owns the optimizer."""
     precision = resolve_precision(t.precision, on_gpu)
-    zero: dict = {"stage": t.zero_stage}
-    if t.offload_optimizer:
+    zero: dict = {"stage": d.zero_stage}
+    if d.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
-    if t.offload_params:
+    if d.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
     generated = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": grad_accum or t.grad_accum,
-        "gradient_clipping": t.grad_clip,
+        "gradient_clipping": o.grad_clip,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},  # 0: dynamic
         "zero_optimization": zero,
         "optimizer": {
             "type": "AdamW",
             "params": {
-                "lr": t.lr,
-                "betas": [t.beta1, t.beta2],
-                "eps": t.eps,
-                "weight_decay": t.weight_decay,
+                "lr": o.lr,
+                "betas": [o.beta1, o.beta2],
+                "eps": o.eps,
+                "weight_decay": o.weight_decay,
                 # torch's AdamW; fused (one kernel for all parameters) on GPU, where it needs no compilation
                 "torch_adam": True,
-                **({"fused": True} if on_gpu and not t.offload_optimizer else {}),
+                **({"fused": True} if on_gpu and not d.offload_optimizer else {}),
             },
         },
         "steps_per_print": 1 << 40,  # we log ourselves
     }
-    if not t.deepspeed_config:
+    if not d.deepspeed_config:
         return generated
-    path = Path(t.deepspeed_config)
+    path = Path(d.deepspeed_config)
     try:
         user = json.loads(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"config key 'train.deepspeed_config' names '{path}', which does not exist.") from None
+        raise UserError(f"config key 'distributed.deepspeed_config' names '{path}', which does not exist.") from None
     except json.JSONDecodeError as e:
-        raise UserError(f"'{path}' (train.deepspeed_config) is not valid JSON: {e.msg} at line {e.lineno}.") from None
+        raise UserError(
+            f"'{path}' (distributed.deepspeed_config) is not valid JSON: {e.msg} at line {e.lineno}."
+        ) from None
     for key in BATCH_KEYS:
         if key in user and user[key] != generated.get(key, user[key]):
             raise UserError(
@@ -120,7 +125,7 @@ def deepspeed_config(cfg: Config, on_gpu: bool, grad_accum: int | None = None) -
                 f"reads its own share of each batch, while {what} needs ranks that see the same one; remove it."
             )
     if "scheduler" in user:
-        raise UserError(f"'{path}' sets a scheduler; choose it with train.schedule instead (cosine, linear, wsd).")
+        raise UserError(f"'{path}' sets a scheduler; choose it with optim.schedule instead (cosine, linear, wsd).")
     return _merge(generated, user)
 
 
@@ -139,32 +144,32 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def lr_factor(step: int, t: TrainConfig) -> float:
-    """The learning rate of update `step` (0-based) as a fraction of train.lr.
+def lr_factor(step: int, o: OptimConfig, max_steps: int) -> float:
+    """The learning rate of update `step` (0-based) of `max_steps` as a fraction of optim.lr.
 
-    Linear warmup over train.warmup_steps, then one of: cosine to min_lr_ratio at max_steps; linear to it; or
+    Linear warmup over optim.warmup_steps, then one of: cosine to min_lr_ratio at max_steps; linear to it; or
     WSD: constant, then linear to min_lr_ratio over the last decay_fraction of the steps.
     """
-    if step < t.warmup_steps:
-        return (step + 1) / t.warmup_steps
-    floor = t.min_lr_ratio
-    if t.schedule == "wsd":
-        decay = max(1, round(t.decay_fraction * t.max_steps))
-        progress = min(1.0, max(0.0, (step - (t.max_steps - decay)) / decay))
+    if step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    floor = o.min_lr_ratio
+    if o.schedule == "wsd":
+        decay = max(1, round(o.decay_fraction * max_steps))
+        progress = min(1.0, max(0.0, (step - (max_steps - decay)) / decay))
         return 1.0 - (1.0 - floor) * progress
-    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
-    if t.schedule == "linear":
+    progress = min(1.0, (step - o.warmup_steps) / max(1, max_steps - o.warmup_steps))
+    if o.schedule == "linear":
         return 1.0 - (1.0 - floor) * progress
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def scheduler_factory(t: TrainConfig):
+def scheduler_factory(o: OptimConfig, max_steps: int):
     """For deepspeed.initialize(lr_scheduler=...): a LambdaLR over DeepSpeed's optimizer. One function for the
     three shapes, so min_lr_ratio means the same in each (DeepSpeed's WarmupDecayLR decays to 0 and has no WSD);
     DeepSpeed steps it once per optimizer step and saves it in every checkpoint."""
 
     def make(optimizer):
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, t))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, o, max_steps))
 
     return make
 

@@ -11,11 +11,11 @@ import errno
 import os
 import shutil
 import socket
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from dist_clm import console
 from dist_clm.errors import UserError
 
 
@@ -71,7 +71,7 @@ def _claim(partial: Path, out: Path, what: str) -> None:
             pid = None
         if pid is not None and pid != os.getpid() and _alive(pid):
             raise UserError(f"another {what} (pid {pid}) is writing '{out}'; wait for it or stop it first.")
-        print(f"found '{partial}' left by an interrupted {what}; removing it and starting over", file=sys.stderr)
+        console.warning(f"found '{partial}' left by an interrupted {what}; removing it and starting over")
         shutil.rmtree(partial, ignore_errors=True)
     raise UserError(f"another {what} keeps writing '{out}' at the same time; wait for it or stop it first.")
 

@@ -73,14 +73,6 @@ class Metrics:
             self.jsonl.close()
 
 
-def say(is_main: bool, text: str) -> None:
-    """Print on rank 0 only, without breaking a tqdm bar."""
-    if is_main:
-        from tqdm.auto import tqdm
-
-        tqdm.write(text)
-
-
 class LogWindow:
     """The steps since the last log line: their losses, time, data wait and blocks per source; `emit()` turns
     them into the logged training scalars and starts a new window."""

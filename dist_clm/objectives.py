@@ -1,4 +1,4 @@
-"""What a run minimizes: one object per train.objective, holding everything that differs between them, so that the
+"""What a run minimizes: one object per objective.kind, holding everything that differs between them, so that the
 step (step.py), the log window (metrics.py) and the loss guard (stability.py) never ask which objective runs.
 
     clm    NextToken      every token's next-token loss; a step's loss is the mean of its micro batches' means
@@ -64,8 +64,9 @@ class Objective:
     name = "clm"
     stats: tuple[str, ...] = ()  # the names of the statistics `loss` returns, summed over micro batches
 
-    def __init__(self, t):
-        self.t = t  # the run's TrainConfig
+    def __init__(self, settings, spike_factor: float):
+        self.settings = settings  # the run's config.ObjectiveConfig
+        self.spike_factor = spike_factor  # stability.spike_factor (0: spikes are not looked for)
 
     def weighting(self, run, micro_batches: list[dict]) -> dict:
         return {}
@@ -86,7 +87,7 @@ class Objective:
         return {}
 
     def spike_rule(self):
-        return MeanRise(self.t.spike_factor)
+        return MeanRise(self.spike_factor)
 
 
 class LearnedTokens(Objective):
@@ -150,10 +151,10 @@ class Preference(Objective):
         return {"train/rewards_chosen": chosen / n, "train/rewards_rejected": rejected / n,
                 "train/reward_accuracy": right / n, "train/reward_margin": (chosen - rejected) / n}  # fmt: skip
 
-    SPREADS = 10.0  # robust spreads above the median that make a spike (train.spike_factor 0: off)
+    SPREADS = 10.0  # robust spreads above the median that make a spike (stability.spike_factor 0: off)
 
     def spike_rule(self):
-        return SpreadRise(self.SPREADS if self.t.spike_factor > 0 else 0.0)
+        return SpreadRise(self.SPREADS if self.spike_factor > 0 else 0.0)
 
 
 class DPO(Preference):
@@ -162,22 +163,22 @@ class DPO(Preference):
     def pair_losses(self, conv, reference):
         # (a blank batch standing in for damaged data has no reference values; its step is never applied)
         values = conv.logps.detach() if reference is None else reference.to(conv.logps.dtype)
-        return preference.dpo(conv, values, self.t.dpo_beta)
+        return preference.dpo(conv, values, self.settings.dpo_beta)
 
 
 class ORPO(Preference):
     name = "orpo"
 
     def pair_losses(self, conv, reference):
-        return preference.orpo(conv, self.t.orpo_lambda)
+        return preference.orpo(conv, self.settings.orpo_lambda)
 
 
 OBJECTIVES = {o.name: o for o in (Objective, LearnedTokens, DPO, ORPO)}
 
 
-def for_run(t) -> Objective:
-    """The objective of a TrainConfig whose objective is settled (not auto)."""
-    return OBJECTIVES[t.objective](t)
+def for_run(settings, spike_factor: float) -> Objective:
+    """The objective an ObjectiveConfig settled from the data (not auto) names."""
+    return OBJECTIVES[settings.kind](settings, spike_factor)
 
 
 def per_step_mean(run, mine: int) -> dict:

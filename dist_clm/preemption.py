@@ -2,7 +2,7 @@
 boundary, a checkpoint is saved, and the process exits with PREEMPTED_EXIT.
 
 The signal handler only records the signal: no I/O and never a collective inside a handler (a rank could be
-in the middle of one). Once per step the ranks agree (stability.agree: one small all-reduce that also carries
+in the middle of one). Once per step the ranks agree (agreement.agree: one small all-reduce that also carries
 the loss checks), so a signal delivered to any one rank stops them all at the same step.
 
 Signals often reach the whole process group (SLURM's --signal, a terminal, `kill -TERM -- -PGID`), so:
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL ("try again later"): the run saved a checkpoint; rerunning continues it
@@ -54,6 +53,8 @@ def watch_launcher(stop: StopRequest, interval_s: float = 1.0) -> None:
     docstring). Elsewhere nothing is watched: a plain process or torchrun gets its signals directly."""
     import psutil
 
+    from dist_clm import console
+
     try:
         parent = psutil.Process(os.getppid())
         if not any("deepspeed.launcher.launch" in part for part in parent.cmdline()):
@@ -72,11 +73,7 @@ def watch_launcher(stop: StopRequest, interval_s: float = 1.0) -> None:
             except psutil.NoSuchProcess:  # the launcher itself is gone
                 break
             threading.Event().wait(interval_s)
-        print(
-            f"dist-clm: the deepspeed command (pid {runner}) ended; stopping at the next step with a checkpoint",
-            file=sys.stderr,
-            flush=True,
-        )
+        console.warning(f"the deepspeed command (pid {runner}) ended; stopping at the next step with a checkpoint")
         stop.received.add(int(signal.SIGTERM))
 
     threading.Thread(target=watch, name="dist-clm-launcher-watch", daemon=True).start()

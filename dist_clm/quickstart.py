@@ -9,6 +9,7 @@ import shutil
 import time
 from pathlib import Path
 
+from dist_clm import console
 from dist_clm.errors import UserError
 
 MARKER = ".dist_clm_quickstart"  # lets a rerun replace its own directory, and nothing else
@@ -19,12 +20,12 @@ TRAIN_SETTINGS = [
     "data.block_size=128",
     "train.max_steps=1000",
     "train.micro_batch_size=8",
-    "train.lr=3e-3",
-    "train.warmup_steps=50",
+    "optim.lr=3e-3",
+    "optim.warmup_steps=50",
     "train.eval_every=250",
     "train.eval_blocks=32",
-    "train.save_every=250",
-    "train.zero_stage=2",
+    "checkpoint.save_every=250",
+    "distributed.zero_stage=2",
 ]
 
 
@@ -50,27 +51,27 @@ def quickstart(directory: str | Path = "runs/quickstart", overrides: list[str] |
     start = time.time()
 
     def stage(name: str) -> None:
-        print(f"\n=== {name}  (t = {time.time() - start:.0f} s)", flush=True)
+        console.info(f"\n=== {name}  (t = {time.time() - start:.0f} s)")
 
     stage("1/6 tokenizer: byte-level BPE on the Python standard library")
     files = sources.default_corpus_files()
-    print(f"{len(files)} files, {sum(f.stat().st_size for f in files) / 1e6:.1f} MB")
+    console.info(f"{len(files)} files, {sum(f.stat().st_size for f in files) / 1e6:.1f} MB")
     train_bpe(sources.iter_documents(files), root / "tokenizer", vocab_size=4096)
 
     stage("2/6 prepare: token ids -> MDS shards")
     m = prepare(root / "tokenizer", root / "data", None, val_fraction=0.05, chunk_tokens=8192, progress=False)
     for split, s in m["splits"].items():
-        print(f"{split}: {s['documents']} documents, {s['tokens']} tokens, {s['chunks']} chunks")
+        console.info(f"{split}: {s['documents']} documents, {s['tokens']} tokens, {s['chunks']} chunks")
 
     stage("3/6 train: DeepSpeed ZeRO-2, one process")
     cfg = load_config(None, [f"data.path={root / 'data'}", f"run.dir={root / 'run'}", *TRAIN_SETTINGS, *overrides])
     result = train(cfg)
     b, a = result.val_before["perplexity"], result.val_after["perplexity"]
-    print(f"validation perplexity: {b:.2f} before training -> {a:.2f} after {result.step} steps")
+    console.info(f"validation perplexity: {b:.2f} before training -> {a:.2f} after {result.step} steps")
 
     stage("4/6 eval: perplexity of the last checkpoint on the whole validation split")
     ev = evaluate_cli(str(root / "run"))
-    print(
+    console.info(
         f"tokens evaluated: {ev['tokens']}  loss: {ev['loss']:.4f}  perplexity: {ev['perplexity']:.3f}  "
         f"bits per byte: {ev['bits_per_byte']:.4f}"
     )
@@ -78,16 +79,17 @@ def quickstart(directory: str | Path = "runs/quickstart", overrides: list[str] |
     stage("5/6 generate: temperature 0.8, top_p 0.95, top_k 50, seed 0")
     model, tok, _ = load_model(root / "run")
     prompt = "def __init__(self"
-    print(prompt + generate(model, tok, [prompt], Sampling(max_new_tokens=80, seed=0))[0][0])
+    console.info(prompt + generate(model, tok, [prompt], Sampling(max_new_tokens=80, seed=0))[0][0])
 
     stage("6/6 export: a Hugging Face directory")
     out = export(root / "run", root / "export")
     reloaded = AutoModelForCausalLM.from_pretrained(str(out))
-    print(
+    console.info(
         f"{out} loads with AutoModelForCausalLM ({reloaded.config.model_type}, "
         f"{sum(p.numel() for p in reloaded.parameters()):,} parameters)"
     )
-    print(f"\ndone in {time.time() - start:.0f} s; TensorBoard: tensorboard --logdir {root / 'run' / 'tensorboard'}")
+    board = root / "run" / "tensorboard"
+    console.info(f"\ndone in {time.time() - start:.0f} s; TensorBoard: tensorboard --logdir {board}")
     if a >= b:
         raise UserError(f"validation perplexity did not fall ({b:.2f} -> {a:.2f}); something is wrong with training.")
     return {"before": b, "after": a, "eval": ev}

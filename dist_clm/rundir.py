@@ -22,12 +22,13 @@ import socket
 import time
 from pathlib import Path
 
+import yaml
+
+from dist_clm import console
 from dist_clm.checkpoint import complete_checkpoints
-from dist_clm.config import Config
 from dist_clm.data.order import SKIPS
 from dist_clm.distributed import DistEnv, agree_on_error
 from dist_clm.errors import UserError
-from dist_clm.metrics import say
 
 LOCK = ".lock"
 # what a run leaves in a run directory; run.overwrite=true deletes these
@@ -94,7 +95,7 @@ def _lock(run_dir: Path) -> int:
 
 def clear(run_dir: Path, why: str) -> None:
     """run.overwrite=true: delete what an earlier run left in `run_dir` (rank 0) and start afresh."""
-    say(True, f"run.overwrite=true: deleting the earlier run in '{run_dir}' ({why}) and starting afresh")
+    console.info(f"run.overwrite=true: deleting the earlier run in '{run_dir}' ({why}) and starting afresh")
     for name in RUN_OUTPUTS:
         p = run_dir / name
         if p.is_dir():
@@ -103,13 +104,13 @@ def clear(run_dir: Path, why: str) -> None:
             p.unlink()
 
 
-def write_run_files(cfg: Config, tok, ds_config: dict, world: list[dict]) -> None:
-    """Rank 0, once the run is set up: config.yaml, the tokenizer (kept if it is the data's), ds_config.json,
-    ranks.json (every rank's node, local rank and pid)."""
+def write_run_files(run_dir: str | Path, config: dict, tok, ds_config: dict, world: list[dict]) -> None:
+    """Rank 0, once the run is set up: config.yaml (the settled config, as a dict), the tokenizer (kept if it
+    is the data's), ds_config.json, ranks.json (every rank's node, local rank and pid)."""
     from dist_clm.data.tokenizer import fingerprint, load_tokenizer
 
-    run_dir = Path(cfg.run.dir)
-    cfg.save(run_dir / "config.yaml")
+    run_dir = Path(run_dir)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     tok_dir = run_dir / "tokenizer"
     if (
         tok_dir.is_dir()

@@ -11,13 +11,13 @@ from typing import Any
 
 import torch
 
-from dist_clm import attention, loss_head, objectives, rundir
+from dist_clm import attention, console, loss_head, objectives, rundir
 from dist_clm.checkpoint import Checkpointer, RandomState, Stateful
 from dist_clm.config import Config, Settings
 from dist_clm.data.loader import TrainLoader
 from dist_clm.data.order import DataPosition, Source
-from dist_clm.data.provenance import check_sources, run_tokenizer, training_sources
 from dist_clm.data.reference_store import read_record
+from dist_clm.data.run_data import check_sources, run_tokenizer, training_sources
 from dist_clm.distributed import DistEnv, agree_on_error, barrier, describe
 from dist_clm.engine import (
     deepspeed_config,
@@ -28,7 +28,6 @@ from dist_clm.engine import (
     use_tf32,
 )
 from dist_clm.errors import Mismatch, UserError, agreed
-from dist_clm.metrics import say
 from dist_clm.model import count_params, flops_per_token, max_positions
 from dist_clm.rundir import RunOwner, claim, write_run_files
 from dist_clm.stability import LossGuard
@@ -66,7 +65,7 @@ class Run:
     n_params: int
     flops_per_token: float  # training FLOPs per token (forward + backward), for MFU
     owner: RunOwner  # rank 0's lock on the run directory, released by train() at the end
-    objective: objectives.Objective  # what the run minimizes (train.objective, settled from the data)
+    objective: objectives.Objective  # what the run minimizes (objective.kind, settled from the data)
     parts: dict[str, Stateful]  # what a checkpoint carries besides the engine and RandomState (make_parts)
     random: RandomState  # this rank's random generators (a part of its own: a file per rank)
     checkpointer: Checkpointer
@@ -105,7 +104,7 @@ class Run:
     @property
     def zero0_fp32(self) -> bool:
         """ZeRO-0 in fp32, the one setting where DeepSpeed has no overflow path to skip a bad update."""
-        return self.cfg.train.zero_stage == 0 and self.precision == "fp32"
+        return self.cfg.distributed.zero_stage == 0 and self.precision == "fp32"
 
     def blank_batch(self) -> dict[str, torch.Tensor]:
         """A micro batch of token 0 standing in for one that could not be read (it is never applied)."""
@@ -119,7 +118,7 @@ class Run:
     def loader(self) -> TrainLoader:
         """This rank's training batches, from where the data position stands."""
         return TrainLoader.from_config(
-            self.cfg, self.sources, self.position, rank=self.env.rank, world=self.env.world_size,
+            self.cfg.data, self.cfg.train, self.sources, self.position, rank=self.env.rank, world=self.env.world_size,
             grad_accum=self.grad_accum, pin_memory=self.env.device != "cpu",
         )  # fmt: skip
 
@@ -129,35 +128,35 @@ def setup(cfg: Config, env: DistEnv, world: list[dict]) -> Run:
     `world` is distributed.world_table's, written to RUN/ranks.json."""
     import deepspeed
 
-    t = cfg.train
     problem, parts = None, None
     try:
         parts = _checked(cfg, env)
     except UserError as e:
         problem = e
     agree_on_error(problem, env.device)  # a bad setting stops every rank alike, none waits for another
-    sources, tok, model, grad_accum, ds_config, precision = parts
+    cfg, sources, tok, model, grad_accum, ds_config, precision = parts  # (cfg: settled from the data)
+    t, ckpt = cfg.train, cfg.checkpoint
     n_params = count_params(model)
     flops = flops_per_token(model.config, n_params, cfg.data.block_size)
-    say(
-        env.is_main,
+    console.info(
         f"model: {model.config.model_type}, {n_params / 1e6:.2f} M parameters, {flops / 1e6:.1f} MFLOPs per "
-        f"token; {describe(world)} on {env.device}, {precision}, ZeRO-{t.zero_stage}, attention "
+        f"token; {describe(world)} on {env.device}, {precision}, ZeRO-{cfg.distributed.zero_stage}, attention "
         f"{model.config._attn_implementation}",
     )
     owner = claim(cfg.run.dir, env)  # the first write
-    objective = objectives.for_run(t)
+    objective = objectives.for_run(cfg.objective, cfg.stability.spike_factor)
     global_batch = env.world_size * t.micro_batch_size * grad_accum
-    checkpointer = Checkpointer(cfg.run.dir, t.keep_last, env, t.zero_stage, 16 * n_params, t.async_save)
+    checkpointer = Checkpointer(cfg.run.dir, ckpt.keep_last, env, cfg.distributed.zero_stage, 16 * n_params,
+                                ckpt.async_save)  # fmt: skip
     parts, resumed_from = resume(checkpointer, lambda: make_parts(cfg, env, sources, global_batch, objective), cfg,
                                  env)  # fmt: skip
     if env.is_main:
-        write_run_files(cfg, tok, ds_config, world)
+        write_run_files(cfg.run.dir, cfg.to_dict(), tok, ds_config, world)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
-        model_parameters=param_groups(model, t.weight_decay),
+        model_parameters=param_groups(model, cfg.optim.weight_decay),
         config=ds_config,
-        lr_scheduler=scheduler_factory(t),
+        lr_scheduler=scheduler_factory(cfg.optim, t.max_steps),
     )
     random = RandomState(env)
     if resumed_from is not None:
@@ -170,28 +169,30 @@ def setup(cfg: Config, env: DistEnv, world: list[dict]) -> Run:
 
 def make_parts(cfg: Config, env: DistEnv, sources: list[Source], global_batch: int, objective) -> dict[str, Stateful]:
     """The parts of a run that a checkpoint carries as JSON, at their start."""
-    t = cfg.train
+    st = cfg.stability
     return {
         "progress": Progress(),
         "settings": Settings(cfg),
-        "data": DataPosition.from_config(cfg, sources, global_batch, writes=env.is_main),
-        "guard": LossGuard(t.max_bad_steps, objective.spike_rule(), t.spike_window),
+        "data": DataPosition.from_config(cfg.data, cfg.run.dir, sources, global_batch, writes=env.is_main),
+        "guard": LossGuard(st.max_bad_steps, objective.spike_rule(), st.spike_window),
     }
 
 
 def resume(checkpointer: Checkpointer, make, cfg: Config, env: DistEnv) -> tuple[dict[str, Stateful], Path | None]:
     """Collective, before the run writes anything: its parts (`make()`), each continuing from the newest
     checkpoint it can be loaded from whole, or at their start when there is none (the checkpoint, or None). A part
-    that cannot continue refuses, naming what changed, and so does train.resume=false in a directory with
+    that cannot continue refuses, naming what changed, and so does checkpoint.resume=false in a directory with
     checkpoints; with run.overwrite=true the earlier run's outputs are deleted instead and the run starts afresh."""
     parts, run_dir = make(), Path(cfg.run.dir)
     tag_dir = checkpointer.choose()
     if tag_dir is None:
         return parts, None
     fresh = "choose a new run.dir, or set run.overwrite=true to delete its checkpoints and start afresh"
-    if not cfg.train.resume:
-        why = "train.resume=false"
-        refusal = f"train.resume=false but run directory '{run_dir}' holds checkpoints (the newest: {tag_dir.name}); "
+    if not cfg.checkpoint.resume:
+        why = "checkpoint.resume=false"
+        refusal = (
+            f"checkpoint.resume=false but run directory '{run_dir}' holds checkpoints (the newest: {tag_dir.name}); "
+        )
     else:
         try:
             checkpointer.load_parts(tag_dir, parts)
@@ -208,27 +209,27 @@ def resume(checkpointer: Checkpointer, make, cfg: Config, env: DistEnv) -> tuple
     return make(), None
 
 
-def resolve_fine_tuning(cfg: Config, sources: list[Source]) -> None:
-    """Settle train.objective and data.document_mask from the data (in `cfg`, so that config.yaml and the
-    resume check see the values trained with), and check fine-tuning data's block size."""
+def settle(cfg: Config, sources: list[Source]) -> Config:
+    """The config the run trains with: objective.kind and data.document_mask settled from the data (so that
+    config.yaml and the resume check see the values trained with), every fine-tuning check passed."""
     tuned = [s for s in sources if s.weight > 0 and "fine_tuning" in s.manifest]
     paired = [s for s in tuned if s.manifest["fine_tuning"].get("pairs")]
-    if cfg.train.objective == "auto":
-        cfg.train.objective = "dpo" if paired else "sft" if tuned else "clm"
-    if cfg.train.objective in ("dpo", "orpo"):
+    kind = cfg.objective.kind
+    if kind == "auto":
+        kind = "dpo" if paired else "sft" if tuned else "clm"
+    mask = bool(tuned) if cfg.data.document_mask is None else cfg.data.document_mask
+    cfg = cfg.replace(objective={"kind": kind}, data={"document_mask": mask})
+    if kind in ("dpo", "orpo"):
         check_preference(cfg, tuned, paired)
     elif paired:
         raise UserError(
-            f"'{paired[0].path}' holds preference pairs, which train with train.objective dpo or orpo, not "
-            f"{cfg.train.objective}."
+            f"'{paired[0].path}' holds preference pairs, which train with objective.kind dpo or orpo, not {kind}."
         )
-    if cfg.train.objective == "sft" and not tuned:
+    if kind == "sft" and not tuned:
         raise UserError(
-            "config key 'train.objective' is sft but no training source is fine-tuning data; prepare it with "
+            "config key 'objective.kind' is sft but no training source is fine-tuning data; prepare it with "
             "`dist-clm prepare --format chat` (or prompt-completion), or use clm."
         )
-    if cfg.data.document_mask is None:
-        cfg.data.document_mask = bool(tuned)
     for s in tuned:
         packed = s.manifest["fine_tuning"]["block_size"]
         if packed != cfg.data.block_size:
@@ -236,14 +237,15 @@ def resolve_fine_tuning(cfg: Config, sources: list[Source]) -> None:
                 f"'{s.path}' packs whole conversations into blocks of {packed} tokens; set data.block_size={packed} "
                 "(or prepare it again with --block-size)."
             )
+    return cfg
 
 
 def check_preference(cfg: Config, tuned: list[Source], paired: list[Source]) -> None:
     """dpo / orpo: one training source, of pairs; an even micro batch (whole pairs); dpo: its reference values."""
-    what = cfg.train.objective
+    what = cfg.objective.kind
     if not paired or len(tuned) != 1 or sum(1 for s in cfg.data.mix if s.weight > 0) > 1:
         raise UserError(
-            f"config key 'train.objective' is {what}, which trains on one source of preference pairs (prepare "
+            f"config key 'objective.kind' is {what}, which trains on one source of preference pairs (prepare "
             "--format preference) and nothing mixed with it; set data.path to such a directory."
         )
     if cfg.data.document_mask is False:
@@ -257,7 +259,7 @@ def check_preference(cfg: Config, tuned: list[Source], paired: list[Source]) -> 
     if what == "dpo" and read_record(paired[0].path) is None:
         raise UserError(
             f"'{paired[0].path}' has no reference values for dpo; compute them with `dist-clm prepare-reference "
-            f"{paired[0].path} --model STARTING_MODEL`, or use train.objective=orpo (no reference)."
+            f"{paired[0].path} --model STARTING_MODEL`, or use objective.kind=orpo (no reference)."
         )
 
 
@@ -277,10 +279,11 @@ def check_reference(sources: list[Source], model) -> None:
 
 
 def _checked(cfg: Config, env: DistEnv) -> tuple:
-    """Sources, tokenizer, model, accumulation, DeepSpeed config and precision, every check passed."""
+    """The settled config, sources, tokenizer, model, accumulation, DeepSpeed config and precision, every check
+    passed."""
+    sources = training_sources(cfg.data)
+    cfg = settle(cfg, sources)
     t = cfg.train
-    sources = training_sources(cfg)
-    resolve_fine_tuning(cfg, sources)
     tok = run_tokenizer(sources)
     grad_accum = resolve_grad_accum(t, env.world_size)
     torch.manual_seed(t.seed)  # the same initial weights on every rank
@@ -290,7 +293,7 @@ def _checked(cfg: Config, env: DistEnv) -> tuple:
     choices = attention.attention_for(cfg.model.attention, cfg.data.document_mask, on_gpu, precision)
     model = attention.build_model_with(choices, cfg.model.preset, cfg.model.pretrained, cfg.model.overrides, tok,
                                        cfg.data.document_mask)  # fmt: skip
-    if t.objective == "dpo":
+    if cfg.objective.kind == "dpo":
         check_reference(sources, model)
     if t.loss_head != "plain" and not loss_head.install(model) and t.loss_head == "fused":
         raise UserError(
@@ -306,7 +309,7 @@ def _checked(cfg: Config, env: DistEnv) -> tuple:
             "positions; lower data.block_size or raise the model's positions."
         )
     check_sources(sources, tok, model.config.vocab_size, cfg.model.pretrained)
-    ds_config = deepspeed_config(cfg, on_gpu=on_gpu, grad_accum=grad_accum)
+    ds_config = deepspeed_config(t, cfg.optim, cfg.distributed, on_gpu=on_gpu, grad_accum=grad_accum)
     if t.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return sources, tok, model, grad_accum, ds_config, precision
+    return cfg, sources, tok, model, grad_accum, ds_config, precision

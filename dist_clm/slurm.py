@@ -38,6 +38,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dist_clm import console
 from dist_clm.errors import UserError
 
 
@@ -122,7 +123,7 @@ class TrainJob:
         try:
             return self._run()
         finally:  # (not reached when a signal kills the task: after_srun tells those endings by this)
-            if getattr(self, "log_root", ""):  # (a job pickled by an older version has none)
+            if self.log_root:
                 ended_marker(Path(self.log_root), os.environ.get("SLURM_JOB_ID", "0"), _restarts(),
                              os.environ.get("SLURM_PROCID", "0")).touch()  # fmt: skip
 
@@ -142,16 +143,15 @@ class TrainJob:
         try:
             trained = train(load_config(self.config, self.overrides), stop_signals=(signal.SIGUSR1, signal.SIGUSR2))
         except PeerLost as e:  # another rank or node is gone: the job comes back on the nodes SLURM gives it
-            print(f"dist-clm: error: {e}", file=sys.stderr, flush=True)
+            console.error(e)
             down = _unresponsive_nodes()
             if down:  # SLURM requeues the job itself (NODE_FAIL), without that node
-                print(f"dist-clm: node {', '.join(down)} stopped responding; SLURM requeues the job", file=sys.stderr)
+                console.warning(f"node {', '.join(down)} stopped responding; SLURM requeues the job")
             else:  # a process died or stalled on a healthy node: ask for the requeue ourselves
                 self._requeue(job, restarts, "lost a rank", every_rank=True)
             raise SystemExit(e.exit_code) from None
         except UserError as e:  # one sentence in the task's log, as on the command line (no traceback)
-            if job.global_rank == 0 or not e.agreed:
-                print(f"dist-clm: error: rank {job.global_rank}: {e}", file=sys.stderr, flush=True)
+            console.error(e)
             raise SystemExit(e.exit_code) from None
         result = dataclasses.asdict(trained) | {
             "slurm_job_id": job.job_id,
@@ -170,16 +170,14 @@ class TrainJob:
         """Ask SLURM to run the job again (rank 0, or each surviving rank when ranks were lost: the first one
         it hears from wins), unless max_requeues is used up; whether it was asked."""
         if restarts >= self.max_requeues:
-            print(
-                f"dist-clm: job {job.job_id} {why} after {restarts} requeues (max_requeues); it stops here: submit "
-                "it again to continue from its last complete checkpoint.",
-                file=sys.stderr,
-            )
+            console.warning(f"job {job.job_id} {why} after {restarts} requeues (max_requeues); it stops here: submit "
+                            "it again to continue from its last complete checkpoint.")  # fmt: skip
             return False
         if job.global_rank == 0 or every_rank:
             r = subprocess.run(["scontrol", "requeue", str(job.job_id)], capture_output=True, text=True)
             # preemption by another partition requeues the job itself: then SLURM refuses a second one
-            print(f"dist-clm: requeue of job {job.job_id}: {r.stdout.strip() or r.stderr.strip() or 'ok'}")
+            answer = r.stdout.strip() or r.stderr.strip() or "ok"
+            console.info(f"requeue of job {job.job_id}: {answer}", every_rank=True)
         return True
 
     def checkpoint(self):
@@ -222,15 +220,15 @@ def after_srun(status: int, signalled: bool, log_root: Path, max_requeues: int) 
     job, restart = os.environ.get("SLURM_JOB_ID", "0"), _restarts()
     if any((log_root / ENDED).glob(f"{job}.{restart}.*")):
         return "a task said why it ended"
-    say = f"dist-clm: job {job}: srun ended with status {status} and no task said why: a rank was killed by a signal"
-    say += " (an abort after a collective timeout, the out-of-memory killer, a crash)"
+    what = f"job {job}: srun ended with status {status} and no task said why: a rank was killed by a signal"
+    what += " (an abort after a collective timeout, the out-of-memory killer, a crash)"
     if restart >= max_requeues:
-        print(f"{say}; it stops here after {restart} requeues (max_requeues): submit it again to continue from its "
-              "last complete checkpoint.", file=sys.stderr, flush=True)  # fmt: skip
+        console.warning(f"{what}; it stops here after {restart} requeues (max_requeues): submit it again to "
+                        "continue from its last complete checkpoint.")  # fmt: skip
         return "max requeues"
     r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
     answer = r.stdout.strip() or r.stderr.strip() or "ok"
-    print(f"{say}; requeued to resume from its last complete checkpoint ({answer})", file=sys.stderr, flush=True)
+    console.warning(f"{what}; requeued to resume from its last complete checkpoint ({answer})")
     return "requeued"
 
 

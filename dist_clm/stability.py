@@ -1,12 +1,6 @@
-"""Protection from NaNs and loss spikes, and the one agreement the ranks make per step.
+"""Protection from NaNs and loss spikes: what a step's agreement (agreement.py) means for its update.
 
-Once per optimizer step, after the last forward pass and before its backward pass, the ranks all-reduce
-five things in one small collective: which stop signals arrived (see preemption.py), each rank's time from
-the step's start to this point (so stragglers are seen without another collective), how many flaws of damaged
-data a rank found (its loader raised a DataError, and it trained on a blank batch meanwhile, so every rank
-reaches the agreement and none waits in a collective for a crashed one; or its objective found some on the
-device), how many micro-batch losses were non-finite, and the sum of the losses. Every rank then knows the same
-answers:
+Every rank knows the same answers after the step's agreement:
 
 - damaged data anywhere: the update is dropped (below) and every rank stops with that rank's sentence;
 - a non-finite loss anywhere, or a spike by the objective's rule (objectives.py: a loss above `spike_factor` x
@@ -22,7 +16,7 @@ answers:
   a later resume skips it too). With no checkpoint yet, a spike's step is dropped and training goes on;
   bad steps in a row with no checkpoint end the run with one sentence.
 
-`train.fault_injection` is a fault-injection switch for tests and drills, off unless set: a comma-separated
+`stability.fault_injection` is a fault-injection switch for tests and drills, off unless set: a comma-separated
 list of `STEP[-LAST]:KIND[@RANK]` entries, KIND `nan`, `inf` or `xF` (multiply the loss by F), or `sleepS`
 (sleep S seconds before the agreement: a straggler), applied once each in 1-based step STEP (or each of
 STEP..LAST), on RANK only if given. A run with it set says so when it starts, and every injected
@@ -41,44 +35,6 @@ import torch
 
 from dist_clm.distributed import reduce_to_host
 from dist_clm.errors import UserError
-
-
-@dataclass
-class Agreement:
-    signum: int | None  # a stop signal some rank received
-    nonfinite: int  # non-finite micro-batch losses over all ranks
-    mean_loss: float  # the step's loss, mean over ranks and micro batches (nan when any is non-finite)
-    data_errors: int = 0  # damaged data found in this step, by ranks (a loader's DataError) and by preference
-    # slots whose pair is incomplete (preference.pairs): the run must stop
-    arrivals: list[float] | None = None  # each rank's seconds from the step's start to this agreement
-
-
-def agree(
-    signals: list[int],
-    received: set[int],
-    losses: list[torch.Tensor],
-    world: int,
-    device: str,
-    data_error: float | torch.Tensor = 0.0,
-    arrival_s: float = 0.0,
-    rank: int = 0,
-) -> Agreement:
-    """Collective: one all-reduce of [one flag per stop signal, data errors (a count, may be a tensor on the
-    device: no host read), one arrival time per rank, non-finite count, loss sum]."""
-    local = torch.stack([loss.detach().float() for loss in losses])
-    finite = torch.isfinite(local)
-    arrivals = [0.0] * world
-    arrivals[rank] = arrival_s  # the others' slots are theirs: the sum gathers them
-    flags = torch.tensor([float(s in received) for s in signals], device=local.device)
-    errors = torch.as_tensor(data_error, dtype=torch.float32, device=local.device).reshape(1)
-    vec = torch.cat([flags, errors, torch.tensor(arrivals, device=local.device), (~finite).sum().float().reshape(1),
-                     torch.where(finite, local, 0.0).sum().reshape(1)])  # fmt: skip
-    values = reduce_to_host(vec.to(device, torch.float64))
-    n = len(signals)
-    got = [s for s, v in zip(signals, values[:n], strict=True) if v > 0]
-    nonfinite = int(values[-2])
-    mean = values[-1] / (world * len(losses)) if nonfinite == 0 else math.nan
-    return Agreement(got[0] if got else None, nonfinite, mean, round(values[n]), values[n + 1 : n + 1 + world])
 
 
 @dataclass
@@ -183,7 +139,7 @@ def step_zero0_fp32(engine, force_skip: bool, device: str) -> None:
 
 
 class LossInjector:
-    """Parses train.fault_injection (see the module docstring) and applies each entry once."""
+    """Parses stability.fault_injection (see the module docstring) and applies each entry once."""
 
     def __init__(self, rank: int, spec: str):
         self.spec = spec
@@ -199,7 +155,7 @@ class LossInjector:
                 steps = range(int(first), int(last or first) + 1)
             except ValueError:
                 raise UserError(
-                    f"config key 'train.fault_injection' has entry '{entry}', which is not STEP[-LAST]:KIND[@RANK] "
+                    f"config key 'stability.fault_injection' has entry '{entry}', which is not STEP[-LAST]:KIND[@RANK] "
                     "with KIND nan, inf, xF or sleepS; fix it or leave the key empty."
                 ) from None
             if not only or int(only) == rank:

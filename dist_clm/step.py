@@ -1,6 +1,6 @@
 """One optimizer step: the micro batches, the step's one agreement between ranks, the loss guard, backward,
-and the update (or DeepSpeed's overflow path when the step must not be applied). See stability.py for the
-rules; the training loop (train.py) and the throughput benchmark both call `train_step`."""
+and the update (or DeepSpeed's overflow path when the step must not be applied). See agreement.py and
+stability.py for the rules; the training loop (train.py) and the throughput benchmark both call `train_step`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from dist_clm import attention
+from dist_clm.agreement import agree
 from dist_clm.distributed import agree_on_error
 from dist_clm.errors import DataError
 from dist_clm.preemption import StopRequest
@@ -19,7 +20,6 @@ from dist_clm.stability import (
     LossGuard,
     LossInjector,
     Trouble,
-    agree,
     drop_update,
     real_grad_norm,
     step_zero0_fp32,
@@ -36,7 +36,7 @@ class StepResult:
     blocks_per_source: list[int]  # this rank's blocks of each training source in this step
     arrivals: list[float]  # every rank's seconds from the step's start to its agreement (stragglers)
     token_sum: int = 0  # the sum of this rank's input ids in this step (what was read, in one number)
-    injected: int = 0  # faults injected into this rank's losses in this step (train.fault_injection)
+    injected: int = 0  # faults injected into this rank's losses in this step (stability.fault_injection)
     stats: torch.Tensor | None = None  # the objective's statistics summed over this rank's micro batches (device)
     skipped: str | None = None  # why the update was not applied (the same on every rank), or None
     grad_norm: float | None = None  # a skipped step's real gradient norm (an applied one's is DeepSpeed's)

@@ -1,7 +1,7 @@
 """The training loop, read top to bottom: set up -> resume -> validate -> loop -> finish.
 
 train() brings up the process group and turns a failed collective (a rank died, stalled past
-train.collective_timeout_s, or lost its network) into one sentence naming who stopped, on every surviving
+distributed.collective_timeout_s, or lost its network) into one sentence naming who stopped, on every surviving
 rank, with exit 75 (rerun / requeue resumes from the last checkpoint); the story itself is in _train().
 
 setup(cfg, env) -> Run              sources, tokenizer, model, the parts resumed, DeepSpeed engine (setup.py)
@@ -21,13 +21,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dist_clm import distributed
+from dist_clm import console, distributed
 from dist_clm.config import Config
 from dist_clm.data.loader import TrainLoader
 from dist_clm.data.stream import TokenStream
 from dist_clm.errors import PeerLost, UserError, agreed
 from dist_clm.evaluate import perplexity, windows
-from dist_clm.metrics import LogWindow, Metrics, say
+from dist_clm.metrics import LogWindow, Metrics
 from dist_clm.preemption import SIGNALS, StopRequest, watch_launcher
 from dist_clm.setup import Progress, Run, setup
 from dist_clm.stability import LossInjector, Trouble
@@ -52,6 +52,7 @@ def train(
     on any rank: every rank saves a checkpoint at the next step boundary and returns. `on_step` is called on
     every rank after every step (the throughput benchmark times the loop with it)."""
     env = distributed.init()
+    console.bind(env.rank, env.world_size, env.node, cfg.run.dir)
     heartbeat = distributed.Heartbeat(env)
     try:
         return _train(cfg, env, stop_signals, on_step)
@@ -61,7 +62,7 @@ def train(
         who = heartbeat.laggards()
         raise PeerLost(
             f"rank {env.rank} (node {env.node}) lost the other ranks in a collective "
-            f"({distributed.failure_reason(e, cfg.train.collective_timeout_s)})"
+            f"({distributed.failure_reason(e, cfg.distributed.collective_timeout_s)})"
             + (f": {who}" if who else "")
             + "; every rank stops; rerun the same command (a SLURM job requeues itself) to resume from the last "
             "complete checkpoint."
@@ -73,20 +74,22 @@ def train(
 def _train(cfg: Config, env: distributed.DistEnv, stop_signals, on_step) -> TrainResult:
     """The story: set up and resume, validate, then step / log / roll back / validate / save until the end or a
     stop signal, and validate once more."""
-    t = cfg.train
     stop = StopRequest(stop_signals)  # e.g. SIGTERM: checkpoint at the next step boundary, then stop
     watch_launcher(stop)
-    inject = LossInjector(env.rank, t.fault_injection)
+    inject = LossInjector(env.rank, cfg.stability.fault_injection)
     world = distributed.world_table(env)  # every rank's node and local rank, checked
     run = setup(cfg, env, world)  # (rank 0 now holds the run directory's lock; the parts continue a checkpoint)
+    cfg = run.cfg  # (settled from the data)
+    t, faults, save_every = cfg.train, cfg.stability.fault_injection, cfg.checkpoint.save_every
+    timeout = cfg.distributed.collective_timeout_s
     progress, checkpointer, guard = run.progress, run.checkpointer, run.guard
     if run.resumed_from:
-        say(env.is_main, f"resumed from {run.resumed_from} at step {progress.step}")
+        console.info(f"resumed from {run.resumed_from} at step {progress.step}")
     metrics = Metrics(Path(cfg.run.dir), env.is_main, cfg.run.tensorboard)
-    if t.fault_injection:
-        say(env.is_main, f"WARNING: fault injection is on (train.fault_injection={t.fault_injection!r}): "
-            "losses will be altered on purpose")  # fmt: skip
-        metrics.log(progress.step, {"faults/planned": len(t.fault_injection.split(","))})
+    if faults:
+        console.warning(f"fault injection is on (stability.fault_injection={faults!r}): losses will be altered on "
+                        "purpose", every_rank=False)  # fmt: skip
+        metrics.log(progress.step, {"faults/planned": len(faults.split(","))})
     validate = Validation(run, metrics)
     started = time.perf_counter()  # (the first validation and step compile the model under torch.compile)
     before = validate(progress.step)
@@ -98,12 +101,12 @@ def _train(cfg: Config, env: distributed.DistEnv, stop_signals, on_step) -> Trai
     bar = progress_bar(t.max_steps, progress.step, env.is_main and cfg.run.progress_bar)
     rollbacks, preempted, first_step, stage = 0, None, progress.step + 1, None
     while progress.step < t.max_steps:
-        stage = announce_stage(loader, metrics, progress.step + 1, stage, env.is_main)
+        stage = announce_stage(loader, metrics, progress.step + 1, stage)
         result = train_step(run, batches, progress.step + 1, stop, guard, inject)
         loader.step_done()  # (the data position moves on)
         progress.advance(run.tokens_per_step)
         if progress.step == first_step:  # compiled and warmed up: from now on a stalled rank is not waited for long
-            distributed.set_collective_timeout(t.collective_timeout_s)
+            distributed.set_collective_timeout(timeout)
             report_first_step(run, metrics, progress.step, time.perf_counter() - started)
         window.add(result.loss, result.good, result.data_wait_s, result.blocks_per_source, result.arrivals,
                    result.token_sum, result.stats)  # fmt: skip
@@ -113,7 +116,7 @@ def _train(cfg: Config, env: distributed.DistEnv, stop_signals, on_step) -> Trai
         if result.injected:
             metrics.log(progress.step, {"faults/injected": result.injected})
         if result.skipped:
-            report_skip(result, metrics, progress.step, env.is_main)
+            report_skip(result, metrics, progress.step)
         if progress.step % t.log_every == 0 or progress.step == t.max_steps or result.trouble:
             scalars = window.emit(
                 lr=run.scheduler.get_last_lr()[0],
@@ -124,10 +127,10 @@ def _train(cfg: Config, env: distributed.DistEnv, stop_signals, on_step) -> Trai
             metrics.log(progress.step, scalars)
             bar.set_postfix(loss=f"{scalars.get('train/loss', math.nan):.3f}")
             if window.persistent_straggler is not None:
-                report_straggler(window.persistent_straggler, scalars, world, progress.step, env.is_main)
+                report_straggler(window.persistent_straggler, scalars, world, progress.step)
         if result.trouble:
             loader.close()  # the old loader's workers stop (a new one starts where the position then stands)
-            with distributed.long_collectives(t.collective_timeout_s):  # a load may be slow on one rank
+            with distributed.long_collectives(timeout):  # a load may be slow on one rank
                 rollbacks += rollback(run, result.trouble, rollbacks + 1)
             metrics.log(progress.step, {"train/rollbacks": rollbacks})
             loader = run.loader()
@@ -139,14 +142,14 @@ def _train(cfg: Config, env: distributed.DistEnv, stop_signals, on_step) -> Trai
             validate(progress.step)
         preempted = result.stop_signal
         last = progress.step == t.max_steps or preempted  # (a save that ends the run waits for its files)
-        if (t.save_every and progress.step % t.save_every == 0) or last:
-            with distributed.long_collectives(t.collective_timeout_s):  # a save may be slow on one rank
+        if (save_every and progress.step % save_every == 0) or last:
+            with distributed.long_collectives(timeout):  # a save may be slow on one rank
                 checkpointer.save(run.engine, progress.step, run.parts, run.random, run.engine.module.config,
                                   wait=last)  # fmt: skip
         for report in checkpointer.poll():  # a background save completes at the first step boundary after
             metrics.log(progress.step, report)  # its files are durable
         if preempted:
-            say(env.is_main, f"stopping at step {progress.step} on signal {signal.Signals(preempted).name}; "
+            console.info(f"stopping at step {progress.step} on signal {signal.Signals(preempted).name}; "
                 "checkpoint saved")  # fmt: skip
             break
 
@@ -160,12 +163,12 @@ def _train(cfg: Config, env: distributed.DistEnv, stop_signals, on_step) -> Trai
     return TrainResult(progress.step, progress.tokens_seen, before, after, name)
 
 
-def announce_stage(loader: TrainLoader, metrics: Metrics, step: int, current: int | None, is_main: bool) -> int:
+def announce_stage(loader: TrainLoader, metrics: Metrics, step: int, current: int | None) -> int:
     """With data.stages: when step `step` trains in another stage than the step before, say so with the stage's
     exact share of blocks per source, and log data/stage and data/stage_share/NAME at that step."""
     j = loader.stage(loader.position.blocks_consumed)
     if j != current and len(loader.stages) > 1:
-        say(is_main, f"step {step}: {loader.describe_stage(j)}")
+        console.info(f"step {step}: {loader.describe_stage(j)}")
         metrics.log(step, {"data/stage": j + 1} | {f"data/stage_share/{n}": s for n, s in loader.stage_shares(j)})
     return j
 
@@ -175,21 +178,21 @@ def report_first_step(run: Run, metrics: Metrics, step: int, seconds: float) -> 
     the model's compilation happens in them."""
     metrics.log(step, {"train/first_step_s": seconds})
     if run.compiled:
-        say(run.env.is_main, f"the first validation and step took {seconds:.1f} s, torch.compile's compilation "
+        console.info(f"the first validation and step took {seconds:.1f} s, torch.compile's compilation "
             "included")  # fmt: skip
 
 
-def report_straggler(rank: int, scalars: dict, world: list[dict], step: int, is_main: bool) -> None:
+def report_straggler(rank: int, scalars: dict, world: list[dict], step: int) -> None:
     """Say which rank has been the slowest by STRAGGLER_LAG x the median rank, two log windows in a row."""
     lag = scalars["train/straggler_lag"]
-    say(is_main, f"step {step}: rank {rank} (node {world[rank]['node']}) is a straggler: it reaches each step's "
+    console.info(f"step {step}: rank {rank} (node {world[rank]['node']}) is a straggler: it reaches each step's "
         f"agreement {lag:.2f}x later than the median rank (two log windows in a row)")  # fmt: skip
 
 
-def report_skip(result: StepResult, metrics: Metrics, step: int, is_main: bool) -> None:
+def report_skip(result: StepResult, metrics: Metrics, step: int) -> None:
     """A step whose update was not applied: why, and its real gradient norm (console, and train/skip_reason)."""
     norm = f"; its gradient norm {result.grad_norm:.4g}" if result.grad_norm is not None else ""
-    say(is_main, f"step {step}: update not applied ({result.skipped}{norm})")
+    console.info(f"step {step}: update not applied ({result.skipped}{norm})")
     metrics.note(step, "train/skip_reason", result.skipped + norm)
 
 
@@ -198,13 +201,13 @@ def rollback(run: Run, trouble: Trouble, rollbacks: int) -> int:
     moved past the window [checkpoint's position, now) that led to the trouble; the window is recorded in
     RUN/skips.json so that a resume from that checkpoint skips it too. The step count is the checkpoint's again.
     A spike with no checkpoint yet: the run goes on where it is (the spike's update was not applied), unless it
-    is one of train.max_bad_steps bad steps in a row. Returns the rollbacks made (1 or 0)."""
-    t, guard, progress, position = run.cfg.train, run.guard, run.progress, run.position
+    is one of stability.max_bad_steps bad steps in a row. Returns the rollbacks made (1 or 0)."""
+    t, guard, progress, position = run.cfg.stability, run.guard, run.progress, run.position
     reason, step, now = trouble.reason, progress.step, position.blocks_consumed
     tag_dir = run.checkpointer.choose() if rollbacks <= t.max_rollbacks else None
     if tag_dir is None and rollbacks <= t.max_rollbacks and trouble.spike:
         if not t.max_bad_steps or guard.bad_in_a_row < t.max_bad_steps:
-            say(run.env.is_main, f"step {step}: {reason}; no checkpoint to roll back to yet: training goes on "
+            console.info(f"step {step}: {reason}; no checkpoint to roll back to yet: training goes on "
                 "without that step's update")  # fmt: skip
             return 0
         reason = f"{guard.bad_in_a_row} bad steps in a row, the last: {reason}"
@@ -213,14 +216,13 @@ def rollback(run: Run, trouble: Trouble, rollbacks: int) -> int:
             f"training diverged at step {step} ({reason}) and "
             + ("there is no checkpoint to roll back to" if rollbacks <= t.max_rollbacks else
                f"{t.max_rollbacks} rollbacks did not help")
-            + "; lower train.lr, raise train.warmup_steps or check the data, then rerun."
+            + "; lower optim.lr, raise optim.warmup_steps or check the data, then rerun."
         ))  # fmt: skip
     run.checkpointer.load_parts(tag_dir, run.parts)  # (the same training: no part refuses)
     run.checkpointer.load_engine(run.engine, tag_dir, run.random)
     guard.reset()
     skip_from, skip_to = position.skip_to(now, step, reason)
-    say(
-        run.env.is_main,
+    console.info(
         f"step {step}: {reason}; rolled back to step {progress.step} and skipped training blocks "
         f"[{skip_from}, {skip_to}) (recorded in {position.skips})",
     )
@@ -251,8 +253,7 @@ class Validation:
             for name, res in results.items():
                 scalars |= {f"val/{name}/loss": res["loss"], f"val/{name}/perplexity": res["perplexity"]}
         self.metrics.log(step, scalars)
-        say(
-            env.is_main,
+        console.info(
             f"step {step}: validation loss {total['loss']:.4f}, perplexity {total['perplexity']:.2f} "
             f"({count} tokens)"
             + "".join(f"; {name} {res['perplexity']:.2f}" for name, res in results.items() if len(results) > 1),

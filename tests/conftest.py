@@ -75,10 +75,10 @@ def trained_run(tmp_path_factory, data_dir) -> Path:
         f"data.path={data_dir}",
         f"run.dir={run}",
         "train.max_steps=12",
-        "train.save_every=6",
+        "checkpoint.save_every=6",
         "train.eval_every=6",
         "train.log_every=3",
-        "train.zero_stage=2",
+        "distributed.zero_stage=2",
     )
     assert r.returncode == 0, r.stderr[-3000:]
     return run

@@ -25,8 +25,8 @@ TINY = [
     "model.overrides.n_positions=128",
     "data.block_size=64",
     "train.micro_batch_size=4",
-    "train.warmup_steps=2",
-    "train.lr=3e-3",
+    "optim.warmup_steps=2",
+    "optim.lr=3e-3",
     "train.eval_blocks=8",
     "run.progress_bar=false",
 ]

@@ -39,10 +39,10 @@ def test_tokenizer_without_eos(tmp_path, tokenizer_dir, corpus_dir):
     "override, fragments",
     [
         ("data.block_size=256", ["'data.block_size' is 256, more than the model's 128 positions"]),
-        ("train.zero_stage=5", ["'train.zero_stage' must be 0, 1, 2 or 3, got 5"]),
+        ("distributed.zero_stage=5", ["'distributed.zero_stage' must be 0, 1, 2 or 3, got 5"]),
         ("train.global_batch_size=6", ["'train.global_batch_size' is 6, which is not a multiple of", "4 x 1 = 4"]),
         ("train.precision=fp16", ["'train.precision' is fp16, which DeepSpeed supports on GPUs only"]),
-        ("train.spike_factor=0.5", ["'train.spike_factor' must be 0 (off) or more than 1, got 0.5"]),
+        ("stability.spike_factor=0.5", ["'stability.spike_factor' must be 0 (off) or more than 1, got 0.5"]),
         (
             "model.attention=flex_attention",
             ["'model.attention' is 'flex_attention', which has no backward pass on CPU"],

@@ -22,9 +22,9 @@ def test_configs_dir_is_not_empty():
 
 def test_overrides_apply_on_top_of_file(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("train:\n  lr: 1.0e-3\n  max_steps: 10\n  warmup_steps: 2\n")
-    cfg = load_config(f, ["train.lr=3e-4", "data.block_size=64", "model.overrides.n_layer=3", "run.tensorboard=false"])
-    assert cfg.train.lr == pytest.approx(3e-4)  # YAML reads "3e-4" as a string: it must become the number
+    f.write_text("train:\n  max_steps: 10\noptim:\n  lr: 1.0e-3\n  warmup_steps: 2\n")
+    cfg = load_config(f, ["optim.lr=3e-4", "data.block_size=64", "model.overrides.n_layer=3", "run.tensorboard=false"])
+    assert cfg.optim.lr == pytest.approx(3e-4)  # YAML reads "3e-4" as a string: it must become the number
     assert cfg.train.max_steps == 10
     assert cfg.data.block_size == 64
     assert cfg.model.overrides == {"n_layer": 3}
@@ -32,7 +32,7 @@ def test_overrides_apply_on_top_of_file(tmp_path):
 
 
 def test_int_accepted_where_float_expected():
-    assert load_config(None, ["train.lr=1"]).train.lr == 1.0
+    assert load_config(None, ["optim.lr=1"]).optim.lr == 1.0
 
 
 @pytest.mark.parametrize(
@@ -42,18 +42,18 @@ def test_int_accepted_where_float_expected():
         (["bogus.x=1"], "config key 'bogus' is unknown"),
         (["train.max_steps=ten"], "config key 'train.max_steps' must be an integer, got 'ten'."),
         (["train.max_steps=1.5"], "config key 'train.max_steps' must be an integer, got 1.5."),
-        (["train.lr=fast"], "config key 'train.lr' must be a number, got 'fast'."),
+        (["optim.lr=fast"], "config key 'optim.lr' must be a number, got 'fast'."),
         (["run.tensorboard=maybe"], "config key 'run.tensorboard' must be true or false, got 'maybe'."),
         (
             ["train.precision=fp8"],
             "config key 'train.precision' must be 'auto' or 'bf16' or 'fp16' or 'fp32', got 'fp8'.",
         ),
-        (["train.zero_stage=4"], "config key 'train.zero_stage' must be 0, 1, 2 or 3, got 4."),
-        (["train.warmup_steps=500", "train.max_steps=100"], "config key 'train.warmup_steps' must be at least 0"),
+        (["distributed.zero_stage=4"], "config key 'distributed.zero_stage' must be 0, 1, 2 or 3, got 4."),
+        (["optim.warmup_steps=500", "train.max_steps=100"], "'optim.warmup_steps' must be below train.max_steps (100)"),
         (["data.block_size=1"], "config key 'data.block_size' must be at least 2, got 1."),
-        (["train.lr=-1"], "config key 'train.lr' must be positive, got -1.0."),
+        (["optim.lr=-1"], "config key 'optim.lr' must be positive, got -1.0."),
         (["trainlr"], "override 'trainlr' is not of the form section.key=value"),
-        (["train.lr.x=1"], "config key 'train.lr' must be a number, got {'x': 1}."),
+        (["optim.lr.x=1"], "config key 'optim.lr' must be a number, got {'x': 1}."),
         (["data.stages=[{weights: {a: 1}}]"], "config key 'data.stages' weighs the sources of data.mix"),
         ([MIX, "data.stages=[{weights: {a: 1, c: 2}}]"], "names c, not a data.mix source with a weight above 0"),
         ([MIX, "data.stages=[{weights: {a: 0}}]"], "has a stage without a positive weight"),
@@ -91,7 +91,7 @@ def test_bad_files(tmp_path):
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = load_config(None, ["train.lr=5e-4", "model.preset=tiny-llama"])
+    cfg = load_config(None, ["optim.lr=5e-4", "model.preset=tiny-llama"])
     cfg.save(tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
 
@@ -99,3 +99,40 @@ def test_resolved_config_round_trips(tmp_path):
 def test_stages_load_with_typed_weights():
     cfg = load_config(None, [MIX, "data.stages=[{until: 80, weights: {a: 3, b: 1}}, {weights: {b: 1}}]"])
     assert [(s.until, s.weights) for s in cfg.data.stages] == [(80, {"a": 3.0, "b": 1.0}), (0, {"b": 1.0})]
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [("train.lr=1e-3", "optim.lr"), ("train.save_every=5", "checkpoint.save_every"),
+     ("train.spike_factor=3", "stability.spike_factor"), ("train.zero_stage=3", "distributed.zero_stage"),
+     ("train.objective=sft", "objective.kind"), ("train.dpo_beta=0.2", "objective.dpo_beta")],
+)  # fmt: skip
+def test_a_key_that_moved_to_its_section_is_refused_naming_where_it_is_now(tmp_path, old, new):
+    key, value = old.split("=")
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [old])
+    assert f"config key '{key}' is now '{new}'" in str(e.value) and "\n" not in str(e.value)
+    f = tmp_path / "old.yaml"
+    f.write_text(f"train:\n  {key.split('.')[1]}: {value}\n")
+    with pytest.raises(ConfigError, match=f"is now '{new}'"):
+        load_config(f)
+    assert load_config(None, [f"{new}={value}"])  # where it is now, it loads
+
+
+def test_every_section_checks_itself_and_the_config_is_frozen():
+    import dataclasses
+
+    cfg = load_config(None, [])
+    for name in ("run", "data", "model", "train", "optim", "objective", "checkpoint", "stability", "distributed"):
+        section = getattr(cfg, name)
+        assert dataclasses.is_dataclass(section)
+        assert all(ok for ok, _, _ in getattr(section, "checks", list)())  # the defaults pass
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.optim.lr = 1.0
+    settled = cfg.replace(objective={"kind": "sft"}, data={"document_mask": True})
+    assert (settled.objective.kind, settled.data.document_mask) == ("sft", True)
+    assert (cfg.objective.kind, cfg.data.document_mask) == ("auto", None)  # the loaded one is untouched
+    with pytest.raises(ConfigError, match="config key 'stability.spike_factor' must be 0 \\(off\\) or more than 1"):
+        load_config(None, ["stability.spike_factor=0.5"])
+    with pytest.raises(ConfigError, match="config key 'objective.dpo_beta' must be positive"):
+        load_config(None, ["objective.dpo_beta=0"])

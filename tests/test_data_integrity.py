@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dist_clm.data.audit import inspect, verify
 from dist_clm.data.batches import MixedBlocks
 from dist_clm.data.format import SHARD_HASH, read_manifest
-from dist_clm.data.inspect import inspect, verify
 from dist_clm.data.loader import TrainLoader
 from dist_clm.data.order import Source
 from dist_clm.data.prepare import prepare
@@ -313,7 +313,7 @@ def test_damage_one_rank_finds_stops_every_rank_with_its_sentence(tmp_path, data
     run = tmp_path / "run"
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "dist_clm",
            "train", *TINY, f"data.path={d}", f"run.dir={run}", "train.max_steps=6", "train.log_every=1",
-           "train.eval_every=0", "train.save_every=0"]  # fmt: skip
+           "train.eval_every=0", "checkpoint.save_every=0"]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     errors = [line for line in (r.stdout + r.stderr).splitlines() if "dist-clm: error:" in line]

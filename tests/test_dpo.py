@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from dist_clm.config import load_config
 from tests.helpers import assert_clean_error, run_cli
 
 BLOCK = 128
@@ -216,7 +217,7 @@ def start_model(tmp_path_factory, chat_tokenizer, pref_data):
 
 
 TINY_PREF = ["model.preset=tiny", "model.overrides.n_embd=64", "data.block_size=128", "train.micro_batch_size=4",
-             "train.warmup_steps=2", "train.lr=3e-3", "train.eval_blocks=2", "train.eval_every=0",
+             "optim.warmup_steps=2", "optim.lr=3e-3", "train.eval_blocks=2", "train.eval_every=0",
              "run.progress_bar=false", "train.log_every=10"]  # fmt: skip
 
 
@@ -228,8 +229,8 @@ def test_reward_accuracy_rises_on_a_learnable_preference(tmp_path, pref_data, st
     # dpo from the SFT model its reference values were computed with; orpo (no reference) from scratch
     start = [f"model.pretrained={start_model}"] if objective == "dpo" else []
     r = run_cli("train", *TINY_PREF, f"data.path={pref_data}", f"run.dir={run}", *start,
-                f"train.objective={objective}", "train.max_steps=150", "train.lr=1e-3", "train.log_every=1",
-                "train.dpo_beta=0.5")  # fmt: skip
+                f"objective.kind={objective}", "train.max_steps=150", "optim.lr=1e-3", "train.log_every=1",
+                "objective.dpo_beta=0.5")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [row for row in metrics(run) if "train/reward_accuracy" in row]
     first, last = rows[0]["train/reward_accuracy"], rows[-1]["train/reward_accuracy"]
@@ -245,10 +246,10 @@ def test_dpo_resumes_exactly_and_refuses_another_reference(tmp_path, pref_data, 
 
     run = tmp_path / "run"
     settings = [*TINY_PREF, f"data.path={pref_data}", f"model.pretrained={start_model}", "train.log_every=1",
-                "train.max_steps=8", "train.save_every=4", "train.keep_last=3"]  # fmt: skip
+                "train.max_steps=8", "checkpoint.save_every=4", "checkpoint.keep_last=3"]  # fmt: skip
     r = run_cli("train", *settings, f"run.dir={run}")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "objective: dpo" in (run / "config.yaml").read_text()  # chosen from the data
+    assert load_config(run / "config.yaml").objective.kind == "dpo"  # chosen from the data
     whole = train_losses(metrics(run))
     cut = tmp_path / "cut"
     shutil.copytree(run, cut)
@@ -276,8 +277,8 @@ def test_dpo_on_slurm_survives_preemption_and_moves_to_one_rank(tmp_path, pref_d
 
     needs_slurm()
     common = [*TINY_PREF, f"data.path={pref_data}", f"model.pretrained={start_model}", "train.log_every=1",
-              "train.global_batch_size=8", "train.max_steps=30", "train.save_every=10",
-              "train.keep_last=5"]  # fmt: skip
+              "train.global_batch_size=8", "train.max_steps=30", "checkpoint.save_every=10",
+              "checkpoint.keep_last=5"]  # fmt: skip
     full = tmp_path / "full"
     launch([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())], *common,
            f"run.dir={full}")  # fmt: skip
@@ -314,7 +315,7 @@ def test_reference_values_are_checked_and_survive_a_killed_or_concurrent_rerun(t
     import time
 
     from dist_clm.data import reference_store
-    from dist_clm.data.inspect import inspect, verify
+    from dist_clm.data.audit import inspect, verify
     from dist_clm.errors import DataError
     from tests.helpers import BIN
 
@@ -338,8 +339,8 @@ def test_reference_values_are_checked_and_survive_a_killed_or_concurrent_rerun(t
     assert f"reference values of {old['splits']['train']['conversations']} conversations" in verify(data)[0]
 
     other = tmp_path / "other"  # another model: one ORPO step from scratch
-    r = run_cli("train", *TINY_PREF, f"data.path={data}", f"run.dir={other}", "train.objective=orpo",
-                "train.max_steps=1", "train.warmup_steps=0")  # fmt: skip
+    r = run_cli("train", *TINY_PREF, f"data.path={data}", f"run.dir={other}", "objective.kind=orpo",
+                "train.max_steps=1", "optim.warmup_steps=0")  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
 
     holder = subprocess.Popen([str(BIN / "python"), "-c", "import fcntl, sys, time\nf = open(sys.argv[1], 'a')\n"
@@ -466,7 +467,7 @@ def test_noisy_dpo_runs_train_to_their_last_step(tmp_path, hard_pairs, micro_bat
     (data, start), run = hard_pairs, tmp_path / "run"
     r = run_cli("train", "model.preset=tiny", f"data.block_size={BLOCK}", f"data.path={data}",
                 f"run.dir={run}", f"model.pretrained={start}", f"train.micro_batch_size={micro_batch}",
-                f"train.lr={lr}", "train.dpo_beta=0.5", "train.max_steps=60", "train.log_every=1",
+                f"optim.lr={lr}", "objective.dpo_beta=0.5", "train.max_steps=60", "train.log_every=1",
                 "train.eval_every=0", "train.eval_blocks=2", "run.progress_bar=false")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     losses = list(train_losses(metrics(run)).values())
@@ -486,12 +487,12 @@ def test_a_real_divergence_of_a_preference_objective_is_caught(tmp_path, pref_da
     none yet (the run goes on), its reason and its real gradient norm logged."""
     from tests.helpers import metrics
 
-    common = [*TINY_PREF, f"data.path={pref_data}", f"model.pretrained={start_model}", f"train.objective={objective}",
-              "train.max_steps=18", "train.log_every=1", "train.fault_injection=14:x1000"]  # fmt: skip
-    r = run_cli("train", *common, f"run.dir={tmp_path / 'saved'}", "train.save_every=5")
+    common = [*TINY_PREF, f"data.path={pref_data}", f"model.pretrained={start_model}", f"objective.kind={objective}",
+              "train.max_steps=18", "train.log_every=1", "stability.fault_injection=14:x1000"]  # fmt: skip
+    r = run_cli("train", *common, f"run.dir={tmp_path / 'saved'}", "checkpoint.save_every=5")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "robust spreads" in r.stdout + r.stderr and "rolled back to step 10" in r.stdout + r.stderr
-    r = run_cli("train", *common, f"run.dir={tmp_path / 'unsaved'}", "train.save_every=0")
+    r = run_cli("train", *common, f"run.dir={tmp_path / 'unsaved'}", "checkpoint.save_every=0")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "no checkpoint to roll back to yet: training goes on" in r.stdout + r.stderr
     rows = metrics(tmp_path / "unsaved")

@@ -30,12 +30,12 @@ def test_resume_on_another_number_of_ranks_continues_the_same_run(tmp_path, data
     common = [
         *TINY,
         f"data.path={data_dir}",
-        f"train.zero_stage={stage}",
+        f"distributed.zero_stage={stage}",
         "train.micro_batch_size=2",
         f"train.global_batch_size={GLOBAL}",
         "train.log_every=1",
-        "train.save_every=4",
-        "train.keep_last=5",
+        "checkpoint.save_every=4",
+        "checkpoint.keep_last=5",
         "train.eval_every=0",
         "train.max_steps=8",
     ]

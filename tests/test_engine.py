@@ -14,58 +14,62 @@ from tests.helpers import TINY, metrics, run_cli, train_losses
 
 
 def t(*overrides):
-    return load_config(None, ["train.max_steps=100", "train.warmup_steps=10", *overrides]).train
+    return load_config(None, ["train.max_steps=100", "optim.warmup_steps=10", *overrides]).optim
+
+
+def ds_config(cfg, **kwargs):
+    return deepspeed_config(cfg.train, cfg.optim, cfg.distributed, **kwargs)
 
 
 def test_warmup_then_cosine_linear_and_wsd():
     for schedule in ("cosine", "linear", "wsd"):
-        tr = t(f"train.schedule={schedule}", "train.min_lr_ratio=0.1")
-        assert [lr_factor(s, tr) for s in range(10)] == pytest.approx([(s + 1) / 10 for s in range(10)])
-        assert lr_factor(100, tr) == pytest.approx(0.1)  # every shape ends at min_lr_ratio
-    cos, lin = t("train.schedule=cosine"), t("train.schedule=linear")
-    assert lr_factor(55, cos) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert lr_factor(55, lin) == pytest.approx(1 - 0.9 * 0.5)
-    wsd = t("train.schedule=wsd", "train.decay_fraction=0.2")
-    assert all(lr_factor(s, wsd) == 1.0 for s in range(10, 81))  # stable until the last 20 steps
-    assert lr_factor(90, wsd) == pytest.approx(1 - 0.9 * 0.5)  # then linear down
+        tr = t(f"optim.schedule={schedule}", "optim.min_lr_ratio=0.1")
+        assert [lr_factor(s, tr, 100) for s in range(10)] == pytest.approx([(s + 1) / 10 for s in range(10)])
+        assert lr_factor(100, tr, 100) == pytest.approx(0.1)  # every shape ends at min_lr_ratio
+    cos, lin = t("optim.schedule=cosine"), t("optim.schedule=linear")
+    assert lr_factor(55, cos, 100) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_factor(55, lin, 100) == pytest.approx(1 - 0.9 * 0.5)
+    wsd = t("optim.schedule=wsd", "optim.decay_fraction=0.2")
+    assert all(lr_factor(s, wsd, 100) == 1.0 for s in range(10, 81))  # stable until the last 20 steps
+    assert lr_factor(90, wsd, 100) == pytest.approx(1 - 0.9 * 0.5)  # then linear down
 
 
 def test_generated_config_and_precedence_of_a_users_json(tmp_path):
-    cfg = load_config(None, ["train.precision=fp16", "train.zero_stage=3", "train.offload_optimizer=true",
-                             "train.offload_params=true"])  # fmt: skip
-    ds = deepspeed_config(cfg, on_gpu=True, grad_accum=4)
+    cfg = load_config(None, ["train.precision=fp16", "distributed.zero_stage=3", "distributed.offload_optimizer=true",
+                             "distributed.offload_params=true"])  # fmt: skip
+    ds = ds_config(cfg, on_gpu=True, grad_accum=4)
     assert ds["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16} and not ds["bf16"]["enabled"]
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert ds["gradient_accumulation_steps"] == 4
     assert "fused" not in ds["optimizer"]["params"]  # offloaded: DeepSpeed's CPU Adam steps
-    gpu = deepspeed_config(load_config(None, ["train.precision=bf16"]), on_gpu=True)
+    gpu = ds_config(load_config(None, ["train.precision=bf16"]), on_gpu=True)
     assert gpu["optimizer"]["params"]["fused"] is True and gpu["bf16"]["enabled"]  # torch's fused AdamW
-    assert "fused" not in deepspeed_config(load_config(None, []), on_gpu=False)["optimizer"]["params"]
+    assert "fused" not in ds_config(load_config(None, []), on_gpu=False)["optimizer"]["params"]
 
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"gradient_clipping": 0.5, "zero_optimization": {"reduce_bucket_size": 1000}}))
-    merged = deepspeed_config(load_config(None, [f"train.deepspeed_config={user}"]), on_gpu=False)
+    merged = ds_config(load_config(None, [f"distributed.deepspeed_config={user}"]), on_gpu=False)
     assert merged["gradient_clipping"] == 0.5  # the file wins over train.*
     assert merged["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}  # merged key by key
     for bad, fragment in [
         ({"train_micro_batch_size_per_gpu": 3}, "batch sizes come from train.*"),
-        ({"scheduler": {"type": "WarmupLR"}}, "choose it with train.schedule"),
+        ({"scheduler": {"type": "WarmupLR"}}, "choose it with optim.schedule"),
         ({"sequence_parallel_size": 2}, "sets sequence_parallel_size=2, but dist_clm trains data-parallel only"),
         ({"tensor_parallel": {"autotp_size": 4}}, "sets tensor_parallel.autotp_size=4, but dist_clm trains"),
     ]:
         user.write_text(json.dumps(bad))
         with pytest.raises(UserError, match=fragment):
-            deepspeed_config(load_config(None, [f"train.deepspeed_config={user}"]), on_gpu=False)
+            ds_config(load_config(None, [f"distributed.deepspeed_config={user}"]), on_gpu=False)
     user.write_text("{not json")
     with pytest.raises(UserError, match="is not valid JSON"):
-        deepspeed_config(load_config(None, [f"train.deepspeed_config={user}"]), on_gpu=False)
+        ds_config(load_config(None, [f"distributed.deepspeed_config={user}"]), on_gpu=False)
 
 
 def test_offload_settings_are_checked():
     for override, fragment in [
-        ("train.offload_params=true", "needs train.zero_stage=3"),
-        ("train.decay_fraction=0", "must be in (0, 1]"),
+        ("distributed.offload_params=true", "needs distributed.zero_stage=3"),
+        ("optim.decay_fraction=0", "must be in (0, 1]"),
     ]:
         with pytest.raises(UserError, match=re.escape(fragment)):
             load_config(None, [override])
@@ -74,9 +78,9 @@ def test_offload_settings_are_checked():
 def test_runs_with_wsd_a_merged_config_and_activation_checkpointing(tmp_path, data_dir):
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"gradient_clipping": 0.25}))
-    common = [*TINY, f"data.path={data_dir}", "train.max_steps=8", "train.warmup_steps=2", "train.log_every=1",
-              "train.eval_every=0", "train.schedule=wsd", "train.decay_fraction=0.5",
-              f"train.deepspeed_config={user}"]  # fmt: skip
+    common = [*TINY, f"data.path={data_dir}", "train.max_steps=8", "optim.warmup_steps=2", "train.log_every=1",
+              "train.eval_every=0", "optim.schedule=wsd", "optim.decay_fraction=0.5",
+              f"distributed.deepspeed_config={user}"]  # fmt: skip
     plain, ckpt = tmp_path / "plain", tmp_path / "ckpt"
     for run, extra in ((plain, "false"), (ckpt, "true")):
         r = run_cli("train", *common, f"run.dir={run}", f"train.activation_checkpointing={extra}")
@@ -84,8 +88,8 @@ def test_runs_with_wsd_a_merged_config_and_activation_checkpointing(tmp_path, da
     written = json.loads((plain / "ds_config.json").read_text())
     assert written["gradient_clipping"] == 0.25 and written["zero_optimization"]["stage"] == 2
     lrs = [row["train/lr"] for row in metrics(plain) if "train/lr" in row]
-    tr = load_config(plain / "config.yaml").train
-    assert lrs == pytest.approx([tr.lr * lr_factor(s, tr) for s in range(1, 9)])  # after step s: update s's lr
+    tr = load_config(plain / "config.yaml").optim
+    assert lrs == pytest.approx([tr.lr * lr_factor(s, tr, 8) for s in range(1, 9)])  # after step s: update s's lr
     assert lrs[1:4] == pytest.approx([tr.lr] * 3) and lrs[-1] == pytest.approx(tr.lr * tr.min_lr_ratio)
     # recomputing activations changes memory, not the numbers
     assert train_losses(metrics(ckpt)) == pytest.approx(train_losses(metrics(plain)), rel=1e-5)
@@ -111,11 +115,11 @@ def test_cpu_offload_of_the_optimizer_and_of_parameters_trains_like_the_plain_en
     import yaml
 
     cfg = yaml.safe_load((trained_run / "config.yaml").read_text())
-    same = [f"data.path={cfg['data']['path']}", *TINY, "train.max_steps=12", "train.save_every=0",
+    same = [f"data.path={cfg['data']['path']}", *TINY, "train.max_steps=12", "checkpoint.save_every=0",
             "train.eval_every=0", "train.log_every=3"]  # fmt: skip
     want = train_losses(metrics(trained_run))
-    both = ["train.zero_stage=3", "train.offload_optimizer=true", "train.offload_params=true"]
-    for name, extra in [("opt", ["train.offload_optimizer=true"]), ("both", both)]:
+    both = ["distributed.zero_stage=3", "distributed.offload_optimizer=true", "distributed.offload_params=true"]
+    for name, extra in [("opt", ["distributed.offload_optimizer=true"]), ("both", both)]:
         run = tmp_path / name
         r = run_cli("train", *same, f"run.dir={run}", *extra)
         assert r.returncode == 0, r.stderr[-3000:]

@@ -183,7 +183,7 @@ def wide_zero3_run(tmp_path_factory, data_dir):
     """ZeRO-3 with a wider model (~25 M parameters, 100 MB in fp32), so that export memory is measurable.
     (2-rank ZeRO-2 and ZeRO-3 exports are checked in tests/test_train.py, on its launcher runs.)"""
     run = tmp_path_factory.mktemp("zero3") / "run"
-    r = run_cli("train", *TINY, f"data.path={data_dir}", f"run.dir={run}", "train.zero_stage=3",
+    r = run_cli("train", *TINY, f"data.path={data_dir}", f"run.dir={run}", "distributed.zero_stage=3",
                 "model.overrides.n_embd=512", "model.overrides.n_layer=8", "train.max_steps=3",
                 "train.log_every=1", "train.eval_every=0", "train.eval_blocks=2")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]

@@ -294,7 +294,8 @@ def test_the_preference_loss_of_a_micro_batch_reads_nothing_back_from_the_device
     window, with its reduction."""
     from types import SimpleNamespace
 
-    from dist_clm.objectives import OBJECTIVES
+    from dist_clm.config import ObjectiveConfig
+    from dist_clm.objectives import for_run
     from dist_clm.preference import STATS
 
     model = tiny("tiny", "sdpa").float()
@@ -305,11 +306,11 @@ def test_the_preference_loss_of_a_micro_batch_reads_nothing_back_from_the_device
     labels = torch.where((positions >= 5) & (torch.arange(64) < 50), ids, -100)  # two learned conversations a row
     reference = torch.full((4, 32), float("nan"))
     reference[:, :2] = -20.0
-    t = SimpleNamespace(objective=objective, dpo_beta=0.1, orpo_lambda=0.1, spike_factor=2.0)
+    settings = ObjectiveConfig(kind=objective)
     run = SimpleNamespace(engine=model)
     inputs = {"input_ids": ids, "labels": labels, "position_ids": positions, "reference": reference}
     with HostReads() as reads:
-        loss, stats = OBJECTIVES[objective](t).loss(run, inputs, {"num_items_in_batch": torch.tensor(4.0)})
+        loss, stats = for_run(settings, 2.0).loss(run, inputs, {"num_items_in_batch": torch.tensor(4.0)})
         loss.backward()
     assert reads.seen == []
     assert len(stats) == len(STATS) and stats.tolist()[0] == 4 and stats.tolist()[-1] == 0  # 4 pairs, all whole
@@ -344,15 +345,15 @@ def test_batches_are_pinned_for_a_gpu_and_copied_without_waiting(monkeypatch, da
 
     from dist_clm.config import load_config
     from dist_clm.data.order import DataPosition
-    from dist_clm.data.provenance import training_sources
+    from dist_clm.data.run_data import training_sources
     from dist_clm.setup import Run
     from dist_clm.step import model_inputs
 
     cfg = load_config(None, [*TINY, f"data.path={data_dir}"])
-    sources = training_sources(cfg)
+    sources = training_sources(cfg.data)
     env = SimpleNamespace(rank=0, world_size=1, device="cuda:0")
     run = Run(cfg, env, sources, SimpleNamespace(module=torch.nn.Linear(1, 1)), None, 1, "bf16", 0, 0.0, None, None,
-              {"data": DataPosition.from_config(cfg, sources, 4)}, None, None, None)  # fmt: skip
+              {"data": DataPosition.from_config(cfg.data, cfg.run.dir, sources, 4)}, None, None, None)  # fmt: skip
     assert run.loader().pin_memory
     env.device = "cpu"
     assert not run.loader().pin_memory

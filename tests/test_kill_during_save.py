@@ -1,5 +1,5 @@
 """A run killed (SIGKILL) while it is writing a checkpoint resumes from the previous complete one: whether the
-step loop waits for the write (train.async_save=false) or goes on while a background thread writes it."""
+step loop waits for the write (checkpoint.async_save=false) or goes on while a background thread writes it."""
 
 import json
 import os
@@ -55,8 +55,8 @@ def _kill_during_a_save(tmp_path, data_dir, async_save: bool):
         # a wider model, so that each save takes long enough to be caught in the act
         cmd = [str(BIN / "dist-clm"), "train", *TINY, f"data.path={data_dir}", f"run.dir={run}",
                "model.overrides.n_embd=256", "model.overrides.n_layer=4",
-               f"train.async_save={str(async_save).lower()}", "train.max_steps=60",
-               f"train.save_every={2 if async_save else 1}", "train.keep_last=3", "train.log_every=1",
+               f"checkpoint.async_save={str(async_save).lower()}", "train.max_steps=60",
+               f"checkpoint.save_every={2 if async_save else 1}", "checkpoint.keep_last=3", "train.log_every=1",
                "train.eval_every=0"]  # fmt: skip
         caught, trained_past = _catch_a_save(run, cmd, async_save)
         if caught is not None:

@@ -34,7 +34,7 @@ from tests.helpers import (
 
 pytestmark = pytest.mark.slow
 
-COMMON = [*TINY, "train.micro_batch_size=2", "train.max_steps=8", "train.save_every=4", "train.keep_last=5",
+COMMON = [*TINY, "train.micro_batch_size=2", "train.max_steps=8", "checkpoint.save_every=4", "checkpoint.keep_last=5",
           "train.log_every=1", "train.eval_every=0", "train.eval_blocks=2"]  # fmt: skip
 SLURM_2x2 = ["launch", "slurm", "--nodes", "2", "--tasks-per-node", "2", "--cpus-per-task", "1", "--partition",
              "multi", "--time", "30"]  # fmt: skip
@@ -142,7 +142,7 @@ def results(run, job: str) -> list[dict]:
 def test_a_preempted_two_node_job_resumes_exactly_and_one_whose_node_dies_comes_back(tmp_path, data_dir):
     needs_slurm("multi")
     run = tmp_path / "run"
-    job = submit(run, data_dir, "train.max_steps=70", "train.save_every=10", "train.keep_last=20")
+    job = submit(run, data_dir, "train.max_steps=70", "checkpoint.save_every=10", "checkpoint.keep_last=20")
     try:
         # 1. preemption (SLURM's USR2 to every task on both nodes): all agree, save, requeue, resume exactly
         wait_for(lambda: len(logged_steps(run)) >= 5, "the first steps")
@@ -182,7 +182,7 @@ def test_a_preempted_two_node_job_resumes_exactly_and_one_whose_node_dies_comes_
 def test_a_stalled_rank_is_named_and_the_job_comes_back(tmp_path, data_dir):
     needs_slurm("multi")
     run = tmp_path / "run"
-    job = submit(run, data_dir, "train.max_steps=40", "train.save_every=5", "train.collective_timeout_s=15")
+    job = submit(run, data_dir, "train.max_steps=40", "checkpoint.save_every=5", "distributed.collective_timeout_s=15")
     try:
         wait_for(lambda: len(logged_steps(run)) >= 8, "the first steps", 300)
         stalled = json.loads((run / "ranks.json").read_text())[3]
@@ -211,7 +211,7 @@ def test_ranks_that_abort_without_a_word_are_lost_peers_and_the_job_comes_back(t
     last complete checkpoint."""
     needs_slurm("multi")
     run = tmp_path / "run"
-    job = submit(run, data_dir, "train.max_steps=20", "train.save_every=5")
+    job = submit(run, data_dir, "train.max_steps=20", "checkpoint.save_every=5")
     try:
         wait_for(lambda: len(logged_steps(run)) >= 8, "the first steps", 300)
         ranks = json.loads((run / "ranks.json").read_text())
@@ -239,7 +239,7 @@ def test_a_straggler_is_measured_on_the_steps_agreement_and_named(tmp_path, data
     run = tmp_path / "run"
     r = launch([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())], *TINY,
                f"data.path={data_dir}", f"run.dir={run}", "train.max_steps=8", "train.log_every=2",
-               "train.eval_every=0", "train.fault_injection=1-8:sleep0.3@1")  # fmt: skip
+               "train.eval_every=0", "stability.fault_injection=1-8:sleep0.3@1")  # fmt: skip
     windows = [row for row in metrics(run) if "train/straggler_lag" in row]
     assert [w["step"] for w in windows] == [2, 4, 6, 8]
     assert all(w["train/straggler_rank"] == 1 and w["train/straggler_lag"] > 1.5 for w in windows)

@@ -60,7 +60,7 @@ def test_a_prefix_without_manifest_is_not_data(s3, tmp_path):
 @pytest.mark.slow
 def test_two_ranks_train_from_s3_as_from_the_local_copy_within_a_bounded_cache(s3, remote_data, data_dir, tmp_path):
     # windows of 2000 tokens: the 12 steps read several windows, so more shards than the cache can hold
-    common = [*TINY, "train.max_steps=12", "train.eval_every=0", "train.log_every=1", "train.save_every=6",
+    common = [*TINY, "train.max_steps=12", "train.eval_every=0", "train.log_every=1", "checkpoint.save_every=6",
               "data.shuffle_window=2000"]  # fmt: skip
     torchrun = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m",
                 "dist_clm", "train"]  # fmt: skip

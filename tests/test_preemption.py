@@ -21,8 +21,8 @@ pytestmark = pytest.mark.slow
 def command(run, data_dir, stage: int) -> list[str]:
     return [
         str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "dist_clm",
-        "train", *TINY, f"data.path={data_dir}", f"run.dir={run}", f"train.zero_stage={stage}",
-        "train.max_steps=10", "train.save_every=0", "train.log_every=1", "train.eval_every=0",
+        "train", *TINY, f"data.path={data_dir}", f"run.dir={run}", f"distributed.zero_stage={stage}",
+        "train.max_steps=10", "checkpoint.save_every=0", "train.log_every=1", "train.eval_every=0",
         "model.overrides.resid_pdrop=0.1", "model.overrides.attn_pdrop=0.1", "model.overrides.embd_pdrop=0.1",
     ]  # fmt: skip
 

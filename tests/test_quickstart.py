@@ -14,9 +14,9 @@ def test_quickstart_runs_the_whole_path_on_the_embedded_corpus(tmp_path):
         "--dir",
         str(d),
         "train.max_steps=60",
-        "train.warmup_steps=5",
+        "optim.warmup_steps=5",
         "train.eval_every=30",
-        "train.save_every=30",
+        "checkpoint.save_every=30",
     )
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
@@ -27,7 +27,7 @@ def test_quickstart_runs_the_whole_path_on_the_embedded_corpus(tmp_path):
     assert "def __init__(self" in out.split("5/6 generate")[1]
     assert (d / "export" / "model.safetensors").is_file()
     # a rerun replaces its own directory
-    again = run_cli("quickstart", "--dir", str(d), "train.max_steps=10", "train.warmup_steps=2")
+    again = run_cli("quickstart", "--dir", str(d), "train.max_steps=10", "optim.warmup_steps=2")
     assert again.returncode == 0, again.stderr[-2000:]
 
 

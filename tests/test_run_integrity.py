@@ -20,8 +20,8 @@ from dist_clm.errors import UserError
 from tests.helpers import BIN, REPO, TINY, assert_clean_error, metrics, run_cli, train_losses
 
 # the overrides of the session's trained_run fixture (12 steps, checkpoints at 6 and 12)
-TRAINED = ["train.max_steps=12", "train.save_every=6", "train.eval_every=6", "train.log_every=3",
-           "train.zero_stage=2"]  # fmt: skip
+TRAINED = ["train.max_steps=12", "checkpoint.save_every=6", "train.eval_every=6", "train.log_every=3",
+           "distributed.zero_stage=2"]  # fmt: skip
 
 
 def copy_run(trained_run, tmp_path) -> Path:
@@ -42,7 +42,7 @@ def wait_for(predicate, what: str, timeout: float = 300) -> None:
 @pytest.mark.slow
 def test_a_second_trainer_is_refused_while_the_first_runs_and_a_dead_ones_lock_goes_with_it(tmp_path, data_dir):
     run = tmp_path / "run"
-    common = [*TINY, f"data.path={data_dir}", f"run.dir={run}", "train.save_every=2", "train.log_every=1",
+    common = [*TINY, f"data.path={data_dir}", f"run.dir={run}", "checkpoint.save_every=2", "train.log_every=1",
               "train.eval_every=0"]  # fmt: skip
     first = subprocess.Popen([str(BIN / "dist-clm"), "train", *common, "train.max_steps=100000"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
@@ -64,10 +64,10 @@ def test_a_run_directory_keeps_its_training(trained_run, tmp_path, data_dir, cor
     run = copy_run(trained_run, tmp_path)
     same = [*TINY, f"data.path={data_dir}", f"run.dir={run}"]
 
-    r = run_cli("train", *same, *TRAINED, "train.lr=1e-3")
-    assert_clean_error(r, "holds checkpoints of another training", "train.lr: 0.003 -> 0.001", "run.overwrite=true")
-    r = run_cli("train", *same, *TRAINED, "train.resume=false")
-    assert_clean_error(r, "train.resume=false but run directory", "step_00000012", "run.overwrite=true")
+    r = run_cli("train", *same, *TRAINED, "optim.lr=1e-3")
+    assert_clean_error(r, "holds checkpoints of another training", "optim.lr: 0.003 -> 0.001", "run.overwrite=true")
+    r = run_cli("train", *same, *TRAINED, "checkpoint.resume=false")
+    assert_clean_error(r, "checkpoint.resume=false but run directory", "step_00000012", "run.overwrite=true")
 
     # data made with another tokenizer, in a directory of the same name
     from dist_clm.data import sources
@@ -87,7 +87,7 @@ def test_a_run_directory_keeps_its_training(trained_run, tmp_path, data_dir, cor
     assert "resumed from" in r.stdout + r.stderr and list(train_losses(metrics(run)))[-1] == 13
 
     # an explicit overwrite starts afresh: the earlier run's checkpoints and metrics are gone
-    r = run_cli("train", *same, *TRAINED, "train.lr=1e-3", "train.max_steps=3", "train.log_every=1",
+    r = run_cli("train", *same, *TRAINED, "optim.lr=1e-3", "train.max_steps=3", "train.log_every=1",
                 "run.overwrite=true")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert "deleting the earlier run" in r.stdout + r.stderr
@@ -106,7 +106,7 @@ def test_checkpoints_and_prepared_data_are_durable_before_they_are_marked_comple
 
     run = tmp_path / "run"
     events = record("train", *TINY, f"data.path={data_dir}", f"run.dir={run}", "train.max_steps=3",
-                    "train.save_every=1", "train.eval_every=0", "train.eval_blocks=1")  # fmt: skip
+                    "checkpoint.save_every=1", "train.eval_every=0", "train.eval_blocks=1")  # fmt: skip
     for tag_dir in sorted((run / "checkpoints").glob("step_*")):
         marker = json.loads((tag_dir / COMPLETE).read_text())
         # the marker's own rename: after every file it lists and the directory were fsynced
@@ -194,7 +194,7 @@ def test_pruning_leaves_a_checkpoint_that_is_being_read(trained_run, tmp_path, d
     try:
         assert reader.stdout.readline().strip().endswith("step_00000012")  # held from here on
         r = run_cli("train", *TINY, f"data.path={data_dir}", f"run.dir={run}", *TRAINED[1:], "train.max_steps=14",
-                    "train.save_every=1", "train.keep_last=1")  # fmt: skip
+                    "checkpoint.save_every=1", "checkpoint.keep_last=1")  # fmt: skip
         assert r.returncode == 0, r.stderr[-3000:]
         assert "step_00000012 a while: a reader" in r.stderr
         kept = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
@@ -212,7 +212,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_sentence(tmp_path, data_dir):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mnt)]).returncode != 0:
         pytest.skip("mounting a small tmpfs needs root")
     try:
-        common = [*TINY, f"data.path={data_dir}", f"run.dir={mnt / 'run'}", "train.save_every=1",
+        common = [*TINY, f"data.path={data_dir}", f"run.dir={mnt / 'run'}", "checkpoint.save_every=1",
                   "train.eval_every=0", "train.eval_blocks=1", "run.tensorboard=false"]  # fmt: skip
         r = run_cli("train", *common, "train.max_steps=3")  # refused before a byte of the checkpoint is written
         assert_clean_error(r, "not enough space to save checkpoint", "step_00000001", "MiB free", "free space")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from dist_clm.config import load_config
 from tests.helpers import TINY, assert_clean_error, metrics, run_cli, train_losses
 
 BLOCK = 128
@@ -164,14 +165,14 @@ def test_the_step_loss_is_the_mean_over_all_its_learned_tokens(tmp_path, sft_dat
     from dist_clm.attention import build_model_with
     from dist_clm.config import load_config
     from dist_clm.data.loader import TrainLoader
-    from dist_clm.data.provenance import run_tokenizer, training_sources
+    from dist_clm.data.run_data import run_tokenizer, training_sources
     from dist_clm.distributed import free_port
-    from dist_clm.setup import resolve_fine_tuning
+    from dist_clm.setup import settle
     from tests.helpers import BIN, launch
 
     run = tmp_path / "run"
     settings = [*SFT, f"data.path={sft_data}", f"run.dir={run}", "train.micro_batch_size=2", "train.grad_accum=2",
-                "train.max_steps=1", "train.warmup_steps=0", "train.eval_blocks=1"]  # fmt: skip
+                "train.max_steps=1", "optim.warmup_steps=0", "train.eval_blocks=1"]  # fmt: skip
     if world == 1:
         r = run_cli("train", *settings)
         assert r.returncode == 0, r.stderr[-3000:]
@@ -180,14 +181,14 @@ def test_the_step_loss_is_the_mean_over_all_its_learned_tokens(tmp_path, sft_dat
     logged = train_losses(metrics(run))[1]
 
     cfg = load_config(None, settings)
-    sources = training_sources(cfg)
-    resolve_fine_tuning(cfg, sources)
+    sources = training_sources(cfg.data)
+    cfg = settle(cfg, sources)
     torch.manual_seed(cfg.train.seed)  # the initial weights train() starts from
     model = build_model_with(["sdpa"], cfg.model.preset, "", cfg.model.overrides, run_tokenizer(sources)).eval()
     sums, counts = [], []
     with torch.no_grad():
         for rank in range(world):
-            loader = iter(TrainLoader.from_config(cfg, sources, rank=rank, world=world, grad_accum=2))
+            loader = iter(TrainLoader.from_config(cfg.data, cfg.train, sources, rank=rank, world=world, grad_accum=2))
             for _ in range(2):
                 b = next(loader)
                 logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits
@@ -206,19 +207,19 @@ def test_the_step_loss_is_the_mean_over_all_its_learned_tokens(tmp_path, sft_dat
 
 def test_sft_resumes_exactly_evaluates_learned_tokens_and_chats(tmp_path, sft_data):
     run = tmp_path / "run"
-    settings = [*SFT, f"data.path={sft_data}", f"run.dir={run}", "train.max_steps=8", "train.save_every=4",
-                "train.keep_last=3"]  # fmt: skip
+    settings = [*SFT, f"data.path={sft_data}", f"run.dir={run}", "train.max_steps=8", "checkpoint.save_every=4",
+                "checkpoint.keep_last=3"]  # fmt: skip
     r = run_cli("train", *settings)
     assert r.returncode == 0, r.stderr[-3000:]
-    cfg = (run / "config.yaml").read_text()
-    assert "objective: sft" in cfg and "document_mask: true" in cfg  # chosen from the data
+    cfg = load_config(run / "config.yaml")
+    assert cfg.objective.kind == "sft" and cfg.data.document_mask is True  # chosen from the data
     whole = train_losses(metrics(run))
 
     cut = tmp_path / "cut"
     shutil.copytree(run, cut)
     shutil.rmtree(cut / "checkpoints" / "step_00000008")
-    r = run_cli("train", *SFT, f"data.path={sft_data}", f"run.dir={cut}", "train.max_steps=8", "train.save_every=4",
-                "train.keep_last=3")  # fmt: skip
+    r = run_cli("train", *SFT, f"data.path={sft_data}", f"run.dir={cut}", "train.max_steps=8",
+                "checkpoint.save_every=4", "checkpoint.keep_last=3")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     resumed = train_losses(metrics(cut))
     assert [resumed[s] for s in range(5, 9)] == [whole[s] for s in range(5, 9)]  # bit for bit
@@ -304,8 +305,9 @@ def test_sft_rolls_back_under_the_deepspeed_launcher_and_resumes_on_one_rank(tmp
     from dist_clm.distributed import free_port
     from tests.helpers import BIN, launch, resume_moved, train_state
 
-    common = [*SFT, f"data.path={sft_data}", "train.global_batch_size=8", "train.max_steps=8", "train.save_every=2",
-              "train.keep_last=10", "train.spike_window=3", "train.fault_injection=5:x10"]  # fmt: skip
+    common = [*SFT, f"data.path={sft_data}", "train.global_batch_size=8", "train.max_steps=8",
+              "checkpoint.save_every=2", "checkpoint.keep_last=10", "stability.spike_window=3",
+              "stability.fault_injection=5:x10"]  # fmt: skip
     full = tmp_path / "full"
     deepspeed = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
     r = launch(deepspeed, *common, f"run.dir={full}")

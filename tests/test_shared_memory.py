@@ -46,7 +46,7 @@ def test_kill_9_leaves_nothing_behind_and_the_rerun_resumes(tmp_path, data_dir):
     for rank in (0, 1):
         (Path("/dev/shm") / f"{DS_SHM}{os.getuid()}_127.0.0.1_{port}_{rank}").write_bytes(b"x")
     run = tmp_path / "run"
-    proc = start(run, data_dir, port, "train.max_steps=400", "train.save_every=2")
+    proc = start(run, data_dir, port, "train.max_steps=400", "checkpoint.save_every=2")
     deadline = time.time() + 300
     while not complete_checkpoints(run) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
@@ -59,7 +59,7 @@ def test_kill_9_leaves_nothing_behind_and_the_rerun_resumes(tmp_path, data_dir):
 
     killed_at = int(complete_checkpoints(run)[-1].name.split("_")[1])
     skip = len(metrics(run))
-    again = start(run, data_dir, port, f"train.max_steps={killed_at + 3}", "train.save_every=2")
+    again = start(run, data_dir, port, f"train.max_steps={killed_at + 3}", "checkpoint.save_every=2")
     assert again.wait(timeout=300) == 0, (run.parent / "run.log").read_text()[-3000:]
     assert list(train_losses(metrics(run, skip))) == [killed_at + 1, killed_at + 2, killed_at + 3]
     assert set(os.listdir("/dev/shm")) - before == set()
@@ -68,7 +68,7 @@ def test_kill_9_leaves_nothing_behind_and_the_rerun_resumes(tmp_path, data_dir):
 def test_two_runs_side_by_side_on_one_data_directory(tmp_path, data_dir):
     before = set(os.listdir("/dev/shm"))
     runs = [tmp_path / "a", tmp_path / "b"]
-    procs = [start(r, data_dir, free_port(), "train.max_steps=6", "train.save_every=3") for r in runs]
+    procs = [start(r, data_dir, free_port(), "train.max_steps=6", "checkpoint.save_every=3") for r in runs]
     for r, p in zip(runs, procs, strict=True):
         assert p.wait(timeout=400) == 0, (r.parent / f"{r.name}.log").read_text()[-3000:]
         assert list(train_losses(metrics(r))) == list(range(1, 7))

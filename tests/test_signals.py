@@ -61,8 +61,8 @@ def checkpoint_step(run) -> int:
 @pytest.mark.parametrize("workers", [0, 2])
 def test_sigterm_to_the_process_group_ends_in_a_checkpoint(tmp_path, data_dir, workers):
     run = tmp_path / "run"
-    common = [*TINY, f"data.path={data_dir}", f"run.dir={run}", f"data.num_workers={workers}", "train.save_every=0",
-              "train.log_every=1", "train.eval_every=0"]  # fmt: skip
+    common = [*TINY, f"data.path={data_dir}", f"run.dir={run}", f"data.num_workers={workers}",
+              "checkpoint.save_every=0", "train.log_every=1", "train.eval_every=0"]  # fmt: skip
     proc = start([str(BIN / "dist-clm"), "train", *common, "train.max_steps=100000"])
     wait_for_steps(run, 3, proc)
     os.killpg(proc.pid, signal.SIGTERM)  # the trainer and its loader workers alike, as SLURM and terminals do
@@ -89,7 +89,7 @@ def test_sigterm_to_the_launcher_command_ends_in_a_checkpoint(tmp_path, data_dir
         head = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", port, "--module"]
     else:
         head = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port, "-m"]
-    common = [*TINY, f"data.path={data_dir}", f"run.dir={run}", "data.num_workers=2", "train.save_every=0",
+    common = [*TINY, f"data.path={data_dir}", f"run.dir={run}", "data.num_workers=2", "checkpoint.save_every=0",
               "train.log_every=1", "train.eval_every=0"]  # fmt: skip
     proc = start([*head, "dist_clm", "train", *common, "train.max_steps=100000"])
     wait_for_steps(run, 3, proc)

@@ -27,8 +27,8 @@ def test_dry_run_prints_the_sbatch_script(tmp_path):
     assert "srun" in r.stdout and "submitit.core._submit" in r.stdout
     assert "trap 'dist_clm_after_srun $?' EXIT" in r.stdout  # the guard for ranks lost without a word
     assert not (tmp_path / "run").exists()  # nothing written, nothing submitted
-    sweep = run_cli("launch", "slurm", "--dry-run", f"run.dir={tmp_path / 'run'}", "--sweep", "train.lr=1e-3",
-                    "--sweep", "train.lr=3e-4")  # fmt: skip
+    sweep = run_cli("launch", "slurm", "--dry-run", f"run.dir={tmp_path / 'run'}", "--sweep", "optim.lr=1e-3",
+                    "--sweep", "optim.lr=3e-4")  # fmt: skip
     assert "#SBATCH --array=0-1" in sweep.stdout
 
 
@@ -58,9 +58,9 @@ def test_two_task_job_trains_and_survives_three_kinds_of_preemption(tmp_path, da
     needs_slurm()
     run = tmp_path / "run"
     settings = SlurmSettings(tasks_per_node=2, cpus_per_task=1, time_min=60, signal_delay_s=30, max_requeues=5)
-    overrides = [*TINY, f"data.path={data_dir}", f"run.dir={run}", "train.max_steps=250", "train.save_every=10",
-                 "train.keep_last=50", "train.log_every=1", "train.eval_every=0", "train.eval_blocks=2",
-                 "train.fault_injection=1-250:sleep0.05"]  # (a paced run: each preemption lands mid-run)  # fmt: skip
+    overrides = [*TINY, f"data.path={data_dir}", f"run.dir={run}", "train.max_steps=250", "checkpoint.save_every=10",
+                 "checkpoint.keep_last=50", "train.log_every=1", "train.eval_every=0", "train.eval_blocks=2",
+                 "stability.fault_injection=1-250:sleep0.05"]  # (paced: each preemption lands mid-run)  # fmt: skip
     [(job, run_dir)] = submit(settings, None, overrides)
     assert run_dir == run and (run / "slurm").is_dir()
 
@@ -102,7 +102,7 @@ def test_a_sweep_through_the_command_is_one_job_array_with_a_run_directory_per_m
     needs_slurm()
     sweep = tmp_path / "sweep"
     r = run_cli("launch", "slurm", "--tasks-per-node", "1", "--cpus-per-task", "1", "--time", "30",
-                "--signal-delay", "30", "--sweep", "train.lr=1e-3", "--sweep", "train.lr=3e-3 train.seed=7",
+                "--signal-delay", "30", "--sweep", "optim.lr=1e-3", "--sweep", "optim.lr=3e-3 train.seed=7",
                 "--wait", *TINY, f"data.path={data_dir}", f"run.dir={sweep}", "train.max_steps=3",
                 "train.eval_every=0", "train.log_every=1")  # fmt: skip
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

@@ -1,6 +1,6 @@
 """NaNs and loss spikes: a bad step is agreed by every rank and not applied; K bad steps in a row or a spike
 roll back to the last checkpoint and skip the data window that led there. Faults are injected into the loss
-with train.fault_injection, in real runs."""
+with stability.fault_injection, in real runs."""
 
 import json
 import math
@@ -106,9 +106,9 @@ def test_two_ranks_agree_to_skip_and_roll_back(tmp_path, data_dir):
     # step 12: the loss x10 on both ranks (a spike: roll back)
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "dist_clm",
            "train", *TINY, f"data.path={data_dir}", f"run.dir={run}", "train.max_steps=14", "train.grad_accum=2",
-           "train.save_every=1", "train.keep_last=20", "train.log_every=1", "train.eval_every=0",
-           "train.max_bad_steps=2", "train.spike_window=4",
-           "train.fault_injection=3:nan@1,7:nan@0,8:inf@1,12:x10"]  # fmt: skip
+           "checkpoint.save_every=1", "checkpoint.keep_last=20", "train.log_every=1", "train.eval_every=0",
+           "stability.max_bad_steps=2", "stability.spike_window=4",
+           "stability.fault_injection=3:nan@1,7:nan@0,8:inf@1,12:x10"]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout + r.stderr
@@ -139,11 +139,12 @@ def test_two_ranks_agree_to_skip_and_roll_back(tmp_path, data_dir):
 def test_zero0_fp32_skips_too_and_without_a_checkpoint_divergence_is_a_clear_error(tmp_path, data_dir):
     # ZeRO-0 in fp32 is the one setting where DeepSpeed has no overflow path: dist_clm drops the gradients
     run = tmp_path / "zero0"
-    common = [*TINY, f"data.path={data_dir}", "train.log_every=1", "train.eval_every=0", "train.max_bad_steps=2"]
-    r = run_cli("train", *common, f"run.dir={run}", "train.zero_stage=0", "train.max_steps=4", "train.save_every=1",
-                "train.keep_last=5", "train.warmup_steps=3", "train.fault_injection=2:nan")  # fmt: skip
+    common = [*TINY, f"data.path={data_dir}", "train.log_every=1", "train.eval_every=0", "stability.max_bad_steps=2"]
+    r = run_cli("train", *common, f"run.dir={run}", "distributed.zero_stage=0", "train.max_steps=4",
+                "checkpoint.save_every=1", "checkpoint.keep_last=5", "optim.warmup_steps=3",
+                "stability.fault_injection=2:nan")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "WARNING: fault injection is on (train.fault_injection='2:nan')" in r.stdout + r.stderr  # said loudly
+    assert "WARNING: fault injection is on (stability.fault_injection='2:nan')" in r.stdout + r.stderr  # said loudly
     assert [row["step"] for row in metrics(run) if "faults/injected" in row] == [2]  # and logged where it happened
     assert same(weights(run, 1), weights(run, 2)) and not same(weights(run, 2), weights(run, 3))
     rows = {row["step"]: row for row in metrics(run) if "train/lr" in row}
@@ -154,9 +155,9 @@ def test_zero0_fp32_skips_too_and_without_a_checkpoint_divergence_is_a_clear_err
     assert run_cli("export", str(run), "--out", str(tmp_path / "hf")).returncode == 0
     check_export(tmp_path / "hf", checkpoint_dir(run, 4))
 
-    r = run_cli("train", *common, f"run.dir={tmp_path / 'nockpt'}", "train.max_steps=5", "train.save_every=0",
-                "train.fault_injection=2:nan,3:inf")  # fmt: skip
-    assert_clean_error(r, "training diverged at step 3", "no checkpoint to roll back to", "lower train.lr")
+    r = run_cli("train", *common, f"run.dir={tmp_path / 'nockpt'}", "train.max_steps=5", "checkpoint.save_every=0",
+                "stability.fault_injection=2:nan,3:inf")  # fmt: skip
+    assert_clean_error(r, "training diverged at step 3", "no checkpoint to roll back to", "lower optim.lr")
 
 
 DROPPED_UPDATE = """

@@ -64,8 +64,8 @@ def test_rerun_of_a_finished_run_resumes_and_does_nothing(trained_run, tmp_path,
         f"data.path={data_dir}",
         f"run.dir={run}",
         "train.max_steps=12",
-        "train.save_every=6",
-        "train.zero_stage=2",
+        "checkpoint.save_every=6",
+        "distributed.zero_stage=2",
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from" in r.stderr + r.stdout and "step_00000012" in r.stderr + r.stdout
@@ -79,11 +79,11 @@ def test_deepspeed_launcher_zero2_bf16_two_ranks_loss_falls_and_resume_continues
     common = [
         *TINY,
         f"data.path={data_dir}",
-        "train.zero_stage=2",
+        "distributed.zero_stage=2",
         "train.precision=bf16",
         "train.log_every=1",
-        "train.save_every=4",
-        "train.keep_last=5",
+        "checkpoint.save_every=4",
+        "checkpoint.keep_last=5",
         "train.eval_every=0",
         "train.max_steps=12",
         "train.micro_batch_size=2",
@@ -136,9 +136,9 @@ def test_torchrun_two_ranks_zero3_llama_and_export(tmp_path, data_dir):
 
     run = tmp_path / "tr"
     llama = ["model.preset=tiny-llama", "model.overrides.hidden_size=64", "model.overrides.intermediate_size=172"]
-    common = [*llama, "data.block_size=64", "train.micro_batch_size=4", "train.warmup_steps=1", "train.eval_blocks=4",
-              "run.progress_bar=false", f"data.path={data_dir}", "train.zero_stage=3", "train.max_steps=4",
-              "train.save_every=4", "train.log_every=2"]  # fmt: skip
+    common = [*llama, "data.block_size=64", "train.micro_batch_size=4", "optim.warmup_steps=1", "train.eval_blocks=4",
+              "run.progress_bar=false", f"data.path={data_dir}", "distributed.zero_stage=3", "train.max_steps=4",
+              "checkpoint.save_every=4", "train.log_every=2"]  # fmt: skip
     for head, where in (("auto", run), ("plain", tmp_path / "plain")):  # the fused loss head, then the plain one
         tr = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
         launch(tr, *common, f"run.dir={where}", f"train.loss_head={head}")
@@ -194,7 +194,7 @@ def test_staged_mixture_switches_at_its_step_is_logged_and_resumes_across_it_exa
     settings = (
         *TINY, f"run.dir={run}", f"data.mix=[{{path: {data_dir}, name: a}}, {{path: {data_dir_b}, name: b}}]",
         "data.stages=[{until: 4, weights: {a: 3, b: 1}}, {weights: {a: 1, b: 3}}]", "train.max_steps=8",
-        "train.log_every=1", "train.eval_every=0", "train.save_every=3", "train.keep_last=3",
+        "train.log_every=1", "train.eval_every=0", "checkpoint.save_every=3", "checkpoint.keep_last=3",
     )  # fmt: skip
     r = run_cli("train", *settings)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -64,8 +64,8 @@ def read_manifest(data_dir: str | Path) -> dict:
 
 
 def token_limit(manifest: dict) -> int:
-    """The largest token id a prepared directory may hold: the one prepare saw, else the tokenizer's largest."""
-    return int(manifest.get("max_token_id", manifest["tokenizer"]["vocab_size"] - 1))
+    """The largest token id a prepared directory may hold (the largest prepare wrote)."""
+    return int(manifest["max_token_id"])
 
 
 def plain_name(name: object) -> bool:

@@ -42,7 +42,7 @@ from dist_clm.errors import UserError
 from dist_clm.preemption import ignore_stop_signals
 
 if TYPE_CHECKING:
-    from dist_clm.config import Config
+    from dist_clm.config import DataConfig, TrainConfig
     from dist_clm.data.order import DataPosition
 
 
@@ -170,7 +170,8 @@ class TrainLoader:
     @classmethod
     def from_config(
         cls,
-        cfg: Config,
+        d: DataConfig,
+        t: TrainConfig,
         sources: list[Source],
         position: DataPosition | None = None,
         *,
@@ -179,9 +180,8 @@ class TrainLoader:
         grad_accum: int,
         pin_memory: bool = False,
     ) -> TrainLoader:
-        """The loader a run's config means (data.* and the batch and seed of train.*), for this rank, from
+        """The loader the data section and the loop's batch and seed (train.*) mean, for this rank, from
         `position` (None: the start)."""
-        d, t = cfg.data, cfg.train
         return cls(
             sources, position, block_size=d.block_size, shuffle_window=d.shuffle_window, stages=d.stages,
             micro_batch=t.micro_batch_size, grad_accum=grad_accum, rank=rank, world=world,

@@ -140,10 +140,10 @@ class DataPosition:
         self.blocks_consumed = 0
 
     @classmethod
-    def from_config(cls, cfg, sources, global_batch: int, writes: bool = True) -> DataPosition:
-        d = cfg.data
+    def from_config(cls, d, run_dir, sources, global_batch: int, writes: bool = True) -> DataPosition:
+        """At the start of the data section `d` (config.DataConfig) for a run in `run_dir`."""
         return cls(sources, block_size=d.block_size, global_batch=global_batch, shuffle_window=d.shuffle_window,
-                   stages=d.stages, run_dir=cfg.run.dir, writes=writes)  # fmt: skip
+                   stages=d.stages, run_dir=run_dir, writes=writes)  # fmt: skip
 
     def state_dict(self) -> dict:
         return {

@@ -39,15 +39,6 @@ from pathlib import Path
 from dist_clm.errors import DataError, UserError
 
 RETRIES = 4  # after the first try; waits 1, 2, 4, 8 s
-TOKENIZER_FILES = (  # what save_pretrained writes, for manifests that do not list their tokenizer's files
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "vocab.json",
-    "merges.txt",
-)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
 
@@ -219,13 +210,13 @@ class Mirror:
             self._fetch("manifest.json", local, check=None, fresh=True)
             manifest = json.loads(local.read_bytes())
             self._manifest = manifest
-            names = manifest.get("tokenizer", {}).get("files") if isinstance(manifest, dict) else None
-            for name in names or TOKENIZER_FILES:
+            # (a manifest of another format names no files here: reading it refuses it, data.format.read_manifest)
+            names = manifest.get("tokenizer", {}).get("files", []) if isinstance(manifest, dict) else []
+            for name in names:
                 try:
                     self._fetch(f"tokenizer/{name}", self.root / "tokenizer" / name, check=None, fresh=True)
                 except FileNotFoundError:
-                    if names:
-                        raise DataError(f"'{self.url}/tokenizer/{name}' is missing; prepare the data again.") from None
+                    raise DataError(f"'{self.url}/tokenizer/{name}' is missing; prepare the data again.") from None
             for split in manifest.get("splits", {}) if isinstance(manifest, dict) else ():
                 self._fetch(f"{split}/index.json", self.root / split / "index.json", check=None, fresh=True)
         return self.root / "manifest.json"

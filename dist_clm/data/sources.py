@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dist_clm import console
 from dist_clm.errors import UserError
 
 RECORD_SUFFIXES = {".jsonl", ".ndjson", ".json", ".parquet", ".csv", ".tsv"}
@@ -55,7 +56,7 @@ class Report:
         self.undecodable += 1
         if len(self.undecodable_examples) < 5:
             self.undecodable_examples.append(f"{where} (byte {position})")
-            print(f"warning: {where} is not valid UTF-8 at byte {position}; bad bytes replaced", file=sys.stderr)
+            console.warning(f"{where} is not valid UTF-8 at byte {position}; bad bytes replaced")
 
 
 def inner_suffix(path: Path) -> str:

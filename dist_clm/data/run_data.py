@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dist_clm.config import Config
+from dist_clm.config import DataConfig
 from dist_clm.data.format import read_manifest, token_limit
 from dist_clm.data.order import Source
 from dist_clm.data.remote import configure as configure_cache
@@ -21,18 +21,18 @@ from dist_clm.data.tokenizer import fingerprint, load_tokenizer
 from dist_clm.errors import UserError
 
 
-def training_sources(cfg: Config) -> list[Source]:
+def training_sources(d: DataConfig) -> list[Source]:
     """`data.mix` (or the single `data.path`) with manifests read and names resolved (remote ones through
     this node's cache, per data.cache_dir and data.cache_limit)."""
-    configure_cache(cfg.data.cache_dir, cfg.data.cache_limit)
-    mix = cfg.data.mix or []
+    configure_cache(d.cache_dir, d.cache_limit)
+    mix = d.mix or []
     if not mix:
-        if not cfg.data.path:
+        if not d.path:
             raise UserError(
                 "config key 'data.path' is empty; set it to a directory written by `dist-clm prepare` "
                 "(or list several in data.mix)."
             )
-        return [Source(Path(cfg.data.path).name or "data", cfg.data.path, read_manifest(cfg.data.path))]
+        return [Source(Path(d.path).name or "data", d.path, read_manifest(d.path))]
     return [Source(m.name or Path(m.path).name, m.path, read_manifest(m.path), m.weight) for m in mix]
 
 

@@ -1,0 +1,96 @@
+"""The one path from dist_clm to its user's console: a `logging` logger that knows the run, the rank and the
+node.
+
+`info` is what the run reports (on the main rank only: one line per event, not one per rank), on stdout;
+`warning` is said by whichever process meets it, on stderr; `error` is the one line a failing command ends
+with (`dist-clm: error: ...`). Once `bind` has told it the rank,
+the world size and the node, a line from a process of a multi-rank run starts with `[rank R/W node]`, so a
+node's log or a SLURM task's file says who spoke; a one-process run prints the text alone. Lines go through
+tqdm, so a progress bar is not broken. Every record carries `rank`, `node` and `run` attributes: a handler a
+user adds to the "dist_clm" logger (a file, a tracker) receives them too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+
+LOGGER = logging.getLogger("dist_clm")
+
+
+class _Context(logging.Filter):
+    """Adds who speaks to every record, and keeps the main-rank-only ones off the other ranks."""
+
+    def __init__(self):
+        super().__init__()
+        self.rank, self.world, self.node, self.run = _env_rank(), _env_world(), socket.gethostname(), ""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank, record.world, record.node, record.run = self.rank, self.world, self.node, self.run
+        return not (getattr(record, "main_only", False) and self.rank != 0)
+
+
+class _Console(logging.Handler):
+    """INFO on stdout, WARNING and above on stderr, through tqdm.write; flushed at once."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm.auto import tqdm
+
+            text = self.format(record)
+            if record.world > 1:
+                text = f"[rank {record.rank}/{record.world} {record.node}] {text}"
+            stream = sys.stdout if record.levelno < logging.WARNING else sys.stderr
+            tqdm.write(text, file=stream)
+            stream.flush()
+        except Exception:  # (logging's rule: a console that cannot be written never ends the run)
+            self.handleError(record)
+
+
+def _env_rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
+
+
+def _env_world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+_CONTEXT = _Context()
+if not LOGGER.handlers:
+    _handler = _Console()
+    _handler.setFormatter(logging.Formatter("%(message)s"))
+    LOGGER.addHandler(_handler)
+    LOGGER.addFilter(_CONTEXT)
+    LOGGER.setLevel(logging.INFO)
+    LOGGER.propagate = False
+
+
+def bind(rank: int, world: int, node: str, run: str | os.PathLike = "") -> None:
+    """From now on, records come from rank `rank` of `world` on `node`, training the run in `run`."""
+    _CONTEXT.rank, _CONTEXT.world, _CONTEXT.node, _CONTEXT.run = rank, world, node, str(run)
+
+
+def info(text: str, *, every_rank: bool = False) -> None:
+    """What the run reports: on the main rank only (every_rank: from each rank that calls it)."""
+    LOGGER.info(text, extra={"main_only": not every_rank})
+
+
+def warning(text: str, *, every_rank: bool = True) -> None:
+    """Something the user should know, said by whichever process met it (every_rank=False: a warning every rank
+    reaches alike, said once by the main rank)."""
+    LOGGER.warning(text, extra={"main_only": not every_rank})
+
+
+def error(e) -> None:
+    """The line a command that fails on a UserError `e` ends with: `dist-clm: error: SENTENCE` on stderr, the
+    contract of every command and SLURM task (scripts look for it). An error every rank reached alike
+    (`e.agreed`) is said once, by the main rank; a rank's own error by that rank, naming itself and its node."""
+    rank = _CONTEXT.rank if _CONTEXT.world > 1 else _env_rank()
+    if rank != 0 and getattr(e, "agreed", False):
+        return
+    node = os.environ.get("SLURMD_NODENAME")
+    where = "" if rank == 0 else f"rank {rank}{f' on {node}' if node else ''}: "
+    sys.stderr.write(f"dist-clm: error: {where}{e}\n")
+    sys.stderr.flush()
