@@ -406,7 +406,7 @@ class Checkpointer:
         for old in complete_checkpoints(self.run_dir)[: -self.keep_last]:
             with _exclusive(old) as free:
                 if not free:
-                    console.info(f"keeping {old} a while: a reader (eval, generate or export) has it open")
+                    console.warning(f"keeping {old} a while: a reader (eval, generate or export) has it open")
                     continue
                 (old / COMPLETE).unlink()  # first un-mark, so a crash mid-delete never leaves a "complete" fragment
                 shutil.rmtree(old, ignore_errors=True)

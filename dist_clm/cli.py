@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         console.error(e)
         return e.exit_code
     except KeyboardInterrupt:
-        console.warning("dist-clm: interrupted; nothing partial was kept.")
+        console.warning("interrupted; nothing partial was kept.")
         return 130
     return 0
 

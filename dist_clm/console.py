@@ -2,12 +2,12 @@
 node.
 
 `info` is what the run reports (on the main rank only: one line per event, not one per rank), on stdout;
-`warning` is said by whichever process meets it, on stderr; `error` is the one line a failing command ends
-with (`dist-clm: error: ...`). Once `bind` has told it the rank,
-the world size and the node, a line from a process of a multi-rank run starts with `[rank R/W node]`, so a
-node's log or a SLURM task's file says who spoke; a one-process run prints the text alone. Lines go through
-tqdm, so a progress bar is not broken. Every record carries `rank`, `node` and `run` attributes: a handler a
-user adds to the "dist_clm" logger (a file, a tracker) receives them too.
+`warning` is said by whichever process meets it, on stderr, starting `warning: `; `error` is the one line a
+failing command ends with (`dist-clm: error: ...`). Once `bind` has told it the rank, the world size and the
+node, a line from a process of a multi-rank run starts with `[rank R/W node]`, so a node's log or a SLURM
+task's file says who spoke; a one-process run prints the text alone. Lines go through tqdm, so a progress bar
+is not broken. Every record carries `rank`, `node` and `run` attributes: a handler a user adds to the
+"dist_clm" logger (a file, a tracker) receives them too.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ class _Console(logging.Handler):
             from tqdm.auto import tqdm
 
             text = self.format(record)
+            if record.levelno == logging.WARNING:
+                text = f"warning: {text}"
             if record.world > 1:
                 text = f"[rank {record.rank}/{record.world} {record.node}] {text}"
             stream = sys.stdout if record.levelno < logging.WARNING else sys.stderr

@@ -171,12 +171,15 @@ def peak_flops(device: str, precision: str = "bf16", tf32: bool = True) -> float
 
 
 def peak_for(name: str, precision: str, tf32: bool = True) -> float | None:
-    """PEAKS' figure for the GPU called `name` in `precision` (fp32: its TF32 figure when `tf32`)."""
+    """PEAKS' figure for the GPU called `name` in `precision` (fp32: its TF32 figure when `tf32` and the card has
+    TF32 tensor cores, else its fp32 one)."""
     import re
 
     words = set(re.split(r"[\s_-]+", name.upper()))
-    key = "tf32" if precision == "fp32" and tf32 else precision
-    return next((peaks.get(key) for picks, peaks in PEAKS if set(picks) <= words), None)
+    peaks = next((peaks for picks, peaks in PEAKS if set(picks) <= words), {})
+    if precision == "fp32" and tf32 and peaks.get("tf32"):
+        return peaks["tf32"]
+    return peaks.get(precision)
 
 
 def memory_scalars(device: str) -> dict[str, float]:

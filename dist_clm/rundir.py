@@ -98,9 +98,12 @@ def clear(run_dir: Path, why: str) -> None:
     console.info(f"run.overwrite=true: deleting the earlier run in '{run_dir}' ({why}) and starting afresh")
     for name in RUN_OUTPUTS:
         p = run_dir / name
-        if p.is_dir():
+        if p.is_symlink() and p.is_dir():  # e.g. checkpoints/ on other storage: emptied, the link kept
+            for child in p.iterdir():
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        elif p.is_dir():
             shutil.rmtree(p)
-        elif p.exists():
+        elif p.exists() or p.is_symlink():  # (a link to nothing, too)
             p.unlink()
 
 

@@ -226,9 +226,10 @@ def after_srun(status: int, signalled: bool, log_root: Path, max_requeues: int) 
         console.warning(f"{what}; it stops here after {restart} requeues (max_requeues): submit it again to "
                         "continue from its last complete checkpoint.")  # fmt: skip
         return "max requeues"
+    # said before the requeue: it ends this script (and this process) at once
+    console.warning(f"{what}; requeueing it to resume from its last complete checkpoint")
     r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-    answer = r.stdout.strip() or r.stderr.strip() or "ok"
-    console.warning(f"{what}; requeued to resume from its last complete checkpoint ({answer})")
+    console.warning(f"scontrol requeue {job}: {r.stdout.strip() or r.stderr.strip() or 'ok'}")
     return "requeued"
 
 

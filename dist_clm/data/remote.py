@@ -310,6 +310,8 @@ class Mirror:
                     for leftover in path.parent.glob(path.name.removesuffix(".room") + ".*"):
                         if not leftover.name.endswith(".lock"):
                             leftover.unlink(missing_ok=True)
+        if held + size > self.config.limit:  # downloads in flight hold it: wait, keeping what is cached
+            return False
         total = held + sum(n for _, n, _ in shards)
         for _, n, path in sorted(shards):
             if total + size <= self.config.limit:
