@@ -237,6 +237,10 @@ class DistributedConfig:
     zero_stage: int = 2  # DeepSpeed ZeRO stage, 0-3
     offload_optimizer: bool = False  # ZeRO 1-3: optimizer state and step on the CPU (DeepSpeed's CPU Adam)
     offload_params: bool = False  # ZeRO 3: parameters on the CPU between uses
+    sequence_parallel_size: int = 1  # ranks that share each block, each training on its own slice of the tokens
+    # (DeepSpeed's Ulysses; dist_clm/sequence_parallel.py): for blocks longer than one GPU's activations hold. It
+    # must divide the ranks, the attention heads and every block size; the global batch still counts blocks, so
+    # it changes nothing in the math (a run may resume at another size)
     deepspeed_config: str = ""  # a DeepSpeed JSON merged over the generated one (see dist_clm/engine.py)
     collective_timeout_s: float = 300.0  # from the second step on, a collective that waits longer ends the run:
     # a rank died or stalled; every rank stops, naming it, with exit 75 (rerun / requeue resumes). Set-up,
@@ -245,6 +249,11 @@ class DistributedConfig:
     def checks(self) -> list[Check]:
         return [
             (self.zero_stage in (0, 1, 2, 3), "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}"),
+            (
+                self.sequence_parallel_size >= 1,
+                "sequence_parallel_size",
+                f"must be 1 (off) or more, got {self.sequence_parallel_size}",
+            ),
             (
                 not self.offload_params or self.zero_stage == 3,
                 "offload_params",

@@ -3,9 +3,8 @@
 Precedence of the DeepSpeed config, lowest first: what dist_clm generates from the `train`, `optim` and
 `distributed` sections -> the user's JSON file (`distributed.deepspeed_config`), merged key by key -> the batch
 keys, which only `train.*` may set (the loader must agree with them; a file that sets them differently is
-refused). Model parallelism (tensor or sequence
-parallel sizes above 1) is refused too: the loader feeds every rank its own data. The result is written to
-RUN/ds_config.json.
+refused). Sequence parallelism is `distributed.sequence_parallel_size` (the loader must feed its groups); tensor
+parallelism is refused: the loader feeds every rank its own data. The result is written to RUN/ds_config.json.
 """
 
 from __future__ import annotations
@@ -20,10 +19,10 @@ from dist_clm.config import DistributedConfig, OptimConfig, TrainConfig
 from dist_clm.errors import UserError
 
 BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
-# DeepSpeed keys that split the model over ranks; their ranks would need the same batch, and the loader gives
-# each rank its own share (pure data parallelism), so a value above 1 is refused
+# DeepSpeed keys that split the model over ranks; their ranks need the same batch, which only dist_clm's own
+# settings arrange with the loader, so a value above 1 in the user's file is refused, naming the setting if any
 MODEL_PARALLEL_KEYS = {
-    ("sequence_parallel_size",): "sequence parallelism",
+    ("sequence_parallel_size",): "distributed.sequence_parallel_size",
     ("tensor_parallel", "autotp_size"): "tensor parallelism",
     ("tensor_parallel", "tp", "tp_size"): "tensor parallelism",
     ("tensor_parallel", "tensor_parallel", "tp_size"): "tensor parallelism",
@@ -55,15 +54,16 @@ def use_tf32(enabled: bool, on_gpu: bool) -> None:
 
 
 def resolve_grad_accum(t: TrainConfig, world: int) -> int:
-    """train.grad_accum, or the one that makes train.global_batch_size blocks per step on `world` ranks."""
+    """train.grad_accum, or the one that makes train.global_batch_size blocks per step on `world` data-parallel
+    ranks (the world size over distributed.sequence_parallel_size)."""
     if not t.global_batch_size:
         return t.grad_accum
     per_pass = t.micro_batch_size * world
     if t.global_batch_size % per_pass:
         raise UserError(
             f"config key 'train.global_batch_size' is {t.global_batch_size}, which is not a multiple of "
-            f"train.micro_batch_size x world size = {t.micro_batch_size} x {world} = {per_pass}; change the micro "
-            "batch size or the number of ranks so that it divides the global batch."
+            f"train.micro_batch_size x data-parallel ranks = {t.micro_batch_size} x {world} = {per_pass}; change the "
+            "micro batch size or the number of ranks so that it divides the global batch."
         )
     return t.global_batch_size // per_pass
 
@@ -100,6 +100,8 @@ def deepspeed_config(
         },
         "steps_per_print": 1 << 40,  # we log ourselves
     }
+    if d.sequence_parallel_size > 1:  # (for the record: the groups reach DeepSpeed as the mpu, see sequence_parallel)
+        generated["sequence_parallel_size"] = d.sequence_parallel_size
     if not d.deepspeed_config:
         return generated
     path = Path(d.deepspeed_config)
@@ -120,9 +122,13 @@ def deepspeed_config(
     for keys, what in MODEL_PARALLEL_KEYS.items():
         value = _lookup(user, keys)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 1:
+            if what.startswith("distributed."):
+                raise UserError(f"'{path}' sets {'.'.join(keys)}={value}; set {what} instead (the loader must feed "
+                                "its groups), and remove it from the file.")  # fmt: skip
             raise UserError(
-                f"'{path}' sets {'.'.join(keys)}={value}, but dist_clm trains data-parallel only: every rank "
-                f"reads its own share of each batch, while {what} needs ranks that see the same one; remove it."
+                f"'{path}' sets {'.'.join(keys)}={value}, but dist_clm trains data-parallel (and sequence-parallel) "
+                f"only: every rank reads its own share of each batch, while {what} needs ranks that see the same "
+                "one; remove it."
             )
     if "scheduler" in user:
         raise UserError(f"'{path}' sets a scheduler; choose it with optim.schedule instead (cosine, linear, wsd).")

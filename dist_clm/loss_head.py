@@ -118,7 +118,9 @@ def install(model, chunk: int | None = None) -> bool:
     head, base = model.get_output_embeddings(), model.base_model
     project, whole = head.forward, model.forward
 
-    def head_forward(hidden, labels=None, num_items=None):
+    def head_forward(hidden, labels=None, num_items=None, shift_labels=None):
+        if shift_labels is not None:  # (sequence parallelism: labels shifted over the whole row; the sum returned)
+            return fused_linear_cross_entropy(hidden, head.weight, shift_labels, head.bias, chunk)[0]
         if labels is None:
             return project(hidden)
         return causal_lm_loss(hidden, head.weight, labels, head.bias, chunk, num_items)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from dist_clm import attention, console, loss_head, objectives, rundir
+from dist_clm import attention, console, loss_head, objectives, rundir, sequence_parallel
 from dist_clm.checkpoint import Checkpointer, RandomState, Stateful
 from dist_clm.config import Config, Settings
 from dist_clm.data.loader import TrainLoader
@@ -70,6 +70,7 @@ class Run:
     random: RandomState  # this rank's random generators (a part of its own: a file per rank)
     checkpointer: Checkpointer
     resumed_from: Path | None  # the checkpoint the run continues, or None: a fresh start
+    sp: sequence_parallel.SequenceParallel = sequence_parallel.SequenceParallel()  # (size 1: none)
 
     @property
     def progress(self) -> Progress:
@@ -84,9 +85,14 @@ class Run:
         return self.parts["guard"]
 
     @property
+    def dp(self) -> tuple[int, int]:
+        """(this rank's data-parallel rank, how many there are): a sequence-parallel group reads as one."""
+        return self.sp.dp(self.env.rank, self.env.world_size)
+
+    @property
     def global_batch(self) -> int:
         """Blocks per optimizer step over all ranks."""
-        return self.env.world_size * self.cfg.train.micro_batch_size * self.grad_accum
+        return self.dp[1] * self.cfg.train.micro_batch_size * self.grad_accum
 
     @property
     def source_names(self) -> list[str]:
@@ -117,8 +123,9 @@ class Run:
 
     def loader(self) -> TrainLoader:
         """This rank's training batches, from where the data position stands."""
+        rank, world = self.dp  # (every rank of a sequence-parallel group reads the same blocks)
         return TrainLoader.from_config(
-            self.cfg.data, self.cfg.train, self.sources, self.position, rank=self.env.rank, world=self.env.world_size,
+            self.cfg.data, self.cfg.train, self.sources, self.position, rank=rank, world=world,
             grad_accum=self.grad_accum, pin_memory=self.env.device != "cpu",
         )  # fmt: skip
 
@@ -145,7 +152,11 @@ def setup(cfg: Config, env: DistEnv, world: list[dict]) -> Run:
     )
     owner = claim(cfg.run.dir, env)  # the first write
     objective = objectives.for_run(cfg.objective, cfg.stability.spike_factor)
-    global_batch = env.world_size * t.micro_batch_size * grad_accum
+    size, mpu, sp = cfg.distributed.sequence_parallel_size, None, sequence_parallel.SequenceParallel()
+    if size > 1:  # (collective: the groups)
+        mpu = sequence_parallel.groups(size)
+        sp = sequence_parallel.install(model, size, cfg.distributed.zero_stage, mpu)
+    global_batch = sp.dp(env.rank, env.world_size)[1] * t.micro_batch_size * grad_accum
     checkpointer = Checkpointer(cfg.run.dir, ckpt.keep_last, env, cfg.distributed.zero_stage, 16 * n_params,
                                 ckpt.async_save)  # fmt: skip
     parts, resumed_from = resume(checkpointer, lambda: make_parts(cfg, env, sources, global_batch, objective), cfg,
@@ -157,6 +168,7 @@ def setup(cfg: Config, env: DistEnv, world: list[dict]) -> Run:
         model_parameters=param_groups(model, cfg.optim.weight_decay),
         config=ds_config,
         lr_scheduler=scheduler_factory(cfg.optim, t.max_steps),
+        mpu=mpu,
     )
     random = RandomState(env)
     if resumed_from is not None:
@@ -164,7 +176,7 @@ def setup(cfg: Config, env: DistEnv, world: list[dict]) -> Run:
     if t.compile is True or (t.compile == "auto" and env.device != "cpu"):
         engine.compile()
     return Run(cfg, env, sources, engine, scheduler, grad_accum, precision, n_params, flops, owner, objective, parts,
-               random, checkpointer, resumed_from)  # fmt: skip
+               random, checkpointer, resumed_from, sp)  # fmt: skip
 
 
 def make_parts(cfg: Config, env: DistEnv, sources: list[Source], global_batch: int, objective) -> dict[str, Stateful]:
@@ -285,7 +297,9 @@ def _checked(cfg: Config, env: DistEnv) -> tuple:
     cfg = settle(cfg, sources)
     t = cfg.train
     tok = run_tokenizer(sources)
-    grad_accum = resolve_grad_accum(t, env.world_size)
+    size = cfg.distributed.sequence_parallel_size
+    sequence_parallel.check_world(size, env.world_size)
+    grad_accum = resolve_grad_accum(t, env.world_size // size)  # (data-parallel ranks: a group reads as one)
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     on_gpu = env.device != "cpu"
     precision = resolve_precision(t.precision, on_gpu)
@@ -300,7 +314,11 @@ def _checked(cfg: Config, env: DistEnv) -> tuple:
             f"config key 'train.loss_head' is 'fused' but {model.config.model_type} models are not known to compute "
             f"their logits as a plain projection ({', '.join(loss_head.PLAIN_HEADS)} are); use auto or plain."
         )
-    if cfg.data.document_mask and model.config._attn_implementation == attention.FLASH:
+    sequence_parallel.check(model.config, size, [cfg.data.block_size])
+    if size > 1 and cfg.objective.kind in ("dpo", "orpo"):
+        raise UserError(f"objective.kind {cfg.objective.kind} does not train sequence-parallel yet (its losses are "
+                        "per conversation, not per token); set distributed.sequence_parallel_size=1.")  # fmt: skip
+    if cfg.data.document_mask and model.config._attn_implementation == attention.FLASH and size == 1:
         attention.feed_documents(model)  # (after the loss head: it calls the head with the documents' bounds)
     limit = max_positions(model.config)
     if limit is not None and cfg.data.block_size > limit:

@@ -60,12 +60,16 @@ def train_step(
     weighting = objective.weighting(run, micro_batches)
     losses, blocks, stats = [], torch.zeros(len(run.source_names), dtype=torch.int64), None
     injected_before, token_sum, skipped, grad_norm = inject.injected, 0, None, None
+    counts = run.sp.counts()  # (one rank of a sequence-parallel group counts the blocks its ranks share)
     for micro, batch in enumerate(micro_batches):  # engine.step() applies the update at the accumulation boundary
-        blocks += torch.bincount(batch.pop("source"), minlength=len(blocks))
-        token_sum += int(batch["input_ids"].sum())  # (on the host, before the copy to the device)
+        source = batch.pop("source")
+        if counts:
+            blocks += torch.bincount(source, minlength=len(blocks))
+            token_sum += int(batch["input_ids"].sum())  # (on the host, before the copy to the device)
         loss, micro_stats = objective.loss(run, model_inputs(run, batch), weighting)
         stats = micro_stats if stats is None else stats + micro_stats
-        losses.append(inject(step, loss))
+        loss = inject(step, loss)  # (sequence parallelism: this rank's share of the micro batch's loss)
+        losses.append(run.sp.whole(loss))
         last = micro == run.grad_accum - 1
         if last:  # the step's one collective: stop signals, damaged data, non-finite losses, loss sum
             flaws = objective.flaws(stats) + float(damaged is not None)
@@ -73,7 +77,7 @@ def train_step(
                            time.perf_counter() - start, run.env.rank)  # fmt: skip
             spike = guard.spike(agreed.mean_loss)
             skipped = skip_reason(agreed, spike)
-        engine.backward(losses[-1])
+        engine.backward(run.sp.for_backward(loss))
         if last and skipped:  # (on every rank alike) the real gradient's norm, then no update
             grad_norm = real_grad_norm(engine) / (engine.optimizer.loss_scale if run.precision == "fp16" else 1.0)
         if last and run.zero0_fp32:  # DeepSpeed has no overflow path there: dist_clm's own

@@ -1,0 +1,272 @@
+"""Sequence parallelism: each block's tokens split over a group of ranks (DeepSpeed's Ulysses), for sequences
+longer than one GPU's activations hold.
+
+Groups: `size` consecutive ranks form a group (DeepSpeed's parallel_state_sp, passed to deepspeed.initialize as
+its mpu); ZeRO still partitions over every rank. Every rank of a group reads the same micro batch (the loader
+counts data-parallel ranks, rank // size of world // size: the global batch counts sequences, so the size changes
+nothing in the math), and trains on its own consecutive 1/size of every row's tokens.
+
+The forward pass (`install`): the model's forward, given the whole rows, shifts the labels over the whole row
+(each slice's last target is the next slice's first token), cuts out this rank's slice of ids, positions and
+shifted labels, and runs the model on it. In each attention layer DeepSpeed's UlyssesSPAttentionHF exchanges
+query, key and value all-to-all over the group, so that each rank holds the whole sequence for 1/size of the
+heads, calls the core attention, and exchanges the result back.
+
+The core attention is dist_clm's (`_Core`), because DeepSpeed 0.19's wrapper drops transformers' 4-D masks and
+rebuilds a plain causal one for flex attention: packed documents would attend across each other without a word.
+Every rank knows the whole row's positions (its group holds the full micro batch), so the core keys documents on
+them, once per forward pass: sdpa gets the dense same-document causal mask, flex attention a BlockMask of the
+same, flash attention the documents' bounds (attention.document_bounds) over the whole rows.
+
+The loss: a rank's is the sum of its tokens' losses over the micro batch's predicted tokens (or the objective's
+num_items_in_batch), so the group's losses sum to the micro batch's. DeepSpeed reduces the gradients of ZeRO 0-2
+by summing over a group's ranks (and averaging over the groups), but ZeRO-3's reduce-scatter averages over every
+rank: `for_backward` scales by the group's size there. `whole` is what a rank reports: its share x the size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dist_clm.errors import UserError
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class SequenceParallel:
+    """This rank's place in sequence parallelism (size 1: none)."""
+
+    size: int = 1
+    rank: int = 0  # within its group
+    zero_stage: int = 0
+
+    def dp(self, rank: int, world: int) -> tuple[int, int]:
+        """(data-parallel rank, data-parallel world size) of global rank `rank` of `world`."""
+        return rank // self.size, world // self.size
+
+    def whole(self, loss: torch.Tensor) -> torch.Tensor:
+        """The micro batch's loss from this rank's share of it (what the rank reports; no gradient)."""
+        return loss if self.size == 1 else loss.detach() * self.size
+
+    def for_backward(self, loss: torch.Tensor) -> torch.Tensor:
+        """This rank's share, scaled so that DeepSpeed's gradient reduction gives the unsharded gradient."""
+        return loss * self.size if self.size > 1 and self.zero_stage == 3 else loss
+
+    def counts(self) -> bool:
+        """Whether this rank counts the group's blocks and tokens in the logs (one rank per group does)."""
+        return self.rank == 0
+
+
+def check_world(size: int, world: int) -> None:
+    if world % size:
+        raise UserError(f"config key 'distributed.sequence_parallel_size' is {size}, which does not divide the "
+                        f"{world} ranks; use a divisor of the number of ranks.")  # fmt: skip
+
+
+def check(config, size: int, block_sizes: list[int]) -> None:
+    """What sequence parallelism of `size` cannot divide in the model and the blocks, in one sentence."""
+    if size == 1:
+        return
+    heads, kv = _heads(config)
+    if heads % size:
+        raise UserError(f"config key 'distributed.sequence_parallel_size' is {size}, which does not divide the "
+                        f"model's {heads} attention heads; use a divisor of {heads}.")  # fmt: skip
+    if kv % size and size % kv:
+        raise UserError(f"config key 'distributed.sequence_parallel_size' is {size}, and the model's {kv} key/value "
+                        "heads neither divide it nor are divided by it; use a size that does.")  # fmt: skip
+    for block in block_sizes:
+        if block % size:
+            raise UserError(f"data.block_size {block} is not a multiple of distributed.sequence_parallel_size {size} "
+                            "(each rank trains on an equal slice of every block); change one of them.")  # fmt: skip
+    if config.model_type not in _PLAIN:
+        raise UserError(f"sequence parallelism trains {', '.join(_PLAIN)} models, not {config.model_type}; set "
+                        "distributed.sequence_parallel_size=1.")  # fmt: skip
+
+
+def _heads(config) -> tuple[int, int]:
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    return heads, getattr(text, "num_key_value_heads", None) or heads
+
+
+def groups(size: int):
+    """Collective: DeepSpeed's sequence-parallel groups of `size` consecutive ranks; their module, the mpu that
+    deepspeed.initialize takes."""
+    import deepspeed.runtime.engine as engine
+    from deepspeed.runtime.sequence_parallel import parallel_state_sp as mpu
+
+    mpu._release_sequence_parallel_groups()  # (a process that set up a run before)
+    mpu.initialize_sequence_parallel(size)
+    # DeepSpeed 0.19 treats these groups as data parallelism (ZeRO partitions over every rank, one model-state
+    # file), but writes the group's size into the checkpoint as its tensor-parallel degree, which its universal
+    # converter then refuses ("model-state file count 1 does not match tp_degree=2"): record what it is
+    metadata = engine._checkpoint_parallel_metadata
+    if not getattr(metadata, "dist_clm", False):
+
+        def parallel_metadata(group_module):
+            if hasattr(group_module, "initialize_sequence_parallel"):
+                group_module = None  # (pipeline and tensor parallel degrees 1)
+            return metadata(group_module)
+
+        parallel_metadata.dist_clm = True
+        engine._checkpoint_parallel_metadata = parallel_metadata
+    return mpu
+
+
+class _Documents:
+    """The current micro batch's rows as the core attention needs them: set by each sharded forward pass, kept
+    until the next (activation checkpointing recomputes layers in the backward pass), masks made once per pass."""
+
+    def __init__(self):
+        self.doc: torch.Tensor | None = None  # B x L: each token's document number (None: one per row)
+        self.positions: torch.Tensor | None = None  # B x L: the whole rows' position ids
+        self.local: torch.Tensor | None = None  # this rank's slice of them
+        self._made: dict[str, Any] = {}
+
+    def begin(self, positions: torch.Tensor, local: torch.Tensor, documents: bool) -> None:
+        self.positions, self.local, self._made = positions, local, {}
+        if documents:
+            starts = positions == 0
+            starts[:, 0] = True  # (a row that begins inside a document begins a sequence)
+            self.doc = starts.cumsum(1)
+        else:
+            self.doc = None
+
+    def dense_mask(self) -> torch.Tensor | None:
+        """sdpa: B x 1 x L x L, true where a token may attend (its own document, not ahead); None: plain causal."""
+        if self.doc is None:
+            return None
+        if "dense" not in self._made:
+            n = self.doc.shape[1]
+            causal = torch.ones(n, n, dtype=torch.bool, device=self.doc.device).tril()
+            self._made["dense"] = ((self.doc[:, :, None] == self.doc[:, None, :]) & causal)[:, None]
+        return self._made["dense"]
+
+    def block_mask(self, heads_dim: int | None = None):
+        """flex attention: a BlockMask of the same rule (causal within each document)."""
+        if "block" not in self._made:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            rows, n = self.positions.shape
+            doc = self.doc
+
+            def same_document(b, h, q, kv):
+                keep = q >= kv
+                return keep if doc is None else keep & (doc[b, q] == doc[b, kv])
+
+            self._made["block"] = create_block_mask(same_document, rows, None, n, n, device=self.positions.device)
+        return self._made["block"]
+
+    def flash_bounds(self) -> dict:
+        """flash attention: every document (and row) of the micro batch as one run cut at their starts."""
+        if "flash" not in self._made:
+            from dist_clm.attention import document_bounds
+
+            self._made["flash"] = document_bounds(self.positions.clone()) if self.doc is not None else {}
+        return self._made["flash"]
+
+
+class _Core:
+    """The attention after the all-to-all (whole sequence, 1/size of the heads), documents kept apart."""
+
+    def __init__(self, implementation: str, original, documents: _Documents):
+        self.implementation, self.original, self.documents = implementation, original, documents
+
+    def __call__(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kw):
+        docs = self.documents
+        if self.implementation == "flex_attention":
+            return self.original(module, query, key, value, docs.block_mask(), scaling=scaling, **kw)
+        if self.implementation == "flash_attention_2":
+            kw |= docs.flash_bounds()
+            return self.original(module, query, key, value, None, dropout=dropout, scaling=scaling, is_causal=True,
+                                 **kw)  # fmt: skip
+        mask = docs.dense_mask()  # (sdpa; GPT-2 says is_causal=False whenever it built a 4-D mask: ignored)
+        return self.original(module, query, key, value, mask, dropout=dropout, scaling=scaling,
+                             is_causal=mask is None, **kw)  # fmt: skip
+
+
+_PLAIN = ("gpt2", "llama", "mistral", "qwen2")  # logits = the output projection of the base model's last state
+
+
+def install(model, size: int, zero_stage: int, mpu) -> SequenceParallel:
+    """Make `model` train sequence-parallel over its group (the module docstring): its attention through
+    DeepSpeed's Ulysses wrapper with dist_clm's core, its forward with labels (training) on this rank's slice of
+    each row. Calls without labels, and in eval mode (validation, generation), run whole rows as before."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    group, rank = mpu.get_sequence_parallel_group(), mpu.get_sequence_parallel_rank()
+    config, documents = model.config, _Documents()
+    implementation = config._attn_implementation
+    original = ALL_ATTENTION_FUNCTIONS[implementation]
+    text = config.get_text_config()
+    heads, kv = _heads(config)
+    ulysses = UlyssesSPAttentionHF(
+        attn=_Core(implementation, original, documents),
+        batch_size=1,  # (set per call below: micro batches and validation differ)
+        attn_head_count=heads,
+        attn_head_size=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        kv_head_count=kv,
+        num_hidden_layers=text.num_hidden_layers,
+        process_group=group,
+        seq_length_is_variable=True,
+    )
+    ours = {id(m) for m in model.modules()}
+
+    def attention(module, query, key, value, attention_mask, *args, **kwargs):
+        if id(module) not in ours or not module.training or documents.local is None:
+            return original(module, query, key, value, attention_mask, *args, **kwargs)
+        _fit(ulysses, query.shape[0])
+        kwargs.pop("is_causal", None)
+        kwargs["position_ids"] = documents.local  # (GPT-2 passes none; the wrapper gathers them, the core keys on ours)
+        out, weights = ulysses(module, query, key, value, None, *args, **kwargs)
+        return out.view(*out.shape[:2], heads, -1), weights  # (B x L x heads x dim, as every model expects)
+
+    # process-wide, under the model's own implementation name, so that transformers' code paths that ask for it
+    # still run; calls from any other model, or in eval mode, go to the original
+    ALL_ATTENTION_FUNCTIONS[implementation] = attention
+    base, head, whole = model.base_model, model.get_output_embeddings(), model.forward
+    fused = getattr(head, "fused_loss", False)
+
+    def forward(input_ids=None, labels=None, position_ids=None, num_items_in_batch=None, **kwargs):
+        if labels is None or not model.training:
+            return whole(input_ids=input_ids, labels=labels, position_ids=position_ids,
+                         **({} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}),
+                         **kwargs)  # fmt: skip
+        rows, length = input_ids.shape
+        n = length // size
+        cut = slice(rank * n, (rank + 1) * n)
+        positions = position_ids
+        if positions is None:
+            positions = torch.arange(length, device=input_ids.device).expand(rows, length)
+        documents.begin(positions, positions[:, cut].contiguous(), position_ids is not None)
+        shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+        count = num_items_in_batch if num_items_in_batch is not None else (shifted != IGNORE).sum().clamp(min=1)
+        kwargs["use_cache"] = False
+        hidden = base(input_ids=input_ids[:, cut], position_ids=documents.local, **kwargs).last_hidden_state
+        mine = shifted[:, cut]
+        if fused:
+            total = head(hidden, shift_labels=mine)
+        else:
+            logits = head(hidden).float()
+            total = F.cross_entropy(logits.flatten(0, 1), mine.flatten(), ignore_index=IGNORE, reduction="sum")
+        return CausalLMOutputWithPast(loss=total / count)
+
+    model.forward = forward
+    return SequenceParallel(size, rank, zero_stage)
+
+
+def _fit(ulysses, batch: int) -> None:
+    """The wrapper checks shapes against the micro batch it was built for: make it this call's."""
+    if ulysses.batch_size != batch:
+        ulysses.batch_size = batch
+        q, kv, c = ulysses.required_query_shape, ulysses.required_key_value_shape, ulysses.required_context_shape
+        ulysses.required_query_shape = torch.Size([q[0], batch, *q[2:]])
+        ulysses.required_key_value_shape = torch.Size([kv[0], batch, *kv[2:]])
+        ulysses.required_context_shape = torch.Size([c[0], batch, *c[2:]])
