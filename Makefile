@@ -16,7 +16,7 @@ quickstart: $(VENV)/.installed  ## the whole path on the embedded corpus (the Py
 	$(VENV)/bin/dist-clm quickstart
 
 test: $(VENV)/.installed  ## the whole suite (~40 min on 2 cores; SLURM tests skip without a cluster)
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=25
 
 test-fast: $(VENV)/.installed  ## without the multi-process runs
 	$(PY) -m pytest -m "not slow"

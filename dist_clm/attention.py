@@ -63,12 +63,12 @@ def attention_for(choice: str, document_mask: bool, on_gpu: bool, precision: str
     return [*flash, "flex_attention", "sdpa"]
 
 
-def _with_flex(preset: str, pretrained: str, overrides: dict[str, Any], tokenizer):
+def _with_flex(preset: str, pretrained: str, overrides: dict[str, Any], tokenizer, rope):
     """The model with FlexAttention: transformers' own where the model declares it, else the switch above."""
     try:
-        model = build_model(preset, pretrained, overrides, tokenizer, "flex_attention")
+        model = build_model(preset, pretrained, overrides, tokenizer, "flex_attention", rope=rope)
     except ValueError:
-        model = build_model(preset, pretrained, overrides, tokenizer, "sdpa")
+        model = build_model(preset, pretrained, overrides, tokenizer, "sdpa", rope=rope)
         if model.config.model_type not in FLEX_THROUGH_INTERFACE:
             raise
         model.config._attn_implementation = "flex_attention"
@@ -78,8 +78,8 @@ def _with_flex(preset: str, pretrained: str, overrides: dict[str, Any], tokenize
     return model
 
 
-def _with_flash(preset: str, pretrained: str, overrides: dict[str, Any], tokenizer, document_mask: bool):
-    model = build_model(preset, pretrained, overrides, tokenizer, FLASH)
+def _with_flash(preset: str, pretrained: str, overrides: dict[str, Any], tokenizer, document_mask: bool, rope):
+    model = build_model(preset, pretrained, overrides, tokenizer, FLASH, rope=rope)
     if document_mask and model.config.model_type not in PLAIN_HEADS:  # (a ValueError: the next choice, if any)
         raise ValueError(
             f"flash attention keeps documents apart here only for {', '.join(PLAIN_HEADS)} models, not "
@@ -90,17 +90,17 @@ def _with_flash(preset: str, pretrained: str, overrides: dict[str, Any], tokeniz
 
 def build_model_with(
     attention: list[str], preset: str, pretrained: str, overrides: dict[str, Any], tokenizer,
-    document_mask: bool = False,
+    document_mask: bool = False, rope: tuple[float, dict] = (0.0, {}),
 ):  # fmt: skip
     """build_model with the first of `attention` the model supports; a single choice it lacks is one sentence.
     With flash attention and `document_mask`, call feed_documents(model) once its forward is final."""
     for i, attn in enumerate(attention):
         try:
             if attn == "flex_attention":
-                return _with_flex(preset, pretrained, overrides, tokenizer)
+                return _with_flex(preset, pretrained, overrides, tokenizer, rope)
             if attn == FLASH:
-                return _with_flash(preset, pretrained, overrides, tokenizer, document_mask)
-            return build_model(preset, pretrained, overrides, tokenizer, attn)
+                return _with_flash(preset, pretrained, overrides, tokenizer, document_mask, rope)
+            return build_model(preset, pretrained, overrides, tokenizer, attn, rope=rope)
         except (ValueError, ImportError) as e:  # transformers: this model or machine lacks that implementation
             if "attention" not in str(e).lower():
                 raise

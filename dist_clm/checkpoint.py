@@ -228,7 +228,17 @@ class Checkpointer:
         # kinds (an elastic resume, then a rollback to a checkpoint of its own)
         engine._config.load_universal_checkpoint = elastic
         where = self._universal(tag_dir) if elastic else tag_dir
-        engine.load_checkpoint(str(where.parent), tag=where.name)
+        optimizer = getattr(engine, "optimizer", None)
+        sequence_parallel = hasattr(getattr(optimizer, "mpu", None), "initialize_sequence_parallel")
+        if elastic and sequence_parallel:
+            # DeepSpeed 0.19's universal loader takes its sequence-parallel groups for tensor parallelism (a
+            # slice of each parameter per group rank); they hold whole parameters: load as without groups
+            optimizer.mpu, groups = None, optimizer.mpu
+        try:
+            engine.load_checkpoint(str(where.parent), tag=where.name)
+        finally:
+            if elastic and sequence_parallel:
+                optimizer.mpu = groups
         if elastic and self.zero_stage == 3:
             console.warning(
                 "DeepSpeed's universal checkpoint restores ZeRO-3 weights exactly, but the optimizer state is "

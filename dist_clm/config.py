@@ -47,7 +47,10 @@ class MixSource:
 @dataclass(frozen=True, kw_only=True)
 class StageConfig:
     until: int = 0  # the stage's last step (the last stage lasts to the end of training: 0 there, or any step)
-    weights: dict[str, float]  # data.mix source name -> its weight in this stage (a source not named: 0)
+    weights: dict[str, float] | None = None  # data.mix source name -> its weight in this stage (a source not
+    # named: 0); unset: the previous stage's (the first: data.mix's)
+    block_size: int = 0  # tokens per block in this stage, e.g. a longer context for the last steps (context
+    # extension); 0: the previous stage's (the first: data.block_size)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,10 +58,10 @@ class DataConfig:
     path: str = ""  # a directory written by `dist-clm prepare` (holds manifest.json, train/, val/, tokenizer/)
     mix: list[MixSource] = field(default_factory=list)  # instead of `path`: several prepared directories,
     # trained on in proportion to their weights; each one's validation split is reported separately
-    stages: list[StageConfig] = field(default_factory=list)  # the mixture of data.mix changing over the run, e.g.
-    # a cleaner mix for the decay of a WSD schedule: each stage's weights until its step (then the next stage's);
-    # a source's blocks continue across stages. Stages that have begun are fixed for the run; later ones may be
-    # appended or changed before they begin. data.mix weights then only say which sources train (more than 0)
+    stages: list[StageConfig] = field(default_factory=list)  # the data changing over the run: the mixture of
+    # data.mix (e.g. a cleaner mix for the decay of a WSD schedule) and the block size (e.g. a long-context stage
+    # at the end), each stage's until its step (then the next stage's); a source's blocks continue across stages.
+    # Stages that have begun are fixed for the run; later ones may be appended or changed before they begin
     document_mask: bool | None = None  # positions restart at each document and attention stays inside it; None
     # (the default): on when a training source is fine-tuning data (prepare --format chat / prompt-completion)
     block_size: int = 128  # tokens per training block, chosen here at train time, not at prepare time
@@ -73,6 +76,10 @@ class DataConfig:
     # shared by the node's ranks ("" = $DIST_CLM_CACHE, else ~/.cache/dist_clm/data)
     cache_limit: str | int = 0  # the most bytes of shards that cache holds, e.g. 20GB or 512MiB; least recently read
     # shards are removed to stay under it (a number is bytes; 0 = no limit)
+
+    def block_sizes(self) -> list[int]:
+        """Every block size the run trains on: block_size, then those data.stages change it to."""
+        return list(dict.fromkeys([self.block_size, *(s.block_size for s in self.stages if s.block_size)]))
 
     def checks(self) -> list[Check]:
         return [
@@ -95,6 +102,11 @@ class ModelConfig:
     preset: str = "tiny"  # a name from dist_clm.model.PRESETS; ignored when `pretrained` is set
     pretrained: str = ""  # a local Hugging Face model directory to continue pretraining from
     overrides: dict[str, Any] = field(default_factory=dict)  # transformers config fields, e.g. {n_layer: 4}
+    rope_theta: float = 0.0  # the base of rotary position embeddings (Llama-style models), e.g. 500000 for long
+    # contexts; 0: the preset's or pretrained model's
+    rope_scaling: dict[str, Any] = field(default_factory=dict)  # transformers' RoPE scaling for a context longer
+    # than the model was trained at, e.g. {rope_type: yarn, factor: 4.0, original_max_position_embeddings: 2048}
+    # or {rope_type: linear, factor: 4.0}; empty: none (or the pretrained model's)
     attention: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"] = "auto"  # transformers'
     # attention implementation while training; auto: with data.document_mask on a GPU, flash_attention_2 where
     # the flash_attn package is installed, else flex_attention where the model has it (Llama, GPT-2: a
@@ -328,7 +340,7 @@ MOVED = {
 # the settings whose change makes a resumed run another training: its math (the model, the data's shape, the
 # optimizer, the schedule's shape, the precision, the seed); the data and the batch are the data part's to check
 MATH_KEYS = (
-    "model.preset", "model.pretrained", "model.overrides",
+    "model.preset", "model.pretrained", "model.overrides", "model.rope_theta", "model.rope_scaling",
     "data.block_size", "data.document_mask", "data.shuffle",
     "train.seed", "train.precision",
     "optim.lr", "optim.min_lr_ratio", "optim.warmup_steps", "optim.schedule", "optim.decay_fraction",
@@ -353,8 +365,10 @@ class Settings:
     def load_state_dict(self, state: dict) -> None:
         from dist_clm.errors import Mismatch
 
-        now = self.state_dict()
-        changes = [f"{k}: {state.get(k)!r} -> {now[k]!r}" for k in MATH_KEYS if state.get(k) != now[k]]
+        now = self.state_dict()  # (a key the checkpoint predates was at its default then)
+        defaults = Settings(Config()).state_dict()
+        changes = [f"{k}: {state.get(k, defaults[k])!r} -> {now[k]!r}" for k in MATH_KEYS
+                   if state.get(k, defaults[k]) != now[k]]  # fmt: skip
         if changes:
             raise Mismatch(changes)
 
@@ -363,7 +377,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict) and name != "model.overrides":
+        if isinstance(value, dict) and name not in ("model.overrides", "model.rope_scaling"):
             out |= _flat(value, f"{name}.")
         else:
             out[name] = value
@@ -371,24 +385,31 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 def _stage_checks(d: DataConfig) -> list[Check]:
-    """data.stages: over data.mix's training sources, each stage with a positive weight, in step order."""
+    """data.stages: weights over data.mix's training sources, each stage with a positive weight, block sizes of at
+    least 2, in step order."""
     if not d.stages:
         return []
     trained = {m.name or Path(m.path).name for m in d.mix if m.weight > 0}
     untils = [s.until for s in d.stages[:-1]]
-    named = {n for s in d.stages for n in s.weights}
+    weighed = [s.weights for s in d.stages if s.weights is not None]
+    named = {n for w in weighed for n in w}
     last = d.stages[-1].until
     return [
-        (bool(d.mix), "stages", "weighs the sources of data.mix; list the prepared directories there"),
+        (bool(d.mix) or not weighed, "stages", "weighs the sources of data.mix; list the prepared directories there"),
+        (
+            all(s.block_size == 0 or s.block_size >= 2 for s in d.stages),
+            "stages",
+            "block sizes must be at least 2 (or 0: the previous stage's)",
+        ),
         (
             named <= trained,
             "stages",
             f"names {', '.join(sorted(named - trained))}, not a data.mix source with a weight above 0 "
             f"(those are: {', '.join(sorted(trained))})",
         ),
-        (all(w >= 0 for s in d.stages for w in s.weights.values()), "stages", "weights must be 0 or more"),
+        (all(v >= 0 for w in weighed for v in w.values()), "stages", "weights must be 0 or more"),
         (
-            all(any(w > 0 for w in s.weights.values()) for s in d.stages),
+            all(any(v > 0 for v in w.values()) for w in weighed),
             "stages",
             "has a stage without a positive weight; give each stage at least one",
         ),
@@ -434,6 +455,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return [_build(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
             return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     elif origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is not None and len(args) == 1:  # (optional: what is wrong inside the value is named)
+            return _coerce(value, args[0], key)
         for arg in typing.get_args(tp):
             try:
                 return _coerce(value, arg, key)

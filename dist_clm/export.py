@@ -173,7 +173,7 @@ def _provenance(run_dir: Path, tag_dir: Path) -> dict:
     sources, stages = [], []
     if (run_dir / "config.yaml").is_file():
         cfg = load_config(run_dir / "config.yaml")
-        stages = [{"until": s.until, "weights": s.weights} for s in cfg.data.stages]
+        stages = [{"until": s.until, "weights": s.weights, "block_size": s.block_size} for s in cfg.data.stages]
         mix = cfg.data.mix or [None]
         for m in mix:
             path = m.path if m else cfg.data.path
@@ -189,7 +189,7 @@ def _provenance(run_dir: Path, tag_dir: Path) -> dict:
         "step": progress["step"],
         "tokens_seen": progress["tokens_seen"],
         "sources": sources,
-        "stages": stages,  # the mixture over the run, when it changed (data.stages)
+        "stages": stages,  # the mixture and block sizes over the run, when they changed (data.stages)
         "skipped_windows": json.loads((run_dir / SKIPS).read_text()) if (run_dir / SKIPS).is_file() else [],
     }
 

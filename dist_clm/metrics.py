@@ -90,7 +90,7 @@ class LogWindow:
     def _reset(self) -> None:
         self.start, self.steps, self.losses = time.perf_counter(), 0, []
         self.wait, self.blocks = 0.0, [0] * len(self.sources)
-        self.arrivals, self.token_sum = [0.0] * self.world, 0
+        self.arrivals, self.token_sum, self.tokens = [0.0] * self.world, 0, 0
         self.stats = None  # the objective's statistics summed over the window's steps, on the device (read at emit)
 
     def add(
@@ -102,9 +102,12 @@ class LogWindow:
         arrivals: list[float],
         token_sum: int = 0,
         stats=None,
+        tokens: int | None = None,
     ) -> None:
-        """One step (a step.StepResult's fields); its loss counts only if it was good (applied, not a spike)."""
+        """One step (a step.StepResult's fields, and its training tokens: default tokens_per_step); its loss
+        counts only if it was good (applied, not a spike)."""
         self.steps += 1
+        self.tokens += self.tokens_per_step if tokens is None else tokens
         if stats is not None:
             self.stats = stats if self.stats is None else self.stats + stats
         self.token_sum += token_sum
@@ -137,7 +140,7 @@ class LogWindow:
         out |= {  # (no train/loss when every step of the window was skipped)
             "train/lr": lr,
             "train/grad_norm": grad_norm,
-            "train/tokens_per_s": self.steps * self.tokens_per_step / elapsed,
+            "train/tokens_per_s": self.tokens / elapsed,
             "train/tokens_seen": tokens_seen,
             "train/data_wait_frac": wait_sum / (self.world * elapsed),  # of step time, mean over ranks
             "train/skipped_steps": skipped_steps,

@@ -67,8 +67,36 @@ PRESETS: dict[str, dict[str, Any]] = {
 _DROPOUT_OFF = {"gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)}  # pretraining: no dropout
 
 
-def build_model(preset: str, pretrained: str, overrides: dict[str, Any], tokenizer, attn: str = "sdpa"):
-    """A fresh model from a preset (+overrides), or the weights of a local pretrained directory."""
+def apply_rope(config, theta: float = 0.0, scaling: dict | None = None) -> None:
+    """model.rope_theta / model.rope_scaling on a transformers config: its rope_theta and rope_scaling
+    (transformers 4), or its rope_parameters (transformers 5), checked by transformers' own validation."""
+    if not theta and not scaling:
+        return
+    if not any(hasattr(config, key) for key in ("rope_theta", "rope_parameters")):
+        raise UserError(
+            f"model.rope_theta and model.rope_scaling set rotary position embeddings (Llama-style models), which "
+            f"{config.model_type} models do not have; remove them."
+        )
+    if getattr(config, "rope_parameters", None) is not None:
+        config.rope_parameters = {**config.rope_parameters, **({"rope_theta": theta} if theta else {}),
+                                  **(scaling or {})}  # fmt: skip
+    else:
+        config.rope_theta = theta or config.rope_theta
+        config.rope_scaling = dict(scaling) if scaling else config.rope_scaling
+    try:
+        from transformers.modeling_rope_utils import rope_config_validation
+
+        rope_config_validation(config)
+    except ImportError:  # (transformers 5 validates rope_parameters itself)
+        pass
+    except (KeyError, ValueError, TypeError) as e:
+        raise UserError(f"model.rope_scaling {scaling} is not valid for transformers: {e}") from None
+
+
+def build_model(preset: str, pretrained: str, overrides: dict[str, Any], tokenizer, attn: str = "sdpa",
+                rope: tuple[float, dict] = (0.0, {})):  # fmt: skip
+    """A fresh model from a preset (+overrides), or the weights of a local pretrained directory; `rope`:
+    (model.rope_theta, model.rope_scaling)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -80,28 +108,41 @@ def build_model(preset: str, pretrained: str, overrides: dict[str, Any], tokeniz
                 f"model.pretrained '{path}' is not a model directory with config.json; "
                 "give a directory written by save_pretrained (or `dist-clm export`)."
             )
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation=attn)
+        config = AutoConfig.from_pretrained(str(path))
+        apply_rope(config, *rope)
+        model = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=torch.float32,
+                                                     attn_implementation=attn)  # fmt: skip
         if model.config.vocab_size < n_vocab:
             raise UserError(
                 f"the pretrained model has {model.config.vocab_size} token embeddings but the tokenizer "
                 f"has {n_vocab} tokens; use the tokenizer the model was trained with."
             )
         return model
+    config = preset_config(preset, overrides, n_vocab, tokenizer.bos_token_id, tokenizer.eos_token_id, rope)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn)  # fp32 master weights
+
+
+def preset_config(preset: str, overrides: dict[str, Any], vocab: int, bos: int | None = None, eos: int | None = None,
+                  rope: tuple[float, dict] = (0.0, {})):  # fmt: skip
+    """The transformers config of a preset with model.overrides and the RoPE settings (no weights)."""
+    from transformers import AutoConfig
+
     if preset not in PRESETS:
         raise UserError(f"config key 'model.preset' must be one of {', '.join(PRESETS)}, got {preset!r}.")
     fields = dict(PRESETS[preset])
     model_type = fields.pop("model_type")
     fields.update(_DROPOUT_OFF.get(model_type, {}))
-    fields.update(vocab_size=n_vocab, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    fields.update(vocab_size=vocab, bos_token_id=bos, eos_token_id=eos)
     try:
         config = AutoConfig.for_model(model_type, **fields)
         for key, value in overrides.items():
             if not hasattr(config, key):
                 raise UserError(f"config key 'model.overrides.{key}' is not a field of the {model_type} config.")
             setattr(config, key, value)
+        apply_rope(config, *rope)
     except (TypeError, ValueError) as e:
         raise UserError(f"the model config from preset {preset!r} and model.overrides is invalid: {e}") from None
-    return AutoModelForCausalLM.from_config(config, attn_implementation=attn)  # fp32 master weights
+    return config
 
 
 def max_positions(config) -> int | None:

@@ -101,7 +101,7 @@ class Run:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.global_batch * self.cfg.data.block_size
+        return self.global_batch * self.position.block_size_at()  # (of the step the data position stands at)
 
     @property
     def compiled(self) -> bool:
@@ -114,7 +114,7 @@ class Run:
 
     def blank_batch(self) -> dict[str, torch.Tensor]:
         """A micro batch of token 0 standing in for one that could not be read (it is never applied)."""
-        shape = (self.cfg.train.micro_batch_size, self.cfg.data.block_size)
+        shape = (self.cfg.train.micro_batch_size, self.position.block_size_at())
         batch = {"input_ids": torch.zeros(shape, dtype=torch.int64), "labels": torch.zeros(shape, dtype=torch.int64),
                  "source": torch.zeros(shape[0], dtype=torch.int64)}  # fmt: skip
         if self.cfg.data.document_mask:
@@ -244,10 +244,10 @@ def settle(cfg: Config, sources: list[Source]) -> Config:
         )
     for s in tuned:
         packed = s.manifest["fine_tuning"]["block_size"]
-        if packed != cfg.data.block_size:
+        if any(size != packed for size in cfg.data.block_sizes()):
             raise UserError(
                 f"'{s.path}' packs whole conversations into blocks of {packed} tokens; set data.block_size={packed} "
-                "(or prepare it again with --block-size)."
+                "and no other in data.stages (or prepare it again with --block-size)."
             )
     return cfg
 
@@ -305,8 +305,9 @@ def _checked(cfg: Config, env: DistEnv) -> tuple:
     precision = resolve_precision(t.precision, on_gpu)
     use_tf32(t.tf32, on_gpu)
     choices = attention.attention_for(cfg.model.attention, cfg.data.document_mask, on_gpu, precision)
-    model = attention.build_model_with(choices, cfg.model.preset, cfg.model.pretrained, cfg.model.overrides, tok,
-                                       cfg.data.document_mask)  # fmt: skip
+    m = cfg.model
+    model = attention.build_model_with(choices, m.preset, m.pretrained, m.overrides, tok, cfg.data.document_mask,
+                                       rope=(m.rope_theta, m.rope_scaling))  # fmt: skip
     if cfg.objective.kind == "dpo":
         check_reference(sources, model)
     if t.loss_head != "plain" and not loss_head.install(model) and t.loss_head == "fused":
@@ -314,17 +315,19 @@ def _checked(cfg: Config, env: DistEnv) -> tuple:
             f"config key 'train.loss_head' is 'fused' but {model.config.model_type} models are not known to compute "
             f"their logits as a plain projection ({', '.join(loss_head.PLAIN_HEADS)} are); use auto or plain."
         )
-    sequence_parallel.check(model.config, size, [cfg.data.block_size])
+    sequence_parallel.check(model.config, size, cfg.data.block_sizes())
     if size > 1 and cfg.objective.kind in ("dpo", "orpo"):
         raise UserError(f"objective.kind {cfg.objective.kind} does not train sequence-parallel yet (its losses are "
                         "per conversation, not per token); set distributed.sequence_parallel_size=1.")  # fmt: skip
     if cfg.data.document_mask and model.config._attn_implementation == attention.FLASH and size == 1:
         attention.feed_documents(model)  # (after the loss head: it calls the head with the documents' bounds)
     limit = max_positions(model.config)
-    if limit is not None and cfg.data.block_size > limit:
+    longest = max(cfg.data.block_sizes())
+    if limit is not None and longest > limit:
+        what = "config key 'data.block_size' is" if longest == cfg.data.block_size else "a block size in data.stages is"
         raise UserError(
-            f"config key 'data.block_size' is {cfg.data.block_size}, more than the model's {limit} "
-            "positions; lower data.block_size or raise the model's positions."
+            f"{what} {longest}, more than the model's {limit} positions; lower it or raise the model's positions "
+            "(model.overrides, e.g. max_position_embeddings for Llama-style models)."
         )
     check_sources(sources, tok, model.config.vocab_size, cfg.model.pretrained)
     ds_config = deepspeed_config(t, cfg.optim, cfg.distributed, on_gpu=on_gpu, grad_accum=grad_accum)

@@ -102,14 +102,15 @@ def _train(cfg: Config, env: distributed.DistEnv, stop_signals, on_step) -> Trai
     rollbacks, preempted, first_step, stage = 0, None, progress.step + 1, None
     while progress.step < t.max_steps:
         stage = announce_stage(loader, metrics, progress.step + 1, stage)
+        tokens = run.tokens_per_step  # (this step's: its stage's block size)
         result = train_step(run, batches, progress.step + 1, stop, guard, inject)
         loader.step_done()  # (the data position moves on)
-        progress.advance(run.tokens_per_step)
+        progress.advance(tokens)
         if progress.step == first_step:  # compiled and warmed up: from now on a stalled rank is not waited for long
             distributed.set_collective_timeout(timeout)
             report_first_step(run, metrics, progress.step, time.perf_counter() - started)
         window.add(result.loss, result.good, result.data_wait_s, result.blocks_per_source, result.arrivals,
-                   result.token_sum, result.stats)  # fmt: skip
+                   result.token_sum, result.stats, tokens)  # fmt: skip
         bar.update(1)
         if on_step:
             on_step(progress, result)
@@ -231,34 +232,56 @@ def rollback(run: Run, trouble: Trouble, rollbacks: int) -> int:
 
 class Validation:
     """Perplexity on each source's validation split (the same first `train.eval_blocks` blocks each time);
-    val/loss is over all of them, token-weighted. Collective."""
+    val/loss is over all of them, token-weighted, in blocks of the length the run trains at now. When data.stages
+    change the block size, every length is evaluated too (val/at_LENGTH/loss, /perplexity). Collective; whole
+    blocks on every rank (sequence parallelism splits the training passes only: a forward pass without gradients
+    holds no activations)."""
 
     def __init__(self, run: Run, metrics: Metrics):
-        self.run, self.metrics, block = run, metrics, run.cfg.data.block_size
+        self.run, self.metrics, self.lengths = run, metrics, run.position.block_sizes
         self.splits = {s.name: TokenStream(s.path, "val", s.manifest) for s in run.sources}
-        self.windows = {n: windows(v.tokens, block, 0, run.cfg.train.eval_blocks) for n, v in self.splits.items()}
+        self.windows = {(n, length): windows(v.tokens, length, 0, run.cfg.train.eval_blocks)
+                        for n, v in self.splits.items() for length in self.lengths}  # fmt: skip
+
+    def at(self, length: int) -> dict[str, dict]:
+        env = self.run.env
+        return {
+            name: perplexity(
+                self.run.engine.module,
+                split.reader(),
+                self.windows[name, length],
+                self.run.cfg.train.micro_batch_size,
+                env.device,
+                env.rank,
+                env.world_size,
+            )  # fmt: skip
+            for name, split in self.splits.items()
+        }
 
     def __call__(self, step: int) -> dict:
-        env, results = self.run.env, {}
-        for name, split in self.splits.items():
-            results[name] = perplexity(
-                self.run.engine.module, split.reader(), self.windows[name], self.run.cfg.train.micro_batch_size,
-                env.device, env.rank, env.world_size,
-            )  # fmt: skip
-        nll = sum(r["loss"] * r["tokens"] for r in results.values())
-        count = sum(r["tokens"] for r in results.values())
-        total = {"loss": nll / count, "perplexity": math.exp(nll / count), "tokens": count}
-        scalars = {"val/loss": total["loss"], "val/perplexity": total["perplexity"]}
-        if len(results) > 1:
-            for name, res in results.items():
-                scalars |= {f"val/{name}/loss": res["loss"], f"val/{name}/perplexity": res["perplexity"]}
+        now = self.run.position.block_size_at()
+        totals, scalars, line = {}, {}, ""
+        for length in sorted(self.lengths, key=lambda n: n != now):  # (the length trained now first)
+            results = self.at(length)
+            nll = sum(r["loss"] * r["tokens"] for r in results.values())
+            count = sum(r["tokens"] for r in results.values())
+            total = totals[length] = {"loss": nll / count, "perplexity": math.exp(nll / count), "tokens": count}
+            prefix = "val" if length == now else f"val/at_{length}"
+            scalars |= {f"{prefix}/loss": total["loss"], f"{prefix}/perplexity": total["perplexity"]}
+            if len(self.lengths) > 1:
+                scalars |= {f"val/at_{length}/loss": total["loss"], f"val/at_{length}/perplexity": total["perplexity"]}
+            if len(results) > 1 and length == now:
+                for name, res in results.items():
+                    scalars |= {f"val/{name}/loss": res["loss"], f"val/{name}/perplexity": res["perplexity"]}
+            if length == now:
+                line = (f"validation loss {total['loss']:.4f}, perplexity {total['perplexity']:.2f} ({count} tokens)"
+                        + "".join(f"; {name} {res['perplexity']:.2f}" for name, res in results.items()
+                                  if len(results) > 1))  # fmt: skip
+            if len(self.lengths) > 1:
+                line += f"; in blocks of {length}: perplexity {total['perplexity']:.2f}"
         self.metrics.log(step, scalars)
-        console.info(
-            f"step {step}: validation loss {total['loss']:.4f}, perplexity {total['perplexity']:.2f} "
-            f"({count} tokens)"
-            + "".join(f"; {name} {res['perplexity']:.2f}" for name, res in results.items() if len(results) > 1),
-        )
-        return total
+        console.info(f"step {step}: {line}")
+        return totals[now]
 
 
 def progress_bar(total: int, done: int, enabled: bool):

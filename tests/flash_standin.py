@@ -56,8 +56,8 @@ def install() -> None:
     fa.lazy_import_flash_attention = lambda *args, **kwargs: ((dense, varlen, None, None), process)
     build = attention.build_model
 
-    def build_model(preset, pretrained, overrides, tokenizer, attn="sdpa"):
-        model = build(preset, pretrained, overrides, tokenizer, "sdpa" if attn == attention.FLASH else attn)
+    def build_model(preset, pretrained, overrides, tokenizer, attn="sdpa", rope=(0.0, {})):
+        model = build(preset, pretrained, overrides, tokenizer, "sdpa" if attn == attention.FLASH else attn, rope=rope)
         if attn == attention.FLASH:
             model.config._attn_implementation = attention.FLASH
         return model

@@ -55,7 +55,10 @@ def test_generated_config_and_precedence_of_a_users_json(tmp_path):
     for bad, fragment in [
         ({"train_micro_batch_size_per_gpu": 3}, "batch sizes come from train.*"),
         ({"scheduler": {"type": "WarmupLR"}}, "choose it with optim.schedule"),
-        ({"sequence_parallel_size": 2}, "sets sequence_parallel_size=2; set distributed.sequence_parallel_size instead"),
+        (
+            {"sequence_parallel_size": 2},
+            "sets sequence_parallel_size=2; set distributed.sequence_parallel_size instead",
+        ),
         ({"tensor_parallel": {"autotp_size": 4}}, "sets tensor_parallel.autotp_size=4, but dist_clm trains"),
     ]:
         user.write_text(json.dumps(bad))

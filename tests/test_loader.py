@@ -144,7 +144,7 @@ def test_resume_from_state_continues_exactly(data_dir, workers):
     assert {k: state[k] for k in ("blocks_consumed", "block_size", "global_batch", "mix", "shuffle_window",
                                   "stages")} == {"blocks_consumed": 16, "block_size": 64, "global_batch": 4,
                                                  "mix": [[data_dir.name, 1.0]], "shuffle_window": 0,
-                                                 "stages": [[0, [1.0]]]}  # fmt: skip
+                                                 "stages": [[0, [1.0], 64]]}  # fmt: skip
     rest = take_steps(loader(data_dir, micro=2, accum=2, state=state, workers=workers), 5, accum=2)
     for a, b in itertools.zip_longest(full[8:], rest):
         np.testing.assert_array_equal(a, b)
@@ -207,7 +207,7 @@ def test_mixed_loader_draws_sources_by_weight_and_resumes_exactly(data_dir, data
 
 
 def test_staged_mixture_continues_each_source_and_realizes_each_stage():
-    stages = [Stage(0, (3.0, 1.0)), Stage(1000, (1.0, 3.0)), Stage(5000, (0.0, 1.0))]
+    stages = [Stage(0, (3.0, 1.0), 64), Stage(1000, (1.0, 3.0), 64), Stage(5000, (0.0, 1.0), 64)]
     mix = StagedMixture(stages)
     got = [mix(g) for g in range(8000)]
     for i in (0, 1):  # each source's blocks continue across the boundaries: none skipped or read twice
@@ -218,7 +218,11 @@ def test_staged_mixture_continues_each_source_and_realizes_each_stage():
         assert sources.count(0) / len(sources) == pytest.approx(share_a, abs=1e-3)
         assert {mix.stage_of(g) for g in range(lo, hi)} == {j}
     assert mix.blocks_in(0) == [750, 250] and mix.blocks_in(1) == [1000, 3000] and mix.blocks_in(2) is None
-    assert StagedMixture([Stage(0, (3.0, 1.0))])(12345) == Mixture([3.0, 1.0])(12345)  # one stage: the mixture
+    assert StagedMixture([Stage(0, (3.0, 1.0), 64)])(12345) == Mixture([3.0, 1.0])(12345)  # one stage: the mixture
+    # a stage of longer blocks continues each source where the tokens read leave it (100 x 64 = 50 x 128 tokens)
+    longer = StagedMixture([Stage(0, (1.0,), 64), Stage(100, (1.0,), 128), Stage(150, (1.0,), 128)])
+    assert [longer(g) for g in (99, 100, 149, 150)] == [(0, 99), (0, 50), (0, 99), (0, 100)]
+    assert (longer.block_size(99), longer.block_size(100)) == (64, 128)
 
 
 def stage(until, **weights):

@@ -141,3 +141,25 @@ def test_what_cannot_divide_is_one_sentence(tmp_path, data_dir):
     assert not (tmp_path / "r").exists()
     r = run_cli("train", *TINY, "distributed.sequence_parallel_size=0")
     assert_clean_error(r, "sequence_parallel_size' must be 1 (off) or more")
+
+
+def test_the_long_context_config_divides_on_one_8_gpu_node():
+    """configs/llama-1b-32k.yaml, dry: its model config (no weights) and DeepSpeed config for 8 ranks pass every
+    check a run makes before it starts, and each rank holds 4K tokens of a block."""
+    from dist_clm.config import load_config
+    from dist_clm.engine import deepspeed_config, resolve_grad_accum
+    from dist_clm.model import max_positions, preset_config
+    from dist_clm.sequence_parallel import SequenceParallel, check, check_world
+
+    cfg = load_config(REPO / "configs" / "llama-1b-32k.yaml", ["data.path=corpus"])
+    m, world, size = cfg.model, 8, cfg.distributed.sequence_parallel_size
+    config = preset_config(m.preset, m.overrides, 32000, rope=(m.rope_theta, m.rope_scaling))
+    check_world(size, world)
+    check(config, size, cfg.data.block_sizes())
+    assert max_positions(config) >= max(cfg.data.block_sizes()) == 32768
+    rank, dp_world = SequenceParallel(size, 3).dp(3, world)
+    assert (rank, dp_world) == (0, 1) and cfg.data.block_size // size == 4096
+    grad_accum = resolve_grad_accum(cfg.train, dp_world)
+    ds = deepspeed_config(cfg.train, cfg.optim, cfg.distributed, on_gpu=True, grad_accum=grad_accum)
+    assert ds["sequence_parallel_size"] == 8 and ds["gradient_accumulation_steps"] == 32
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"]

@@ -35,20 +35,27 @@ class MixedBlocks(Dataset):
         window: int = 0,
         stages: list[Stage] | None = None,
     ):
-        """`stages`: the mixture over the run (mixture.plan); None: the sources' weights throughout."""
+        """`stages`: the mixture and block sizes over the run (mixture.plan); None: the sources' weights and
+        `block_size` throughout. `window`: blocks of `block_size` per shuffle window (scaled for other sizes)."""
         train = [s for s in sources if s.weight > 0]
         self.names = [s.name for s in train]
         streams = [TokenStream(s.path, "train", s.manifest) for s in train]
-        # a source of preference pairs is shuffled pair by pair: its units are two blocks (chosen, rejected)
-        self.blocks = [
-            PackedBlocks(t, block_size * (2 if t.paired else 1), shuffle, seed + 1000 * i, s.name, window)
-            for i, (s, t) in enumerate(zip(train, streams, strict=True))
-        ]
+        self.mixture = StagedMixture(stages or [Stage(0, tuple(s.weight for s in train), block_size)])
+        # each block size's blocks of each source; a source of preference pairs is shuffled pair by pair: its
+        # units are two blocks (chosen, rejected)
+        self.by_size = {
+            size: [
+                PackedBlocks(t, size * (2 if t.paired else 1), shuffle, seed + 1000 * i, s.name,
+                             max(1, window * block_size // size) if window else 0)
+                for i, (s, t) in enumerate(zip(train, streams, strict=True))
+            ]
+            for size in dict.fromkeys([block_size, *(s.block_size for s in self.mixture.stages)])
+        }  # fmt: skip
+        self.blocks = self.by_size[block_size]
         # the largest id each source may hold: a larger one is damage, which the model would turn into an
         # IndexError (on a GPU a device-side assert while the other ranks hang)
         self.limits = np.array([b.stream.limit for b in self.blocks], dtype=np.int64)
         self.smallest_limit = int(self.limits.min())
-        self.mixture = StagedMixture(stages or [Stage(0, tuple(s.weight for s in train))])
         self.block_size, self.document_mask = block_size, document_mask
         self.masked = [b.stream.masked for b in self.blocks]
         # preference pairs with the reference model's values (prepare-reference): (offsets, values) per source
@@ -60,11 +67,13 @@ class MixedBlocks(Dataset):
     def __len__(self) -> int:  # endless: epochs follow each other
         raise TypeError("MixedBlocks is endless")
 
-    def offset(self, i: int, k: int) -> int:
-        """Stream offset of block k of training source i (of a source of pairs: member k % 2 of pair k // 2)."""
-        blocks = self.blocks[i]
+    def offset(self, i: int, k: int, size: int | None = None) -> int:
+        """Stream offset of block k of training source i (of a source of pairs: member k % 2 of pair k // 2), in
+        blocks of `size` tokens (default: block_size)."""
+        size = size or self.block_size
+        blocks = self.by_size[size][i]
         if blocks.stream.paired:
-            return blocks.position(k // 2) + (k % 2) * self.block_size
+            return blocks.position(k // 2) + (k % 2) * size
         return blocks.position(k)
 
     def __getitem__(self, g: int) -> dict[str, torch.Tensor]:
@@ -75,7 +84,7 @@ class MixedBlocks(Dataset):
 
         numpy, not torch: from a loader worker, arrays travel pickled through the pipe, ~7x faster here than
         tensors, which torch moves through a new shared-memory segment each (TrainLoader converts them)."""
-        n, size = len(gs), self.block_size
+        n, size = len(gs), self.mixture.block_size(gs[0])  # (a micro batch lies in one stage)
         ids, source = np.empty((n, size), dtype=np.int64), np.empty(n, dtype=np.int64)
         if self.labelled:
             labels, learned = np.empty((n, size), dtype=np.int64), np.empty(size, dtype=np.uint8)
@@ -88,7 +97,7 @@ class MixedBlocks(Dataset):
             blocks = self.blocks[i]
             source[row] = i
             mask = learned if self.masked[i] else None
-            at = self.offset(i, k)
+            at = self.offset(i, k, size)
             starts = blocks.stream.read_into(at, ids[row], self.document_mask, mask)
             if self.with_reference and self.references[i] is not None:
                 offsets, values = self.references[i]
@@ -107,7 +116,7 @@ class MixedBlocks(Dataset):
             bad = np.flatnonzero(ids.max(axis=1) > self.limits[source])
             if bad.size:
                 i, k = self.mixture(gs[bad[0]])
-                raise self.blocks[i].stream.bad_token(self.offset(i, k), ids[bad[0]])
+                raise self.blocks[i].stream.bad_token(self.offset(i, k, size), ids[bad[0]])
         batch = {"input_ids": ids, "source": source, "labels": labels if self.labelled else ids}
         if self.with_reference:
             batch["reference"] = reference

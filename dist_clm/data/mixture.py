@@ -4,8 +4,11 @@ stage by stage.
 A run without `data.stages` has one stage: the data.mix weights from block 0 on. With stages, stage j covers
 the global blocks [start_j, start_{j+1}) (start_j = the previous stage's `until` step x the global batch), and
 its own `Mixture` interleaves them from its first block; each source's blocks continue where the earlier stages
-left them (a source is never read twice within an epoch because the mixture changed). So the order stays a
-pure function of the global block number: resume anywhere, across a boundary too, gives the same blocks.
+left them (a source is never read twice within an epoch because the mixture changed). A stage may also train
+on blocks of another length (context extension): each source's blocks then continue where the tokens read so
+far leave it (its block number scaled by the ratio of the lengths), in that length's own shuffled order. So the
+order stays a pure function of the global block number: resume anywhere, across a boundary too, gives the same
+blocks.
 """
 
 from __future__ import annotations
@@ -14,8 +17,6 @@ from bisect import bisect_right
 from dataclasses import dataclass
 
 import numpy as np
-
-from dist_clm.errors import UserError
 
 
 class Mixture:
@@ -59,17 +60,19 @@ class Mixture:
 
 @dataclass(frozen=True)
 class Stage:
-    """From global block `start` on (until the next stage's start), the training sources' weights."""
+    """From global block `start` on (until the next stage's start), the training sources' weights and the
+    tokens per block."""
 
     start: int
     weights: tuple[float, ...]
+    block_size: int
 
     def to_json(self) -> list:
-        return [self.start, list(self.weights)]
+        return [self.start, list(self.weights), self.block_size]
 
     @classmethod
     def from_json(cls, data: list) -> Stage:
-        return cls(int(data[0]), tuple(float(w) for w in data[1]))
+        return cls(int(data[0]), tuple(float(w) for w in data[1]), int(data[2]))
 
 
 class StagedMixture:
@@ -79,15 +82,22 @@ class StagedMixture:
         self.stages = stages
         self.starts = [s.start for s in stages]
         self.mixtures = [Mixture(list(s.weights)) for s in stages]
-        # offsets[j][i]: source i's blocks taken by the stages before j
+        # offsets[j][i]: where source i's blocks of stage j start (its blocks taken by the stages before j, in
+        # stage j's block length)
         self.offsets, taken = [], [0] * len(stages[0].weights)
         for j, mix in enumerate(self.mixtures):
+            if j and stages[j].block_size != stages[j - 1].block_size:  # (rounded up: no block read twice)
+                taken = [-(-t * stages[j - 1].block_size // stages[j].block_size) for t in taken]
             self.offsets.append(list(taken))
             if j + 1 < len(stages):
                 taken = [a + b for a, b in zip(taken, mix.given(stages[j + 1].start - stages[j].start), strict=True)]
 
     def stage_of(self, g: int) -> int:
         return bisect_right(self.starts, g) - 1
+
+    def block_size(self, g: int) -> int:
+        """Tokens per block of global block g."""
+        return self.stages[self.stage_of(g)].block_size
 
     def __call__(self, g: int) -> tuple[int, int]:
         j = bisect_right(self.starts, g) - 1
@@ -101,14 +111,19 @@ class StagedMixture:
         return self.mixtures[j].given(self.stages[j + 1].start - self.stages[j].start)
 
 
-def plan(stages: list, names: list[str], weights: list[float], blocks_per_step: int) -> list[Stage]:
-    """`data.stages` (each with `until`, a step, and `weights` by source name) as Stages over the training
-    sources `names`, in blocks; no stages: one stage of the data.mix `weights`."""
+def plan(stages: list, names: list[str], weights: list[float], blocks_per_step: int, block_size: int) -> list[Stage]:
+    """`data.stages` (each with `until`, a step, and optionally `weights` by source name and `block_size`) as
+    Stages over the training sources `names`, in blocks; a stage without weights or block size keeps the previous
+    stage's (the first: the data.mix `weights` and data.block_size); no stages: one stage of those."""
+    weights = tuple(float(w) for w in weights)
     if not stages:
-        return [Stage(0, tuple(float(w) for w in weights))]
+        return [Stage(0, weights, block_size)]
     out, start = [], 0
     for s in stages:
-        out.append(Stage(start, tuple(float(s.weights.get(n, 0.0)) for n in names)))
+        if s.weights is not None:
+            weights = tuple(float(s.weights.get(n, 0.0)) for n in names)
+        block_size = s.block_size or block_size
+        out.append(Stage(start, weights, block_size))
         start = s.until * blocks_per_step
     return out
 
@@ -119,30 +134,10 @@ def past_changed(saved: list[Stage], now: list[Stage], blocks: int) -> bool:
 
     def clipped(stages: list[Stage]) -> list[tuple]:
         ends = [s.start for s in stages[1:]] + [blocks]
-        return [(s.start, min(end, blocks), s.weights) for s, end in zip(stages, ends, strict=True) if s.start < blocks]
+        return [(s.start, min(end, blocks), s.weights, s.block_size)
+                for s, end in zip(stages, ends, strict=True) if s.start < blocks]  # fmt: skip
 
     return clipped(saved) != clipped(now)
-
-
-def check_resume(saved: list[Stage], now: list[Stage], blocks: int, names: list[str], blocks_per_step: int) -> None:
-    """Refuse, in one sentence, a resume whose stages change the order of the blocks already trained."""
-    if not past_changed(saved, now, blocks):
-        return
-    step = blocks // blocks_per_step
-
-    def show(stages: list[Stage]) -> str:
-        return "; ".join(
-            f"from step {s.start // blocks_per_step + 1}: "
-            + ", ".join(f"{n} {w:g}" for n, w in zip(names, s.weights, strict=True))
-            for s in stages
-            if s.start < blocks
-        )
-
-    raise UserError(
-        f"the data mixture of the {step} steps already trained would change ({show(saved)} -> {show(now)}); "
-        "stages that have begun cannot change: resume with them as they were (appending a stage, or changing one "
-        "that has not begun, is fine) or start a new run directory."
-    )
 
 
 def shares(mixture: StagedMixture, j: int) -> list[float]:
@@ -157,4 +152,6 @@ def describe(mixture: StagedMixture, j: int, names: list[str], blocks_per_step: 
     first = stages[j].start // blocks_per_step + 1
     last = stages[j + 1].start // blocks_per_step if j + 1 < len(stages) else ""
     mix = ", ".join(f"{n} {100 * s:.1f}%" for n, s in zip(names, shares(mixture, j), strict=True))
-    return f"data stage {j + 1} of {len(stages)} (steps {first}-{last}): {mix} of the blocks"
+    return f"data stage {j + 1} of {len(stages)} (steps {first}-{last}): {mix} of the blocks" + (
+        f", {stages[j].block_size} tokens each" if len({s.block_size for s in stages}) > 1 else ""
+    )

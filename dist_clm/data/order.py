@@ -133,7 +133,7 @@ class DataPosition:
         self.mix = [[s.name, s.weight] for s in sources if s.weight > 0]
         self.names = [name for name, _ in self.mix]
         self.block_size, self.shuffle_window, self.global_batch = block_size, shuffle_window, global_batch
-        self.stages = plan(stages or [], self.names, [w for _, w in self.mix], global_batch)
+        self.stages = plan(stages or [], self.names, [w for _, w in self.mix], global_batch, block_size)
         self.fingerprint = data_fingerprint(sources)
         self.skips = Path(run_dir) / SKIPS if run_dir is not None else None
         self.writes = writes
@@ -167,10 +167,12 @@ class DataPosition:
         for key in ("block_size", "shuffle_window"):
             if saved[key] != getattr(self, key):
                 changes.append(f"data.{key}: {saved[key]} -> {getattr(self, key)}")
-        past = [Stage.from_json(x) for x in saved["stages"]]
-        if len(saved["mix"]) != len(self.mix) or (len(past) == len(self.stages) == 1 and past != self.stages):
+        # (a record from before stages had block sizes: its block size throughout)
+        past = [Stage.from_json(x if len(x) > 2 else [*x, saved["block_size"]]) for x in saved["stages"]]
+        one_stage = len(past) == len(self.stages) == 1  # (its block size is data.block_size's, named above)
+        if len(saved["mix"]) != len(self.mix) or (one_stage and past[0].weights != self.stages[0].weights):
             changes.append(f"the training mixture ({saved['mix']} -> {self.mix})")  # (names may change: a move)
-        elif past_changed(past, self.stages, saved["blocks_consumed"]):
+        elif not one_stage and past_changed(past, self.stages, saved["blocks_consumed"]):
             changes.append(self._stage_change(past, saved["blocks_consumed"]))
         if changes:
             raise Mismatch(changes)
@@ -183,15 +185,26 @@ class DataPosition:
             return "; ".join(
                 f"from step {s.start // per_step + 1}: "
                 + ", ".join(f"{n} {w:g}" for n, w in zip(self.names, s.weights, strict=True))
+                + f" in blocks of {s.block_size}"
                 for s in stages
                 if s.start < blocks
             )
 
         return (
             f"the data mixture of the {blocks // per_step} steps already trained ({show(past)} -> "
-            f"{show(self.stages)}): stages that have begun cannot change (appending a stage, or changing one that "
-            "has not begun, is fine)"
+            f"{show(self.stages)}): stages that have begun cannot change, their block size included (appending a "
+            "stage, or changing one that has not begun, is fine)"
         )
+
+    def block_size_at(self, blocks_consumed: int | None = None) -> int:
+        """Tokens per block of the step starting at `blocks_consumed` (default: where the position stands)."""
+        blocks = self.blocks_consumed if blocks_consumed is None else blocks_consumed
+        return [s for s in self.stages if s.start <= blocks][-1].block_size
+
+    @property
+    def block_sizes(self) -> list[int]:
+        """Every block size of the run's stages, in order of first use."""
+        return list(dict.fromkeys(s.block_size for s in self.stages))
 
     def step_done(self) -> None:
         """One optimizer step's blocks consumed."""

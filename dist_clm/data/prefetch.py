@@ -53,8 +53,9 @@ class Prefetcher:
         for g in rank_blocks(start, step, rank, world, per_rank):
             i, k = self.blocks.mixture(g)
             stream = self.blocks.blocks[i].stream
-            pos = self.blocks.offset(i, k)
-            first, last = pos // stream.chunk_tokens, (pos + self.blocks.block_size - 1) // stream.chunk_tokens
+            size = self.blocks.mixture.block_size(g)
+            pos = self.blocks.offset(i, k, size)
+            first, last = pos // stream.chunk_tokens, (pos + size - 1) // stream.chunk_tokens
             for chunk in range(first, last + 1):
                 shard = stream.chunks.shard_of_chunk(chunk)
                 if (i, shard) not in seen:
