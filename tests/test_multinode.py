@@ -91,6 +91,20 @@ def test_submitit_two_nodes_train_what_one_node_trains_and_resume_on_one_node(on
     same_training(per_step(moved, skip), {s: v for s, v in per_step(run).items() if s > 4})
 
 
+def test_sequence_parallel_inside_each_node_and_data_parallel_across_them(one_node, tmp_path, data_dir):
+    """SP=2 x DP=2 on 2 nodes x 2 ranks: a group's ranks are consecutive, so each node holds one group (its
+    all-to-alls in every layer stay on the node, where links are fast; only the gradient reduction crosses), and
+    the run trains what 4 data-parallel ranks on one node train, block for block (4 steps)."""
+    needs_slurm("multi")
+    run = tmp_path / "sp"
+    r = run_cli(*SLURM_2x2, "--wait", *COMMON, f"data.path={data_dir}", f"run.dir={run}", "train.max_steps=4",
+                "distributed.sequence_parallel_size=2", "train.global_batch_size=8")  # fmt: skip
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
+    nodes = [node for node, _ in nodes_of(run)]
+    assert nodes[0] == nodes[1] != nodes[2] == nodes[3]  # one group per node
+    same_training(per_step(run), {s: v for s, v in per_step(one_node).items() if s <= 4})
+
+
 def test_the_deepspeed_launcher_and_torchrun_over_two_nodes(one_node, tmp_path, data_dir):
     needs_slurm("multi")
     hostfile = tmp_path / "hostfile"
