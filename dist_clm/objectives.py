@@ -63,6 +63,9 @@ class Objective:
 
     name = "clm"
     stats: tuple[str, ...] = ()  # the names of the statistics `loss` returns, summed over micro batches
+    # under sequence parallelism, a rank's loss is its share of the micro batch's (its tokens' losses), not the
+    # whole of it (the preference objectives: every rank of a group computes the pairs' losses whole)
+    loss_is_share = True
 
     def __init__(self, settings, spike_factor: float):
         self.settings = settings  # the run's config.ObjectiveConfig
@@ -109,6 +112,7 @@ class Preference(Objective):
     step's mean pairs per micro batch (the weighting of LearnedTokens, counted in pairs)."""
 
     stats = preference.STATS
+    loss_is_share = False
 
     def weighting(self, run, micro_batches: list[dict]) -> dict:
         return per_step_mean(run, sum(preference.count_pairs(b["labels"], b["position_ids"]) for b in micro_batches))
@@ -120,8 +124,12 @@ class Preference(Objective):
         """Its pairs' losses summed over the divisor, and its STATS, on the device: no host read."""
         reference = inputs.pop("reference", None)
         labels = inputs.pop("labels")
-        logits = run.engine(**inputs, use_cache=False).logits
-        conv = preference.conversation_logps(logits, labels, inputs["position_ids"])
+        if run.sp.size > 1:  # each token's log-probability of the next, from every rank's slice of the rows
+            logp = run.engine(**inputs, labels=labels, token_logps=True, use_cache=False).logits
+            conv = preference.conversations(logp, labels, inputs["position_ids"])
+        else:
+            logits = run.engine(**inputs, use_cache=False).logits
+            conv = preference.conversation_logps(logits, labels, inputs["position_ids"])
         if reference is not None:  # (the loader's: each row's conversations, then NaN, over half a row)
             reference = F.pad(reference, (0, labels.shape[1] - reference.shape[1]))
         losses, rewards = self.pair_losses(conv, reference)

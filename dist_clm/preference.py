@@ -48,8 +48,14 @@ def _compact(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 def conversation_logps(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor) -> Conversations:
     """The learned conversations of each row (B x L logits over V, labels with -100, positions restarting at 0
     at each conversation and at the padding)."""
-    b, n = labels.shape
     logp = -F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:].clamp(min=0), reduction="none")
+    return conversations(logp, labels, positions)
+
+
+def conversations(logp: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor) -> Conversations:
+    """The same from each token's log-probability of its next token (B x L-1: sequence parallelism gathers them
+    from the ranks' slices instead of the logits)."""
+    b, n = labels.shape
     first = positions == 0
     doc = torch.cumsum(first, dim=1) - 1  # each token's document in its row
     rows = n * torch.arange(b, device=labels.device)[:, None]

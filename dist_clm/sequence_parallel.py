@@ -49,12 +49,14 @@ class SequenceParallel:
         """(data-parallel rank, data-parallel world size) of global rank `rank` of `world`."""
         return rank // self.size, world // self.size
 
-    def whole(self, loss: torch.Tensor) -> torch.Tensor:
-        """The micro batch's loss from this rank's share of it (what the rank reports; no gradient)."""
-        return loss if self.size == 1 else loss.detach() * self.size
+    def whole(self, loss: torch.Tensor, share: bool = True) -> torch.Tensor:
+        """The micro batch's loss from this rank's share of it (what the rank reports; no gradient); a loss
+        every rank of the group computed whole (`share` false: the preference objectives) as it is."""
+        return loss if self.size == 1 or not share else loss.detach() * self.size
 
     def for_backward(self, loss: torch.Tensor) -> torch.Tensor:
-        """This rank's share, scaled so that DeepSpeed's gradient reduction gives the unsharded gradient."""
+        """This rank's share (or the whole loss, whose gradient reaches this rank's tokens only: `_Gather`),
+        scaled so that DeepSpeed's gradient reduction gives the unsharded gradient."""
         return loss * self.size if self.size > 1 and self.zero_stage == 3 else loss
 
     def counts(self) -> bool:
@@ -217,10 +219,15 @@ def install(model, size: int, zero_stage: int, mpu) -> SequenceParallel:
         process_group=group,
         seq_length_is_variable=True,
     )
-    ours = {id(m) for m in model.modules()}
+    for m in model.modules():  # (marked, not remembered by id: a later model's module may reuse a freed id)
+        m._dist_clm_documents = documents
 
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
-        if id(module) not in ours or not module.training or documents.local is None:
+        if (
+            getattr(module, "_dist_clm_documents", None) is not documents
+            or not module.training
+            or documents.local is None
+        ):
             return original(module, query, key, value, attention_mask, *args, **kwargs)
         _fit(ulysses, query.shape[0])
         kwargs.pop("is_causal", None)
@@ -234,7 +241,7 @@ def install(model, size: int, zero_stage: int, mpu) -> SequenceParallel:
     base, head, whole = model.base_model, model.get_output_embeddings(), model.forward
     fused = getattr(head, "fused_loss", False)
 
-    def forward(input_ids=None, labels=None, position_ids=None, num_items_in_batch=None, **kwargs):
+    def forward(input_ids=None, labels=None, position_ids=None, num_items_in_batch=None, token_logps=False, **kwargs):
         if labels is None or not model.training:
             return whole(input_ids=input_ids, labels=labels, position_ids=position_ids,
                          **({} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}),
@@ -251,6 +258,10 @@ def install(model, size: int, zero_stage: int, mpu) -> SequenceParallel:
         kwargs["use_cache"] = False
         hidden = base(input_ids=input_ids[:, cut], position_ids=documents.local, **kwargs).last_hidden_state
         mine = shifted[:, cut]
+        if token_logps:  # (the preference objectives: B x L-1 log-probabilities, gathered from the group)
+            logits = head(hidden).float()
+            logp = -F.cross_entropy(logits.transpose(1, 2), mine.clamp(min=0), reduction="none")
+            return CausalLMOutputWithPast(logits=_Gather.apply(logp, group, rank, size)[:, :-1])
         if fused:
             total = head(hidden, shift_labels=mine)
         else:
@@ -260,6 +271,25 @@ def install(model, size: int, zero_stage: int, mpu) -> SequenceParallel:
 
     model.forward = forward
     return SequenceParallel(size, rank, zero_stage)
+
+
+class _Gather(torch.autograd.Function):
+    """The group's slices of a B x n tensor, concatenated along the rows. Every rank of the group computes the same
+    loss from the result, so the gradient of this rank's slice is that loss's gradient at the slice: no reduction
+    (DeepSpeed's gradient reduction then sums the ranks' parameter gradients)."""
+
+    @staticmethod
+    def forward(ctx, local, group, rank: int, size: int):
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(local) for _ in range(size)]
+        dist.all_gather(parts, local.contiguous(), group=group)
+        ctx.cut = slice(rank * local.shape[1], (rank + 1) * local.shape[1])
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[:, ctx.cut], None, None, None
 
 
 def _fit(ulysses, batch: int) -> None:

@@ -316,9 +316,6 @@ def _checked(cfg: Config, env: DistEnv) -> tuple:
             f"their logits as a plain projection ({', '.join(loss_head.PLAIN_HEADS)} are); use auto or plain."
         )
     sequence_parallel.check(model.config, size, cfg.data.block_sizes())
-    if size > 1 and cfg.objective.kind in ("dpo", "orpo"):
-        raise UserError(f"objective.kind {cfg.objective.kind} does not train sequence-parallel yet (its losses are "
-                        "per conversation, not per token); set distributed.sequence_parallel_size=1.")  # fmt: skip
     if cfg.data.document_mask and model.config._attn_implementation == attention.FLASH and size == 1:
         attention.feed_documents(model)  # (after the loss head: it calls the head with the documents' bounds)
     limit = max_positions(model.config)

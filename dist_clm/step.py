@@ -69,7 +69,7 @@ def train_step(
         loss, micro_stats = objective.loss(run, model_inputs(run, batch), weighting)
         stats = micro_stats if stats is None else stats + micro_stats
         loss = inject(step, loss)  # (sequence parallelism: this rank's share of the micro batch's loss)
-        losses.append(run.sp.whole(loss))
+        losses.append(run.sp.whole(loss, objective.loss_is_share))
         last = micro == run.grad_accum - 1
         if last:  # the step's one collective: stop signals, damaged data, non-finite losses, loss sum
             flaws = objective.flaws(stats) + float(damaged is not None)

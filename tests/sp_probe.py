@@ -88,6 +88,42 @@ def training_case(kind: str, documents: bool, learned: bool, zero: int, head: st
     return {"loss": abs(total.item() - ref_loss), "reported": abs(reported.item() / 2 - ref_loss), "grad": grad}
 
 
+def preference_case(kind: str, zero: int) -> dict:
+    """DPO on one packed pair (a chosen and a rejected row of three conversations each, prompts not learned):
+    the SP=2 engine's loss (the same whole loss on both ranks) and gradients against the unsharded ones."""
+    from dist_clm import preference
+
+    model = build(kind)
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(1, VOCAB, (2, LENGTH), generator=g)
+    positions = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in ([5, 11, 16], [8, 10, 14])])
+    labels = ids.clone()
+    labels[positions < 3] = -100  # (each conversation's first 3 tokens: its prompt)
+    reference = torch.zeros(2, LENGTH)
+
+    def dpo_loss(conv):
+        return preference.dpo(conv, reference, 0.5)[0].sum()
+
+    ref_model = copy.deepcopy(model)
+    logits = ref_model(input_ids=ids, position_ids=positions, use_cache=False).logits
+    ref_loss = dpo_loss(preference.conversation_logps(logits, labels, positions))
+    ref_loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in ref_model.named_parameters()}
+    mpu = sequence_parallel.groups(2)
+    sp = sequence_parallel.install(model, 2, zero, mpu)
+    config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": zero},
+              "optimizer": {"type": "AdamW", "params": {"lr": 0.0, "torch_adam": True}}}  # fmt: skip
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config, mpu=mpu)
+    logp = engine(input_ids=ids, labels=labels, position_ids=positions, token_logps=True, use_cache=False).logits
+    loss = dpo_loss(preference.conversations(logp, labels, positions))
+    engine.backward(sp.for_backward(loss))
+    grad = max(
+        ((safe_get_full_grad(p) - ref_grads[n]).abs().max() / ref_grads[n].abs().max().clamp(min=1e-12)).item()
+        for n, p in engine.module.named_parameters()
+    )
+    return {"loss": abs(sp.whole(loss, share=False).item() - ref_loss.item()), "reported": 0.0, "grad": grad}
+
+
 def logits_case(kind: str, attention: str) -> dict:
     """Training-mode logits of each rank's slice, gathered, against the unsharded document-masked logits."""
     model = build(kind)
@@ -156,6 +192,8 @@ def main(out: str) -> None:
                 )
         results[f"{kind} documents=True sft=True zero=3 plain"] = training_case(kind, True, True, 3, "plain")
         results[f"{kind} documents=True sft=False zero=1 plain"] = training_case(kind, True, False, 1, "plain")
+        for zero in (2, 3):
+            results[f"{kind} dpo zero={zero}"] = preference_case(kind, zero)
     from tests import flash_standin
 
     flash_standin.install()

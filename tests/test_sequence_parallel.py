@@ -42,7 +42,7 @@ def test_every_loss_gradient_and_attention_path_equals_the_unsharded_model(tmp_p
     assert r.returncode == 0, r.stderr[-4000:]
     found = json.loads(out.read_text())
     training = {k: v for k, v in found.items() if "zero=" in k}
-    assert len(training) == 12
+    assert len(training) == 16  # (12 token-level cases, 4 of DPO pairs)
     for case, diff in training.items():
         assert diff["loss"] < 1e-5 and diff["reported"] < 1e-5, case
         assert diff["grad"] < 1e-4, case  # (relative to the largest gradient of each parameter)
