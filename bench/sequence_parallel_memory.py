@@ -41,6 +41,7 @@ def worker(size: int, lengths: list[int], budget: int) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from dist_clm import loss_head, sequence_parallel
+    from dist_clm.attention import no_padding
     from dist_clm.distributed import init
 
     env = init()
@@ -77,7 +78,8 @@ def worker(size: int, lengths: list[int], budget: int) -> None:
             before = torch.cuda.memory_allocated()
         else:
             before = resident()
-        loss = engine(input_ids=ids, labels=ids, use_cache=False).loss
+        inputs = {"input_ids": ids, "attention_mask": no_padding(ids)}  # (what the training step gives the model)
+        loss = engine(**inputs, labels=ids, use_cache=False).loss
         engine.backward(loss)
         engine.zero_grad()  # (no update: the weights stay as they were for the next length)
         used = (torch.cuda.max_memory_allocated() if gpu else high_water()) - before

@@ -126,6 +126,14 @@ def document_bounds(position_ids: torch.Tensor) -> dict[str, Any]:
     return {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": row, "max_length_k": row}
 
 
+def no_padding(input_ids: torch.Tensor) -> torch.Tensor:
+    """An all-ones padding mask for rows of one sequence each (no document masking), for sdpa: without it
+    transformers 4.57 takes such rows for packed ones (its packed-sequence check finds one sequence and does
+    not say none) and hands sdpa a materialized B x 1 x L x L causal mask, which rules out its fused causal
+    kernels (the CPU's math path holds L x L scores per head); with it, sdpa gets is_causal."""
+    return torch.ones_like(input_ids)
+
+
 def feeds_documents(model) -> bool:
     return getattr(model, "_dist_clm_feeds_documents", False)
 

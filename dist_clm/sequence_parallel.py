@@ -107,8 +107,8 @@ def groups(size: int):
     # DeepSpeed 0.19 treats these groups as data parallelism (ZeRO partitions over every rank, one model-state
     # file), but writes the group's size into the checkpoint as its tensor-parallel degree, which its universal
     # converter then refuses ("model-state file count 1 does not match tp_degree=2"): record what it is
-    metadata = engine._checkpoint_parallel_metadata
-    if not getattr(metadata, "dist_clm", False):
+    metadata = getattr(engine, "_checkpoint_parallel_metadata", None)  # (DeepSpeed versions without it record none)
+    if metadata is not None and not getattr(metadata, "dist_clm", False):
 
         def parallel_metadata(group_module):
             if hasattr(group_module, "initialize_sequence_parallel"):
@@ -256,6 +256,7 @@ def install(model, size: int, zero_stage: int, mpu) -> SequenceParallel:
         shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
         count = num_items_in_batch if num_items_in_batch is not None else (shifted != IGNORE).sum().clamp(min=1)
         kwargs["use_cache"] = False
+        kwargs.pop("attention_mask", None)  # (the whole rows' no-padding mask: the core attends causally itself)
         hidden = base(input_ids=input_ids[:, cut], position_ids=documents.local, **kwargs).last_hidden_state
         mine = shifted[:, cut]
         if token_logps:  # (the preference objectives: B x L-1 log-probabilities, gathered from the group)

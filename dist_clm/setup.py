@@ -316,8 +316,10 @@ def _checked(cfg: Config, env: DistEnv) -> tuple:
             f"their logits as a plain projection ({', '.join(loss_head.PLAIN_HEADS)} are); use auto or plain."
         )
     sequence_parallel.check(model.config, size, cfg.data.block_sizes())
-    if cfg.data.document_mask and model.config._attn_implementation == attention.FLASH and size == 1:
-        attention.feed_documents(model)  # (after the loss head: it calls the head with the documents' bounds)
+    if cfg.data.document_mask and model.config._attn_implementation == attention.FLASH:
+        # (after the loss head: it calls the head with the documents' bounds; under sequence parallelism it
+        # serves the whole rows of validation)
+        attention.feed_documents(model)
     limit = max_positions(model.config)
     longest = max(cfg.data.block_sizes())
     if limit is not None and longest > limit:

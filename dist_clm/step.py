@@ -117,10 +117,13 @@ def skip_reason(agreed, spike: str | None) -> str | None:
 
 def model_inputs(run: Run, batch: dict[str, torch.Tensor]) -> dict:
     """A micro batch on the device, copied without waiting (on a GPU the loader's batches are in pinned
-    memory); with flash attention's document bounds (attention.feed_documents), computed on the host first."""
+    memory); with flash attention's document bounds (attention.feed_documents), computed on the host first
+    (under sequence parallelism the core attention makes them for the whole rows itself)."""
     device = run.env.device
     inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    if attention.feeds_documents(run.engine.module):
+    if "position_ids" not in inputs and run.engine.module.config._attn_implementation == "sdpa":
+        inputs["attention_mask"] = attention.no_padding(inputs["input_ids"])
+    if attention.feeds_documents(run.engine.module) and run.sp.size == 1:
         bounds = attention.document_bounds(batch["position_ids"])
         inputs |= {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in bounds.items()}
     return inputs

@@ -108,3 +108,47 @@ def test_an_attention_the_machine_lacks_is_one_sentence(tokenizer_dir):
         pytest.skip("flash_attn is installed here")
     with pytest.raises(UserError, match="'model.attention' is 'flash_attention_2', which this model or machine"):
         build_model_with(["flash_attention_2"], "tiny-llama", "", {}, load_tokenizer(tokenizer_dir))
+
+
+def test_rows_of_one_sequence_reach_sdpa_as_causal_without_a_materialized_mask():
+    """The training step gives rows without document masking an all-ones padding mask: transformers then lets
+    sdpa attend with is_causal (its fused kernels) instead of a B x 1 x L x L mask it would build otherwise."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from dist_clm.sequence_parallel import SequenceParallel
+    from dist_clm.step import model_inputs
+
+    model = build_model("tiny-llama", "", {}, FakeTokenizer(300))
+    run = SimpleNamespace(
+        env=SimpleNamespace(device="cpu"), engine=SimpleNamespace(module=model), sp=SequenceParallel()
+    )
+    ids = torch.randint(0, 300, (2, 16))
+    inputs = model_inputs(run, {"input_ids": ids, "labels": ids})
+    masks, sdpa = [], ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def spy(module, q, k, v, mask, *args, **kwargs):
+        masks.append(mask)
+        return sdpa(module, q, k, v, mask, *args, **kwargs)
+
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = spy
+    try:
+        model(**inputs, use_cache=False)
+        assert masks and all(m is None for m in masks)
+        masks.clear()
+        model(input_ids=ids, labels=ids, use_cache=False)  # (what transformers 4.57 does without it)
+        assert all(m is not None for m in masks) or transformers_version() >= 5
+    finally:
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa
+    with_documents = model_inputs(
+        run, {"input_ids": ids, "labels": ids, "position_ids": torch.arange(16).expand(2, 16)}
+    )
+    assert "attention_mask" not in with_documents  # (packed rows keep their document mask)
+
+
+def transformers_version() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
