@@ -61,15 +61,26 @@ def test_a_stage_extends_the_context_and_resumes_exactly_across_and_inside_it(ex
     inside = resumed_from(run, 4, tmp_path / "inside", data_dir, torchrun, "distributed.sequence_parallel_size=2")
     assert inside == pytest.approx({s: v for s, v in losses.items() if s > 4}, abs=1e-5)  # (SP: another sum order)
 
-    moved = tmp_path / "changed"
-    shutil.copytree(run, moved)
-    shutil.rmtree(moved / "checkpoints" / "step_00000006")
+    # the step-4 checkpoint's data part refuses a begun stage's other block size, and data.block_size's
+    from dist_clm.config import load_config
+    from dist_clm.data.order import DataPosition
+    from dist_clm.data.run_data import training_sources
+    from dist_clm.errors import Mismatch
+    from tests.helpers import train_state
+
+    saved = train_state(run, 4)["data"]
     for overrides, fragment in [
+        (["data.stages=[{until: 3}, {block_size: 96}]"], "their block size included"),
         (["data.block_size=32"], "data.block_size: 64 -> 32"),
-        ([*COMMON[:-1], "data.stages=[{until: 3}, {block_size: 96}]"], "their block size included"),
+        (["data.stages=[{until: 5}, {block_size: 128}]"], "the data mixture of the 4 steps already trained"),
     ]:
-        r = run_cli("train", *COMMON, *overrides, f"data.path={data_dir}", f"run.dir={moved}")
-        assert_clean_error(r, fragment)
+        cfg = load_config(None, [*COMMON, f"data.path={data_dir}", *overrides])
+        position = DataPosition.from_config(cfg.data, None, training_sources(cfg.data), 4)
+        with pytest.raises(Mismatch, match=fragment):
+            position.load_state_dict(saved)
+    appended = "data.stages=[{until: 3}, {until: 8, block_size: 128}, {block_size: 64}]"  # (a stage not begun: fine)
+    cfg = load_config(None, [*COMMON, f"data.path={data_dir}", appended])
+    DataPosition.from_config(cfg.data, None, training_sources(cfg.data), 4).load_state_dict(saved)
 
 
 def test_rope_settings_reach_the_model_and_are_refused_without_rotary_embeddings():
@@ -90,5 +101,7 @@ def test_stage_block_sizes_are_checked(tmp_path, data_dir):
     r = run_cli("train", *TINY, f"data.path={data_dir}", f"run.dir={tmp_path / 'r'}",
                 "data.stages=[{until: 2}, {block_size: 256}]")  # fmt: skip
     assert_clean_error(r, "a block size in data.stages is 256, more than the model's 128 positions")
-    r = run_cli("train", *TINY, f"data.path={data_dir}", "data.stages=[{until: 2}, {block_size: 1}]")
-    assert_clean_error(r, "block sizes must be at least 2")
+    from dist_clm.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="block sizes must be at least 2"):
+        load_config(None, ["data.stages=[{until: 2}, {block_size: 1}]"])
