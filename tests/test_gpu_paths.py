@@ -306,8 +306,10 @@ def test_the_preference_loss_of_a_micro_batch_reads_nothing_back_from_the_device
     labels = torch.where((positions >= 5) & (torch.arange(64) < 50), ids, -100)  # two learned conversations a row
     reference = torch.full((4, 32), float("nan"))
     reference[:, :2] = -20.0
+    from dist_clm.sequence_parallel import SequenceParallel
+
     settings = ObjectiveConfig(kind=objective)
-    run = SimpleNamespace(engine=model)
+    run = SimpleNamespace(engine=model, sp=SequenceParallel())
     inputs = {"input_ids": ids, "labels": labels, "position_ids": positions, "reference": reference}
     with HostReads() as reads:
         loss, stats = for_run(settings, 2.0).loss(run, inputs, {"num_items_in_batch": torch.tensor(4.0)})
@@ -352,7 +354,9 @@ def test_batches_are_pinned_for_a_gpu_and_copied_without_waiting(monkeypatch, da
     cfg = load_config(None, [*TINY, f"data.path={data_dir}"])
     sources = training_sources(cfg.data)
     env = SimpleNamespace(rank=0, world_size=1, device="cuda:0")
-    run = Run(cfg, env, sources, SimpleNamespace(module=torch.nn.Linear(1, 1)), None, 1, "bf16", 0, 0.0, None, None,
+    module = torch.nn.Linear(1, 1)
+    module.config = SimpleNamespace(_attn_implementation="sdpa")  # (the step reads which attention it is)
+    run = Run(cfg, env, sources, SimpleNamespace(module=module), None, 1, "bf16", 0, 0.0, None, None,
               {"data": DataPosition.from_config(cfg.data, cfg.run.dir, sources, 4)}, None, None, None)  # fmt: skip
     assert run.loader().pin_memory
     env.device = "cpu"
