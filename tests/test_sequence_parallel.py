@@ -30,6 +30,11 @@ COMMON = [*TINY, "train.micro_batch_size=2", "train.global_batch_size=4", "train
           "data.document_mask=true"]  # fmt: skip
 
 
+# the sequence-parallel runs recompute their activations in the backward pass (activation checkpointing: the
+# core attention's documents must outlive the forward pass); the SP=1 reference does not (the same math)
+SP2 = ["distributed.sequence_parallel_size=2", "train.activation_checkpointing=true"]
+
+
 def torchrun(n: int) -> list[str]:
     return [str(BIN / "torchrun"), "--nproc_per_node", str(n), "--master_port", str(free_port()), "-m", "dist_clm",
             "train"]  # fmt: skip
@@ -58,11 +63,12 @@ def test_every_loss_gradient_and_attention_path_equals_the_unsharded_model(tmp_p
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_dir):
-    """SP=1 on 1 rank, and SP=2 on 2 ranks (torchrun), 4 steps of packed documents with checkpoints at 2 and 4."""
+    """SP=1 on 1 rank, and SP=2 on 2 ranks (torchrun, activation checkpointing), 4 steps of packed documents with
+    checkpoints at 2 and 4."""
     root = tmp_path_factory.mktemp("sp")
     one = run_cli("train", *COMMON, f"data.path={data_dir}", f"run.dir={root / 'sp1'}")
     assert one.returncode == 0, one.stderr[-3000:]
-    sp2 = ["distributed.sequence_parallel_size=2"]
+    sp2 = SP2
     cmd = [*torchrun(2), *COMMON, f"data.path={data_dir}", f"run.dir={root / 'sp2'}", *sp2]
     two = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -100,7 +106,7 @@ def test_sp2_trains_what_sp1_trains_and_its_checkpoint_continues_at_sp1(runs, tm
 def test_kill_9_in_the_middle_of_an_sp_run_resumes_bitwise(runs, tmp_path, data_dir):
     _, sp2 = runs
     run = tmp_path / "killed"
-    cmd = [*torchrun(2), *COMMON, f"data.path={data_dir}", f"run.dir={run}", "distributed.sequence_parallel_size=2"]
+    cmd = [*torchrun(2), *COMMON, f"data.path={data_dir}", f"run.dir={run}", *SP2]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline:  # past the step-2 checkpoint, in step 3 or 4
