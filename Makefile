@@ -15,7 +15,7 @@ install: $(VENV)/.installed
 quickstart: $(VENV)/.installed  ## the whole path on the embedded corpus (the Python standard library)
 	$(VENV)/bin/dist-clm quickstart
 
-test: $(VENV)/.installed  ## the whole suite (~40 min on 2 cores; SLURM tests skip without a cluster)
+test: $(VENV)/.installed  ## the whole suite (~45 min on 2 cores; SLURM tests skip without a cluster)
 	$(PY) -m pytest --durations=25
 
 test-fast: $(VENV)/.installed  ## without the multi-process runs
