@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_clm.errors import UserError
+from dist_clm.loss_head import PLAIN_HEADS as _PLAIN  # (logits = the output projection of the last hidden state)
 
 IGNORE = -100
 
@@ -149,7 +150,7 @@ class _Documents:
             self._made["dense"] = ((self.doc[:, :, None] == self.doc[:, None, :]) & causal)[:, None]
         return self._made["dense"]
 
-    def block_mask(self, heads_dim: int | None = None):
+    def block_mask(self):
         """flex attention: a BlockMask of the same rule (causal within each document)."""
         if "block" not in self._made:
             from torch.nn.attention.flex_attention import create_block_mask
@@ -169,7 +170,7 @@ class _Documents:
         if "flash" not in self._made:
             from dist_clm.attention import document_bounds
 
-            self._made["flash"] = document_bounds(self.positions.clone()) if self.doc is not None else {}
+            self._made["flash"] = document_bounds(self.positions) if self.doc is not None else {}
         return self._made["flash"]
 
 
@@ -190,9 +191,6 @@ class _Core:
         mask = docs.dense_mask()  # (sdpa; GPT-2 says is_causal=False whenever it built a 4-D mask: ignored)
         return self.original(module, query, key, value, mask, dropout=dropout, scaling=scaling,
                              is_causal=mask is None, **kw)  # fmt: skip
-
-
-_PLAIN = ("gpt2", "llama", "mistral", "qwen2")  # logits = the output projection of the base model's last state
 
 
 def install(model, size: int, zero_stage: int, mpu) -> SequenceParallel:
