@@ -43,14 +43,12 @@ def _tokenizer_train(a: argparse.Namespace) -> None:
 
 
 def _prepare(a: argparse.Namespace) -> None:
-    from dist_clm.data.prepare import prepare
-
-    if not a.inputs and not a.dataset and a.format == "text":
-        print("no corpus named: preparing files of the Python standard library")
-    m = prepare(
-        a.tokenizer,
-        a.out,
-        a.inputs,
+    if a.merge:
+        return _merge(a.merge)
+    for flag, value in (("--tokenizer", a.tokenizer), ("--out", a.out)):
+        if not value:
+            raise UserError(f"prepare needs {flag} (or --merge OUT to join the parts of a prepare in parts).")
+    options = dict(
         dataset=a.dataset,
         dataset_config=a.dataset_config,
         split=a.split,
@@ -66,12 +64,77 @@ def _prepare(a: argparse.Namespace) -> None:
         block_size=a.block_size,
         chat_template=a.chat_template,
     )
+    if a.launch:
+        return _prepare_on_slurm(a, options)
+    if a.tasks or a.task_index is not None or a.stage:
+        if not a.tasks or a.task_index is None:
+            raise UserError("a prepare in parts needs both --tasks N and --task-index I (0 <= I < N); or --launch "
+                            "slurm with --tasks N to submit them all.")  # fmt: skip
+        from dist_clm.data.prepare import prepare_part
+
+        m = prepare_part(a.tokenizer, a.out, a.inputs, a.tasks, a.task_index, a.stage or "tokenize", **options)
+        if "splits" in m:
+            tokens = sum(s["tokens"] for s in m["splits"].values())
+            print(f"part {a.task_index} of {a.tasks}: {tokens} tokens in {m['seconds']:.1f} s")
+        print(f"part {a.task_index} of {a.tasks} ({a.stage or 'tokenize'}) complete; when every part is: "
+              f"dist-clm prepare --merge {a.out}")  # fmt: skip
+        return None
+    from dist_clm.data.prepare import prepare
+
+    if not a.inputs and not a.dataset and a.format == "text":
+        print("no corpus named: preparing files of the Python standard library")
+    _print_prepared(prepare(a.tokenizer, a.out, a.inputs, **options), a.out)
+    return None
+
+
+def _print_prepared(m: dict, out: str) -> None:
     for split, s in m["splits"].items():
         tuned = m.get("fine_tuning") or {}
         what = "pairs" if tuned.get("pairs") else "conversations" if tuned else "documents"
         print(f"{split}: {s['documents']} {what}, {s['tokens']} tokens, {s['chunks']} chunks"
               + (f"; {s['truncated']} truncated, {s['dropped']} dropped" if "fine_tuning" in m else ""))  # fmt: skip
-    print(f"prepared data written to {a.out} in {m['seconds']:.1f} s")
+    if m.get("duplicates_removed"):
+        print(f"{m['duplicates_removed']} exact duplicates removed")
+    parts = m.get("parts")
+    took = f"{m['seconds']:.1f} s" if not parts else (f"{parts['tasks']} parts, {m['seconds']:.1f} task-seconds (the "
+                                                      f"slowest {parts['slowest_part_seconds']:.1f} s), merged in "
+                                                      f"{parts['merge_seconds']:.1f} s")  # fmt: skip
+    print(f"prepared data written to {out} in {took}")
+
+
+def _merge(out: str) -> None:
+    from dist_clm.data.merge import merge
+
+    _print_prepared(merge(out), out)
+
+
+def _prepare_on_slurm(a: argparse.Namespace, options: dict) -> None:
+    from dist_clm import prepare_slurm
+    from dist_clm.data.remote import is_remote
+    from dist_clm.slurm import SlurmSettings
+
+    if not a.tasks:
+        raise UserError("--launch slurm needs --tasks N: the number of array tasks to split the corpus between.")
+    settings = SlurmSettings(nodes=1, tasks_per_node=1, cpus_per_task=a.cpus_per_task, mem_gb=a.mem_gb,
+                             partition=a.partition or "", account=a.account or "", time_min=a.time,
+                             job_name="dist-clm-prepare", max_requeues=a.max_requeues,
+                             signal_delay_s=min(60, a.time * 30), sbatch=a.sbatch or [])  # fmt: skip
+    folder = Path(a.log_folder) if a.log_folder else (Path("prepare-logs") if is_remote(a.out) else
+                                                      Path(a.out) / "parts" / "slurm")  # fmt: skip
+    options = options | {"progress": False}
+    prepare = {"tokenizer_dir": a.tokenizer, "out": a.out, "inputs": a.inputs, "options": options}
+    arrays, merge_job = prepare_slurm.submit(settings, prepare, a.tasks, folder)
+    print(f"submitted job arrays {', '.join(arrays)} ({a.tasks} tasks each) and the merge, job {merge_job.job_id}")
+    print(f"  logs: {folder}; progress: dist-clm data status {a.out}")
+    if a.wait:
+        _print_prepared(prepare_slurm.wait(merge_job, arrays, a.out), a.out)
+
+
+def _status(a: argparse.Namespace) -> None:
+    from dist_clm.data.parts import describe_status
+    from dist_clm.data.store import store
+
+    print(describe_status(store(a.dir)))
 
 
 def _prepare_reference(a: argparse.Namespace) -> None:
@@ -257,11 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("prepare", help="tokenize a corpus once into MDS shards")
     corpus_args(t)
-    t.add_argument("--tokenizer", required=True, help="a local tokenizer directory")
+    t.add_argument("--tokenizer", help="a local tokenizer directory")
     t.add_argument(
-        "--out",
-        required=True,
-        help="directory to write (must not exist or be empty), or a URL such as s3://bucket/prefix (uploaded)",
+        "--out", help="directory to write (must not exist or be empty), or a URL such as s3://bucket/prefix (uploaded)"
     )
     t.add_argument("--val-fraction", type=float, default=0.05, help="share of documents for validation")
     t.add_argument("--chunk-tokens", type=int, default=16384, help="tokens per stored MDS sample")
@@ -278,6 +339,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--block-size", type=int, default=0, help="fine-tuning formats: tokens per packed block")
     t.add_argument("--chat-template", choices=["chatml"], help="for a tokenizer without a chat template")
+    g = t.add_argument_group("a prepare in parts (many tasks, many nodes), then a merge")
+    g.add_argument("--tasks", type=int, default=0, help="split the corpus between N tasks")
+    g.add_argument("--task-index", type=int, help="run part I of --tasks N (from any scheduler)")
+    g.add_argument("--stage", choices=["hash", "dedup", "tokenize"], help="with --dedup: hash, dedup, then tokenize, "
+                   "each for every task before the next (default: tokenize)")  # fmt: skip
+    g.add_argument("--merge", metavar="OUT", help="join the finished parts under OUT into one dataset")
+    g.add_argument("--launch", choices=["slurm"], help="submit the --tasks as SLURM job arrays (and the merge)")
+    g.add_argument("--partition")
+    g.add_argument("--account")
+    g.add_argument("--cpus-per-task", type=int, default=8)
+    g.add_argument("--mem-gb", type=float, default=0, help="memory per task (0: the partition's default)")
+    g.add_argument("--time", type=int, default=24 * 60, help="time limit per task in minutes")
+    g.add_argument("--max-requeues", type=int, default=3, help="requeues of a task killed or preempted")
+    g.add_argument("--log-folder", help="default: OUT/parts/slurm (a bucket OUT: ./prepare-logs)")
+    g.add_argument("--sbatch", action="append", help="an extra sbatch option KEY=VALUE (repeatable)")
+    g.add_argument("--wait", action="store_true", help="wait for the merge and print the dataset's figures")
     t.set_defaults(func=_prepare)
 
     t = sub.add_parser("prepare-reference", help="DPO: the starting model's log-probabilities of prepared pairs")
@@ -293,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--records", type=int, default=2000)
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=_synthetic)
+    t = dt.add_parser("status", help="a prepare in parts: parts done, running and failed, tokens, time left")
+    t.add_argument("dir", help="the prepare's --out (a directory or s3:// URL)")
+    t.set_defaults(func=_status)
     t = dt.add_parser("inspect", help="a prepared directory's figures and a few decoded documents")
     t.add_argument("dir")
     t.add_argument("--samples", type=int, default=3, help="documents to decode")

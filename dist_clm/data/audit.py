@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from dist_clm.data.format import read_manifest, token_limit
 from dist_clm.data.reference_store import load_values, read_record
 from dist_clm.data.remote import local_dir, mirror_of
@@ -95,10 +97,11 @@ def verify(data_dir: str | Path) -> list[str]:
                 "so the directory was changed after prepare; prepare the data again."
             )
         total, top = 0, -1
+        last = set(np.cumsum([c for c, _ in info.get("parts") or [[info["chunks"], 0]]]) - 1)  # each part's last
         for i in range(len(store)):
             chunk = store.arrays(i)
             ids, bounds = chunk["tokens"], chunk["doc_bounds"]
-            if not (0 < len(ids) <= size if i == len(store) - 1 else len(ids) == size):
+            if not (0 < len(ids) <= size if i in last else len(ids) == size):
                 raise _changed(store, i, f"holds {len(ids):,} tokens where the manifest says {size:,} per chunk")
             if "fine_tuning" in m and len(chunk.get("loss_mask", ())) != len(ids):
                 raise _changed(store, i, f"has no loss mask of its {len(ids):,} tokens")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from dist_clm.errors import DataError, UserError
@@ -69,13 +70,24 @@ def token_limit(manifest: dict) -> int:
 
 
 def plain_name(name: object) -> bool:
-    """Whether an index.json file name is a plain name inside its directory (it is joined to it as a path)."""
+    """Whether a file name is a plain name inside its directory (it is joined to it as a path)."""
     return (
         isinstance(name, str)
         and name not in ("", ".", "..")
         and not any(c in name for c in "/\\\0")
         and not os.path.isabs(name)
     )
+
+
+def inside_name(name: object) -> bool:
+    """Whether an index.json file name stays inside its split: a plain name, or a merged dataset's
+    `part-NNNNN/NAME` (one folder of plain name, then a plain name)."""
+    if not isinstance(name, str):
+        return False
+    *folder, file = name.split("/")
+    if folder and not (len(folder) == 1 and re.fullmatch(r"part-\d{5}", folder[0])):
+        return False
+    return plain_name(file)
 
 
 def read_index(split_dir: str | Path) -> list[dict]:
@@ -85,8 +97,14 @@ def read_index(split_dir: str | Path) -> list[dict]:
     index = d / "index.json"
     if not index.is_file():
         raise DataError(f"'{d}' has no index.json, so it holds no MDS shards; prepare the data again.")
+    return read_index_bytes(index.read_bytes(), index)
+
+
+def read_index_bytes(data: bytes, index: str | Path) -> list[dict]:
+    """read_index of index.json's bytes (`index`: where they come from, for messages)."""
+    d = Path(index).parent
     try:
-        shards = json.loads(index.read_bytes())["shards"]
+        shards = json.loads(data)["shards"]
         ok = isinstance(shards, list) and all(
             isinstance(s, dict)
             and s.get("format") == "mds"
@@ -101,7 +119,7 @@ def read_index(split_dir: str | Path) -> list[dict]:
         raise DataError(f"'{index}' is not a readable MDS index (damaged or changed); prepare the data again.")
     for s in shards:
         for info in (s["raw_data"], s.get("zip_data")):
-            if info is not None and not plain_name(info.get("basename")):
+            if info is not None and not inside_name(info.get("basename")):
                 raise DataError(
                     f"'{index}' names the shard file {info.get('basename')!r}, which is not a plain file name "
                     f"inside '{d}'; prepare the data again."

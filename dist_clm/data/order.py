@@ -64,7 +64,7 @@ class PackedBlocks:
                 "lower data.block_size or prepare more data."
             )
         # where each shard's piece of the epoch's blocks starts (a block belongs to the shard it starts in)
-        bounds = {0} | {-(-e * stream.chunk_tokens // block_size) for e in stream.chunks.ends[:-1]}
+        bounds = {0} | {-(-stream.chunk_start(e) // block_size) for e in stream.chunks.ends[:-1]}
         self.edges = np.array(sorted(b for b in bounds if b < self.per_epoch) + [self.per_epoch])
         n = len(self.edges) - 1
         self.group = max(1, round(window * n / self.per_epoch)) if window else n  # shards per window

@@ -55,7 +55,7 @@ class Prefetcher:
             stream = self.blocks.blocks[i].stream
             size = self.blocks.mixture.block_size(g)
             pos = self.blocks.offset(i, k, size)
-            first, last = pos // stream.chunk_tokens, (pos + size - 1) // stream.chunk_tokens
+            first, last = stream.locate(pos)[0], stream.locate(pos + size - 1)[0]
             for chunk in range(first, last + 1):
                 shard = stream.chunks.shard_of_chunk(chunk)
                 if (i, shard) not in seen:

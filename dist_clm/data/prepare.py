@@ -29,6 +29,8 @@ import errno
 import json
 import multiprocessing
 import os
+import shutil
+import socket
 import tempfile
 import time
 from collections import Counter, deque
@@ -311,8 +313,6 @@ def _prepare(tokenizer_dir, out: Path, url: str | None, inputs: list[str] | None
     """The pipeline, for every format: records (sources.py) -> the format's stage (record -> token ids and a
     loss mask) -> the split chosen by each record's hash -> ChunkWriter per split -> the manifest, last; into
     the local directory `out` (and, with `url`, uploaded there as it is written)."""
-    from tqdm.auto import tqdm
-
     start, report = time.time(), sources.Report()
     if o.dataset:
         origin = {"dataset": o.dataset, "config": o.dataset_config, "split": o.split}
@@ -324,27 +324,11 @@ def _prepare(tokenizer_dir, out: Path, url: str | None, inputs: list[str] | None
     try:
         stage = (_Text if o.fmt == "text" else _Conversations)(tokenizer_dir, o, _records(inputs, o, report, origin))
         with _space_for(out), atomic_dir(out, "prepare") as partial:  # (the outer one: fsync, rename)
-            with _space_for(out / "tokenizer"):
-                stage.tok.save_pretrained(str(partial / "tokenizer"))  # (with a chat template the data used)
-            writers = {
-                s: ChunkWriter(partial / s, stage.dtype, stage.chunk_tokens, o.compression, o.shard_bytes, out / s,
-                               f"{url}/{s}" if url else None, with_mask=stage.with_mask)
-                for s in SPLITS
-            }  # fmt: skip
-            bar = tqdm(unit=stage.unit, desc="prepare", disable=not o.progress, smoothing=0.1)
-            seen: set[bytes] = set()
-            duplicates = 0
-            for digest, item in stage.items(bar):
-                if o.dedup:
-                    if digest in seen:
-                        duplicates += 1
-                        continue
-                    seen.add(digest)
-                split = "val" if _encode.digest_is_val(digest, o.val_fraction) else "train"
-                stage.add(split, item, writers[split])
-            bar.close()
-            stage.finish(writers)
-            split_stats = {s: w.close() for s, w in writers.items()}
+            _save_tokenizer(stage, partial, out)
+            split_stats, duplicates = _write_splits(
+                stage, o, {s: partial / s for s in SPLITS}, {s: f"{url}/{s}" if url else None for s in SPLITS},
+                {s: out / s for s in SPLITS}, dedup=o.dedup,
+            )  # fmt: skip
             manifest = (
                 _manifest(
                     stage.tok, tokenizer_dir, partial, stage.dtype, stage.max_id, stage.chunk_tokens, o.val_fraction
@@ -367,6 +351,41 @@ def _prepare(tokenizer_dir, out: Path, url: str | None, inputs: list[str] | None
         if stage is not None:
             stage.close()
     return manifest
+
+
+def _save_tokenizer(stage, partial: Path, label: Path) -> None:
+    with _space_for(label / "tokenizer"):
+        stage.tok.save_pretrained(str(partial / "tokenizer"))  # (with a chat template the data used)
+
+
+def _write_splits(stage, o: PrepareOptions, dirs: dict, remotes: dict, labels: dict, dedup: bool,
+                  beat=None) -> tuple[dict[str, SplitStats], int]:  # fmt: skip
+    """The stage's items into one ChunkWriter per split (each item's hash picks its split; with `dedup`, an
+    item whose hash was seen is left out): (each split's figures, the duplicates left out). `beat`: a part's
+    heartbeat, told the records and tokens written."""
+    from tqdm.auto import tqdm
+
+    writers = {
+        s: ChunkWriter(dirs[s], stage.dtype, stage.chunk_tokens, o.compression, o.shard_bytes, labels[s], remotes[s],
+                       with_mask=stage.with_mask)
+        for s in SPLITS
+    }  # fmt: skip
+    bar = tqdm(unit=stage.unit, desc="prepare", disable=not o.progress, smoothing=0.1)
+    seen: set[bytes] = set()
+    duplicates = 0
+    for n, (digest, item) in enumerate(stage.items(bar)):
+        if dedup:
+            if digest in seen:
+                duplicates += 1
+                continue
+            seen.add(digest)
+        split = "val" if _encode.digest_is_val(digest, o.val_fraction) else "train"
+        stage.add(split, item, writers[split])
+        if beat is not None and n % 64 == 0:
+            beat.state["tokens"] = sum(w.stats.tokens + w.pending_tokens for w in writers.values())
+    bar.close()
+    stage.finish(writers)
+    return {s: w.close() for s, w in writers.items()}, duplicates
 
 
 def _records(inputs: list[str] | None, o: PrepareOptions, report: sources.Report, origin: dict):
@@ -423,8 +442,9 @@ class _Text:
     def finish(self, writers: dict) -> None:
         pass
 
-    def manifest(self, split_stats: dict[str, SplitStats]) -> dict:
-        _check_splits(split_stats, self.o.val_fraction, "document")
+    def manifest(self, split_stats: dict[str, SplitStats], check: bool = True) -> dict:
+        if check:
+            _check_splits(split_stats, self.o.val_fraction, "document")
         return {
             "splits": {
                 s: {**vars(split_stats[s]), "length_histogram": _length_histogram(self.lengths[s])} for s in SPLITS
@@ -481,26 +501,15 @@ class _Conversations:
                 for piece_ids, piece_mask in block:
                     writers[name].add(piece_ids.astype(self.dtype), piece_mask)
 
-    def manifest(self, split_stats: dict[str, SplitStats]) -> dict:
+    def manifest(self, split_stats: dict[str, SplitStats], check: bool = True) -> dict:
         for s in SPLITS:  # a split's documents are its conversations (the padding pieces are not counted)
             split_stats[s].documents = self.packers[s].stats["conversations"]
         dropped = sum(p.stats["dropped"] for p in self.packers.values())
-        if dropped and not sum(p.stats["conversations"] for p in self.packers.values()):
-            raise UserError(f"all {dropped} conversations were dropped: none keeps a learned token within "
-                            f"--block-size {self.o.block_size}; raise --block-size.")  # fmt: skip
-        _check_splits(split_stats, self.o.val_fraction, "conversation")
-        templated = self.o.fmt == "chat" or self.o.chat_template
+        if check:
+            check_conversations(split_stats, dropped, self.o)
         return {
             "splits": {s: {**vars(split_stats[s]), **self.packers[s].stats} for s in SPLITS},
-            "fine_tuning": {
-                "format": self.o.fmt,
-                "objective": "dpo" if self.lanes == 2 else "sft",
-                "pairs": self.lanes == 2,  # blocks 2k and 2k+1: the chosen and rejected answers of the same prompts
-                "block_size": self.o.block_size,
-                "chat_template": getattr(self.tok, "chat_template", None) if templated else None,
-                "rules": "whole conversations packed into blocks of block_size tokens (first fit); one longer than "
-                "a block keeps its first block_size tokens (truncated), one left with no learned token is dropped",
-            },
+            "fine_tuning": fine_tuning_fields(self.o, self.tok, self.lanes),
         }
 
     @property
@@ -509,6 +518,27 @@ class _Conversations:
 
     def close(self) -> None:
         pass
+
+
+def check_conversations(split_stats: dict[str, SplitStats], dropped: int, o: PrepareOptions) -> None:
+    """A fine-tuning dataset keeps some conversations, and some in each split."""
+    if dropped and not sum(st.documents for st in split_stats.values()):
+        raise UserError(f"all {dropped} conversations were dropped: none keeps a learned token within "
+                        f"--block-size {o.block_size}; raise --block-size.")  # fmt: skip
+    _check_splits(split_stats, o.val_fraction, "conversation")
+
+
+def fine_tuning_fields(o: PrepareOptions, tok, lanes: int) -> dict:
+    templated = o.fmt == "chat" or o.chat_template
+    return {
+        "format": o.fmt,
+        "objective": "dpo" if lanes == 2 else "sft",
+        "pairs": lanes == 2,  # blocks 2k and 2k+1: the chosen and rejected answers of the same prompts
+        "block_size": o.block_size,
+        "chat_template": getattr(tok, "chat_template", None) if templated else None,
+        "rules": "whole conversations packed into blocks of block_size tokens (first fit); one longer than "
+        "a block keeps its first block_size tokens (truncated), one left with no learned token is dropped",
+    }
 
 
 def _check_splits(split_stats: dict[str, SplitStats], val_fraction: float, what: str) -> None:
@@ -547,3 +577,162 @@ def _manifest(tok, tokenizer_dir, partial: Path, dtype, max_id: int, chunk_token
 def _write_manifest(out: Path, partial: Path, manifest: dict) -> None:
     with _space_for(out / MANIFEST):
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last file: marks the data complete
+
+
+def prepare_part(tokenizer_dir: str | Path, out: str | Path, inputs: list[str] | None, tasks: int, index: int,
+                 stage: str = "tokenize", **options) -> dict:  # fmt: skip
+    """Task `index` of a prepare in `tasks` parts (parts.py: the layout; work_split.py: its records): runs its
+    `stage` (with --dedup: hash, then dedup, then tokenize, each for every task before the next) unless that
+    stage's marker says it is done; returns the marker. `out` may be s3://. `options`: PrepareOptions' fields."""
+    from dist_clm.data import dedup as exchange
+    from dist_clm.data import parts
+    from dist_clm.data.store import store
+
+    o = PrepareOptions(**options)
+    o.check(inputs)
+    if tasks < 1 or not 0 <= index < tasks:
+        raise UserError(f"--task-index must be between 0 and --tasks - 1 ({tasks - 1}), got {index}.")
+    if stage not in parts.STAGES:
+        raise UserError(f"--stage must be one of {', '.join(parts.STAGES)}, got {stage!r}.")
+    if stage != "tokenize" and not o.dedup:
+        raise UserError(f"--stage {stage} belongs to --dedup (the exchange of hashes between parts); add --dedup "
+                        "or leave --stage out.")  # fmt: skip
+    st = store(out)
+    files = _input_files(inputs, o)
+    cuts = work_split_bounds(files, tasks)
+    parts.check_job(st, {"tasks": tasks, "settings": parts.settings_of(o), "inputs": parts.inputs_record(files),
+                         "task_bytes": [b - a for a, b in zip(cuts, cuts[1:], strict=False)]})  # fmt: skip
+    done = st.read_json(parts.marker(stage, index))
+    if done is not None:
+        print(f"part {index} of {tasks}: its {stage} stage is complete ({st.where(parts.marker(stage, index))})")
+        return done
+    if stage == "tokenize" and o.dedup:
+        drop, duplicates = exchange.dropped_records(st, index, tasks)  # (refused here if a dedup is missing)
+    beat = parts.Heartbeat(st, stage, index, tasks, cuts[index + 1] - cuts[index])
+    start = time.time()
+    try:
+        report = sources.Report()
+        records = _task_records(inputs, files, o, report, tasks, index, beat)
+        if stage == "hash":
+            m = exchange.hash_stage(st, index, tasks, records, o.fmt, o.text_column, beat)
+        elif stage == "dedup":
+            m = exchange.dedup_stage(st, index, tasks, beat)
+        else:
+            if o.dedup:
+                records = (r for n, r in enumerate(records) if n not in drop)
+            m = _tokenize_part(st, tokenizer_dir, o, records, report, index, tasks, beat)
+            m["duplicates_removed"] = duplicates if o.dedup else None
+        m |= {"task": index, "tasks": tasks, "stage": stage, "settings": parts.settings_of(o),
+              "seconds": round(time.time() - start, 2), "host": socket.gethostname()}  # fmt: skip
+        st.write_json(parts.marker(stage, index), m)  # last: the stage of this part is complete
+    except UserError as e:
+        beat.end("failed", str(e))
+        raise
+    except BaseException as e:
+        beat.end("failed", f"{type(e).__name__}: {e}")
+        raise
+    beat.end("done")
+    return m
+
+
+def work_split_bounds(files: dict, tasks: int) -> list[int]:
+    from dist_clm.data import work_split
+
+    return work_split.bounds(sum(files.values()), tasks)
+
+
+def _input_files(inputs: list[str] | None, o: PrepareOptions) -> dict:
+    """{file: size} of the corpus ({} for a Hugging Face dataset, which is split by its own shards)."""
+    if o.dataset:
+        return {}
+    if inputs:
+        return sources.list_inputs(inputs)
+    return {p: p.stat().st_size for p in sources.default_corpus_files()}
+
+
+def _task_records(inputs, files: dict, o: PrepareOptions, report: sources.Report, tasks: int, index: int, beat):
+    from dist_clm.data import conversations, work_split
+
+    columns = sources.Columns((o.text_column,), sources.TEXT_FIX) if o.fmt == "text" else conversations.columns(o.fmt)
+    if o.dataset:
+        records = work_split.dataset_share(o.dataset, o.dataset_config, o.split, columns, tasks, index)
+    else:
+        records = work_split.records(work_split.shares(files, tasks, index), columns, report, o.split,
+                                     lambda n: beat.advance(nbytes=n))  # fmt: skip
+    for r in records:
+        beat.advance(records=1)
+        yield r
+
+
+def _tokenize_part(st, tokenizer_dir, o: PrepareOptions, records, report: sources.Report, index: int, tasks: int,
+                   beat) -> dict:  # fmt: skip
+    """The tokenize stage of a part: its records into train/part-NNNNN and val/part-NNNNN (a local OUT: written
+    beside them as .part-NNNNN.partial, then renamed; a bucket: uploaded as shards close), the tokenizer into
+    parts/part-NNNNN/tokenizer; returns the part's marker (written by the caller, last)."""
+    from dist_clm.data import parts
+    from dist_clm.data.store import LocalStore
+    from dist_clm.fsutil import fsync_dir, fsync_tree
+
+    name = parts.part_name(index)
+    finals = {s: f"{s}/{name}" for s in SPLITS} | {"tokenizer": f"parts/{name}"}
+    for leftover in finals.values():  # an earlier attempt's, whatever it left (its marker was never written)
+        st.remove(leftover)
+    local = isinstance(st, LocalStore)
+    stage = None
+    with tempfile.TemporaryDirectory(prefix="dist-clm-part-") as staging:
+        if local:
+            work = {k: st.root / v.replace(name, f".{name}.partial") for k, v in finals.items()}
+            for w in work.values():
+                shutil.rmtree(w, ignore_errors=True)
+        else:
+            work = {k: Path(staging) / k for k in finals}
+        try:
+            stage = (_Text if o.fmt == "text" else _Conversations)(tokenizer_dir, o, records)
+            labels = {s: Path(st.where(finals[s])) for s in SPLITS}
+            with _space_for(labels["train"]):
+                remotes = {s: None if local else st.where(finals[s]) for s in SPLITS}
+                split_stats, _ = _write_splits(stage, o, work, remotes, labels, dedup=False, beat=beat)
+                _save_tokenizer(stage, work["tokenizer"], labels["train"])
+            fields = stage.manifest(split_stats, check=False)
+            marker = (
+                _manifest(
+                    stage.tok,
+                    tokenizer_dir,
+                    work["tokenizer"],
+                    stage.dtype,
+                    stage.max_id,
+                    stage.chunk_tokens,
+                    o.val_fraction,
+                )  # fmt: skip
+                | fields
+                | {
+                    "undecodable_documents": report.undecodable,
+                    "undecodable_examples": report.undecodable_examples,
+                    "source_fields": stage.source_fields,
+                }  # fmt: skip
+            )
+            marker["shards"] = {s: _index_files(work[s]) for s in SPLITS}
+        finally:
+            if stage is not None:
+                stage.close()
+        if local:
+            for k, w in work.items():
+                fsync_tree(w)
+                os.rename(w, st.root / finals[k])
+                fsync_dir((st.root / finals[k]).parent)
+        else:  # (the shards were uploaded as they closed, each split's index.json at its end)
+            for f in marker["tokenizer"]["files"]:
+                st.write_bytes(f"parts/{name}/tokenizer/{f}", (work["tokenizer"] / "tokenizer" / f).read_bytes())
+    return marker
+
+
+def _index_files(split_dir: Path) -> dict:
+    """{file name: bytes} of the shard files a split's index.json lists."""
+    from dist_clm.data.format import read_index
+
+    out = {}
+    for shard in read_index(split_dir):
+        for key in ("raw_data", "zip_data"):
+            if shard.get(key):
+                out[shard[key]["basename"]] = shard[key]["bytes"]
+    return out

@@ -296,7 +296,8 @@ class Mirror:
         rest and the downloads in flight (each counted at its shard's full size; what a dead download left is
         removed); False if they cannot."""
         shards, held = [], 0
-        for path in self.config.root.glob("*/*/*shard.*"):
+        # (a merged dataset's shards lie one folder deeper: SPLIT/part-NNNNN/shard.*)
+        for path in [*self.config.root.glob("*/*/*shard.*"), *self.config.root.glob("*/*/*/*shard.*")]:
             try:
                 st = path.stat()
             except FileNotFoundError:

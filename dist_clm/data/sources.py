@@ -1,15 +1,17 @@
 """Turning "a corpus" into an ordered, lazy stream of documents (strings).
 
 A corpus is one of:
-- local inputs: files, directories (searched recursively) and glob patterns. By suffix (after an optional
-  `.gz` / `.zst` compression suffix): `.jsonl`/`.ndjson`/`.json` hold records (one document per record, its
-  `text_column`), `.parquet` and `.csv`/`.tsv` hold rows (same), every other file is one document;
+- inputs: local files, directories (searched recursively) and glob patterns, or objects of a bucket
+  (`s3://bucket/prefix`, every object under it; `s3://bucket/dir/*.parquet`, a glob over the keys). By suffix
+  (after an optional `.gz` / `.zst` compression suffix): `.jsonl`/`.ndjson`/`.json` hold records (one document
+  per record, its `text_column`), `.parquet` and `.csv`/`.tsv` hold rows (same), every other file is one document;
 - a directory written by `datasets` `save_to_disk` (detected by its `state.json` / `dataset_dict.json`);
 - a Hugging Face dataset by name or local dataset directory, through `datasets.load_dataset` with
   `streaming=True` (the code path is the same with or without network).
 Nothing reads a whole corpus into memory: files are read record by record, parquet by row groups, HF datasets
-as iterable (streaming) datasets. With no inputs at all, the embedded default corpus is used: a few hundred
-`.py` files of the running Python's own standard library, which every machine has.
+as iterable (streaming) datasets, objects of a bucket through ranged reads (bucket.py). With no inputs at all,
+the embedded default corpus is used: a few hundred `.py` files of the running Python's own standard library,
+which every machine has.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ import sys
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from dist_clm import console
+from dist_clm.data import bucket
+from dist_clm.data.bucket import is_s3
 from dist_clm.errors import UserError
 
 RECORD_SUFFIXES = {".jsonl", ".ndjson", ".json", ".parquet", ".csv", ".tsv"}
@@ -59,26 +63,41 @@ class Report:
             console.warning(f"{where} is not valid UTF-8 at byte {position}; bad bytes replaced")
 
 
-def inner_suffix(path: Path) -> str:
-    """`a.jsonl.gz` -> `.jsonl`; `a.txt` -> `.txt`."""
-    suffixes = [s.lower() for s in path.suffixes]
+def inner_suffix(path: Path | str) -> str:
+    """`a.jsonl.gz` -> `.jsonl`; `a.txt` -> `.txt` (a path or an object's URL)."""
+    suffixes = [s.lower() for s in PurePosixPath(str(path)).suffixes]
     if suffixes and suffixes[-1] in COMPRESSION_SUFFIXES:
         suffixes = suffixes[:-1]
     return suffixes[-1] if suffixes else ""
 
 
-def _wanted(path: Path) -> bool:
+def _wanted(path: Path | str) -> bool:
     return inner_suffix(path) in TEXT_SUFFIXES | RECORD_SUFFIXES
 
 
-def is_hf_disk_dir(path: Path) -> bool:
-    return path.is_dir() and any((path / m).is_file() for m in _HF_DISK_MARKERS)
+def is_hf_disk_dir(path: Path | str) -> bool:
+    return isinstance(path, Path) and path.is_dir() and any((path / m).is_file() for m in _HF_DISK_MARKERS)
 
 
-def resolve_inputs(inputs: list[str]) -> list[Path]:
-    """Expand files, directories and globs into a sorted, de-duplicated list (save_to_disk dirs kept whole)."""
-    found: dict[Path, None] = {}
+def resolve_inputs(inputs: list[str]) -> list[Path | str]:
+    """Expand files, directories, globs and bucket URLs into a de-duplicated list, each item's files sorted
+    (save_to_disk dirs kept whole; a bucket's objects as URLs)."""
+    return list(list_inputs(inputs))
+
+
+def list_inputs(inputs: list[str]) -> dict[Path | str, int]:
+    """resolve_inputs' files with their sizes in bytes (a save_to_disk directory: its files together)."""
+    found: dict[Path | str, int] = {}
     for item in inputs:
+        if is_s3(item):
+            objects = [(url, size) for url, size in bucket.list_objects(item) if _wanted(url)]
+            if not objects:
+                known = ", ".join(sorted(TEXT_SUFFIXES | RECORD_SUFFIXES))
+                raise UserError(f"'{item}' holds no objects of a known kind ({known}, optionally .gz/.zst); "
+                                "check the URL, or name the objects with a glob.")  # fmt: skip
+            for url, size in objects:
+                found.setdefault(url, size)
+            continue
         if glob.has_magic(item):
             files = [m for m in sorted(Path(m) for m in glob.glob(item, recursive=True)) if m.is_file()]
             if not files:
@@ -102,19 +121,29 @@ def resolve_inputs(inputs: list[str]) -> list[Path]:
             else:
                 files = [p]
         for f in files:
-            found.setdefault(f, None)
-    return list(found)
+            if f not in found:
+                found[f] = (
+                    sum(g.stat().st_size for g in f.rglob("*") if g.is_file()) if f.is_dir() else f.stat().st_size
+                )
+    return found
 
 
-def _open_binary(path: Path) -> io.BufferedReader:
+def open_bytes(path: Path | str) -> io.BufferedIOBase:
+    """The file's stored bytes, seekable: a local file, or a bucket's object through ranged reads."""
+    return bucket.open_object(str(path)) if is_s3(str(path)) else open(path, "rb")  # noqa: SIM115
+
+
+def _open_binary(path: Path | str) -> io.BufferedReader:
     """A buffered binary stream of the file's (decompressed) bytes; never inflated whole."""
-    suffix = path.suffix.lower()
+    suffix = PurePosixPath(str(path)).suffix.lower()
     if suffix == ".gz":
-        raw = gzip.open(path, "rb")  # noqa: SIM115 (the caller closes the stream)
+        raw = gzip.GzipFile(fileobj=open_bytes(path), mode="rb")  # noqa: SIM115 (the caller closes the stream)
     elif suffix in (".zst", ".zstd"):
         import zstandard
 
-        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)  # noqa: SIM115
+        raw = zstandard.ZstdDecompressor().stream_reader(open_bytes(path), closefd=True)
+    elif is_s3(str(path)):
+        return bucket.open_object(str(path))
     else:
         raw = open(path, "rb", buffering=0)  # noqa: SIM115
     return io.BufferedReader(raw, buffer_size=1 << 16)
@@ -155,6 +184,33 @@ def as_text(value) -> str:
     return value if isinstance(value, str) else ("" if value is None else str(value))
 
 
+def json_lines(path: Path | str, columns: Columns, report: Report, lo: int, hi: int,
+               done=None) -> Iterator[tuple[str, dict]]:  # fmt: skip
+    """The JSON lines of an uncompressed file that start in bytes [lo, hi) (a line belongs to the range holding
+    its first byte: tasks reading adjacent ranges read every line once); `done(n)`: n more bytes were read."""
+    with open_bytes(path) as stream:
+        if lo > 0:
+            stream.seek(lo - 1)
+            if stream.read(1) != b"\n":
+                stream.readline()  # the rest of a line that began before lo
+        pos = stream.tell()
+        while pos < hi:
+            line = stream.readline()
+            if not line:
+                break
+            where = f"the line at byte {pos} of '{path}'"
+            pos += len(line)
+            if done is not None:
+                done(len(line))
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(_decode(line, where, report))
+            except json.JSONDecodeError:
+                raise UserError(f"{where} is not valid JSON; fix it or remove the line.") from None
+            yield where, columns.check(record, where)
+
+
 def _json_records(path: Path, columns: Columns, report: Report) -> Iterator[tuple[str, dict]]:
     with _open_binary(path) as stream:
         if stream.peek(1 << 16).lstrip()[:1] == b"[":  # one JSON array: parsed whole (JSON lines stream)
@@ -177,19 +233,43 @@ def _json_records(path: Path, columns: Columns, report: Report) -> Iterator[tupl
             yield where, columns.check(record, where)
 
 
-def _parquet_records(path: Path, columns: Columns) -> Iterator[tuple[str, dict]]:
+def parquet_file(path: Path | str):
+    """pyarrow's reader of a parquet file (a bucket's object: only the parts read are fetched)."""
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path)
+        return pq.ParquetFile(bucket.open_object(str(path)) if is_s3(str(path)) else path)
+    except UserError:
+        raise
     except Exception as e:
         raise UserError(f"'{path}' is not a readable parquet file ({e}).") from None
+
+
+def parquet_records(path: Path | str, columns: Columns, row_groups: range | None = None,
+                    done=None) -> Iterator[tuple[str, dict]]:  # fmt: skip
+    """The rows of a parquet file, or of its `row_groups`, one row group at a time (`done(n)`: n bytes of the
+    file were read)."""
+    pf = parquet_file(path)
     columns.check(dict.fromkeys(pf.schema_arrow.names), f"'{path}'")
-    n = 0
-    for batch in pf.iter_batches(columns=list(columns.names), batch_size=4096):  # one row group at a time
-        for row in batch.to_pylist():
-            n += 1
-            yield f"row {n} of '{path}'", row
+    groups = range(pf.num_row_groups) if row_groups is None else row_groups
+    n = sum(pf.metadata.row_group(g).num_rows for g in range(groups.start)) if groups else 0
+    for g in groups:
+        for batch in pf.iter_batches(row_groups=[g], columns=list(columns.names), batch_size=4096):
+            for row in batch.to_pylist():
+                n += 1
+                yield f"row {n} of '{path}'", row
+        if done is not None:
+            done(row_group_bytes(pf.metadata.row_group(g)))
+
+
+def row_group_start(rg) -> int:
+    """The file offset where a parquet row group's data begins."""
+    return min((c.dictionary_page_offset or c.data_page_offset) for c in map(rg.column, range(rg.num_columns)))
+
+
+def row_group_bytes(rg) -> int:
+    """The bytes a parquet row group takes in its file."""
+    return sum(rg.column(i).total_compressed_size for i in range(rg.num_columns))
 
 
 def _csv_records(path: Path, columns: Columns, report: Report) -> Iterator[tuple[str, dict]]:
@@ -250,7 +330,7 @@ def streamed_dataset(name: str, config: str | None, split: str):
         raise UserError(f"cannot load the dataset '{name}' (config {config}, split {split}): {problem}.") from None
 
 
-def iter_records(files: list[Path], columns: Columns, report: Report | None = None,
+def iter_records(files: list[Path | str], columns: Columns, report: Report | None = None,
                  split: str = "train") -> Iterator[tuple[str, dict]]:  # fmt: skip
     """(where, {column: value}) for every record of every input, in order: JSON lines or a JSON array, parquet
     rows (only those columns read), CSV/TSV rows, a save_to_disk directory's `split`; any other file is one
@@ -263,7 +343,7 @@ def iter_records(files: list[Path], columns: Columns, report: Report | None = No
         elif kind in (".jsonl", ".ndjson", ".json"):
             yield from _json_records(f, columns, report)
         elif kind == ".parquet":
-            yield from _parquet_records(f, columns)
+            yield from parquet_records(f, columns)
         elif kind in (".csv", ".tsv"):
             yield from _csv_records(f, columns, report)
         else:

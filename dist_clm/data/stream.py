@@ -112,7 +112,11 @@ class TokenStream:
     def __init__(self, data_dir: str | Path, split: str, manifest: dict):
         info = manifest["splits"][split]
         self.n_chunks, self.tokens = info["chunks"], info["tokens"]
-        self.chunk_tokens = manifest["chunk_tokens"]  # every chunk but the last holds exactly this many
+        self.chunk_tokens = manifest["chunk_tokens"]  # every chunk but a part's last holds exactly this many
+        # a merged dataset's parts (each one's chunks, tokens), one after the other; else the split is one part
+        runs = info.get("parts") or [[self.n_chunks, self.tokens]]
+        self._chunk_starts = np.cumsum([0] + [c for c, _ in runs]).tolist()
+        self._token_starts = np.cumsum([0] + [t for _, t in runs]).tolist()
         self.limit = token_limit(manifest)  # the largest token id the stream may hold
         self.masked = "fine_tuning" in manifest  # its chunks carry a loss mask (fine-tuning data)
         self.paired = bool(manifest.get("fine_tuning", {}).get("pairs"))  # preference pairs: blocks 2k, 2k+1
@@ -136,7 +140,18 @@ class TokenStream:
     def bad_token(self, start: int, tokens: np.ndarray) -> DataError:
         """The error for `tokens`, read from offset `start`, holding an id above the limit."""
         at = int(np.argmax(tokens > self.limit))
-        return bad_token_error(self.chunks, (start + at) // self.chunk_tokens, int(tokens[at]), self.limit)
+        return bad_token_error(self.chunks, self.locate(start + at)[0], int(tokens[at]), self.limit)
+
+    def locate(self, pos: int) -> tuple[int, int]:
+        """(the chunk that holds token `pos` of the stream, the token's offset in it)."""
+        p = bisect_right(self._token_starts, pos) - 1
+        k, lo = divmod(pos - self._token_starts[p], self.chunk_tokens)
+        return self._chunk_starts[p] + k, lo
+
+    def chunk_start(self, chunk: int) -> int:
+        """The stream offset of chunk `chunk`'s first token."""
+        p = bisect_right(self._chunk_starts, chunk) - 1
+        return self._token_starts[p] + (chunk - self._chunk_starts[p]) * self.chunk_tokens
 
     def reader(self):
         """What evaluation reads windows with: `read_learned` for fine-tuning data, else `read`."""
@@ -164,7 +179,7 @@ class TokenStream:
         starts: list[np.ndarray] = []
         filled = 0
         while filled < length:
-            k, lo = divmod(start + filled, self.chunk_tokens)
+            k, lo = self.locate(start + filled)
             chunk = self.chunks.arrays(k)
             tokens = chunk["tokens"]
             take = min(length - filled, len(tokens) - lo)
