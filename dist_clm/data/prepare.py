@@ -623,7 +623,8 @@ def prepare_part(tokenizer_dir: str | Path, out: str | Path, inputs: list[str] |
             m = _tokenize_part(st, tokenizer_dir, o, records, report, index, tasks, beat)
             m["duplicates_removed"] = duplicates if o.dedup else None
         m |= {"task": index, "tasks": tasks, "stage": stage, "settings": parts.settings_of(o),
-              "seconds": round(time.time() - start, 2), "host": socket.gethostname()}  # fmt: skip
+              "seconds": round(time.time() - start, 2), "host": socket.gethostname(),
+              "slurm_node": os.environ.get("SLURMD_NODENAME")}  # fmt: skip
         st.write_json(parts.marker(stage, index), m)  # last: the stage of this part is complete
     except UserError as e:
         beat.end("failed", str(e))
