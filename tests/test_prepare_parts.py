@@ -127,6 +127,23 @@ def test_fine_tuning_records_split_into_parts_the_same_way(tmp_path, chat_tokeni
     assert r.returncode == 0, r.stderr
 
 
+def test_datasets_split_by_their_own_shards_and_rows(tmp_path, tokenizer_dir):
+    import datasets
+
+    docs = [f.read_text() for f in corpus_files(24)]
+    hub = tmp_path / "hub_like"  # a dataset directory load_dataset streams: one shard per file
+    hub.mkdir()
+    for k in range(4):
+        with open(hub / f"shard{k}.jsonl", "w") as f:
+            f.writelines(json.dumps({"text": t}) + "\n" for t in docs[k * 6 : k * 6 + 6])
+    datasets.Dataset.from_dict({"text": docs}).save_to_disk(str(tmp_path / "disk"))
+    for name, inputs, options in (("hub", None, {"dataset": str(hub)}), ("disk", [str(tmp_path / "disk")], {})):
+        prepare(tokenizer_dir, tmp_path / f"{name}_one", inputs, **(OPTS | options))
+        in_parts(tokenizer_dir, tmp_path / f"{name}_parts", inputs, 3, **options)
+        for split in ("train", "val"):
+            assert documents(tmp_path / f"{name}_parts", split) == documents(tmp_path / f"{name}_one", split)
+
+
 def test_a_part_killed_mid_way_is_redone_and_never_taken_for_complete(tmp_path, corpus, tokenizer_dir, reference):
     out = tmp_path / "out"
     args = ["prepare", str(corpus), "--tokenizer", str(tokenizer_dir), "--out", str(out), "--tasks", "3", *CLI_OPTS]
@@ -136,6 +153,8 @@ def test_a_part_killed_mid_way_is_redone_and_never_taken_for_complete(tmp_path, 
                               stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
     beat = out / "parts" / "progress-00001.json"
     wait_for(beat.is_file, "part 1 under way", 120)  # (its tokenizer loads next: seconds of imports)
+    with pytest.raises(UserError, match="part 1 of 3 .* is being written by another task .pid"):
+        prepare_part(tokenizer_dir, out, [str(corpus)], 3, 1, **OPTS)  # one writer per part
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait()
     assert not (out / "parts" / "part-00001.json").exists()  # killed mid-part

@@ -84,6 +84,34 @@ def check_job(st: Store, job: dict) -> None:
                             "and inputs as that prepare, or another --out.")  # fmt: skip
 
 
+@contextlib.contextmanager
+def task_lock(st: Store, index: int, tasks: int):
+    """One writer per part at a time on a local (shared) OUT: an exclusive lock held while the task runs (the
+    kernel drops it when the process dies; NFS carries flock to the server). A bucket has no lock: a scheduler
+    runs one attempt of a task at a time."""
+    from dist_clm.data.store import LocalStore
+
+    if not isinstance(st, LocalStore):
+        yield
+        return
+    import fcntl
+
+    path = st.root / "parts" / f".task-{index:05d}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            holder = lock.read().strip() or "pid unknown"
+            raise UserError(f"part {index} of {tasks} under '{st.url}' is being written by another task ({holder}); "
+                            "wait for it or stop it first.") from None  # fmt: skip
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+        yield
+
+
 class Heartbeat:
     """A task's progress under OUT, written every `every` seconds by a thread (and at its end), so that
     `dist-clm data status` sees it from any machine that sees OUT."""

@@ -584,7 +584,6 @@ def prepare_part(tokenizer_dir: str | Path, out: str | Path, inputs: list[str] |
     """Task `index` of a prepare in `tasks` parts (parts.py: the layout; work_split.py: its records): runs its
     `stage` (with --dedup: hash, then dedup, then tokenize, each for every task before the next) unless that
     stage's marker says it is done; returns the marker. `out` may be s3://. `options`: PrepareOptions' fields."""
-    from dist_clm.data import dedup as exchange
     from dist_clm.data import parts
     from dist_clm.data.store import store
 
@@ -602,6 +601,15 @@ def prepare_part(tokenizer_dir: str | Path, out: str | Path, inputs: list[str] |
     cuts = work_split_bounds(files, tasks)
     parts.check_job(st, {"tasks": tasks, "settings": parts.settings_of(o), "inputs": parts.inputs_record(files),
                          "task_bytes": [b - a for a, b in zip(cuts, cuts[1:], strict=False)]})  # fmt: skip
+    with parts.task_lock(st, index, tasks):
+        return _run_part_stage(st, tokenizer_dir, inputs, files, cuts, o, tasks, index, stage)
+
+
+def _run_part_stage(st, tokenizer_dir, inputs, files: dict, cuts: list[int], o: PrepareOptions, tasks: int,
+                    index: int, stage: str) -> dict:  # fmt: skip
+    from dist_clm.data import dedup as exchange
+    from dist_clm.data import parts
+
     done = st.read_json(parts.marker(stage, index))
     if done is not None:
         print(f"part {index} of {tasks}: its {stage} stage is complete ({st.where(parts.marker(stage, index))})")
