@@ -113,8 +113,9 @@ def _prepare_on_slurm(a: argparse.Namespace, options: dict) -> None:
     from dist_clm.data.remote import is_remote
     from dist_clm.slurm import SlurmSettings
 
-    if not a.tasks:
-        raise UserError("--launch slurm needs --tasks N: the number of array tasks to split the corpus between.")
+    if not a.tasks or a.task_index is not None or a.stage:
+        raise UserError("--launch slurm needs --tasks N (the number of array tasks to split the corpus between) and "
+                        "submits every --task-index and --stage itself: leave those out.")  # fmt: skip
     settings = SlurmSettings(nodes=1, tasks_per_node=1, cpus_per_task=a.cpus_per_task, mem_gb=a.mem_gb,
                              partition=a.partition or "", account=a.account or "", time_min=a.time,
                              job_name="dist-clm-prepare", max_requeues=a.max_requeues,

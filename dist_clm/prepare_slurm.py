@@ -94,9 +94,15 @@ def wait(merge_job, arrays: list[str], out: str, poll: float = 2.0) -> dict:
     """The merged manifest once the merge job ends; one sentence (UserError) when a part failed for good, so the
     merge will never run (its dependency cannot be met): that job is cancelled."""
     while True:
-        state = merge_job.state
-        if state == "COMPLETED" or merge_job.done():
-            return merge_job.result()
+        if merge_job.done():
+            try:
+                return merge_job.result()
+            except Exception:  # noqa: BLE001 (submitit's Failed/UncompletedJobError: the merge's own words below)
+                pass
+            said = [line for line in (merge_job.stderr() or "").splitlines() if line.startswith("dist-clm: error:")]
+            raise UserError(said[-1].removeprefix("dist-clm: error:").strip() if said else
+                            f"the merge, job {merge_job.job_id}, ended {merge_job.state}; its log: "
+                            f"{merge_job.paths.stderr}.")  # fmt: skip
         reason = subprocess.run(["squeue", "-h", "-j", merge_job.job_id, "-o", "%r"], capture_output=True,
                                 text=True).stdout.strip()  # fmt: skip
         if reason == "DependencyNeverSatisfied":

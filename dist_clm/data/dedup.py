@@ -46,13 +46,12 @@ def _sections(rows: np.ndarray, key: np.ndarray, n: int) -> tuple[bytes, list[in
     return rows.tobytes(), offsets.tolist()
 
 
-def hash_stage(st: Store, index: int, tasks: int, records: Iterator[tuple[str, dict]], fmt: str, text_column: str,
-               beat: parts.Heartbeat) -> dict:  # fmt: skip
+def hash_stage(st: Store, index: int, tasks: int, records: Iterator[tuple[str, dict]], fmt: str,
+               text_column: str) -> dict:  # fmt: skip
     """Stage 1 of task `index`: its records' hashes, partitioned; returns its marker."""
     hashed = []
     for n, (_, record) in enumerate(records):
         d = record_digest(record, fmt, text_column)
-        beat.advance(records=1)
         if d is not None:
             hashed.append((int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little"), n))
     rows = np.array(hashed, dtype=_HASHED)

@@ -38,7 +38,7 @@ def merge(out: str) -> dict:
             raise UserError(f"'{st.url}' holds no prepare in parts (no parts/job.json); run `dist-clm prepare ... "
                             f"--out {st.url} --tasks N --task-index I` for every I first.")  # fmt: skip
         n = job["tasks"]
-        markers = [st.read_json(parts.marker("tokenize", i)) for i in range(n)]
+        markers = st.map(lambda i: st.read_json(parts.marker("tokenize", i)), range(n))
         missing = [i for i, m in enumerate(markers) if m is None]
         if missing:
             shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
@@ -114,33 +114,36 @@ def _check_consistent(st: Store, job: dict, markers: list[dict]) -> None:
 
 def _merged_index(st: Store, split: str, markers: list[dict]) -> dict:
     """One index.json: every part's shard entries in part order, their names prefixed with the part's folder."""
+    per_part = st.map(lambda i: _part_entries(st, split, i, markers[i]), range(len(markers)))
+    return {"version": 2, "shards": [e for entries in per_part for e in entries]}
+
+
+def _part_entries(st: Store, split: str, i: int, m: dict) -> list[dict]:
+    """Part i's shard entries of `split`, checked against its marker and the files there, names prefixed."""
     from dist_clm.data.format import read_index_bytes
 
-    shards = []
-    for i, m in enumerate(markers):
-        name = parts.part_name(i)
-        where = st.where(f"{split}/{name}/index.json")
-        try:
-            entries = read_index_bytes(st.read_bytes(f"{split}/{name}/index.json"), where)
-        except FileNotFoundError:
-            raise UserError(f"'{where}' is missing though part {i} is marked complete; remove "
-                            f"{st.where(parts.marker('tokenize', i))} and run its task again.") from None  # fmt: skip
-        listed = {e[k]["basename"]: e[k]["bytes"] for e in entries for k in ("raw_data", "zip_data") if e.get(k)}
-        present = _sizes(st, f"{split}/{name}")
-        for f, size in listed.items():
-            if m["shards"][split].get(f) != size or present.get(f) != size:
-                redo = st.where(parts.marker("tokenize", i))
-                raise UserError(f"shard file '{st.where(f'{split}/{name}/{f}')}' is missing or not as part {i} wrote "
-                                f"it; remove {redo} and run its task again.")  # fmt: skip
-        for e in entries:
-            for k in ("raw_data", "zip_data", "raw_meta", "zip_meta"):
-                if e.get(k):
-                    if not plain_name(e[k]["basename"]):
-                        raise UserError(f"'{where}' names {e[k]['basename']!r}, not a shard file of its folder; remove "
-                                        f"{st.where(parts.marker('tokenize', i))} and run its task again.")  # fmt: skip
-                    e[k]["basename"] = f"{name}/{e[k]['basename']}"
-            shards.append(e)
-    return {"version": 2, "shards": shards}
+    name = parts.part_name(i)
+    where = st.where(f"{split}/{name}/index.json")
+    try:
+        entries = read_index_bytes(st.read_bytes(f"{split}/{name}/index.json"), where)
+    except FileNotFoundError:
+        raise UserError(f"'{where}' is missing though part {i} is marked complete; remove "
+                        f"{st.where(parts.marker('tokenize', i))} and run its task again.") from None  # fmt: skip
+    listed = {e[k]["basename"]: e[k]["bytes"] for e in entries for k in ("raw_data", "zip_data") if e.get(k)}
+    present = _sizes(st, f"{split}/{name}")
+    for f, size in listed.items():
+        if m["shards"][split].get(f) != size or present.get(f) != size:
+            redo = st.where(parts.marker("tokenize", i))
+            raise UserError(f"shard file '{st.where(f'{split}/{name}/{f}')}' is missing or not as part {i} wrote "
+                            f"it; remove {redo} and run its task again.")  # fmt: skip
+    for e in entries:
+        for k in ("raw_data", "zip_data", "raw_meta", "zip_meta"):
+            if e.get(k):
+                if not plain_name(e[k]["basename"]):
+                    raise UserError(f"'{where}' names {e[k]['basename']!r}, not a shard file of its folder; remove "
+                                    f"{st.where(parts.marker('tokenize', i))} and run its task again.")  # fmt: skip
+                e[k]["basename"] = f"{name}/{e[k]['basename']}"
+    return entries
 
 
 def _sizes(st: Store, folder: str) -> dict[str, int]:

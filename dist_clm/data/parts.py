@@ -70,6 +70,12 @@ def check_job(st: Store, job: dict) -> None:
         if st.read_json("manifest.json") is not None:
             raise UserError(f"'{st.url}' already holds a complete prepared dataset (its manifest.json); choose "
                             "another --out.")  # fmt: skip
+        from dist_clm.data.store import LocalStore
+
+        ours = {"parts", "train", "val", "tokenizer"}
+        if isinstance(st, LocalStore) and st.root.is_dir() and any(p.name not in ours for p in st.root.iterdir()):
+            raise UserError(f"output directory '{st.url}' holds other files; give a prepare in parts a new or empty "
+                            "--out.")  # fmt: skip
         st.write_json("parts/job.json", job)
         return
     for key in ("tasks", "settings", "inputs"):
@@ -169,19 +175,17 @@ def status(st: Store, now: float | None = None) -> tuple[dict, list[TaskStatus],
                         f"... --out {st.url} --tasks N`.")  # fmt: skip
     stages = [s for s in STAGES if job["settings"]["dedup"] or s == "tokenize"]
     files = set(st.names("parts"))
-    tasks = []
-    for i in range(job["tasks"]):
+
+    def one(i: int) -> TaskStatus:
         beat = st.read_json(progress_name(i)) or {}
         stage = next((s for s in stages if marker(s, i).removeprefix("parts/") not in files), None)
         if stage is None:
             done = st.read_json(marker("tokenize", i)) or {}
             tokens = sum(s["tokens"] for s in done.get("splits", {}).values())
-            tasks.append(TaskStatus(i, "done", "tokenize", tokens=tokens, bytes_done=job["task_bytes"][i],
-                                    started=beat.get("started", 0.0)))  # fmt: skip
-            continue
+            return TaskStatus(i, "done", "tokenize", tokens=tokens, bytes_done=job["task_bytes"][i],
+                              started=beat.get("started", 0.0))  # fmt: skip
         if beat.get("stage") != stage:
-            tasks.append(TaskStatus(i, "waiting", stage))
-            continue
+            return TaskStatus(i, "waiting", stage)
         t = TaskStatus(i, beat.get("state", "running"), stage, tokens=beat.get("tokens", 0),
                        bytes_done=beat.get("bytes_done", 0), started=beat.get("started", 0.0))  # fmt: skip
         where = f"{beat.get('host')} pid {beat.get('pid')}"
@@ -191,8 +195,9 @@ def status(st: Store, now: float | None = None) -> tuple[dict, list[TaskStatus],
             t.state, t.detail = "stopped", f"{where}, no heartbeat for {now - beat.get('updated', 0):.0f} s (killed?)"
         else:
             t.detail = where
-        tasks.append(t)
-    return job, tasks, st.read_json("manifest.json")
+        return t
+
+    return job, st.map(one, range(job["tasks"])), st.read_json("manifest.json")
 
 
 def describe_status(st: Store) -> str:

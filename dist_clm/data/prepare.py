@@ -413,7 +413,7 @@ class _Text:
         self.lengths: dict[str, Counter] = {s: Counter() for s in SPLITS}  # document lengths by bit length
         self.text_column, self.chunk_tokens, self.max_id = o.text_column, o.chunk_tokens, -1
         docs = (sources.as_text(record[o.text_column]) for _, record in records)
-        num_proc = o.num_proc or os.cpu_count() or 1
+        num_proc = o.num_proc or len(os.sched_getaffinity(0)) or 1  # the cores this process may use (SLURM's)
         guess, self.pipeline = _tokenizer_json_guess(tokenizer_dir), None
         if guess:
             self.pipeline = _Pipeline(_batches(docs, self.stats), *guess, num_proc)  # starts tokenizing at once
@@ -622,7 +622,7 @@ def _run_part_stage(st, tokenizer_dir, inputs, files: dict, cuts: list[int], o: 
         report = sources.Report()
         records = _task_records(inputs, files, o, report, tasks, index, beat)
         if stage == "hash":
-            m = exchange.hash_stage(st, index, tasks, records, o.fmt, o.text_column, beat)
+            m = exchange.hash_stage(st, index, tasks, records, o.fmt, o.text_column)
         elif stage == "dedup":
             m = exchange.dedup_stage(st, index, tasks, beat)
         else:

@@ -45,6 +45,10 @@ class Store:
     def where(self, name: str = "") -> str:
         return f"{self.url}/{name}" if name else self.url
 
+    def map(self, fn, items) -> list:
+        """[fn(item) for item in items], in order; for a bucket 32 at a time (each read is a round trip)."""
+        return [fn(item) for item in items]
+
 
 class LocalStore(Store):
     def __init__(self, root: Path):
@@ -77,6 +81,12 @@ class LocalStore(Store):
 class BucketStore(Store):
     def __init__(self, url: str):
         self.url = url.rstrip("/")
+
+    def map(self, fn, items) -> list:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(32) as pool:
+            return list(pool.map(fn, items))
 
     def read_bytes(self, name, start=None, end=None):
         return bucket.get(self.where(name), start, end)
