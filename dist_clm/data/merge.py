@@ -183,7 +183,7 @@ def _manifest(job: dict, markers: list[dict], merge_seconds: float) -> dict:
         "splits": splits,
         "duplicates_removed": first.get("duplicates_removed") if settings["dedup"] else None,
         "undecodable_documents": sum(m.get("undecodable_documents", 0) for m in markers),
-        "sources": {"inputs": job["inputs"], **first.get("source_fields", {})}
+        "sources": {**job.get("sources", {}), "listing": job["inputs"], **first.get("source_fields", {})}
         | (
             {"dataset": settings["dataset"], "config": settings["dataset_config"], "split": settings["split"]}
             if settings["dataset"]

@@ -599,8 +599,10 @@ def prepare_part(tokenizer_dir: str | Path, out: str | Path, inputs: list[str] |
     st = store(out)
     files = _input_files(inputs, o)
     cuts = work_split_bounds(files, tasks)
+    given = list(inputs) if inputs else [] if o.dataset else ["<python standard library>"]
     parts.check_job(st, {"tasks": tasks, "settings": parts.settings_of(o), "inputs": parts.inputs_record(files),
-                         "task_bytes": [b - a for a, b in zip(cuts, cuts[1:], strict=False)]})  # fmt: skip
+                         "task_bytes": [b - a for a, b in zip(cuts, cuts[1:], strict=False)],
+                         "sources": {"inputs": given, "files": len(files)}})  # fmt: skip
     with parts.task_lock(st, index, tasks):
         return _run_part_stage(st, tokenizer_dir, inputs, files, cuts, o, tasks, index, stage)
 
