@@ -30,14 +30,12 @@ def _corpus(a: argparse.Namespace):
 def _tokenizer_train(a: argparse.Namespace) -> None:
     from itertools import islice
 
-    from tqdm.auto import tqdm
-
     from dist_clm.data.tokenizer import train_bpe
 
     docs = (d for d in _corpus(a) if d)
     if a.sample_docs:
         docs = islice(docs, a.sample_docs)
-    docs = tqdm(docs, unit="doc", desc="reading", total=a.sample_docs or None, disable=a.quiet)
+    docs = console.progress(docs, unit="doc", desc="reading", total=a.sample_docs or None, enabled=not a.quiet)
     out = train_bpe(docs, a.out, vocab_size=a.vocab_size, chat_template=a.chat_template)
     print(f"tokenizer saved to {out}")
 
@@ -193,6 +191,8 @@ def _model_source(path: str, exported_ok: bool = True) -> None:
 
 def _eval(a: argparse.Namespace) -> None:
     _model_source(a.checkpoint)
+    if a.tasks:
+        return _eval_tasks(a)
     from dist_clm.evaluate import evaluate_cli
 
     res = evaluate_cli(
@@ -211,6 +211,25 @@ def _eval(a: argparse.Namespace) -> None:
         print(line)
         if a.json:
             print(json.dumps(res))
+
+
+def _eval_tasks(a: argparse.Namespace) -> None:
+    """Downstream tasks on one process (under a launcher: rank 0; the harness shares work between processes
+    only through accelerate's own launch)."""
+    from dist_clm import downstream
+    from dist_clm.distributed import inference_device
+    from dist_clm.export import load_model
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    model, tok, _ = load_model(a.checkpoint)
+    device = inference_device()
+    results, seconds = downstream.timed(model.to(device), tok, a.tasks, device, limit=a.limit,
+                                        batch_size=a.batch_size, num_fewshot=a.num_fewshot)  # fmt: skip
+    print(downstream.table(results))
+    print(f"({seconds:.1f} s)")
+    if a.json:
+        print(json.dumps(results))
 
 
 def _generate(a: argparse.Namespace) -> None:
@@ -325,7 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--out", help="directory to write (must not exist or be empty), or a URL such as s3://bucket/prefix (uploaded)"
     )
-    t.add_argument("--val-fraction", type=float, default=0.05, help="share of documents for validation")
+    t.add_argument(
+        "--val-fraction", type=float, default=0.05, help="share of documents for validation (1: evaluation-only data)"
+    )
     t.add_argument("--chunk-tokens", type=int, default=16384, help="tokens per stored MDS sample")
     t.add_argument("--num-proc", type=int, default=0, help="tokenizer processes (default: all cores)")
     t.add_argument("--dedup", action="store_true", help="drop exact duplicate documents")
@@ -393,6 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
     src = t.add_mutually_exclusive_group()
     src.add_argument("--data", help="a prepared directory (its validation split); default: the run's data")
     src.add_argument("--text", nargs="+", help="text files, tokenized with the checkpoint's tokenizer")
+    src.add_argument("--tasks", nargs="+", help="downstream tasks (lm-evaluation-harness): harness task names, folders "
+                     "or YAML files of task definitions, or the offline dist_clm_suite")  # fmt: skip
+    t.add_argument("--limit", type=int, default=0, help="--tasks: the first N examples of each task (0 = all)")
+    t.add_argument("--num-fewshot", type=int, help="--tasks: examples shown before each question")
     t.add_argument("--block-size", type=int, help="tokens per window; default: the run's data.block_size")
     t.add_argument("--stride", type=int, default=0, help="sliding windows this far apart (default: non-overlapping)")
     t.add_argument("--max-blocks", type=int, default=0, help="evaluate the first N windows only (0 = all)")

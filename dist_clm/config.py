@@ -31,10 +31,28 @@ class ConfigError(UserError):
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     dir: str = "runs/quickstart"  # everything a run writes: config.yaml, checkpoints/, tensorboard/, metrics.jsonl
-    tensorboard: bool = True  # write TensorBoard event files under <dir>/tensorboard on rank 0
-    progress_bar: bool = True  # a tqdm bar on rank 0
+    tensorboard: bool = True  # false: no TensorBoard files even when run.loggers names it (older configs' switch)
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard", "jsonl"])  # where the numbers go, rank 0
+    # only: tensorboard (<dir>/tensorboard), wandb, mlflow, jsonl (<dir>/metrics.jsonl: always written, resume and
+    # export read it). Each gets the same scalars, the resolved config and the run's identity; a resume continues
+    # the same tracker run (ids in <dir>/trackers.json); a tracker that fails is a warning, never a stop
+    name: str = ""  # the run's name in the trackers (default: the name of `dir`)
+    wandb_project: str = "dist-clm"
+    wandb_entity: str = ""  # (default: the account's)
+    wandb_mode: str = "offline"  # offline: files under <dir>/wandb for `wandb sync`; online (needs WANDB_API_KEY)
+    mlflow_tracking_uri: str = ""  # e.g. http://mlflow:5000; default: sqlite:///<dir>/mlflow.db
+    mlflow_experiment: str = "dist-clm"
+    progress_bar: bool = True  # progress on rank 0: a bar on a terminal, a plain line every 30 s in a log file
     overwrite: bool = False  # when `dir` holds checkpoints of another training (other settings or data, or
     # checkpoint.resume=false): delete them, with the metrics and TensorBoard files, and start afresh (default: refuse)
+
+    def checks(self) -> list[Check]:
+        known = ("tensorboard", "jsonl", "wandb", "mlflow")
+        unknown = [x for x in self.loggers if x not in known]
+        return [
+            (not unknown, "loggers", f"names {', '.join(map(repr, unknown))}; choose from {', '.join(known)}"),
+            (self.wandb_mode in ("offline", "online"), "wandb_mode", f"is offline or online, not {self.wandb_mode!r}"),
+        ]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,9 +156,16 @@ class TrainConfig:
     log_every: int = 10  # steps between TensorBoard/console scalars
     eval_every: int = 100  # steps between validation perplexity runs (0 = only before and after)
     eval_blocks: int = 32  # validation blocks per evaluation (0 = the whole validation split)
+    eval_tasks: list[str] = field(default_factory=list)  # downstream tasks during training (dist_clm/downstream.py:
+    # lm-evaluation-harness task names, folders or YAML files of task definitions, or dist_clm_suite), logged as
+    # eval/<task>/<metric>; they never change the training (random state kept, weights read only)
+    eval_tasks_every: int = 0  # steps between them (0: at every validation, train.eval_every); and at the end
+    eval_tasks_limit: int = 0  # the first N examples of each task (0 = all)
 
     def checks(self) -> list[Check]:
         return [
+            (self.eval_tasks_every >= 0, "eval_tasks_every", f"must be 0 or more, got {self.eval_tasks_every}"),
+            (self.eval_tasks_limit >= 0, "eval_tasks_limit", f"must be 0 or more, got {self.eval_tasks_limit}"),
             (self.max_steps >= 1, "max_steps", f"must be at least 1, got {self.max_steps}"),
             (self.micro_batch_size >= 1, "micro_batch_size", f"must be at least 1, got {self.micro_batch_size}"),
             (self.grad_accum >= 1, "grad_accum", f"must be at least 1, got {self.grad_accum}"),

@@ -96,3 +96,72 @@ def error(e) -> None:
     where = "" if rank == 0 else f"rank {rank}{f' on {node}' if node else ''}: "
     sys.stderr.write(f"dist-clm: error: {where}{e}\n")
     sys.stderr.flush()
+
+
+def progress(iterable=None, *, total: int | None = None, initial: int = 0, unit: str = "it", desc: str = "",
+             enabled: bool = True):  # fmt: skip
+    """A progress display: tqdm's bar on a terminal; where stderr is not one (a SLURM log, nohup, CI) a plain
+    line every DIST_CLM_PROGRESS_SECONDS (30) seconds and at the end, instead of carriage-return frames that
+    make one endless line of a log file. Both take update(n), set_postfix(**values), reset(total), close(), and
+    iterate over `iterable`."""
+    if enabled and not sys.stderr.isatty():
+        return LineProgress(iterable, total=total, initial=initial, unit=unit, desc=desc)
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, initial=initial, unit=unit, desc=desc or None, disable=not enabled,
+                smoothing=0.1)  # fmt: skip
+
+
+class LineProgress:
+    """tqdm's interface, printed as one plain line at a time (see progress)."""
+
+    def __init__(self, iterable=None, *, total: int | None = None, initial: int = 0, unit: str = "it", desc: str = ""):
+        import time
+
+        self.iterable, self.total, self.n, self.unit, self.desc = iterable, total, initial, unit, desc
+        self.every = float(os.environ.get("DIST_CLM_PROGRESS_SECONDS", "30"))
+        self.start_n, self.start = initial, time.monotonic()
+        self.last, self.postfix, self.closed = self.start, "", False
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+        self.close()
+
+    def update(self, n: int = 1) -> None:
+        import time
+
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            self._say(now)
+
+    def set_postfix(self, refresh: bool = True, **values) -> None:
+        self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
+
+    def reset(self, total: int | None = None) -> None:
+        import time
+
+        self.total, self.n, self.start_n, self.start = total, 0, 0, time.monotonic()
+
+    def close(self) -> None:
+        import time
+
+        if not self.closed:
+            self.closed = True
+            self._say(time.monotonic())
+
+    def _say(self, now: float) -> None:
+        took = max(now - self.start, 1e-9)
+        rate = (self.n - self.start_n) / took
+        done = f"{self.n:,}/{self.total:,} {self.unit}" if self.total else f"{self.n:,} {self.unit}"
+        parts = [done + (f" ({100 * self.n / self.total:.0f}%)" if self.total else ""), f"{rate:,.1f} {self.unit}/s"]
+        if self.postfix:
+            parts.append(self.postfix)
+        if self.total and rate > 0 and self.n < self.total:
+            left = (self.total - self.n) / rate
+            parts.append(f"about {left / 60:.0f} min left" if left >= 90 else f"about {left:.0f} s left")
+        parts.append(f"{took:.0f} s so far")
+        info(f"{self.desc + ': ' if self.desc else ''}{', '.join(parts)}")

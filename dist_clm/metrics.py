@@ -34,42 +34,55 @@ PEAKS: list[tuple[tuple[str, ...], dict[str, float | None]]] = [
 
 
 class Metrics:
-    def __init__(self, run_dir: Path, is_main: bool, tensorboard: bool):
-        self.is_main = is_main
-        self.writer = None
+    """Rank 0 records every logged number in RUN/metrics.jsonl and sends it to the run's trackers (trackers.py:
+    TensorBoard, wandb, MLflow); the other ranks record nothing."""
+
+    def __init__(
+        self, run_dir: Path, is_main: bool, tensorboard: bool = True, settings=None, config: dict | None = None
+    ):
+        """`settings`: the run's RunConfig (its loggers); without it, TensorBoard if `tensorboard`."""
+        self.is_main, self.trackers = is_main, []
         if not is_main:
             return
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+        from dist_clm import trackers
 
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        if settings is not None:
+            self.trackers = trackers.open_trackers(run_dir, settings, config or {})
+        elif tensorboard:
+            self.trackers = [trackers.TensorBoard(run_dir)]
         self.jsonl = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (open for the whole run, closed in close())
+
+    def _each(self, call) -> None:
+        """`call(tracker)` for every tracker; one that fails is said once and left out (training goes on)."""
+        from dist_clm.trackers import said
+
+        for t in list(self.trackers):
+            try:
+                call(t)
+            except Exception as e:  # noqa: BLE001 (each tracker raises its own types)
+                said(t.name, e)
+                self.trackers.remove(t)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         """Record `scalars` (names like "train/loss") at `step`."""
         if not self.is_main or not scalars:
             return
-        if self.writer is not None:
-            for name, value in scalars.items():
-                self.writer.add_scalar(name, value, step)
-            self.writer.flush()
         self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
         self.jsonl.flush()
+        self._each(lambda t: t.log(step, scalars))
 
     def note(self, step: int, name: str, text: str) -> None:
-        """Record a sentence (a skipped step's reason) at `step`: in metrics.jsonl, and TensorBoard's text tab."""
+        """Record a sentence (a skipped step's reason) at `step`: in metrics.jsonl, and the trackers that keep text
+        (TensorBoard's text tab)."""
         if not self.is_main:
             return
-        if self.writer is not None:
-            self.writer.add_text(name, text, step)
-            self.writer.flush()
         self.jsonl.write(json.dumps({"step": step, name: text}) + "\n")
         self.jsonl.flush()
+        self._each(lambda t: t.note(step, name, text))
 
     def close(self) -> None:
         if self.is_main:
-            if self.writer is not None:
-                self.writer.close()
+            self._each(lambda t: t.close())
             self.jsonl.close()
 
 

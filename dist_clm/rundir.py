@@ -33,7 +33,7 @@ from dist_clm.errors import UserError
 LOCK = ".lock"
 # what a run leaves in a run directory; run.overwrite=true deletes these
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", SKIPS, "tokenizer", "config.yaml", "ds_config.json",
-               "ranks.json")  # fmt: skip
+               "ranks.json", "trackers.json", "wandb", "mlflow.db")  # fmt: skip
 
 
 class RunOwner:

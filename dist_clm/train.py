@@ -25,6 +25,7 @@ from dist_clm import console, distributed
 from dist_clm.config import Config
 from dist_clm.data.loader import TrainLoader
 from dist_clm.data.stream import TokenStream
+from dist_clm.downstream import InLoop
 from dist_clm.errors import PeerLost, UserError, agreed
 from dist_clm.evaluate import perplexity, windows
 from dist_clm.metrics import LogWindow, Metrics
@@ -85,12 +86,13 @@ def _train(cfg: Config, env: distributed.DistEnv, stop_signals, on_step) -> Trai
     progress, checkpointer, guard = run.progress, run.checkpointer, run.guard
     if run.resumed_from:
         console.info(f"resumed from {run.resumed_from} at step {progress.step}")
-    metrics = Metrics(Path(cfg.run.dir), env.is_main, cfg.run.tensorboard)
+    metrics = Metrics(Path(cfg.run.dir), env.is_main, settings=cfg.run, config=cfg.to_dict())
     if faults:
         console.warning(f"fault injection is on (stability.fault_injection={faults!r}): losses will be altered on "
                         "purpose", every_rank=False)  # fmt: skip
         metrics.log(progress.step, {"faults/planned": len(faults.split(","))})
     validate = Validation(run, metrics)
+    downstream = InLoop(run, metrics)
     started = time.perf_counter()  # (the first validation and step compile the model under torch.compile)
     before = validate(progress.step)
 
@@ -141,6 +143,8 @@ def _train(cfg: Config, env: distributed.DistEnv, stop_signals, on_step) -> Trai
             continue
         if t.eval_every and progress.step % t.eval_every == 0 and progress.step < t.max_steps:
             validate(progress.step)
+        if downstream.due(progress.step) and progress.step < t.max_steps:
+            downstream(progress.step)
         preempted = result.stop_signal
         last = progress.step == t.max_steps or preempted  # (a save that ends the run waits for its files)
         if (save_every and progress.step % save_every == 0) or last:
@@ -158,6 +162,8 @@ def _train(cfg: Config, env: distributed.DistEnv, stop_signals, on_step) -> Trai
     loader.close()
     stop.restore()
     after = None if preempted else validate(progress.step)
+    if not preempted:
+        downstream(progress.step)
     metrics.close()
     run.owner.release()
     name = signal.Signals(preempted).name if preempted else None
@@ -285,6 +291,4 @@ class Validation:
 
 
 def progress_bar(total: int, done: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=done, unit="step", disable=not enabled)
+    return console.progress(total=total, initial=done, unit="step", desc="train", enabled=enabled)

@@ -180,6 +180,7 @@ def _manifest(job: dict, markers: list[dict], merge_seconds: float) -> dict:
         "max_token_id": max(m["max_token_id"] for m in markers),
         "chunk_tokens": first["chunk_tokens"],
         "val_fraction": first["val_fraction"],
+        "eval_only": first["val_fraction"] >= 1,
         "splits": splits,
         "duplicates_removed": first.get("duplicates_removed") if settings["dedup"] else None,
         "undecodable_documents": sum(m.get("undecodable_documents", 0) for m in markers),

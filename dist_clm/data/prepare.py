@@ -281,8 +281,9 @@ class PrepareOptions:
                             "training data.block_size), e.g. --block-size 2048.")  # fmt: skip
         if self.fmt != "text" and not (inputs or self.dataset):
             raise UserError(f"--format {self.fmt} needs its records: name jsonl/parquet files or --dataset.")
-        if not 0 < self.val_fraction < 1:
-            raise UserError(f"--val-fraction must be between 0 and 1 (exclusive), got {self.val_fraction}.")
+        if not 0 < self.val_fraction <= 1:
+            raise UserError(f"--val-fraction must be more than 0 and at most 1 (1: evaluation-only data, a "
+                            f"validation split alone), got {self.val_fraction}.")  # fmt: skip
         if self.chunk_tokens < 2:
             raise UserError(f"--chunk-tokens must be at least 2, got {self.chunk_tokens}.")
         if inputs and self.dataset:
@@ -363,14 +364,14 @@ def _write_splits(stage, o: PrepareOptions, dirs: dict, remotes: dict, labels: d
     """The stage's items into one ChunkWriter per split (each item's hash picks its split; with `dedup`, an
     item whose hash was seen is left out): (each split's figures, the duplicates left out). `beat`: a part's
     heartbeat, told the records and tokens written."""
-    from tqdm.auto import tqdm
+    from dist_clm import console
 
     writers = {
         s: ChunkWriter(dirs[s], stage.dtype, stage.chunk_tokens, o.compression, o.shard_bytes, labels[s], remotes[s],
                        with_mask=stage.with_mask)
         for s in SPLITS
     }  # fmt: skip
-    bar = tqdm(unit=stage.unit, desc="prepare", disable=not o.progress, smoothing=0.1)
+    bar = console.progress(unit=stage.unit, desc="prepare", enabled=o.progress)
     seen: set[bytes] = set()
     duplicates = 0
     for n, (digest, item) in enumerate(stage.items(bar)):
@@ -546,7 +547,7 @@ def _check_splits(split_stats: dict[str, SplitStats], val_fraction: float, what:
     if total == 0:
         raise UserError(f"the corpus holds no non-empty {what}; point prepare at files that contain some.")
     for s in SPLITS:
-        if split_stats[s].documents == 0:
+        if split_stats[s].documents == 0 and not (s == "train" and val_fraction >= 1):  # (1: eval-only data)
             raise UserError(
                 f"the {s} split got no {what} ({total} in all with --val-fraction {val_fraction}); use a larger "
                 "corpus or change --val-fraction."
@@ -571,6 +572,7 @@ def _manifest(tok, tokenizer_dir, partial: Path, dtype, max_id: int, chunk_token
         "max_token_id": max_id,  # training checks it against the model's vocabulary
         "chunk_tokens": chunk_tokens,
         "val_fraction": val_fraction,
+        "eval_only": val_fraction >= 1,  # a validation split alone: for eval --data, or weight 0 in data.mix
     }
 
 

@@ -32,8 +32,15 @@ def training_sources(d: DataConfig) -> list[Source]:
                 "config key 'data.path' is empty; set it to a directory written by `dist-clm prepare` "
                 "(or list several in data.mix)."
             )
-        return [Source(Path(d.path).name or "data", d.path, read_manifest(d.path))]
-    return [Source(m.name or Path(m.path).name, m.path, read_manifest(m.path), m.weight) for m in mix]
+        sources = [Source(Path(d.path).name or "data", d.path, read_manifest(d.path))]
+    else:
+        sources = [Source(m.name or Path(m.path).name, m.path, read_manifest(m.path), m.weight) for m in mix]
+    for s in sources:
+        if s.weight > 0 and s.manifest.get("eval_only"):
+            raise UserError(f"'{s.path}' is evaluation-only data (prepared with --val-fraction 1, no training split); "
+                            "give it weight 0 in data.mix, or evaluate on it with `dist-clm eval RUN --data "
+                            f"{s.path}`.")  # fmt: skip
+    return sources
 
 
 def run_tokenizer(sources: list[Source]):
