@@ -37,10 +37,15 @@ class Tracker:
 class TensorBoard(Tracker):
     name = "tensorboard"
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, config: dict | None = None, name: str = ""):
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        if config:  # the resolved config and the run's name, in the text tab (TensorBoard keeps no params)
+            import yaml
+
+            text = yaml.safe_dump(config, sort_keys=False)
+            self.writer.add_text("config", f"run {name or run_dir.name}\n\n    " + text.replace("\n", "\n    "), 0)
 
     def log(self, step, scalars):
         for name, value in scalars.items():
@@ -147,7 +152,7 @@ def open_trackers(run_dir: Path, settings, config: dict) -> list[Tracker]:
     for name in settings.loggers:
         try:
             if name == "tensorboard" and settings.tensorboard:
-                trackers.append(TensorBoard(run_dir))
+                trackers.append(TensorBoard(run_dir, config, settings.name))
             elif name == "wandb":
                 if "wandb" not in ids:
                     keep("wandb", secrets.token_hex(4))

@@ -118,6 +118,7 @@ def test_the_same_numbers_in_tensorboard_wandb_and_mlflow_downstream_tasks_inclu
     board.Reload()
     assert {e.step: e.value for e in board.Scalars("train/loss")} == pytest.approx(losses, rel=1e-6)
     assert {e.step: e.value for e in board.Scalars("eval/dist_clm_arith/acc")} == pytest.approx(acc)
+    assert "optim:" in board.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
 
     ids = json.loads((run / "trackers.json").read_text())
     client = MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
