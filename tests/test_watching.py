@@ -12,38 +12,40 @@ import pytest
 
 from tests.helpers import TINY, assert_clean_error, corpus_files, metrics, run_cli, train_losses
 
+QUIET = {"DIST_CLM_PROGRESS_SECONDS": "0"}  # a progress line at every update: what a log file gets, sooner
 
-def test_eval_only_data_and_progress_lines_in_a_log(tmp_path, data_dir, trained_run):
-    corpus = tmp_path / "held_out"
+
+@pytest.fixture(scope="module")
+def held(tmp_path_factory, data_dir) -> tuple[Path, str]:
+    """Evaluation-only data (`prepare --val-fraction 1`), and what prepare printed (not to a terminal)."""
+    root = tmp_path_factory.mktemp("held")
+    corpus = root / "held_out"
     corpus.mkdir()
     for i, f in enumerate(corpus_files(12, skip=40)):
         (corpus / f"{i:02d}.py").write_text(f.read_text())
-    quiet_env = {"DIST_CLM_PROGRESS_SECONDS": "0"}  # a line at every update: what a log file gets, faster
-    held = tmp_path / "held"
-    r = run_cli("prepare", str(corpus), "--tokenizer", str(data_dir / "tokenizer"), "--out", str(held),
-                "--val-fraction", "1", "--chunk-tokens", "500", env=quiet_env)  # fmt: skip
+    r = run_cli("prepare", str(corpus), "--tokenizer", str(data_dir / "tokenizer"), "--out", str(root / "held"),
+                "--val-fraction", "1", "--chunk-tokens", "500", env=QUIET)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
-    m = json.loads((held / "manifest.json").read_text())
+    return root / "held", r.stdout + r.stderr
+
+
+def test_eval_only_data_and_progress_lines_in_a_log(held, trained_run):
+    from dist_clm.config import load_config
+    from dist_clm.data.run_data import training_sources
+    from dist_clm.errors import UserError
+
+    data, printed = held
+    m = json.loads((data / "manifest.json").read_text())
     assert m["eval_only"] and m["splits"]["train"]["documents"] == 0 and m["splits"]["val"]["documents"] == 12
     # the output is lines, as a SLURM log or nohup gets it: no carriage-return frames
-    assert "\r" not in r.stdout + r.stderr and "prepare: " in r.stdout and " doc/s" in r.stdout
-
-    r = run_cli("eval", str(trained_run), "--data", str(held), "--json")
+    assert "\r" not in printed and "prepare: " in printed and " doc/s" in printed
+    r = run_cli("eval", str(trained_run), "--data", str(data), "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout.splitlines()[-1])["tokens"] > 0
-
-    run = tmp_path / "run"
-    mix = f"data.mix=[{{path: '{data_dir}', weight: 1}}, {{path: '{held}', weight: 0, name: held}}]"
-    r = run_cli("train", *TINY, mix, "data.path=", f"run.dir={run}", "train.max_steps=3", "train.eval_every=3",
-                "run.progress_bar=true", env=quiet_env)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "\r" not in r.stdout + r.stderr
-    lines = [line for line in r.stdout.splitlines() if line.startswith("train: ")]
-    assert lines and "3/3 step (100%)" in lines[-1] and "step/s" in lines[-1], r.stdout[-2000:]
-    assert any("val/held/loss" in row for row in metrics(run))
-
-    r = run_cli("train", *TINY, f"data.path={held}", f"run.dir={tmp_path / 'no'}", "train.max_steps=3")
-    assert_clean_error(r, "is evaluation-only data (prepared with --val-fraction 1", "weight 0 in data.mix")
+    with pytest.raises(
+        UserError, match="is evaluation-only data .prepared with --val-fraction 1.*weight 0 in data.mix"
+    ):
+        training_sources(load_config(None, [f"data.path={data}"]).data)
 
 
 def wandb_history(run_file: Path) -> tuple[str, list[dict]]:
@@ -81,7 +83,8 @@ def wandb_history(run_file: Path) -> tuple[str, list[dict]]:
     return run_id, rows
 
 
-def test_the_same_numbers_in_tensorboard_wandb_and_mlflow_downstream_tasks_included(tmp_path, data_dir, monkeypatch):
+def test_the_same_numbers_in_tensorboard_wandb_and_mlflow_downstream_tasks_included(tmp_path, data_dir, held,
+                                                                                   monkeypatch):  # fmt: skip
     """One run logs to every tracker with downstream tasks in the loop; it trains bit for bit like the same run
     without them; a resume's trackers continue the same tracker runs."""
     from mlflow.tracking import MlflowClient
@@ -90,10 +93,16 @@ def test_the_same_numbers_in_tensorboard_wandb_and_mlflow_downstream_tasks_inclu
     from dist_clm.config import load_config
     from dist_clm.metrics import Metrics
 
-    base = [*TINY, f"data.path={data_dir}", "train.log_every=1", "train.eval_every=2", "train.max_steps=4"]
+    data, _ = held
+    mix = f"data.mix=[{{path: '{data_dir}', weight: 1}}, {{path: '{data}', weight: 0, name: held}}]"
+    base = [*TINY, mix, "data.path=", "train.log_every=1", "train.eval_every=2", "train.max_steps=4"]
     plain = tmp_path / "plain"
-    r = run_cli("train", *base, f"run.dir={plain}", "run.loggers=[jsonl]")
+    r = run_cli("train", *base, f"run.dir={plain}", "run.loggers=[jsonl]", "run.progress_bar=true", env=QUIET)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "\r" not in r.stdout + r.stderr  # progress as plain lines in a log
+    lines = [line for line in r.stdout.splitlines() if line.startswith("train: ")]
+    assert lines and "4/4 step (100%)" in lines[-1] and "step/s" in lines[-1], r.stdout[-2000:]
+    assert any("val/held/loss" in row for row in metrics(plain))  # the evaluation-only source, weight 0
     run = tmp_path / "run"
     args = [*base, f"run.dir={run}", "run.loggers=[tensorboard, wandb, mlflow, jsonl]", "run.name=watched",
             "train.eval_tasks=[dist_clm_arith, dist_clm_code_cloze]", "train.eval_tasks_limit=20"]  # fmt: skip
