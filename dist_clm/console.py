@@ -112,6 +112,13 @@ def progress(iterable=None, *, total: int | None = None, initial: int = 0, unit:
                 smoothing=0.1)  # fmt: skip
 
 
+def duration(seconds: float) -> str:
+    """42 s, 17 min, 4.2 h."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
 class LineProgress:
     """tqdm's interface, printed as one plain line at a time (see progress)."""
 
@@ -161,7 +168,6 @@ class LineProgress:
         if self.postfix:
             parts.append(self.postfix)
         if self.total and rate > 0 and self.n < self.total:
-            left = (self.total - self.n) / rate
-            parts.append(f"about {left / 60:.0f} min left" if left >= 90 else f"about {left:.0f} s left")
+            parts.append(f"about {duration((self.total - self.n) / rate)} left")
         parts.append(f"{took:.0f} s so far")
         info(f"{self.desc + ': ' if self.desc else ''}{', '.join(parts)}")

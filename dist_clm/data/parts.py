@@ -29,6 +29,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from dist_clm.console import duration
 from dist_clm.data.store import Store
 from dist_clm.errors import UserError
 
@@ -220,7 +221,7 @@ def describe_status(st: Store) -> str:
     if counts["done"] == n:
         lines.append(f"every part is done: merge with `dist-clm prepare --merge {st.url}`")
     elif left is not None:
-        lines.append(f"time left: about {_duration(left)} at the rate so far")
+        lines.append(f"time left: about {duration(left)} at the rate so far")
     return "\n".join(lines)
 
 
@@ -234,11 +235,3 @@ def time_left(job: dict, tasks: list[TaskStatus], now: float | None = None) -> f
         return None
     rate = done / max(1e-3, now - min(t.started for t in tok))
     return max(0.0, (job["inputs"]["bytes"] - done) / rate)
-
-
-def _duration(s: float) -> str:
-    if s < 90:
-        return f"{s:.0f} s"
-    if s < 5400:
-        return f"{s / 60:.0f} min"
-    return f"{s / 3600:.1f} h"
