@@ -213,6 +213,7 @@ def test_a_sharded_export_with_its_card_and_provenance(wide_zero3_run, tmp_path)
 EXPORT_MEMORY = """
 import sys, threading, time, torch
 import deepspeed.utils.zero_to_fp32, huggingface_hub, safetensors.torch, transformers  # imported before the baseline
+import transformers.generation.utils  # (with scikit-learn installed it imports it: tens of MB of modules, not data)
 from transformers import AutoConfig, GenerationConfig
 from dist_clm.export import export
 from dist_clm.data.tokenizer import load_tokenizer
