@@ -224,7 +224,7 @@ def run_tasks(model, tok, tasks: list[str], device, limit: int = 0, batch_size: 
     from lm_eval.tasks import TaskManager
 
     datasets.disable_progress_bars()
-    manager = TaskManager(include_path=folders or None, include_defaults=builtin, verbosity="ERROR")
+    manager = TaskManager(include_path=folders or None, include_defaults=builtin)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
         ours = ", ".join((*SUITE, SUITE_GROUP))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY, assert_clean_error, corpus_files, metrics, run_cli, train_losses
+from tests.helpers import TINY, corpus_files, metrics, run_cli, train_losses
 
 QUIET = {"DIST_CLM_PROGRESS_SECONDS": "0"}  # a progress line at every update: what a log file gets, sooner
 
@@ -165,8 +165,11 @@ def test_eval_runs_downstream_tasks_from_the_suite_and_from_a_folder(tmp_path, t
     results = json.loads(r.stdout.splitlines()[-1])
     assert set(results) == {"dist_clm_arith", "dist_clm_code_next_line", "dist_clm_code_cloze", "my_task"}
     assert "dist_clm_arith  " in r.stdout and 0 <= results["my_task"]["acc"] <= 1 and "\r" not in r.stderr
-    r = run_cli("eval", str(trained_run), "--tasks", "no_such_task_anywhere")
-    assert_clean_error(r, "unknown task 'no_such_task_anywhere'", "dist_clm_suite")
+    from dist_clm import downstream
+    from dist_clm.errors import UserError
+
+    with pytest.raises(UserError, match="unknown task 'no_such_task_anywhere'.*dist_clm_suite"):
+        downstream.run_tasks(None, None, ["no_such_task_anywhere"], "cpu")
 
 
 def test_a_tracker_that_cannot_be_reached_is_a_warning_and_the_numbers_still_go_elsewhere(tmp_path, capsys):
