@@ -76,6 +76,25 @@ def _claim(partial: Path, out: Path, what: str) -> None:
     raise UserError(f"another {what} keeps writing '{out}' at the same time; wait for it or stop it first.")
 
 
+@contextmanager
+def held(path: Path, busy) -> Iterator[None]:
+    """An exclusive flock on `path` for the block, naming its holder in the file (the kernel drops the lock when
+    the process dies; NFS carries flock to the server); held by another process: UserError(busy(holder))."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            raise UserError(busy(lock.read().strip() or "pid unknown")) from None
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+        yield
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -12,7 +12,6 @@ so (a local OUT: a lock; a bucket: a claim object written only if absent).
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import socket
@@ -63,19 +62,12 @@ def merge(out: str) -> dict:
 @contextmanager
 def _one_merge(st: Store):
     if isinstance(st, LocalStore):
-        lock_path = st.root / "parts" / "merge.lock"
-        if not lock_path.parent.is_dir():
+        from dist_clm.fsutil import held
+
+        if not (st.root / "parts").is_dir():
             raise UserError(f"'{st.url}' holds no prepare in parts (no parts/); run its tasks first.")
-        with open(lock_path, "a+") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                lock.seek(0)
-                raise UserError(f"another merge of '{st.url}' is running ({lock.read().strip() or 'pid unknown'}); "
-                                "wait for it: the dataset is complete when it ends.") from None  # fmt: skip
-            lock.truncate(0)
-            lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-            lock.flush()
+        with held(st.root / "parts" / "merge.lock", lambda holder: f"another merge of '{st.url}' is running "
+                  f"({holder}); wait for it: the dataset is complete when it ends."):  # fmt: skip
             yield
         return
     from dist_clm.data import bucket

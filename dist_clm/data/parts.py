@@ -101,21 +101,15 @@ def task_lock(st: Store, index: int, tasks: int):
     if not isinstance(st, LocalStore):
         yield
         return
-    import fcntl
+    from dist_clm.fsutil import held
 
-    path = st.root / "parts" / f".task-{index:05d}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock.seek(0)
-            holder = lock.read().strip() or "pid unknown"
-            raise UserError(f"part {index} of {tasks} under '{st.url}' is being written by another task ({holder}); "
-                            "wait for it or stop it first.") from None  # fmt: skip
-        lock.truncate(0)
-        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        lock.flush()
+    def busy(holder: str) -> str:
+        return (
+            f"part {index} of {tasks} under '{st.url}' is being written by another task ({holder}); wait for "
+            "it or stop it first."
+        )
+
+    with held(st.root / "parts" / f".task-{index:05d}.lock", busy):
         yield
 
 
