@@ -586,7 +586,7 @@ def prepare_part(tokenizer_dir: str | Path, out: str | Path, inputs: list[str] |
     """Task `index` of a prepare in `tasks` parts (parts.py: the layout; work_split.py: its records): runs its
     `stage` (with --dedup: hash, then dedup, then tokenize, each for every task before the next) unless that
     stage's marker says it is done; returns the marker. `out` may be s3://. `options`: PrepareOptions' fields."""
-    from dist_clm.data import parts
+    from dist_clm.data import parts, work_split
     from dist_clm.data.store import store
 
     o = PrepareOptions(**options)
@@ -600,7 +600,7 @@ def prepare_part(tokenizer_dir: str | Path, out: str | Path, inputs: list[str] |
                         "or leave --stage out.")  # fmt: skip
     st = store(out)
     files = _input_files(inputs, o)
-    cuts = work_split_bounds(files, tasks)
+    cuts = work_split.bounds(sum(files.values()), tasks)
     given = list(inputs) if inputs else [] if o.dataset else ["<python standard library>"]
     parts.check_job(st, {"tasks": tasks, "settings": parts.settings_of(o), "inputs": parts.inputs_record(files),
                          "task_bytes": [b - a for a, b in zip(cuts, cuts[1:], strict=False)],
@@ -646,12 +646,6 @@ def _run_part_stage(st, tokenizer_dir, inputs, files: dict, cuts: list[int], o: 
         raise
     beat.end("done")
     return m
-
-
-def work_split_bounds(files: dict, tasks: int) -> list[int]:
-    from dist_clm.data import work_split
-
-    return work_split.bounds(sum(files.values()), tasks)
 
 
 def _input_files(inputs: list[str] | None, o: PrepareOptions) -> dict:
