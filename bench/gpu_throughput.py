@@ -43,11 +43,12 @@ WORK/logs/MODEL_VARIANT.log, with timestamped set-up phases; a child that fails 
 as it comes, and --json rewrites FILE after every row, so a run cut short keeps what it measured.
 
 Columns:
-    model           the preset, and its parameter count (count_params, embeddings included)
+    model           the preset, and its parameter count (count_params, embeddings included; a Mixture-of-Experts
+                    model's active ones per token beside it)
     seq x batch     tokens per block x blocks per step (one micro batch, no accumulation)
     variant         one of the above
     tok/s           N x batch x seq / the timed seconds
-    MFU             tok/s x flops_per_token(config, params, seq) / the GPU's peak dense bf16 FLOP/s
+    MFU             tok/s x flops_per_token(config, active params, seq) / the GPU's peak dense bf16 FLOP/s
                     (dist_clm.metrics.peak_flops: 989e12 for H100/H200); '-' where the peak is unknown (CPU)
     vs plain compile  tok/s over that of "plain, torch.compile" for the same model in this run (the target
                     for dist_clm: >= 1.00 at both sizes)
@@ -104,6 +105,18 @@ MODELS = {
     "gpt2-124m": dict(preset="gpt2-124m", vocab=50257, seq=1024, batch=32),
     "llama-468m": dict(preset="llama-468m", vocab=32000, seq=2048, batch=16),
     "tiny": dict(preset="tiny", vocab=4096, seq=128, batch=8),
+    # a Mixture-of-Experts model beside a dense one of its active size (the same attention; one SwiGLU MLP as wide
+    # as the top-k experts together): what sparsity costs per token
+    "moe-1b": dict(preset="moe-1b", vocab=32000, seq=2048, batch=8),
+    "moe-1b-dense": dict(
+        preset="llama-468m",
+        vocab=32000,
+        seq=2048,
+        batch=8,
+        overrides=dict(num_hidden_layers=16, num_key_value_heads=4, intermediate_size=2304),
+    ),
+    "tiny-moe": dict(preset="tiny-moe", vocab=4096, seq=128, batch=8),
+    "tiny-moe-dense": dict(preset="tiny-llama", vocab=4096, seq=128, batch=8, overrides=dict(intermediate_size=192)),
 }
 GPU_MODELS, CPU_MODELS = ("gpt2-124m", "llama-468m"), ("tiny",)
 TOKENIZER_VOCAB = {"gpu": 32000, "cpu": 4096}
@@ -245,7 +258,8 @@ def table(rows: list[dict], cpu: bool, markdown: bool) -> list[str]:
     order = {v: i for i, v in enumerate(VARIANTS)}
     for r in sorted(rows, key=lambda r: (list(MODELS).index(r["model"]), order[r["variant"]])):
         m = MODELS[r["model"]]
-        name = r["model"] + (f" ({r['params'] / 1e6:.0f} M)" if "params" in r else "")
+        active = f", {r['active'] / 1e6:.0f} M active" if r.get("active", r.get("params")) != r.get("params") else ""
+        name = r["model"] + (f" ({r['params'] / 1e6:.0f} M{active})" if "params" in r else "")
         masked = "docmask" in r["variant"] and "attention" in r
         label = VARIANTS[r["variant"]] + (f" ({r['attention']})" if masked else "")
         cells = [name, f"{m['seq']} x {m['batch']}", label]
@@ -352,6 +366,7 @@ def variant_overrides(model: str, variant: str, data: str | Path, run_dir: str |
         f"data.block_size={m['seq']}",
         f"model.preset={m['preset']}",
         f"model.overrides.vocab_size={m['vocab']}",
+        *(f"model.overrides.{k}={v}" for k, v in m.get("overrides", {}).items()),
         f"train.micro_batch_size={m['batch']}",
         f"train.max_steps={warmup + steps}",
         f"optim.warmup_steps={min(warmup, 30)}",
@@ -373,7 +388,7 @@ def one(args: argparse.Namespace) -> None:
     from dist_clm.data.run_data import run_tokenizer, training_sources
     from dist_clm.engine import resolve_precision
     from dist_clm.metrics import peak_flops
-    from dist_clm.model import build_model, count_params, flops_per_token
+    from dist_clm.model import active_params, build_model, count_params, flops_per_token
 
     m = MODELS[args.models]
     variant = args.one
@@ -395,8 +410,8 @@ def one(args: argparse.Namespace) -> None:
         model = build_model(cfg.model.preset, cfg.model.pretrained, cfg.model.overrides, tok)
         phase("model built")
         res = plain_loop(cfg, model, sources, device, args.warmup, args.steps)
-    n_params = count_params(model)
-    flops = flops_per_token(model.config, n_params, cfg.data.block_size)
+    n_params, n_active = count_params(model), active_params(model)
+    flops = flops_per_token(model.config, n_active, cfg.data.block_size)
 
     tok_s = args.steps * m["batch"] * m["seq"] / res["seconds"]
     peak = peak_flops(device)
@@ -411,6 +426,7 @@ def one(args: argparse.Namespace) -> None:
         "seq": m["seq"],
         "batch": m["batch"],
         "params": n_params,
+        "active": n_active,
         "flops_per_token": flops,
         "warmup": args.warmup,
         "steps": args.steps,

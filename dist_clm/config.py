@@ -130,6 +130,9 @@ class ModelConfig:
     # the flash_attn package is installed, else flex_attention where the model has it (Llama, GPT-2: a
     # block-sparse mask from the documents' bounds, not a dense L x L one; not with attention dropout), else
     # sdpa; sdpa otherwise and on CPU (FlexAttention has no backward pass there)
+    router_aux_loss_coef: float | None = None  # Mixture-of-Experts models: the weight of the router's
+    # load-balancing loss in the training loss (e.g. 0.01); None: the preset's or pretrained model's (transformers'
+    # default 0.001)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -366,6 +369,7 @@ MOVED = {
 # optimizer, the schedule's shape, the precision, the seed); the data and the batch are the data part's to check
 MATH_KEYS = (
     "model.preset", "model.pretrained", "model.overrides", "model.rope_theta", "model.rope_scaling",
+    "model.router_aux_loss_coef",
     "data.block_size", "data.document_mask", "data.shuffle",
     "train.seed", "train.precision",
     "optim.lr", "optim.min_lr_ratio", "optim.warmup_steps", "optim.schedule", "optim.decay_fraction",

@@ -69,12 +69,16 @@ def resolve_grad_accum(t: TrainConfig, world: int) -> int:
 
 
 def deepspeed_config(
-    t: TrainConfig, o: OptimConfig, d: DistributedConfig, on_gpu: bool, grad_accum: int | None = None
-) -> dict:
+    t: TrainConfig, o: OptimConfig, d: DistributedConfig, on_gpu: bool, grad_accum: int | None = None,
+    leaf_modules: list[str] = (),
+) -> dict:  # fmt: skip
     """The DeepSpeed config the loop's, optimizer's and distributed settings mean (the user's JSON merged in);
-    DeepSpeed owns the optimizer."""
+    DeepSpeed owns the optimizer. `leaf_modules`: the model's Mixture-of-Experts blocks (moe.leaf_classes), which
+    ZeRO-3 gathers whole."""
     precision = resolve_precision(t.precision, on_gpu)
     zero: dict = {"stage": d.zero_stage}
+    if d.zero_stage == 3 and leaf_modules:
+        zero["leaf_module"] = {"classes": list(leaf_modules)}
     if d.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if d.offload_params:

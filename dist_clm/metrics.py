@@ -91,10 +91,11 @@ class LogWindow:
     them into the logged training scalars and starts a new window."""
 
     def __init__(self, sources: list[str], tokens_per_step: int, flops_per_token: float, world: int, device: str,
-                 precision: str = "bf16", tf32: bool = True, objective=None):  # fmt: skip
+                 precision: str = "bf16", tf32: bool = True, objective=None, router=None):  # fmt: skip
         self.sources, self.tokens_per_step, self.flops = sources, tokens_per_step, flops_per_token
         self.world, self.device = world, device
         self.objective = objective  # (objectives.py) names what its statistics log; None: the window logs none
+        self.router = router  # (moe.RouterLoad) an MoE model's router load since the last window, or None
         self.peak = peak_flops(device, precision, tf32)  # (None on the CPU and on GPUs not in PEAKS)
         self.persistent_straggler: int | None = None  # a rank STRAGGLER_LAG x slow in the last two windows
         self._last_slow: int | None = None
@@ -145,10 +146,12 @@ class LogWindow:
         elapsed = time.perf_counter() - self.start
         n_stats = len(self.objective.stats) if self.objective is not None else 0
         stats = [] if not n_stats else self.stats if self.stats is not None else [0.0] * n_stats
+        routed = [self.router.take()] if self.router is not None else []  # (one entry: a vector)
+        n_routed = len(routed[0]) if routed else 0
         wait_sum, token_sum, *rest = all_reduce_sum(  # (the device's sums join the one reduction)
-            [self.wait, self.token_sum, *stats, *self.blocks], self.device
+            [self.wait, self.token_sum, *stats, *routed, *self.blocks], self.device
         )
-        sums, mix = rest[:n_stats], rest[n_stats:]
+        sums, routed, mix = rest[:n_stats], rest[n_stats : n_stats + n_routed], rest[n_stats + n_routed :]
         out = {"train/loss": sum(self.losses) / len(self.losses)} if self.losses else {}
         out |= {  # (no train/loss when every step of the window was skipped)
             "train/lr": lr,
@@ -162,6 +165,8 @@ class LogWindow:
         }
         if n_stats:
             out |= self.objective.scalars(sums)
+        if routed:
+            out |= self.router.scalars(routed, self.steps)
         if self.peak:  # model FLOPs utilization: achieved training FLOP/s per device over its peak in this precision
             out["train/mfu"] = out["train/tokens_per_s"] * self.flops / (self.world * self.peak)
         out |= memory_scalars(self.device)

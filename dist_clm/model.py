@@ -62,6 +62,57 @@ PRESETS: dict[str, dict[str, Any]] = {
         rope_theta=10000.0,
         tie_word_embeddings=False,
     ),
+    # Mixture-of-Experts decoders (Qwen3-MoE's layout: every layer sparse, top-k routing over its experts, the
+    # router's load-balancing loss added to the training loss, dist_clm/moe.py). For tests: 8 experts, top 2.
+    "tiny-moe": dict(
+        model_type="qwen3_moe",
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        hidden_size=128,
+        intermediate_size=344,
+        moe_intermediate_size=96,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    ),
+    # ~115 M parameters, ~49 M active per token with a 32k vocabulary: 8 layers of 16 experts, top 2.
+    "moe-small": dict(
+        model_type="qwen3_moe",
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=64,
+        hidden_size=512,
+        intermediate_size=1536,
+        moe_intermediate_size=384,
+        num_experts=16,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    ),
+    # ~1 B parameters, ~0.2 B active per token with a 32k vocabulary (OLMoE's proportions, scaled down): 16 layers
+    # of 32 experts, top 4.
+    "moe-1b": dict(
+        model_type="qwen3_moe",
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        head_dim=64,
+        hidden_size=1024,
+        intermediate_size=2816,
+        moe_intermediate_size=576,
+        num_experts=32,
+        num_experts_per_tok=4,
+        norm_topk_prob=True,
+        max_position_embeddings=2048,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+    ),
 }
 
 _DROPOUT_OFF = {"gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)}  # pretraining: no dropout
@@ -157,8 +208,21 @@ def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def active_params(model) -> int:
+    """The parameters one token passes through: all of a dense model's; in a Mixture-of-Experts model, its
+    experts' only top-k of each layer's experts (shared experts and the router count whole)."""
+    from dist_clm import moe
+
+    inactive = 0.0
+    for block in moe.sparse_blocks(model):
+        experts = sum(p.numel() for p in block.experts.parameters())
+        inactive += experts * (1 - moe.top_k(model.config) / moe.num_experts(model.config))
+    return count_params(model) - round(inactive)
+
+
 def flops_per_token(config, n_params: int, block_size: int) -> float:
-    """Training FLOPs per token: 6N for the matmuls with weights plus 12·L·d·T for attention (PaLM appendix B)."""
+    """Training FLOPs per token: 6N for the matmuls with weights plus 12·L·d·T for attention (PaLM appendix B);
+    N the active parameters (active_params)."""
     layers = getattr(config, "num_hidden_layers", None) or config.n_layer
     width = getattr(config, "hidden_size", None) or config.n_embd
     return 6.0 * n_params + 12.0 * layers * width * block_size

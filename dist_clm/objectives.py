@@ -125,11 +125,11 @@ class Preference(Objective):
         reference = inputs.pop("reference", None)
         labels = inputs.pop("labels")
         if run.sp.size > 1:  # each token's log-probability of the next, from every rank's slice of the rows
-            logp = run.engine(**inputs, labels=labels, token_logps=True, use_cache=False).logits
-            conv = preference.conversations(logp, labels, inputs["position_ids"])
+            out = run.engine(**inputs, labels=labels, token_logps=True, use_cache=False)
+            conv = preference.conversations(out.logits, labels, inputs["position_ids"])
         else:
-            logits = run.engine(**inputs, use_cache=False).logits
-            conv = preference.conversation_logps(logits, labels, inputs["position_ids"])
+            out = run.engine(**inputs, use_cache=False)
+            conv = preference.conversation_logps(out.logits, labels, inputs["position_ids"])
         if reference is not None:  # (the loader's: each row's conversations, then NaN, over half a row)
             reference = F.pad(reference, (0, labels.shape[1] - reference.shape[1]))
         losses, rewards = self.pair_losses(conv, reference)
@@ -137,7 +137,11 @@ class Preference(Objective):
         chosen, rejected = rewards["chosen"] * both, rewards["rejected"] * both
         right = ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()) * both  # (a tie: half right)
         stats = torch.stack([both.sum().float(), chosen.sum(), rejected.sum(), right.sum(), unpaired.float()])
-        return losses.sum() / weighting["num_items_in_batch"], stats
+        loss = losses.sum() / weighting["num_items_in_batch"]
+        aux = getattr(out, "aux_loss", None)  # a Mixture-of-Experts router's load balance (moe.py), as pretraining's
+        if aux is not None:
+            loss = loss + run.engine.module.config.router_aux_loss_coef * aux
+        return loss, stats
 
     def flaws(self, stats: torch.Tensor | None) -> torch.Tensor | float:
         return 0.0 if stats is None else stats[-1]

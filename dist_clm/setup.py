@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from dist_clm import attention, console, loss_head, objectives, rundir, sequence_parallel
+from dist_clm import attention, console, loss_head, moe, objectives, rundir, sequence_parallel
 from dist_clm.checkpoint import Checkpointer, RandomState, Stateful
 from dist_clm.config import Config, Settings
 from dist_clm.data.loader import TrainLoader
@@ -28,7 +28,7 @@ from dist_clm.engine import (
     use_tf32,
 )
 from dist_clm.errors import Mismatch, UserError, agreed
-from dist_clm.model import count_params, flops_per_token, max_positions
+from dist_clm.model import active_params, count_params, flops_per_token, max_positions
 from dist_clm.rundir import RunOwner, claim, write_run_files
 from dist_clm.stability import LossGuard
 
@@ -71,6 +71,7 @@ class Run:
     checkpointer: Checkpointer
     resumed_from: Path | None  # the checkpoint the run continues, or None: a fresh start
     sp: sequence_parallel.SequenceParallel = sequence_parallel.SequenceParallel()  # (size 1: none)
+    router: moe.RouterLoad | None = None  # a Mixture-of-Experts model's router load (moe.py), or None
 
     @property
     def progress(self) -> Progress:
@@ -143,10 +144,11 @@ def setup(cfg: Config, env: DistEnv, world: list[dict]) -> Run:
     agree_on_error(problem, env.device)  # a bad setting stops every rank alike, none waits for another
     cfg, sources, tok, model, grad_accum, ds_config, precision = parts  # (cfg: settled from the data)
     t, ckpt = cfg.train, cfg.checkpoint
-    n_params = count_params(model)
-    flops = flops_per_token(model.config, n_params, cfg.data.block_size)
+    n_params, active = count_params(model), active_params(model)
+    flops = flops_per_token(model.config, active, cfg.data.block_size)
+    sparse = f" ({active / 1e6:.2f} M active per token)" if active < n_params else ""
     console.info(
-        f"model: {model.config.model_type}, {n_params / 1e6:.2f} M parameters, {flops / 1e6:.1f} MFLOPs per "
+        f"model: {model.config.model_type}, {n_params / 1e6:.2f} M parameters{sparse}, {flops / 1e6:.1f} MFLOPs per "
         f"token; {describe(world)} on {env.device}, {precision}, ZeRO-{cfg.distributed.zero_stage}, attention "
         f"{model.config._attn_implementation}",
     )
@@ -170,13 +172,14 @@ def setup(cfg: Config, env: DistEnv, world: list[dict]) -> Run:
         lr_scheduler=scheduler_factory(cfg.optim, t.max_steps),
         mpu=mpu,
     )
+    router = moe.RouterLoad(model) if moe.is_moe(model.config) else None
     random = RandomState(env)
     if resumed_from is not None:
         checkpointer.load_engine(engine, resumed_from, random)
     if t.compile is True or (t.compile == "auto" and env.device != "cpu"):
         engine.compile()
     return Run(cfg, env, sources, engine, scheduler, grad_accum, precision, n_params, flops, owner, objective, parts,
-               random, checkpointer, resumed_from, sp)  # fmt: skip
+               random, checkpointer, resumed_from, sp, router)  # fmt: skip
 
 
 def make_parts(cfg: Config, env: DistEnv, sources: list[Source], global_batch: int, objective) -> dict[str, Stateful]:
@@ -308,6 +311,7 @@ def _checked(cfg: Config, env: DistEnv) -> tuple:
     m = cfg.model
     model = attention.build_model_with(choices, m.preset, m.pretrained, m.overrides, tok, cfg.data.document_mask,
                                        rope=(m.rope_theta, m.rope_scaling))  # fmt: skip
+    moe.apply_router_settings(model, m.router_aux_loss_coef)
     if cfg.objective.kind == "dpo":
         check_reference(sources, model)
     if t.loss_head != "plain" and not loss_head.install(model) and t.loss_head == "fused":
@@ -329,7 +333,8 @@ def _checked(cfg: Config, env: DistEnv) -> tuple:
             "(model.overrides, e.g. max_position_embeddings for Llama-style models)."
         )
     check_sources(sources, tok, model.config.vocab_size, cfg.model.pretrained)
-    ds_config = deepspeed_config(t, cfg.optim, cfg.distributed, on_gpu=on_gpu, grad_accum=grad_accum)
+    ds_config = deepspeed_config(t, cfg.optim, cfg.distributed, on_gpu=on_gpu, grad_accum=grad_accum,
+                                 leaf_modules=moe.leaf_classes(model))  # fmt: skip
     if t.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return cfg, sources, tok, model, grad_accum, ds_config, precision

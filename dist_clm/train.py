@@ -97,7 +97,7 @@ def _train(cfg: Config, env: distributed.DistEnv, stop_signals, on_step) -> Trai
     before = validate(progress.step)
 
     window = LogWindow(run.source_names, run.tokens_per_step, run.flops_per_token, env.world_size, env.device,
-                       run.precision, t.tf32, run.objective)  # fmt: skip
+                       run.precision, t.tf32, run.objective, run.router)  # fmt: skip
     loader = run.loader()
     batches = iter(loader)
     bar = progress_bar(t.max_steps, progress.step, env.is_main and cfg.run.progress_bar)
