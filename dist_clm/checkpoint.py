@@ -224,6 +224,13 @@ class Checkpointer:
         when another number of ranks or ZeRO stage wrote it), and this rank's random generators (`random`
         decides whether they continue)."""
         elastic = self._needs_universal(tag_dir)
+        if elastic and engine.optimizer_name() == "muon":
+            marker = read_marker(tag_dir)
+            raise UserError(
+                f"'{tag_dir}' was saved by {marker['world_size']} ranks with ZeRO-{marker['zero_stage']}, and a "
+                "Muon run resumes only there: DeepSpeed's universal checkpoint has no form for Muon's momentum yet; "
+                "resume it on that world size and stage."
+            )
         # DeepSpeed reads this flag at every load_checkpoint and has no public setter; a run may load both
         # kinds (an elastic resume, then a rollback to a checkpoint of its own)
         engine._config.load_universal_checkpoint = elastic

@@ -155,6 +155,9 @@ class TrainConfig:
     loss_head: Literal["auto", "fused", "plain"] = "auto"  # fused: the output projection and cross-entropy a chunk
     # of tokens at a time, never the whole B x L x vocabulary logits (dist_clm/loss_head.py); auto: fused for the
     # model types whose logits are a plain projection (GPT-2, Llama, Mistral, Qwen2), else plain
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: DeepSpeed's Muon (momentum orthogonalized by Newton-Schulz)
+    # for the hidden layers' matrices, at optim.muon_lr with optim.muon_momentum; AdamW at optim.lr for embeddings,
+    # the output head, norms and biases; ZeRO 1-3, optim.grad_clip=0
     seed: int = 1234  # model init, data order, sampling
     log_every: int = 10  # steps between TensorBoard/console scalars
     eval_every: int = 100  # steps between validation perplexity runs (0 = only before and after)
@@ -181,7 +184,8 @@ class TrainConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
-    """AdamW and its learning-rate schedule (dist_clm/engine.py turns them into DeepSpeed's)."""
+    """The optimizer's settings (AdamW's; Muon's) and the learning-rate schedule (dist_clm/engine.py turns them into
+    DeepSpeed's)."""
 
     lr: float = 2e-3  # peak learning rate, reached after warmup
     min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio at train.max_steps
@@ -194,9 +198,14 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
+    muon_lr: float = 0.02  # train.optimizer=muon: the peak learning rate of the Muon matrices (the schedule scales
+    # it as it scales lr; lr is then the AdamW parameters')
+    muon_momentum: float = 0.95  # train.optimizer=muon: Muon's (Nesterov) momentum
 
     def checks(self) -> list[Check]:
         return [
+            (self.muon_lr > 0, "muon_lr", f"must be positive, got {self.muon_lr}"),
+            (0 <= self.muon_momentum < 1, "muon_momentum", f"must be in [0, 1), got {self.muon_momentum}"),
             (self.lr > 0, "lr", f"must be positive, got {self.lr}"),
             (0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be between 0 and 1, got {self.min_lr_ratio}"),
             (self.warmup_steps >= 0, "warmup_steps", f"must be 0 or more, got {self.warmup_steps}"),
@@ -371,9 +380,10 @@ MATH_KEYS = (
     "model.preset", "model.pretrained", "model.overrides", "model.rope_theta", "model.rope_scaling",
     "model.router_aux_loss_coef",
     "data.block_size", "data.document_mask", "data.shuffle",
-    "train.seed", "train.precision",
+    "train.seed", "train.precision", "train.optimizer",
     "optim.lr", "optim.min_lr_ratio", "optim.warmup_steps", "optim.schedule", "optim.decay_fraction",
-    "optim.weight_decay", "optim.beta1", "optim.beta2", "optim.eps", "optim.grad_clip",
+    "optim.muon_lr", "optim.muon_momentum", "optim.weight_decay", "optim.beta1", "optim.beta2", "optim.eps",
+    "optim.grad_clip",
     "objective.kind", "objective.dpo_beta", "objective.orpo_lambda",
 )  # fmt: skip
 

@@ -9,6 +9,7 @@ parallelism is refused: the loader feeds every rank its own data. The result is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -79,6 +80,8 @@ def deepspeed_config(
     zero: dict = {"stage": d.zero_stage}
     if d.zero_stage == 3 and leaf_modules:
         zero["leaf_module"] = {"classes": list(leaf_modules)}
+    if d.zero_stage == 3 and t.optimizer == "muon":
+        zero["reduce_scatter"] = False  # (DeepSpeed's Muon orthogonalizes whole matrices: it refuses reduce-scatter)
     if d.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if d.offload_params:
@@ -90,18 +93,7 @@ def deepspeed_config(
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},  # 0: dynamic
         "zero_optimization": zero,
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": o.lr,
-                "betas": [o.beta1, o.beta2],
-                "eps": o.eps,
-                "weight_decay": o.weight_decay,
-                # torch's AdamW; fused (one kernel for all parameters) on GPU, where it needs no compilation
-                "torch_adam": True,
-                **({"fused": True} if on_gpu and not d.offload_optimizer else {}),
-            },
-        },
+        "optimizer": optimizer_config(t, o, d, on_gpu),
         "steps_per_print": 1 << 40,  # we log ourselves
     }
     if d.sequence_parallel_size > 1:  # (for the record: the groups reach DeepSpeed as the mpu, see sequence_parallel)
@@ -137,6 +129,57 @@ def deepspeed_config(
     if "scheduler" in user:
         raise UserError(f"'{path}' sets a scheduler; choose it with optim.schedule instead (cosine, linear, wsd).")
     return _merge(generated, user)
+
+
+def optimizer_config(t: TrainConfig, o: OptimConfig, d: DistributedConfig, on_gpu: bool) -> dict:
+    """DeepSpeed's optimizer block: torch's AdamW, or DeepSpeed's Muon with its auxiliary AdamW (muon_flags says
+    which parameters are whose)."""
+    adamw = {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay}
+    if t.optimizer == "adamw":
+        # torch's AdamW; fused (one kernel for all parameters) on GPU, where it needs no compilation
+        fused = {"fused": True} if on_gpu and not d.offload_optimizer else {}
+        return {"type": "AdamW", "params": {**adamw, "torch_adam": True, **fused}}
+    if d.zero_stage == 0:
+        raise UserError(
+            "config key 'train.optimizer' is muon, which dist_clm runs with ZeRO stages 1-3 (DeepSpeed's stage-0 "
+            "wrappers step its auxiliary AdamW once more at start); set distributed.zero_stage to 1, 2 or 3."
+        )
+    if o.grad_clip:
+        raise UserError(
+            f"config key 'optim.grad_clip' is {o.grad_clip:g}, but with train.optimizer=muon DeepSpeed clips the "
+            "orthogonalized update rather than the gradient, which shrinks every Muon step (Muon's update has a "
+            "fixed scale already); set optim.grad_clip=0."
+        )
+    return {"type": "Muon", "params": {**adamw, "adam_lr": o.lr, "muon_lr": o.muon_lr, "momentum": o.muon_momentum,
+                                       "torch_adam": True}}  # fmt: skip
+
+
+@contextlib.contextmanager
+def muon_flags(model, optimizer: str):
+    """Around deepspeed.initialize: DeepSpeed gives Muon every parameter of two or more dimensions whose name has
+    neither 'embed' nor 'lm_head' in it, which hands GPT-2's token and position tables (wte, wpe) to Muon; Muon
+    is for hidden matrices only, so every embedding table and the output head go to AdamW, found by module."""
+    if optimizer != "muon":
+        yield
+        return
+    import deepspeed
+
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    head = model.get_output_embeddings()
+    tables |= {id(head.weight)} if head is not None else set()
+    flag = deepspeed.set_optimizer_flags
+
+    def flag_by_module(config, module) -> None:
+        flag(config, module)
+        for p in module.parameters():
+            if id(p) in tables:
+                p.use_muon = False
+
+    deepspeed.set_optimizer_flags = flag_by_module  # (deepspeed.initialize looks it up in its module each call)
+    try:
+        yield
+    finally:
+        deepspeed.set_optimizer_flags = flag
 
 
 def _lookup(tree: dict, keys: tuple[str, ...]):
@@ -182,6 +225,14 @@ def scheduler_factory(o: OptimConfig, max_steps: int):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, o, max_steps))
 
     return make
+
+
+def learning_rates(scheduler) -> dict[str, float]:
+    """The schedule's current rates: `lr` (AdamW's groups), and `muon_lr` where Muon trains some groups."""
+    out: dict[str, float] = {}
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+        out.setdefault("muon_lr" if group.get("use_muon") else "lr", lr)
+    return out
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:

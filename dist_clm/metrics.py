@@ -139,7 +139,8 @@ class LogWindow:
         slowest = max(range(self.world), key=lambda r: self.arrivals[r])
         return slowest, (self.arrivals[slowest] / median if median > 0 else 1.0)
 
-    def emit(self, *, lr: float, grad_norm: float, tokens_seen: int, skipped_steps: int) -> dict[str, float]:
+    def emit(self, *, lr: float, grad_norm: float, tokens_seen: int, skipped_steps: int,
+             muon_lr: float | None = None) -> dict[str, float]:  # fmt: skip
         """Collective (one small all-reduce): the window's scalars, the same on every rank."""
         from dist_clm.distributed import all_reduce_sum
 
@@ -163,6 +164,8 @@ class LogWindow:
             # the window's token ids summed over ranks: the same data gives the same sum on any number of ranks
             "data/token_sum": int(token_sum),
         }
+        if muon_lr is not None:  # (train.optimizer=muon: train/lr is its auxiliary AdamW's)
+            out["train/muon_lr"] = muon_lr
         if n_stats:
             out |= self.objective.scalars(sums)
         if routed:

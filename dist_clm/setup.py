@@ -21,6 +21,7 @@ from dist_clm.data.run_data import check_sources, run_tokenizer, training_source
 from dist_clm.distributed import DistEnv, agree_on_error, barrier, describe
 from dist_clm.engine import (
     deepspeed_config,
+    muon_flags,
     param_groups,
     resolve_grad_accum,
     resolve_precision,
@@ -165,13 +166,14 @@ def setup(cfg: Config, env: DistEnv, world: list[dict]) -> Run:
                                  env)  # fmt: skip
     if env.is_main:
         write_run_files(cfg.run.dir, cfg.to_dict(), tok, ds_config, world)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model,
-        model_parameters=param_groups(model, cfg.optim.weight_decay),
-        config=ds_config,
-        lr_scheduler=scheduler_factory(cfg.optim, t.max_steps),
-        mpu=mpu,
-    )
+    with muon_flags(model, t.optimizer):
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=model,
+            model_parameters=param_groups(model, cfg.optim.weight_decay),
+            config=ds_config,
+            lr_scheduler=scheduler_factory(cfg.optim, t.max_steps),
+            mpu=mpu,
+        )
     router = moe.RouterLoad(model) if moe.is_moe(model.config) else None
     random = RandomState(env)
     if resumed_from is not None:

@@ -26,6 +26,7 @@ from dist_clm.config import Config
 from dist_clm.data.loader import TrainLoader
 from dist_clm.data.stream import TokenStream
 from dist_clm.downstream import InLoop
+from dist_clm.engine import learning_rates
 from dist_clm.errors import PeerLost, UserError, agreed
 from dist_clm.evaluate import perplexity, windows
 from dist_clm.metrics import LogWindow, Metrics
@@ -122,7 +123,7 @@ def _train(cfg: Config, env: distributed.DistEnv, stop_signals, on_step) -> Trai
             report_skip(result, metrics, progress.step)
         if progress.step % t.log_every == 0 or progress.step == t.max_steps or result.trouble:
             scalars = window.emit(
-                lr=run.scheduler.get_last_lr()[0],
+                **learning_rates(run.scheduler),
                 grad_norm=result.grad_norm if result.skipped else float(run.engine.get_global_grad_norm() or 0.0),
                 tokens_seen=progress.tokens_seen,
                 skipped_steps=guard.skipped,
