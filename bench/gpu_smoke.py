@@ -14,6 +14,8 @@ commands, as a user runs them, on the `tiny` preset and the benchmark's prepared
                       (dist_clm.cli.main), outside a launcher: they run on the GPU (its memory was used)
     zero3 + act. ckpt ZeRO-3, activation checkpointing and the default train.compile (configs/llama-1b.yaml's
                       combination): losses equal the same run eager
+    moe, muon         (on a GPU; the CPU tests cover both) the tiny-moe preset resumed as zero3 resumed, and
+                      train.optimizer=muon on ZeRO-2 resumed as zero2 resumed
     document masks    tiny GPT-2 and tiny Llama in bf16, a micro batch of 4 rows of packed documents (rows that
                       begin inside a document too): the logits of every attention path a run may pick
                       (flex_attention; flash_attention_2 where flash_attn is installed, fed the documents' bounds
@@ -82,25 +84,26 @@ class Smoke:
         print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}", file=sys.stderr, flush=True)
         self.results.append({"check": name, "ok": ok, "detail": detail})
 
-    def resume(self, zero: int) -> Path | None:
-        """A straight run of one ZeRO stage, then a copy of it cut back to its checkpoint at step CUT and
-        resumed from there (as after a preemption); the straight run's directory."""
-        straight = self.train(f"zero{zero}_straight", zero)
+    def resume(self, zero: int, what: str = "", *extra: str) -> Path | None:
+        """A straight run of one ZeRO stage (`extra` settings, named `what`), then a copy of it cut back to its
+        checkpoint at step CUT and resumed from there (as after a preemption); the straight run's directory."""
+        prefix = f"{what.strip().lower()}_" if what else ""
+        straight = self.train(f"{prefix}zero{zero}_straight", zero, *extra)
         if straight is None:
             return None
-        cut = straight.with_name(f"zero{zero}_resumed")
+        cut = straight.with_name(f"{prefix}zero{zero}_resumed")
         shutil.copytree(straight, cut)
         for late in (cut / "checkpoints").glob("step_*"):
             if int(late.name.split("_")[1]) > CUT:
                 shutil.rmtree(late)
         (cut / "metrics.jsonl").write_text("")
-        again = self.train(cut.name, zero)
+        again = self.train(cut.name, zero, *extra)
         if again is None:
             return None
         a, b = losses(straight), losses(again)
         later = range(CUT + 1, STEPS + 1)
         ok, worst = close([b.get(s, float("nan")) for s in later], [a[s] for s in later], self.args.rtol)
-        self.check(f"ZeRO-{zero} bf16 resumed at step {CUT} continues as the straight run", ok and sorted(b) ==
+        self.check(f"{what}ZeRO-{zero} bf16 resumed at step {CUT} continues as the straight run", ok and sorted(b) ==
                    list(later), f"steps {CUT + 1}-{STEPS}: max relative difference {worst:.2e}")  # fmt: skip
         return straight
 
@@ -297,6 +300,9 @@ def main() -> None:
         smoke.export_loads(zero3)
         smoke.inference_on_device(zero3)
     smoke.checkpointing_compiled(zero3)
+    if not args.cpu:
+        smoke.resume(3, "MoE ", "model.preset=tiny-moe")
+        smoke.resume(2, "Muon ", "train.optimizer=muon", "optim.grad_clip=0")
     smoke.document_masks()
     smoke.loss_head_time()
     rows = [[r["check"], "ok" if r["ok"] else "FAILED", r["detail"]] for r in smoke.results]
