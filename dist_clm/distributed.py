@@ -66,6 +66,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def import_deepspeed():
+    """deepspeed, imported without its autotuner's optional MLflow support: DeepSpeed's autotuner imports mlflow
+    wherever it is installed (dist_clm's trackers extra), a second of start-up in every process for a feature
+    dist_clm does not use. mlflow stays importable afterwards (the mlflow tracker imports it itself)."""
+    import sys
+
+    if "deepspeed" in sys.modules or "mlflow" in sys.modules:
+        import deepspeed
+
+        return deepspeed
+    sys.modules["mlflow"] = None  # (an import of it raises ImportError, which the autotuner takes for "absent")
+    try:
+        import deepspeed
+    finally:
+        del sys.modules["mlflow"]
+    return deepspeed
+
+
 def init() -> DistEnv:
     """Initialise torch.distributed through DeepSpeed (nccl on GPU, gloo on CPU) and describe this process."""
     if "RANK" not in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
@@ -78,7 +96,7 @@ def init() -> DistEnv:
     if "LOCAL_WORLD_SIZE" not in os.environ:
         os.environ["LOCAL_WORLD_SIZE"] = os.environ.get("LOCAL_SIZE", os.environ["WORLD_SIZE"])
     use_cpu_accelerator_if_no_gpu()
-    import deepspeed
+    deepspeed = import_deepspeed()
     import torch
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dist_clm.checkpoint import COMPLETE, read_marker, read_parts, reading, run_dir_of
 from dist_clm.data.order import SKIPS
+from dist_clm.distributed import import_deepspeed
 from dist_clm.errors import UserError
 from dist_clm.fsutil import atomic_dir, refuse_non_empty
 
@@ -35,6 +36,7 @@ def load_state_dict(tag_dir: Path) -> dict:
     if read_marker(tag_dir)["zero_stage"] == 0:
         states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         return {k: v.float() for k, v in states["module"].items()}
+    import_deepspeed()  # (before the first import of deepspeed)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
@@ -84,6 +86,7 @@ def _lazy_weights(tag_dir: Path) -> tuple[dict, callable]:
     if read_marker(tag_dir)["zero_stage"] == 0:
         states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False)
         return states["module"], lambda part: {k: v.float().contiguous() for k, v in part.items()}
+    import_deepspeed()  # (before the first import of deepspeed)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, to_torch_tensor
 
     with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress

@@ -217,3 +217,14 @@ def test_staged_mixture_switches_at_its_step_is_logged_and_resumes_across_it_exa
     again = train_losses(metrics(run, skip=len(rows)))
     assert list(again) == [4, 5, 6, 7, 8]
     assert all(again[s] == whole[s] for s in again), (again, whole)
+
+
+def test_deepspeed_is_imported_without_mlflow_which_stays_importable():
+    """DeepSpeed's autotuner would import mlflow (a second of every process's start-up); dist_clm's MLflow
+    tracker still imports it afterwards."""
+    code = ("import sys; from dist_clm.distributed import import_deepspeed; import_deepspeed(); "
+            "print('mlflow' in sys.modules); import mlflow; print(mlflow.__name__)")  # fmt: skip
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["False", "mlflow"]
