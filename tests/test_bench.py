@@ -49,14 +49,15 @@ def test_the_benchmark_times_the_trainers_own_steps(tmp_path, data_dir):
 
 
 def test_the_gpu_smoke_runs_its_checks_on_the_cpu(tmp_path):
-    """bench/gpu_smoke.py (the GPU suite's correctness part) in its CPU mode: every check runs and passes."""
+    """bench/gpu_smoke.py (the GPU suite's correctness part) in its quick CPU mode: every kind of check runs and
+    passes (the ZeRO-3 runs, which repeat ZeRO-2's code with another stage, are the GPU's)."""
     out = tmp_path / "smoke.json"
-    cmd = [sys.executable, str(REPO / "bench" / "gpu_smoke.py"), "--cpu", "--work", str(tmp_path / "w"), "--json",
-           str(out)]  # fmt: skip
+    cmd = [sys.executable, str(REPO / "bench" / "gpu_smoke.py"), "--cpu", "--quick", "--work", str(tmp_path / "w"),
+           "--json", str(out)]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     checks = json.loads(out.read_text())
-    assert [c["check"].split(" ")[0] for c in checks] == ["ZeRO-2", "default", "ZeRO-3", "export", "eval", "generate",
-                                                          "ZeRO-3", "tiny", "tiny-llama", "fused"]  # fmt: skip
+    assert [c["check"].split(" ")[0] for c in checks] == ["ZeRO-2", "default", "export", "eval", "generate", "tiny",
+                                                          "tiny-llama", "fused"]  # fmt: skip
     assert all(c["ok"] for c in checks)
     assert "max relative difference 0.00e+00" in checks[0]["detail"]  # on the CPU a resume is bitwise exact

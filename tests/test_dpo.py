@@ -269,7 +269,7 @@ def test_dpo_resumes_exactly_and_refuses_another_reference(tmp_path, pref_data, 
 @pytest.mark.slow
 def test_dpo_on_slurm_survives_preemption_and_moves_to_one_rank(tmp_path, pref_data, start_model):
     """The same DPO run three ways: under torchrun on 2 ranks; as a 2-task SLURM job (submitit) preempted
-    mid-run, requeued and resumed from the checkpoint its signal wrote; and moved from the torchrun run's step-20
+    mid-run, requeued and resumed from the checkpoint its signal wrote; and moved from the torchrun run's step-10
     checkpoint to 1 rank. Every way sees the same pairs at every step, with the same losses."""
     from dist_clm.distributed import free_port
     from dist_clm.slurm import SlurmSettings, submit
@@ -277,13 +277,13 @@ def test_dpo_on_slurm_survives_preemption_and_moves_to_one_rank(tmp_path, pref_d
 
     needs_slurm()
     common = [*TINY_PREF, f"data.path={pref_data}", f"model.pretrained={start_model}", "train.log_every=1",
-              "train.global_batch_size=8", "train.max_steps=30", "checkpoint.save_every=10",
+              "train.global_batch_size=8", "train.max_steps=20", "checkpoint.save_every=10",
               "checkpoint.keep_last=5"]  # fmt: skip
     full = tmp_path / "full"
     launch([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())], *common,
            f"run.dir={full}")  # fmt: skip
     reference = train_losses(metrics(full))
-    assert list(reference) == list(range(1, 31))
+    assert list(reference) == list(range(1, 21))
 
     slurm = tmp_path / "slurm"
     settings = SlurmSettings(tasks_per_node=2, cpus_per_task=1, time_min=30, signal_delay_s=30, max_requeues=3)
@@ -291,14 +291,14 @@ def test_dpo_on_slurm_survives_preemption_and_moves_to_one_rank(tmp_path, pref_d
     wait_for(lambda: len(logged_steps(slurm)) >= 5, "the first steps")
     job._interrupt()  # submitit's preemption: checkpoint on the signal, requeue, resume
     results = job.results()
-    assert all(r["step"] == 30 and r["world_size"] == 2 for r in results) and results[0]["restarts"] == 1
+    assert all(r["step"] == 20 and r["world_size"] == 2 for r in results) and results[0]["restarts"] == 1
     steps = logged_steps(slurm)
-    assert steps == sorted(set(steps)) == list(range(1, 31))  # resumed where the signal stopped it
+    assert steps == sorted(set(steps)) == list(range(1, 21))  # resumed where the signal stopped it
     for step, loss in train_losses(metrics(slurm)).items():
         assert loss == pytest.approx(reference[step], rel=1e-5), (step, loss, reference[step])
 
-    resumed, r = resume_moved(full, tmp_path / "moved", [str(BIN / "python")], *common, last=30)
-    assert list(resumed) == list(range(21, 31))
+    resumed, r = resume_moved(full, tmp_path / "moved", [str(BIN / "python")], *common, last=20)
+    assert list(resumed) == list(range(11, 21))
     for step, loss in resumed.items():
         assert loss == pytest.approx(reference[step], rel=2e-4), (step, loss, reference[step])
 

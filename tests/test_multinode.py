@@ -156,7 +156,7 @@ def results(run, job: str) -> list[dict]:
 def test_a_preempted_two_node_job_resumes_exactly_and_one_whose_node_dies_comes_back(tmp_path, data_dir):
     needs_slurm("multi")
     run = tmp_path / "run"
-    job = submit(run, data_dir, "train.max_steps=70", "checkpoint.save_every=10", "checkpoint.keep_last=20")
+    job = submit(run, data_dir, "train.max_steps=50", "checkpoint.save_every=10", "checkpoint.keep_last=20")
     try:
         # 1. preemption (SLURM's USR2 to every task on both nodes): all agree, save, requeue, resume exactly
         wait_for(lambda: len(logged_steps(run)) >= 5, "the first steps")
@@ -181,12 +181,12 @@ def test_a_preempted_two_node_job_resumes_exactly_and_one_whose_node_dies_comes_
         assert "a peer closed its connection" in text and "Traceback" not in text.split("dist-clm: error:")[-1]
         final = wait_for(lambda: results(run, job) if not running(job) and results(run, job) else None,
                          "the job's end", 400)  # fmt: skip
-        assert all(r["step"] == 70 and r["world_size"] == 4 for r in final)
+        assert all(r["step"] == 50 and r["world_size"] == 4 for r in final)
         assert victim not in {n for n, _ in nodes_of(run)}  # the requeued job runs without the dead node
         steps = logged_steps(run)
         went_back = [(a, b) for a, b in zip(steps, steps[1:], strict=False) if b <= a]
         assert len(went_back) == 1 and went_back[0][1] == last + 1  # from the last complete checkpoint
-        assert set(steps) == set(range(1, 71))
+        assert set(steps) == set(range(1, 51))
     finally:
         subprocess.run(["scancel", job], capture_output=True)
         for node in ("dn1", "dn2", "dn3"):  # the cluster whole again for the tests after this one
@@ -196,7 +196,7 @@ def test_a_preempted_two_node_job_resumes_exactly_and_one_whose_node_dies_comes_
 def test_a_stalled_rank_is_named_and_the_job_comes_back(tmp_path, data_dir):
     needs_slurm("multi")
     run = tmp_path / "run"
-    job = submit(run, data_dir, "train.max_steps=40", "checkpoint.save_every=5", "distributed.collective_timeout_s=15")
+    job = submit(run, data_dir, "train.max_steps=24", "checkpoint.save_every=5", "distributed.collective_timeout_s=15")
     try:
         wait_for(lambda: len(logged_steps(run)) >= 8, "the first steps", 300)
         stalled = json.loads((run / "ranks.json").read_text())[3]
@@ -213,7 +213,7 @@ def test_a_stalled_rank_is_named_and_the_job_comes_back(tmp_path, data_dir):
               f"ran again {time.time() - noticed:.1f} s after that")  # fmt: skip
         final = wait_for(lambda: results(run, job) if not running(job) and results(run, job) else None,
                          "the job's end", 400)  # fmt: skip
-        assert all(r["step"] == 40 for r in final) and set(logged_steps(run)) == set(range(1, 41))
+        assert all(r["step"] == 24 for r in final) and set(logged_steps(run)) == set(range(1, 25))
     finally:
         subprocess.run(["scancel", job], capture_output=True)
 

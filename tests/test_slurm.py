@@ -58,9 +58,9 @@ def test_two_task_job_trains_and_survives_three_kinds_of_preemption(tmp_path, da
     needs_slurm()
     run = tmp_path / "run"
     settings = SlurmSettings(tasks_per_node=2, cpus_per_task=1, time_min=60, signal_delay_s=30, max_requeues=5)
-    overrides = [*TINY, f"data.path={data_dir}", f"run.dir={run}", "train.max_steps=250", "checkpoint.save_every=10",
+    overrides = [*TINY, f"data.path={data_dir}", f"run.dir={run}", "train.max_steps=160", "checkpoint.save_every=10",
                  "checkpoint.keep_last=50", "train.log_every=1", "train.eval_every=0", "train.eval_blocks=2",
-                 "stability.fault_injection=1-250:sleep0.05"]  # (paced: each preemption lands mid-run)  # fmt: skip
+                 "stability.fault_injection=1-160:sleep0.05"]  # (paced: each preemption lands mid-run)  # fmt: skip
     [(job, run_dir)] = submit(settings, None, overrides)
     assert run_dir == run and (run / "slurm").is_dir()
 
@@ -80,21 +80,21 @@ def test_two_task_job_trains_and_survives_three_kinds_of_preemption(tmp_path, da
     results = job.results()  # one per task
 
     assert [r["rank"] for r in results] == [0, 1] and all(r["world_size"] == 2 for r in results)
-    assert all(r["step"] == 250 and r["preempted"] is None for r in results)
+    assert all(r["step"] == 160 and r["preempted"] is None for r in results)
     assert results[0]["restarts"] == 3
     steps = logged_steps(run)
     # each restart continued from a checkpoint: steps after it are logged again from there, none skipped
     # the two signalled stops saved and resumed exactly where they stopped; the outside requeue came back from
     # the last periodic checkpoint and redid the steps after it (the only place where the step count goes back)
     went_back = [(a, b) for a, b in zip(steps, steps[1:], strict=False) if b <= a]
-    assert len(went_back) == 1 and set(steps) == set(range(1, 251))
+    assert len(went_back) == 1 and set(steps) == set(range(1, 161))
     text = "".join(p.read_text() for p in (run / "slurm").glob("*/*_0_log.out"))
     assert text.count("on signal SIGUSR2; checkpoint saved") == 2 and text.count("requeue of job") == 2
     assert text.count("resumed from") == 3 and f"at step {went_back[0][1] - 1}" in text
     marker = json.loads(sorted((run / "checkpoints").glob("step_*"))[-1].joinpath("complete.json").read_text())
     assert marker["world_size"] == 2
     states = json.loads(sorted((run / "checkpoints").glob("step_*"))[-1].joinpath("train_state.json").read_text())
-    assert states["parts"]["data"]["blocks_consumed"] == 250 * 2 * 4  # no block read twice, none skipped
+    assert states["parts"]["data"]["blocks_consumed"] == 160 * 2 * 4  # no block read twice, none skipped
 
 
 @pytest.mark.slow
