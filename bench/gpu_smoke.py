@@ -30,7 +30,7 @@ same from run to run, such as the embedding's backward; on the CPU the resumed l
 the tolerance is 1e-6). Prints one line per check and a table; --json writes the results. Exit status 1 when
 any check fails.
 
-    python bench/gpu_smoke.py [--cpu [--quick]] [--work DIR] [--json FILE] [--markdown] [--rtol R]
+    python bench/gpu_smoke.py [--cpu [--quick]] [--data DIR] [--work DIR] [--json FILE] [--markdown] [--rtol R]
 """
 
 from __future__ import annotations
@@ -283,6 +283,8 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--rtol", type=float, default=None)
+    ap.add_argument("--data", default=None, help="a directory `dist-clm prepare` wrote, instead of the benchmark's "
+                    "stdlib corpus (prepared once under --work)")  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="the CPU only: every kind of check once (ZeRO-2; export, "
                     "eval and generate of the ZeRO-2 run), without the ZeRO-3 runs")  # fmt: skip
     args = ap.parse_args()
@@ -295,7 +297,8 @@ def main() -> None:
     work = Path(args.work)
     shutil.rmtree(work / "smoke", ignore_errors=True)
     start = time.perf_counter()
-    smoke = Smoke(args, prepared(work, TOKENIZER_VOCAB["cpu" if args.cpu else "gpu"]))
+    data = Path(args.data) if args.data else prepared(work, TOKENIZER_VOCAB["cpu" if args.cpu else "gpu"])
+    smoke = Smoke(args, data)
     zero2 = smoke.resume(2)
     if zero2 is not None:
         smoke.compiled_equals_eager(zero2)

@@ -48,12 +48,12 @@ def test_the_benchmark_times_the_trainers_own_steps(tmp_path, data_dir):
     assert plain["losses"] == pytest.approx(timed["losses"], rel=1e-4)
 
 
-def test_the_gpu_smoke_runs_its_checks_on_the_cpu(tmp_path):
+def test_the_gpu_smoke_runs_its_checks_on_the_cpu(tmp_path, data_dir):
     """bench/gpu_smoke.py (the GPU suite's correctness part) in its quick CPU mode: every kind of check runs and
     passes (the ZeRO-3 runs, which repeat ZeRO-2's code with another stage, are the GPU's)."""
     out = tmp_path / "smoke.json"
-    cmd = [sys.executable, str(REPO / "bench" / "gpu_smoke.py"), "--cpu", "--quick", "--work", str(tmp_path / "w"),
-           "--json", str(out)]  # fmt: skip
+    cmd = [sys.executable, str(REPO / "bench" / "gpu_smoke.py"), "--cpu", "--quick", "--data", str(data_dir),
+           "--work", str(tmp_path / "w"), "--json", str(out)]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     checks = json.loads(out.read_text())
