@@ -80,8 +80,10 @@ class RouterLoad:
         if not torch.is_grad_enabled() or not logits:
             return
         with torch.no_grad():
-            chosen = torch.stack([x.detach() for x in logits]).topk(self.k, dim=-1).indices  # layers x tokens x k
-            tokens = torch.nn.functional.one_hot(chosen, self.experts).sum(dim=(1, 2)).float()  # layers x experts
+            # each token's top-k experts, layer by layer (layers x tokens·k); counted without a one-hot tensor
+            chosen = torch.stack([x.detach() for x in logits]).topk(self.k, dim=-1).indices.flatten(1)
+            tokens = torch.zeros(len(logits), self.experts, device=chosen.device)
+            tokens.scatter_add_(1, chosen, torch.ones(chosen.shape, device=chosen.device))
             aux = getattr(output, "aux_loss", None)
             aux = aux.detach().float().reshape(1) if aux is not None else tokens.new_zeros(1)
             one = torch.cat([aux, tokens.new_ones(1), (tokens == 0).sum().float().reshape(1), tokens.flatten()])
