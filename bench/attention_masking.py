@@ -47,7 +47,7 @@ class _Vocabulary:
 def child(variant: str, length: int, doc: int) -> None:
     import torch
 
-    from dist_clm.attention import build_model_with
+    from dist_clm.models.attention import build_model_with
 
     torch.manual_seed(0)
     attention = ["sdpa" if variant == "causal" else variant]  # (model.attention's choice on a GPU: flex)

@@ -196,7 +196,7 @@ class Smoke:
 
         import torch
 
-        from dist_clm.attention import FLASH, build_model_with, feed_documents
+        from dist_clm.models.attention import FLASH, build_model_with, feed_documents
 
         class Vocabulary:
             bos_token_id, eos_token_id = 0, 1
@@ -240,7 +240,7 @@ class Smoke:
         """The fused loss head's forward + backward against the plain head's, at GPT-2 124M's size."""
         import torch
 
-        from dist_clm.loss_head import causal_lm_loss
+        from dist_clm.models.loss_head import causal_lm_loss
 
         if self.args.cpu:  # (the size is a GPU's; on the CPU a small one)
             tokens, width, vocab, device = 2 * 256, 128, 4096, "cpu"

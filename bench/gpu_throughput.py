@@ -1,12 +1,12 @@
 """Training throughput on one GPU, side by side, in one run (a benchmark, not a test): dist_clm's training path
 beside a plain PyTorch loop on the same model and the same batches.
 
-    plain, eager          the usual hand-written loop: the HF model built by dist_clm.model.build_model, fp32
+    plain, eager          the usual hand-written loop: the HF model built by dist_clm.models.build.build_model, fp32
                           weights on the GPU, torch.autocast("cuda", bfloat16), loss.backward(),
                           clip_grad_norm_(optim.grad_clip), torch.optim.AdamW(param_groups(...), fused=True),
                           the same LambdaLR schedule (scheduler_factory), zero_grad(set_to_none=True)
     plain, torch.compile  the same loop over torch.compile(model)
-    dist_clm, eager       dist_clm's own training loop, run as it is: dist_clm.train.train(cfg) (a world of
+    dist_clm, eager       dist_clm's own training loop, run as it is: dist_clm.training.loop.train(cfg) (a world of
                           one; DeepSpeed ZeRO-2, bf16 weights, fp32 master copy, torch's fused AdamW), timed
                           through its on_step callback. Every step is train_step (the micro batches, the
                           step's one agreement, the loss guard, backward, engine.step), the loader's and the
@@ -16,7 +16,7 @@ beside a plain PyTorch loop on the same model and the same batches.
                           callback ends the run after the last timed step (no final validation or checkpoint)
     dist_clm, compile     the same with train.compile=true (engine.compile())
     ..., plain loss head  the same with train.loss_head=plain: the logits of the whole micro batch, then the
-                          cross-entropy (dist_clm's default is the fused, chunked head of dist_clm/loss_head.py)
+                          cross-entropy (dist_clm's default is the fused, chunked head of dist_clm/models/loss_head.py)
     ..., document mask    dist_clm compiled with data.document_mask=true (attention stays inside each packed
                           document): on SDPA (model.attention=sdpa: a dense 4-D mask), on FlexAttention's
                           block-sparse mask (model.attention=flex_attention), and on what model.attention=auto
@@ -49,7 +49,7 @@ Columns:
     variant         one of the above
     tok/s           N x batch x seq / the timed seconds
     MFU             tok/s x flops_per_token(config, active params, seq) / the GPU's peak dense bf16 FLOP/s
-                    (dist_clm.metrics.peak_flops: 989e12 for H100/H200); '-' where the peak is unknown (CPU)
+                    (observability.metrics.peak_flops: 989e12 for H100/H200); '-' where the peak is unknown (CPU)
     vs plain compile  tok/s over that of "plain, torch.compile" for the same model in this run (the target
                     for dist_clm: >= 1.00 at both sizes)
     peak GPU GiB    torch.cuda.max_memory_allocated over the whole subprocess (compilation included); on CPU
@@ -233,7 +233,7 @@ def machine_line(cpu: bool) -> str:
     import torch
     import transformers
 
-    from dist_clm.distributed import use_cpu_accelerator_if_no_gpu
+    from dist_clm.parallel.process_group import use_cpu_accelerator_if_no_gpu
 
     use_cpu_accelerator_if_no_gpu()
     try:
@@ -383,12 +383,12 @@ def variant_overrides(model: str, variant: str, data: str | Path, run_dir: str |
 def one(args: argparse.Namespace) -> None:
     import torch
 
-    from dist_clm.attention import attention_for, build_model_with
     from dist_clm.config import load_config
     from dist_clm.data.run_data import run_tokenizer, training_sources
-    from dist_clm.engine import resolve_precision
-    from dist_clm.metrics import peak_flops
-    from dist_clm.model import active_params, build_model, count_params, flops_per_token
+    from dist_clm.models.attention import attention_for, build_model_with
+    from dist_clm.models.build import active_params, build_model, count_params, flops_per_token
+    from dist_clm.observability.metrics import peak_flops
+    from dist_clm.parallel.engine import resolve_precision
 
     m = MODELS[args.models]
     variant = args.one
@@ -457,7 +457,7 @@ def plain_loop(cfg, model, sources, device: str, warmup: int, steps: int) -> dic
     import torch
 
     from dist_clm.data.loader import TrainLoader
-    from dist_clm.engine import param_groups, resolve_precision, scheduler_factory
+    from dist_clm.parallel.engine import param_groups, resolve_precision, scheduler_factory
 
     start = time.perf_counter()
     t, o = cfg.train, cfg.optim
@@ -514,7 +514,7 @@ def dist_clm_loop(cfg, device: str, warmup: int, steps: int) -> dict:
     """dist_clm's train() itself, timed from the end of warm-up step W to the end of step W + N."""
     import torch
 
-    from dist_clm.train import train
+    from dist_clm.training.loop import train
 
     start, marks, losses, peak = time.perf_counter(), {}, [], [0.0]
 

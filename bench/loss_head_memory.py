@@ -1,5 +1,5 @@
 """Peak memory and time of the loss head, side by side in one run: the plain head (logits for every token, then
-cross-entropy, as transformers computes it) vs dist_clm's fused chunked head (dist_clm/loss_head.py), forward
+cross-entropy, as transformers computes it) vs dist_clm's fused chunked head (dist_clm/models/loss_head.py), forward
 and backward, at a 128K vocabulary and micro batch 4 x 1024 (hidden size 768, fp32, on this machine's CPU).
 
 Each variant runs in a fresh process; its peak is the process's peak resident memory above what it held just
@@ -26,7 +26,7 @@ from tables import render
 def child(variant: str, vocab: int, batch: int, length: int, hidden: int) -> None:
     import torch
 
-    from dist_clm.loss_head import causal_lm_loss
+    from dist_clm.models.loss_head import causal_lm_loss
 
     torch.manual_seed(0)
     h = torch.randn(batch, length, hidden, requires_grad=True)
@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    from dist_clm.loss_head import chunk_rows
+    from dist_clm.models.loss_head import chunk_rows
 
     batch, length = (int(x) for x in args.tokens.split(","))
     if args.child:

@@ -2,7 +2,7 @@
 
 The quick start's data (a 4096-token BPE on the embedded corpus, prepared once) and its training settings
 (dist_clm.quickstart.TRAIN_SETTINGS: the tiny GPT-2, 1000 steps of 8 x 128 tokens, cosine schedule, ZeRO-2), each
-variant trained by dist_clm.train.train in a fresh process of its own:
+variant trained by dist_clm.training.loop.train in a fresh process of its own:
 
     adamw           the quick start as it is (optim.lr 3e-3, optim.grad_clip 1)
     adamw, no clip  the same without gradient clipping (Muon runs without it)
@@ -51,7 +51,7 @@ def one(data: Path, run: Path, overrides: list[str]) -> dict:
     """Train one variant in this process; its validation losses and seconds per step."""
     from dist_clm.config import load_config
     from dist_clm.quickstart import TRAIN_SETTINGS
-    from dist_clm.train import train
+    from dist_clm.training.loop import train
 
     cfg = load_config(None, [f"data.path={data}", f"run.dir={run}", *TRAIN_SETTINGS, "run.progress_bar=false",
                              "checkpoint.save_every=0", *overrides])  # fmt: skip

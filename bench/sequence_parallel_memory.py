@@ -3,7 +3,7 @@
 
 Each size runs under torchrun with that many ranks (gloo on the CPU; NCCL on GPUs): a Llama-style model (hidden
 256, 4 layers, 8 heads, 4 key/value heads, no document masking) through dist_clm's own sequence-parallel install
-(dist_clm/sequence_parallel.py) and a DeepSpeed ZeRO-2 engine, one micro batch of one row per length, forward and
+(parallel/sequence_parallel.py) and a DeepSpeed ZeRO-2 engine, one micro batch of one row per length, forward and
 backward. A rank's figure is its peak memory during the pass above what it held just before: on the CPU its peak
 resident memory (the allocator's free memory returned to the system first, and the kernel's high-water mark reset
 through /proc/self/clear_refs), on a GPU torch's peak allocated memory. A warm-up pass allocates DeepSpeed's
@@ -40,9 +40,10 @@ def worker(size: int, lengths: list[int], budget: int) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from dist_clm import loss_head, sequence_parallel
-    from dist_clm.attention import no_padding
-    from dist_clm.distributed import init
+    from dist_clm.models import loss_head
+    from dist_clm.models.attention import no_padding
+    from dist_clm.parallel import sequence_parallel
+    from dist_clm.parallel.process_group import init
 
     env = init()
     gpu = env.device != "cpu"

@@ -107,9 +107,9 @@ def _merge(out: str) -> None:
 
 
 def _prepare_on_slurm(a: argparse.Namespace, options: dict) -> None:
-    from dist_clm import prepare_slurm
     from dist_clm.data.remote import is_remote
-    from dist_clm.slurm import SlurmSettings
+    from dist_clm.launch import prepare_arrays
+    from dist_clm.launch.slurm import SlurmSettings
 
     if not a.tasks or a.task_index is not None or a.stage:
         raise UserError("--launch slurm needs --tasks N (the number of array tasks to split the corpus between) and "
@@ -122,11 +122,11 @@ def _prepare_on_slurm(a: argparse.Namespace, options: dict) -> None:
                                                       Path(a.out) / "parts" / "slurm")  # fmt: skip
     options = options | {"progress": False}
     prepare = {"tokenizer_dir": a.tokenizer, "out": a.out, "inputs": a.inputs, "options": options}
-    arrays, merge_job = prepare_slurm.submit(settings, prepare, a.tasks, folder)
+    arrays, merge_job = prepare_arrays.submit(settings, prepare, a.tasks, folder)
     print(f"submitted job arrays {', '.join(arrays)} ({a.tasks} tasks each) and the merge, job {merge_job.job_id}")
     print(f"  logs: {folder}; progress: dist-clm data status {a.out}")
     if a.wait:
-        _print_prepared(prepare_slurm.wait(merge_job, arrays, a.out), a.out)
+        _print_prepared(prepare_arrays.wait(merge_job, arrays, a.out), a.out)
 
 
 def _status(a: argparse.Namespace) -> None:
@@ -137,8 +137,8 @@ def _status(a: argparse.Namespace) -> None:
 
 
 def _prepare_reference(a: argparse.Namespace) -> None:
-    from dist_clm.distributed import inference_device
-    from dist_clm.preference import compute_reference
+    from dist_clm.parallel.process_group import inference_device
+    from dist_clm.training.preference import compute_reference
 
     record = compute_reference(a.model, a.data, a.batch_size, inference_device())
     counts = ", ".join(f"{split} {s['conversations']}" for split, s in record["splits"].items())
@@ -164,10 +164,10 @@ def _inspect(a: argparse.Namespace) -> None:
 
 def _train(a: argparse.Namespace) -> None:
     from dist_clm.config import load_config
-    from dist_clm.preemption import PREEMPTED_EXIT
+    from dist_clm.training.preemption import PREEMPTED_EXIT
 
     cfg = load_config(a.config, a.overrides)  # a bad key fails here, before seconds of importing torch
-    from dist_clm.train import train
+    from dist_clm.training.loop import train
 
     result = train(cfg)
     if result.preempted:
@@ -181,8 +181,8 @@ def _train(a: argparse.Namespace) -> None:
 
 def _model_source(path: str, exported_ok: bool = True) -> None:
     """Fail fast (before importing torch) on a path that holds no checkpoint or exported model."""
-    from dist_clm.checkpoint import resolve
-    from dist_clm.export import is_exported
+    from dist_clm.checkpointing.checkpointer import resolve
+    from dist_clm.evaluation.export import is_exported
 
     p = Path(path)
     if not (exported_ok and is_exported(p)):
@@ -193,7 +193,7 @@ def _eval(a: argparse.Namespace) -> None:
     _model_source(a.checkpoint)
     if a.tasks:
         return _eval_tasks(a)
-    from dist_clm.evaluate import evaluate_cli
+    from dist_clm.evaluation.perplexity import evaluate_cli
 
     res = evaluate_cli(
         a.checkpoint,
@@ -216,9 +216,9 @@ def _eval(a: argparse.Namespace) -> None:
 def _eval_tasks(a: argparse.Namespace) -> None:
     """Downstream tasks on one process (under a launcher: rank 0; the harness shares work between processes
     only through accelerate's own launch)."""
-    from dist_clm import downstream
-    from dist_clm.distributed import inference_device
-    from dist_clm.export import load_model
+    from dist_clm.evaluation import downstream
+    from dist_clm.evaluation.export import load_model
+    from dist_clm.parallel.process_group import inference_device
 
     if int(os.environ.get("RANK", "0")) != 0:
         return
@@ -234,7 +234,7 @@ def _eval_tasks(a: argparse.Namespace) -> None:
 
 def _generate(a: argparse.Namespace) -> None:
     _model_source(a.checkpoint)
-    from dist_clm.generate import Sampling, generate  # (light: torch is imported when generating)
+    from dist_clm.evaluation.generate import Sampling, generate  # (light: torch is imported when generating)
 
     prompts = list(a.prompt or [])
     if a.prompt_file:
@@ -257,13 +257,13 @@ def _generate(a: argparse.Namespace) -> None:
         seed=a.seed,
     )
     s.check()
-    from dist_clm.distributed import inference_device
-    from dist_clm.export import load_model
+    from dist_clm.evaluation.export import load_model
+    from dist_clm.parallel.process_group import inference_device
 
     model, tok, _ = load_model(a.checkpoint)
     model.to(inference_device())
     if conversations:
-        from dist_clm.generate import chat_prompts
+        from dist_clm.evaluation.generate import chat_prompts
 
         prompts = chat_prompts(tok, conversations, a.checkpoint)
         shown = [c[-1]["content"] for c in conversations]
@@ -300,13 +300,13 @@ def _conversations(path: Path) -> list[list[dict]]:
 
 def _export(a: argparse.Namespace) -> None:
     _model_source(a.checkpoint, exported_ok=False)
-    from dist_clm.export import export
+    from dist_clm.evaluation.export import export
 
     print(f"exported to {export(a.checkpoint, a.out, a.dtype, a.max_shard_size)}")
 
 
 def _launch_slurm(a: argparse.Namespace) -> None:
-    from dist_clm.slurm import launch_cli
+    from dist_clm.launch.slurm import launch_cli
 
     launch_cli(a)
 
@@ -498,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """Console-script entry point."""
-    from dist_clm.distributed import keep_group_at_exit, shutdown
+    from dist_clm.parallel.process_group import keep_group_at_exit, shutdown
 
     code = main()
     if code == PeerLost.exit_code:

@@ -117,7 +117,7 @@ class DataConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    preset: str = "tiny"  # a name from dist_clm.model.PRESETS; ignored when `pretrained` is set
+    preset: str = "tiny"  # a name from dist_clm.models.build.PRESETS; ignored when `pretrained` is set
     pretrained: str = ""  # a local Hugging Face model directory to continue pretraining from
     overrides: dict[str, Any] = field(default_factory=dict)  # transformers config fields, e.g. {n_layer: 4}
     rope_theta: float = 0.0  # the base of rotary position embeddings (Llama-style models), e.g. 500000 for long
@@ -153,7 +153,7 @@ class TrainConfig:
     compile: bool | Literal["auto"] = "auto"  # torch.compile the model through DeepSpeed (engine.compile); auto:
     # on GPUs (where it pays; the time the first step took, compilation included, is reported), not on the CPU
     loss_head: Literal["auto", "fused", "plain"] = "auto"  # fused: the output projection and cross-entropy a chunk
-    # of tokens at a time, never the whole B x L x vocabulary logits (dist_clm/loss_head.py); auto: fused for the
+    # of tokens at a time, never the whole B x L x vocabulary logits (dist_clm/models/loss_head.py); auto: fused for the
     # model types whose logits are a plain projection (GPT-2, Llama, Mistral, Qwen2), else plain
     optimizer: Literal["adamw", "muon"] = "adamw"  # muon: DeepSpeed's Muon (momentum orthogonalized by Newton-Schulz)
     # for the hidden layers' matrices, at optim.muon_lr with optim.muon_momentum; AdamW at optim.lr for embeddings,
@@ -162,7 +162,9 @@ class TrainConfig:
     log_every: int = 10  # steps between TensorBoard/console scalars
     eval_every: int = 100  # steps between validation perplexity runs (0 = only before and after)
     eval_blocks: int = 32  # validation blocks per evaluation (0 = the whole validation split)
-    eval_tasks: list[str] = field(default_factory=list)  # downstream tasks during training (dist_clm/downstream.py:
+    eval_tasks: list[str] = field(
+        default_factory=list
+    )  # downstream tasks during training (dist_clm/evaluation/downstream.py:
     # lm-evaluation-harness task names, folders or YAML files of task definitions, or dist_clm_suite), logged as
     # eval/<task>/<metric>; they never change the training (random state kept, weights read only)
     eval_tasks_every: int = 0  # steps between them (0: at every validation, train.eval_every); and at the end
@@ -184,7 +186,7 @@ class TrainConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
-    """The optimizer's settings (AdamW's; Muon's) and the learning-rate schedule (dist_clm/engine.py turns them into
+    """The optimizer's settings (AdamW's; Muon's) and the learning-rate schedule (parallel/engine.py turns them into
     DeepSpeed's)."""
 
     lr: float = 2e-3  # peak learning rate, reached after warmup
@@ -216,7 +218,7 @@ class OptimConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ObjectiveConfig:
-    """What the run minimizes (dist_clm/objectives.py)."""
+    """What the run minimizes (dist_clm/training/objectives.py)."""
 
     kind: Literal["auto", "clm", "sft", "dpo", "orpo"] = "auto"  # clm: next-token loss on every token, the mean of
     # each micro batch; sft: on the learned tokens of fine-tuning data only (its loss mask), averaged over the
@@ -253,7 +255,7 @@ class CheckpointConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class StabilityConfig:
-    """What counts as a bad step and what happens then (dist_clm/stability.py)."""
+    """What counts as a bad step and what happens then (dist_clm/training/stability.py)."""
 
     max_bad_steps: int = 3  # steps in a row with a non-finite loss or gradient norm (each one skipped, never
     # applied) before rolling back to the last checkpoint past the data that led there (0 = never roll back)
@@ -263,7 +265,7 @@ class StabilityConfig:
     spike_window: int = 50  # good steps in the running mean that spikes are measured against
     max_rollbacks: int = 5  # rollbacks in one process before giving up with an error
     fault_injection: str = ""  # drills and tests only: "STEP:KIND[@RANK],..." multiplies step STEP's loss
-    # (KIND nan, inf or xF; or sleepS, a pause of S seconds; see dist_clm/stability.py); announced in the log and
+    # (KIND nan, inf or xF; or sleepS, a pause of S seconds; see training/stability.py); announced in the log and
     # as faults/injected in TensorBoard
 
     def checks(self) -> list[Check]:
@@ -287,10 +289,10 @@ class DistributedConfig:
     offload_optimizer: bool = False  # ZeRO 1-3: optimizer state and step on the CPU (DeepSpeed's CPU Adam)
     offload_params: bool = False  # ZeRO 3: parameters on the CPU between uses
     sequence_parallel_size: int = 1  # ranks that share each block, each training on its own slice of the tokens
-    # (DeepSpeed's Ulysses; dist_clm/sequence_parallel.py): for blocks longer than one GPU's activations hold. It
+    # (DeepSpeed's Ulysses; parallel/sequence_parallel.py): for blocks longer than one GPU's activations hold. It
     # must divide the ranks, the attention heads and every block size; the global batch still counts blocks, so
     # it changes nothing in the math (a run may resume at another size)
-    deepspeed_config: str = ""  # a DeepSpeed JSON merged over the generated one (see dist_clm/engine.py)
+    deepspeed_config: str = ""  # a DeepSpeed JSON merged over the generated one (see dist_clm/parallel/engine.py)
     collective_timeout_s: float = 300.0  # from the second step on, a collective that waits longer ends the run:
     # a rank died or stalled; every rank stops, naming it, with exit 75 (rerun / requeue resumes). Set-up,
     # checkpoint saves and loads may wait 30 min

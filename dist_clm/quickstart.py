@@ -36,10 +36,10 @@ def quickstart(directory: str | Path = "runs/quickstart", overrides: list[str] |
     from dist_clm.data import sources
     from dist_clm.data.prepare import prepare
     from dist_clm.data.tokenizer import train_bpe
-    from dist_clm.evaluate import evaluate_cli
-    from dist_clm.export import export, load_model
-    from dist_clm.generate import Sampling, generate
-    from dist_clm.train import train
+    from dist_clm.evaluation.export import export, load_model
+    from dist_clm.evaluation.generate import Sampling, generate
+    from dist_clm.evaluation.perplexity import evaluate_cli
+    from dist_clm.training.loop import train
 
     root = Path(directory)
     if root.exists() and any(root.iterdir()):

@@ -50,7 +50,7 @@ def dense(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, **_):
 def install() -> None:
     import transformers.modeling_flash_attention_utils as fa
 
-    import dist_clm.attention as attention
+    import dist_clm.models.attention as attention
 
     process = fa._lazy_define_process_function(varlen)
     fa.lazy_import_flash_attention = lambda *args, **kwargs: ((dense, varlen, None, None), process)
@@ -69,7 +69,7 @@ if __name__ == "__main__":
     import atexit
 
     from dist_clm.cli import main
-    from dist_clm.distributed import shutdown
+    from dist_clm.parallel.process_group import shutdown
 
     install()
     code = main(sys.argv[1:])

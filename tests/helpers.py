@@ -35,12 +35,77 @@ TINY = [
 # ---- running the real commands
 
 
-def run_cli(*args: str, timeout: int = 600, env: dict | None = None, cwd: Path | None = None):
-    """Run `dist-clm ARGS` in a fresh process, the way a user does; returns the CompletedProcess."""
+def run_cli(*args: str, timeout: int = 600, env: dict | None = None, cwd: Path | None = None, fresh: bool = False):
+    """Run `dist-clm ARGS` in a new process, the way a user does; returns the CompletedProcess. The process is
+    forked from the suite's zygote (tests/zygote.py: the imports done once), unless `fresh` (or
+    DIST_CLM_TESTS_FRESH is set): then it is the installed console script started from scratch."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run(
-        [str(BIN / "dist-clm"), *args], capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd
-    )
+    if fresh or os.environ.get("DIST_CLM_TESTS_FRESH"):  # (set it to start every command from scratch)
+        return subprocess.run(
+            [str(BIN / "dist-clm"), *args], capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd
+        )
+    return _zygote().run(list(args), full_env, Path(cwd or os.getcwd()), timeout)
+
+
+class Zygote:
+    """The client side of tests/zygote.py: one server per test session, started at the first command."""
+
+    def __init__(self):
+        import atexit
+        import tempfile
+
+        self.dir = Path(tempfile.mkdtemp(prefix="zygote_"))
+        self.path = self.dir / "socket"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.zygote", str(self.path)], cwd=REPO, stdout=subprocess.PIPE, text=True
+        )
+        atexit.register(self.stop)
+        ready = self.proc.stdout.readline().strip()
+        assert ready == "ready", f"the zygote did not start: {ready!r} (exit {self.proc.poll()})"
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def run(self, args: list[str], env: dict, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+        import signal
+        import socket
+        import tempfile
+
+        argv = [str(BIN / "dist-clm"), *args]
+        with tempfile.TemporaryDirectory(dir=self.dir) as d:
+            out, err = Path(d) / "stdout", Path(d) / "stderr"
+            request = {"args": args, "env": env, "cwd": str(cwd), "stdout": str(out), "stderr": str(err),
+                       "argv0": argv[0]}  # fmt: skip
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.connect(str(self.path))
+                s.sendall((json.dumps(request) + "\n").encode())
+                replies = s.makefile("r")
+                pid = int(replies.readline().split()[1])
+                s.settimeout(timeout)
+                try:
+                    code = int(replies.readline().split()[1])
+                except TimeoutError:
+                    os.kill(pid, signal.SIGKILL)
+                    raise subprocess.TimeoutExpired(argv, timeout, _text(out), _text(err)) from None
+            return subprocess.CompletedProcess(argv, code, _text(out), _text(err))
+
+
+def _text(path: Path) -> str:
+    """A file's text as subprocess.run(text=True) gives a pipe's: universal newlines."""
+    text = path.read_bytes().decode(errors="replace") if path.exists() else ""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+_ZYGOTE: Zygote | None = None
+
+
+def _zygote() -> Zygote:
+    global _ZYGOTE
+    if _ZYGOTE is None or _ZYGOTE.proc.poll() is not None:
+        _ZYGOTE = Zygote()
+    return _ZYGOTE
 
 
 def launch(launcher: list[str], *overrides: str, timeout: int = 600, env: dict | None = None):
@@ -127,7 +192,7 @@ def train_losses(rows: list[dict]) -> dict[int, float]:
 
 
 def checkpoint_dir(run: Path, step: int) -> Path:
-    from dist_clm.checkpoint import checkpoints_dir, tag_for
+    from dist_clm.checkpointing.checkpointer import checkpoints_dir, tag_for
 
     return checkpoints_dir(run) / tag_for(step)
 
@@ -138,7 +203,7 @@ def last_checkpoint(run: Path) -> Path:
 
 def weights(run: Path, step: int) -> dict:
     """The consolidated fp32 weights of the checkpoint at `step`."""
-    from dist_clm.export import load_state_dict
+    from dist_clm.evaluation.export import load_state_dict
 
     return load_state_dict(checkpoint_dir(run, step))
 

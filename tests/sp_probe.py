@@ -19,7 +19,8 @@ import torch.nn.functional as F  # noqa: E402
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
-from dist_clm import loss_head, sequence_parallel  # noqa: E402
+from dist_clm.models import loss_head  # noqa: E402
+from dist_clm.parallel import sequence_parallel  # noqa: E402
 
 VOCAB, ROWS, LENGTH = 96, 2, 32
 MODELS = {
@@ -91,7 +92,7 @@ def training_case(kind: str, documents: bool, learned: bool, zero: int, head: st
 def preference_case(kind: str, zero: int) -> dict:
     """DPO on one packed pair (a chosen and a rejected row of three conversations each, prompts not learned):
     the SP=2 engine's loss (the same whole loss on both ranks) and gradients against the unsharded ones."""
-    from dist_clm import preference
+    from dist_clm.training import preference
 
     model = build(kind)
     g = torch.Generator().manual_seed(11)

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from dist_clm.config import Config, ConfigError, load_config
-from dist_clm.model import PRESETS
+from dist_clm.models.build import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 MIX = "data.mix=[{path: x/a}, {path: y/b}, {path: y/c, weight: 0}]"

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from dist_clm.distributed import free_port
+from dist_clm.parallel.process_group import free_port
 from tests.helpers import BIN, TINY, assert_clean_error, metrics, run_cli, train_losses
 
 STAGES = "data.stages=[{until: 3}, {block_size: 128}]"  # steps 1-3 in blocks of 64 tokens, then of 128
@@ -85,7 +85,7 @@ def test_a_stage_extends_the_context_and_resumes_exactly_across_and_inside_it(ex
 
 def test_rope_settings_reach_the_model_and_are_refused_without_rotary_embeddings():
     from dist_clm.errors import UserError
-    from dist_clm.model import build_model
+    from dist_clm.models.build import build_model
     from tests.test_model import FakeTokenizer
 
     m = build_model("tiny-llama", "", {}, FakeTokenizer(300), rope=(1e6, {"rope_type": "linear", "factor": 4.0}))

@@ -23,8 +23,8 @@ from dist_clm.data.loader import TrainLoader
 from dist_clm.data.order import Source
 from dist_clm.data.prepare import prepare
 from dist_clm.data.stream import ChunkStore, TokenStream
-from dist_clm.distributed import free_port
 from dist_clm.errors import DataError
+from dist_clm.parallel.process_group import free_port
 from tests.helpers import BIN, TINY, assert_clean_error, metrics, run_cli
 
 

@@ -150,7 +150,7 @@ def test_damaged_preference_data_stops_a_dpo_run_with_one_sentence(tmp_path, pre
 def test_dpo_and_orpo_equal_a_direct_computation_with_their_gradients():
     """Two pairs packed in one chosen and one rejected row (plus padding): the per-conversation log-probabilities,
     the DPO and ORPO losses and their gradients against a per-pair loop written from the papers' formulas."""
-    from dist_clm.preference import conversation_logps, dpo, orpo
+    from dist_clm.training.preference import conversation_logps, dpo, orpo
 
     torch.manual_seed(0)
     V, L = 11, 16
@@ -271,8 +271,8 @@ def test_dpo_on_slurm_survives_preemption_and_moves_to_one_rank(tmp_path, pref_d
     """The same DPO run three ways: under torchrun on 2 ranks; as a 2-task SLURM job (submitit) preempted
     mid-run, requeued and resumed from the checkpoint its signal wrote; and moved from the torchrun run's step-10
     checkpoint to 1 rank. Every way sees the same pairs at every step, with the same losses."""
-    from dist_clm.distributed import free_port
-    from dist_clm.slurm import SlurmSettings, submit
+    from dist_clm.launch.slurm import SlurmSettings, submit
+    from dist_clm.parallel.process_group import free_port
     from tests.helpers import BIN, launch, logged_steps, metrics, needs_slurm, resume_moved, train_losses, wait_for
 
     needs_slurm()
@@ -461,7 +461,7 @@ def test_noisy_dpo_runs_train_to_their_last_step(tmp_path, hard_pairs, micro_bat
     """A DPO run as a new user starts it (no checkpoint for its first 100 steps), and a noisier one (two pairs a
     step): their losses jump by factors of two and three from step to step, which pretraining's spike rule took
     for divergence (and, with no checkpoint yet, ended the run at once); the preference rule lets them train."""
-    from dist_clm.objectives import MeanRise
+    from dist_clm.training.objectives import MeanRise
     from tests.helpers import metrics, train_losses
 
     (data, start), run = hard_pairs, tmp_path / "run"

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from dist_clm.distributed import free_port
+from dist_clm.parallel.process_group import free_port
 from tests.helpers import BIN, TINY, launch, metrics, resume_moved, train_losses, train_state
 
 pytestmark = pytest.mark.slow

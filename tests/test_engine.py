@@ -8,8 +8,8 @@ import re
 import pytest
 
 from dist_clm.config import load_config
-from dist_clm.engine import deepspeed_config, lr_factor
 from dist_clm.errors import UserError
+from dist_clm.parallel.engine import deepspeed_config, lr_factor
 from tests.helpers import TINY, metrics, run_cli, train_losses
 
 

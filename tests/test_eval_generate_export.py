@@ -11,11 +11,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from dist_clm.distributed import free_port
 from dist_clm.errors import UserError
-from dist_clm.evaluate import evaluate_cli, token_byte_lengths, windows
-from dist_clm.export import export, load_model
-from dist_clm.generate import Sampling, generate
+from dist_clm.evaluation.export import export, load_model
+from dist_clm.evaluation.generate import Sampling, generate
+from dist_clm.evaluation.perplexity import evaluate_cli, token_byte_lengths, windows
+from dist_clm.parallel.process_group import free_port
 from tests.helpers import (
     BIN,
     TINY,
@@ -215,7 +215,7 @@ import sys, threading, time, torch
 import deepspeed.utils.zero_to_fp32, huggingface_hub, safetensors.torch, transformers  # imported before the baseline
 import transformers.generation.utils  # (with scikit-learn installed it imports it: tens of MB of modules, not data)
 from transformers import AutoConfig, GenerationConfig
-from dist_clm.export import export
+from dist_clm.evaluation.export import export
 from dist_clm.data.tokenizer import load_tokenizer
 def anon():
     for line in open("/proc/self/status"):

@@ -26,7 +26,7 @@ CUTS = [0, 20, 50, 64, 74, 124, 128, 192]  # every document, and every row's sta
 
 
 def tiny(preset: str, attn: str, vocab: int = 96):
-    from dist_clm.attention import build_model_with
+    from dist_clm.models.attention import build_model_with
 
     class Vocabulary:  # what build_model reads of a tokenizer
         bos_token_id, eos_token_id = 0, 1
@@ -43,7 +43,7 @@ def standin():
     """flash attention's kernels replaced by the stand-ins for this test (transformers' flash path runs)."""
     import transformers.modeling_flash_attention_utils as fa
 
-    import dist_clm.attention as attention
+    import dist_clm.models.attention as attention
 
     saved = fa.lazy_import_flash_attention, attention.build_model
     flash_standin.install()
@@ -58,8 +58,8 @@ def test_flash_attention_keeps_documents_apart_in_a_micro_batch_of_several_rows(
     """transformers' flash path detects packed documents only in a batch of one row (and its GPT-2 never passes
     the positions on): without dist_clm's bounds, flash runs each row whole. With them, each document (and each
     row's start) is its own sequence: logits and losses equal SDPA's with the dense document mask."""
-    from dist_clm import loss_head
-    from dist_clm.attention import feed_documents
+    from dist_clm.models import loss_head
+    from dist_clm.models.attention import feed_documents
 
     sdpa, flash = tiny(preset, "sdpa"), tiny(preset, "flash_attention_2")
     assert flash.config._attn_implementation == "flash_attention_2"
@@ -85,7 +85,7 @@ def test_flash_attention_keeps_documents_apart_in_a_micro_batch_of_several_rows(
         assert standin == [CUTS] * layers
         assert float(loss) == pytest.approx(float(want_loss), rel=1e-2)
         # bounds the caller computed (the training step, on the host) are used as they are
-        from dist_clm.attention import document_bounds
+        from dist_clm.models.attention import document_bounds
 
         standin.clear()
         flash(input_ids=ids, position_ids=POSITIONS, use_cache=False, **document_bounds(POSITIONS))
@@ -137,7 +137,7 @@ def test_the_training_step_gives_flash_attention_the_documents(tmp_path, short_d
 def test_the_attention_choice_follows_the_precision(monkeypatch):
     """flash attention's kernels take bf16 and fp16 only: auto never picks it for fp32 weights (Llama would fail
     at the first forward pass, GPT-2 with a StopIteration inside transformers), and asking for it is refused."""
-    from dist_clm.attention import attention_for
+    from dist_clm.models.attention import attention_for
 
     real = importlib.util.find_spec
     installed = lambda name, *a: object() if name == "flash_attn" else real(name, *a)  # noqa: E731
@@ -167,7 +167,7 @@ def test_the_fused_loss_head_multiplies_in_the_weights_dtype():
     """Every product of the fused head (logits, and the gradients of the hidden states and of the weight) runs
     in the weights' dtype, as the plain head's do: bf16 on tensor cores, not the weight's gradient in full fp32
     (2.5 TFLOP per micro batch for GPT-2 124M at 32 x 1024); its gradients equal the plain head's (bf16)."""
-    from dist_clm.loss_head import fused_linear_cross_entropy
+    from dist_clm.models.loss_head import fused_linear_cross_entropy
 
     torch.manual_seed(0)
     hidden = torch.randn(300, 32, dtype=torch.bfloat16, requires_grad=True)
@@ -186,7 +186,7 @@ def test_the_fused_loss_head_multiplies_in_the_weights_dtype():
 
 def test_tf32_is_set_on_gpus_only():
     from dist_clm.config import TrainConfig
-    from dist_clm.engine import use_tf32
+    from dist_clm.parallel.engine import use_tf32
 
     flags = torch.backends.cuda.matmul, torch.backends.cudnn
     saved = [f.allow_tf32 for f in flags]
@@ -205,7 +205,7 @@ def test_tf32_is_set_on_gpus_only():
 def test_a_task_bound_to_one_gpu_drives_it_and_deepspeed_agrees(monkeypatch):
     """SLURM's --gpus-per-task=1 / --gpu-bind=single show each task its own GPU as device 0: local rank 1 must
     not ask for device 1, and DeepSpeed (which takes its device from LOCAL_RANK) must use device 0 too."""
-    from dist_clm.distributed import bind_gpu, gpu_index, table_problem
+    from dist_clm.parallel.process_group import bind_gpu, gpu_index, table_problem
 
     assert gpu_index(1, visible=1) == 0 and gpu_index(3, visible=8) == 3 and gpu_index(0, visible=4) == 0
     with pytest.raises(UserError, match="local rank 2 sees only 2 GPUs"):
@@ -227,15 +227,15 @@ def test_a_task_bound_to_one_gpu_drives_it_and_deepspeed_agrees(monkeypatch):
 def test_eval_and_generate_run_on_the_gpu_when_there_is_one(monkeypatch, trained_run, data_dir, capsys):
     """Outside a launcher, eval, generate and prepare-reference run where inference_device() says (the first
     visible GPU, else the CPU); the commands ask it, and the model is there when it runs."""
-    import dist_clm.distributed as distributed
+    import dist_clm.parallel.process_group as process_group
     from dist_clm.cli import main
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert distributed.inference_device() == "cuda"
+    assert process_group.inference_device() == "cuda"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert distributed.inference_device() == "cpu"
+    assert process_group.inference_device() == "cpu"
     asked, moved = [], []
-    monkeypatch.setattr(distributed, "inference_device", lambda: asked.append(1) or "cpu")
+    monkeypatch.setattr(process_group, "inference_device", lambda: asked.append(1) or "cpu")
     real_to = torch.nn.Module.to
     monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: moved.append(a) or real_to(self, *a, **k))
     checkpoint = str(sorted((trained_run / "checkpoints").glob("step_*"))[-1])
@@ -251,8 +251,8 @@ def test_precision_auto_takes_real_bf16_only_and_mfu_knows_the_card(monkeypatch)
     """precision=auto on a GPU whose bf16 is emulated (V100, T4: torch.cuda.is_bf16_supported() counts
     emulation) trains in fp16, not slow emulated bf16; MFU's peak is the card's own (H100 PCIe and NVL are not
     the SXM) in the run's precision (fp32 runs against TF32 or fp32)."""
-    from dist_clm.engine import resolve_precision
-    from dist_clm.metrics import peak_for
+    from dist_clm.observability.metrics import peak_for
+    from dist_clm.parallel.engine import resolve_precision
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
@@ -295,8 +295,8 @@ def test_the_preference_loss_of_a_micro_batch_reads_nothing_back_from_the_device
     from types import SimpleNamespace
 
     from dist_clm.config import ObjectiveConfig
-    from dist_clm.objectives import for_run
-    from dist_clm.preference import STATS
+    from dist_clm.training.objectives import for_run
+    from dist_clm.training.preference import STATS
 
     model = tiny("tiny", "sdpa").float()
     positions = torch.cat([torch.arange(20), torch.arange(30), torch.arange(14)]).expand(4, -1).clone()
@@ -306,7 +306,7 @@ def test_the_preference_loss_of_a_micro_batch_reads_nothing_back_from_the_device
     labels = torch.where((positions >= 5) & (torch.arange(64) < 50), ids, -100)  # two learned conversations a row
     reference = torch.full((4, 32), float("nan"))
     reference[:, :2] = -20.0
-    from dist_clm.sequence_parallel import SequenceParallel
+    from dist_clm.parallel.sequence_parallel import SequenceParallel
 
     settings = ObjectiveConfig(kind=objective)
     run = SimpleNamespace(engine=model, sp=SequenceParallel())
@@ -324,7 +324,7 @@ def test_the_zero0_fp32_skip_check_reads_one_value_back():
     with the reduction), not one per parameter."""
     from types import SimpleNamespace
 
-    from dist_clm.stability import step_zero0_fp32
+    from dist_clm.training.stability import step_zero0_fp32
 
     module = torch.nn.Sequential(*(torch.nn.Linear(4, 4) for _ in range(5)))
     module(torch.randn(2, 4)).sum().backward()
@@ -348,8 +348,8 @@ def test_batches_are_pinned_for_a_gpu_and_copied_without_waiting(monkeypatch, da
     from dist_clm.config import load_config
     from dist_clm.data.order import DataPosition
     from dist_clm.data.run_data import training_sources
-    from dist_clm.setup import Run
-    from dist_clm.step import model_inputs
+    from dist_clm.training.setup import Run
+    from dist_clm.training.step import model_inputs
 
     cfg = load_config(None, [*TINY, f"data.path={data_dir}"])
     sources = training_sources(cfg.data)
@@ -375,11 +375,11 @@ def test_under_nccl_a_timed_out_collective_raises_in_the_main_thread(monkeypatch
     the collective failure train() turns into exit 75."""
     import torch.distributed as dist
 
-    from dist_clm import distributed
+    from dist_clm.parallel import collectives, process_group
 
     monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # (what torchrun exports)
     monkeypatch.setenv("RANK", "0")
-    distributed.nccl_errors_raise()
+    process_group.nccl_errors_raise()
     assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "2" and "becomes 2" in capsys.readouterr().err
 
     class TimedOut:  # what a NCCL work whose collective the watchdog aborted reports
@@ -393,6 +393,6 @@ def test_under_nccl_a_timed_out_collective_raises_in_the_main_thread(monkeypatch
     monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
     monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: TimedOut())
     with pytest.raises(RuntimeError) as raised:
-        distributed.reduce_to_host(torch.zeros(3))
-    assert distributed.is_collective_failure(raised.value)
-    assert distributed.failure_reason(raised.value, 300) == "no answer within the collective timeout of 300 s"
+        collectives.reduce_to_host(torch.zeros(3))
+    assert collectives.is_collective_failure(raised.value)
+    assert collectives.failure_reason(raised.value, 300) == "no answer within the collective timeout of 300 s"

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from dist_clm.checkpoint import COMPLETE, PREFIX, complete_checkpoints
+from dist_clm.checkpointing.checkpointer import COMPLETE, PREFIX, complete_checkpoints
 from tests.helpers import BIN, TINY, metrics, train_losses
 
 pytestmark = pytest.mark.slow

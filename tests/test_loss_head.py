@@ -4,8 +4,8 @@ without the full logits."""
 import pytest
 import torch
 
-from dist_clm import loss_head
-from dist_clm.loss_head import causal_lm_loss
+from dist_clm.models import loss_head
+from dist_clm.models.loss_head import causal_lm_loss
 
 
 def plain_loss(hidden, weight, labels, bias=None):
@@ -52,7 +52,7 @@ def test_a_fully_masked_batch_has_loss_zero_and_no_gradient():
 def test_an_installed_model_trains_on_the_same_loss_and_gradients(preset, tokenizer_dir):
     """GPT-2 (tied embeddings) and Llama (untied), with restarting positions as document masking makes them."""
     from dist_clm.data.tokenizer import load_tokenizer
-    from dist_clm.model import build_model
+    from dist_clm.models.build import build_model
 
     tok = load_tokenizer(tokenizer_dir)
     torch.manual_seed(0)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dist_clm.errors import UserError
-from dist_clm.model import PRESETS, build_model, count_params, flops_per_token, max_positions
+from dist_clm.models.build import PRESETS, build_model, count_params, flops_per_token, max_positions
 
 
 class FakeTokenizer:  # only what build_model reads: its length and special ids
@@ -52,7 +52,7 @@ def test_bad_model_settings(tmp_path):
 
 
 def test_attention_choice(monkeypatch):
-    from dist_clm.attention import attention_for
+    from dist_clm.models.attention import attention_for
 
     assert attention_for("auto", document_mask=True, on_gpu=False, precision="fp32") == ["sdpa"]  # CPU: as before
     assert attention_for("auto", document_mask=False, on_gpu=True, precision="bf16") == ["sdpa"]
@@ -67,8 +67,8 @@ def test_flex_attention_masks_documents_as_sdpa_does(tokenizer_dir, preset):
     """FlexAttention's block-sparse mask from restarting positions (its forward: on CPU torch has no flex
     backward) gives the logits of the SDPA-masked model and of each document run on its own: Llama through
     transformers' own support, GPT-2 through dist_clm's switch (transformers 4.57's GPT-2 declares none)."""
-    from dist_clm.attention import build_model_with
     from dist_clm.data.tokenizer import load_tokenizer
+    from dist_clm.models.attention import build_model_with
 
     tok = load_tokenizer(tokenizer_dir)
     torch.manual_seed(0)
@@ -89,8 +89,8 @@ def test_flex_attention_masks_documents_as_sdpa_does(tokenizer_dir, preset):
 
 
 def test_flex_attention_is_not_taken_where_it_would_drop_attention_dropout(tokenizer_dir):
-    from dist_clm.attention import build_model_with
     from dist_clm.data.tokenizer import load_tokenizer
+    from dist_clm.models.attention import build_model_with
 
     tok = load_tokenizer(tokenizer_dir)
     for preset, dropout in (("tiny", "attn_pdrop"), ("tiny-llama", "attention_dropout")):
@@ -101,8 +101,8 @@ def test_flex_attention_is_not_taken_where_it_would_drop_attention_dropout(token
 def test_an_attention_the_machine_lacks_is_one_sentence(tokenizer_dir):
     import importlib.util
 
-    from dist_clm.attention import build_model_with
     from dist_clm.data.tokenizer import load_tokenizer
+    from dist_clm.models.attention import build_model_with
 
     if importlib.util.find_spec("flash_attn"):
         pytest.skip("flash_attn is installed here")
@@ -118,8 +118,8 @@ def test_rows_of_one_sequence_reach_sdpa_as_causal_without_a_materialized_mask()
     import torch
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from dist_clm.sequence_parallel import SequenceParallel
-    from dist_clm.step import model_inputs
+    from dist_clm.parallel.sequence_parallel import SequenceParallel
+    from dist_clm.training.step import model_inputs
 
     model = build_model("tiny-llama", "", {}, FakeTokenizer(300))
     run = SimpleNamespace(

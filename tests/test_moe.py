@@ -1,4 +1,4 @@
-"""Mixture-of-Experts decoders (dist_clm/moe.py): presets counted by their active parameters; the router's load and
+"""Mixture-of-Experts decoders (models/moe.py): presets counted by their active parameters; the router's load and
 auxiliary loss as logged; ZeRO-3 with the sparse blocks as leaf modules on two ranks whose batches leave experts
 idle (no hang); a resume after kill -9 that is bitwise the uninterrupted run, an elastic resume on one rank, with
 document masking; the export, whose transformers forward gives the training loss, and the commands on it."""
@@ -14,12 +14,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dist_clm import moe
-from dist_clm.checkpoint import complete_checkpoints
+from dist_clm.checkpointing.checkpointer import complete_checkpoints
 from dist_clm.config import load_config
-from dist_clm.distributed import free_port
-from dist_clm.model import active_params, build_model, count_params
-from dist_clm.objectives import Objective
+from dist_clm.models import moe
+from dist_clm.models.build import active_params, build_model, count_params
+from dist_clm.parallel.process_group import free_port
+from dist_clm.training.objectives import Objective
 from tests.helpers import BIN, launch, metrics, resume_moved, run_cli, train_losses, weights
 
 

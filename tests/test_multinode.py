@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from dist_clm.distributed import free_port
-from dist_clm.slurm import ENDED
+from dist_clm.launch.slurm import ENDED
+from dist_clm.parallel.process_group import free_port
 from tests.helpers import (
     BIN,
     TINY,

@@ -10,9 +10,9 @@ import sys
 import pytest
 
 from dist_clm.config import DistributedConfig, OptimConfig, TrainConfig
-from dist_clm.distributed import free_port
-from dist_clm.engine import deepspeed_config
 from dist_clm.errors import UserError
+from dist_clm.parallel.engine import deepspeed_config
+from dist_clm.parallel.process_group import free_port
 from tests.helpers import BIN, TINY, assert_clean_error, launch, metrics, train_losses
 
 
@@ -38,9 +38,9 @@ MUON_STEPS = """
 import torch, deepspeed
 from transformers import GPT2Config, GPT2LMHeadModel
 from deepspeed.utils import safe_get_full_fp32_param
-from dist_clm.engine import deepspeed_config, muon_flags, param_groups
+from dist_clm.parallel.engine import deepspeed_config, muon_flags, param_groups
 from dist_clm.config import DistributedConfig, OptimConfig, TrainConfig
-from dist_clm.stability import drop_update
+from dist_clm.training.stability import drop_update
 
 deepspeed.init_distributed("gloo", verbose=False)
 ids = [torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(s)) for s in range(3)]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_clm.distributed import free_port
+from dist_clm.parallel.process_group import free_port
 from tests.helpers import BIN, BUCKET, ROOT, S3_DIR, TINY, metrics, run_cli, server_env, start_server, train_losses
 
 

@@ -10,9 +10,9 @@ import time
 import psutil
 import pytest
 
-from dist_clm.checkpoint import complete_checkpoints
-from dist_clm.distributed import free_port
-from dist_clm.preemption import PREEMPTED_EXIT
+from dist_clm.checkpointing.checkpointer import complete_checkpoints
+from dist_clm.parallel.process_group import free_port
+from dist_clm.training.preemption import PREEMPTED_EXIT
 from tests.helpers import BIN, TINY, metrics, same, train_losses, weights
 
 pytestmark = pytest.mark.slow

@@ -14,9 +14,9 @@ import pytest
 import torch
 from transformers import GPT2Config
 
-from dist_clm.checkpoint import COMPLETE, Checkpointer, RandomState
-from dist_clm.distributed import DistEnv, free_port
+from dist_clm.checkpointing.checkpointer import COMPLETE, Checkpointer, RandomState
 from dist_clm.errors import UserError
+from dist_clm.parallel.process_group import DistEnv, free_port
 from tests.helpers import BIN, REPO, TINY, assert_clean_error, metrics, run_cli, train_losses
 
 # the overrides of the session's trained_run fixture (12 steps, checkpoints at 6 and 12)
@@ -159,12 +159,12 @@ def test_a_damaged_newest_checkpoint_is_reported_and_the_previous_one_continues_
 AGREE = """
 import os, sys
 from pathlib import Path
-from dist_clm import distributed
-from dist_clm.checkpoint import Checkpointer
-env = distributed.init()
+from dist_clm.parallel import process_group
+from dist_clm.checkpointing.checkpointer import Checkpointer
+env = process_group.init()
 ckpt = Checkpointer(Path(sys.argv[1]) / f"view{env.rank}", 2, env, zero_stage=2)
 (Path(sys.argv[1]) / f"chosen{env.rank}").write_text(ckpt.latest().name)
-distributed.shutdown()
+process_group.shutdown()
 """
 
 
@@ -188,7 +188,7 @@ def test_the_ranks_agree_on_the_checkpoint_to_resume(tmp_path):
 @pytest.mark.slow
 def test_pruning_leaves_a_checkpoint_that_is_being_read(trained_run, tmp_path, data_dir):
     run = copy_run(trained_run, tmp_path)
-    hold = ("import sys, time\nfrom dist_clm.checkpoint import reading\n"
+    hold = ("import sys, time\nfrom dist_clm.checkpointing.checkpointer import reading\n"
             "with reading(sys.argv[1]) as tag:\n    print(tag, flush=True)\n    time.sleep(600)\n")  # fmt: skip
     reader = subprocess.Popen([sys.executable, "-c", hold, str(run)], stdout=subprocess.PIPE, text=True)
     try:

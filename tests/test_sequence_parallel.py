@@ -22,7 +22,7 @@ import time
 import pytest
 import torch
 
-from dist_clm.distributed import free_port
+from dist_clm.parallel.process_group import free_port
 from tests.helpers import BIN, REPO, TINY, assert_clean_error, metrics, run_cli, same, train_losses, weights
 
 COMMON = [*TINY, "train.micro_batch_size=2", "train.global_batch_size=4", "train.max_steps=4", "train.log_every=1",
@@ -126,7 +126,7 @@ def test_kill_9_in_the_middle_of_an_sp_run_resumes_bitwise(runs, tmp_path, data_
 def test_flex_attention_gets_the_same_document_rule_as_sdpa():
     """The core's BlockMask for flex attention (its kernel runs on GPUs) allows exactly what sdpa's dense mask
     allows: causal within each document, rows beginning inside a document begin a sequence."""
-    from dist_clm.sequence_parallel import _Documents
+    from dist_clm.parallel.sequence_parallel import _Documents
 
     positions = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in ([5, 11, 16], [4, 20, 8])])
     positions[1, :4] += 7  # (the second row begins inside a document)
@@ -150,7 +150,7 @@ def test_what_cannot_divide_is_one_sentence(tmp_path, data_dir):
     from transformers import AutoConfig
 
     from dist_clm.errors import UserError
-    from dist_clm.sequence_parallel import check, check_world
+    from dist_clm.parallel.sequence_parallel import check, check_world
 
     llama = AutoConfig.for_model("llama", num_attention_heads=6, num_key_value_heads=3, hidden_size=48)
     with pytest.raises(UserError, match="does not divide the 3 ranks"):
@@ -176,9 +176,9 @@ def test_the_long_context_config_divides_on_one_8_gpu_node():
     """configs/llama-1b-32k.yaml, dry: its model config (no weights) and DeepSpeed config for 8 ranks pass every
     check a run makes before it starts, and each rank holds 4K tokens of a block."""
     from dist_clm.config import load_config
-    from dist_clm.engine import deepspeed_config, resolve_grad_accum
-    from dist_clm.model import max_positions, preset_config
-    from dist_clm.sequence_parallel import SequenceParallel, check, check_world
+    from dist_clm.models.build import max_positions, preset_config
+    from dist_clm.parallel.engine import deepspeed_config, resolve_grad_accum
+    from dist_clm.parallel.sequence_parallel import SequenceParallel, check, check_world
 
     cfg = load_config(REPO / "configs" / "llama-1b-32k.yaml", ["data.path=corpus"])
     m, world, size = cfg.model, 8, cfg.distributed.sequence_parallel_size

@@ -127,7 +127,7 @@ def test_packed_loss_equals_the_conversations_one_at_a_time_and_prompts_get_no_g
     from dist_clm.data.format import read_manifest
     from dist_clm.data.order import Source
     from dist_clm.data.tokenizer import load_tokenizer
-    from dist_clm.model import build_model
+    from dist_clm.models.build import build_model
 
     manifest = read_manifest(sft_data)
     blocks = MixedBlocks([Source("sft", str(sft_data), manifest)], BLOCK, False, 0, document_mask=True)
@@ -162,12 +162,12 @@ def test_the_step_loss_is_the_mean_over_all_its_learned_tokens(tmp_path, sft_dat
     loss of step 1 (before any update) is their NLL summed over every learned token of the step, over the count,
     as computed here with the plain model from each rank's share of the blocks; not a mean of micro batches'
     means."""
-    from dist_clm.attention import build_model_with
     from dist_clm.config import load_config
     from dist_clm.data.loader import TrainLoader
     from dist_clm.data.run_data import run_tokenizer, training_sources
-    from dist_clm.distributed import free_port
-    from dist_clm.setup import settle
+    from dist_clm.models.attention import build_model_with
+    from dist_clm.parallel.process_group import free_port
+    from dist_clm.training.setup import settle
     from tests.helpers import BIN, launch
 
     run = tmp_path / "run"
@@ -302,7 +302,7 @@ def test_sft_rolls_back_under_the_deepspeed_launcher_and_resumes_on_one_rank(tmp
     that window; the run is then moved to one rank from its step-6 checkpoint (the same global batch, twice the
     accumulation) and its steps 7 and 8 see the same blocks, with the same loss over their learned tokens."""
     from dist_clm.data.order import SKIPS
-    from dist_clm.distributed import free_port
+    from dist_clm.parallel.process_group import free_port
     from tests.helpers import BIN, launch, resume_moved, train_state
 
     common = [*SFT, f"data.path={sft_data}", "train.global_batch_size=8", "train.max_steps=8",

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from dist_clm.checkpoint import complete_checkpoints
-from dist_clm.distributed import free_port
+from dist_clm.checkpointing.checkpointer import complete_checkpoints
+from dist_clm.parallel.process_group import free_port
 from tests.helpers import BIN, TINY, metrics, train_losses
 
 pytestmark = pytest.mark.slow

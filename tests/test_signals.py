@@ -11,9 +11,9 @@ import time
 import psutil
 import pytest
 
-from dist_clm.checkpoint import COMPLETE, complete_checkpoints
-from dist_clm.distributed import free_port
-from dist_clm.preemption import PREEMPTED_EXIT
+from dist_clm.checkpointing.checkpointer import COMPLETE, complete_checkpoints
+from dist_clm.parallel.process_group import free_port
+from dist_clm.training.preemption import PREEMPTED_EXIT
 from tests.helpers import BIN, TINY, metrics, train_losses
 
 

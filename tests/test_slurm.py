@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from dist_clm.errors import UserError
-from dist_clm.slurm import SlurmSettings, TrainJob, submit
+from dist_clm.launch.slurm import SlurmSettings, TrainJob, submit
 from tests.helpers import TINY, logged_steps, metrics, needs_slurm, restarts, run_cli, running, wait_for
 
 
@@ -119,7 +119,7 @@ def test_a_failed_step_that_no_task_explained_is_requeued(tmp_path, monkeypatch,
     """The batch script's guard (after_srun): srun failed and no task recorded its end (they were killed by a
     signal) -> requeue, up to max_requeues; a task's own end (success, an error, a requeue it asked for), a
     success, or SLURM ending the job itself (TERM to the script) -> nothing. The generated lines run in bash."""
-    from dist_clm import slurm
+    from dist_clm.launch import slurm
 
     asked = []
     with monkeypatch.context() as m:  # (subprocess.run: scontrol is recorded, not run)
@@ -138,7 +138,9 @@ def test_a_failed_step_that_no_task_explained_is_requeued(tmp_path, monkeypatch,
 
     # the lines in a batch script: srun failing, srun succeeding, the script terminated by SLURM
     log, fake = tmp_path / "guard.log", tmp_path / "python"
-    fake.write_text(f'#!/bin/sh\necho "$4 $5" >> {log}\n')  # (python -m dist_clm.slurm after-srun STATUS SIGNALLED)
+    fake.write_text(
+        f'#!/bin/sh\necho "$4 $5" >> {log}\n'
+    )  # (python -m dist_clm.launch.slurm after-srun STATUS SIGNALLED)
     fake.chmod(0o755)
     monkeypatch.setattr(slurm.sys, "executable", str(fake))
     for srun in ("(exit 134)", "true", "kill -TERM $$; sleep 1"):

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from dist_clm.data.order import SKIPS, DataPosition
-from dist_clm.distributed import free_port
 from dist_clm.errors import UserError
-from dist_clm.objectives import MeanRise, SpreadRise
-from dist_clm.stability import LossGuard, LossInjector
+from dist_clm.parallel.process_group import free_port
+from dist_clm.training.objectives import MeanRise, SpreadRise
+from dist_clm.training.stability import LossGuard, LossInjector
 from tests.helpers import (
     BIN,
     TINY,
@@ -163,7 +163,7 @@ def test_zero0_fp32_skips_too_and_without_a_checkpoint_divergence_is_a_clear_err
 DROPPED_UPDATE = """
 import math, os, sys, torch, deepspeed
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-from dist_clm.stability import drop_update, real_grad_norm
+from dist_clm.training.stability import drop_update, real_grad_norm
 
 deepspeed.init_distributed("gloo", verbose=False)
 for stage in (1, 2, 3):

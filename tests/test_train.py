@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from dist_clm.config import load_config
-from dist_clm.distributed import free_port
+from dist_clm.parallel.process_group import free_port
 from tests.helpers import (
     BIN,
     TINY,
@@ -161,7 +161,9 @@ def test_torchrun_two_ranks_zero3_llama_and_export(tmp_path, data_dir):
 
 def test_python_is_importable_without_launcher_env():
     # the plain process path sets up a world of one itself (no RANK/MASTER_* needed)
-    code = "from dist_clm import distributed; e = distributed.init(); print(e.rank, e.world_size, e.device)"
+    code = (
+        "from dist_clm.parallel import process_group; e = process_group.init(); print(e.rank, e.world_size, e.device)"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -222,7 +224,7 @@ def test_staged_mixture_switches_at_its_step_is_logged_and_resumes_across_it_exa
 def test_deepspeed_is_imported_without_mlflow_which_stays_importable():
     """DeepSpeed's autotuner would import mlflow (a second of every process's start-up); dist_clm's MLflow
     tracker still imports it afterwards."""
-    code = ("import sys; from dist_clm.distributed import import_deepspeed; import_deepspeed(); "
+    code = ("import sys; from dist_clm.parallel.process_group import import_deepspeed; import_deepspeed(); "
             "print('mlflow' in sys.modules); import mlflow; print(mlflow.__name__)")  # fmt: skip
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)

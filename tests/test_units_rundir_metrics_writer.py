@@ -1,5 +1,5 @@
-"""Fast unit tests (no training process) for the run directory's lock and files (rundir.py), the logged numbers
-(metrics.py) and the background checkpoint writer (checkpoint_writer.py)."""
+"""Fast unit tests (no training process) for the run directory's lock and files (checkpointing/rundir.py), the logged
+numbers (observability/metrics.py) and the background checkpoint writer (checkpointing/writer.py)."""
 
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ import torch
 import yaml
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo
 
-from dist_clm import rundir
-from dist_clm.checkpoint_writer import BackgroundWriter
+from dist_clm.checkpointing import rundir
+from dist_clm.checkpointing.writer import BackgroundWriter
 from dist_clm.data.tokenizer import fingerprint, load_tokenizer, train_bpe
-from dist_clm.distributed import DistEnv
 from dist_clm.errors import UserError
-from dist_clm.metrics import LogWindow, Metrics, peak_flops, peak_for
+from dist_clm.observability.metrics import LogWindow, Metrics, peak_flops, peak_for
+from dist_clm.parallel.process_group import DistEnv
 
 MAIN = DistEnv(rank=0, local_rank=0, world_size=1, device="cpu")
 
@@ -32,7 +32,7 @@ def _touch(path, text="old"):
     path.write_text(text)
 
 
-# ---- rundir.py
+# ---- checkpointing/rundir.py
 
 
 def test_second_claim_is_refused_naming_the_holder_until_release(tmp_path):
@@ -131,7 +131,7 @@ def test_write_run_files_replaces_a_stale_tokenizer_only_without_checkpoints(
     assert fingerprint(load_tokenizer(other_tok_dir)) != fingerprint(tok)
 
 
-# ---- metrics.py
+# ---- observability/metrics.py
 
 
 def test_metrics_jsonl_rows_and_notes_on_main_only(tmp_path):
@@ -245,7 +245,7 @@ def test_peak_for_fp32_falls_back_when_the_card_has_no_tf32():
     assert peak_for(V100, "fp32", tf32=True) == 15.7e12
 
 
-# ---- checkpoint_writer.py
+# ---- checkpointing/writer.py
 
 
 def test_writer_snapshots_at_save_and_writes_after_commit(tmp_path):

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from dist_clm import console, step
+from dist_clm import console
 from dist_clm.data import conversations, remote
 from dist_clm.errors import UserError, agreed
+from dist_clm.training import step
 
 # ---- step.model_inputs
 
@@ -25,7 +26,7 @@ from dist_clm.errors import UserError, agreed
 def fake_run(feeds_documents: bool):
     """The parts of a Run that model_inputs reads: the device, the (DeepSpeed) engine's module and its attention,
     the sequence-parallel place (none)."""
-    from dist_clm.sequence_parallel import SequenceParallel
+    from dist_clm.parallel.sequence_parallel import SequenceParallel
 
     module = torch.nn.Module()
     module.config = types.SimpleNamespace(_attn_implementation="flash_attention_2" if feeds_documents else "sdpa")

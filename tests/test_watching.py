@@ -91,7 +91,7 @@ def test_the_same_numbers_in_tensorboard_wandb_and_mlflow_downstream_tasks_inclu
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from dist_clm.config import load_config
-    from dist_clm.metrics import Metrics
+    from dist_clm.observability.metrics import Metrics
 
     data, _ = held
     mix = f"data.mix=[{{path: '{data_dir}', weight: 1}}, {{path: '{data}', weight: 0, name: held}}]"
@@ -165,8 +165,8 @@ def test_eval_runs_downstream_tasks_from_the_suite_and_from_a_folder(tmp_path, t
     results = json.loads(r.stdout.splitlines()[-1])
     assert set(results) == {"dist_clm_arith", "dist_clm_code_next_line", "dist_clm_code_cloze", "my_task"}
     assert "dist_clm_arith  " in r.stdout and 0 <= results["my_task"]["acc"] <= 1 and "\r" not in r.stderr
-    from dist_clm import downstream
     from dist_clm.errors import UserError
+    from dist_clm.evaluation import downstream
 
     with pytest.raises(UserError, match="unknown task 'no_such_task_anywhere'.*dist_clm_suite"):
         downstream.run_tasks(None, None, ["no_such_task_anywhere"], "cpu")
@@ -174,7 +174,7 @@ def test_eval_runs_downstream_tasks_from_the_suite_and_from_a_folder(tmp_path, t
 
 def test_a_tracker_that_cannot_be_reached_is_a_warning_and_the_numbers_still_go_elsewhere(tmp_path, capsys):
     from dist_clm.config import RunConfig
-    from dist_clm.metrics import Metrics
+    from dist_clm.observability.metrics import Metrics
 
     settings = RunConfig(dir=str(tmp_path), loggers=["mlflow", "jsonl"], mlflow_tracking_uri="http://127.0.0.1:9")
     m = Metrics(tmp_path, is_main=True, settings=settings, config={"optim": {"lr": 1.0}})

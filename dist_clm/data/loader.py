@@ -39,7 +39,6 @@ from dist_clm.data.order import Source, rank_blocks
 from dist_clm.data.prefetch import Prefetcher
 from dist_clm.data.remote import is_remote
 from dist_clm.errors import UserError
-from dist_clm.preemption import ignore_stop_signals
 
 if TYPE_CHECKING:
     from dist_clm.config import DataConfig, TrainConfig
@@ -89,9 +88,10 @@ class RankShareSampler(Sampler[int]):
             step += 1
 
 
-# Worker processes of the loaders made here. They ignore SIGTERM (see preemption.py), so multiprocessing's own exit
-# handler, which terminates and joins them, would wait forever for one still running: any left at exit are killed
-# first (atexit runs the later registration first, and multiprocessing.util is imported above). Tracked as
+# Worker processes of the loaders made here. In training they ignore SIGTERM (training/preemption.py), so
+# multiprocessing's own exit handler, which terminates and joins them, would wait forever for one still running:
+# any left at exit are killed first (atexit runs the later registration first, and multiprocessing.util is
+# imported above). Tracked as
 # processes, not iterators: an iterator caught in a reference cycle (a traceback) can lose its queues to the
 # garbage collector before its own cleanup runs, and then its workers never hear that they should stop.
 _WORKERS: weakref.WeakSet = weakref.WeakSet()
@@ -126,12 +126,14 @@ class TrainLoader:
         document_mask: bool = False,
         prefetch_steps: int = 0,
         pin_memory: bool = False,
+        worker_init=None,
     ):
         """`position`: the data's order settings and where to start (order.DataPosition, which this loader moves
         on at each step_done); None: at the start of the order `block_size`, `shuffle_window` (tokens per window
         of the two-level shuffle; 0: a global shuffle) and `stages` (data.stages) make. `prefetch_steps`: how many
         steps ahead the shards of remote sources are fetched into the node's cache; `pin_memory`: batches in
-        page-locked memory (for a GPU)."""
+        page-locked memory (for a GPU); `worker_init`: what each DataLoader worker runs first (training gives
+        the one that leaves the stop signals to the main process, training/preemption.py)."""
         if position is None:
             from dist_clm.data.order import DataPosition
 
@@ -159,7 +161,7 @@ class TrainLoader:
             num_workers=num_workers,
             persistent_workers=num_workers > 0,
             collate_fn=_as_is,
-            worker_init_fn=ignore_stop_signals,  # a signal to the process group is for the main process
+            worker_init_fn=worker_init,
             # its own generator for the workers' base seed: making an iterator leaves torch's global one alone,
             # so a resumed run's random streams continue whenever the loader is made
             generator=torch.Generator().manual_seed(seed),
@@ -179,6 +181,7 @@ class TrainLoader:
         world: int,
         grad_accum: int,
         pin_memory: bool = False,
+        worker_init=None,
     ) -> TrainLoader:
         """The loader the data section and the loop's batch and seed (train.*) mean, for this rank, from
         `position` (None: the start)."""
@@ -186,7 +189,7 @@ class TrainLoader:
             sources, position, block_size=d.block_size, shuffle_window=d.shuffle_window, stages=d.stages,
             micro_batch=t.micro_batch_size, grad_accum=grad_accum, rank=rank, world=world,
             shuffle=d.shuffle, seed=t.seed, num_workers=d.num_workers, prefetch_steps=d.prefetch_steps,
-            document_mask=d.document_mask, pin_memory=pin_memory,
+            document_mask=d.document_mask, pin_memory=pin_memory, worker_init=worker_init,
         )  # fmt: skip
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -206,7 +209,8 @@ class TrainLoader:
             yield {k: v.pin_memory() for k, v in tensors.items()} if self.pin_memory else tensors
 
     def close(self) -> None:
-        """Stop the loader's worker processes now (they ignore SIGTERM, see preemption.py, so they must be told)."""
+        """Stop the loader's worker processes now (in training they ignore SIGTERM, see training/preemption.py,
+        so they must be told)."""
         it = getattr(self.loader, "_iterator", None)  # persistent workers live in the DataLoader's iterator
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()  # torch's own orderly shutdown (no public method for persistent workers)

@@ -11,15 +11,21 @@ from typing import Any
 
 import torch
 
-from dist_clm import attention, console, loss_head, moe, objectives, rundir, sequence_parallel
-from dist_clm.checkpoint import Checkpointer, RandomState, Stateful
+from dist_clm import console
+from dist_clm.checkpointing import rundir
+from dist_clm.checkpointing.checkpointer import Checkpointer, RandomState, Stateful
+from dist_clm.checkpointing.rundir import RunOwner, claim, write_run_files
 from dist_clm.config import Config, Settings
 from dist_clm.data.loader import TrainLoader
 from dist_clm.data.order import DataPosition, Source
 from dist_clm.data.reference_store import read_record
 from dist_clm.data.run_data import check_sources, run_tokenizer, training_sources
-from dist_clm.distributed import DistEnv, agree_on_error, barrier, describe
-from dist_clm.engine import (
+from dist_clm.errors import Mismatch, UserError, agreed
+from dist_clm.models import attention, loss_head, moe
+from dist_clm.models.build import active_params, count_params, flops_per_token, max_positions
+from dist_clm.parallel import sequence_parallel
+from dist_clm.parallel.collectives import agree_on_error, barrier
+from dist_clm.parallel.engine import (
     deepspeed_config,
     muon_flags,
     param_groups,
@@ -28,10 +34,10 @@ from dist_clm.engine import (
     scheduler_factory,
     use_tf32,
 )
-from dist_clm.errors import Mismatch, UserError, agreed
-from dist_clm.model import active_params, count_params, flops_per_token, max_positions
-from dist_clm.rundir import RunOwner, claim, write_run_files
-from dist_clm.stability import LossGuard
+from dist_clm.parallel.process_group import DistEnv, describe
+from dist_clm.training import objectives
+from dist_clm.training.preemption import ignore_stop_signals
+from dist_clm.training.stability import LossGuard
 
 
 @dataclass
@@ -72,7 +78,7 @@ class Run:
     checkpointer: Checkpointer
     resumed_from: Path | None  # the checkpoint the run continues, or None: a fresh start
     sp: sequence_parallel.SequenceParallel = sequence_parallel.SequenceParallel()  # (size 1: none)
-    router: moe.RouterLoad | None = None  # a Mixture-of-Experts model's router load (moe.py), or None
+    router: moe.RouterLoad | None = None  # a Mixture-of-Experts model's router load (models/moe.py), or None
 
     @property
     def progress(self) -> Progress:
@@ -129,6 +135,7 @@ class Run:
         return TrainLoader.from_config(
             self.cfg.data, self.cfg.train, self.sources, self.position, rank=rank, world=world,
             grad_accum=self.grad_accum, pin_memory=self.env.device != "cpu",
+            worker_init=ignore_stop_signals,  # a signal to the process group is for the main process
         )  # fmt: skip
 
 
@@ -282,7 +289,7 @@ def check_preference(cfg: Config, tuned: list[Source], paired: list[Source]) -> 
 
 def check_reference(sources: list[Source], model) -> None:
     """dpo: the stored reference values were computed with the model this run starts from (the same weights)."""
-    from dist_clm.preference import weights_fingerprint
+    from dist_clm.training.preference import weights_fingerprint
 
     (source,) = [s for s in sources if s.weight > 0]
     stored = read_record(source.path)

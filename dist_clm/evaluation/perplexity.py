@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dist_clm.distributed import agree_on_error, all_reduce_sum
 from dist_clm.errors import DataError
+from dist_clm.parallel.collectives import agree_on_error, all_reduce_sum
 
 
 @dataclass(frozen=True)
@@ -160,16 +160,16 @@ def evaluate_cli(
     batch_size: int = 8,
 ) -> dict[str, float]:
     """`dist-clm eval`: a checkpoint (or exported model) on a prepared validation split or on text files."""
-    from dist_clm import distributed
-    from dist_clm.checkpoint import COMPLETE, run_dir_of
+    from dist_clm.checkpointing.checkpointer import COMPLETE, run_dir_of
     from dist_clm.config import load_config
     from dist_clm.data import sources
     from dist_clm.data.format import read_manifest
     from dist_clm.data.stream import TokenStream
     from dist_clm.data.tokenizer import fingerprint
     from dist_clm.errors import UserError
-    from dist_clm.export import load_model
-    from dist_clm.model import max_positions
+    from dist_clm.evaluation.export import load_model
+    from dist_clm.models.build import max_positions
+    from dist_clm.parallel import process_group
 
     model, tok, where = load_model(checkpoint)
     run_config = run_dir_of(where) / "config.yaml"
@@ -204,8 +204,8 @@ def evaluate_cli(
             )
         stream = TokenStream(data, "val", manifest)
         read, n_tokens = stream.reader(), stream.tokens
-    env = distributed.init() if "RANK" in os.environ else None
-    device = env.device if env else distributed.inference_device()
+    env = process_group.init() if "RANK" in os.environ else None
+    device = env.device if env else process_group.inference_device()
     wins = windows(n_tokens, block_size, stride, max_blocks)
     result = perplexity(
         model.to(device),

@@ -27,7 +27,7 @@ own writes, before the marker, which is itself written to a temporary name, fsyn
 of torch's distributed checkpoint). The project's own files load without running code (JSON, and tensors with
 torch.load(weights_only=True)); DeepSpeed's own files are pickles that it unpickles, so a run directory must
 be as trusted as code. The tokenizer lives once in RUN/tokenizer. Loading weights for inference and exporting
-live in export.py.
+live in evaluation/export.py.
 """
 
 from __future__ import annotations
@@ -45,19 +45,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from dist_clm import console
-from dist_clm.distributed import (
-    DistEnv,
+from dist_clm.errors import Mismatch, UserError
+from dist_clm.fsutil import atomic_dir, atomic_write_text, fsync_dir, fsync_tree
+from dist_clm.parallel.collectives import (
     agree_on_error,
     all_gather_object,
     all_reduce_sum,
     barrier,
     is_collective_failure,
 )
-from dist_clm.errors import Mismatch, UserError
-from dist_clm.fsutil import atomic_dir, atomic_write_text, fsync_dir, fsync_tree
+from dist_clm.parallel.process_group import DistEnv
 
 if TYPE_CHECKING:
-    from dist_clm.checkpoint_writer import BackgroundWriter
+    from dist_clm.checkpointing.writer import BackgroundWriter
 
 COMPLETE = "complete.json"
 TRAIN_STATE = "train_state.json"
@@ -178,7 +178,7 @@ class Checkpointer:
         self.run_dir, self.dir = Path(run_dir), checkpoints_dir(run_dir)
         self.keep_last, self.env, self.zero_stage = keep_last, env, zero_stage
         self.size_hint = size_hint  # bytes a checkpoint takes, before the first one exists (a pre-flight check)
-        self.background = background  # DeepSpeed's files written behind the step loop (checkpoint_writer.py)
+        self.background = background  # DeepSpeed's files written behind the step loop (writer.py)
         self.pending: _Pending | None = None  # the save in flight, not yet marked complete
         self.done: list[dict[str, float]] = []  # poll()'s reports of the saves completed since its last call
 
@@ -281,7 +281,7 @@ class Checkpointer:
             engine.save_checkpoint(str(self.dir), tag=tag_dir.name, save_latest=False)
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
             if is_collective_failure(e):
-                raise  # another rank is gone: not this filesystem's doing (train.py reports it)
+                raise  # another rank is gone: not this filesystem's doing (training/loop.py reports it)
             raise self._write_failed(tag_dir, e) from None
         blocked = time.perf_counter() - start
         self.pending = _Pending(tag_dir, step, engine.zero_optimization_stage(), engine.world_size, writer, start,
@@ -345,7 +345,7 @@ class Checkpointer:
         """The engine's background writer (installed at the first save), or None when saving synchronously."""
         if not self.background:
             return None
-        from dist_clm.checkpoint_writer import BackgroundWriter  # (imports DeepSpeed)
+        from dist_clm.checkpointing.writer import BackgroundWriter  # (imports DeepSpeed)
 
         if not isinstance(engine.checkpoint_engine, BackgroundWriter):
             BackgroundWriter.replacing(engine)

@@ -21,7 +21,7 @@ import signal
 import threading
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL ("try again later"): the run saved a checkpoint; rerunning continues it
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)  # USR2: SLURM's --signal (dist_clm/slurm.py)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)  # USR2: SLURM's --signal (dist_clm/launch/slurm.py)
 
 
 class StopRequest:

@@ -132,7 +132,7 @@ class TrainJob:
 
         from dist_clm.config import load_config
         from dist_clm.errors import PeerLost
-        from dist_clm.train import train
+        from dist_clm.training.loop import train
 
         job = submitit.JobEnvironment()
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
@@ -160,7 +160,7 @@ class TrainJob:
             "restarts": restarts,
         }
         if result.get("preempted") and self._requeue(job, restarts, "was preempted"):
-            from dist_clm.distributed import barrier
+            from dist_clm.parallel.collectives import barrier
 
             barrier()
             raise SystemExit(0)  # no result: the requeued job writes the final one
@@ -206,7 +206,7 @@ def guard_lines(log_root: Path, max_requeues: int) -> list[str]:
     means SLURM ends or requeues the job itself: then nothing)."""
     import shlex
 
-    call = (f'{shlex.quote(sys.executable)} -m dist_clm.slurm after-srun "$1" "$dist_clm_signalled" '
+    call = (f'{shlex.quote(sys.executable)} -m dist_clm.launch.slurm after-srun "$1" "$dist_clm_signalled" '
             f"{shlex.quote(str(log_root))} {max_requeues}")  # fmt: skip
     return ["dist_clm_signalled=0", f"dist_clm_after_srun() {{ {call}; }}",
             "trap 'dist_clm_signalled=1; exit 143' TERM", "trap 'dist_clm_after_srun $?' EXIT"]  # fmt: skip
@@ -354,7 +354,9 @@ def launch_cli(a) -> None:
             print(f"job {job.job_id} finished: {results[0]}")
 
 
-if __name__ == "__main__":  # the batch script's guard: python -m dist_clm.slurm after-srun STATUS SIGNALLED ROOT MAX
+if (
+    __name__ == "__main__"
+):  # the batch script's guard: python -m dist_clm.launch.slurm after-srun STATUS SIGNALLED ROOT MAX
     _, what, status, signalled, root, most = sys.argv
     assert what == "after-srun", what
     after_srun(int(status), signalled == "1", Path(root), int(most))

@@ -120,7 +120,7 @@ def compute_reference(model_path: str, data_dir: str, batch_size: int = 8, devic
     from dist_clm.data.stream import TokenStream
     from dist_clm.data.tokenizer import fingerprint
     from dist_clm.errors import UserError
-    from dist_clm.export import load_model
+    from dist_clm.evaluation.export import load_model
 
     manifest = read_manifest(data_dir)
     tuned = manifest.get("fine_tuning") or {}

@@ -1,6 +1,6 @@
 """One optimizer step: the micro batches, the step's one agreement between ranks, the loss guard, backward,
-and the update (or DeepSpeed's overflow path when the step must not be applied). See agreement.py and
-stability.py for the rules; the training loop (train.py) and the throughput benchmark both call `train_step`."""
+and the update (or DeepSpeed's overflow path when the step must not be applied). See parallel/agreement.py and
+stability.py for the rules; the training loop (loop.py) and the throughput benchmark both call `train_step`."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from dataclasses import dataclass
 
 import torch
 
-from dist_clm import attention
-from dist_clm.agreement import agree
-from dist_clm.distributed import agree_on_error
 from dist_clm.errors import DataError
-from dist_clm.preemption import StopRequest
-from dist_clm.setup import Run
-from dist_clm.stability import (
+from dist_clm.models import attention
+from dist_clm.parallel.agreement import agree
+from dist_clm.parallel.collectives import agree_on_error
+from dist_clm.training.preemption import StopRequest
+from dist_clm.training.setup import Run
+from dist_clm.training.stability import (
     LossGuard,
     LossInjector,
     Trouble,

@@ -13,11 +13,11 @@ import json
 import shutil
 from pathlib import Path
 
-from dist_clm.checkpoint import COMPLETE, read_marker, read_parts, reading, run_dir_of
+from dist_clm.checkpointing.checkpointer import COMPLETE, read_marker, read_parts, reading, run_dir_of
 from dist_clm.data.order import SKIPS
-from dist_clm.distributed import import_deepspeed
 from dist_clm.errors import UserError
 from dist_clm.fsutil import atomic_dir, refuse_non_empty
+from dist_clm.parallel.process_group import import_deepspeed
 
 
 def is_exported(path: Path) -> bool:

@@ -63,7 +63,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         tie_word_embeddings=False,
     ),
     # Mixture-of-Experts decoders (Qwen3-MoE's layout: every layer sparse, top-k routing over its experts, the
-    # router's load-balancing loss added to the training loss, dist_clm/moe.py). For tests: 8 experts, top 2.
+    # router's load-balancing loss added to the training loss, dist_clm/models/moe.py). For tests: 8 experts, top 2.
     "tiny-moe": dict(
         model_type="qwen3_moe",
         num_hidden_layers=2,
@@ -211,7 +211,7 @@ def count_params(model) -> int:
 def active_params(model) -> int:
     """The parameters one token passes through: all of a dense model's; in a Mixture-of-Experts model, its
     experts' only top-k of each layer's experts (shared experts and the router count whole)."""
-    from dist_clm import moe
+    from dist_clm.models import moe
 
     inactive = 0.0
     for block in moe.sparse_blocks(model):

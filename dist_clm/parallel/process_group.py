@@ -12,12 +12,8 @@ a launcher that gave two ranks the same local rank on a node, or a local world s
 rank count, is one sentence instead of two processes fighting over one GPU. The table is written to
 RUN/ranks.json.
 
-Timeouts: set-up, checkpoint saves and loads wait up to SETUP_TIMEOUT_S in a collective (a universal
-checkpoint conversion or a large save can take minutes on one rank); training collectives wait
-`distributed.collective_timeout_s` from the second step on (`set_collective_timeout`). A rank that dies makes its
-peers' next collective fail at once; one that stalls makes it time out; either way every surviving rank ends
-(see train.py) instead of waiting forever. Each rank keeps a counter moving in the process group's store
-(`Heartbeat`), so the survivors can name the rank that stopped.
+The collectives' timeouts live in collectives.py; the sign of life that names a rank that stopped in
+heartbeat.py.
 """
 
 from __future__ import annotations
@@ -27,15 +23,13 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 from dist_clm import console
 from dist_clm.errors import UserError
-
-SETUP_TIMEOUT_S = 1800.0  # collectives of set-up, resume and checkpointing (torch's gloo default)
+from dist_clm.parallel.collectives import SETUP_TIMEOUT_S, all_gather_object
 
 
 def use_cpu_accelerator_if_no_gpu() -> None:
@@ -177,7 +171,7 @@ NCCL_ERROR_HANDLING = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
 
 
 def nccl_errors_raise() -> None:
-    """A collective that times out under NCCL must reach the code that names the rank and exits 75 (train.py),
+    """A collective that times out under NCCL must reach the code that names the rank and exits 75 (training/loop.py),
     not kill the process. NCCL collectives return at once and the main thread waits later, in a host read; torch's
     watchdog sees the timeout, and by default (3, and torchrun's 1) ends the process with SIGABRT. 2: it aborts
     the communicators only, which ends the wait, and the next collective raises in the main thread. Set before
@@ -263,52 +257,6 @@ def describe(table: list[dict]) -> str:
     return f"{len(table)} ranks on {len(nodes)} node{'s' if len(nodes) > 1 else ''} ({', '.join(parts)})"
 
 
-def set_collective_timeout(seconds: float) -> None:
-    """The timeout of every later collective, in every process group: the default one and the ones DeepSpeed
-    made for ZeRO (a stalled rank blocks its peers in whichever they are in)."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return
-    setter = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout  # (torch < 2.12 name)
-    groups = list(dist.distributed_c10d._world.pg_map) or [None]  # (torch lists its groups only privately)
-    for group in groups:
-        with contextlib.suppress(ValueError, RuntimeError):  # a group this rank is not part of
-            setter(timedelta(seconds=seconds), group)
-
-
-@contextlib.contextmanager
-def long_collectives(restore_s: float | None) -> Iterator[None]:
-    """Collectives inside the block may wait SETUP_TIMEOUT_S (a save or load on a slow filesystem); then back
-    to `restore_s` (None: it stays long)."""
-    set_collective_timeout(SETUP_TIMEOUT_S)
-    try:
-        yield
-    finally:
-        if restore_s is not None:
-            set_collective_timeout(restore_s)
-
-
-# what gloo and NCCL say when a peer is gone or a collective timed out (they raise plain RuntimeErrors)
-_FAILURE_MARKS = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer", "Broken pipe",
-                  "NCCL communicator was aborted", "ProcessGroupNCCL", "ProcessGroupGloo")  # fmt: skip
-
-
-def is_collective_failure(error: BaseException) -> bool:
-    """Whether `error` is a collective that failed because another rank died, stalled or went unreachable."""
-    import torch.distributed as dist
-
-    dist_error = getattr(dist, "DistError", ())
-    return (dist_error and isinstance(error, dist_error)) or any(m in str(error) for m in _FAILURE_MARKS)
-
-
-def failure_reason(error: BaseException, timeout_s: float) -> str:
-    text = str(error)
-    if "imed out" in text:
-        return f"no answer within the collective timeout of {timeout_s:g} s"
-    return "a peer closed its connection: its process died" if "by peer" in text else text.splitlines()[0][:160]
-
-
 _keep_at_exit = False  # peers gone: tearing the group down could wait on them
 
 
@@ -321,7 +269,6 @@ def shutdown() -> None:
     """Destroy the process group, if any, before the interpreter exits: left to static destructors at exit, its
     store's C++ threads can abort the process ("terminate called without an active exception"), which turns
     any exit code, 0, 2 or 75, into SIGABRT."""
-    import contextlib
 
     if _keep_at_exit or "torch.distributed" not in sys.modules:  # (nothing to do without torch)
         return
@@ -330,72 +277,6 @@ def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         with contextlib.suppress(Exception):  # (peers gone: what is left goes with the process)
             dist.destroy_process_group()
-
-
-class Heartbeat:
-    """Each rank's sign of life, in the process group's store (served by rank 0's process): a daemon thread
-    adds 1 to this rank's counter every second, whatever the main thread is doing (computing, or blocked in a
-    collective). When a collective fails, the survivors look at which counters stopped moving: those ranks'
-    processes are dead or stopped. The store is torch's own (no public accessor: `_get_default_store`).
-    `stop()` before the process exits: a daemon thread still inside the store's C++ client when the interpreter
-    finalizes aborts the process ("terminate called without an active exception")."""
-
-    PERIOD_S = 1.0
-
-    def __init__(self, env: DistEnv):
-        import threading
-
-        import torch.distributed as dist
-
-        self.env, self.store, self._thread = env, None, None
-        self._stopped = threading.Event()
-        if not (dist.is_initialized() and env.world_size > 1):
-            return
-        try:
-            self.store = dist.distributed_c10d._get_default_store()
-            self.store.set(f"dist_clm/node/{env.rank}", env.node)
-        except Exception:  # noqa: BLE001 (no store, no names: failures are still reported, without them)
-            self.store = None
-            return
-        self._thread = threading.Thread(target=self._beat, name="dist-clm-heartbeat", daemon=True)
-        self._thread.start()
-
-    def _beat(self) -> None:
-        key = f"dist_clm/alive/{self.env.rank}"
-        while not self._stopped.is_set():
-            try:
-                self.store.add(key, 1)
-            except Exception:  # noqa: BLE001 (rank 0's process, which serves the store, is gone: nothing to do)
-                return
-            self._stopped.wait(self.PERIOD_S)
-
-    def stop(self) -> None:
-        """End the thread and wait for it (at most one store call: milliseconds, or an error once the store's
-        server is gone)."""
-        self._stopped.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-
-    def laggards(self) -> str:
-        """Who stopped, e.g. 'rank 3 (node dn2) stopped answering', or '' when it cannot be told."""
-        import time
-
-        if self.store is None:
-            return ""
-        try:
-            self.store.set_timeout(timedelta(seconds=5))
-            keys = [f"dist_clm/alive/{r}" for r in range(self.env.world_size)]
-            before = [self.store.add(k, 0) for k in keys]
-            time.sleep(3 * self.PERIOD_S)
-            after = [self.store.add(k, 0) for k in keys]
-            silent = [r for r in range(self.env.world_size) if after[r] == before[r]]
-            nodes = {r: self.store.get(f"dist_clm/node/{r}").decode() for r in silent}
-        except Exception:  # noqa: BLE001 (the store lives in rank 0's process: it may be the one that stopped)
-            return "rank 0 (which serves the process group's store) stopped answering"
-        if not silent or len(silent) == self.env.world_size:
-            return ""
-        named = ", ".join(f"rank {r} (node {nodes[r]})" for r in silent[:4]) + (" and more" if len(silent) > 4 else "")
-        return f"{named} stopped answering (dead or stopped process)"
 
 
 def _deepspeed_cpu_shm_segment() -> Path | None:
@@ -413,71 +294,3 @@ def _deepspeed_cpu_shm_segment() -> Path | None:
         f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}_"
         f"{env['RANK']}",
     )
-
-
-def all_gather_object(obj) -> list:
-    """Every rank's `obj`, in rank order (a world of one: [obj])."""
-    import torch
-
-    if not torch.distributed.is_initialized():
-        return [obj]
-    out = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def barrier() -> None:
-    import torch
-
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def reduce_to_host(tensor, op=None) -> list:
-    """Collective: all-reduce `tensor` (sum, or `op`) and read it back. Under NCCL a collective that timed out
-    has its communicator aborted (nccl_errors_raise), which ends the wait with whatever the buffer held: the
-    work's error is raised instead of those values."""
-    import torch
-
-    if not torch.distributed.is_initialized():
-        return tensor.tolist()
-    work = torch.distributed.all_reduce(tensor, op=op or torch.distributed.ReduceOp.SUM, async_op=True)
-    work.wait()
-    values = tensor.tolist()
-    failed = work.exception() if torch.distributed.get_backend() == "nccl" else None  # (gloo's wait raised)
-    if failed is not None:
-        raise RuntimeError(f"ProcessGroupNCCL: the collective failed: {failed}")
-    return values
-
-
-def all_reduce_sum(values: list, device: str) -> list[float]:
-    """Sum a few floats over all ranks (float64, so token counts stay exact); an entry may be a tensor of one or
-    more values on the device, read with the sum (no host read of its own)."""
-    import torch
-
-    if all(isinstance(v, (int, float)) for v in values):
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-    else:
-        t = torch.cat([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(-1) for v in values])
-    return reduce_to_host(t)
-
-
-def agree_on_error(error: Exception | None, device: str) -> None:
-    """Collective: when any rank holds an error, every rank raises one with the same sentence (the first
-    rank's), so that the rank that prints (rank 0) says what went wrong wherever it happened, and no rank is
-    left waiting in a collective for one that stopped."""
-    import torch
-
-    from dist_clm.errors import UserError, agreed
-
-    if not torch.distributed.is_initialized():
-        if error is not None:
-            raise error
-        return
-    if not all_reduce_sum([float(error is not None)], device)[0]:
-        return
-    messages = all_gather_object(str(error) if error is not None else None)
-    first = next(m for m in messages if m is not None)
-    if isinstance(error, UserError) and str(error) == first:
-        raise agreed(error)
-    raise agreed(UserError(first))

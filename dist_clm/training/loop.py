@@ -5,9 +5,9 @@ distributed.collective_timeout_s, or lost its network) into one sentence naming 
 rank, with exit 75 (rerun / requeue resumes from the last checkpoint); the story itself is in _train().
 
 setup(cfg, env) -> Run              sources, tokenizer, model, the parts resumed, DeepSpeed engine (setup.py)
-Checkpointer                        choose / save / load the parts and the engine (checkpoint.py)
+Checkpointer                        choose / save / load the parts and the engine (checkpointing/checkpointer.py)
 train_step(...) -> StepResult       micro batches, the one agreement, the guard, backward, update (step.py)
-LogWindow                           the logged training scalars of a window of steps (metrics.py)
+LogWindow                           the logged training scalars of a window of steps (observability/metrics.py)
 Validation                          perplexity on every source's validation split (below)
 rollback(...)                       back to the last checkpoint, past the data that diverged (below)
 """
@@ -21,19 +21,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dist_clm import console, distributed
+from dist_clm import console
 from dist_clm.config import Config
 from dist_clm.data.loader import TrainLoader
 from dist_clm.data.stream import TokenStream
-from dist_clm.downstream import InLoop
-from dist_clm.engine import learning_rates
 from dist_clm.errors import PeerLost, UserError, agreed
-from dist_clm.evaluate import perplexity, windows
-from dist_clm.metrics import LogWindow, Metrics
-from dist_clm.preemption import SIGNALS, StopRequest, watch_launcher
-from dist_clm.setup import Progress, Run, setup
-from dist_clm.stability import LossInjector, Trouble
-from dist_clm.step import StepResult, train_step
+from dist_clm.evaluation.downstream import InLoop
+from dist_clm.evaluation.perplexity import perplexity, windows
+from dist_clm.observability.metrics import LogWindow, Metrics
+from dist_clm.parallel import collectives, process_group
+from dist_clm.parallel.engine import learning_rates
+from dist_clm.parallel.heartbeat import Heartbeat
+from dist_clm.training.preemption import SIGNALS, StopRequest, watch_launcher
+from dist_clm.training.setup import Progress, Run, setup
+from dist_clm.training.stability import LossInjector, Trouble
+from dist_clm.training.step import StepResult, train_step
 
 
 @dataclass
@@ -53,18 +55,18 @@ def train(
     """Train per `cfg`, resuming from the run directory's latest complete checkpoint. Any of `stop_signals`
     on any rank: every rank saves a checkpoint at the next step boundary and returns. `on_step` is called on
     every rank after every step (the throughput benchmark times the loop with it)."""
-    env = distributed.init()
+    env = process_group.init()
     console.bind(env.rank, env.world_size, env.node, cfg.run.dir)
-    heartbeat = distributed.Heartbeat(env)
+    heartbeat = Heartbeat(env)
     try:
         return _train(cfg, env, stop_signals, on_step)
     except RuntimeError as e:
-        if env.world_size == 1 or not distributed.is_collective_failure(e):
+        if env.world_size == 1 or not collectives.is_collective_failure(e):
             raise
         who = heartbeat.laggards()
         raise PeerLost(
             f"rank {env.rank} (node {env.node}) lost the other ranks in a collective "
-            f"({distributed.failure_reason(e, cfg.distributed.collective_timeout_s)})"
+            f"({collectives.failure_reason(e, cfg.distributed.collective_timeout_s)})"
             + (f": {who}" if who else "")
             + "; every rank stops; rerun the same command (a SLURM job requeues itself) to resume from the last "
             "complete checkpoint."
@@ -73,13 +75,13 @@ def train(
         heartbeat.stop()
 
 
-def _train(cfg: Config, env: distributed.DistEnv, stop_signals, on_step) -> TrainResult:
+def _train(cfg: Config, env: process_group.DistEnv, stop_signals, on_step) -> TrainResult:
     """The story: set up and resume, validate, then step / log / roll back / validate / save until the end or a
     stop signal, and validate once more."""
     stop = StopRequest(stop_signals)  # e.g. SIGTERM: checkpoint at the next step boundary, then stop
     watch_launcher(stop)
     inject = LossInjector(env.rank, cfg.stability.fault_injection)
-    world = distributed.world_table(env)  # every rank's node and local rank, checked
+    world = process_group.world_table(env)  # every rank's node and local rank, checked
     run = setup(cfg, env, world)  # (rank 0 now holds the run directory's lock; the parts continue a checkpoint)
     cfg = run.cfg  # (settled from the data)
     t, faults, save_every = cfg.train, cfg.stability.fault_injection, cfg.checkpoint.save_every
@@ -110,7 +112,7 @@ def _train(cfg: Config, env: distributed.DistEnv, stop_signals, on_step) -> Trai
         loader.step_done()  # (the data position moves on)
         progress.advance(tokens)
         if progress.step == first_step:  # compiled and warmed up: from now on a stalled rank is not waited for long
-            distributed.set_collective_timeout(timeout)
+            collectives.set_collective_timeout(timeout)
             report_first_step(run, metrics, progress.step, time.perf_counter() - started)
         window.add(result.loss, result.good, result.data_wait_s, result.blocks_per_source, result.arrivals,
                    result.token_sum, result.stats, tokens)  # fmt: skip
@@ -134,7 +136,7 @@ def _train(cfg: Config, env: distributed.DistEnv, stop_signals, on_step) -> Trai
                 report_straggler(window.persistent_straggler, scalars, world, progress.step)
         if result.trouble:
             loader.close()  # the old loader's workers stop (a new one starts where the position then stands)
-            with distributed.long_collectives(timeout):  # a load may be slow on one rank
+            with collectives.long_collectives(timeout):  # a load may be slow on one rank
                 rollbacks += rollback(run, result.trouble, rollbacks + 1)
             metrics.log(progress.step, {"train/rollbacks": rollbacks})
             loader = run.loader()
@@ -149,7 +151,7 @@ def _train(cfg: Config, env: distributed.DistEnv, stop_signals, on_step) -> Trai
         preempted = result.stop_signal
         last = progress.step == t.max_steps or preempted  # (a save that ends the run waits for its files)
         if (save_every and progress.step % save_every == 0) or last:
-            with distributed.long_collectives(timeout):  # a save may be slow on one rank
+            with collectives.long_collectives(timeout):  # a save may be slow on one rank
                 checkpointer.save(run.engine, progress.step, run.parts, run.random, run.engine.module.config,
                                   wait=last)  # fmt: skip
         for report in checkpointer.poll():  # a background save completes at the first step boundary after

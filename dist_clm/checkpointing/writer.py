@@ -5,7 +5,7 @@
 change the weights as soon as the call returns); when DeepSpeed commits the save, the snapshots go to one
 background thread, which writes each with torch.save and fsyncs it (the writes start only after the last
 snapshot, so that they do not slow the copies down). torch.save leaves the interpreter lock while it writes, so the step
-loop runs on; `Checkpointer` (checkpoint.py) writes the completion marker only once every rank's writer has
+loop runs on; `Checkpointer` (checkpointer.py) writes the completion marker only once every rank's writer has
 drained. One checkpoint at a time is in flight: the host holds at most one snapshot of this rank's share.
 
 DeepSpeed has its own decoupled engine, but it writes through its fast (async I/O) engine only, which needs

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from dist_clm import console
 from dist_clm.errors import UserError
-from dist_clm.slurm import SlurmSettings, _restarts, ended_marker, make_executor
+from dist_clm.launch.slurm import SlurmSettings, _restarts, ended_marker, make_executor
 
 
 @dataclass

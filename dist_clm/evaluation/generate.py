@@ -73,7 +73,7 @@ def generate(model, tokenizer, prompts: list[str], s: Sampling, stream: bool = F
     from transformers import TextStreamer
 
     from dist_clm.data.tokenizer import end_of_turn_ids
-    from dist_clm.model import max_positions
+    from dist_clm.models.build import max_positions
 
     s.check()
     ids = encode_prompts(tokenizer, prompts)

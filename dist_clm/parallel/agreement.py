@@ -1,11 +1,11 @@
 """The one agreement the ranks make per optimizer step.
 
 After the last forward pass and before its backward pass, the ranks all-reduce five things in one small
-collective: which stop signals arrived (see preemption.py), each rank's time from the step's start to this
+collective: which stop signals arrived (see training/preemption.py), each rank's time from the step's start to this
 point (so stragglers are seen without another collective), how many flaws of damaged data a rank found (its
 loader raised a DataError, and it trained on a blank batch meanwhile, so every rank reaches the agreement and
 none waits in a collective for a crashed one; or its objective found some on the device), how many micro-batch
-losses were non-finite, and the sum of the losses. What the answers mean for the update is stability.py's.
+losses were non-finite, and the sum of the losses. What the answers mean for the update is training/stability.py's.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dist_clm.distributed import reduce_to_host
+from dist_clm.parallel.collectives import reduce_to_host
 
 
 @dataclass

@@ -8,7 +8,7 @@ with one sentence rather than trained on unguarded. The file names its holder (h
 a second trainer is told.
 
 Whether a run may continue the training its directory holds is not decided here but by the parts of the run
-(checkpoint.py); `clear` deletes what an earlier run left when run.overwrite=true says to start afresh.
+(checkpointer.py); `clear` deletes what an earlier run left when run.overwrite=true says to start afresh.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ from pathlib import Path
 import yaml
 
 from dist_clm import console
-from dist_clm.checkpoint import complete_checkpoints
+from dist_clm.checkpointing.checkpointer import complete_checkpoints
 from dist_clm.data.order import SKIPS
-from dist_clm.distributed import DistEnv, agree_on_error
 from dist_clm.errors import UserError
+from dist_clm.parallel.collectives import agree_on_error
+from dist_clm.parallel.process_group import DistEnv
 
 LOCK = ".lock"
 # what a run leaves in a run directory; run.overwrite=true deletes these

@@ -213,7 +213,7 @@ def run_tasks(model, tok, tasks: list[str], device, limit: int = 0, batch_size: 
     """{task: {metric: value}} of `tasks` on `model` (on `device`), each on its first `limit` examples (0: all)."""
     import logging
 
-    from dist_clm.model import max_positions
+    from dist_clm.models.build import max_positions
 
     names, folders, builtin = resolve(tasks)
     for noisy in ("lm_eval", "lm-eval", "datasets"):
@@ -318,7 +318,7 @@ class InLoop:
         if not self.tasks:
             return
         from dist_clm import console
-        from dist_clm.distributed import agree_on_error, barrier
+        from dist_clm.parallel.collectives import agree_on_error, barrier
 
         engine, env = self.run.engine, self.run.env
         model = engine.module

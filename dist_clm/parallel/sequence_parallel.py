@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_clm.errors import UserError
-from dist_clm.loss_head import PLAIN_HEADS as _PLAIN  # (logits = the output projection of the last hidden state)
+from dist_clm.models.loss_head import PLAIN_HEADS as _PLAIN  # (logits = the output projection of the last hidden state)
 
 IGNORE = -100
 
@@ -168,7 +168,7 @@ class _Documents:
     def flash_bounds(self) -> dict:
         """flash attention: every document (and row) of the micro batch as one run cut at their starts."""
         if "flash" not in self._made:
-            from dist_clm.attention import document_bounds
+            from dist_clm.models.attention import document_bounds
 
             self._made["flash"] = document_bounds(self.positions) if self.doc is not None else {}
         return self._made["flash"]

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from dist_clm.errors import UserError
-from dist_clm.loss_head import PLAIN_HEADS  # (feed_documents runs these as base model + output projection)
-from dist_clm.model import build_model
+from dist_clm.models.build import build_model
+from dist_clm.models.loss_head import PLAIN_HEADS  # (feed_documents runs these as base model + output projection)
 
 FLASH = "flash_attention_2"
 FLASH_PRECISIONS = ("bf16", "fp16")  # flash attention's kernels take no fp32

@@ -44,7 +44,7 @@ class Metrics:
         self.is_main, self.trackers = is_main, []
         if not is_main:
             return
-        from dist_clm import trackers
+        from dist_clm.observability import trackers
 
         if settings is not None:
             self.trackers = trackers.open_trackers(run_dir, settings, config or {})
@@ -54,7 +54,7 @@ class Metrics:
 
     def _each(self, call) -> None:
         """`call(tracker)` for every tracker; one that fails is said once and left out (training goes on)."""
-        from dist_clm.trackers import said
+        from dist_clm.observability.trackers import said
 
         for t in list(self.trackers):
             try:
@@ -94,7 +94,7 @@ class LogWindow:
                  precision: str = "bf16", tf32: bool = True, objective=None, router=None):  # fmt: skip
         self.sources, self.tokens_per_step, self.flops = sources, tokens_per_step, flops_per_token
         self.world, self.device = world, device
-        self.objective = objective  # (objectives.py) names what its statistics log; None: the window logs none
+        self.objective = objective  # (training/objectives.py) names what its statistics log; None: the window logs none
         self.router = router  # (moe.RouterLoad) an MoE model's router load since the last window, or None
         self.peak = peak_flops(device, precision, tf32)  # (None on the CPU and on GPUs not in PEAKS)
         self.persistent_straggler: int | None = None  # a rank STRAGGLER_LAG x slow in the last two windows
@@ -142,7 +142,7 @@ class LogWindow:
     def emit(self, *, lr: float, grad_norm: float, tokens_seen: int, skipped_steps: int,
              muon_lr: float | None = None) -> dict[str, float]:  # fmt: skip
         """Collective (one small all-reduce): the window's scalars, the same on every rank."""
-        from dist_clm.distributed import all_reduce_sum
+        from dist_clm.parallel.collectives import all_reduce_sum
 
         elapsed = time.perf_counter() - self.start
         n_stats = len(self.objective.stats) if self.objective is not None else 0

@@ -1,5 +1,6 @@
 """What a run minimizes: one object per objective.kind, holding everything that differs between them, so that the
-step (step.py), the log window (metrics.py) and the loss guard (stability.py) never ask which objective runs.
+step (step.py), the log window (observability/metrics.py) and the loss guard (stability.py) never ask which
+objective runs.
 
     clm    NextToken      every token's next-token loss; a step's loss is the mean of its micro batches' means
     sft    LearnedTokens  the learned tokens only (the loss mask); the mean over every learned token of the step
@@ -20,8 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dist_clm import preference
 from dist_clm.errors import DataError
+from dist_clm.training import preference
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,9 @@ class Preference(Objective):
         right = ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()) * both  # (a tie: half right)
         stats = torch.stack([both.sum().float(), chosen.sum(), rejected.sum(), right.sum(), unpaired.float()])
         loss = losses.sum() / weighting["num_items_in_batch"]
-        aux = getattr(out, "aux_loss", None)  # a Mixture-of-Experts router's load balance (moe.py), as pretraining's
+        aux = getattr(
+            out, "aux_loss", None
+        )  # a Mixture-of-Experts router's load balance (models/moe.py), as in pretraining
         if aux is not None:
             loss = loss + run.engine.module.config.router_aux_loss_coef * aux
         return loss, stats
@@ -196,7 +199,7 @@ def for_run(settings, spike_factor: float) -> Objective:
 def per_step_mean(run, mine: int) -> dict:
     """num_items_in_batch for a step whose loss is the mean over `mine` units on this rank and the others' (see
     LearnedTokens.weighting)."""
-    from dist_clm.distributed import all_reduce_sum
+    from dist_clm.parallel.collectives import all_reduce_sum
 
     total = all_reduce_sum([float(mine)], run.env.device)[0]
     share = max(total, 1.0) / (run.env.world_size * run.grad_accum)

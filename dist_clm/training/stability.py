@@ -1,4 +1,4 @@
-"""Protection from NaNs and loss spikes: what a step's agreement (agreement.py) means for its update.
+"""Protection from NaNs and loss spikes: what a step's agreement (parallel/agreement.py) means for its update.
 
 Every rank knows the same answers after the step's agreement:
 
@@ -12,7 +12,7 @@ Every rank knows the same answers after the step's agreement:
   or schedule step. A non-finite gradient norm with a finite loss takes the same path by itself;
   `engine.was_step_applied()` reports both.
 - after `max_bad_steps` bad steps in a row, or at once on a spike, the loop rolls back to the last
-  checkpoint and skips the data window that led there (train.py; the skip is recorded in RUN/skips.json so
+  checkpoint and skips the data window that led there (loop.py; the skip is recorded in RUN/skips.json so
   a later resume skips it too). With no checkpoint yet, a spike's step is dropped and training goes on;
   bad steps in a row with no checkpoint end the run with one sentence.
 
@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dist_clm.distributed import reduce_to_host
 from dist_clm.errors import UserError
+from dist_clm.parallel.collectives import reduce_to_host
 
 
 @dataclass

@@ -1,0 +1,6 @@
+"""Models: decoder-only transformers from presets or a pretrained directory (build.py), which attention
+implementation trains and how packed documents reach it (attention.py), the fused chunked loss head
+(loss_head.py), and what a Mixture-of-Experts model adds (moe.py).
+
+Imports: the foundation only.
+"""

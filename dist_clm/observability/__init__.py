@@ -1,0 +1,5 @@
+"""Observability: what a run reports and where it goes. metrics.jsonl, the window of training scalars, MFU
+(metrics.py); the trackers that receive them, TensorBoard, wandb and MLflow (trackers.py).
+
+Imports: the foundation, parallel (a window's scalars are summed over the ranks).
+"""

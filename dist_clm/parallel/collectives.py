@@ -1,0 +1,131 @@
+"""The collectives dist_clm issues itself (a few small all-reduces and gathers), their timeouts, and telling a
+collective that failed because a peer is gone from any other error.
+
+Timeouts: set-up, checkpoint saves and loads wait up to SETUP_TIMEOUT_S in a collective (a universal
+checkpoint conversion or a large save can take minutes on one rank); training collectives wait
+`distributed.collective_timeout_s` from the second step on (`set_collective_timeout`). A rank that dies makes its
+peers' next collective fail at once; one that stalls makes it time out; either way every surviving rank ends
+(training/loop.py) instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from datetime import timedelta
+
+SETUP_TIMEOUT_S = 1800.0  # collectives of set-up, resume and checkpointing (torch's gloo default)
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """The timeout of every later collective, in every process group: the default one and the ones DeepSpeed
+    made for ZeRO (a stalled rank blocks its peers in whichever they are in)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    setter = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout  # (torch < 2.12 name)
+    groups = list(dist.distributed_c10d._world.pg_map) or [None]  # (torch lists its groups only privately)
+    for group in groups:
+        with contextlib.suppress(ValueError, RuntimeError):  # a group this rank is not part of
+            setter(timedelta(seconds=seconds), group)
+
+
+@contextlib.contextmanager
+def long_collectives(restore_s: float | None) -> Iterator[None]:
+    """Collectives inside the block may wait SETUP_TIMEOUT_S (a save or load on a slow filesystem); then back
+    to `restore_s` (None: it stays long)."""
+    set_collective_timeout(SETUP_TIMEOUT_S)
+    try:
+        yield
+    finally:
+        if restore_s is not None:
+            set_collective_timeout(restore_s)
+
+
+# what gloo and NCCL say when a peer is gone or a collective timed out (they raise plain RuntimeErrors)
+_FAILURE_MARKS = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                  "NCCL communicator was aborted", "ProcessGroupNCCL", "ProcessGroupGloo")  # fmt: skip
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """Whether `error` is a collective that failed because another rank died, stalled or went unreachable."""
+    import torch.distributed as dist
+
+    dist_error = getattr(dist, "DistError", ())
+    return (dist_error and isinstance(error, dist_error)) or any(m in str(error) for m in _FAILURE_MARKS)
+
+
+def failure_reason(error: BaseException, timeout_s: float) -> str:
+    text = str(error)
+    if "imed out" in text:
+        return f"no answer within the collective timeout of {timeout_s:g} s"
+    return "a peer closed its connection: its process died" if "by peer" in text else text.splitlines()[0][:160]
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order (a world of one: [obj])."""
+    import torch
+
+    if not torch.distributed.is_initialized():
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    import torch
+
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def reduce_to_host(tensor, op=None) -> list:
+    """Collective: all-reduce `tensor` (sum, or `op`) and read it back. Under NCCL a collective that timed out
+    has its communicator aborted (nccl_errors_raise), which ends the wait with whatever the buffer held: the
+    work's error is raised instead of those values."""
+    import torch
+
+    if not torch.distributed.is_initialized():
+        return tensor.tolist()
+    work = torch.distributed.all_reduce(tensor, op=op or torch.distributed.ReduceOp.SUM, async_op=True)
+    work.wait()
+    values = tensor.tolist()
+    failed = work.exception() if torch.distributed.get_backend() == "nccl" else None  # (gloo's wait raised)
+    if failed is not None:
+        raise RuntimeError(f"ProcessGroupNCCL: the collective failed: {failed}")
+    return values
+
+
+def all_reduce_sum(values: list, device: str) -> list[float]:
+    """Sum a few floats over all ranks (float64, so token counts stay exact); an entry may be a tensor of one or
+    more values on the device, read with the sum (no host read of its own)."""
+    import torch
+
+    if all(isinstance(v, (int, float)) for v in values):
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+    else:
+        t = torch.cat([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(-1) for v in values])
+    return reduce_to_host(t)
+
+
+def agree_on_error(error: Exception | None, device: str) -> None:
+    """Collective: when any rank holds an error, every rank raises one with the same sentence (the first
+    rank's), so that the rank that prints (rank 0) says what went wrong wherever it happened, and no rank is
+    left waiting in a collective for one that stopped."""
+    import torch
+
+    from dist_clm.errors import UserError, agreed
+
+    if not torch.distributed.is_initialized():
+        if error is not None:
+            raise error
+        return
+    if not all_reduce_sum([float(error is not None)], device)[0]:
+        return
+    messages = all_gather_object(str(error) if error is not None else None)
+    first = next(m for m in messages if m is not None)
+    if isinstance(error, UserError) and str(error) == first:
+        raise agreed(error)
+    raise agreed(UserError(first))

@@ -1,0 +1,74 @@
+"""Each rank's sign of life in the process group's store, so that the survivors of a failed collective can name
+the rank that stopped."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from dist_clm.parallel.process_group import DistEnv
+
+
+class Heartbeat:
+    """Each rank's sign of life, in the process group's store (served by rank 0's process): a daemon thread
+    adds 1 to this rank's counter every second, whatever the main thread is doing (computing, or blocked in a
+    collective). When a collective fails, the survivors look at which counters stopped moving: those ranks'
+    processes are dead or stopped. The store is torch's own (no public accessor: `_get_default_store`).
+    `stop()` before the process exits: a daemon thread still inside the store's C++ client when the interpreter
+    finalizes aborts the process ("terminate called without an active exception")."""
+
+    PERIOD_S = 1.0
+
+    def __init__(self, env: DistEnv):
+        import threading
+
+        import torch.distributed as dist
+
+        self.env, self.store, self._thread = env, None, None
+        self._stopped = threading.Event()
+        if not (dist.is_initialized() and env.world_size > 1):
+            return
+        try:
+            self.store = dist.distributed_c10d._get_default_store()
+            self.store.set(f"dist_clm/node/{env.rank}", env.node)
+        except Exception:  # noqa: BLE001 (no store, no names: failures are still reported, without them)
+            self.store = None
+            return
+        self._thread = threading.Thread(target=self._beat, name="dist-clm-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        key = f"dist_clm/alive/{self.env.rank}"
+        while not self._stopped.is_set():
+            try:
+                self.store.add(key, 1)
+            except Exception:  # noqa: BLE001 (rank 0's process, which serves the store, is gone: nothing to do)
+                return
+            self._stopped.wait(self.PERIOD_S)
+
+    def stop(self) -> None:
+        """End the thread and wait for it (at most one store call: milliseconds, or an error once the store's
+        server is gone)."""
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def laggards(self) -> str:
+        """Who stopped, e.g. 'rank 3 (node dn2) stopped answering', or '' when it cannot be told."""
+        import time
+
+        if self.store is None:
+            return ""
+        try:
+            self.store.set_timeout(timedelta(seconds=5))
+            keys = [f"dist_clm/alive/{r}" for r in range(self.env.world_size)]
+            before = [self.store.add(k, 0) for k in keys]
+            time.sleep(3 * self.PERIOD_S)
+            after = [self.store.add(k, 0) for k in keys]
+            silent = [r for r in range(self.env.world_size) if after[r] == before[r]]
+            nodes = {r: self.store.get(f"dist_clm/node/{r}").decode() for r in silent}
+        except Exception:  # noqa: BLE001 (the store lives in rank 0's process: it may be the one that stopped)
+            return "rank 0 (which serves the process group's store) stopped answering"
+        if not silent or len(silent) == self.env.world_size:
+            return ""
+        named = ", ".join(f"rank {r} (node {nodes[r]})" for r in silent[:4]) + (" and more" if len(silent) > 4 else "")
+        return f"{named} stopped answering (dead or stopped process)"

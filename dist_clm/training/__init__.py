@@ -1,0 +1,6 @@
+"""Training: `train(cfg)`, the loop that tells the story (loop.py); set-up and resume (setup.py); one optimizer
+step (step.py); what a run minimizes (objectives.py; DPO and ORPO in preference.py); the loss guard and dropped
+updates (stability.py); stopping on a signal at an agreed step (preemption.py).
+
+Imports: the foundation, data, models, parallel, observability, checkpointing, evaluation.
+"""
