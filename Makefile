@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: quickstart test test-fast lint install
+.PHONY: quickstart test test-fast test-unit lint install
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -15,11 +15,15 @@ install: $(VENV)/.installed
 quickstart: $(VENV)/.installed  ## the whole path on the embedded corpus (the Python standard library)
 	$(VENV)/bin/dist-clm quickstart
 
-test: $(VENV)/.installed  ## the whole suite (~45 min on 2 cores; SLURM tests skip without a cluster)
-	$(PY) -m pytest --durations=25
+# two workers: the cluster tier (its waits for SLURM) on one, the rest, a module at a time, on the other
+test: $(VENV)/.installed  ## every tier, as CI runs it (SLURM and S3 tests need launchers/local_slurm and local_s3)
+	$(PY) -m pytest -n 2 --dist loadgroup --durations=25
 
-test-fast: $(VENV)/.installed  ## without the multi-process runs
-	$(PY) -m pytest -m "not slow"
+test-fast: $(VENV)/.installed  ## the unit tier and the single-process integration tests (~5 min on 2 cores)
+	$(PY) -m pytest tests/unit tests/integration -m "not slow" --durations=10
+
+test-unit: $(VENV)/.installed  ## the unit tier alone (under a minute)
+	$(PY) -m pytest tests/unit
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

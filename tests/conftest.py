@@ -1,7 +1,11 @@
-"""Shared fixtures: a small real corpus, a tokenizer trained on it, prepared MDS shards, one trained run.
+"""What the three tiers share: a small real corpus, a tokenizer trained on it, prepared MDS shards, one trained
+run, preference data and the model DPO starts from, each built once per test run, and the tiers' markers.
 
-Everything is real (tokenizers, MDSWriter/StreamingDataset, DeepSpeed on CPU), only small.
-"""
+tests/unit/ runs in this process and starts no other (seconds); tests/integration/ runs the real commands and
+launchers on this machine (multi-process runs are marked slow); tests/cluster/ needs the local SLURM cluster or the
+S3 server (.ci/run starts both). Each test gets its folder's marker: `pytest -m unit`, `-m "not cluster"`.
+
+Everything is real (tokenizers, MDSWriter/StreamingDataset, DeepSpeed on CPU), only small."""
 
 from __future__ import annotations
 
@@ -11,7 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import BUCKET, TINY, corpus_files, run_cli, start_server
+from tests.helpers import (
+    BUCKET,
+    PARTS_OPTS,
+    PREF_BLOCK,
+    TINY,
+    TINY_PREF,
+    corpus_files,
+    run_cli,
+    start_server,
+)
 
 # Each StreamingDataset leaves lock files in the temp dir; give the session its own (also for subprocesses).
 _TMP = tempfile.mkdtemp(prefix="dist_clm_tests_")
@@ -20,6 +33,21 @@ tempfile.tempdir = _TMP
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TESTS = Path(__file__).parent
+TIERS = ("unit", "integration", "cluster")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Each test carries its tier's marker (its folder under tests/), and its group for `pytest -n 2 --dist
+    loadgroup` (make test): the cluster tier is one group, run in order on one worker (its tests share the SLURM
+    cluster's nodes), while the other worker takes the rest a module at a time (its module fixtures built once)."""
+    for item in items:
+        tier = Path(item.path).relative_to(TESTS).parts[0]
+        if tier in TIERS:
+            item.add_marker(tier)
+        group = "cluster" if tier == "cluster" else str(Path(item.path).relative_to(TESTS))
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
@@ -108,3 +136,70 @@ def s3():
     with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
         client.create_bucket(Bucket=BUCKET)
     return client
+
+
+@pytest.fixture(scope="session")
+def parts_corpus(tmp_path_factory) -> Path:
+    """A prepare in parts' inputs, every kind: a large JSON-lines file (cut between tasks, with duplicates and an
+    empty line), a parquet file of many row groups, a compressed JSON-lines file (read whole), a plain text."""
+    import gzip
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path_factory.mktemp("parts_corpus")
+    docs = [f.read_text() for f in corpus_files(40)]
+    with open(d / "a.jsonl", "w") as f:
+        for text in docs[:20] + docs[:4] + [""]:
+            f.write(json.dumps({"text": text}) + "\n")
+    pq.write_table(pa.table({"text": docs[20:34] + docs[2:3]}), d / "b.parquet", row_group_size=2)
+    with gzip.open(d / "c.jsonl.gz", "wt") as f:
+        for text in docs[34:39]:
+            f.write(json.dumps({"text": text}) + "\n")
+    (d / "d.txt").write_text(docs[39])
+    return d
+
+
+@pytest.fixture(scope="session")
+def parts_reference(tmp_path_factory, parts_corpus, tokenizer_dir) -> Path:
+    """parts_corpus prepared by one process: what any number of parts must give."""
+    from dist_clm.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("parts_ref") / "one"
+    prepare(tokenizer_dir, out, [str(parts_corpus)], **PARTS_OPTS)
+    return out
+
+
+@pytest.fixture(scope="session")
+def pref_data(tmp_path_factory, chat_tokenizer) -> Path:
+    """Synthetic preference pairs prepared for DPO (blocks of PREF_BLOCK tokens)."""
+    root = tmp_path_factory.mktemp("pref")
+    records = root / "pairs.jsonl"
+    assert (
+        run_cli("data", "synthetic", "--task", "preference", "--out", str(records), "--records", "200").returncode == 0
+    )
+    out = root / "data"
+    r = run_cli("prepare", str(records), "--tokenizer", str(chat_tokenizer), "--out", str(out), "--format",
+                "preference", "--block-size", str(PREF_BLOCK), "--val-fraction", "0.1", "--quiet")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def start_model(tmp_path_factory, chat_tokenizer, pref_data) -> Path:
+    """The model DPO starts from: a tiny GPT-2 trained briefly on the pairs' prompts with their chosen answers
+    (SFT on the synthetic chat data, the same tokenizer), exported; pref_data's reference values are its."""
+    root = tmp_path_factory.mktemp("start")
+    chat = root / "chat.jsonl"
+    assert run_cli("data", "synthetic", "--task", "chat", "--out", str(chat), "--records", "200").returncode == 0
+    data = root / "sft"
+    r = run_cli("prepare", str(chat), "--tokenizer", str(chat_tokenizer), "--out", str(data), "--format", "chat",
+                "--block-size", str(PREF_BLOCK), "--quiet")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli("train", *TINY_PREF, f"data.path={data}", f"run.dir={root / 'run'}", "train.max_steps=10")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert run_cli("export", str(root / "run"), "--out", str(root / "model")).returncode == 0
+    r = run_cli("prepare-reference", str(pref_data), "--model", str(root / "model"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return root / "model"

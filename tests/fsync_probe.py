@@ -1,5 +1,6 @@
 """Run a `dist-clm` command in this process with every fsync and rename recorded, in order; the record goes
-to the JSON file named by the first argument (used by tests/test_run_integrity.py to check durability).
+to the JSON file named by the first argument (tests/integration/checkpointing/test_run_integrity.py checks
+durability with it).
 
     python tests/fsync_probe.py RECORD.json train|prepare ...
 """

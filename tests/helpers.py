@@ -376,3 +376,54 @@ def start_server() -> dict:
     r = subprocess.run(["bash", str(ROOT / "launchers/local_s3/start.sh")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     return server_env()
+
+
+# ---- a model without a tokenizer
+
+
+class FakeTokenizer:
+    """Only what build_model reads of a tokenizer: its length and special ids."""
+
+    def __init__(self, n):
+        self.n, self.bos_token_id, self.eos_token_id = n, 0, 0
+
+    def __len__(self):
+        return self.n
+
+
+# ---- a prepare in parts
+
+PARTS_OPTS = dict(chunk_tokens=700, shard_bytes=1 << 13, val_fraction=0.2, num_proc=1, progress=False)
+PARTS_CLI_OPTS = ["--chunk-tokens", "700", "--shard-mb", str(1 / 128), "--val-fraction", "0.2", "--num-proc", "1",
+                  "--quiet"]  # fmt: skip
+
+
+def documents(data: Path | str, split: str) -> list[tuple[int, ...]]:
+    """A split's documents (token ids), sorted: the multiset, whatever the order and the chunking."""
+    from dist_clm.data.format import read_manifest
+    from dist_clm.data.stream import TokenStream
+
+    m = read_manifest(data)
+    stream = TokenStream(data, split, m)
+    ids, starts = stream.read(0, stream.tokens, with_starts=True)
+    cuts = [*starts.tolist(), len(ids)]
+    return sorted(tuple(ids[a:b].tolist()) for a, b in zip(cuts, cuts[1:], strict=False))
+
+
+def in_parts(tokenizer, out, inputs, tasks, **options) -> dict:
+    """A prepare in `tasks` parts, every stage of every task in this process, then the merge."""
+    from dist_clm.data.merge import merge
+    from dist_clm.data.prepare import prepare_part
+
+    for stage in ("hash", "dedup", "tokenize") if options.get("dedup") else ("tokenize",):
+        for i in range(tasks):
+            prepare_part(tokenizer, out, inputs, tasks, i, stage, **(PARTS_OPTS | options))
+    return merge(str(out))
+
+
+# ---- preference data (DPO, ORPO)
+
+PREF_BLOCK = 128
+TINY_PREF = ["model.preset=tiny", "model.overrides.n_embd=64", f"data.block_size={PREF_BLOCK}",
+             "train.micro_batch_size=4", "optim.warmup_steps=2", "optim.lr=3e-3", "train.eval_blocks=2",
+             "train.eval_every=0", "run.progress_bar=false", "train.log_every=10"]  # fmt: skip

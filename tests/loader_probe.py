@@ -1,4 +1,5 @@
-"""Run under torchrun by tests/test_loader_resume.py: what blocks does each rank see, and after a resume?
+"""Run under torchrun by tests/integration/data/test_loader_resume.py: what blocks does each rank see, and after
+a resume?
 
 For each data setting (one source; a 3:1 mixture of two) and each number of loader workers, this rank
 records the token ids of every micro batch it gets:

@@ -1,0 +1,172 @@
+"""What researchers read during a run: evaluation-only data (a validation split alone) for `eval --data` and as
+a weight-0 source, progress that reads well in a log file (plain lines, no carriage-return frames), and the same
+numbers in TensorBoard, wandb and MLflow, read back with their own readers, across a resume."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import TINY, corpus_files, metrics, run_cli, train_losses
+
+QUIET = {"DIST_CLM_PROGRESS_SECONDS": "0"}  # a progress line at every update: what a log file gets, sooner
+
+
+@pytest.fixture(scope="module")
+def held(tmp_path_factory, data_dir) -> tuple[Path, str]:
+    """Evaluation-only data (`prepare --val-fraction 1`), and what prepare printed (not to a terminal)."""
+    root = tmp_path_factory.mktemp("held")
+    corpus = root / "held_out"
+    corpus.mkdir()
+    for i, f in enumerate(corpus_files(12, skip=40)):
+        (corpus / f"{i:02d}.py").write_text(f.read_text())
+    r = run_cli("prepare", str(corpus), "--tokenizer", str(data_dir / "tokenizer"), "--out", str(root / "held"),
+                "--val-fraction", "1", "--chunk-tokens", "500", env=QUIET)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    return root / "held", r.stdout + r.stderr
+
+
+def test_eval_only_data_and_progress_lines_in_a_log(held, trained_run):
+    from dist_clm.config import load_config
+    from dist_clm.data.run_data import training_sources
+    from dist_clm.errors import UserError
+
+    data, printed = held
+    m = json.loads((data / "manifest.json").read_text())
+    assert m["eval_only"] and m["splits"]["train"]["documents"] == 0 and m["splits"]["val"]["documents"] == 12
+    # the output is lines, as a SLURM log or nohup gets it: no carriage-return frames
+    assert "\r" not in printed and "prepare: " in printed and " doc/s" in printed
+    r = run_cli("eval", str(trained_run), "--data", str(data), "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.splitlines()[-1])["tokens"] > 0
+    with pytest.raises(
+        UserError, match="is evaluation-only data .prepared with --val-fraction 1.*weight 0 in data.mix"
+    ):
+        training_sources(load_config(None, [f"data.path={data}"]).data)
+
+
+def wandb_history(run_file: Path) -> tuple[str, list[dict]]:
+    """(the run id, the logged rows) of a wandb offline run file: records in the LevelDB log framing wandb writes
+    (7-byte header, 32 KiB blocks, chunks of crc32c, length, type), each one wandb's own protobuf Record."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, chunks, whole = run_file.read_bytes(), 7, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0:
+            pos += left
+            continue
+        chunks += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            whole.append(chunks)
+            chunks = b""
+    run_id, rows = "", []
+    for raw in whole:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run_id = record.run.run_id
+        elif kind == "history":
+            rows.append(
+                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            )
+    return run_id, rows
+
+
+def test_the_same_numbers_in_tensorboard_wandb_and_mlflow_downstream_tasks_included(tmp_path, data_dir, held,
+                                                                                   monkeypatch):  # fmt: skip
+    """One run logs to every tracker with downstream tasks in the loop; it trains bit for bit like the same run
+    without them; a resume's trackers continue the same tracker runs."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dist_clm.config import load_config
+    from dist_clm.observability.metrics import Metrics
+
+    data, _ = held
+    mix = f"data.mix=[{{path: '{data_dir}', weight: 1}}, {{path: '{data}', weight: 0, name: held}}]"
+    base = [*TINY, mix, "data.path=", "train.log_every=1", "train.eval_every=2", "train.max_steps=4"]
+    plain = tmp_path / "plain"
+    r = run_cli("train", *base, f"run.dir={plain}", "run.loggers=[jsonl]", "run.progress_bar=true", env=QUIET)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "\r" not in r.stdout + r.stderr  # progress as plain lines in a log
+    lines = [line for line in r.stdout.splitlines() if line.startswith("train: ")]
+    assert lines and "4/4 step (100%)" in lines[-1] and "step/s" in lines[-1], r.stdout[-2000:]
+    assert any("val/held/loss" in row for row in metrics(plain))  # the evaluation-only source, weight 0
+    run = tmp_path / "run"
+    args = [*base, f"run.dir={run}", "run.loggers=[tensorboard, wandb, mlflow, jsonl]", "run.name=watched",
+            "train.eval_tasks=[dist_clm_arith, dist_clm_code_cloze]", "train.eval_tasks_limit=20"]  # fmt: skip
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    r = run_cli("train", *args)
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr[-3000:]
+    assert "\r" not in r.stdout + r.stderr and "step 4: downstream" in r.stdout
+    # what a resume does with the trackers (opens them from the run directory again), here in-process
+    cfg = load_config(None, args)
+    again = Metrics(run, is_main=True, settings=cfg.run, config=cfg.to_dict())
+    again.log(5, {"train/loss": 1.25})
+    again.close()
+
+    rows = metrics(run)
+    losses = {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
+    assert losses == {**train_losses(metrics(plain)), 5: 1.25}  # bit for bit: the tasks changed nothing
+    acc = {row["step"]: row["eval/dist_clm_arith/acc"] for row in rows if "eval/dist_clm_arith/acc" in row}
+    assert sorted(acc) == [2, 4] and all(0 <= a <= 1 for a in acc.values())
+    assert any("eval/dist_clm_code_cloze/perplexity" in row and "eval/time_s" in row for row in rows)
+
+    board = EventAccumulator(str(run / "tensorboard"))
+    board.Reload()
+    assert {e.step: e.value for e in board.Scalars("train/loss")} == pytest.approx(losses, rel=1e-6)
+    assert {e.step: e.value for e in board.Scalars("eval/dist_clm_arith/acc")} == pytest.approx(acc)
+    assert "optim:" in board.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+
+    ids = json.loads((run / "trackers.json").read_text())
+    client = MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
+    history = {m.step: m.value for m in client.get_metric_history(ids["mlflow"], "train/loss")}
+    assert history == pytest.approx(losses, rel=1e-6)  # one MLflow run, continued
+    got = {m.step: m.value for m in client.get_metric_history(ids["mlflow"], "eval/dist_clm_arith/acc")}
+    assert got == pytest.approx(acc)
+    mlflow_run = client.get_run(ids["mlflow"])
+    assert mlflow_run.data.params["optim.lr"] == "0.003" and mlflow_run.info.run_name == "watched"
+
+    logged, tasks = {}, {}
+    files = sorted(run.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 2  # the run and its continuation: one wandb run id, synced together
+    for f in files:
+        run_id, history_rows = wandb_history(f)
+        assert run_id == ids["wandb"]
+        logged |= {row["_step"]: row["train/loss"] for row in history_rows if "train/loss" in row}
+        tasks |= {
+            row["_step"]: row["eval/dist_clm_arith/acc"] for row in history_rows if "eval/dist_clm_arith/acc" in row
+        }
+    assert logged == pytest.approx(losses, rel=1e-6) and tasks == pytest.approx(acc)
+
+
+def test_eval_runs_downstream_tasks_from_the_suite_and_from_a_folder(tmp_path, trained_run):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "colors.jsonl").write_text("".join(json.dumps({"q": f"def f{i}(): return", "choices": [" 1", " x"],
+                                                            "label": i % 2}) + "\n" for i in range(10)))  # fmt: skip
+    (tasks / "colors.yaml").write_text(f"task: my_task\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    "
+                                       f"test: {tasks / 'colors.jsonl'}\ntest_split: test\noutput_type: "
+                                       "multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: '{{choices}}'\n"
+                                       "doc_to_target: '{{label}}'\nmetric_list:\n  - metric: acc\n")  # fmt: skip
+    r = run_cli("eval", str(trained_run), "--tasks", "dist_clm_suite", str(tasks), "--limit", "20", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads(r.stdout.splitlines()[-1])
+    assert set(results) == {"dist_clm_arith", "dist_clm_code_next_line", "dist_clm_code_cloze", "my_task"}
+    assert "dist_clm_arith  " in r.stdout and 0 <= results["my_task"]["acc"] <= 1 and "\r" not in r.stderr
+    from dist_clm.errors import UserError
+    from dist_clm.evaluation import downstream
+
+    with pytest.raises(UserError, match="unknown task 'no_such_task_anywhere'.*dist_clm_suite"):
+        downstream.run_tasks(None, None, ["no_such_task_anywhere"], "cpu")

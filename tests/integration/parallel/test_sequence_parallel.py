@@ -1,0 +1,146 @@
+"""Sequence parallelism (distributed.sequence_parallel_size): a block's tokens split over a group of ranks.
+
+- tests/sp_probe.py under torchrun (2 ranks): for GPT-2 and Llama, with and without document masking, on pretraining
+and fine-tuning labels, ZeRO 2 and 3, fused and plain loss heads, DPO, the micro batch's loss and every gradient
+after DeepSpeed's reduction equal the unsharded model's; the logits of sdpa and of flash attention (through its
+stand-in) keep the documents apart, where DeepSpeed's own registration attends across them (it equals plain causal
+attention); flex attention's BlockMask allows exactly what sdpa's dense mask allows. - real runs: SP=2 on 2 ranks
+trains what SP=1 on 1 rank trains, step by step; a kill -9 of the whole process group in the middle resumes bitwise;
+the SP=2 run's checkpoint continues at SP=1. - what cannot divide is one sentence."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from dist_clm.parallel.process_group import free_port
+from tests.helpers import BIN, REPO, TINY, assert_clean_error, metrics, run_cli, same, train_losses, weights
+
+COMMON = [*TINY, "train.micro_batch_size=2", "train.global_batch_size=4", "train.max_steps=4", "train.log_every=1",
+          "checkpoint.save_every=2", "train.eval_every=0", "train.eval_blocks=2",
+          "data.document_mask=true"]  # fmt: skip
+
+
+# the sequence-parallel runs recompute their activations in the backward pass (activation checkpointing: the
+# core attention's documents must outlive the forward pass); the SP=1 reference does not (the same math)
+SP2 = ["distributed.sequence_parallel_size=2", "train.activation_checkpointing=true"]
+
+
+def torchrun(n: int) -> list[str]:
+    return [str(BIN / "torchrun"), "--nproc_per_node", str(n), "--master_port", str(free_port()), "-m", "dist_clm",
+            "train"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_every_loss_gradient_and_attention_path_equals_the_unsharded_model(tmp_path):
+    out = tmp_path / "probe.json"
+    r = subprocess.run([*torchrun(2)[:-3], "-m", "tests.sp_probe", str(out)], capture_output=True, text=True,
+                       timeout=600, cwd=REPO)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-4000:]
+    found = json.loads(out.read_text())
+    training = {k: v for k, v in found.items() if "zero=" in k}
+    assert len(training) == 8  # (6 token-level cases, 2 of DPO pairs)
+    for case, diff in training.items():
+        assert diff["loss"] < 1e-5 and diff["reported"] < 1e-5, case
+        assert diff["grad"] < 1e-4, case  # (relative to the largest gradient of each parameter)
+    for case in ("gpt2 logits sdpa", "llama logits sdpa", "llama logits flash_attention_2"):
+        assert found[case]["logits"] < 1e-5, case
+    # flash attention was given the documents of both rows, over the whole rows (5, 11, 16 | 20, 12 tokens)
+    assert found["flash_calls"] and all(c == [0, 5, 16, 32, 52, 64] for c in found["flash_calls"])
+    # DeepSpeed's own Ulysses registration drops the documents: its logits are plain causal attention's
+    own = found["llama deepspeed's own"]
+    assert own["vs_causal"] < 1e-5 and own["vs_documents"] > 1e-2
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_dir):
+    """SP=1 on 1 rank, and SP=2 on 2 ranks (torchrun, activation checkpointing), 4 steps of packed documents with
+    checkpoints at 2 and 4."""
+    root = tmp_path_factory.mktemp("sp")
+    one = run_cli("train", *COMMON, f"data.path={data_dir}", f"run.dir={root / 'sp1'}")
+    assert one.returncode == 0, one.stderr[-3000:]
+    sp2 = SP2
+    cmd = [*torchrun(2), *COMMON, f"data.path={data_dir}", f"run.dir={root / 'sp2'}", *sp2]
+    two = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    return root / "sp1", root / "sp2"
+
+
+def per_step(run, skip: int = 0) -> dict[int, tuple[float, int]]:
+    return {r["step"]: (r["train/loss"], r["data/token_sum"]) for r in metrics(run, skip) if "train/loss" in r}
+
+
+@pytest.mark.slow
+def test_sp2_trains_what_sp1_trains_and_its_checkpoint_continues_at_sp1(runs, tmp_path, data_dir):
+    sp1, sp2 = runs
+    want, got = per_step(sp1), per_step(sp2)
+    assert list(got) == [1, 2, 3, 4]
+    for step, (loss, tokens) in got.items():
+        assert tokens == want[step][1], step  # the same blocks, counted once per group
+        assert loss == pytest.approx(want[step][0], abs=1e-5), step
+    ds = json.loads((sp2 / "ds_config.json").read_text())
+    assert ds["sequence_parallel_size"] == 2 and ds["gradient_accumulation_steps"] == 2  # (one data-parallel rank)
+
+    moved = tmp_path / "moved"  # SP=2's step-2 checkpoint, resumed at SP=1 on one rank
+    shutil.copytree(sp2, moved)
+    shutil.rmtree(moved / "checkpoints" / "step_00000004")
+    skip = len(metrics(moved))
+    r = run_cli("train", *COMMON, f"data.path={data_dir}", f"run.dir={moved}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    after = per_step(moved, skip)
+    assert list(after) == [3, 4]
+    for step, (loss, tokens) in after.items():
+        assert tokens == got[step][1] and loss == pytest.approx(got[step][0], abs=1e-5), step
+
+
+@pytest.mark.slow
+def test_kill_9_in_the_middle_of_an_sp_run_resumes_bitwise(runs, tmp_path, data_dir):
+    _, sp2 = runs
+    run = tmp_path / "killed"
+    cmd = [*torchrun(2), *COMMON, f"data.path={data_dir}", f"run.dir={run}", *SP2]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:  # past the step-2 checkpoint, in step 3 or 4
+        if (run / "metrics.jsonl").is_file() and 3 in train_losses(metrics(run)):
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    cmd[cmd.index("--master_port") + 1] = str(free_port())
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout + r.stderr
+    assert same(weights(run, 4), weights(sp2, 4))  # bit for bit the uninterrupted run's
+
+
+def test_what_cannot_divide_is_one_sentence(tmp_path, data_dir):
+    from transformers import AutoConfig
+
+    from dist_clm.errors import UserError
+    from dist_clm.parallel.sequence_parallel import check, check_world
+
+    llama = AutoConfig.for_model("llama", num_attention_heads=6, num_key_value_heads=3, hidden_size=48)
+    with pytest.raises(UserError, match="does not divide the 3 ranks"):
+        check_world(2, 3)
+    with pytest.raises(UserError, match="does not divide the model's 6 attention heads"):
+        check(llama, 4, [64])
+    with pytest.raises(UserError, match="3 key/value heads neither divide it"):
+        check(AutoConfig.for_model("llama", num_attention_heads=8, num_key_value_heads=3, hidden_size=48), 2, [64])
+    gqa = AutoConfig.for_model("llama", num_attention_heads=8, num_key_value_heads=2, hidden_size=64)
+    with pytest.raises(UserError, match="data.block_size 65 is not a multiple"):
+        check(gqa, 2, [64, 65])
+    check(gqa, 4, [64, 128])  # (4 ranks share 2 key/value heads: each is replicated)
+    # a plain process is one rank: SP=2 cannot divide it, one sentence before anything is written
+    r = run_cli("train", *TINY, f"data.path={data_dir}", f"run.dir={tmp_path / 'r'}",
+                "distributed.sequence_parallel_size=2")  # fmt: skip
+    assert_clean_error(r, "distributed.sequence_parallel_size' is 2, which does not divide the 1 ranks")
+    assert not (tmp_path / "r").exists()
+    r = run_cli("train", *TINY, "distributed.sequence_parallel_size=0")
+    assert_clean_error(r, "sequence_parallel_size' must be 1 (off) or more")

@@ -1,0 +1,57 @@
+"""The one console path (console.py): who speaks, and what each rank prints."""
+
+from __future__ import annotations
+
+import pytest
+
+from dist_clm import console
+from dist_clm.errors import UserError, agreed
+
+
+@pytest.fixture
+def bound(monkeypatch):
+    """Restores the console's binding afterwards; no rank or node from the environment."""
+    ctx = console._CONTEXT
+    saved = (ctx.rank, ctx.world, ctx.node, ctx.run)
+    for var in ("RANK", "SLURM_PROCID", "SLURMD_NODENAME"):
+        monkeypatch.delenv(var, raising=False)
+    yield console.bind
+    console.bind(*saved)
+
+
+def test_one_process_prints_the_text_alone(bound, capsys):
+    """A one-process run: info on stdout, warning on stderr marked as one, no rank prefix."""
+    bound(0, 1, "nodeA")
+    console.info("step 1")
+    console.warning("careful")
+    assert capsys.readouterr() == ("step 1\n", "warning: careful\n")
+
+
+def test_multi_rank_lines_name_the_rank_and_info_is_the_main_ranks(bound, capsys):
+    """Rank 0 of 2 says its info with `[rank 0/2 node]`; another rank says only every_rank info and its warnings,
+    prefixed with itself; a warning every rank reaches alike (every_rank=False) is said by the main rank only."""
+    bound(0, 2, "nodeA")
+    console.info("main says")
+    console.warning("alike", every_rank=False)
+    assert capsys.readouterr() == ("[rank 0/2 nodeA] main says\n", "[rank 0/2 nodeA] warning: alike\n")
+    bound(3, 4, "nodeB")
+    console.info("not said")
+    console.warning("alike", every_rank=False)
+    console.info("mine", every_rank=True)
+    console.warning("my own")
+    assert capsys.readouterr() == ("[rank 3/4 nodeB] mine\n", "[rank 3/4 nodeB] warning: my own\n")
+
+
+def test_error_line_is_said_once_or_by_the_rank_that_met_it(bound, capsys, monkeypatch):
+    """`dist-clm: error: ...` on stderr: by the main rank bare, by another rank with `rank R: ` (and its SLURM
+    node), and an agreed error only by the main rank."""
+    bound(0, 2, "n0")
+    console.error(agreed(UserError("every rank broke.")))
+    assert capsys.readouterr() == ("", "dist-clm: error: every rank broke.\n")
+    bound(1, 2, "n1")
+    console.error(agreed(UserError("every rank broke.")))
+    console.error(UserError("my shard is bad."))
+    monkeypatch.setenv("SLURMD_NODENAME", "gpu07")
+    console.error(UserError("mine again."))
+    assert capsys.readouterr() == ("", "dist-clm: error: rank 1: my shard is bad.\n"
+                                       "dist-clm: error: rank 1 on gpu07: mine again.\n")  # fmt: skip
