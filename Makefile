@@ -15,9 +15,9 @@ install: $(VENV)/.installed
 quickstart: $(VENV)/.installed  ## the whole path on the embedded corpus (the Python standard library)
 	$(VENV)/bin/dist-clm quickstart
 
-# two workers: the cluster tier (its waits for SLURM) on one, the rest, a module at a time, on the other
+# two workers, each taking a test module whole; the cluster tier is one unit, in order (tests/conftest.py)
 test: $(VENV)/.installed  ## every tier, as CI runs it (SLURM and S3 tests need launchers/local_slurm and local_s3)
-	$(PY) -m pytest -n 2 --dist loadgroup --durations=25
+	$(PY) -m pytest -n 2 --dist loadscope --no-loadscope-reorder --durations=25
 
 test-fast: $(VENV)/.installed  ## the unit tier and the single-process integration tests (~5 min on 2 cores)
 	$(PY) -m pytest tests/unit tests/integration -m "not slow" --durations=10

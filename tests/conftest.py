@@ -39,15 +39,29 @@ TIERS = ("unit", "integration", "cluster")
 
 
 def pytest_collection_modifyitems(items) -> None:
-    """Each test carries its tier's marker (its folder under tests/), and its group for `pytest -n 2 --dist
-    loadgroup` (make test): the cluster tier is one group, run in order on one worker (its tests share the SLURM
-    cluster's nodes), while the other worker takes the rest a module at a time (its module fixtures built once)."""
+    """Each test carries its tier's marker (its folder under tests/)."""
     for item in items:
         tier = Path(item.path).relative_to(TESTS).parts[0]
         if tier in TIERS:
             item.add_marker(tier)
-        group = "cluster" if tier == "cluster" else str(Path(item.path).relative_to(TESTS))
-        item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` (`pytest -n 2 --dist loadscope`): a scope goes to one worker whole; here a scope is a test module
+    (its module fixtures built once), except the cluster tier, one scope run in order on one worker: its tests share
+    the SLURM cluster's nodes and the S3 server, which one of them stops and starts again. The scopes come from the
+    path, not from xdist_group marks: pytest 9 no longer lets xdist 3.8 append a group to a test's id."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class TierScopes(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "tests/cluster" if path.startswith("tests/cluster/") else path
+
+    return TierScopes(config, log)
 
 
 @pytest.fixture(scope="session")
@@ -110,6 +124,15 @@ def trained_run(tmp_path_factory, data_dir) -> Path:
     )
     assert r.returncode == 0, r.stderr[-3000:]
     return run
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, trained_run) -> Path:
+    """trained_run's last checkpoint as a Hugging Face directory (`dist-clm export`'s function). Read it; a test
+    that changes an export copies it first."""
+    from dist_clm.evaluation.export import export
+
+    return export(trained_run, tmp_path_factory.mktemp("exported") / "hf")
 
 
 @pytest.fixture(scope="session")

@@ -179,6 +179,36 @@ def read_split(path: Path):
     return [ds[i] for i in range(ds.num_samples)]
 
 
+# ---- shared memory
+
+SHM = Path("/dev/shm")
+
+
+def _held_by_others() -> set[str]:
+    """Names in /dev/shm that another live process maps or holds open: a test running beside this one."""
+    names = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/maps") as f:
+                names |= {line.split("/dev/shm/", 1)[1].removesuffix(" (deleted)") for line in f.read().splitlines()
+                          if "/dev/shm/" in line}  # fmt: skip
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if target.startswith("/dev/shm/"):
+                        names.add(target.removeprefix("/dev/shm/"))
+    return names
+
+
+def new_in_shared_memory(before: set[str]) -> set[str]:
+    """What appeared in /dev/shm since `before` and stays with no other process holding it: what this test's
+    processes left. A segment a concurrent test's live process holds is that test's (make test runs two at once)."""
+    new = set(os.listdir(SHM)) - before
+    return {n for n in new - _held_by_others() if (SHM / n).exists()} if new else set()
+
+
 # ---- a run's outputs
 
 

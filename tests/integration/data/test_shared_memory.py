@@ -16,7 +16,7 @@ import pytest
 
 from dist_clm.checkpointing.checkpointer import complete_checkpoints
 from dist_clm.parallel.process_group import free_port
-from tests.helpers import BIN, TINY, metrics, train_losses
+from tests.helpers import BIN, TINY, metrics, new_in_shared_memory, train_losses
 
 pytestmark = pytest.mark.slow
 
@@ -56,14 +56,14 @@ def test_kill_9_leaves_nothing_behind_and_the_rerun_resumes(tmp_path, data_dir):
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher, both ranks and their loader workers, mid-training
     proc.wait()
     assert ours(port) == set()  # stale ones removed, the live ones unlinked once mapped
-    assert set(os.listdir("/dev/shm")) - before == set()  # nothing new in shared memory at all
+    assert new_in_shared_memory(before) == set()  # nothing new in shared memory at all
 
     killed_at = int(complete_checkpoints(run)[-1].name.split("_")[1])
     skip = len(metrics(run))
     again = start(run, data_dir, port, f"train.max_steps={killed_at + 3}", "checkpoint.save_every=2")
     assert again.wait(timeout=300) == 0, (run.parent / "run.log").read_text()[-3000:]
     assert list(train_losses(metrics(run, skip))) == [killed_at + 1, killed_at + 2, killed_at + 3]
-    assert set(os.listdir("/dev/shm")) - before == set()
+    assert new_in_shared_memory(before) == set()
 
 
 def test_two_runs_side_by_side_on_one_data_directory(tmp_path, data_dir):
@@ -74,4 +74,4 @@ def test_two_runs_side_by_side_on_one_data_directory(tmp_path, data_dir):
         assert p.wait(timeout=400) == 0, (r.parent / f"{r.name}.log").read_text()[-3000:]
         assert list(train_losses(metrics(r))) == list(range(1, 7))
     assert train_losses(metrics(runs[0])) == pytest.approx(train_losses(metrics(runs[1])), rel=1e-5)  # same run
-    assert set(os.listdir("/dev/shm")) - before == set()
+    assert new_in_shared_memory(before) == set()

@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -219,9 +220,8 @@ def test_export_holds_at_most_one_copy_of_the_model(wide_zero3_run, tmp_path):
     assert int(r.stdout.split()[-1]) < model_bytes + 64e6
 
 
-def test_an_export_continues_pretraining_where_the_checkpoint_was(trained_run, data_dir, tmp_path):
-    out = tmp_path / "hf"
-    export(trained_run, out)
+def test_an_export_continues_pretraining_where_the_checkpoint_was(trained_run, exported, data_dir, tmp_path):
+    out = exported
     run = tmp_path / "continued"
     r = run_cli("train", *TINY, f"data.path={data_dir}", f"run.dir={run}", f"model.pretrained={out}",
                 "train.max_steps=3", "train.eval_every=0")  # fmt: skip
@@ -235,12 +235,14 @@ def test_an_export_continues_pretraining_where_the_checkpoint_was(trained_run, d
     assert evaluate_cli(str(out), data=str(data_dir), block_size=64) == evaluate_cli(str(trained_run))
 
 
-def test_export_refuses_a_non_empty_target_and_a_mismatched_tokenizer(trained_run, tmp_path, corpus_dir):
+def test_export_refuses_a_non_empty_target_and_a_mismatched_tokenizer(trained_run, exported, tmp_path, corpus_dir):
+    import shutil
+
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "f").write_text("x")
     with pytest.raises(UserError, match="already exists and is not empty"):
         export(trained_run, tmp_path / "busy")
-    out = export(trained_run, tmp_path / "hf")
+    out = Path(shutil.copytree(exported, tmp_path / "hf"))
     from dist_clm.data import sources
     from dist_clm.data.tokenizer import train_bpe
 

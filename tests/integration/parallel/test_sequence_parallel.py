@@ -1,12 +1,14 @@
 """Sequence parallelism (distributed.sequence_parallel_size): a block's tokens split over a group of ranks.
 
-- tests/sp_probe.py under torchrun (2 ranks): for GPT-2 and Llama, with and without document masking, on pretraining
-and fine-tuning labels, ZeRO 2 and 3, fused and plain loss heads, DPO, the micro batch's loss and every gradient
-after DeepSpeed's reduction equal the unsharded model's; the logits of sdpa and of flash attention (through its
-stand-in) keep the documents apart, where DeepSpeed's own registration attends across them (it equals plain causal
-attention); flex attention's BlockMask allows exactly what sdpa's dense mask allows. - real runs: SP=2 on 2 ranks
-trains what SP=1 on 1 rank trains, step by step; a kill -9 of the whole process group in the middle resumes bitwise;
-the SP=2 run's checkpoint continues at SP=1. - what cannot divide is one sentence."""
+- tests/sp_probe.py under torchrun (2 ranks): for GPT-2 and Llama, with and without document masking, on
+  pretraining and fine-tuning labels, ZeRO 2 and 3, fused and plain loss heads, DPO, the micro batch's loss and every
+  gradient after DeepSpeed's reduction equal the unsharded model's; the logits of sdpa and of flash attention
+  (through its stand-in) keep the documents apart, where DeepSpeed's own registration attends across them (it
+  equals plain causal attention); flex attention's BlockMask allows exactly what sdpa's dense mask allows.
+- real runs: SP=2 on 2 ranks trains what SP=1 on 1 rank trains, step by step; a kill -9 of the whole process
+  group in the middle resumes bitwise; the SP=2 run's checkpoint continues at SP=1.
+- what cannot divide is one sentence.
+"""
 
 from __future__ import annotations
 
