@@ -5,6 +5,7 @@ import pytest
 import torch
 
 
+@pytest.mark.slow  # inductor compiles a kernel per model (~25 s on 2 cores)
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny"])
 def test_flex_attention_masks_documents_as_sdpa_does(tokenizer_dir, preset):
     """FlexAttention's block-sparse mask from restarting positions (its forward: on CPU torch has no flex

@@ -177,6 +177,7 @@ def test_dpo_resumes_exactly_and_refuses_another_reference(tmp_path, pref_data, 
     assert_clean_error(r, "train.micro_batch_size", "must be even")
 
 
+@pytest.mark.slow
 def test_reference_values_are_checked_and_survive_a_killed_or_concurrent_rerun(tmp_path, pref_data, start_model):
     """The stored values are checked when a run loads them (bit rot, a cut copy: one sentence); a second
     prepare-reference on the same data is refused while one runs; one killed (-9, its process group) at any

@@ -102,14 +102,16 @@ def test_sigterm_to_the_launcher_command_ends_in_a_checkpoint(tmp_path, data_dir
 
 @pytest.mark.parametrize("held", ["alive", "in_a_cycle"])
 def test_a_process_with_live_loader_workers_still_exits(data_dir, held):
-    """Workers ignore SIGTERM (it is the main process's), so multiprocessing's exit handler, which SIGTERMs
-    them, would wait for them forever: the loader stops them first, also when its iterator was lost in a
-    reference cycle (as a traceback makes), whose collection closes the workers' queues before they are told."""
+    """Workers ignore SIGTERM (training's worker_init: it is the main process's), so multiprocessing's exit
+    handler, which SIGTERMs them, would wait for them forever: the loader stops them first, also when its iterator
+    was lost in a reference cycle (as a traceback makes), whose collection closes the workers' queues before they
+    are told."""
     code = (
         "import gc\nfrom dist_clm.data.loader import TrainLoader\nfrom dist_clm.data.order import Source\n"
-        "from dist_clm.data.format import read_manifest\n"
+        "from dist_clm.data.format import read_manifest\nfrom dist_clm.training.preemption import ignore_stop_signals\n"
         f"d = {str(data_dir)!r}\n"
-        "ld = TrainLoader([Source('a', d, read_manifest(d))], block_size=64, micro_batch=2, num_workers=2)\n"
+        "ld = TrainLoader([Source('a', d, read_manifest(d))], block_size=64, micro_batch=2, num_workers=2,\n"
+        "                 worker_init=ignore_stop_signals)\n"
         "held = [iter(ld)]\nnext(held[0])\n"
     )
     if held == "in_a_cycle":

@@ -1,5 +1,7 @@
 """A straggler, measured on the step's agreement and named (two ranks on this machine)."""
 
+import pytest
+
 from dist_clm.parallel.process_group import free_port
 from tests.helpers import (
     BIN,
@@ -9,6 +11,7 @@ from tests.helpers import (
 )
 
 
+@pytest.mark.slow
 def test_a_straggler_is_measured_on_the_steps_agreement_and_named(tmp_path, data_dir):
     """Rank 1 reaches every step's agreement 0.3 s late (a drill): train/straggler_* say so, and the log names
     it once it has been slow for two windows in a row. (No SLURM needed: two ranks on this machine.)"""
