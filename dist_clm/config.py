@@ -191,7 +191,8 @@ class OptimConfig:
 
     lr: float = 2e-3  # peak learning rate, reached after warmup
     min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio at train.max_steps
-    warmup_steps: int = 30  # linear warmup from 0
+    warmup_steps: int | float = 0.1  # linear warmup from 0 over this many steps, or (below 1) this fraction of
+    # train.max_steps: 0.1 warms up over 30 steps of 300, 2 of 20
     schedule: Literal["cosine", "linear", "wsd"] = "cosine"  # after warmup: cosine or linear decay, or WSD
     # (warmup-stable-decay: constant lr, then a linear decay over the last decay_fraction of the steps)
     decay_fraction: float = 0.2  # WSD only
@@ -204,6 +205,11 @@ class OptimConfig:
     # it as it scales lr; lr is then the AdamW parameters')
     muon_momentum: float = 0.95  # train.optimizer=muon: Muon's (Nesterov) momentum
 
+    def warmup(self, max_steps: int) -> int:
+        """The warmup in steps for a run of `max_steps`: warmup_steps, or its fraction of them rounded."""
+        w = self.warmup_steps
+        return round(w * max_steps) if isinstance(w, float) and w < 1 else int(w)
+
     def checks(self) -> list[Check]:
         return [
             (self.muon_lr > 0, "muon_lr", f"must be positive, got {self.muon_lr}"),
@@ -211,6 +217,11 @@ class OptimConfig:
             (self.lr > 0, "lr", f"must be positive, got {self.lr}"),
             (0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be between 0 and 1, got {self.min_lr_ratio}"),
             (self.warmup_steps >= 0, "warmup_steps", f"must be 0 or more, got {self.warmup_steps}"),
+            (
+                self.warmup_steps < 1 or float(self.warmup_steps).is_integer(),
+                "warmup_steps",
+                f"must be a whole number of steps or a fraction of train.max_steps below 1, got {self.warmup_steps}",
+            ),
             (0 < self.decay_fraction <= 1, "decay_fraction", f"must be in (0, 1], got {self.decay_fraction}"),
             (self.grad_clip >= 0, "grad_clip", f"must be 0 (off) or positive, got {self.grad_clip}"),
         ]
@@ -346,9 +357,10 @@ class Config:
                 if not ok:
                     raise ConfigError(f"config key '{f.name}.{key}' {problem}.")
         o, t = self.optim, self.train
-        if o.warmup_steps >= t.max_steps:
+        if o.warmup(t.max_steps) >= t.max_steps:
             raise ConfigError(
-                f"config key 'optim.warmup_steps' must be below train.max_steps ({t.max_steps}), got {o.warmup_steps}."
+                f"config key 'optim.warmup_steps' must be below train.max_steps ({t.max_steps}), got {o.warmup_steps}; "
+                "or give it as a fraction of the steps (e.g. optim.warmup_steps=0.05)."
             )
         return self
 

@@ -21,7 +21,7 @@ TRAIN_SETTINGS = [
     "train.max_steps=1000",
     "train.micro_batch_size=8",
     "optim.lr=3e-3",
-    "optim.warmup_steps=50",
+    "optim.warmup_steps=0.05",  # of train.max_steps, so a shorter run (train.max_steps=50) keeps a warmup too
     "train.eval_every=250",
     "train.eval_blocks=32",
     "checkpoint.save_every=250",

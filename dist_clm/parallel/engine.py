@@ -200,17 +200,18 @@ def _merge(base: dict, over: dict) -> dict:
 def lr_factor(step: int, o: OptimConfig, max_steps: int) -> float:
     """The learning rate of update `step` (0-based) of `max_steps` as a fraction of optim.lr.
 
-    Linear warmup over optim.warmup_steps, then one of: cosine to min_lr_ratio at max_steps; linear to it; or
-    WSD: constant, then linear to min_lr_ratio over the last decay_fraction of the steps.
+    Linear warmup over optim.warmup_steps (or that fraction of max_steps), then one of: cosine to min_lr_ratio at
+    max_steps; linear to it; or WSD: constant, then linear to min_lr_ratio over the last decay_fraction of the steps.
     """
-    if step < o.warmup_steps:
-        return (step + 1) / o.warmup_steps
+    warmup = o.warmup(max_steps)
+    if step < warmup:
+        return (step + 1) / warmup
     floor = o.min_lr_ratio
     if o.schedule == "wsd":
         decay = max(1, round(o.decay_fraction * max_steps))
         progress = min(1.0, max(0.0, (step - (max_steps - decay)) / decay))
         return 1.0 - (1.0 - floor) * progress
-    progress = min(1.0, (step - o.warmup_steps) / max(1, max_steps - o.warmup_steps))
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
     if o.schedule == "linear":
         return 1.0 - (1.0 - floor) * progress
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

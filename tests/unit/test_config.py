@@ -33,6 +33,23 @@ def test_overrides_apply_on_top_of_file(tmp_path):
     assert cfg.run.tensorboard is False
 
 
+def test_warmup_is_steps_or_a_fraction_of_the_run():
+    optim = lambda *o: load_config(None, list(o)).optim  # noqa: E731
+    assert optim().warmup(300) == 30 and optim().warmup(20) == 2  # the default: a tenth of the run
+    assert optim("optim.warmup_steps=0.05").warmup(1000) == 50 and optim("optim.warmup_steps=7").warmup(1000) == 7
+    assert optim("optim.warmup_steps=0").warmup(1000) == 0
+
+
+@pytest.mark.parametrize("max_steps", [20, 50])
+def test_the_shipped_small_settings_take_a_short_run(max_steps):
+    """configs/tiny-cpu.yaml and the quick start's settings with fewer steps, as their own help suggests."""
+    from dist_clm.quickstart import TRAIN_SETTINGS
+
+    for cfg in (load_config(REPO / "configs/tiny-cpu.yaml", [f"train.max_steps={max_steps}"]),
+                load_config(None, [*TRAIN_SETTINGS, f"train.max_steps={max_steps}"])):  # fmt: skip
+        assert 0 < cfg.optim.warmup(max_steps) < max_steps
+
+
 def test_int_accepted_where_float_expected():
     assert load_config(None, ["optim.lr=1"]).optim.lr == 1.0
 
@@ -52,6 +69,8 @@ def test_int_accepted_where_float_expected():
         ),
         (["distributed.zero_stage=4"], "config key 'distributed.zero_stage' must be 0, 1, 2 or 3, got 4."),
         (["optim.warmup_steps=500", "train.max_steps=100"], "'optim.warmup_steps' must be below train.max_steps (100)"),
+        (["optim.warmup_steps=2.5"], "'optim.warmup_steps' must be a whole number of steps or a fraction of"),
+        (["optim.warmup_steps=5", "train.max_steps=5"], "or give it as a fraction of the steps (e.g. optim.warmup"),
         (["data.block_size=1"], "config key 'data.block_size' must be at least 2, got 1."),
         (["optim.lr=-1"], "config key 'optim.lr' must be positive, got -1.0."),
         (["trainlr"], "override 'trainlr' is not of the form section.key=value"),

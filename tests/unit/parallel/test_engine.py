@@ -31,6 +31,8 @@ def test_warmup_then_cosine_linear_and_wsd():
     wsd = t("optim.schedule=wsd", "optim.decay_fraction=0.2")
     assert all(lr_factor(s, wsd, 100) == 1.0 for s in range(10, 81))  # stable until the last 20 steps
     assert lr_factor(90, wsd, 100) == pytest.approx(1 - 0.9 * 0.5)  # then linear down
+    share = t("optim.warmup_steps=0.25", "optim.schedule=linear", "optim.min_lr_ratio=0")  # a quarter of the run
+    assert [lr_factor(s, share, 20) for s in range(7)] == pytest.approx([1 / 5, 2 / 5, 3 / 5, 4 / 5, 1, 1, 1 - 1 / 15])
 
 
 def test_generated_config_and_precedence_of_a_users_json(tmp_path):
