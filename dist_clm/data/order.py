@@ -163,7 +163,9 @@ class DataPosition:
         if saved["fingerprint"] != self.fingerprint:
             changes.append("the training data (tokenizer, sources or token counts)")
         if saved["global_batch"] != self.global_batch:
-            changes.append(f"the global batch ({saved['global_batch']} -> {self.global_batch} blocks per step)")
+            old = saved["global_batch"]  # (unset, it is micro batch x ranks x accumulation: ranks change it)
+            changes.append(f"the global batch: {old} blocks per step, now {self.global_batch}; "
+                           f"train.global_batch_size={old} keeps it on any number of ranks")  # fmt: skip
         for key in ("block_size", "shuffle_window"):
             if saved[key] != getattr(self, key):
                 changes.append(f"data.{key}: {saved[key]} -> {getattr(self, key)}")

@@ -158,7 +158,10 @@ def test_the_data_position_refuses_what_would_order_the_blocks_differently(data_
     state = first.position.state_dict()
     with pytest.raises(Mismatch) as refused:
         loader(data_dir, block=32, micro=4, accum=2, state=state)
-    assert refused.value.changes == ["the global batch (4 -> 8 blocks per step)", "data.block_size: 64 -> 32"]
+    assert refused.value.changes == [
+        "the global batch: 4 blocks per step, now 8; train.global_batch_size=4 keeps it on any number of ranks",
+        "data.block_size: 64 -> 32",
+    ]
     with pytest.raises(Mismatch, match=r"the training mixture \(\[\['prepared', 1.0\]\] -> "):
         loader([src(data_dir, 3.0), src(data_dir_b, 1.0)], micro=2, accum=2, state=state)
     moved = loader([src(data_dir, name="elsewhere")], micro=1, accum=2, world=2, state=state)
