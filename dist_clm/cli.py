@@ -302,7 +302,7 @@ def _export(a: argparse.Namespace) -> None:
     _model_source(a.checkpoint, exported_ok=False)
     from dist_clm.evaluation.export import export
 
-    print(f"exported to {export(a.checkpoint, a.out, a.dtype, a.max_shard_size)}")
+    print(f"exported to {export(a.checkpoint, a.out, a.dtype, a.max_shard_size, a.provenance)}")
 
 
 def _launch_slurm(a: argparse.Namespace) -> None:
@@ -446,6 +446,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True)
     t.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     t.add_argument("--max-shard-size", default="2GB", help="safetensors shard size limit, e.g. 500MB")
+    t.add_argument(
+        "--provenance", choices=["public", "full"], default="public",
+        help="public (default): no local paths in the export, the data and tokenizer named by their fingerprints; "
+             "full: the local paths too (the run directory keeps them anyway)",
+    )  # fmt: skip
     t.set_defaults(func=_export)
 
     ln = sub.add_parser("launch", help="submit training to a cluster").add_subparsers(dest="where", required=True)

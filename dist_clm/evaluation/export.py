@@ -3,14 +3,21 @@
 Nothing here needs a GPU or a DeepSpeed engine. ZeRO 1-3 keep fp32 master weights partitioned in the optimizer
 shards, gathered with DeepSpeed's own zero_to_fp32; ZeRO 0 keeps the module's own weights in the model-states
 file. The export never builds the model: it writes one safetensors shard at a time.
+
+An export is meant to be published: by default it names the checkpoint, the data and the tokenizer by what they
+are (the checkpoint's tag, each source's name and fingerprint, the tokenizer's fingerprint), never by a local
+path; the full local provenance stays in the run directory (config.yaml, the data's manifests), and
+`provenance="full"` (`dist-clm export --provenance full`) copies it into the export too. Every file is readable
+as the umask allows any new file (0644 under the usual 022), the weights included.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
-import shutil
+import os
 from pathlib import Path
 
 from dist_clm.checkpointing.checkpointer import COMPLETE, read_marker, read_parts, reading, run_dir_of
@@ -127,20 +134,31 @@ def _write_weights(tag_dir: Path, out: Path, max_shard_size: str, dtype) -> int:
     return sum(t.numel() for t in shapes.values())
 
 
-def export(path: str | Path, out_dir: str | Path, dtype: str = "float32", max_shard_size: str = "2GB") -> Path:
+PROVENANCE = ("public", "full")
+# config keys that hold a local path or a private address: left out of a public export's dist_clm_config.yaml
+LOCAL_KEYS = {"run": ("dir", "mlflow_tracking_uri"), "data": ("path", "cache_dir"), "model": ("pretrained",)}
+LEFT_OUT = "<local, not exported>"
+
+
+def export(
+    path: str | Path, out_dir: str | Path, dtype: str = "float32", max_shard_size: str = "2GB",
+    provenance: str = "public",
+) -> Path:  # fmt: skip
     """A Hugging Face directory from a checkpoint: config, safetensors weights, tokenizer, generation config,
-    the run's config and data provenance, and a model card. No GPU and no engine are needed; the weights are
-    consolidated one shard at a time, never holding a second copy of the model."""
+    the run's config and data provenance, and a model card (public by default, see the module docstring). No GPU
+    and no engine are needed; the weights are consolidated one shard at a time, never holding a second copy."""
+    if provenance not in PROVENANCE:
+        raise UserError(f"provenance must be one of {', '.join(PROVENANCE)}, got '{provenance}'.")
     p = Path(path)
     if is_exported(p):
         raise UserError(f"'{p}' is already an exported Hugging Face directory; copy it instead of exporting.")
     out = Path(out_dir)
     refuse_non_empty(out)
     with reading(p) as tag_dir:  # (keep-k pruning leaves it alone meanwhile)
-        return _export(tag_dir, out, dtype, max_shard_size)
+        return _export(tag_dir, out, dtype, max_shard_size, full=provenance == "full")
 
 
-def _export(tag_dir: Path, out: Path, dtype: str, max_shard_size: str) -> Path:
+def _export(tag_dir: Path, out: Path, dtype: str, max_shard_size: str, full: bool) -> Path:
     import torch
     from transformers import AutoConfig, GenerationConfig
 
@@ -161,12 +179,63 @@ def _export(tag_dir: Path, out: Path, dtype: str, max_shard_size: str) -> Path:
             pad_token_id=tok.eos_token_id,
         ).save_pretrained(str(tmp))  # fmt: skip
         tok.save_pretrained(str(tmp))
-        if (run_dir / "config.yaml").is_file():
-            shutil.copy(run_dir / "config.yaml", tmp / "dist_clm_config.yaml")
+        run_config = yaml_load(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+        if run_config is not None:
+            (tmp / "dist_clm_config.yaml").write_text(_config_text(run_config, full))
         provenance = _provenance(run_dir, tag_dir)
-        (tmp / "data_provenance.json").write_text(json.dumps(provenance, indent=2))
-        (tmp / "README.md").write_text(_model_card(out.name, config, n_params, tag_dir, run_dir, provenance))
+        shown = provenance if full else _public(provenance)
+        (tmp / "data_provenance.json").write_text(json.dumps(shown, indent=2))
+        card = _model_card(out.name, config, n_params, run_config or {}, run_dir, shown)
+        (tmp / "README.md").write_text(card)
+        _readable(tmp)
     return out
+
+
+def yaml_load(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def _config_text(run_config: dict, full: bool) -> str:
+    """The run's config.yaml; public: local paths and addresses replaced by a note that they were left out."""
+    import yaml
+
+    if full:
+        return yaml.safe_dump(run_config, sort_keys=False)
+    shown = json.loads(json.dumps(run_config))  # a deep copy
+    for section, keys in LOCAL_KEYS.items():
+        for key in keys:
+            if shown.get(section, {}).get(key):
+                shown[section][key] = LEFT_OUT
+    for source in shown.get("data", {}).get("mix") or []:
+        if source.get("path"):
+            source["path"] = LEFT_OUT
+    head = "# the training configuration; local paths left out (dist-clm export --provenance full keeps them)\n"
+    return head + yaml.safe_dump(shown, sort_keys=False)
+
+
+def _public(prov: dict) -> dict:
+    """The provenance without local paths: the checkpoint's tag, each source's name, fingerprint and counts."""
+    sources = []
+    for s in prov["sources"]:
+        m = json.loads(json.dumps(s["manifest"]))
+        m.get("tokenizer", {}).pop("source", None)  # a local directory; its fingerprint says what it is
+        origin = m.get("sources", {})
+        for key in ("inputs", "listing"):  # file paths, globs, bucket URLs
+            if key in origin:
+                origin[key] = f"{len(origin[key])} given" if isinstance(origin[key], list) else "given"
+        m.pop("undecodable_examples", None)  # (they name the files)
+        sources.append({k: v for k, v in s.items() if k != "path"} | {"manifest": m})
+    return {**prov, "checkpoint": Path(prov["checkpoint"]).name, "sources": sources}
+
+
+def _readable(root: Path) -> None:
+    """Every file and directory with the mode a new one gets under the umask (some writers make theirs 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [root, *root.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _provenance(run_dir: Path, tag_dir: Path) -> dict:
@@ -184,8 +253,9 @@ def _provenance(run_dir: Path, tag_dir: Path) -> dict:
             manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
             for split in manifest.get("splits", {}).values():
                 split.pop("length_histogram", None)
-            sources.append({"name": (m.name if m else "") or Path(path).name, "path": str(path),
-                            "weight": m.weight if m else 1.0, "manifest": manifest})  # fmt: skip
+            sources.append({"name": (m.name if m else "") or _dataset_name(manifest), "path": str(path),
+                            "weight": m.weight if m else 1.0, "fingerprint": _fingerprint(manifest),
+                            "manifest": manifest})  # fmt: skip
     progress = read_parts(tag_dir)["progress"]
     return {
         "checkpoint": str(tag_dir),
@@ -197,8 +267,28 @@ def _provenance(run_dir: Path, tag_dir: Path) -> dict:
     }
 
 
-def _model_card(name: str, config, n_params: int, tag_dir: Path, run_dir: Path, prov: dict) -> str:
-    val = None
+def _dataset_name(manifest: dict) -> str:
+    """What an unnamed source is: the Hugging Face dataset it came from, or the files' kind."""
+    origin = manifest.get("sources", {})
+    if origin.get("dataset"):
+        return origin["dataset"] + (f" ({origin['config']})" if origin.get("config") else "")
+    return "training data"
+
+
+def _fingerprint(manifest: dict) -> str:
+    """The prepared data's identity: its tokenizer and its token counts (not where it lies)."""
+    key = {k: manifest.get(k) for k in ("tokenizer", "chunk_tokens", "token_dtype")}
+    key["tokenizer"] = (key["tokenizer"] or {}).get("fingerprint")
+    key["splits"] = {k: [v.get("documents"), v.get("tokens")] for k, v in sorted(manifest.get("splits", {}).items())}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _model_card(name: str, config, n_params: int, run_config: dict, run_dir: Path, prov: dict) -> str:
+    val, model = None, run_config.get("model", {})
+    objective = run_config.get("objective", {}).get("kind", "clm")
+    what = {"clm": "pretrained", "sft": "fine-tuned (SFT)", "dpo": "preference-tuned (DPO)",
+            "orpo": "preference-tuned (ORPO)"}.get(objective, "trained")  # fmt: skip
+    start = "continuing a pretrained model" if model.get("pretrained") else "from scratch"
     if (run_dir / "metrics.jsonl").is_file():
         for line in (run_dir / "metrics.jsonl").read_text().splitlines():
             row = json.loads(line)
@@ -213,7 +303,7 @@ def _model_card(name: str, config, n_params: int, tag_dir: Path, run_dir: Path, 
         f"# {name}",
         "",
         f"A {config.model_type} causal language model ({n_params:,} parameters, vocabulary "
-        f"{config.vocab_size:,}) trained from scratch or continued with dist_clm, exported from `{tag_dir}` "
+        f"{config.vocab_size:,}) {what} with dist_clm, {start}; exported from checkpoint `{prov['checkpoint']}` "
         f"at step {prov['step']}"
         + (f" after {prov['tokens_seen']:,} training tokens." if prov["tokens_seen"] else "."),
     ]
@@ -240,9 +330,11 @@ def _model_card(name: str, config, n_params: int, tag_dir: Path, run_dir: Path, 
         splits = m.get("splits", {})
         counts = ", ".join(f"{k}: {v['documents']:,} documents, {v['tokens']:,} tokens" for k, v in splits.items())
         inputs = m.get("sources", {}).get("inputs", [])
+        where = f"`{src['path']}`, " if "path" in src else ""
+        given = ", ".join(f"`{i}`" for i in inputs) if isinstance(inputs, list) else inputs
         lines.append(
-            f"- **{src['name']}** (weight {src['weight']:g}): `{src['path']}`, prepared {m.get('created', '?')} "
-            f"from {', '.join(f'`{i}`' for i in inputs) or 'unknown inputs'}; {counts}; tokenizer fingerprint "
+            f"- **{src['name']}** (weight {src['weight']:g}, fingerprint `{src.get('fingerprint', '?')}`): {where}"
+            f"prepared {m.get('created', '?')} from {given or 'unknown inputs'}; {counts}; tokenizer fingerprint "
             f"`{m.get('tokenizer', {}).get('fingerprint', '?')}`."
         )
     if prov["skipped_windows"]:

@@ -3,6 +3,7 @@ libraries (transformers' own loss, DeepSpeed's own consolidation, pipeline()).""
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -233,6 +234,33 @@ def test_an_export_continues_pretraining_where_the_checkpoint_was(trained_run, e
     same_windows = evaluate_cli(str(out), data=str(data_dir), block_size=64, max_blocks=8)
     assert first_val["val/loss"] == pytest.approx(same_windows["loss"], rel=1e-5)
     assert evaluate_cli(str(out), data=str(data_dir), block_size=64) == evaluate_cli(str(trained_run))
+
+
+def test_an_export_names_no_local_path_and_everyone_can_read_it(trained_run, exported, data_dir, tmp_path):
+    """A public export (the default): no file names a local path (the session's temp root holds the corpus, the
+    tokenizer, the data and the run), the data and tokenizer go by their fingerprints, and every file, the weights
+    too, has the mode the umask gives a new file (0644 under 022). --provenance full keeps the local paths."""
+    root = os.environ["TMPDIR"]
+    files = [p for p in exported.rglob("*") if p.is_file()]
+    for path in files:
+        if path.suffix != ".safetensors":
+            assert root not in path.read_text() and str(Path.home()) + "/" not in path.read_text(), path.name
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: 0o666 & ~mask for p in files}
+    prov = json.loads((exported / "data_provenance.json").read_text())
+    [source] = prov["sources"]
+    assert prov["checkpoint"].startswith("step_") and "path" not in source and len(source["fingerprint"]) == 16
+    assert source["manifest"]["sources"]["inputs"] == "1 given" and "source" not in source["manifest"]["tokenizer"]
+    card = (exported / "README.md").read_text()
+    assert "pretrained with dist_clm, from scratch; exported from checkpoint `step_" in card
+    assert source["fingerprint"] in card and source["manifest"]["tokenizer"]["fingerprint"] in card
+    assert "run:\n  dir: <local, not exported>" in (exported / "dist_clm_config.yaml").read_text()
+
+    full = export(trained_run, tmp_path / "full", provenance="full")
+    assert json.loads((full / "data_provenance.json").read_text())["sources"][0]["path"] == str(data_dir)
+    assert str(data_dir) in (full / "README.md").read_text()
+    assert f"dir: {trained_run}" in (full / "dist_clm_config.yaml").read_text()
 
 
 def test_export_refuses_a_non_empty_target_and_a_mismatched_tokenizer(trained_run, exported, tmp_path, corpus_dir):
