@@ -29,6 +29,7 @@ from pathlib import Path
 
 from dist_clm import console
 from dist_clm.errors import UserError
+from dist_clm.parallel import ops
 from dist_clm.parallel.collectives import SETUP_TIMEOUT_S, all_gather_object
 
 
@@ -90,6 +91,8 @@ def init() -> DistEnv:
     if "LOCAL_WORLD_SIZE" not in os.environ:
         os.environ["LOCAL_WORLD_SIZE"] = os.environ.get("LOCAL_SIZE", os.environ["WORLD_SIZE"])
     use_cpu_accelerator_if_no_gpu()
+    if not os.environ.get("TORCH_EXTENSIONS_DIR"):
+        ops.use_own_op_home()  # (the ranks a launcher starts inherit it from their launcher, or compute the same)
     deepspeed = import_deepspeed()
     import torch
 
@@ -103,9 +106,12 @@ def init() -> DistEnv:
         if shm is not None and shm.exists():  # our own name, so left by a killed run on this address and port
             console.warning(f"removing stale shared memory '{shm}' left by a killed run")
             shm.unlink(missing_ok=True)
-        deepspeed.init_distributed(
-            dist_backend="nccl" if on_gpu else "gloo", verbose=False, timeout=timedelta(seconds=SETUP_TIMEOUT_S)
-        )
+        if not on_gpu:
+            ops.announce_build(local_rank)
+        with ops.quiet_build_report():
+            deepspeed.init_distributed(
+                dist_backend="nccl" if on_gpu else "gloo", verbose=False, timeout=timedelta(seconds=SETUP_TIMEOUT_S)
+            )
         import atexit
 
         atexit.register(shutdown)  # any process that joined a group leaves it before the interpreter finalizes
