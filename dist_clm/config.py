@@ -37,11 +37,15 @@ class RunConfig:
     # export read it). Each gets the same scalars, the resolved config and the run's identity; a resume continues
     # the same tracker run (ids in <dir>/trackers.json); a tracker that fails is a warning, never a stop
     name: str = ""  # the run's name in the trackers (default: the name of `dir`)
-    wandb_project: str = "dist-clm"
-    wandb_entity: str = ""  # (default: the account's)
-    wandb_mode: str = "offline"  # offline: files under <dir>/wandb for `wandb sync`; online (needs WANDB_API_KEY)
-    mlflow_tracking_uri: str = ""  # e.g. http://mlflow:5000; default: sqlite:///<dir>/mlflow.db
-    mlflow_experiment: str = "dist-clm"
+    # each tracker's own environment applies where these are unset (""): WANDB_PROJECT, WANDB_ENTITY, WANDB_MODE,
+    # WANDB_DIR, MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME; a key set here wins over its variable
+    wandb_project: str = ""  # (default: WANDB_PROJECT, else dist-clm)
+    wandb_entity: str = ""  # (default: WANDB_ENTITY, else the account's)
+    wandb_mode: str = ""  # offline (the default without WANDB_MODE): files under <dir>/wandb (or WANDB_DIR) for
+    # `wandb sync`; online (needs WANDB_API_KEY)
+    mlflow_tracking_uri: str = ""  # e.g. http://mlflow:5000 (default: MLFLOW_TRACKING_URI, else
+    # sqlite:///<dir>/mlflow.db)
+    mlflow_experiment: str = ""  # (default: MLFLOW_EXPERIMENT_NAME, else dist-clm)
     progress_bar: bool = True  # progress on rank 0: a bar on a terminal, a plain line every 30 s in a log file
     overwrite: bool = False  # when `dir` holds checkpoints of another training (other settings or data, or
     # checkpoint.resume=false): delete them, with the metrics and TensorBoard files, and start afresh (default: refuse)
@@ -51,7 +55,11 @@ class RunConfig:
         unknown = [x for x in self.loggers if x not in known]
         return [
             (not unknown, "loggers", f"names {', '.join(map(repr, unknown))}; choose from {', '.join(known)}"),
-            (self.wandb_mode in ("offline", "online"), "wandb_mode", f"is offline or online, not {self.wandb_mode!r}"),
+            (
+                self.wandb_mode in ("", "offline", "online"),
+                "wandb_mode",
+                f"is offline or online, not {self.wandb_mode!r}",
+            ),  # fmt: skip
         ]
 
 

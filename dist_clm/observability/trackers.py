@@ -23,6 +23,7 @@ IDENTITY = "trackers.json"
 
 class Tracker:
     name = ""
+    where = ""  # where its numbers go, said once when it opens
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         raise NotImplementedError
@@ -60,6 +61,27 @@ class TensorBoard(Tracker):
         self.writer.close()
 
 
+def wandb_settings(settings, run_dir: Path, environ=os.environ) -> dict:
+    """wandb.init's project, entity, mode and dir: run.wandb_* where set, else wandb's own variables, else
+    dist_clm's defaults (project dist-clm, offline, files in the run directory)."""
+    return {
+        "project": settings.wandb_project or environ.get("WANDB_PROJECT") or "dist-clm",
+        "entity": settings.wandb_entity or environ.get("WANDB_ENTITY") or None,
+        "mode": settings.wandb_mode or environ.get("WANDB_MODE") or "offline",
+        "dir": environ.get("WANDB_DIR") or str(run_dir),
+    }
+
+
+def mlflow_settings(settings, run_dir: Path, environ=os.environ) -> dict:
+    """The MLflow tracking URI and experiment: run.mlflow_* where set, else MLflow's own variables, else a SQLite
+    file in the run directory and the experiment dist-clm (MLflow's file store is deprecated)."""
+    return {
+        "uri": settings.mlflow_tracking_uri or environ.get("MLFLOW_TRACKING_URI")
+        or f"sqlite:///{(run_dir / 'mlflow.db').absolute()}",
+        "experiment": settings.mlflow_experiment or environ.get("MLFLOW_EXPERIMENT_NAME") or "dist-clm",
+    }  # fmt: skip
+
+
 class Wandb(Tracker):
     """Weights & Biases: online, or offline into RUN/wandb (`wandb sync RUN/wandb/offline-run-*` uploads it)."""
 
@@ -68,10 +90,11 @@ class Wandb(Tracker):
     def __init__(self, run_dir: Path, settings, config: dict, run_id: str):
         import wandb
 
-        mode = os.environ.get("WANDB_MODE") or settings.wandb_mode
-        self.run = wandb.init(project=settings.wandb_project, entity=settings.wandb_entity or None, name=settings.name
-                              or run_dir.name, id=run_id, resume="allow", dir=str(run_dir), config=config, mode=mode,
+        w = wandb_settings(settings, run_dir)
+        self.run = wandb.init(**w, name=settings.name or run_dir.name, id=run_id, resume="allow", config=config,
                               settings=wandb.Settings(init_timeout=60, silent=True, console="off"))  # fmt: skip
+        where = f"files in {w['dir']}/wandb" if w["mode"] == "offline" else "online"
+        self.where = f"{w['mode']}, project {w['project']}, {where}"
 
     def log(self, step, scalars):
         self.run.log(dict(scalars), step=step)
@@ -91,14 +114,12 @@ class Mlflow(Tracker):
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
-        uri = settings.mlflow_tracking_uri or f"sqlite:///{(run_dir / 'mlflow.db').absolute()}"  # (the file store
-        # is deprecated)
-        self.client = MlflowClient(tracking_uri=uri)
+        m = mlflow_settings(settings, run_dir)
+        self.client = MlflowClient(tracking_uri=m["uri"])
+        self.where = f"{m['uri']}, experiment {m['experiment']}"
         if run_id is None:
-            experiment = self.client.get_experiment_by_name(settings.mlflow_experiment)
-            exp_id = (
-                experiment.experiment_id if experiment else self.client.create_experiment(settings.mlflow_experiment)
-            )
+            experiment = self.client.get_experiment_by_name(m["experiment"])
+            exp_id = experiment.experiment_id if experiment else self.client.create_experiment(m["experiment"])
             run = self.client.create_run(exp_id, run_name=settings.name or run_dir.name,
                                          tags={"dist_clm.run_dir": str(run_dir.absolute())})  # fmt: skip
             run_id = run.info.run_id
@@ -161,6 +182,9 @@ def open_trackers(run_dir: Path, settings, config: dict) -> list[Tracker]:
                 trackers.append(Mlflow(run_dir, settings, config, ids.get("mlflow"), lambda rid: keep("mlflow", rid)))
         except Exception as e:  # noqa: BLE001 (each tracker raises its own types)
             said(name, e)
+        else:
+            if trackers and trackers[-1].name == name and trackers[-1].where:
+                console.info(f"{name}: {trackers[-1].where}")  # once, where its numbers go
     return trackers
 
 

@@ -170,3 +170,25 @@ def test_eval_runs_downstream_tasks_from_the_suite_and_from_a_folder(tmp_path, t
 
     with pytest.raises(UserError, match="unknown task 'no_such_task_anywhere'.*dist_clm_suite"):
         downstream.run_tasks(None, None, ["no_such_task_anywhere"], "cpu")
+
+
+def test_mlflow_writes_where_its_environment_points_and_says_so_once(tmp_path, monkeypatch, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from dist_clm.config import RunConfig
+    from dist_clm.observability.metrics import Metrics
+
+    uri = f"sqlite:///{tmp_path / 'lab.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "lab-pretraining")
+    run = tmp_path / "run"
+    run.mkdir()
+    m = Metrics(run, is_main=True, settings=RunConfig(dir=str(run), loggers=["mlflow", "jsonl"]), config={})
+    m.log(1, {"train/loss": 2.5})
+    m.close()
+    assert capsys.readouterr().out.count(f"mlflow: {uri}, experiment lab-pretraining") == 1
+    assert not (run / "mlflow.db").exists()
+    client = MlflowClient(tracking_uri=uri)
+    run_id = json.loads((run / "trackers.json").read_text())["mlflow"]
+    assert client.get_run(run_id).info.experiment_id == client.get_experiment_by_name("lab-pretraining").experiment_id
+    assert [h.value for h in client.get_metric_history(run_id, "train/loss")] == [2.5]
