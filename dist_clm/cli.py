@@ -89,7 +89,7 @@ def _print_prepared(m: dict, out: str) -> None:
     for split, s in m["splits"].items():
         tuned = m.get("fine_tuning") or {}
         what = "pairs" if tuned.get("pairs") else "conversations" if tuned else "documents"
-        print(f"{split}: {s['documents']} {what}, {s['tokens']} tokens, {s['chunks']} chunks"
+        print(f"{split}: {s['documents']:,} {what}, {s['tokens']:,} tokens, {console.count(s['chunks'], 'chunk')}"
               + (f"; {s['truncated']} truncated, {s['dropped']} dropped" if "fine_tuning" in m else ""))  # fmt: skip
     if m.get("duplicates_removed"):
         print(f"{m['duplicates_removed']} exact duplicates removed")
@@ -233,6 +233,11 @@ def _eval_tasks(a: argparse.Namespace) -> None:
 
 
 def _generate(a: argparse.Namespace) -> None:
+    given = {k: v for k in ("temperature", "top_p", "top_k") if (v := getattr(a, k)) is not None}
+    if a.greedy and given:
+        named = " and ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in given.items())
+        raise UserError(f"--greedy always takes the most likely token, so {named} would do nothing; drop --greedy to "
+                        f"sample, or drop {named}.")  # fmt: skip
     _model_source(a.checkpoint)
     from dist_clm.evaluation.generate import Sampling, generate  # (light: torch is imported when generating)
 
@@ -249,9 +254,7 @@ def _generate(a: argparse.Namespace) -> None:
     s = Sampling(
         max_new_tokens=a.max_new_tokens,
         greedy=a.greedy,
-        temperature=a.temperature,
-        top_p=a.top_p,
-        top_k=a.top_k,
+        **given,
         repetition_penalty=a.repetition_penalty,
         num_return_sequences=a.num_return_sequences,
         seed=a.seed,
@@ -317,6 +320,23 @@ def _quickstart(a: argparse.Namespace) -> None:
     quickstart(a.dir, a.overrides)
 
 
+class _ShowDefaults(argparse.HelpFormatter):
+    """--help shows each option's default where it has one (not for flags, nor where the help says it already)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        quiet = action.default in (None, False, argparse.SUPPRESS) or not action.option_strings
+        return text if quiet or "default" in text else f"{text} (default: %(default)s)"
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = _ShowDefaults
+    for action in parser._actions:  # (argparse has no public walk over its subcommands)
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _show_defaults(child)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dist-clm", description="Streaming, distributed pretraining of causal LMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -333,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = tk.add_parser("train", help="train a byte-level BPE on a corpus")
     corpus_args(t)
     t.add_argument("--out", required=True, help="directory to save the tokenizer to")
-    t.add_argument("--vocab-size", type=int, default=8192)
+    t.add_argument("--vocab-size", type=int, default=8192, help="tokens in the vocabulary, special tokens included")
     t.add_argument("--sample-docs", type=int, default=0, help="train on the first N documents only (0 = all)")
     t.add_argument("--chat-template", choices=["chatml"], help="reserve its special tokens and save the template")
     t.set_defaults(func=_tokenizer_train)
@@ -370,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--launch", choices=["slurm"], help="submit the --tasks as SLURM job arrays (and the merge)")
     g.add_argument("--partition")
     g.add_argument("--account")
-    g.add_argument("--cpus-per-task", type=int, default=8)
+    g.add_argument("--cpus-per-task", type=int, default=8, help="CPU cores per task (the prepare's worker processes)")
     g.add_argument("--mem-gb", type=float, default=0, help="memory per task (0: the partition's default)")
     g.add_argument("--time", type=int, default=24 * 60, help="time limit per task in minutes")
     g.add_argument("--max-requeues", type=int, default=3, help="requeues of a task killed or preempted")
@@ -387,9 +407,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     dt = sub.add_parser("data", help="prepared-data tools").add_subparsers(dest="action", required=True)
     t = dt.add_parser("synthetic", help="a small fine-tuning dataset (arithmetic), as JSON lines")
-    t.add_argument("--task", default="chat", choices=["chat", "prompt-completion", "preference"])
+    t.add_argument(
+        "--task",
+        default="chat",
+        choices=["chat", "prompt-completion", "preference"],
+        help="what the examples teach (arithmetic in every case)",
+    )
     t.add_argument("--out", required=True, help="the .jsonl file to write")
-    t.add_argument("--records", type=int, default=2000)
+    t.add_argument("--records", type=int, default=2000, help="how many examples")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=_synthetic)
     t = dt.add_parser("status", help="a prepare in parts: parts done, running and failed, tokens, time left")
@@ -421,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--block-size", type=int, help="tokens per window; default: the run's data.block_size")
     t.add_argument("--stride", type=int, default=0, help="sliding windows this far apart (default: non-overlapping)")
     t.add_argument("--max-blocks", type=int, default=0, help="evaluate the first N windows only (0 = all)")
-    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass")
     t.add_argument("--json", action="store_true", help="also print the result as one JSON line")
     t.set_defaults(func=_eval)
 
@@ -431,11 +456,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--prompt-file", help="a text file with one prompt per line (batched)")
     t.add_argument("--chat", action="store_true", help="each prompt is a user turn, rendered with the chat template")
     t.add_argument("--chat-file", help="a jsonl file, one conversation ({messages: [...]}) per line, to answer")
-    t.add_argument("--max-new-tokens", type=int, default=64)
+    t.add_argument("--max-new-tokens", type=int, default=64, help="tokens to add to each prompt")
     t.add_argument("--greedy", action="store_true", help="always the most likely token")
-    t.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    t.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (1 = off)")
-    t.add_argument("--top-k", type=int, default=50, help="0 = off")
+    t.add_argument("--temperature", type=float, help="default 0.8; 0 = greedy")
+    t.add_argument("--top-p", type=float, help="nucleus sampling, default 0.95 (1 = off)")
+    t.add_argument("--top-k", type=int, help="default 50 (0 = off)")
     t.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
     t.add_argument("--num-return-sequences", type=int, default=1, help="continuations per prompt")
     t.add_argument("--seed", type=int, default=0)
@@ -444,7 +469,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("export", help="write a Hugging Face model directory from a checkpoint (any ZeRO stage)")
     t.add_argument("checkpoint", help="a run directory or a checkpoint directory")
     t.add_argument("--out", required=True)
-    t.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    t.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="the weights' precision in the export",
+    )
     t.add_argument("--max-shard-size", default="2GB", help="safetensors shard size limit, e.g. 500MB")
     t.add_argument(
         "--provenance", choices=["public", "full"], default="public",
@@ -457,17 +487,19 @@ def build_parser() -> argparse.ArgumentParser:
     t = ln.add_parser("slurm", help="submit to SLURM with submitit (one task per GPU; requeue on preemption)")
     t.add_argument("--config", help="a YAML config file (see configs/)")
     t.add_argument("overrides", nargs="*", help="section.key=value training overrides")
-    t.add_argument("--nodes", type=int, default=1)
+    t.add_argument("--nodes", type=int, default=1, help="nodes for the job")
     t.add_argument("--gpus-per-node", type=int, default=0, help="one task per GPU (0: CPU tasks)")
     t.add_argument("--tasks-per-node", type=int, default=0, help="CPU tasks per node when there are no GPUs")
-    t.add_argument("--cpus-per-task", type=int, default=8)
+    t.add_argument(
+        "--cpus-per-task", type=int, default=8, help="CPU cores per task (the loader's workers and the step's threads)"
+    )
     t.add_argument("--mem-gb", type=float, default=0, help="memory per node (0: the partition's default)")
     t.add_argument("--partition")
     t.add_argument("--account")
     t.add_argument("--qos")
     t.add_argument("--constraint")
     t.add_argument("--time", type=int, default=24 * 60, help="time limit in minutes")
-    t.add_argument("--job-name", default="dist-clm")
+    t.add_argument("--job-name", default="dist-clm", help="the job's name in the queue")
     t.add_argument("--log-folder", help="default: RUN/slurm")
     t.add_argument("--max-requeues", type=int, default=10, help="preemptions/time limits to come back from")
     t.add_argument("--signal-delay", type=int, default=120, help="seconds before the time limit to checkpoint")
@@ -483,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dir", default="runs/quickstart", help="where everything goes")
     t.add_argument("overrides", nargs="*", help="training overrides, e.g. train.max_steps=50")
     t.set_defaults(func=_quickstart)
+    _show_defaults(p)
     return p
 
 

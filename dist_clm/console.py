@@ -112,6 +112,13 @@ def progress(iterable=None, *, total: int | None = None, initial: int = 0, unit:
                 smoothing=0.1)  # fmt: skip
 
 
+def count(n: int, noun: str, of: int | None = None) -> str:
+    """1 chunk, 2 chunks, 1,024 tokens; with `of`: 3/10 steps (the noun follows the total)."""
+    if of is None:
+        return f"{n:,} {noun}{'' if n == 1 else 's'}"
+    return f"{n:,}/{of:,} {noun}{'' if of == 1 else 's'}"
+
+
 def duration(seconds: float) -> str:
     """42 s, 17 min, 4.2 h."""
     if seconds < 90:
@@ -163,7 +170,7 @@ class LineProgress:
     def _say(self, now: float) -> None:
         took = max(now - self.start, 1e-9)
         rate = (self.n - self.start_n) / took
-        done = f"{self.n:,}/{self.total:,} {self.unit}" if self.total else f"{self.n:,} {self.unit}"
+        done = count(self.n, self.unit, self.total) if self.total else count(self.n, self.unit)
         parts = [done + (f" ({100 * self.n / self.total:.0f}%)" if self.total else ""), f"{rate:,.1f} {self.unit}/s"]
         if self.postfix:
             parts.append(self.postfix)

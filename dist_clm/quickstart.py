@@ -61,7 +61,9 @@ def quickstart(directory: str | Path = "runs/quickstart", overrides: list[str] |
     stage("2/6 prepare: token ids -> MDS shards")
     m = prepare(root / "tokenizer", root / "data", None, val_fraction=0.05, chunk_tokens=8192, progress=False)
     for split, s in m["splits"].items():
-        console.info(f"{split}: {s['documents']} documents, {s['tokens']} tokens, {s['chunks']} chunks")
+        console.info(
+            f"{split}: {s['documents']:,} documents, {s['tokens']:,} tokens, {console.count(s['chunks'], 'chunk')}"
+        )
 
     stage("3/6 train: DeepSpeed ZeRO-2, one process")
     cfg = load_config(None, [f"data.path={root / 'data'}", f"run.dir={root / 'run'}", *TRAIN_SETTINGS, *overrides])

@@ -45,6 +45,7 @@ class RunOwner:
 
     def release(self) -> None:
         if self._fd is not None:
+            os.ftruncate(self._fd, 0)  # an ended run names no holder (a killed one's name stays, for the next run)
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dist_clm import console
 from dist_clm.data.format import read_manifest, token_limit
 from dist_clm.data.reference_store import load_values, read_record
 from dist_clm.data.remote import local_dir, mirror_of
@@ -48,7 +49,7 @@ def inspect(data_dir: str | Path, samples: int = 3, tokens: int = 60) -> str:
                          f"{s['dropped']:,} dropped), {s['learned_tokens']:,} learned tokens, "
                          f"{s['padding_tokens']:,} padding tokens")  # fmt: skip
         lines.append(
-            f"{split}: {s['documents']:,} documents, {s['tokens']:,} tokens, {s['chunks']:,} chunks, "
+            f"{split}: {s['documents']:,} documents, {s['tokens']:,} tokens, {console.count(s['chunks'], 'chunk')}, "
             f"{s['tokens'] / max(1, s['documents']):,.0f} tokens per document"
         )
         hist = s.get("length_histogram", [])

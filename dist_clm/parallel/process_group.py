@@ -260,7 +260,7 @@ def describe(table: list[dict]) -> str:
     for r in table:
         nodes.setdefault(r["node"], []).append(r["rank"])
     parts = [f"{n}: {min(rs)}-{max(rs)}" if len(rs) > 1 else f"{n}: {rs[0]}" for n, rs in nodes.items()]
-    return f"{len(table)} ranks on {len(nodes)} node{'s' if len(nodes) > 1 else ''} ({', '.join(parts)})"
+    return f"{console.count(len(table), 'rank')} on {console.count(len(nodes), 'node')} ({', '.join(parts)})"
 
 
 _keep_at_exit = False  # peers gone: tearing the group down could wait on them

@@ -55,3 +55,12 @@ def test_error_line_is_said_once_or_by_the_rank_that_met_it(bound, capsys, monke
     console.error(UserError("mine again."))
     assert capsys.readouterr() == ("", "dist-clm: error: rank 1: my shard is bad.\n"
                                        "dist-clm: error: rank 1 on gpu07: mine again.\n")  # fmt: skip
+
+
+def test_counts_agree_with_their_numbers():
+    from dist_clm.console import count
+
+    assert [count(1, "chunk"), count(2, "chunk"), count(0, "rank"), count(1024, "token")] == [
+        "1 chunk", "2 chunks", "0 ranks", "1,024 tokens"
+    ]  # fmt: skip
+    assert count(3, "step", 10) == "3/10 steps" and count(1, "step", 1) == "1/1 step"

@@ -36,6 +36,7 @@ def test_second_claim_is_refused_naming_the_holder_until_release(tmp_path):
     assert str(run) in msg and f"pid {os.getpid()}" in msg
     assert msg.endswith(".") and "\n" not in msg and msg.count(". ") == 0
     owner.release()
+    assert (run / rundir.LOCK).read_text() == ""  # a run that ended names no holder (it is not a dead pid's)
     owner.release()  # a second release is harmless
     with rundir.claim(run, MAIN), pytest.raises(UserError, match="is in use by"):
         rundir.claim(run, MAIN)

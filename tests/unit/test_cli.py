@@ -1,0 +1,31 @@
+"""The command line's own surface (dist_clm/cli.py): what --help says, and what it refuses before loading a model."""
+
+import argparse
+
+import pytest
+
+from dist_clm.cli import build_parser, main
+
+
+def commands(parser: argparse.ArgumentParser, name: str = "dist-clm"):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub, child in action.choices.items():
+                yield f"{name} {sub}", child
+                yield from commands(child, f"{name} {sub}")
+
+
+def test_every_help_shows_the_defaults_that_matter():
+    texts = dict(commands(build_parser()))
+    assert "tokens to add to each prompt (default: 64)" in " ".join(texts["dist-clm generate"].format_help().split())
+    assert "(default: 8192)" in texts["dist-clm tokenizer train"].format_help()
+    for name, parser in texts.items():
+        text = parser.format_help()
+        assert "(default: None)" not in text and "(default: False)" not in text, name
+
+
+@pytest.mark.parametrize("extra", [["--temperature", "0.8"], ["--top-k", "5", "--top-p", "0.5"]])
+def test_greedy_with_sampling_settings_is_refused_before_the_model_loads(extra, capsys):
+    assert main(["generate", "no-such-run", "--greedy", *extra]) == 2  # (the missing run would be the next sentence)
+    said = capsys.readouterr().err
+    assert said.startswith("dist-clm: error: --greedy always takes the most likely token, so --") and "drop" in said
