@@ -165,7 +165,7 @@ class TrainConfig:
     # model types whose logits are a plain projection (GPT-2, Llama, Mistral, Qwen2), else plain
     optimizer: Literal["adamw", "muon"] = "adamw"  # muon: DeepSpeed's Muon (momentum orthogonalized by Newton-Schulz)
     # for the hidden layers' matrices, at optim.muon_lr with optim.muon_momentum; AdamW at optim.lr for embeddings,
-    # the output head, norms and biases; ZeRO 1-3, optim.grad_clip=0
+    # the output head, norms and biases; ZeRO 1-3, no gradient clipping (optim.grad_clip's default with it)
     seed: int = 1234  # model init, data order, sampling
     log_every: int = 10  # steps between TensorBoard/console scalars
     eval_every: int = 100  # steps between validation perplexity runs (0 = only before and after)
@@ -208,10 +208,15 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
+    grad_clip: float | None = None  # clip the global gradient norm to this (0 = off); default: 1 with AdamW, off
+    # with Muon (DeepSpeed would clip Muon's orthogonalized update, not the gradient)
     muon_lr: float = 0.02  # train.optimizer=muon: the peak learning rate of the Muon matrices (the schedule scales
     # it as it scales lr; lr is then the AdamW parameters')
     muon_momentum: float = 0.95  # train.optimizer=muon: Muon's (Nesterov) momentum
+
+    def clip(self, optimizer: str) -> float:
+        """The gradient-norm clip for train.optimizer: grad_clip, or its default for that optimizer."""
+        return self.grad_clip if self.grad_clip is not None else (0.0 if optimizer == "muon" else 1.0)
 
     def warmup(self, max_steps: int) -> int:
         """The warmup in steps for a run of `max_steps`: warmup_steps, or its fraction of them rounded."""
@@ -231,7 +236,11 @@ class OptimConfig:
                 f"must be a whole number of steps or a fraction of train.max_steps below 1, got {self.warmup_steps}",
             ),
             (0 < self.decay_fraction <= 1, "decay_fraction", f"must be in (0, 1], got {self.decay_fraction}"),
-            (self.grad_clip >= 0, "grad_clip", f"must be 0 (off) or positive, got {self.grad_clip}"),
+            (
+                self.grad_clip is None or self.grad_clip >= 0,
+                "grad_clip",
+                f"must be 0 (off) or positive, got {self.grad_clip}",
+            ),  # fmt: skip
         ]
 
 

@@ -89,7 +89,7 @@ def deepspeed_config(
     generated = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": grad_accum or t.grad_accum,
-        "gradient_clipping": o.grad_clip,
+        "gradient_clipping": o.clip(t.optimizer),
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},  # 0: dynamic
         "zero_optimization": zero,
@@ -144,11 +144,11 @@ def optimizer_config(t: TrainConfig, o: OptimConfig, d: DistributedConfig, on_gp
             "config key 'train.optimizer' is muon, which dist_clm runs with ZeRO stages 1-3 (DeepSpeed's stage-0 "
             "wrappers step its auxiliary AdamW once more at start); set distributed.zero_stage to 1, 2 or 3."
         )
-    if o.grad_clip:
+    if o.clip(t.optimizer):
         raise UserError(
             f"config key 'optim.grad_clip' is {o.grad_clip:g}, but with train.optimizer=muon DeepSpeed clips the "
             "orthogonalized update rather than the gradient, which shrinks every Muon step (Muon's update has a "
-            "fixed scale already); set optim.grad_clip=0."
+            "fixed scale already); leave optim.grad_clip unset (no clipping with Muon) or set it to 0."
         )
     return {"type": "Muon", "params": {**adamw, "adam_lr": o.lr, "muon_lr": o.muon_lr, "momentum": o.muon_momentum,
                                        "torch_adam": True}}  # fmt: skip

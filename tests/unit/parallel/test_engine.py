@@ -91,7 +91,10 @@ def test_the_deepspeed_config_of_a_muon_run():
     zero2 = deepspeed_config(muon, o, DistributedConfig(zero_stage=2), on_gpu=False)["zero_optimization"]
     assert "reduce_scatter" not in zero2
     with pytest.raises(UserError, match="with train.optimizer=muon DeepSpeed clips the orthogonalized update"):
-        deepspeed_config(muon, OptimConfig(), DistributedConfig(), on_gpu=False)
+        deepspeed_config(muon, OptimConfig(grad_clip=1.0), DistributedConfig(), on_gpu=False)  # set, so refused
+    # unset, the clip follows the optimizer: off for Muon (the one key is enough), 1 for AdamW
+    assert deepspeed_config(muon, OptimConfig(), DistributedConfig(), on_gpu=False)["gradient_clipping"] == 0
+    assert deepspeed_config(TrainConfig(), OptimConfig(), DistributedConfig(), False)["gradient_clipping"] == 1
     with pytest.raises(UserError, match="runs with ZeRO stages 1-3"):
         deepspeed_config(muon, o, DistributedConfig(zero_stage=0), on_gpu=False)
     assert deepspeed_config(TrainConfig(), OptimConfig(), DistributedConfig(), False)["optimizer"]["type"] == "AdamW"
