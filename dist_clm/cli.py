@@ -185,6 +185,11 @@ def _model_source(path: str, exported_ok: bool = True) -> None:
     from dist_clm.evaluation.export import is_exported
 
     p = Path(path)
+    if exported_ok and not p.exists():
+        raise UserError(
+            f"'{p}' does not exist; give a run directory, one of its checkpoints/step_* directories, or an exported "
+            "model (dist-clm export RUN --out DIR makes one)."
+        )
     if not (exported_ok and is_exported(p)):
         resolve(p)
 

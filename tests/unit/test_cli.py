@@ -29,3 +29,10 @@ def test_greedy_with_sampling_settings_is_refused_before_the_model_loads(extra, 
     assert main(["generate", "no-such-run", "--greedy", *extra]) == 2  # (the missing run would be the next sentence)
     said = capsys.readouterr().err
     assert said.startswith("dist-clm: error: --greedy always takes the most likely token, so --") and "drop" in said
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_a_missing_model_names_every_kind_of_model_the_command_reads(command, tmp_path, capsys):
+    assert main([command, str(tmp_path / "exported")]) == 2
+    said = capsys.readouterr().err
+    assert "does not exist; give a run directory, one of its checkpoints/step_* directories, or an exported" in said
