@@ -210,10 +210,11 @@ def _eval(a: argparse.Namespace) -> None:
         batch_size=a.batch_size,
     )
     if res.pop("is_main"):
-        line = f"tokens evaluated: {res['tokens']}  loss: {res['loss']:.4f}  perplexity: {res['perplexity']:.3f}"
+        line = f"tokens evaluated: {res['tokens']:,}  loss: {res['loss']:.4f}  perplexity: {res['perplexity']:.3f}"
         if "bits_per_byte" in res:
-            line += f"  bits per byte: {res['bits_per_byte']:.4f} ({res['bytes']} bytes)"
-        print(line)
+            line += f"  bits per byte: {res['bits_per_byte']:.4f} ({res['bytes']:,} bytes)"
+        stride = f", stride {res['stride']}" if res["stride"] else ""
+        print(f"{line}  (blocks of {res['block_size']} tokens{stride}; {res['data']})")
         if a.json:
             print(json.dumps(res))
 

@@ -107,6 +107,15 @@ class DataConfig:
         """Every block size the run trains on: block_size, then those data.stages change it to."""
         return list(dict.fromkeys([self.block_size, *(s.block_size for s in self.stages if s.block_size)]))
 
+    def block_size_at(self, step: int) -> int:
+        """The block size step `step` (1-based) trains at: data.block_size, or that of the stage holding it."""
+        size = self.block_size
+        for stage in self.stages:
+            size = stage.block_size or size
+            if not stage.until or step <= stage.until:
+                break
+        return size
+
     def checks(self) -> list[Check]:
         return [
             (self.block_size >= 2, "block_size", f"must be at least 2, got {self.block_size}"),

@@ -74,8 +74,8 @@ def quickstart(directory: str | Path = "runs/quickstart", overrides: list[str] |
     stage("4/6 eval: perplexity of the last checkpoint on the whole validation split")
     ev = evaluate_cli(str(root / "run"))
     console.info(
-        f"tokens evaluated: {ev['tokens']}  loss: {ev['loss']:.4f}  perplexity: {ev['perplexity']:.3f}  "
-        f"bits per byte: {ev['bits_per_byte']:.4f}"
+        f"tokens evaluated: {ev['tokens']:,}  loss: {ev['loss']:.4f}  perplexity: {ev['perplexity']:.3f}  "
+        f"bits per byte: {ev['bits_per_byte']:.4f}  (blocks of {ev['block_size']} tokens; {ev['data']})"
     )
 
     stage("5/6 generate: temperature 0.8, top_p 0.95, top_k 50, seed 0")

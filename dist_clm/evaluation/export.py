@@ -242,9 +242,11 @@ def _provenance(run_dir: Path, tag_dir: Path) -> dict:
     """What the model was trained on: each source's manifest (without its histograms), step and tokens."""
     from dist_clm.config import load_config
 
-    sources, stages = [], []
+    sources, stages, block_size = [], [], None
+    progress = read_parts(tag_dir)["progress"]
     if (run_dir / "config.yaml").is_file():
         cfg = load_config(run_dir / "config.yaml")
+        block_size = cfg.data.block_size_at(max(1, progress["step"]))
         stages = [{"until": s.until, "weights": s.weights, "block_size": s.block_size} for s in cfg.data.stages]
         mix = cfg.data.mix or [None]
         for m in mix:
@@ -256,11 +258,11 @@ def _provenance(run_dir: Path, tag_dir: Path) -> dict:
             sources.append({"name": (m.name if m else "") or _dataset_name(manifest), "path": str(path),
                             "weight": m.weight if m else 1.0, "fingerprint": _fingerprint(manifest),
                             "manifest": manifest})  # fmt: skip
-    progress = read_parts(tag_dir)["progress"]
     return {
         "checkpoint": str(tag_dir),
         "step": progress["step"],
         "tokens_seen": progress["tokens_seen"],
+        "block_size": block_size,  # the tokens per block of its last steps: eval's default for the export
         "sources": sources,
         "stages": stages,  # the mixture and block sizes over the run, when they changed (data.stages)
         "skipped_windows": json.loads((run_dir / SKIPS).read_text()) if (run_dir / SKIPS).is_file() else [],

@@ -175,7 +175,7 @@ def evaluate_cli(
     run_config = run_dir_of(where) / "config.yaml"
     cfg = load_config(run_config) if (where / COMPLETE).is_file() and run_config.is_file() else None
     limit = max_positions(model.config)
-    block_size = block_size or (cfg.data.block_size if cfg else limit or 1024)
+    block_size = block_size or trained_block_size(where, cfg) or limit or 1024
     if limit and block_size > limit:
         raise UserError(f"--block-size {block_size} is more than the model's {limit} positions; lower it.")
     if stride and not 0 < stride <= block_size:
@@ -217,4 +217,18 @@ def evaluate_cli(
         env.world_size if env else 1,
         token_byte_lengths(tok),
     )
-    return result | {"is_main": env.is_main if env else True}
+    what = f"{len(files)} text file(s)" if text else f"the val split of {data}"
+    return result | {"block_size": block_size, "stride": stride, "data": what, "is_main": env.is_main if env else True}
+
+
+def trained_block_size(where, cfg) -> int | None:
+    """The block size the model last trained at: its checkpoint's run config at the checkpoint's step, or what
+    its export recorded (None for a model from elsewhere)."""
+    import json
+
+    from dist_clm.checkpointing.checkpointer import read_parts
+
+    if cfg is not None:
+        return cfg.data.block_size_at(max(1, read_parts(where)["progress"]["step"]))
+    provenance = where / "data_provenance.json"
+    return json.loads(provenance.read_text()).get("block_size") if provenance.is_file() else None

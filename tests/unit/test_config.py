@@ -157,3 +157,10 @@ def test_every_section_checks_itself_and_the_config_is_frozen():
         load_config(None, ["stability.spike_factor=0.5"])
     with pytest.raises(ConfigError, match="config key 'objective.dpo_beta' must be positive"):
         load_config(None, ["objective.dpo_beta=0"])
+
+
+def test_the_block_size_of_a_step_follows_the_stages():
+    stages = "data.stages=[{until: 10}, {until: 20, block_size: 256}, {block_size: 1024}]"
+    data = load_config(None, ["data.block_size=64", "data.mix=[{path: a, name: a}]", stages]).data
+    assert [data.block_size_at(s) for s in (1, 10, 11, 20, 21, 500)] == [64, 64, 256, 256, 1024, 1024]
+    assert load_config(None, ["data.block_size=128"]).data.block_size_at(7) == 128

@@ -78,6 +78,7 @@ def test_bits_per_byte_on_text_files(trained_run, corpus_dir, tokenizer_dir):
     assert r.returncode == 0, r.stderr[-2000:]
     line, js = r.stdout.strip().splitlines()[-2:]
     assert line.startswith("tokens evaluated:") and "perplexity:" in line and "bits per byte:" in line
+    assert line.endswith("(blocks of 32 tokens, stride 16; 1 text file(s))")
     res = json.loads(js)
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     text = f.read_text()
@@ -233,7 +234,9 @@ def test_an_export_continues_pretraining_where_the_checkpoint_was(trained_run, e
     # the new run starts from exactly the exported weights: its step-0 validation equals eval of the export
     same_windows = evaluate_cli(str(out), data=str(data_dir), block_size=64, max_blocks=8)
     assert first_val["val/loss"] == pytest.approx(same_windows["loss"], rel=1e-5)
-    assert evaluate_cli(str(out), data=str(data_dir), block_size=64) == evaluate_cli(str(trained_run))
+    # with no --block-size, an export is evaluated in the blocks its run trained on (recorded in the export), as
+    # its checkpoint is, not in blocks of the model's whole context
+    assert evaluate_cli(str(out), data=str(data_dir)) == evaluate_cli(str(trained_run))
 
 
 def test_an_export_names_no_local_path_and_everyone_can_read_it(trained_run, exported, data_dir, tmp_path):
