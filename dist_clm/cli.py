@@ -528,6 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = [x for x in argv if not x.startswith("--local_rank")]  # the deepspeed launcher adds it; env has it
+    console.quiet_library_noise()
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -12,10 +12,13 @@ is not broken. Every record carries `rank`, `node` and `run` attributes: a handl
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import socket
 import sys
+from collections.abc import Iterator
 
 LOGGER = logging.getLogger("dist_clm")
 
@@ -110,6 +113,58 @@ def progress(iterable=None, *, total: int | None = None, initial: int = 0, unit:
 
     return tqdm(iterable, total=total, initial=initial, unit=unit, desc=desc or None, disable=not enabled,
                 smoothing=0.1)  # fmt: skip
+
+
+# What libraries say on every start that tells the user nothing they could act on, dropped where it is said (by
+# logger or warning module, and message), never by silencing a library as a whole. dist_clm says the same things
+# itself where they matter (the device, a skipped step and why).
+NOISE_LOGS = {
+    "torch.utils.cpp_extension": ("No CUDA runtime is found",),  # on every CPU start, at DeepSpeed's op import
+    "DeepSpeed": ("OVERFLOW! Skipping step. Gradients are non-finite",),  # the loss guard's skip (its own line)
+}
+NOISE_WARNINGS = [  # (category, message regex, module regex)
+    (FutureWarning, r"`torch\.distributed\.all_gather_into_tensor` is deprecated", r"torch\.distributed"),  # ZeRO's
+]
+
+
+class _Drop(logging.Filter):
+    def __init__(self, texts: tuple[str, ...]):
+        super().__init__()
+        self.texts = texts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(t in record.getMessage() for t in self.texts)
+
+
+def quiet_library_noise() -> None:
+    """Drop NOISE_LOGS and NOISE_WARNINGS; without a terminal, no progress bars of the Hugging Face libraries
+    (carriage-return frames in a log file). Call before those libraries are imported."""
+    import warnings
+
+    for name, texts in NOISE_LOGS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Drop) for f in logger.filters):
+            logger.addFilter(_Drop(texts))
+    for category, message, module in NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # (transformers' bars follow huggingface_hub's)
+
+
+@contextlib.contextmanager
+def without_lines(stream: str, *texts: str) -> Iterator[None]:
+    """Inside: what a library prints to sys.`stream` ("stdout", "stderr") is held, then passed on without the
+    lines holding one of `texts` (a report or progress bar the library prints on every call, with no switch)."""
+    held = io.StringIO()
+    try:
+        with (contextlib.redirect_stdout if stream == "stdout" else contextlib.redirect_stderr)(held):
+            yield
+    finally:
+        out = getattr(sys, stream)  # (a line ends at "\n" only: a bar's "\r" frames are one line)
+        lines = held.getvalue().split("\n")
+        kept = [line + "\n" for line in lines[:-1] if not any(t in line for t in texts)]
+        out.write("".join(kept) + ("" if any(t in lines[-1] for t in texts) else lines[-1]))
+        out.flush()
 
 
 def count(n: int, noun: str, of: int | None = None) -> str:

@@ -18,8 +18,10 @@ import hashlib
 import io
 import json
 import os
+import sys
 from pathlib import Path
 
+from dist_clm import console
 from dist_clm.checkpointing.checkpointer import COMPLETE, read_marker, read_parts, reading, run_dir_of
 from dist_clm.data.order import SKIPS
 from dist_clm.errors import UserError
@@ -30,6 +32,11 @@ from dist_clm.parallel.process_group import import_deepspeed
 def is_exported(path: Path) -> bool:
     """`path` is a Hugging Face model directory (an export), not a training checkpoint."""
     return (path / "config.json").is_file() and not (path / COMPLETE).is_file()
+
+
+def _no_bar_in_a_log():
+    """zero_to_fp32's progress bar on a terminal; none in a log file (its carriage-return frames)."""
+    return contextlib.nullcontext() if sys.stderr.isatty() else console.without_lines("stderr", "checkpoint shards")
 
 
 def load_state_dict(tag_dir: Path) -> dict:
@@ -46,7 +53,7 @@ def load_state_dict(tag_dir: Path) -> dict:
     import_deepspeed()  # (before the first import of deepspeed)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
+    with contextlib.redirect_stdout(io.StringIO()), _no_bar_in_a_log():  # (it prints its progress)
         return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
 
 
@@ -96,7 +103,7 @@ def _lazy_weights(tag_dir: Path) -> tuple[dict, callable]:
     import_deepspeed()  # (before the first import of deepspeed)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, to_torch_tensor
 
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
+    with contextlib.redirect_stdout(io.StringIO()), _no_bar_in_a_log():  # (it prints its progress)
         lazy = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name, lazy_mode=True)
     return lazy, lambda part: to_torch_tensor(part, dtype=torch.float32)
 

@@ -9,20 +9,15 @@ installations sharing the folder (two checkouts, two virtual environments) there
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
-import io
 import os
-import re
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 from dist_clm import console
 
 SHM_OP = "deepspeed_shm_comm"  # the CPU collectives' op (deepspeed/comm/torch.py builds it at init)
-_BUILT = re.compile(r"^DeepSpeed \S+ built successfully$")
 
 
 def op_home(environ: dict | None = None, installation: str | None = None) -> Path:
@@ -58,18 +53,9 @@ def build_notice(home: Path, op: str = SHM_OP) -> str | None:
     )
 
 
-@contextlib.contextmanager
-def quiet_build_report() -> Iterator[None]:
-    """Drop DeepSpeed's "DeepSpeed ... built successfully" (printed on every start, built or not); every other
-    line it prints meanwhile goes through."""
-    out = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out):
-            yield
-    finally:
-        kept = [line for line in out.getvalue().splitlines(keepends=True) if not _BUILT.match(line.strip())]
-        sys.stdout.write("".join(kept))
-        sys.stdout.flush()
+def quiet_build_report():
+    """Drop DeepSpeed's "DeepSpeed ... built successfully" (printed on every start, built or not)."""
+    return console.without_lines("stdout", " built successfully")
 
 
 def announce_build(local_rank: int) -> None:

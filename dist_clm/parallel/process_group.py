@@ -67,6 +67,7 @@ def import_deepspeed():
     dist_clm does not use. mlflow stays importable afterwards (the mlflow tracker imports it itself)."""
     import sys
 
+    use_cpu_accelerator_if_no_gpu()  # (else DeepSpeed guesses, and says so: "Setting accelerator to CPU...")
     if "deepspeed" in sys.modules or "mlflow" in sys.modules:
         import deepspeed
 

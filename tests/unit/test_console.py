@@ -64,3 +64,34 @@ def test_counts_agree_with_their_numbers():
         "1 chunk", "2 chunks", "0 ranks", "1,024 tokens"
     ]  # fmt: skip
     assert count(3, "step", 10) == "3/10 steps" and count(1, "step", 1) == "1/1 step"
+
+
+def test_library_noise_is_dropped_where_it_is_said_and_nothing_else(capsys):
+    import logging
+    import warnings
+
+    from dist_clm import console
+
+    console.quiet_library_noise()
+    caught = logging.getLogger("torch.utils.cpp_extension")
+    kept = []
+    handler = logging.Handler()
+    handler.emit = kept.append
+    caught.addHandler(handler)
+    try:
+        caught.warning("No CUDA runtime is found, using CUDA_HOME='/usr/local'")
+        caught.warning("a compiler error the user must see")
+    finally:
+        caught.removeHandler(handler)
+    assert [r.getMessage() for r in kept] == ["a compiler error the user must see"]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        console.quiet_library_noise()  # (after catch_warnings reset the filters)
+        warnings.warn_explicit("`torch.distributed.all_gather_into_tensor` is deprecated.", FutureWarning,
+                               "c10d_logger.py", 83, module="torch.distributed.c10d_logger")  # fmt: skip
+        warnings.warn_explicit("something else is deprecated", FutureWarning, "x.py", 1, module="torch.distributed.x")
+    assert [str(w.message) for w in seen] == ["something else is deprecated"]
+    with console.without_lines("stdout", "built successfully"):
+        print("DeepSpeed op built successfully")
+        print("kept")
+    assert capsys.readouterr().out == "kept\n"

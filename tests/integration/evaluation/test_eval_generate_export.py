@@ -72,6 +72,16 @@ def test_perplexity_equals_transformers_own_blocks_and_sliding(trained_run, data
     assert max(sliding["perplexity"], blocks["perplexity"]) < 512  # below a uniform guess: it learnt something
 
 
+def test_eval_says_one_line_as_a_user_starts_it(trained_run):
+    """Started as a user starts it (the real command, no DS_ACCELERATOR, output to a file, not a terminal): the
+    result and nothing else; no accelerator guess, no progress-bar frames, no CUDA notice."""
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    r = subprocess.run([str(BIN / "dist-clm"), "eval", str(trained_run), "--max-blocks", "4"], capture_output=True,
+                       text=True, env=env, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stderr == "" and len(r.stdout.splitlines()) == 1 and r.stdout.startswith("tokens evaluated:"), r
+
+
 def test_bits_per_byte_on_text_files(trained_run, corpus_dir, tokenizer_dir):
     f = sorted(corpus_dir.iterdir())[0]
     r = run_cli("eval", str(trained_run), "--text", str(f), "--block-size", "32", "--stride", "16", "--json")
