@@ -117,6 +117,8 @@ def _train(cfg: Config, env: process_group.DistEnv, stop_signals, on_step) -> Tr
         window.add(result.loss, result.good, result.data_wait_s, result.blocks_per_source, result.arrivals,
                    result.token_sum, result.stats, tokens)  # fmt: skip
         bar.update(1)
+        if progress.step == first_step:
+            console.rate_from_now(bar)  # the time left from steady steps, not from the first one's compile
         if on_step:
             on_step(progress, result)
         if result.injected:

@@ -95,3 +95,22 @@ def test_library_noise_is_dropped_where_it_is_said_and_nothing_else(capsys):
         print("DeepSpeed op built successfully")
         print("kept")
     assert capsys.readouterr().out == "kept\n"
+
+
+def test_the_time_left_counts_from_the_steady_steps(monkeypatch, capsys):
+    """A first step of 46 s (a compile) and then ten steps in a second: a minute's run says seconds are left,
+    not the 45 minutes the first step's pace would give."""
+    from dist_clm import console
+
+    monkeypatch.setenv("DIST_CLM_PROGRESS_SECONDS", "0")
+    now = [1000.0]
+    monkeypatch.setattr("time.monotonic", lambda: now[0])
+    bar = console.LineProgress(total=60, unit="step", desc="train")
+    now[0] += 46.0
+    bar.update(1)
+    console.rate_from_now(bar)
+    for _ in range(10):
+        now[0] += 0.1
+        bar.update(1)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "11/60 steps" in last and "10.0 step/s" in last and "about 5 s left" in last, last
