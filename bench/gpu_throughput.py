@@ -3,7 +3,7 @@ beside a plain PyTorch loop on the same model and the same batches.
 
     plain, eager          the usual hand-written loop: the HF model built by dist_clm.models.build.build_model, fp32
                           weights on the GPU, torch.autocast("cuda", bfloat16), loss.backward(),
-                          clip_grad_norm_(optim.grad_clip), torch.optim.AdamW(param_groups(...), fused=True),
+                          clip_grad_norm_(optim.clip(...)), torch.optim.AdamW(param_groups(...), fused=True),
                           the same LambdaLR schedule (scheduler_factory), zero_grad(set_to_none=True)
     plain, torch.compile  the same loop over torch.compile(model)
     dist_clm, eager       dist_clm's own training loop, run as it is: dist_clm.training.loop.train(cfg) (a world of
@@ -486,8 +486,8 @@ def plain_loop(cfg, model, sources, device: str, warmup: int, steps: int) -> dic
         with torch.autocast(device_type="cuda" if on_gpu else "cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = fwd(**inputs, use_cache=False).loss
         loss.backward()
-        if o.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        if o.clip(cfg.train.optimizer):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip(cfg.train.optimizer))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
