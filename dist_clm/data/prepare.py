@@ -398,6 +398,14 @@ def _records(inputs: list[str] | None, o: PrepareOptions, report: sources.Report
         return sources.dataset_by_name(o.dataset, o.dataset_config, o.split, columns)
     files = sources.resolve_inputs(inputs) if inputs else sources.default_corpus_files()
     origin["files"] = len(files)
+    if o.fmt != "text":
+        plain = next((f for f in files if sources.inner_suffix(f) in sources.TEXT_SUFFIXES), None)
+        if plain is not None:
+            raise UserError(
+                f"--format {o.fmt} reads records ({', '.join(columns.names)}) from JSON lines, JSON, parquet, CSV "
+                f"or a saved dataset, but '{plain}' is plain text; write its records as JSON lines, or prepare it "
+                "without --format (pretraining text)."
+            )
     return sources.iter_records(files, columns, report, o.split)
 
 

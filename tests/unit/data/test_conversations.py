@@ -116,3 +116,13 @@ def test_packing_closes_the_oldest_of_eight_open_blocks_and_keeps_pairs_side_by_
         assert list(pairs.add(conv(n_chosen, tag=tag), conv(n_rejected, tag=tag + 1))) == []
     firsts = [[int(ids[0]) for ids, _ in blk] for blk in pairs.finish()]
     assert firsts == [[100, 500, 0], [200, 600], [300, 0], [400, 0]]  # (0: padding)
+
+
+@pytest.mark.parametrize("fmt", ["chat", "preference"])
+def test_plain_text_files_for_a_records_format_are_one_sentence_before_anything_is_written(tmp_path, fmt):
+    from dist_clm.data.prepare import prepare
+
+    (tmp_path / "notes.txt").write_text("just text, no messages\n")
+    with pytest.raises(UserError, match=rf"--format {fmt} reads records .* but '.*notes.txt' is plain text; write its"):
+        prepare(tmp_path / "no-tokenizer", tmp_path / "out", [str(tmp_path / "notes.txt")], fmt=fmt, block_size=64)
+    assert not (tmp_path / "out").exists()
