@@ -110,16 +110,16 @@ def rank_blocks(start: int, step: int, rank: int, world: int, per_rank: int) -> 
     return range(first, first + per_rank)
 
 
+def prepared_identity(m: dict) -> dict:
+    """What identifies one prepared dataset, wherever it lies: its tokenizer and its token stream's shape."""
+    splits = {k: [v["documents"], v["tokens"], v["chunks"]] for k, v in sorted(m["splits"].items())}
+    return {"tokenizer": m["tokenizer"]["fingerprint"], "chunk_tokens": m["chunk_tokens"], "splits": splits}
+
+
 def data_fingerprint(sources) -> list[dict]:
     """What identifies the data: per source, whether it trains (its weight is the order's: the mixture's and the
-    stages' checks), its tokenizer and its token stream's shape."""
-    out = []
-    for s in sources:
-        m = s.manifest
-        splits = {k: [v["documents"], v["tokens"], v["chunks"]] for k, v in sorted(m["splits"].items())}
-        out.append({"trains": s.weight > 0, "tokenizer": m["tokenizer"]["fingerprint"],
-                    "chunk_tokens": m["chunk_tokens"], "splits": splits})  # fmt: skip
-    return out
+    stages' checks) and its prepared_identity."""
+    return [{"trains": s.weight > 0, **prepared_identity(s.manifest)} for s in sources]
 
 
 class DataPosition:

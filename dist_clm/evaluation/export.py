@@ -14,6 +14,7 @@ as the umask allows any new file (0644 under the usual 022), the weights include
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import io
 import json
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from dist_clm import console
 from dist_clm.checkpointing.checkpointer import COMPLETE, read_marker, read_parts, reading, run_dir_of
-from dist_clm.data.order import SKIPS
+from dist_clm.data.order import SKIPS, prepared_identity
 from dist_clm.errors import UserError
 from dist_clm.fsutil import atomic_dir, refuse_non_empty
 from dist_clm.parallel.process_group import import_deepspeed
@@ -186,7 +187,7 @@ def _export(tag_dir: Path, out: Path, dtype: str, max_shard_size: str, full: boo
             pad_token_id=tok.eos_token_id,
         ).save_pretrained(str(tmp))  # fmt: skip
         tok.save_pretrained(str(tmp))
-        run_config = yaml_load(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+        run_config = _yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
         if run_config is not None:
             (tmp / "dist_clm_config.yaml").write_text(_config_text(run_config, full))
         provenance = _provenance(run_dir, tag_dir)
@@ -198,7 +199,7 @@ def _export(tag_dir: Path, out: Path, dtype: str, max_shard_size: str, full: boo
     return out
 
 
-def yaml_load(path: Path) -> dict:
+def _yaml(path: Path) -> dict:
     import yaml
 
     return yaml.safe_load(path.read_text()) or {}
@@ -210,7 +211,7 @@ def _config_text(run_config: dict, full: bool) -> str:
 
     if full:
         return yaml.safe_dump(run_config, sort_keys=False)
-    shown = json.loads(json.dumps(run_config))  # a deep copy
+    shown = copy.deepcopy(run_config)
     for section, keys in LOCAL_KEYS.items():
         for key in keys:
             if shown.get(section, {}).get(key):
@@ -226,7 +227,7 @@ def _public(prov: dict) -> dict:
     """The provenance without local paths: the checkpoint's tag, each source's name, fingerprint and counts."""
     sources = []
     for s in prov["sources"]:
-        m = json.loads(json.dumps(s["manifest"]))
+        m = copy.deepcopy(s["manifest"])
         m.get("tokenizer", {}).pop("source", None)  # a local directory; its fingerprint says what it is
         origin = m.get("sources", {})
         for key in ("inputs", "listing"):  # file paths, globs, bucket URLs
@@ -262,8 +263,9 @@ def _provenance(run_dir: Path, tag_dir: Path) -> dict:
             manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
             for split in manifest.get("splits", {}).values():
                 split.pop("length_histogram", None)
+            fingerprint = _fingerprint(manifest) if manifest else None  # (none for data read from a bucket)
             sources.append({"name": (m.name if m else "") or _dataset_name(manifest), "path": str(path),
-                            "weight": m.weight if m else 1.0, "fingerprint": _fingerprint(manifest),
+                            "weight": m.weight if m else 1.0, "fingerprint": fingerprint,
                             "manifest": manifest})  # fmt: skip
     return {
         "checkpoint": str(tag_dir),
@@ -285,11 +287,8 @@ def _dataset_name(manifest: dict) -> str:
 
 
 def _fingerprint(manifest: dict) -> str:
-    """The prepared data's identity: its tokenizer and its token counts (not where it lies)."""
-    key = {k: manifest.get(k) for k in ("tokenizer", "chunk_tokens", "token_dtype")}
-    key["tokenizer"] = (key["tokenizer"] or {}).get("fingerprint")
-    key["splits"] = {k: [v.get("documents"), v.get("tokens")] for k, v in sorted(manifest.get("splits", {}).items())}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    """A short hash of the prepared data's identity (the one a resume checks), not of where it lies."""
+    return hashlib.sha256(json.dumps(prepared_identity(manifest), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _model_card(name: str, config, n_params: int, run_config: dict, run_dir: Path, prov: dict) -> str:

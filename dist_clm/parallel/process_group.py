@@ -92,8 +92,7 @@ def init() -> DistEnv:
     if "LOCAL_WORLD_SIZE" not in os.environ:
         os.environ["LOCAL_WORLD_SIZE"] = os.environ.get("LOCAL_SIZE", os.environ["WORLD_SIZE"])
     use_cpu_accelerator_if_no_gpu()
-    if not os.environ.get("TORCH_EXTENSIONS_DIR"):
-        ops.use_own_op_home()  # (the ranks a launcher starts inherit it from their launcher, or compute the same)
+    ops.use_own_op_home()  # (the user's TORCH_EXTENSIONS_DIR if set; every rank computes the same)
     deepspeed = import_deepspeed()
     import torch
 
