@@ -163,10 +163,17 @@ def _inspect(a: argparse.Namespace) -> None:
 
 
 def _train(a: argparse.Namespace) -> None:
-    from dist_clm.config import load_config
+    from dist_clm.config import ENV_OVERRIDES, env_overrides, load_config
     from dist_clm.training.preemption import PREEMPTED_EXIT
 
-    cfg = load_config(a.config, a.overrides)  # a bad key fails here, before seconds of importing torch
+    extra = env_overrides()
+    cfg = load_config(a.config, [*a.overrides, *extra])  # a bad key fails here, before seconds of importing torch
+    if extra:
+        console.info(f"{ENV_OVERRIDES} adds {' '.join(extra)}")
+    from dist_clm.parallel.process_group import launched_world
+    from dist_clm.training.preflight import preflight
+
+    preflight(cfg, *launched_world())  # so do the mistakes the data, the model's shape and the ranks reveal
     from dist_clm.training.loop import train
 
     result = train(cfg)

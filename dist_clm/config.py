@@ -11,6 +11,7 @@ so a run can always be reproduced from its own directory.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -362,7 +363,7 @@ class DistributedConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    """The whole run's settings, one section per owner; frozen once built (setup.settle derives the one config
+    """The whole run's settings, one section per owner; frozen once built (preflight.settle derives the one config
     a run trains with, its objective and document mask settled from the data)."""
 
     run: RunConfig = field(default_factory=RunConfig)
@@ -610,6 +611,17 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     return key, value
+
+
+ENV_OVERRIDES = "DIST_CLM_OVERRIDES"
+
+
+def env_overrides() -> list[str]:
+    """`section.key=value` words from DIST_CLM_OVERRIDES, which a command applies after its own: settings for
+    every run started from a shell or a site (e.g. train.max_steps=4 to rehearse a script's commands)."""
+    import shlex
+
+    return shlex.split(os.environ.get(ENV_OVERRIDES, ""))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

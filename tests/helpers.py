@@ -141,7 +141,7 @@ def assert_clean_error(r, *fragments):
     errors = [line for line in r.stderr.splitlines() if line.startswith("dist-clm: error:")]
     assert len(errors) == 1, r.stderr[-2000:]
     for f in fragments:
-        assert f in errors[0]
+        assert f in errors[0], errors[0]
     assert errors[0].endswith(".")
 
 

@@ -74,6 +74,12 @@ def check_sources(sources: list[Source], tok, model_vocab: int, pretrained: str 
                 f"(from {origin}) is {fp[:12]}; prepare '{s.path}' again with "
                 f"`--tokenizer {sources[0].path}/tokenizer`."
             )
+    check_vocab(sources, model_vocab)
+
+
+def check_vocab(sources: list[Source], model_vocab: int) -> None:
+    """Refuse shards holding ids that a model of `model_vocab` embeddings cannot embed."""
+    for s in sources:
         top = token_limit(s.manifest)
         if top >= model_vocab:
             raise UserError(

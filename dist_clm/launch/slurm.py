@@ -339,8 +339,10 @@ def launch_cli(a) -> None:
         signal_delay_s=a.signal_delay,
         sbatch=a.sbatch or [],
     )
+    from dist_clm.config import env_overrides
+
     sweep = [s.split() for s in a.sweep] if a.sweep else None
-    out = submit(settings, a.config, a.overrides, sweep, a.dry_run)
+    out = submit(settings, a.config, [*a.overrides, *env_overrides()], sweep, a.dry_run)  # (the job's own record)
     if a.dry_run:
         print(out[0])
         return

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dist_clm.errors import UserError
+
+# model types whose logits are exactly lm_head(the base model's last hidden state): no scaling or soft-capping
+PLAIN_HEADS = ("gpt2", "llama", "mistral", "qwen2")
 
 # Each preset is a transformers config: `model_type` picks the family, the rest are that config's fields.
 # vocab_size, bos/eos ids always come from the tokenizer.
@@ -179,7 +184,7 @@ def preset_config(preset: str, overrides: dict[str, Any], vocab: int, bos: int |
     from transformers import AutoConfig
 
     if preset not in PRESETS:
-        raise UserError(f"config key 'model.preset' must be one of {', '.join(PRESETS)}, got {preset!r}.")
+        model_shape(preset, "", overrides)  # (the sentence for an unknown preset)
     fields = dict(PRESETS[preset])
     model_type = fields.pop("model_type")
     fields.update(_DROPOUT_OFF.get(model_type, {}))
@@ -194,6 +199,66 @@ def preset_config(preset: str, overrides: dict[str, Any], vocab: int, bos: int |
     except (TypeError, ValueError) as e:
         raise UserError(f"the model config from preset {preset!r} and model.overrides is invalid: {e}") from None
     return config
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the checks of a run's settings need of its model: its family, attention heads, key/value heads,
+    positions (None: the family has no limit) and embeddings (None: the tokenizer's size)."""
+
+    model_type: str
+    heads: int
+    kv_heads: int
+    positions: int | None
+    vocab: int | None = None
+
+    @classmethod
+    def of(cls, config) -> Shape:
+        """The shape of a transformers config."""
+        text = config.get_text_config()
+        heads = text.num_attention_heads
+        kv = getattr(text, "num_key_value_heads", None) or heads
+        return cls(config.model_type, heads, kv, max_positions(config), config.vocab_size)
+
+
+# transformers' attribute maps for the fields Shape reads, for the families whose configs name them otherwise
+_ALIASES = {"num_attention_heads": ("n_head",), "max_position_embeddings": ("n_positions",)}
+
+
+def model_shape(preset: str, pretrained: str, overrides: dict[str, Any]) -> Shape | None:
+    """The model's Shape from its preset (+ model.overrides) or its directory's config.json, read as data: the
+    checks that run before the process group forms use it, as transformers' config classes import torch (seconds).
+    None when the fields are not where this reading looks (the same checks then run on the built model)."""
+    if pretrained:
+        path = Path(pretrained) / "config.json"
+        if not path.is_file():
+            raise UserError(
+                f"model.pretrained '{pretrained}' is not a model directory with config.json; "
+                "give a directory written by save_pretrained (or `dist-clm export`)."
+            )
+        try:
+            fields = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None  # (transformers' own reading of it names the problem)
+        layers = [fields.get("text_config") or fields]
+    else:
+        if preset not in PRESETS:
+            raise UserError(f"config key 'model.preset' must be one of {', '.join(PRESETS)}, got {preset!r}.")
+        layers = [overrides, PRESETS[preset]]  # (an override wins, under either of a field's names)
+
+    def field(name: str):
+        for layer in layers:
+            for key in (name, *_ALIASES.get(name, ())):
+                value = layer.get(key)
+                if isinstance(value, int) and not isinstance(value, bool):
+                    return value
+        return None
+
+    model_type, heads = layers[-1].get("model_type"), field("num_attention_heads")
+    if not isinstance(model_type, str) or heads is None:
+        return None
+    kv, positions = field("num_key_value_heads") or heads, field("max_position_embeddings")
+    return Shape(model_type, heads, kv, positions, field("vocab_size"))
 
 
 def max_positions(config) -> int | None:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from dist_clm.models.build import PLAIN_HEADS
+
 IGNORE = -100
 CHUNK_BYTES = 256 * 2**20  # fp32 logits per chunk: 512 tokens at a 128K vocabulary, 1310 at GPT-2's 50K
 
@@ -99,10 +101,6 @@ def causal_lm_loss(
     shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)
     total, count = fused_linear_cross_entropy(hidden, weight, shifted, bias, chunk)
     return total / (count.clamp(min=1) if num_items is None else num_items)
-
-
-# model types whose logits are exactly lm_head(the base model's last hidden state): no scaling or soft-capping
-PLAIN_HEADS = ("gpt2", "llama", "mistral", "qwen2")
 
 
 def install(model, chunk: int | None = None) -> bool:

@@ -1,8 +1,9 @@
 """Parallelism: how a model and its work are split over ranks. Who each process is and bringing up the process
 group under every launcher (process_group.py); the few collectives dist_clm issues and their timeouts
 (collectives.py); each rank's sign of life (heartbeat.py); where DeepSpeed's compiled ops are built (ops.py);
-what the train, optim and distributed sections mean for DeepSpeed's ZeRO engine (engine.py); Ulysses sequence
-parallelism (sequence_parallel.py); the step's one agreement between ranks (agreement.py).
+what the train, optim and distributed sections mean for DeepSpeed's ZeRO engine (engine.py); whether the
+parallel settings fit the ranks, the model and the blocks, without torch (fit.py); Ulysses sequence parallelism
+(sequence_parallel.py); the step's one agreement between ranks (agreement.py).
 
 Imports: the foundation, models.
 """

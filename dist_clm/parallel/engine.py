@@ -14,8 +14,6 @@ import json
 import math
 from pathlib import Path
 
-import torch
-
 from dist_clm.config import DistributedConfig, OptimConfig, TrainConfig
 from dist_clm.errors import UserError
 
@@ -40,6 +38,8 @@ def resolve_precision(precision: str, on_gpu: bool) -> str:
         return precision
     if not on_gpu:
         return "fp32"
+    import torch  # (here: the checks before the process group read this module without torch)
+
     if torch.cuda.is_bf16_supported(including_emulation=False):  # (emulated bf16 is several times slower)
         return "bf16"
     return "fp16" if torch.cuda.get_device_capability()[0] >= 7 else "fp32"  # V100, T4: fp16 tensor cores
@@ -49,6 +49,8 @@ def use_tf32(enabled: bool, on_gpu: bool) -> None:
     """fp32 matrix products and convolutions on a GPU's TF32 tensor cores (10-bit mantissa, fp32 range and
     accumulation: 8x an A100's or H100's fp32 rate), or in full fp32; process-wide, GPUs only (the CPU is left
     alone)."""
+    import torch
+
     if on_gpu:
         torch.backends.cuda.matmul.allow_tf32 = enabled
         torch.backends.cudnn.allow_tf32 = enabled
@@ -98,6 +100,12 @@ def deepspeed_config(
     }
     if d.sequence_parallel_size > 1:  # (for the record: the groups reach DeepSpeed as the mpu, see sequence_parallel)
         generated["sequence_parallel_size"] = d.sequence_parallel_size
+    return with_user_config(generated, d)
+
+
+def with_user_config(generated: dict, d: DistributedConfig) -> dict:
+    """`generated` with the user's DeepSpeed JSON (distributed.deepspeed_config) merged over it, its keys checked:
+    no batch size that differs from train.*, no model-parallel degree, no scheduler."""
     if not d.deepspeed_config:
         return generated
     path = Path(d.deepspeed_config)
@@ -159,6 +167,8 @@ def muon_flags(model, optimizer: str):
     """Around deepspeed.initialize: DeepSpeed gives Muon every parameter of two or more dimensions whose name has
     neither 'embed' nor 'lm_head' in it, which hands GPT-2's token and position tables (wte, wpe) to Muon; Muon
     is for hidden matrices only, so every embedding table and the output head go to AdamW, found by module."""
+    import torch
+
     if optimizer != "muon":
         yield
         return
@@ -221,6 +231,7 @@ def scheduler_factory(o: OptimConfig, max_steps: int):
     """For deepspeed.initialize(lr_scheduler=...): a LambdaLR over DeepSpeed's optimizer. One function for the
     three shapes, so min_lr_ratio means the same in each (DeepSpeed's WarmupDecayLR decays to 0 and has no WSD);
     DeepSpeed steps it once per optimizer step and saves it in every checkpoint."""
+    import torch
 
     def make(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, o, max_steps))
@@ -238,6 +249,8 @@ def learning_rates(scheduler) -> dict[str, float]:
 
 def param_groups(model, weight_decay: float) -> list[dict]:
     """Decay matrices only: not biases, norm weights or embeddings (their decay hurts and buys nothing)."""
+    import torch
+
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     decay, no_decay = [], []
     for p in model.parameters():

@@ -198,6 +198,19 @@ def node_name() -> str:
     return f"{host}/{group}" if group is not None and os.environ.get("TORCHELASTIC_RUN_ID") else host
 
 
+def launched_world() -> tuple[int, bool]:
+    """(the number of ranks, whether they all run on this node), from what the launcher set (torchrun, the
+    deepspeed launcher, srun; none: a world of one), before the process group forms."""
+    env = os.environ
+    if "WORLD_SIZE" in env:
+        world = int(env["WORLD_SIZE"])
+        local = int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or world)
+        return world, local == world
+    if int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        return int(env["SLURM_STEP_NUM_TASKS"]), env.get("SLURM_STEP_NUM_NODES", "1") == "1"
+    return 1, True
+
+
 def _from_srun() -> None:
     """RANK and the rest from the variables of a task srun started (no launcher set them)."""
     env = os.environ

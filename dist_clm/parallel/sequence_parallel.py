@@ -32,9 +32,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dist_clm.errors import UserError
-from dist_clm.models.loss_head import PLAIN_HEADS as _PLAIN  # (logits = the output projection of the last hidden state)
-
 IGNORE = -100
 
 
@@ -63,32 +60,6 @@ class SequenceParallel:
     def counts(self) -> bool:
         """Whether this rank counts the group's blocks and tokens in the logs (one rank per group does)."""
         return self.rank == 0
-
-
-def check_world(size: int, world: int) -> None:
-    if world % size:
-        raise UserError(f"config key 'distributed.sequence_parallel_size' is {size}, which does not divide the "
-                        f"{world} ranks; use a divisor of the number of ranks.")  # fmt: skip
-
-
-def check(config, size: int, block_sizes: list[int]) -> None:
-    """What sequence parallelism of `size` cannot divide in the model and the blocks, in one sentence."""
-    if size == 1:
-        return
-    heads, kv = _heads(config)
-    if heads % size:
-        raise UserError(f"config key 'distributed.sequence_parallel_size' is {size}, which does not divide the "
-                        f"model's {heads} attention heads; use a divisor of {heads}.")  # fmt: skip
-    if kv % size and size % kv:
-        raise UserError(f"config key 'distributed.sequence_parallel_size' is {size}, and the model's {kv} key/value "
-                        "heads neither divide it nor are divided by it; use a size that does.")  # fmt: skip
-    for block in block_sizes:
-        if block % size:
-            raise UserError(f"data.block_size {block} is not a multiple of distributed.sequence_parallel_size {size} "
-                            "(each rank trains on an equal slice of every block); change one of them.")  # fmt: skip
-    if config.model_type not in _PLAIN:
-        raise UserError(f"sequence parallelism trains {', '.join(_PLAIN)} models, not {config.model_type}; set "
-                        "distributed.sequence_parallel_size=1.")  # fmt: skip
 
 
 def _heads(config) -> tuple[int, int]:

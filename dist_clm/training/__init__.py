@@ -1,4 +1,5 @@
-"""Training: `train(cfg)`, the loop that tells the story (loop.py); set-up and resume (setup.py); one optimizer
+"""Training: `train(cfg)`, the loop that tells the story (loop.py); the config settled from the data and every
+check possible before the process group and the model (preflight.py); set-up and resume (setup.py); one optimizer
 step (step.py); what a run minimizes (objectives.py; DPO and ORPO in preference.py); the loss guard and dropped
 updates (stability.py); stopping on a signal at an agreed step (preemption.py).
 

@@ -33,6 +33,7 @@ from dist_clm.parallel import collectives, process_group
 from dist_clm.parallel.engine import learning_rates
 from dist_clm.parallel.heartbeat import Heartbeat
 from dist_clm.training.preemption import SIGNALS, StopRequest, watch_launcher
+from dist_clm.training.preflight import preflight
 from dist_clm.training.setup import Progress, Run, setup
 from dist_clm.training.stability import LossInjector, Trouble
 from dist_clm.training.step import StepResult, train_step
@@ -55,6 +56,7 @@ def train(
     """Train per `cfg`, resuming from the run directory's latest complete checkpoint. Any of `stop_signals`
     on any rank: every rank saves a checkpoint at the next step boundary and returns. `on_step` is called on
     every rank after every step (the throughput benchmark times the loop with it)."""
+    preflight(cfg, *process_group.launched_world())  # (mistakes first, before the process group and the model)
     env = process_group.init()
     console.bind(env.rank, env.world_size, env.node, cfg.run.dir)
     heartbeat = Heartbeat(env)

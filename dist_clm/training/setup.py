@@ -22,8 +22,8 @@ from dist_clm.data.reference_store import read_record
 from dist_clm.data.run_data import check_sources, run_tokenizer, training_sources
 from dist_clm.errors import Mismatch, UserError, agreed
 from dist_clm.models import attention, loss_head, moe
-from dist_clm.models.build import active_params, count_params, flops_per_token, max_positions
-from dist_clm.parallel import sequence_parallel
+from dist_clm.models.build import Shape, active_params, count_params, flops_per_token
+from dist_clm.parallel import fit, sequence_parallel
 from dist_clm.parallel.collectives import agree_on_error, barrier
 from dist_clm.parallel.engine import (
     deepspeed_config,
@@ -37,6 +37,7 @@ from dist_clm.parallel.engine import (
 from dist_clm.parallel.process_group import DistEnv, describe
 from dist_clm.training import objectives
 from dist_clm.training.preemption import ignore_stop_signals
+from dist_clm.training.preflight import settle
 from dist_clm.training.stability import LossGuard
 
 
@@ -233,60 +234,6 @@ def resume(checkpointer: Checkpointer, make, cfg: Config, env: DistEnv) -> tuple
     return make(), None
 
 
-def settle(cfg: Config, sources: list[Source]) -> Config:
-    """The config the run trains with: objective.kind and data.document_mask settled from the data (so that
-    config.yaml and the resume check see the values trained with), every fine-tuning check passed."""
-    tuned = [s for s in sources if s.weight > 0 and "fine_tuning" in s.manifest]
-    paired = [s for s in tuned if s.manifest["fine_tuning"].get("pairs")]
-    kind = cfg.objective.kind
-    if kind == "auto":
-        kind = "dpo" if paired else "sft" if tuned else "clm"
-    mask = bool(tuned) if cfg.data.document_mask is None else cfg.data.document_mask
-    cfg = cfg.replace(objective={"kind": kind}, data={"document_mask": mask})
-    if kind in ("dpo", "orpo"):
-        check_preference(cfg, tuned, paired)
-    elif paired:
-        raise UserError(
-            f"'{paired[0].path}' holds preference pairs, which train with objective.kind dpo or orpo, not {kind}."
-        )
-    if kind == "sft" and not tuned:
-        raise UserError(
-            "config key 'objective.kind' is sft but no training source is fine-tuning data; prepare it with "
-            "`dist-clm prepare --format chat` (or prompt-completion), or use clm."
-        )
-    for s in tuned:
-        packed = s.manifest["fine_tuning"]["block_size"]
-        if any(size != packed for size in cfg.data.block_sizes()):
-            raise UserError(
-                f"'{s.path}' packs whole conversations into blocks of {packed} tokens; set data.block_size={packed} "
-                "and no other in data.stages (or prepare it again with --block-size)."
-            )
-    return cfg
-
-
-def check_preference(cfg: Config, tuned: list[Source], paired: list[Source]) -> None:
-    """dpo / orpo: one training source, of pairs; an even micro batch (whole pairs); dpo: its reference values."""
-    what = cfg.objective.kind
-    if not paired or len(tuned) != 1 or sum(1 for s in cfg.data.mix if s.weight > 0) > 1:
-        raise UserError(
-            f"config key 'objective.kind' is {what}, which trains on one source of preference pairs (prepare "
-            "--format preference) and nothing mixed with it; set data.path to such a directory."
-        )
-    if cfg.data.document_mask is False:
-        raise UserError(f"config key 'data.document_mask' is false, but {what} scores each conversation of a pair "
-                        "on its own; leave it unset (on) or set it true.")  # fmt: skip
-    if cfg.train.micro_batch_size % 2:
-        raise UserError(
-            f"config key 'train.micro_batch_size' is {cfg.train.micro_batch_size}; {what} reads whole pairs (a chosen "
-            "and a rejected block), so it must be even."
-        )
-    if what == "dpo" and read_record(paired[0].path) is None:
-        raise UserError(
-            f"'{paired[0].path}' has no reference values for dpo; compute them with `dist-clm prepare-reference "
-            f"{paired[0].path} --model STARTING_MODEL`, or use objective.kind=orpo (no reference)."
-        )
-
-
 def check_reference(sources: list[Source], model) -> None:
     """dpo: the stored reference values were computed with the model this run starts from (the same weights)."""
     from dist_clm.training.preference import weights_fingerprint
@@ -306,11 +253,14 @@ def _checked(cfg: Config, env: DistEnv) -> tuple:
     """The settled config, sources, tokenizer, model, accumulation, DeepSpeed config and precision, every check
     passed."""
     sources = training_sources(cfg.data)
-    cfg = settle(cfg, sources)
+    given, cfg = cfg.data.block_size, settle(cfg, sources)
+    if cfg.data.block_size != given:
+        console.info(f"data.block_size is {cfg.data.block_size}, the size the fine-tuning data packs its "
+                     f"conversations into (not {given})")  # fmt: skip
     t = cfg.train
     tok = run_tokenizer(sources)
     size = cfg.distributed.sequence_parallel_size
-    sequence_parallel.check_world(size, env.world_size)
+    fit.check_world(size, env.world_size)
     grad_accum = resolve_grad_accum(t, env.world_size // size)  # (data-parallel ranks: a group reads as one)
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     on_gpu = env.device != "cpu"
@@ -328,19 +278,13 @@ def _checked(cfg: Config, env: DistEnv) -> tuple:
             f"config key 'train.loss_head' is 'fused' but {model.config.model_type} models are not known to compute "
             f"their logits as a plain projection ({', '.join(loss_head.PLAIN_HEADS)} are); use auto or plain."
         )
-    sequence_parallel.check(model.config, size, cfg.data.block_sizes())
+    shape = Shape.of(model.config)
+    fit.check_sequence_parallel(shape, size, cfg.data.block_sizes())
     if cfg.data.document_mask and model.config._attn_implementation == attention.FLASH:
         # (after the loss head: it calls the head with the documents' bounds; under sequence parallelism it
         # serves the whole rows of validation)
         attention.feed_documents(model)
-    limit = max_positions(model.config)
-    longest = max(cfg.data.block_sizes())
-    if limit is not None and longest > limit:
-        what = "config key 'data.block_size' is" if longest == cfg.data.block_size else "a block size in data.stages is"
-        raise UserError(
-            f"{what} {longest}, more than the model's {limit} positions; lower it or raise the model's positions "
-            "(model.overrides, e.g. max_position_embeddings for Llama-style models)."
-        )
+    fit.check_positions(shape, cfg.data.block_sizes(), cfg.data.block_size)
     check_sources(sources, tok, model.config.vocab_size, cfg.model.pretrained)
     ds_config = deepspeed_config(t, cfg.optim, cfg.distributed, on_gpu=on_gpu, grad_accum=grad_accum,
                                  leaf_modules=moe.leaf_classes(model))  # fmt: skip

@@ -126,7 +126,11 @@ def test_what_cannot_divide_is_one_sentence(tmp_path, data_dir):
     from transformers import AutoConfig
 
     from dist_clm.errors import UserError
-    from dist_clm.parallel.sequence_parallel import check, check_world
+    from dist_clm.models.build import Shape
+    from dist_clm.parallel.fit import check_sequence_parallel, check_world
+
+    def check(config, size, block_sizes):
+        check_sequence_parallel(Shape.of(config), size, block_sizes)
 
     llama = AutoConfig.for_model("llama", num_attention_heads=6, num_key_value_heads=3, hidden_size=48)
     with pytest.raises(UserError, match="does not divide the 3 ranks"):

@@ -169,7 +169,7 @@ def test_the_step_loss_is_the_mean_over_all_its_learned_tokens(tmp_path, sft_dat
     from dist_clm.data.run_data import run_tokenizer, training_sources
     from dist_clm.models.attention import build_model_with
     from dist_clm.parallel.process_group import free_port
-    from dist_clm.training.setup import settle
+    from dist_clm.training.preflight import settle
     from tests.helpers import BIN, launch
 
     run = tmp_path / "run"
@@ -265,6 +265,20 @@ def test_fine_tuning_data_mixes_with_pretraining_data(tmp_path, sft_data, chat_t
     assert len(train_losses(rows)) == 4
     assert sum(row["data/mix/chat"] for row in rows if "data/mix/chat" in row) / 4 == pytest.approx(0.75)
     assert {"val/chat/loss", "val/text/loss"} <= set().union(*rows)
+
+
+def test_the_block_size_of_fine_tuning_data_comes_from_the_data(tmp_path, sft_data):
+    """SFT data packs whole conversations at prepare time, so data.block_size follows it (said once), where a
+    config's other value was a refusal asking for the number again; a stage that changes it is still refused."""
+    r = run_cli("train", *SFT, "data.block_size=32", f"data.path={sft_data}", f"run.dir={tmp_path / 'run'}",
+                "train.max_steps=1", "train.eval_blocks=1", "optim.warmup_steps=0")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    said = f"data.block_size is {BLOCK}, the size the fine-tuning data packs its conversations into (not 32)"
+    assert said in r.stdout + r.stderr
+    assert f"block_size: {BLOCK}" in (tmp_path / "run" / "config.yaml").read_text()
+    r = run_cli("train", *SFT, f"data.path={sft_data}", f"run.dir={tmp_path / 'run2'}",
+                "data.stages=[{until: 1}, {block_size: 256}]", "train.max_steps=2", "optim.warmup_steps=0")  # fmt: skip
+    assert_clean_error(r, "so data.stages cannot change data.block_size")
 
 
 @pytest.mark.parametrize("kind", ["parquet", "save_to_disk", "dataset"])

@@ -59,3 +59,34 @@ def test_rope_settings_reach_the_model_and_are_refused_without_rotary_embeddings
         build_model("tiny", "", {}, FakeTokenizer(300), rope=(1e6, {}))
     with pytest.raises(UserError, match="is not valid"):
         build_model("tiny-llama", "", {}, FakeTokenizer(300), rope=(0.0, {"rope_type": "linear"}))  # (no factor)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"num_attention_heads": 8}, {"n_head": 2, "n_positions": 1024}, {"max_position_embeddings": 4096},
+     {"num_key_value_heads": 1, "vocab_size": 77}],
+)  # fmt: skip
+def test_the_shape_read_before_the_model_is_the_models(overrides, tmp_path):
+    """model_shape (read as data, without transformers' config classes) agrees with the built config: for every
+    preset, with overrides under either of a field's names, and from a saved model's config.json."""
+    from dist_clm.models.build import Shape, model_shape, preset_config
+
+    checked = 0
+    for name in PRESETS:
+        try:
+            config = preset_config(name, overrides, 1000)
+        except UserError:
+            continue  # (an override this family does not have)
+        checked += 1
+        light = model_shape(name, "", overrides)
+        assert light is not None and light.model_type == config.model_type, name
+        real = Shape.of(config)
+        assert (light.heads, light.kv_heads, light.positions) == (real.heads, real.kv_heads, real.positions), name
+        assert light.vocab == overrides.get("vocab_size"), name  # (None: the tokenizer's size)
+        config.save_pretrained(tmp_path / name)
+        assert model_shape("", str(tmp_path / name), {}) == real, name
+    assert checked >= 3
+    with pytest.raises(UserError, match="model.pretrained '/nowhere' is not a model directory"):
+        model_shape("", "/nowhere", {})
+    with pytest.raises(UserError, match="'model.preset' must be one of"):
+        model_shape("huge", "", {})

@@ -27,15 +27,16 @@ def test_the_long_context_config_divides_on_one_8_gpu_node():
     """configs/llama-1b-32k.yaml, dry: its model config (no weights) and DeepSpeed config for 8 ranks pass every
     check a run makes before it starts, and each rank holds 4K tokens of a block."""
     from dist_clm.config import load_config
-    from dist_clm.models.build import max_positions, preset_config
+    from dist_clm.models.build import Shape, max_positions, preset_config
     from dist_clm.parallel.engine import deepspeed_config, resolve_grad_accum
-    from dist_clm.parallel.sequence_parallel import SequenceParallel, check, check_world
+    from dist_clm.parallel.fit import check_sequence_parallel, check_world
+    from dist_clm.parallel.sequence_parallel import SequenceParallel
 
     cfg = load_config(REPO / "configs" / "llama-1b-32k.yaml", ["data.path=corpus"])
     m, world, size = cfg.model, 8, cfg.distributed.sequence_parallel_size
     config = preset_config(m.preset, m.overrides, 32000, rope=(m.rope_theta, m.rope_scaling))
     check_world(size, world)
-    check(config, size, cfg.data.block_sizes())
+    check_sequence_parallel(Shape.of(config), size, cfg.data.block_sizes())
     assert max_positions(config) >= max(cfg.data.block_sizes()) == 32768
     rank, dp_world = SequenceParallel(size, 3).dp(3, world)
     assert (rank, dp_world) == (0, 1) and cfg.data.block_size // size == 4096
