@@ -28,7 +28,7 @@ from dist_clm.data.stream import TokenStream
 from dist_clm.errors import PeerLost, UserError, agreed
 from dist_clm.evaluation.downstream import InLoop
 from dist_clm.evaluation.perplexity import perplexity, windows
-from dist_clm.observability.metrics import LogWindow, Metrics
+from dist_clm.observability.metrics import LogWindow, Metrics, loss_text
 from dist_clm.parallel import collectives, process_group
 from dist_clm.parallel.engine import learning_rates
 from dist_clm.parallel.heartbeat import Heartbeat
@@ -133,7 +133,7 @@ def _train(cfg: Config, env: process_group.DistEnv, stop_signals, on_step) -> Tr
                 skipped_steps=guard.skipped,
             )
             metrics.log(progress.step, scalars)
-            bar.set_postfix(loss=f"{scalars.get('train/loss', math.nan):.3f}")
+            bar.set_postfix(loss=loss_text(scalars.get("train/loss", math.nan)))
             if window.persistent_straggler is not None:
                 report_straggler(window.persistent_straggler, scalars, world, progress.step)
         if result.trouble:
