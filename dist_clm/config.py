@@ -178,7 +178,7 @@ class TrainConfig:
     # the output head, norms and biases; ZeRO 1-3, no gradient clipping (optim.grad_clip's default with it)
     seed: int = 1234  # model init, data order, sampling
     log_every: int = 10  # steps between TensorBoard/console scalars
-    eval_every: int = 100  # steps between validation perplexity runs (0 = only before and after)
+    eval_every: int = 100  # steps between validations (0 = only before and after)
     eval_blocks: int = 32  # validation blocks per evaluation (0 = the whole validation split)
     eval_tasks: list[str] = field(
         default_factory=list

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from dist_clm.data.mixture import Stage, StagedMixture
 from dist_clm.data.order import PackedBlocks, Source
-from dist_clm.data.reference_store import load_values
+from dist_clm.data.reference_store import load_values, values_in
 from dist_clm.data.stream import TokenStream, document_positions
 
 
@@ -100,9 +100,8 @@ class MixedBlocks(Dataset):
             at = self.offset(i, k, size)
             starts = blocks.stream.read_into(at, ids[row], self.document_mask, mask)
             if self.with_reference and self.references[i] is not None:
-                offsets, values = self.references[i]
-                lo, hi = np.searchsorted(offsets, [at, at + size])
-                reference[row, : hi - lo] = values[lo:hi]
+                values = values_in(self.references[i], at, size)
+                reference[row, : len(values)] = values
             if self.labelled:
                 labels[row] = ids[row]
                 if mask is not None:

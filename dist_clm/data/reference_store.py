@@ -92,6 +92,14 @@ def load_values(data: str | Path, split: str) -> tuple[np.ndarray, np.ndarray] |
     return offsets.astype(np.int64), values
 
 
+def values_in(reference: tuple[np.ndarray, np.ndarray], at: int, size: int) -> np.ndarray:
+    """The values of the learned conversations that start in tokens [at, at + size) of the stream, in order
+    (`reference`: load_values' (offsets, values))."""
+    offsets, values = reference
+    lo, hi = np.searchsorted(offsets, [at, at + size])
+    return values[lo:hi]
+
+
 @contextmanager
 def claim(data: str | Path) -> Iterator[None]:
     """Hold a local prepared directory's reference values for one writer while the block runs (a second is

@@ -190,10 +190,10 @@ def _export(tag_dir: Path, out: Path, dtype: str, max_shard_size: str, full: boo
         run_config = _yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
         if run_config is not None:
             (tmp / "dist_clm_config.yaml").write_text(_config_text(run_config, full))
-        provenance = _provenance(run_dir, tag_dir)
+        provenance = _provenance(run_dir, tag_dir, run_config or {})
         shown = provenance if full else _public(provenance)
         (tmp / "data_provenance.json").write_text(json.dumps(shown, indent=2))
-        card = _model_card(out.name, config, n_params, run_config or {}, run_dir, shown)
+        card = _model_card(out.name, config, n_params, shown)
         (tmp / "README.md").write_text(card)
         _readable(tmp)
     return out
@@ -235,7 +235,50 @@ def _public(prov: dict) -> dict:
                 origin[key] = f"{len(origin[key])} given" if isinstance(origin[key], list) else "given"
         m.pop("undecodable_examples", None)  # (they name the files)
         sources.append({k: v for k, v in s.items() if k != "path"} | {"manifest": m})
-    return {**prov, "checkpoint": Path(prov["checkpoint"]).name, "sources": sources}
+    start = prov["started_from"] and _model_name(prov["started_from"])
+    return {**prov, "checkpoint": Path(prov["checkpoint"]).name, "started_from": start, "sources": sources}
+
+
+def _model_name(path: str) -> str:
+    """A local model directory by its name: a Hugging Face cache snapshot (models--ORG--NAME/snapshots/HASH) as
+    ORG/NAME, any other by its last component (an export: the name it was exported as)."""
+    parts = Path(path).parts
+    for i, part in enumerate(parts[:-2]):
+        if part.startswith("models--") and parts[i + 1] == "snapshots":
+            return part.removeprefix("models--").replace("--", "/")
+    return Path(path).name
+
+
+def _how_trained(prov: dict) -> str:
+    """The objective and the model it started from, e.g. 'preference-tuned with DPO (beta 0.5) from `sft`'."""
+    objective, start = prov["objective"], prov["started_from"]
+    kind = objective["kind"]
+    if kind in PREFERENCE:
+        strength = "beta" if kind == "dpo" else "lambda"
+        how = f"preference-tuned with {kind.upper()} ({strength} {objective[BETA[kind]]:g})"
+    else:
+        how = {"clm": "pretrained", "sft": "fine-tuned (SFT)"}.get(kind, "trained")
+    if start is None:
+        return f"{how} from scratch"
+    return f"pretraining continued from `{start}`" if kind == "clm" else f"{how} from `{start}`"
+
+
+def _figures(objective: dict, val: dict) -> str:
+    """The card's line of the objective's own figures at the last validation, with what they were computed on."""
+    kind = objective["kind"]
+    if kind in PREFERENCE:
+        reward = ("the chosen answer's implicit reward, beta x its log-probability ratio to the starting model, "
+                  "minus the rejected one's" if kind == "dpo" else "the chosen answer's log odds minus the rejected "
+                  "one's")  # fmt: skip
+        return (f"Held-out preference pairs at step {val['step']} ({val['pairs']:,} pairs of the data's validation "
+                f"split, in blocks of {val['block_size']} tokens): reward accuracy {val['reward_accuracy']:.3f} (the "
+                f"share of pairs whose chosen answer is rewarded above the rejected one), reward margin "
+                f"{val['reward_margin']:.4g} ({reward}), {kind.upper()} loss {val['loss']:.4g}.")  # fmt: skip
+    what = "learned tokens" if kind == "sft" else "tokens"
+    on = f"{val['tokens']:,} {what} of the data's validation split" if "tokens" in val else "the validation split"
+    blocks = f", in blocks of {val['block_size']} tokens" if "block_size" in val else ""
+    figures = f"perplexity {val['perplexity']:.2f} (loss {val['loss']:.4g})"
+    return f"Validation at step {val['step']}: {figures} on {on}{blocks}."
 
 
 def _readable(root: Path) -> None:
@@ -246,8 +289,9 @@ def _readable(root: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
-def _provenance(run_dir: Path, tag_dir: Path) -> dict:
-    """What the model was trained on: each source's manifest (without its histograms), step and tokens."""
+def _provenance(run_dir: Path, tag_dir: Path, run_config: dict) -> dict:
+    """What the model was trained on and how: each source's manifest (without its histograms), step and tokens,
+    the objective and the model it started from, and its last validation."""
     from dist_clm.config import load_config
 
     sources, stages, block_size = [], [], None
@@ -267,8 +311,12 @@ def _provenance(run_dir: Path, tag_dir: Path) -> dict:
             sources.append({"name": (m.name if m else "") or _dataset_name(manifest), "path": str(path),
                             "weight": m.weight if m else 1.0, "fingerprint": fingerprint,
                             "manifest": manifest})  # fmt: skip
+    objective = {"kind": "clm"} | run_config.get("objective", {})
     return {
         "checkpoint": str(tag_dir),
+        "objective": {k: v for k, v in objective.items() if k == "kind" or k == BETA.get(objective["kind"])},
+        "started_from": run_config.get("model", {}).get("pretrained") or None,  # None: from scratch
+        "validation": _validation(run_dir, progress["step"], objective["kind"]),
         "step": progress["step"],
         "tokens_seen": progress["tokens_seen"],
         "block_size": block_size,  # the tokens per block of its last steps: eval's default for the export
@@ -276,6 +324,27 @@ def _provenance(run_dir: Path, tag_dir: Path) -> dict:
         "stages": stages,  # the mixture and block sizes over the run, when they changed (data.stages)
         "skipped_windows": json.loads((run_dir / SKIPS).read_text()) if (run_dir / SKIPS).is_file() else [],
     }
+
+
+PREFERENCE = ("dpo", "orpo")
+BETA = {"dpo": "dpo_beta", "orpo": "orpo_lambda"}  # a preference objective's strength, in the run's config
+
+
+def _validation(run_dir: Path, step: int, objective: str) -> dict | None:
+    """The run's last validation at or before `step` (RUN/metrics.jsonl) and what it was computed on: the
+    preference objectives' held-out pairs, else the perplexity of the validation split; None without one."""
+    headline = "val/reward_accuracy" if objective in PREFERENCE else "val/perplexity"
+    path, row = run_dir / "metrics.jsonl", None
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        logged = json.loads(line)
+        if headline in logged and logged["step"] <= step:
+            row = logged
+    if row is None:
+        return None
+    names = ("pairs", "reward_accuracy", "reward_margin", "loss", "chosen_perplexity", "chosen_tokens", "block_size")
+    if objective not in PREFERENCE:
+        names = ("perplexity", "loss", "tokens", "block_size")
+    return {"step": row["step"], "split": "val"} | {n: row[f"val/{n}"] for n in names if f"val/{n}" in row}
 
 
 def _dataset_name(manifest: dict) -> str:
@@ -291,17 +360,7 @@ def _fingerprint(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(prepared_identity(manifest), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _model_card(name: str, config, n_params: int, run_config: dict, run_dir: Path, prov: dict) -> str:
-    val, model = None, run_config.get("model", {})
-    objective = run_config.get("objective", {}).get("kind", "clm")
-    what = {"clm": "pretrained", "sft": "fine-tuned (SFT)", "dpo": "preference-tuned (DPO)",
-            "orpo": "preference-tuned (ORPO)"}.get(objective, "trained")  # fmt: skip
-    start = "continuing a pretrained model" if model.get("pretrained") else "from scratch"
-    if (run_dir / "metrics.jsonl").is_file():
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-            row = json.loads(line)
-            if "val/loss" in row and row["step"] <= prov["step"]:
-                val = row
+def _model_card(name: str, config, n_params: int, prov: dict) -> str:
     lines = [
         "---",
         "library_name: transformers",
@@ -311,15 +370,12 @@ def _model_card(name: str, config, n_params: int, run_config: dict, run_dir: Pat
         f"# {name}",
         "",
         f"A {config.model_type} causal language model ({n_params:,} parameters, vocabulary "
-        f"{config.vocab_size:,}) {what} with dist_clm, {start}; exported from checkpoint `{prov['checkpoint']}` "
+        f"{config.vocab_size:,}) {_how_trained(prov)} with dist_clm; exported from checkpoint `{prov['checkpoint']}` "
         f"at step {prov['step']}"
         + (f" after {prov['tokens_seen']:,} training tokens." if prov["tokens_seen"] else "."),
     ]
-    if val:
-        lines += [
-            "",
-            f"Validation at step {val['step']}: loss {val['val/loss']:.4f}, perplexity {val['val/perplexity']:.2f}.",
-        ]
+    if prov["validation"]:
+        lines += ["", _figures(prov["objective"], prov["validation"])]
     lines += [
         "",
         "## Use",

@@ -97,26 +97,22 @@ def perplexity(
     """
     was_training = model.training
     model.eval()
-    batches = _same_length_batches(wins[rank::world], batch_size)
-    n_batches = torch.tensor([len(batches)], device=device)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(n_batches, op=torch.distributed.ReduceOp.MAX)
     table = torch.from_numpy(byte_lengths) if byte_lengths is not None else None
-    nll, count, n_bytes, damaged = 0.0, 0, 0, None
-    for i in range(int(n_batches.item())):
-        real = i < len(batches) and damaged is None
-        batch = batches[i] if i < len(batches) else [wins[0]]
-        shape, learned, extra = (len(batch), batch[0].length), None, {}
-        try:
-            got = [read(w.start, w.length) for w in batch]
-            if isinstance(got[0], tuple):  # (tokens, learned, positions)
-                ids, learned, positions = (torch.stack([torch.from_numpy(g[i].astype(np.int64)) for g in got])
-                                           for i in range(3))  # fmt: skip
-                extra = {"position_ids": positions.to(device), "use_cache": False}
-            else:
-                ids = torch.stack([torch.from_numpy(g.astype(np.int64)) for g in got])
-        except DataError as e:  # keep the forward passes in step with the other ranks; all stop below
-            damaged, real, ids, learned, extra = e, False, torch.zeros(shape, dtype=torch.int64), None, {}
+    sums = [0.0, 0, 0]  # NLL, scored tokens, their bytes
+
+    def read_batch(batch: list[Window]):
+        got = [read(w.start, w.length) for w in batch]
+        if isinstance(got[0], tuple):  # (tokens, learned, positions)
+            ids, learned, positions = (torch.stack([torch.from_numpy(g[i].astype(np.int64)) for g in got])
+                                       for i in range(3))  # fmt: skip
+            return batch, ids, learned, {"position_ids": positions.to(device), "use_cache": False}
+        return batch, torch.stack([torch.from_numpy(g.astype(np.int64)) for g in got]), None, {}
+
+    def blank(batch: list[Window]):
+        return batch, torch.zeros((len(batch), batch[0].length), dtype=torch.int64), None, {}
+
+    def score(inputs, real: bool) -> None:
+        batch, ids, learned, extra = inputs
         logits = model(input_ids=ids.to(device), **extra).logits.float()
         targets = ids[:, 1:]
         per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.to(device).flatten(), reduction="none")
@@ -126,18 +122,40 @@ def perplexity(
         if learned is not None:
             mask &= learned[:, 1:].bool()
         if real:
-            nll += float((per_token.view(targets.shape).cpu() * mask).sum(dtype=torch.float64))
-            count += int(mask.sum())
+            sums[0] += float((per_token.view(targets.shape).cpu() * mask).sum(dtype=torch.float64))
+            sums[1] += int(mask.sum())
             if table is not None:
-                n_bytes += int(table[targets][mask].sum())
-    agree_on_error(damaged, device)
-    nll, count, n_bytes = all_reduce_sum([nll, count, n_bytes], device)
+                sums[2] += int(table[targets][mask].sum())
+
+    in_step(_same_length_batches(wins[rank::world], batch_size), [wins[0]], device, read_batch, blank, score)
+    nll, count, n_bytes = all_reduce_sum(sums, device)
     model.train(was_training)
     mean = nll / count
     result = {"loss": mean, "perplexity": math.exp(mean), "tokens": int(count)}
     if table is not None and n_bytes:
         result |= {"bits_per_byte": nll / math.log(2) / n_bytes, "bytes": int(n_bytes)}
     return result
+
+
+def in_step(batches: list, filler, device: str, read, blank, score) -> None:
+    """Collective: score(read(batch), real=True) for each of this rank's batches, then score(read(filler),
+    real=False) until every rank has scored as many batches as the rank with the most (under ZeRO-3 a forward
+    pass gathers parameters collectively: every rank runs as many). A DataError from `read` makes that batch and
+    the rest blank(batch) (inputs of its shape, not read; scored with real=False), and is raised on every rank
+    once all have scored theirs."""
+    n = torch.tensor([len(batches)], device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
+    damaged = None
+    for i in range(int(n.item())):
+        real = i < len(batches) and damaged is None
+        batch = batches[i] if i < len(batches) else filler
+        try:
+            inputs = read(batch) if damaged is None else blank(batch)
+        except DataError as e:  # keep the forward passes in step with the other ranks; all stop below
+            damaged, real, inputs = e, False, blank(batch)
+        score(inputs, real)
+    agree_on_error(damaged, device)
 
 
 def _same_length_batches(wins: list[Window], batch_size: int) -> list[list[Window]]:

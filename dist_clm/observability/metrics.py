@@ -33,6 +33,12 @@ PEAKS: list[tuple[tuple[str, ...], dict[str, float | None]]] = [
 ]
 
 
+def loss_text(loss: float) -> str:
+    """A loss as the console shows it: four significant digits, in scientific notation when small, so that a
+    preference loss near 0 reads 3.304e-06, never 0.000."""
+    return f"{loss:.4g}"
+
+
 class Metrics:
     """Rank 0 records every logged number in RUN/metrics.jsonl and sends it to the run's trackers (trackers.py:
     TensorBoard, wandb, MLflow); the other ranks record nothing."""

@@ -8,7 +8,7 @@ setup(cfg, env) -> Run              sources, tokenizer, model, the parts resumed
 Checkpointer                        choose / save / load the parts and the engine (checkpointing/checkpointer.py)
 train_step(...) -> StepResult       micro batches, the one agreement, the guard, backward, update (step.py)
 LogWindow                           the logged training scalars of a window of steps (observability/metrics.py)
-Validation                          perplexity on every source's validation split (below)
+Validation                          perplexity on every source's validation split; held-out pairs (below)
 rollback(...)                       back to the last checkpoint, past the data that diverged (below)
 """
 
@@ -24,14 +24,17 @@ from pathlib import Path
 from dist_clm import console
 from dist_clm.config import Config
 from dist_clm.data.loader import TrainLoader
+from dist_clm.data.reference_store import load_values
 from dist_clm.data.stream import TokenStream
 from dist_clm.errors import PeerLost, UserError, agreed
 from dist_clm.evaluation.downstream import InLoop
 from dist_clm.evaluation.perplexity import perplexity, windows
-from dist_clm.observability.metrics import LogWindow, Metrics
+from dist_clm.observability.metrics import LogWindow, Metrics, loss_text
 from dist_clm.parallel import collectives, process_group
 from dist_clm.parallel.engine import learning_rates
 from dist_clm.parallel.heartbeat import Heartbeat
+from dist_clm.training import preference
+from dist_clm.training.objectives import Preference
 from dist_clm.training.preemption import SIGNALS, StopRequest, watch_launcher
 from dist_clm.training.preflight import preflight
 from dist_clm.training.setup import Progress, Run, setup
@@ -135,7 +138,7 @@ def _train(cfg: Config, env: process_group.DistEnv, stop_signals, on_step) -> Tr
                 skipped_steps=guard.skipped,
             )
             metrics.log(progress.step, scalars)
-            bar.set_postfix(loss=f"{scalars.get('train/loss', math.nan):.3f}")
+            bar.set_postfix(loss=loss_text(scalars.get("train/loss", math.nan)))
             if window.persistent_straggler is not None:
                 report_straggler(window.persistent_straggler, scalars, world, progress.step)
         if result.trouble:
@@ -244,15 +247,20 @@ def rollback(run: Run, trouble: Trouble, rollbacks: int) -> int:
 
 
 class Validation:
-    """Perplexity on each source's validation split (the same first `train.eval_blocks` blocks each time);
-    val/loss is over all of them, token-weighted, in blocks of the length the run trains at now. When data.stages
-    change the block size, every length is evaluated too (val/at_LENGTH/loss, /perplexity). Collective; whole
-    blocks on every rank (sequence parallelism splits the training passes only: a forward pass without gradients
-    holds no activations)."""
+    """Every source's validation split, the same first `train.eval_blocks` blocks each time; the preference
+    objectives validate on held-out pairs instead (HeldOutPairs), and on any other (evaluation-only) source as
+    below, per source. Perplexity: val/loss is over all the sources, token-weighted, in blocks of the length the
+    run trains at now (val/tokens, val/block_size say what it was computed on). When data.stages change the block
+    size, every length is evaluated too (val/at_LENGTH/loss, /perplexity). Collective; whole blocks on every rank
+    (sequence parallelism splits the training passes only: a forward pass without gradients holds no
+    activations)."""
 
     def __init__(self, run: Run, metrics: Metrics):
         self.run, self.metrics, self.lengths = run, metrics, run.position.block_sizes
-        self.splits = {s.name: TokenStream(s.path, "val", s.manifest) for s in run.sources}
+        paired = [s for s in run.sources if s.manifest.get("fine_tuning", {}).get("pairs")]
+        self.pairs = HeldOutPairs(run, paired[0]) if isinstance(run.objective, Preference) and paired else None
+        self.splits = {s.name: TokenStream(s.path, "val", s.manifest) for s in run.sources
+                       if self.pairs is None or s is not paired[0]}  # fmt: skip
         self.windows = {(n, length): windows(v.tokens, length, 0, run.cfg.train.eval_blocks)
                         for n, v in self.splits.items() for length in self.lengths}  # fmt: skip
 
@@ -272,6 +280,8 @@ class Validation:
         }
 
     def __call__(self, step: int) -> dict:
+        if self.pairs is not None:
+            return self.held_out(step)
         now = self.run.position.block_size_at()
         totals, scalars, line = {}, {}, ""
         for length in sorted(self.lengths, key=lambda n: n != now):  # (the length trained now first)
@@ -287,7 +297,9 @@ class Validation:
                 for name, res in results.items():
                     scalars |= {f"val/{name}/loss": res["loss"], f"val/{name}/perplexity": res["perplexity"]}
             if length == now:
-                line = (f"validation loss {total['loss']:.4f}, perplexity {total['perplexity']:.2f} ({count} tokens)"
+                scalars |= {"val/tokens": count, "val/block_size": length}
+                line = (f"validation loss {loss_text(total['loss'])}, perplexity {total['perplexity']:.2f} ({count} "
+                        f"tokens in blocks of {length})"
                         + "".join(f"; {name} {res['perplexity']:.2f}" for name, res in results.items()
                                   if len(results) > 1))  # fmt: skip
             if len(self.lengths) > 1:
@@ -295,6 +307,54 @@ class Validation:
         self.metrics.log(step, scalars)
         console.info(f"step {step}: {line}")
         return totals[now]
+
+    def held_out(self, step: int) -> dict:
+        """The preference objectives' validation: the held-out pairs, and any other source's perplexity."""
+        scalars, line, totals = self.pairs()
+        for name, res in self.at(self.run.position.block_size_at()).items():
+            scalars |= {f"val/{name}/loss": res["loss"], f"val/{name}/perplexity": res["perplexity"],
+                        f"val/{name}/tokens": res["tokens"]}  # fmt: skip
+            line += f"; {name}: perplexity {res['perplexity']:.2f} ({res['tokens']} tokens)"
+        self.metrics.log(step, scalars)
+        console.info(f"step {step}: {line}")
+        return totals
+
+
+class HeldOutPairs:
+    """DPO's and ORPO's validation, on the first `train.eval_blocks` blocks (whole pairs of blocks; 0: all) of the
+    validation split of the source of pairs, with DPO's reference values for it: the pairs' objective
+    (val/loss), how often and by how much the chosen answer's reward beats the rejected one's
+    (val/reward_accuracy, val/reward_margin, val/rewards_chosen, val/rewards_rejected; ORPO: of log odds), over
+    val/pairs pairs, and the perplexity of the chosen answers (val/chosen_perplexity, over val/chosen_tokens).
+    Not the split's perplexity: that of the rejected answers is what the objective raises. The same figures on any
+    number of ranks: the sums of whole pairs, each pair of blocks scored by one rank."""
+
+    def __init__(self, run: Run, source):
+        self.run, self.block = run, source.manifest["fine_tuning"]["block_size"]
+        self.stream = TokenStream(source.path, "val", source.manifest)
+        units, blocks = self.stream.tokens // (2 * self.block), run.cfg.train.eval_blocks
+        self.units = min(units, (blocks + 1) // 2) if blocks else units
+        self.reference = load_values(source.path, "val") if run.objective.name == "dpo" else None
+
+    def __call__(self) -> tuple[dict, str, dict]:
+        """(the scalars, the console's line, the figures train() returns)."""
+        run, env = self.run, self.run.env
+        sums = preference.held_out(run.engine.module, run.objective.measure, self.stream, self.reference, self.block,
+                                   self.units, run.cfg.train.micro_batch_size // 2, env.device, env.rank,
+                                   env.world_size)  # fmt: skip
+        stats, (loss, nll, tokens) = sums[: len(preference.STATS)], sums[len(preference.STATS) :]
+        if (error := run.objective.flaw_error(stats)) is not None:
+            raise agreed(error)  # (the same sums on every rank)
+        pairs = int(stats[0])
+        scalars = run.objective.scalars(stats, "val") | {"val/loss": loss / pairs, "val/pairs": pairs,
+            "val/chosen_perplexity": math.exp(nll / tokens), "val/chosen_tokens": int(tokens),
+            "val/block_size": self.block}  # fmt: skip
+        totals = {"loss": scalars["val/loss"], "reward_accuracy": scalars["val/reward_accuracy"],
+                  "reward_margin": scalars["val/reward_margin"], "pairs": pairs}  # fmt: skip
+        line = (f"validation on {pairs} held-out pairs: reward accuracy {totals['reward_accuracy']:.3f}, reward "
+                f"margin {totals['reward_margin']:.4g}, loss {loss_text(totals['loss'])}; perplexity of the chosen "
+                f"answers {scalars['val/chosen_perplexity']:.2f} ({int(tokens)} tokens)")  # fmt: skip
+        return scalars, line, totals
 
 
 def progress_bar(total: int, done: int, enabled: bool):

@@ -86,8 +86,8 @@ class Objective:
     def flaw_error(self, stats: torch.Tensor | None) -> DataError | None:
         return None
 
-    def scalars(self, sums: list[float]) -> dict[str, float]:
-        """What is logged from the statistics summed over a log window and all ranks."""
+    def scalars(self, sums: list[float], split: str = "train") -> dict[str, float]:
+        """What is logged from the statistics summed over a log window and all ranks (or over the held-out data)."""
         return {}
 
     def spike_rule(self):
@@ -131,13 +131,7 @@ class Preference(Objective):
         else:
             out = run.engine(**inputs, use_cache=False)
             conv = preference.conversation_logps(out.logits, labels, inputs["position_ids"])
-        if reference is not None:  # (the loader's: each row's conversations, then NaN, over half a row)
-            reference = F.pad(reference, (0, labels.shape[1] - reference.shape[1]))
-        losses, rewards = self.pair_losses(conv, reference)
-        both, unpaired = preference.pairs(conv)
-        chosen, rejected = rewards["chosen"] * both, rewards["rejected"] * both
-        right = ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()) * both  # (a tie: half right)
-        stats = torch.stack([both.sum().float(), chosen.sum(), rejected.sum(), right.sum(), unpaired.float()])
+        losses, stats = self.measure(conv, reference)
         loss = losses.sum() / weighting["num_items_in_batch"]
         aux = getattr(
             out, "aux_loss", None
@@ -145,6 +139,18 @@ class Preference(Objective):
         if aux is not None:
             loss = loss + run.engine.module.config.router_aux_loss_coef * aux
         return loss, stats
+
+    def measure(self, conv: preference.Conversations, reference: torch.Tensor | None):
+        """(per-pair losses, STATS) of a micro batch's conversations, on the device; `reference`: the reference
+        values of each row's conversations, then NaN (the loader's, over half a row), or None."""
+        if reference is not None:
+            reference = F.pad(reference, (0, conv.logps.shape[1] - reference.shape[1]))
+        losses, rewards = self.pair_losses(conv, reference)
+        both, unpaired = preference.pairs(conv)
+        chosen, rejected = rewards["chosen"] * both, rewards["rejected"] * both
+        right = ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()) * both  # (a tie: half right)
+        stats = torch.stack([both.sum().float(), chosen.sum(), rejected.sum(), right.sum(), unpaired.float()])
+        return losses, stats
 
     def flaws(self, stats: torch.Tensor | None) -> torch.Tensor | float:
         return 0.0 if stats is None else stats[-1]
@@ -158,13 +164,13 @@ class Preference(Objective):
             "--format preference`."
         )
 
-    def scalars(self, sums: list[float]) -> dict[str, float]:
-        """DPO's implicit rewards (ORPO's log odds) of the window's pairs."""
+    def scalars(self, sums: list[float], split: str = "train") -> dict[str, float]:
+        """DPO's implicit rewards (ORPO's log odds) of the window's pairs (of the held-out pairs: split val)."""
         n, chosen, rejected, right = sums[:4]
         if not n:
             return {}
-        return {"train/rewards_chosen": chosen / n, "train/rewards_rejected": rejected / n,
-                "train/reward_accuracy": right / n, "train/reward_margin": (chosen - rejected) / n}  # fmt: skip
+        return {f"{split}/rewards_chosen": chosen / n, f"{split}/rewards_rejected": rejected / n,
+                f"{split}/reward_accuracy": right / n, f"{split}/reward_margin": (chosen - rejected) / n}  # fmt: skip
 
     SPREADS = 10.0  # robust spreads above the median that make a spike (stability.spike_factor 0: off)
 

@@ -170,3 +170,53 @@ def count_pairs(labels: torch.Tensor, positions: torch.Tensor) -> int:
 
 
 STATS = ("pairs", "reward_chosen", "reward_rejected", "ranked_right", "unpaired")  # a micro batch's statistics
+
+
+@torch.no_grad()
+def held_out(model, measure, stream, reference, block: int, units: int, pairs_per_batch: int, device: str,
+             rank: int = 0, world: int = 1) -> list[float]:  # fmt: skip
+    """Collective: over the first `units` pairs of blocks of `block` tokens of a validation split of pairs
+    (`stream`: its TokenStream; `reference`: its reference values, reference_store.load_values', or None), the
+    sums on every rank of: the objective's STATS (`measure`: objectives.Preference.measure), its pairs' losses,
+    the chosen answers' NLL and their learned tokens. Each rank scores every world-th pair of blocks, whole."""
+    import numpy as np
+
+    from dist_clm.data.reference_store import values_in
+    from dist_clm.evaluation.perplexity import in_step
+    from dist_clm.parallel.collectives import all_reduce_sum
+
+    sums = torch.zeros(len(STATS) + 3, dtype=torch.float64)
+
+    def read(batch: list[int]):
+        starts = [(2 * u + side) * block for u in batch for side in (0, 1)]  # each pair's chosen block, its rejected
+        rows = [stream.read_learned(at, block) for at in starts]
+        ids, learned, positions = (torch.as_tensor(np.stack([r[i] for r in rows])).long() for i in range(3))
+        values = None
+        if reference is not None:  # (the loader's layout: each row's conversations' values, then NaN)
+            values = torch.full((len(rows), block), float("nan"), dtype=torch.float64)
+            for row, at in enumerate(starts):
+                got = torch.from_numpy(values_in(reference, at, block))
+                values[row, : len(got)] = got
+        return ids, torch.where(learned.bool(), ids, IGNORE), positions, values
+
+    def blank(batch: list[int]):
+        ids = torch.zeros((2 * len(batch), block), dtype=torch.int64)
+        return ids, torch.full_like(ids, IGNORE), ids, None
+
+    def score(inputs, real: bool) -> None:
+        ids, labels, positions, values = (x if x is None else x.to(device) for x in inputs)
+        logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+        conv = conversation_logps(logits, labels, positions)
+        losses, stats = measure(conv, values)
+        both, _ = pairs(conv)
+        chosen = [losses.sum(), -(conv.logps[0::2] * both).sum(), (conv.counts[0::2] * both).sum()]
+        if real:
+            sums.add_(torch.cat([stats.double(), *(x.double().reshape(1) for x in chosen)]).cpu())
+
+    was_training = model.training
+    model.eval()
+    mine = list(range(units))[rank::world]
+    batches = [mine[i : i + pairs_per_batch] for i in range(0, len(mine), pairs_per_batch)]
+    in_step(batches, [0], device, read, blank, score)
+    model.train(was_training)
+    return all_reduce_sum(sums.tolist(), device)

@@ -25,6 +25,7 @@ from tests.helpers import (
     check_export,
     independent_model,
     last_checkpoint,
+    metrics,
     read_split,
     run_cli,
 )
@@ -247,6 +248,8 @@ def test_an_export_continues_pretraining_where_the_checkpoint_was(trained_run, e
     # with no --block-size, an export is evaluated in the blocks its run trained on (recorded in the export), as
     # its checkpoint is, not in blocks of the model's whole context
     assert evaluate_cli(str(out), data=str(data_dir)) == evaluate_cli(str(trained_run))
+    card = (export(run, tmp_path / "again") / "README.md").read_text()  # the model it continued, by its name
+    assert f"pretraining continued from `{out.name}` with dist_clm; exported" in card
 
 
 def test_an_export_names_no_local_path_and_everyone_can_read_it(trained_run, exported, data_dir, tmp_path):
@@ -266,7 +269,12 @@ def test_an_export_names_no_local_path_and_everyone_can_read_it(trained_run, exp
     assert prov["checkpoint"].startswith("step_") and "path" not in source and len(source["fingerprint"]) == 16
     assert source["manifest"]["sources"]["inputs"] == "1 given" and "source" not in source["manifest"]["tokenizer"]
     card = (exported / "README.md").read_text()
-    assert "pretrained with dist_clm, from scratch; exported from checkpoint `step_" in card
+    assert "pretrained from scratch with dist_clm; exported from checkpoint `step_" in card
+    # its own figures, saying what they were computed on
+    val = [row for row in metrics(trained_run) if "val/perplexity" in row][-1]
+    figures = f"perplexity {val['val/perplexity']:.2f} (loss {val['val/loss']:.4g})"
+    on = f"{val['val/tokens']:,} tokens of the data's validation split, in blocks of 64 tokens"
+    assert f"Validation at step 12: {figures} on {on}." in card
     assert source["fingerprint"] in card and source["manifest"]["tokenizer"]["fingerprint"] in card
     assert "run:\n  dir: <local, not exported>" in (exported / "dist_clm_config.yaml").read_text()
 

@@ -133,7 +133,13 @@ def test_damaged_preference_data_stops_a_dpo_run_with_one_sentence(tmp_path, pre
 
 
 @pytest.mark.parametrize("objective", ["dpo", "orpo"])
-def test_reward_accuracy_rises_on_a_learnable_preference(tmp_path, pref_data, start_model, objective):
+def test_reward_accuracy_rises_in_training_and_on_held_out_pairs(tmp_path, pref_data, start_model, objective):
+    """The reward accuracy rises on the training pairs and on the held-out ones; validation is the held-out pairs'
+    (reward accuracy and margin, the objective's loss, over every pair of the validation split), not a perplexity
+    of chosen and rejected answers together, which the objective raises; the console says it, and the export's
+    card headlines the objective and those figures."""
+    from dist_clm.data.format import read_manifest
+    from dist_clm.evaluation.export import export
     from tests.helpers import metrics
 
     run = tmp_path / objective
@@ -141,13 +147,65 @@ def test_reward_accuracy_rises_on_a_learnable_preference(tmp_path, pref_data, st
     start = [f"model.pretrained={start_model}"] if objective == "dpo" else []
     r = run_cli("train", *TINY_PREF, f"data.path={pref_data}", f"run.dir={run}", *start,
                 f"objective.kind={objective}", "train.max_steps=150", "optim.lr=1e-3", "train.log_every=1",
-                "objective.dpo_beta=0.5")  # fmt: skip
+                "objective.dpo_beta=0.5", "train.eval_blocks=0")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [row for row in metrics(run) if "train/reward_accuracy" in row]
     first, last = rows[0]["train/reward_accuracy"], rows[-1]["train/reward_accuracy"]
     # from chance (dpo's step 1: the policy is its reference, every reward 0, a tie) to above 90%
     assert first < 0.75 and last > 0.9, [row["train/reward_accuracy"] for row in rows]
     assert rows[-1]["train/reward_margin"] > rows[0]["train/reward_margin"]
+
+    held_out = read_manifest(pref_data)["splits"]["val"]["conversations"]  # (of pairs: the pairs)
+    before, after = [row for row in metrics(run) if "val/loss" in row]
+    assert (before["step"], after["step"]) == (0, 150) and "val/perplexity" not in before | after
+    assert before["val/pairs"] == after["val/pairs"] == held_out
+    if objective == "dpo":  # the policy is its reference: every reward 0
+        assert before["val/reward_margin"] == pytest.approx(0, abs=1e-4)
+        assert before["val/loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert after["val/reward_accuracy"] > 0.9 and after["val/reward_margin"] > before["val/reward_margin"] + 1
+    assert after["val/loss"] < before["val/loss"]
+    accuracy = f"reward accuracy {after['val/reward_accuracy']:.3f}"
+    assert f"step 150: validation on {held_out} held-out pairs: {accuracy}, reward margin " in r.stdout + r.stderr
+
+    card = (export(run, tmp_path / "hf") / "README.md").read_text()
+    how = "DPO (beta 0.5) from `model`" if objective == "dpo" else "ORPO (lambda 0.1) from scratch"
+    assert f"preference-tuned with {how} with dist_clm; exported from checkpoint `step_00000150`" in card
+    assert (f"Held-out preference pairs at step 150 ({held_out} pairs of the data's validation split, in blocks of "
+            f"{PREF_BLOCK} tokens): {accuracy}") in card  # fmt: skip
+    assert f"reward margin {after['val/reward_margin']:.4g}" in card and "perplexity" not in card
+
+
+def test_held_out_pairs_are_scored_whole_and_alike_on_any_number_of_ranks(pref_data, start_model):
+    """DPO's validation on the held-out pairs, each rank scoring every world-th pair of blocks: with the model
+    the reference values were computed with, every reward is 0 (each value met its own conversation); with
+    values moved at random, the shares of 2 and 3 ranks (in micro batches of another size) add up to one rank's
+    figures, every pair of the split counted once."""
+    from dist_clm.config import ObjectiveConfig
+    from dist_clm.data.format import read_manifest
+    from dist_clm.data.reference_store import load_values
+    from dist_clm.data.stream import TokenStream
+    from dist_clm.evaluation.export import load_model
+    from dist_clm.training import objectives, preference
+
+    model = load_model(start_model)[0]
+    manifest = read_manifest(pref_data)
+    stream, units = TokenStream(pref_data, "val", manifest), manifest["splits"]["val"]["tokens"] // (2 * PREF_BLOCK)
+    dpo = objectives.for_run(ObjectiveConfig(kind="dpo", dpo_beta=0.5), 0.0)
+    offsets, values = load_values(pref_data, "val")
+    n, chosen, rejected, right, unpaired, loss, nll, tokens = preference.held_out(
+        model, dpo.measure, stream, (offsets, values), PREF_BLOCK, units, 2, "cpu"
+    )
+    assert n == manifest["splits"]["val"]["conversations"] and not unpaired and tokens > n and nll > 0
+    assert chosen == pytest.approx(0, abs=1e-3) and rejected == pytest.approx(0, abs=1e-3)
+    assert loss == pytest.approx(n * math.log(2), rel=1e-4)
+
+    moved = (offsets, values + np.random.default_rng(0).normal(0, 1, len(values)))
+    scored = (model, dpo.measure, stream, moved, PREF_BLOCK, units)
+    one = preference.held_out(*scored, 2, "cpu")
+    assert 0 < one[3] < n  # (some pairs ranked right, some wrong: a test that can tell)
+    for world in (2, 3):
+        shares = [preference.held_out(*scored, 1, "cpu", rank, world) for rank in range(world)]
+        np.testing.assert_allclose(np.sum(shares, axis=0), one, rtol=1e-5)
 
 
 def test_dpo_resumes_exactly_and_refuses_another_reference(tmp_path, pref_data, start_model):

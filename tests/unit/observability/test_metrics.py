@@ -123,3 +123,13 @@ def test_peak_for_card_and_precision(name, precision, tf32, peak):
 def test_peak_for_fp32_falls_back_when_the_card_has_no_tf32():
     """A V100 runs fp32 on its CUDA cores whatever train.tf32 says, so MFU uses its fp32 figure (15.7 TFLOP/s)."""
     assert peak_for(V100, "fp32", tf32=True) == 15.7e12
+
+
+def test_the_console_shows_a_small_loss_as_itself():
+    """A preference loss near 0 (a DPO run whose pairs are all ranked right) reads as its value, never 0.000;
+    others keep four significant digits."""
+    from dist_clm.observability.metrics import loss_text
+
+    assert loss_text(3.3039166e-06) == "3.304e-06" and loss_text(0.00042) == "0.00042"
+    assert loss_text(2.3456789) == "2.346" and loss_text(0.6931472) == "0.6931" and loss_text(11.04) == "11.04"
+    assert loss_text(float("nan")) == "nan"
