@@ -124,7 +124,11 @@ NOISE_LOGS = {
     "DeepSpeed": ("OVERFLOW! Skipping step. Gradients are non-finite",),  # the loss guard's skip (its own line)
 }
 NOISE_WARNINGS = [  # (category, message regex, module regex)
-    (FutureWarning, r"`torch\.distributed\.all_gather_into_tensor` is deprecated", r"torch\.distributed"),  # ZeRO's
+    # ZeRO's collectives, once per rank: all-gather on every stage, reduce-scatter on ZeRO-3
+    (FutureWarning, r"`torch\.distributed\.all_gather_into_tensor` is deprecated", r"torch\.distributed"),
+    (FutureWarning, r"`torch\.distributed\.reduce_scatter_tensor` is deprecated", r"torch\.distributed"),
+    # inductor's own lowering, when a first step compiles (Muon's update, train.compile)
+    (FutureWarning, r"`torch\._prims_common\.check` is deprecated", r"torch\._inductor"),
 ]
 
 

@@ -89,8 +89,14 @@ def test_library_noise_is_dropped_where_it_is_said_and_nothing_else(capsys):
         console.quiet_library_noise()  # (after catch_warnings reset the filters)
         warnings.warn_explicit("`torch.distributed.all_gather_into_tensor` is deprecated.", FutureWarning,
                                "c10d_logger.py", 83, module="torch.distributed.c10d_logger")  # fmt: skip
+        warnings.warn_explicit("`torch.distributed.reduce_scatter_tensor` is deprecated.", FutureWarning,
+                               "c10d_logger.py", 83, module="torch.distributed.c10d_logger")  # fmt: skip
         warnings.warn_explicit("something else is deprecated", FutureWarning, "x.py", 1, module="torch.distributed.x")
-    assert [str(w.message) for w in seen] == ["something else is deprecated"]
+        # inductor's lowering when Muon's update or a train.compile model compiles; the same words elsewhere are kept
+        check = "`torch._prims_common.check` is deprecated and will be removed in the future."
+        warnings.warn_explicit(check, FutureWarning, "lowering.py", 2487, module="torch._inductor.lowering")
+        warnings.warn_explicit(check, FutureWarning, "model.py", 1, module="my_model")
+    assert [str(w.message) for w in seen] == ["something else is deprecated", check]
     with console.without_lines("stdout", "built successfully"):
         print("DeepSpeed op built successfully")
         print("kept")
