@@ -39,6 +39,8 @@ def test_eval_only_data_and_progress_lines_in_a_log(held, trained_run):
     assert m["eval_only"] and m["splits"]["train"]["documents"] == 0 and m["splits"]["val"]["documents"] == 12
     # the output is lines, as a SLURM log or nohup gets it: no carriage-return frames
     assert "\r" not in printed and "prepare: " in printed and " doc/s" in printed
+    # what it does comes first, before the workers start and the tokenizer loads
+    assert printed.splitlines()[0].startswith(f"prepare: 12 files into {data}, tokenizing with "), printed
     r = run_cli("eval", str(trained_run), "--data", str(data), "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout.splitlines()[-1])["tokens"] > 0
