@@ -104,6 +104,8 @@ def test_the_same_numbers_in_tensorboard_wandb_and_mlflow_downstream_tasks_inclu
     assert "\r" not in r.stdout + r.stderr  # progress as plain lines in a log
     lines = [line for line in r.stdout.splitlines() if line.startswith("train: ")]
     assert lines and "4/4 steps (100%)" in lines[-1] and "step/s" in lines[-1], r.stdout[-2000:]
+    # the first step's line has no rate and no time left (they count from the steps after it)
+    assert lines[0].startswith("train: 1/4 steps (25%), ") and "/s" not in lines[0] and "left" not in lines[0], lines
     assert any("val/held/loss" in row for row in metrics(plain))  # the evaluation-only source, weight 0
     run = tmp_path / "run"
     args = [*base, f"run.dir={run}", "run.loggers=[tensorboard, wandb, mlflow, jsonl]", "run.name=watched",
