@@ -79,8 +79,6 @@ def _prepare(a: argparse.Namespace) -> None:
         return None
     from dist_clm.data.prepare import prepare
 
-    if not a.inputs and not a.dataset and a.format == "text":
-        print("no corpus named: preparing files of the Python standard library")
     _print_prepared(prepare(a.tokenizer, a.out, a.inputs, **options), a.out)
     return None
 

@@ -103,17 +103,21 @@ def error(e) -> None:
 
 
 def progress(iterable=None, *, total: int | None = None, initial: int = 0, unit: str = "it", desc: str = "",
-             enabled: bool = True):  # fmt: skip
+             enabled: bool = True, since: float | None = None):  # fmt: skip
     """A progress display: tqdm's bar on a terminal; where stderr is not one (a SLURM log, nohup, CI) a plain
     line every DIST_CLM_PROGRESS_SECONDS (30) seconds and at the end, instead of carriage-return frames that
     make one endless line of a log file. Both take update(n), set_postfix(**values), reset(total), close(), and
-    iterate over `iterable`."""
+    iterate over `iterable`. `since`: the time.monotonic() the work began at, where that was before the display
+    (workers that started at once): its time and rate count from then."""
     if enabled and not sys.stderr.isatty():
-        return LineProgress(iterable, total=total, initial=initial, unit=unit, desc=desc)
+        return LineProgress(iterable, total=total, initial=initial, unit=unit, desc=desc, since=since)
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, initial=initial, unit=unit, desc=desc or None, disable=not enabled,
-                smoothing=0.1)  # fmt: skip
+    bar = tqdm(iterable, total=total, initial=initial, unit=unit, desc=desc or None, disable=not enabled,
+               smoothing=0.1)  # fmt: skip
+    if since is not None and not bar.disable:
+        bar.start_t = bar.last_print_t = bar._time() - (time.monotonic() - since)
+    return bar
 
 
 # What libraries say on every start that tells the user nothing they could act on, dropped where it is said (by
@@ -124,7 +128,11 @@ NOISE_LOGS = {
     "DeepSpeed": ("OVERFLOW! Skipping step. Gradients are non-finite",),  # the loss guard's skip (its own line)
 }
 NOISE_WARNINGS = [  # (category, message regex, module regex)
-    (FutureWarning, r"`torch\.distributed\.all_gather_into_tensor` is deprecated", r"torch\.distributed"),  # ZeRO's
+    # ZeRO's collectives, once per rank: all-gather on every stage, reduce-scatter on ZeRO-3
+    (FutureWarning, r"`torch\.distributed\.all_gather_into_tensor` is deprecated", r"torch\.distributed"),
+    (FutureWarning, r"`torch\.distributed\.reduce_scatter_tensor` is deprecated", r"torch\.distributed"),
+    # inductor's own lowering, when a first step compiles (Muon's update, train.compile)
+    (FutureWarning, r"`torch\._prims_common\.check` is deprecated", r"torch\._inductor"),
 ]
 
 
@@ -175,17 +183,24 @@ def count(n: int, noun: str, of: int | None = None) -> str:
     return f"{n:,}/{of:,} {noun}{'' if of == 1 else 's'}"
 
 
-def rate_from_now(bar) -> None:
-    """A progress display's rate and time left count from here on: a first step's compilation and warm-up (46 s
-    for a Muon run's first step, against ~0.1 s for the next) would otherwise promise 45 minutes for a minute."""
+def rate_from_now(bar, done: int = 0) -> None:
+    """A progress display's rate and time left count from here on, after `done` more units that count as done but
+    not toward the rate: a first step's compilation and warm-up (46 s for a Muon run's first step, against ~0.1 s
+    for the next) would otherwise promise 45 minutes for a minute. The time so far still counts from the start."""
     if isinstance(bar, LineProgress):
+        bar.n += done
         bar.start_n, bar.start = bar.n, time.monotonic()
-    elif not bar.disable:  # tqdm: what its reset() restarts, without going back to 0 (no public way)
+        bar.update(0)  # (a line, if one is due: without a rate until a steady unit is done)
+    elif bar.disable:
+        bar.n += done
+    else:  # tqdm: what its reset() restarts but its start (the elapsed time), without going back to 0
         from tqdm.std import EMA
 
+        bar.n += done
         bar.initial = bar.last_print_n = bar.n
-        bar.start_t = bar.last_print_t = bar._time()
+        bar.last_print_t = bar._time()
         bar._ema_dn, bar._ema_dt = EMA(bar.smoothing), EMA(bar.smoothing)
+        bar.refresh()
 
 
 def duration(seconds: float) -> str:
@@ -198,11 +213,14 @@ def duration(seconds: float) -> str:
 class LineProgress:
     """tqdm's interface, printed as one plain line at a time (see progress)."""
 
-    def __init__(self, iterable=None, *, total: int | None = None, initial: int = 0, unit: str = "it", desc: str = ""):
+    def __init__(self, iterable=None, *, total: int | None = None, initial: int = 0, unit: str = "it", desc: str = "",
+                 since: float | None = None):  # fmt: skip
         self.iterable, self.total, self.n, self.unit, self.desc = iterable, total, initial, unit, desc
         self.every = float(os.environ.get("DIST_CLM_PROGRESS_SECONDS", "30"))
-        self.start_n, self.start = initial, time.monotonic()
-        self.last, self.postfix, self.closed = self.start, "", False
+        self.last = time.monotonic()
+        self.began = self.last if since is None else since  # the time so far counts from here
+        self.start_n, self.start = initial, self.began  # the rate, from here
+        self.postfix, self.closed = "", False
 
     def __iter__(self):
         for item in self.iterable:
@@ -221,6 +239,7 @@ class LineProgress:
         self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
 
     def reset(self, total: int | None = None) -> None:
+        """Back to 0 of `total`; the rate counts from now, the time so far from the start."""
         self.total, self.n, self.start_n, self.start = total, 0, 0, time.monotonic()
 
     def close(self) -> None:
@@ -229,13 +248,15 @@ class LineProgress:
             self._say(time.monotonic())
 
     def _say(self, now: float) -> None:
-        took = max(now - self.start, 1e-9)
-        rate = (self.n - self.start_n) / took
+        steady = self.n - self.start_n  # (none yet: no rate to say, rather than one from a compile)
+        rate = steady / max(now - self.start, 1e-9)
         done = count(self.n, self.unit, self.total) if self.total else count(self.n, self.unit)
-        parts = [done + (f" ({100 * self.n / self.total:.0f}%)" if self.total else ""), f"{rate:,.1f} {self.unit}/s"]
+        parts = [done + (f" ({100 * self.n / self.total:.0f}%)" if self.total else "")]
+        if steady > 0:
+            parts.append(f"{rate:,.1f} {self.unit}/s")
         if self.postfix:
             parts.append(self.postfix)
-        if self.total and rate > 0 and self.n < self.total:
+        if self.total and steady > 0 and self.n < self.total:
             parts.append(f"about {duration((self.total - self.n) / rate)} left")
-        parts.append(f"{took:.0f} s so far")
+        parts.append(f"{now - self.began:.0f} s so far")
         info(f"{self.desc + ': ' if self.desc else ''}{', '.join(parts)}")

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_clm import __version__
+from dist_clm import __version__, console
 from dist_clm.data import _encode, sources
 from dist_clm.data.format import FORMAT, MANIFEST, SPLITS, shard_hash
 from dist_clm.data.remote import is_remote, refuse_complete_remote, upload_last
@@ -314,7 +314,7 @@ def _prepare(tokenizer_dir, out: Path, url: str | None, inputs: list[str] | None
     """The pipeline, for every format: records (sources.py) -> the format's stage (record -> token ids and a
     loss mask) -> the split chosen by each record's hash -> ChunkWriter per split -> the manifest, last; into
     the local directory `out` (and, with `url`, uploaded there as it is written)."""
-    start, report = time.time(), sources.Report()
+    start, began, report = time.time(), time.monotonic(), sources.Report()
     if o.dataset:
         origin = {"dataset": o.dataset, "config": o.dataset_config, "split": o.split}
     elif inputs:
@@ -323,12 +323,15 @@ def _prepare(tokenizer_dir, out: Path, url: str | None, inputs: list[str] | None
         origin = {"inputs": ["<python standard library>"], "files": 0}
     stage = None
     try:
-        stage = (_Text if o.fmt == "text" else _Conversations)(tokenizer_dir, o, _records(inputs, o, report, origin))
+        records = _records(inputs, o, report, origin)
+        if o.progress:  # (said before the slow part: workers start, the tokenizer loads, the first batches are read)
+            console.info(f"prepare: {_what(o, inputs, origin.get('files', 0))} into {url or out}, {_how(o)}")
+        stage = (_Text if o.fmt == "text" else _Conversations)(tokenizer_dir, o, records)
         with _space_for(out), atomic_dir(out, "prepare") as partial:  # (the outer one: fsync, rename)
             _save_tokenizer(stage, partial, out)
             split_stats, duplicates = _write_splits(
                 stage, o, {s: partial / s for s in SPLITS}, {s: f"{url}/{s}" if url else None for s in SPLITS},
-                {s: out / s for s in SPLITS}, dedup=o.dedup,
+                {s: out / s for s in SPLITS}, dedup=o.dedup, since=began,
             )  # fmt: skip
             manifest = (
                 _manifest(
@@ -354,24 +357,42 @@ def _prepare(tokenizer_dir, out: Path, url: str | None, inputs: list[str] | None
     return manifest
 
 
+def _what(o: PrepareOptions, inputs: list[str] | None, files: int) -> str:
+    """What a prepare reads, in words: the dataset, or its files."""
+    if o.dataset:
+        config = f" ({o.dataset_config})" if o.dataset_config else ""
+        return f"the dataset {o.dataset}{config}, split {o.split}"
+    return console.count(files, "file") + ("" if inputs else " of the Python standard library (no corpus named)")
+
+
+def _how(o: PrepareOptions) -> str:
+    if o.fmt == "text":
+        return f"tokenizing with {console.count(_workers(o), 'worker')}"
+    return f"{o.fmt} records rendered into blocks of {o.block_size} tokens"
+
+
+def _workers(o: PrepareOptions) -> int:
+    """The text stage's tokenizer processes: --num-proc, or the cores this process may use (SLURM's)."""
+    return o.num_proc or len(os.sched_getaffinity(0)) or 1
+
+
 def _save_tokenizer(stage, partial: Path, label: Path) -> None:
     with _space_for(label / "tokenizer"):
         stage.tok.save_pretrained(str(partial / "tokenizer"))  # (with a chat template the data used)
 
 
 def _write_splits(stage, o: PrepareOptions, dirs: dict, remotes: dict, labels: dict, dedup: bool,
-                  beat=None) -> tuple[dict[str, SplitStats], int]:  # fmt: skip
+                  beat=None, since: float | None = None) -> tuple[dict[str, SplitStats], int]:  # fmt: skip
     """The stage's items into one ChunkWriter per split (each item's hash picks its split; with `dedup`, an
     item whose hash was seen is left out): (each split's figures, the duplicates left out). `beat`: a part's
-    heartbeat, told the records and tokens written."""
-    from dist_clm import console
-
+    heartbeat, told the records and tokens written. `since`: the time.monotonic() the work began at (the
+    progress's time and rate count from then: the workers tokenize from the start)."""
     writers = {
         s: ChunkWriter(dirs[s], stage.dtype, stage.chunk_tokens, o.compression, o.shard_bytes, labels[s], remotes[s],
                        with_mask=stage.with_mask)
         for s in SPLITS
     }  # fmt: skip
-    bar = console.progress(unit=stage.unit, desc="prepare", enabled=o.progress)
+    bar = console.progress(unit=stage.unit, desc="prepare", enabled=o.progress, since=since)
     seen: set[bytes] = set()
     duplicates = 0
     for n, (digest, item) in enumerate(stage.items(bar)):
@@ -422,7 +443,7 @@ class _Text:
         self.lengths: dict[str, Counter] = {s: Counter() for s in SPLITS}  # document lengths by bit length
         self.text_column, self.chunk_tokens, self.max_id = o.text_column, o.chunk_tokens, -1
         docs = (sources.as_text(record[o.text_column]) for _, record in records)
-        num_proc = o.num_proc or len(os.sched_getaffinity(0)) or 1  # the cores this process may use (SLURM's)
+        num_proc = _workers(o)
         guess, self.pipeline = _tokenizer_json_guess(tokenizer_dir), None
         if guess:
             self.pipeline = _Pipeline(_batches(docs, self.stats), *guess, num_proc)  # starts tokenizing at once

@@ -101,6 +101,7 @@ def _train(cfg: Config, env: process_group.DistEnv, stop_signals, on_step) -> Tr
         metrics.log(progress.step, {"faults/planned": len(faults.split(","))})
     validate = Validation(run, metrics)
     downstream = InLoop(run, metrics)
+    announce_compiling(run)
     started = time.perf_counter()  # (the first validation and step compile the model under torch.compile)
     before = validate(progress.step)
 
@@ -121,9 +122,10 @@ def _train(cfg: Config, env: process_group.DistEnv, stop_signals, on_step) -> Tr
             report_first_step(run, metrics, progress.step, time.perf_counter() - started)
         window.add(result.loss, result.good, result.data_wait_s, result.blocks_per_source, result.arrivals,
                    result.token_sum, result.stats, tokens)  # fmt: skip
-        bar.update(1)
         if progress.step == first_step:
-            console.rate_from_now(bar)  # the time left from steady steps, not from the first one's compile
+            console.rate_from_now(bar, done=1)  # the time left from steady steps, not from the first one's compile
+        else:
+            bar.update(1)
         if on_step:
             on_step(progress, result)
         if result.injected:
@@ -149,7 +151,7 @@ def _train(cfg: Config, env: process_group.DistEnv, stop_signals, on_step) -> Tr
             loader = run.loader()
             batches = iter(loader)
             bar.reset(total=t.max_steps)
-            bar.update(progress.step)
+            console.rate_from_now(bar, done=progress.step)  # (back at the checkpoint's step: not a rate)
             continue
         if t.eval_every and progress.step % t.eval_every == 0 and progress.step < t.max_steps:
             validate(progress.step)
@@ -190,11 +192,29 @@ def announce_stage(loader: TrainLoader, metrics: Metrics, step: int, current: in
     return j
 
 
+def compiling(run: Run) -> tuple[str, list[str]]:
+    """(when, what) torch.compile compiles before training runs at its pace: the model (train.compile) and
+    FlexAttention's kernel in the first validation and step, DeepSpeed's Muon update in the first step."""
+    attention = getattr(getattr(run.engine.module, "config", None), "_attn_implementation", "")
+    whole = ["the model"] * run.compiled + ["FlexAttention's kernel"] * (attention == "flex_attention")
+    what = whole + ["Muon's update"] * (run.cfg.train.optimizer == "muon")
+    return ("the first validation and step compile" if whole else "the first step compiles"), what
+
+
+def announce_compiling(run: Run) -> None:
+    """Once, before they start: what the first validation and step compile (tens of seconds on a CPU, minutes
+    for a large model), and that the time left counts from the steps after them."""
+    when, what = compiling(run)
+    if what:
+        console.info(f"{when} {' and '.join(what)} with torch.compile, which takes a while; the time left counts "
+                     "from the steps after")  # fmt: skip
+
+
 def report_first_step(run: Run, metrics: Metrics, step: int, seconds: float) -> None:
-    """Once: the seconds of this process's first validation and step (train/first_step_s); with torch.compile,
-    the model's compilation happens in them."""
+    """Once: the seconds of this process's first validation and step (train/first_step_s); where they compile
+    (announce_compiling), said too."""
     metrics.log(step, {"train/first_step_s": seconds})
-    if run.compiled:
+    if compiling(run)[1]:
         console.info(f"the first validation and step took {seconds:.1f} s, torch.compile's compilation "
             "included")  # fmt: skip
 

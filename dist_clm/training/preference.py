@@ -115,6 +115,7 @@ def compute_reference(model_path: str, data_dir: str, batch_size: int = 8, devic
     """`dist-clm prepare-reference`: the summed log-probabilities of every learned conversation of a prepared
     directory (or URL) of pairs under the model at `model_path` (the policy's starting point), stored with the
     data with the model's weights fingerprint (data/reference_store.py); returns the record written."""
+    from dist_clm import console
     from dist_clm.data import reference_store
     from dist_clm.data.format import read_manifest
     from dist_clm.data.stream import TokenStream
@@ -127,23 +128,30 @@ def compute_reference(model_path: str, data_dir: str, batch_size: int = 8, devic
     if not tuned.get("pairs"):
         raise UserError(f"'{data_dir}' holds no preference pairs; prepare it with --format preference.")
     with reference_store.claim(data_dir):  # one writer at a time, from before the pass
+        streams = {split: TokenStream(data_dir, split, manifest) for split in ("train", "val")}
+        block = tuned["block_size"]
+        pairs = {split: manifest["splits"][split]["documents"] for split in streams}
+        blocks = sum(-(-stream.tokens // block) for stream in streams.values())
+        console.info(f"prepare-reference: the log-probabilities of {console.count(sum(pairs.values()), 'pair')} "
+                     f"(train {pairs['train']:,}, val {pairs['val']:,}; {console.count(blocks, 'block')}) under "
+                     f"{model_path}, on {device}")  # fmt: skip
         model, tok, _ = load_model(model_path)
         if fingerprint(tok) != manifest["tokenizer"]["fingerprint"]:
             raise UserError(
                 f"'{model_path}' uses another tokenizer than '{data_dir}'; prepare the data with its tokenizer."
             )
         model.to(device)
-        arrays = {
-            split: _stream_values(model, TokenStream(data_dir, split, manifest), tuned["block_size"], batch_size)
-            for split in ("train", "val")
-        }
+        bar = console.progress(total=blocks, unit="block", desc="prepare-reference")
+        arrays = {split: _stream_values(model, stream, block, batch_size, bar) for split, stream in streams.items()}
+        bar.close()
         record = {"model": str(model_path), "weights": weights_fingerprint(model)}
         return reference_store.write(data_dir, arrays, record)
 
 
 @torch.no_grad()
-def _stream_values(model, stream, block: int, batch_size: int):
-    """(2, n) float64: the stream offset and summed log-probability of each learned conversation, in order."""
+def _stream_values(model, stream, block: int, batch_size: int, bar):
+    """(2, n) float64: the stream offset and summed log-probability of each learned conversation, in order;
+    `bar` (a console.progress) told the blocks done."""
     import numpy as np
 
     device = next(model.parameters()).device
@@ -158,6 +166,7 @@ def _stream_values(model, stream, block: int, batch_size: int):
         rows = torch.arange(len(ids), device=device)[:, None].expand_as(conv.counts)
         values += conv.logps[conv.valid()].double().cpu().tolist()
         offsets += (start + rows * block + conv.starts)[conv.valid()].cpu().tolist()
+        bar.update(len(ids))
     return np.array([offsets, values], dtype=np.float64)
 
 

@@ -89,8 +89,14 @@ def test_library_noise_is_dropped_where_it_is_said_and_nothing_else(capsys):
         console.quiet_library_noise()  # (after catch_warnings reset the filters)
         warnings.warn_explicit("`torch.distributed.all_gather_into_tensor` is deprecated.", FutureWarning,
                                "c10d_logger.py", 83, module="torch.distributed.c10d_logger")  # fmt: skip
+        warnings.warn_explicit("`torch.distributed.reduce_scatter_tensor` is deprecated.", FutureWarning,
+                               "c10d_logger.py", 83, module="torch.distributed.c10d_logger")  # fmt: skip
         warnings.warn_explicit("something else is deprecated", FutureWarning, "x.py", 1, module="torch.distributed.x")
-    assert [str(w.message) for w in seen] == ["something else is deprecated"]
+        # inductor's lowering when Muon's update or a train.compile model compiles; the same words elsewhere are kept
+        check = "`torch._prims_common.check` is deprecated and will be removed in the future."
+        warnings.warn_explicit(check, FutureWarning, "lowering.py", 2487, module="torch._inductor.lowering")
+        warnings.warn_explicit(check, FutureWarning, "model.py", 1, module="my_model")
+    assert [str(w.message) for w in seen] == ["something else is deprecated", check]
     with console.without_lines("stdout", "built successfully"):
         print("DeepSpeed op built successfully")
         print("kept")
@@ -99,7 +105,8 @@ def test_library_noise_is_dropped_where_it_is_said_and_nothing_else(capsys):
 
 def test_the_time_left_counts_from_the_steady_steps(monkeypatch, capsys):
     """A first step of 46 s (a compile) and then ten steps in a second: a minute's run says seconds are left,
-    not the 45 minutes the first step's pace would give."""
+    not the 45 minutes the first step's pace would give; the first step's line has no rate to say, and the
+    time so far is the run's (47 s), not the steady steps' second."""
     from dist_clm import console
 
     monkeypatch.setenv("DIST_CLM_PROGRESS_SECONDS", "0")
@@ -107,10 +114,25 @@ def test_the_time_left_counts_from_the_steady_steps(monkeypatch, capsys):
     monkeypatch.setattr("time.monotonic", lambda: now[0])
     bar = console.LineProgress(total=60, unit="step", desc="train")
     now[0] += 46.0
-    bar.update(1)
-    console.rate_from_now(bar)
+    console.rate_from_now(bar, done=1)
+    assert capsys.readouterr().out == "train: 1/60 steps (2%), 46 s so far\n"
     for _ in range(10):
         now[0] += 0.1
         bar.update(1)
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert "11/60 steps" in last and "10.0 step/s" in last and "about 5 s left" in last, last
+    assert last == "train: 11/60 steps (18%), 10.0 step/s, about 5 s left, 47 s so far", last
+
+
+def test_work_begun_before_its_progress_display_counts_from_its_start(monkeypatch, capsys):
+    """Workers that started 12 s before the display: its lines say the work's time and rate, not '0 s so far'."""
+    from dist_clm import console
+
+    monkeypatch.setenv("DIST_CLM_PROGRESS_SECONDS", "30")
+    now = [500.0]
+    monkeypatch.setattr("time.monotonic", lambda: now[0])
+    began = now[0]
+    now[0] += 12.0
+    bar = console.LineProgress(unit="doc", desc="prepare", since=began)
+    bar.update(240)
+    bar.close()
+    assert capsys.readouterr().out == "prepare: 240 docs, 20.0 doc/s, 12 s so far\n"

@@ -71,6 +71,31 @@ def test_inputs_files_dirs_globs_and_jsonl(tmp_path, corpus_dir):
     assert len(docs) == len(list(corpus_dir.iterdir())) + 3
 
 
+def test_prepare_says_what_it_does_before_the_slow_part_and_counts_its_time_from_its_start(
+    tmp_path, corpus_dir, tokenizer_dir, monkeypatch, capsys
+):
+    """The first line names the inputs, the output and the workers, before the tokenizer loads (transformers'
+    import: seconds on a first start, while the workers already tokenize); the progress's time and rate count
+    from the start, so it never says '0 s so far' after seconds of work."""
+    from dist_clm.data import prepare as module
+
+    loading = module.load_tokenizer
+
+    def slow_load(path):
+        print("the tokenizer loads")
+        time.sleep(1.5)
+        return loading(path)
+
+    monkeypatch.setattr(module, "load_tokenizer", slow_load)
+    monkeypatch.setenv("DIST_CLM_PROGRESS_SECONDS", "3600")  # (the closing line only)
+    files = [str(f) for f in sorted(corpus_dir.iterdir())[:3]]
+    prepare(tokenizer_dir, tmp_path / "out", files, val_fraction=0.5, num_proc=1)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == [f"prepare: 3 files into {tmp_path / 'out'}, tokenizing with 1 worker", "the tokenizer loads"]
+    assert lines[-1].startswith("prepare: 3 docs, ") and lines[-1].endswith(" s so far"), lines
+    assert int(lines[-1].rsplit(", ", 1)[1].split()[0]) >= 1, lines
+
+
 def test_default_corpus_is_the_standard_library():
     files = sources.default_corpus_files()
     assert 200 <= len(files) <= 300

@@ -112,6 +112,8 @@ def test_eval_gives_the_same_answer_on_one_and_two_ranks(trained_run):
     assert two.returncode == 0, two.stderr[-2000:]
     b = json.loads(two.stdout.splitlines()[-1])
     assert two.stdout.count("tokens evaluated") == 1  # printed by rank 0 only
+    assert len(two.stdout.splitlines()) == 2  # the result and its JSON, nothing else from either rank
+    assert all("torch/distributed/run.py" in line for line in two.stderr.splitlines()), two.stderr  # torchrun's own
     assert a["tokens"] == b["tokens"] and a["bytes"] == b["bytes"]
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
 

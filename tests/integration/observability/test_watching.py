@@ -39,6 +39,8 @@ def test_eval_only_data_and_progress_lines_in_a_log(held, trained_run):
     assert m["eval_only"] and m["splits"]["train"]["documents"] == 0 and m["splits"]["val"]["documents"] == 12
     # the output is lines, as a SLURM log or nohup gets it: no carriage-return frames
     assert "\r" not in printed and "prepare: " in printed and " doc/s" in printed
+    # what it does comes first, before the workers start and the tokenizer loads
+    assert printed.splitlines()[0].startswith(f"prepare: 12 files into {data}, tokenizing with "), printed
     r = run_cli("eval", str(trained_run), "--data", str(data), "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout.splitlines()[-1])["tokens"] > 0
@@ -102,6 +104,8 @@ def test_the_same_numbers_in_tensorboard_wandb_and_mlflow_downstream_tasks_inclu
     assert "\r" not in r.stdout + r.stderr  # progress as plain lines in a log
     lines = [line for line in r.stdout.splitlines() if line.startswith("train: ")]
     assert lines and "4/4 steps (100%)" in lines[-1] and "step/s" in lines[-1], r.stdout[-2000:]
+    # the first step's line has no rate and no time left (they count from the steps after it)
+    assert lines[0].startswith("train: 1/4 steps (25%), ") and "/s" not in lines[0] and "left" not in lines[0], lines
     assert any("val/held/loss" in row for row in metrics(plain))  # the evaluation-only source, weight 0
     run = tmp_path / "run"
     args = [*base, f"run.dir={run}", "run.loggers=[tensorboard, wandb, mlflow, jsonl]", "run.name=watched",

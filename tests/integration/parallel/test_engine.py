@@ -47,6 +47,10 @@ def test_torch_compile_through_deepspeed(tmp_path, data_dir):
         r = run_cli("train", *common, f"run.dir={run}", f"train.compile={flag}")
         assert r.returncode == 0, r.stderr[-3000:]
         assert r.stdout.count("torch.compile's compilation included") == (flag == "true")  # said once, if compiled
+        # and announced before the first validation starts compiling; inductor's FutureWarnings are not said
+        announced = r.stdout.find("the first validation and step compile the model with torch.compile")
+        assert (announced >= 0) == (flag == "true") and announced < r.stdout.index("step 0: validation")
+        assert "FutureWarning" not in r.stderr, r.stderr[-2000:]
         assert [row["step"] for row in metrics(run) if "train/first_step_s" in row] == [1]
     assert train_losses(metrics(compiled)) == pytest.approx(train_losses(metrics(eager)), rel=1e-3)
 

@@ -110,6 +110,25 @@ def test_pairs_given_as_plain_strings_learn_each_answer_and_its_end(tmp_path, ch
     assert found == {(r["prompt"], r["chosen"] + eos, r["rejected"] + eos) for r in records}
 
 
+def test_prepare_reference_says_what_it_computes_then_its_progress(pref_data, start_model):
+    """Before the model loads: the pairs, the blocks and the model; then its progress, block by block, with the
+    time left (what a log file gets every DIST_CLM_PROGRESS_SECONDS); then the record it wrote."""
+    manifest = json.loads((pref_data / "manifest.json").read_text())
+    pairs = {split: s["documents"] for split, s in manifest["splits"].items()}
+    lines = (start_model.parent / "prepare-reference.out").read_text().splitlines()
+    assert (
+        lines[0].startswith(
+            f"prepare-reference: the log-probabilities of {sum(pairs.values())} pairs (train "
+            f"{pairs['train']}, val {pairs['val']}; "
+        )
+        and f"under {start_model}, on " in lines[0]
+    )
+    progress = lines[1:-1]
+    assert progress and all(line.startswith("prepare-reference: ") and " blocks (" in line for line in progress)
+    assert "left" in progress[0] and "(100%)" in progress[-1]
+    assert lines[-1].startswith("reference values of the conversations")
+
+
 def test_damaged_preference_data_stops_a_dpo_run_with_one_sentence(tmp_path, pref_data, start_model):
     """A shard whose bytes changed after prepare: the step that reads it trains a blank batch (no pairs, no
     reference values), the update is dropped and the run stops with the shard's sentence, no traceback."""
@@ -389,9 +408,11 @@ def test_a_real_divergence_of_a_preference_objective_is_caught(tmp_path, pref_da
     r = run_cli("train", *common, f"run.dir={tmp_path / 'saved'}", "checkpoint.save_every=5")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "robust spreads" in r.stdout + r.stderr and "rolled back to step 10" in r.stdout + r.stderr
+    assert "OVERFLOW" not in r.stdout + r.stderr  # DeepSpeed's word for the skip our own line explains
     r = run_cli("train", *common, f"run.dir={tmp_path / 'unsaved'}", "checkpoint.save_every=0")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "no checkpoint to roll back to yet: training goes on" in r.stdout + r.stderr
+    assert "OVERFLOW" not in r.stdout + r.stderr
     rows = metrics(tmp_path / "unsaved")
     [skip] = [row for row in rows if "train/skip_reason" in row]
     assert skip["step"] == 14 and "a spike" in skip["train/skip_reason"]
