@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--time", type=int, default=24 * 60, help="time limit per task in minutes")
     g.add_argument("--max-requeues", type=int, default=3, help="requeues of a task killed or preempted")
     g.add_argument("--log-folder", help="default: OUT/parts/slurm (a bucket OUT: ./prepare-logs)")
-    g.add_argument("--sbatch", action="append", help="an extra sbatch option KEY=VALUE (repeatable)")
+    g.add_argument("--sbatch", action="append", help="an extra sbatch option KEY=VALUE, KEY= for a flag (repeatable)")
     g.add_argument("--wait", action="store_true", help="wait for the merge and print the dataset's figures")
     t.set_defaults(func=_prepare)
 
@@ -509,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--log-folder", help="default: RUN/slurm")
     t.add_argument("--max-requeues", type=int, default=10, help="preemptions/time limits to come back from")
     t.add_argument("--signal-delay", type=int, default=120, help="seconds before the time limit to checkpoint")
-    t.add_argument("--sbatch", action="append", help="an extra sbatch option KEY=VALUE (repeatable)")
+    t.add_argument("--sbatch", action="append", help="an extra sbatch option KEY=VALUE, KEY= for a flag (repeatable)")
     t.add_argument("--sweep", action="append", help="an override set, quoted (repeat: one job array member each)")
     t.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
     t.add_argument("--wait", action="store_true", help="wait for the jobs and print their results")

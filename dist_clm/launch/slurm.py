@@ -71,7 +71,7 @@ class SlurmSettings:
             key, sep, value = item.partition("=")
             if not sep or not key:
                 raise UserError(f"--sbatch '{item}' is not KEY=VALUE; write e.g. --sbatch exclusive=user.")
-            extra[key.lstrip("-").replace("-", "_")] = value
+            extra[key.lstrip("-").replace("-", "_")] = value or True  # KEY=: a flag (#SBATCH --KEY)
         params = {
             "nodes": self.nodes,
             "tasks_per_node": self.tasks(),

@@ -24,6 +24,7 @@ def test_dry_run_prints_the_sbatch_script(tmp_path):
                  "--job-name=llama", "--signal=USR2@180", "--exclusive=user", "--requeue",
                  f"--output={tmp_path / 'run' / 'slurm'}"]:  # fmt: skip
         assert f"#SBATCH {line}" in r.stdout, line
+    assert "#SBATCH --requeue\n" in r.stdout  # (--sbatch requeue=: a flag, with no value)
     assert "srun" in r.stdout and "submitit.core._submit" in r.stdout
     assert "trap 'dist_clm_after_srun $?' EXIT" in r.stdout  # the guard for ranks lost without a word
     assert not (tmp_path / "run").exists()  # nothing written, nothing submitted
