@@ -401,12 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--launch", choices=["slurm"], help="submit the --tasks as SLURM job arrays (and the merge)")
     g.add_argument("--partition")
     g.add_argument("--account")
-    g.add_argument("--cpus-per-task", type=int, default=8, help="CPU cores per task (the prepare's worker processes)")
+    g.add_argument("--cpus-per-task", type=int, help="CPU cores per task (the prepare's worker processes); default: 8, "
+                   "or all of a node's where the partition's nodes have fewer")  # fmt: skip
     g.add_argument("--mem-gb", type=float, default=0, help="memory per task (0: the partition's default)")
     g.add_argument("--time", type=int, default=24 * 60, help="time limit per task in minutes")
     g.add_argument("--max-requeues", type=int, default=3, help="requeues of a task killed or preempted")
     g.add_argument("--log-folder", help="default: OUT/parts/slurm (a bucket OUT: ./prepare-logs)")
-    g.add_argument("--sbatch", action="append", help="an extra sbatch option KEY=VALUE (repeatable)")
+    g.add_argument("--sbatch", action="append", help="an extra sbatch option KEY=VALUE, KEY= for a flag (repeatable)")
     g.add_argument("--wait", action="store_true", help="wait for the merge and print the dataset's figures")
     t.set_defaults(func=_prepare)
 
@@ -501,9 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--nodes", type=int, default=1, help="nodes for the job")
     t.add_argument("--gpus-per-node", type=int, default=0, help="one task per GPU (0: CPU tasks)")
     t.add_argument("--tasks-per-node", type=int, default=0, help="CPU tasks per node when there are no GPUs")
-    t.add_argument(
-        "--cpus-per-task", type=int, default=8, help="CPU cores per task (the loader's workers and the step's threads)"
-    )
+    t.add_argument("--cpus-per-task", type=int, help="CPU cores per task (the loader's workers and the step's "
+                   "threads); default: 8, or a node's CPUs over its tasks where the partition's nodes have "
+                   "fewer")  # fmt: skip
     t.add_argument("--mem-gb", type=float, default=0, help="memory per node (0: the partition's default)")
     t.add_argument("--partition")
     t.add_argument("--account")
@@ -514,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--log-folder", help="default: RUN/slurm")
     t.add_argument("--max-requeues", type=int, default=10, help="preemptions/time limits to come back from")
     t.add_argument("--signal-delay", type=int, default=120, help="seconds before the time limit to checkpoint")
-    t.add_argument("--sbatch", action="append", help="an extra sbatch option KEY=VALUE (repeatable)")
+    t.add_argument("--sbatch", action="append", help="an extra sbatch option KEY=VALUE, KEY= for a flag (repeatable)")
     t.add_argument("--sweep", action="append", help="an override set, quoted (repeat: one job array member each)")
     t.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
     t.add_argument("--wait", action="store_true", help="wait for the jobs and print their results")

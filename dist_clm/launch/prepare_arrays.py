@@ -20,6 +20,7 @@ from pathlib import Path
 
 from dist_clm import console
 from dist_clm.errors import UserError
+from dist_clm.launch.partition import PendingWatch, fit_to_partition, pending_reasons
 from dist_clm.launch.slurm import SlurmSettings, _restarts, ended_marker, make_executor
 
 
@@ -69,6 +70,7 @@ def _said(work, log_root: str):
 def submit(settings: SlurmSettings, prepare: dict, tasks: int, folder: Path) -> tuple[list[str], object]:
     """Submit every stage's array and the merge; (the arrays' job ids, the merge's submitit job)."""
     settings.check()
+    settings = fit_to_partition(settings)
     folder.mkdir(parents=True, exist_ok=True)
     executor = make_executor(settings, folder / "%j")
     extra = settings.executor_parameters()["slurm_additional_parameters"]
@@ -92,7 +94,9 @@ def _flat(prepare: dict) -> dict:
 
 def wait(merge_job, arrays: list[str], out: str, poll: float = 2.0) -> dict:
     """The merged manifest once the merge job ends; one sentence (UserError) when a part failed for good, so the
-    merge will never run (its dependency cannot be met): that job is cancelled."""
+    merge will never run (its dependency, or a later stage's, cannot be met): those jobs are cancelled. A job
+    that waits for a reason that never clears by itself is said once (PendingWatch)."""
+    watch = PendingWatch()
     while True:
         if merge_job.done():
             try:
@@ -103,12 +107,13 @@ def wait(merge_job, arrays: list[str], out: str, poll: float = 2.0) -> dict:
             raise UserError(said[-1].removeprefix("dist-clm: error:").strip() if said else
                             f"the merge, job {merge_job.job_id}, ended {merge_job.state}; its log: "
                             f"{merge_job.paths.stderr}.")  # fmt: skip
-        reason = subprocess.run(["squeue", "-h", "-j", merge_job.job_id, "-o", "%r"], capture_output=True,
-                                text=True).stdout.strip()  # fmt: skip
-        if reason == "DependencyNeverSatisfied":
-            subprocess.run(["scancel", merge_job.job_id], capture_output=True)
+        reasons = pending_reasons([*arrays, merge_job.job_id])
+        never = [job.split("_")[0] for job, reason in reasons.items() if reason == "DependencyNeverSatisfied"]
+        if never:
+            subprocess.run(["scancel", *dict.fromkeys([*never, merge_job.job_id])], capture_output=True)
             raise UserError(f"the merge cannot run: {_failed_parts(out, arrays)}; fix what it says and run the same "
                             "command again (complete parts are skipped).")  # fmt: skip
+        watch.see(reasons)
         time.sleep(poll)
 
 

@@ -35,11 +35,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dist_clm import console
 from dist_clm.errors import UserError
+from dist_clm.launch.partition import DEFAULT_CPUS_PER_TASK, PendingWatch, fit_to_partition, pending_reasons
 
 
 @dataclass(kw_only=True)
@@ -47,7 +49,7 @@ class SlurmSettings:
     nodes: int = 1
     gpus_per_node: int = 0  # one task per GPU; 0: CPU tasks (tasks_per_node of them)
     tasks_per_node: int = 0  # default: gpus_per_node, or 1 without GPUs
-    cpus_per_task: int = 8
+    cpus_per_task: int | None = None  # None: 8, or what a node of the partition has for each task where fewer
     mem_gb: float = 0  # per node (0: the partition's default)
     partition: str = ""
     account: str = ""
@@ -71,11 +73,11 @@ class SlurmSettings:
             key, sep, value = item.partition("=")
             if not sep or not key:
                 raise UserError(f"--sbatch '{item}' is not KEY=VALUE; write e.g. --sbatch exclusive=user.")
-            extra[key.lstrip("-").replace("-", "_")] = value
+            extra[key.lstrip("-").replace("-", "_")] = value or True  # KEY=: a flag (#SBATCH --KEY)
         params = {
             "nodes": self.nodes,
             "tasks_per_node": self.tasks(),
-            "cpus_per_task": self.cpus_per_task,
+            "cpus_per_task": self.cpus_per_task or DEFAULT_CPUS_PER_TASK,
             "timeout_min": self.time_min,
             "name": self.job_name,
             "slurm_signal_delay_s": self.signal_delay_s,
@@ -102,7 +104,7 @@ class SlurmSettings:
                 not (self.gpus_per_node and self.tasks_per_node and self.tasks_per_node != self.gpus_per_node),
                 "--tasks-per-node must equal --gpus-per-node (one task per GPU); leave it out",
             ),
-            (self.cpus_per_task >= 1, "--cpus-per-task must be at least 1"),
+            (self.cpus_per_task is None or self.cpus_per_task >= 1, "--cpus-per-task must be at least 1"),
             (self.time_min >= 1, "--time must be at least 1 minute"),
             (self.max_requeues >= 0, "--max-requeues must be 0 or more"),
             (0 < self.signal_delay_s < self.time_min * 60, "--signal-delay must be more than 0 and below --time"),
@@ -284,6 +286,7 @@ def submit(
     folder = Path(settings.log_folder) if settings.log_folder else dirs[0] / "slurm"
     if dry_run:
         return [_sbatch_script(settings, folder / "%j", len(runs))]
+    settings = fit_to_partition(settings)
     folder.mkdir(parents=True, exist_ok=True)
     executor = make_executor(settings, folder / "%j")
     jobs = []
@@ -351,9 +354,12 @@ def launch_cli(a) -> None:
         print(f"  logs: {job.paths.stdout} / {job.paths.stderr} (task 0)")
         print(f"  tensorboard --logdir {run_dir / 'tensorboard'}")
     if a.wait:
-        for job, _ in out:
-            results = job.results()
-            print(f"job {job.job_id} finished: {results[0]}")
+        jobs, watch = [job for job, _ in out], PendingWatch()
+        while not all(job.done() for job in jobs):
+            watch.see(pending_reasons([job.job_id for job in jobs]))
+            time.sleep(2)
+        for job in jobs:
+            print(f"job {job.job_id} finished: {job.results()[0]}")
 
 
 if (

@@ -1,16 +1,30 @@
 """SLURM through submitit, against a real single-node cluster (launchers/local_slurm/start.sh; CI starts it):
 a 2-task training job whose ranks both train, and that survives submitit's own preemption signal, a real
 partition preemption and an outside `scontrol requeue`, each time resuming from its checkpoint with the step
-count continuing and no data repeated; a job array of two override sets; the generated sbatch script."""
+count continuing and no data repeated; a job array of two override sets; the generated sbatch script; a request
+no node can hold refused before anything is submitted; --wait naming a pending reason that never clears."""
 
 import json
+import re
+import signal
 import subprocess
 
 import pytest
 
 from dist_clm.errors import UserError
 from dist_clm.launch.slurm import SlurmSettings, submit
-from tests.helpers import TINY, logged_steps, metrics, needs_slurm, restarts, run_cli, running, wait_for
+from tests.helpers import (
+    BIN,
+    TINY,
+    assert_clean_error,
+    logged_steps,
+    metrics,
+    needs_slurm,
+    restarts,
+    run_cli,
+    running,
+    wait_for,
+)
 
 
 def test_dry_run_prints_the_sbatch_script(tmp_path):
@@ -24,6 +38,7 @@ def test_dry_run_prints_the_sbatch_script(tmp_path):
                  "--job-name=llama", "--signal=USR2@180", "--exclusive=user", "--requeue",
                  f"--output={tmp_path / 'run' / 'slurm'}"]:  # fmt: skip
         assert f"#SBATCH {line}" in r.stdout, line
+    assert "#SBATCH --requeue\n" in r.stdout  # (--sbatch requeue=: a flag, with no value)
     assert "srun" in r.stdout and "submitit.core._submit" in r.stdout
     assert "trap 'dist_clm_after_srun $?' EXIT" in r.stdout  # the guard for ranks lost without a word
     assert not (tmp_path / "run").exists()  # nothing written, nothing submitted
@@ -43,6 +58,48 @@ def test_bad_slurm_options_are_one_sentence(tmp_path):
         assert r.returncode == 2 and fragment in r.stderr, (args, r.stderr[-500:])
     with pytest.raises(UserError, match="--nodes must be at least 1"):
         SlurmSettings(nodes=0).check()
+
+
+def test_a_request_no_node_can_satisfy_is_refused_before_anything_is_submitted(tmp_path):
+    """--cpus-per-task 3 on multi, whose nodes have 2 CPUs each: this SLURM fails such a job at once (the merge's
+    sbatch refuses it: a traceback), others queue it for good (PartitionConfig)."""
+    needs_slurm("multi")
+    out, run = tmp_path / "out", tmp_path / "run"
+    prepare = run_cli("prepare", str(tmp_path / "corpus.jsonl"), "--tokenizer", str(tmp_path / "tok"), "--out",
+                      str(out), "--tasks", "2", "--launch", "slurm", "--partition", "multi", "--cpus-per-task",
+                      "3")  # fmt: skip
+    launch = run_cli("launch", "slurm", "--partition", "multi", "--cpus-per-task", "3", f"run.dir={run}")
+    submitted = re.findall(r"\b(?:arrays|job) ([\d, ]+\d)", prepare.stdout + launch.stdout)
+    try:
+        for r in (prepare, launch):
+            assert_clean_error(r, "3 CPUs per node (--cpus-per-task 3 x 1 task)", "partition multi",
+                               "3 nodes of 2 CPUs", "--cpus-per-task 2 or fewer")  # fmt: skip
+        assert not out.exists() and not run.exists()  # nothing written, so nothing submitted
+    finally:
+        for ids in submitted:
+            subprocess.run(["scancel", *ids.replace(",", " ").split()], capture_output=True)
+
+
+def test_wait_says_once_why_a_job_waits_when_the_reason_never_clears_by_itself(tmp_path):
+    """A held job (--sbatch hold=) waits until someone releases it: --wait says so in a line and keeps waiting. The
+    job asks for no --cpus-per-task: it gets what multi's nodes have (2), not 8, which would never start."""
+    needs_slurm("multi")
+    log = tmp_path / "launch.txt"
+    with log.open("w") as f:
+        launcher = subprocess.Popen([str(BIN / "dist-clm"), "launch", "slurm", "--partition", "multi", "--sbatch",
+                                     "hold=", "--wait", f"run.dir={tmp_path / 'run'}"], stdout=f, stderr=f)  # fmt: skip
+    try:
+        said = wait_for(lambda: "JobHeldUser" in log.read_text() and log.read_text(), "the held job's reason", 60)
+        job = re.search(r"submitted job (\d+)", said).group(1)
+        [line] = [line for line in said.splitlines() if "JobHeldUser" in line]
+        assert f"job {job}" in line and f"scontrol release {job}" in line and f"scancel {job}" in line
+        assert launcher.poll() is None  # still waiting
+        assert "CPUs/Task=2 " in subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    finally:
+        launcher.send_signal(signal.SIGINT)
+        launcher.wait(30)
+        for job in re.findall(r"submitted job (\d+)", log.read_text()):
+            subprocess.run(["scancel", job], capture_output=True)
 
 
 @pytest.mark.slow

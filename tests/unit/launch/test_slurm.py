@@ -1,7 +1,11 @@
-"""SLURM's decisions without a cluster (launch/slurm.py): requeues stop at max_requeues; the batch script's guard
-requeues a failed step that no task explained."""
+"""SLURM's decisions without a cluster (launch/slurm.py, partition.py): requeues stop at max_requeues; the batch
+script's guard requeues a failed step that no task explained; a request no node of the partition can hold is
+one sentence (from sinfo's lines); a pending reason that never clears is said once; a prepare's wait ends when a
+stage can never run."""
 
 import subprocess
+
+import pytest
 
 from dist_clm.launch.slurm import TrainJob
 
@@ -35,3 +39,104 @@ def test_a_failed_step_that_no_task_explained_is_requeued(tmp_path, monkeypatch,
         assert slurm.after_srun(134, False, tmp_path, 3) == "requeued"
         slurm.ended_marker(tmp_path, "41", 1, "2").touch()
         assert slurm.after_srun(2, False, tmp_path, 3) == "a task said why it ended"
+
+
+# what a partition can give (sinfo -h -a -N -o partition.SINFO_FORMAT): the machine's node on debug (the
+# default), three small nodes on multi, two GPU nodes of another shape on gpu (at most 2 nodes, 2 hours a job)
+SINFO = """\
+debug*|vm|2|21694|(null)|infinite|1-infinite
+multi|dn1|2|5423|(null)|infinite|1-infinite
+multi|dn2|2|5423|(null)|infinite|1-infinite
+multi|dn3|2|5423+|(null)|infinite|1-infinite
+gpu|g1|64|515000|gpu:h100:8(S:0-1)|2:00:00|1-2
+gpu|g2|32|257000|gpu:4,mps:100|2:00:00|1-2
+"""
+
+
+def test_a_request_no_node_of_the_partition_can_satisfy_is_one_sentence_naming_it_and_the_flag():
+    from dist_clm.errors import UserError
+    from dist_clm.launch.partition import fit, parse_sinfo
+    from dist_clm.launch.slurm import SlurmSettings
+
+    parts = parse_sinfo(SINFO)
+    assert sorted(parts) == ["debug", "gpu", "multi"] and parts["debug"].default
+    assert [n.gpus for n in parts["gpu"].nodes] == [8, 4] and parts["gpu"].max_time_min == 120
+    # the default --cpus-per-task: 8, or what a node gives each of its tasks where that is less
+    assert fit(SlurmSettings(), parts) == 2
+    assert fit(SlurmSettings(partition="gpu", gpus_per_node=8, time_min=60), parts) == 8
+    assert fit(SlurmSettings(partition="gpu", gpus_per_node=4, nodes=2, time_min=60), parts) == 8
+    assert fit(SlurmSettings(partition="multi", tasks_per_node=2), parts) == 1
+    assert fit(SlurmSettings(partition="multi", nodes=3, cpus_per_task=1, tasks_per_node=2), parts) == 1
+    assert fit(SlurmSettings(partition="gpu,multi", cpus_per_task=1), parts) == 1  # (one of them fits)
+    assert fit(SlurmSettings(partition="nope,multi", cpus_per_task=1), parts) == 1
+    for settings, fragments in [
+        (SlurmSettings(partition="multi", cpus_per_task=3),
+         ["3 CPUs per node (--cpus-per-task 3 x 1 task)", "partition multi", "3 nodes of 2 CPUs",
+          "--cpus-per-task 2 or fewer"]),
+        (SlurmSettings(cpus_per_task=8), ["partition debug", "1 node of 2 CPUs, 21694 MB", "--cpus-per-task"]),
+        (SlurmSettings(partition="multi", tasks_per_node=3), ["3 tasks", "--tasks-per-node 2 or fewer"]),
+        (SlurmSettings(partition="multi", cpus_per_task=1, mem_gb=6), ["6 GB of memory per node",
+                                                                      "--mem-gb 5 or less"]),
+        (SlurmSettings(partition="gpu", gpus_per_node=16, time_min=60), ["16 GPUs per node", "8 GPUs",
+                                                                         "--gpus-per-node 8 or fewer"]),
+        (SlurmSettings(partition="gpu", gpus_per_node=8, nodes=2, time_min=60), ["2 nodes", "only 1 of them",
+                                                                                 "--nodes"]),
+        (SlurmSettings(partition="gpu", nodes=3, time_min=60), ["3 nodes", "at most 2 nodes a job", "--nodes 2"]),
+        (SlurmSettings(partition="multi", nodes=4, cpus_per_task=1), ["4 nodes", "has 3", "--nodes 3 or fewer"]),
+        (SlurmSettings(partition="gpu"), ["--time 1440", "120 minutes", "--time 120 or less"]),
+        (SlurmSettings(partition="cpu"), ["no partition cpu", "debug, gpu, multi", "--partition"]),
+    ]:  # fmt: skip
+        with pytest.raises(UserError) as e:
+            fit(settings, parts)
+        sentence = str(e.value)
+        assert sentence.endswith(".") and sentence.count(". ") == 0, sentence
+        for f in fragments:
+            assert f in sentence, (f, sentence)
+    with pytest.raises(UserError, match="SLURM has no default partition"):
+        fit(SlurmSettings(), parse_sinfo(SINFO.replace("debug*", "debug")))
+
+
+def test_pending_reasons_that_never_clear_by_themselves_are_said_once_per_job():
+    from dist_clm.launch.partition import PendingWatch, never_clears
+
+    for reason in ["PartitionConfig", "PartitionTimeLimit", "PartitionNodeLimit", "PartitionDown", "InvalidAccount",
+                   "BadConstraints", "JobHeldUser", "QOSMaxCpuPerJobLimit", "AssocMaxMemPerNode",
+                   "QOSMinGRES"]:  # fmt: skip
+        assert never_clears(reason), reason
+    for reason in ["Resources", "Priority", "Dependency", "BeginTime", "AssocGrpCpuLimit", "QOSMaxJobsPerUserLimit",
+                   "ReqNodeNotAvail, UnavailableNodes:dn1", "None", ""]:  # fmt: skip
+        assert not never_clears(reason), reason
+    said = []
+    watch = PendingWatch(say=said.append)
+    watch.see({"41": "Priority", "42_[0-3]": "PartitionConfig"})
+    watch.see({"41": "PartitionTimeLimit", "42_[0-3]": "PartitionConfig"})
+    watch.see({"41": "PartitionTimeLimit"})
+    assert len(said) == 2 and all("\n" not in line for line in said)
+    assert "job 42_[0-3]" in said[0] and "PartitionConfig" in said[0] and "scancel 42" in said[0]
+    assert "job 41" in said[1] and "PartitionTimeLimit" in said[1] and "Ctrl-C" in said[1]
+
+
+def test_the_wait_for_a_prepare_in_parts_ends_when_a_later_stage_can_never_run(tmp_path, monkeypatch):
+    """With --dedup, a failed part leaves the next stage's array waiting for good (DependencyNeverSatisfied)
+    while the merge still shows Dependency: the wait cancels both and says why, instead of waiting forever."""
+    from dist_clm.errors import UserError
+    from dist_clm.launch import prepare_arrays
+
+    asked = []
+
+    def run(cmd, **kwargs):  # (squeue and scancel are recorded, not run)
+        asked.append(cmd)
+        assert len(asked) < 20, "still waiting"
+        out = "11_[0-3]|DependencyNeverSatisfied\n12|Dependency\n" if cmd[0] == "squeue" else ""
+        return subprocess.CompletedProcess(cmd, 0, out, "")
+
+    class Merge:
+        job_id = "12"
+
+        def done(self):
+            return False
+
+    monkeypatch.setattr(subprocess, "run", run)
+    with pytest.raises(UserError, match="the merge cannot run: a task of job 10 failed"):
+        prepare_arrays.wait(Merge(), ["10", "11"], str(tmp_path / "out"), poll=0)
+    assert asked[-1] == ["scancel", "11", "12"]
