@@ -74,6 +74,9 @@ def upload_web_corpus(s3, bucket: str) -> None:
 
     with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
         s3.create_bucket(Bucket=bucket)
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):  # (an earlier run's outputs go)
+        for item in page.get("Contents", []):
+            s3.delete_object(Bucket=bucket, Key=item["Key"])
     for i, f in enumerate(corpus_files(30, skip=120)):
         body = json.dumps({"text": f.read_text()}) + "\n"
         s3.put_object(Bucket=bucket, Key=f"web/{i:03d}.jsonl", Body=body.encode())
