@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: quickstart test test-fast test-unit lint install
+.PHONY: quickstart test test-fast test-unit test-readme lint install
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,7 +17,10 @@ quickstart: $(VENV)/.installed  ## the whole path on the embedded corpus (the Py
 
 # two workers, each taking a test module whole; the cluster tier is one unit, in order (tests/conftest.py)
 test: $(VENV)/.installed  ## every tier, as CI runs it (SLURM and S3 tests need launchers/local_slurm and local_s3)
-	$(PY) -m pytest -n 2 --dist loadscope --no-loadscope-reorder --durations=25
+	$(PY) -m pytest -n 2 --dist loadscope --no-loadscope-reorder --durations=25 -m "not readme"
+
+test-readme: $(VENV)/.installed  ## every README command as written, on the local SLURM cluster and S3 server
+	$(PY) -m pytest tests/cluster/test_readme.py -m readme -s
 
 test-fast: $(VENV)/.installed  ## the unit tier and the single-process integration tests (~5 min on 2 cores)
 	$(PY) -m pytest tests/unit tests/integration -m "not slow" --durations=10
