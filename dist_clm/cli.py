@@ -531,6 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+SILENT_RANK_WAIT_S = 20
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = [x for x in argv if not x.startswith("--local_rank")]  # the deepspeed launcher adds it; env has it
@@ -540,6 +543,12 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except UserError as e:
         console.error(e)
+        if console.silent_before_group(e):
+            # a launcher ends every rank when one exits: leaving first could end rank 0 before it writes the
+            # sentence; rank 0 fails the same check at once, and its exit ends this wait
+            import time
+
+            time.sleep(SILENT_RANK_WAIT_S)
         return e.exit_code
     except KeyboardInterrupt:
         console.warning("interrupted; nothing partial was kept.")

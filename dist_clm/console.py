@@ -102,6 +102,11 @@ def error(e) -> None:
     sys.stderr.flush()
 
 
+def silent_before_group(e) -> bool:
+    """Whether `error(e)` left `e` to rank 0 in a launched job whose ranks have not formed a group yet."""
+    return getattr(e, "agreed", False) and _CONTEXT.world <= 1 and _env_rank() != 0 and _env_world() > 1
+
+
 def progress(iterable=None, *, total: int | None = None, initial: int = 0, unit: str = "it", desc: str = "",
              enabled: bool = True, since: float | None = None):  # fmt: skip
     """A progress display: tqdm's bar on a terminal; where stderr is not one (a SLURM log, nohup, CI) a plain

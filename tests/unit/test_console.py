@@ -57,6 +57,25 @@ def test_error_line_is_said_once_or_by_the_rank_that_met_it(bound, capsys, monke
                                        "dist-clm: error: rank 1 on gpu07: mine again.\n")  # fmt: skip
 
 
+def test_a_launched_rank_that_leaves_its_sentence_to_rank_0_waits_for_the_launcher(bound, monkeypatch):
+    """Before the group forms, a rank other than 0 that met an agreed error must not exit first: a launcher ends
+    every rank when one exits, and rank 0 could be ended before writing the sentence (torchrun did, 1 run in 4).
+    A rank's own error, rank 0, one process, or a formed group: no wait."""
+    bound(0, 1, "")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert console.silent_before_group(agreed(UserError("every rank broke.")))
+    assert not console.silent_before_group(UserError("my shard is bad."))
+    monkeypatch.setenv("RANK", "0")
+    assert not console.silent_before_group(agreed(UserError("every rank broke.")))
+    monkeypatch.setenv("RANK", "1")
+    bound(1, 2, "n1")
+    assert not console.silent_before_group(agreed(UserError("every rank broke.")))
+    bound(0, 1, "")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not console.silent_before_group(agreed(UserError("every rank broke.")))
+
+
 def test_counts_agree_with_their_numbers():
     from dist_clm.console import count
 
