@@ -17,10 +17,10 @@ quickstart: $(VENV)/.installed  ## the whole path on the embedded corpus (the Py
 
 # two workers, each taking a test module whole; the cluster tier is one unit, in order (tests/conftest.py)
 test: $(VENV)/.installed  ## every tier, as CI runs it (SLURM and S3 tests need launchers/local_slurm and local_s3)
-	$(PY) -m pytest -n 2 --dist loadscope --no-loadscope-reorder --durations=25 -m "not readme"
+	$(PY) -m pytest -n 2 --dist loadscope --no-loadscope-reorder --durations=25
 
-test-readme: $(VENV)/.installed  ## every README command as written, on the local SLURM cluster and S3 server
-	$(PY) -m pytest tests/cluster/test_readme.py -m readme -s
+test-readme: $(VENV)/.installed  ## the README test alone (part of make test): every README command as written
+	$(PY) -m pytest tests/cluster/test_readme.py -s
 
 test-fast: $(VENV)/.installed  ## the unit tier and the single-process integration tests (~5 min on 2 cores)
 	$(PY) -m pytest tests/unit tests/integration -m "not slow" --durations=10

@@ -70,25 +70,21 @@ class Zygote:
 
     def run(self, args: list[str], env: dict, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
         import signal
-        import socket
         import tempfile
+
+        from tests.zygote import ask
 
         argv = [str(BIN / "dist-clm"), *args]
         with tempfile.TemporaryDirectory(dir=self.dir) as d:
             out, err = Path(d) / "stdout", Path(d) / "stderr"
             request = {"args": args, "env": env, "cwd": str(cwd), "stdout": str(out), "stderr": str(err),
                        "argv0": argv[0]}  # fmt: skip
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.connect(str(self.path))
-                s.sendall((json.dumps(request) + "\n").encode())
-                replies = s.makefile("r")
-                pid = int(replies.readline().split()[1])
-                s.settimeout(timeout)
-                try:
-                    code = int(replies.readline().split()[1])
-                except TimeoutError:
-                    os.kill(pid, signal.SIGKILL)
-                    raise subprocess.TimeoutExpired(argv, timeout, _text(out), _text(err)) from None
+            pid = []
+            try:
+                code = ask(str(self.path), request, pid.append, timeout)
+            except TimeoutError:
+                os.kill(pid[0], signal.SIGKILL)
+                raise subprocess.TimeoutExpired(argv, timeout, _text(out), _text(err)) from None
             return subprocess.CompletedProcess(argv, code, _text(out), _text(err))
 
 
@@ -99,6 +95,17 @@ def _text(path: Path) -> str:
 
 
 _ZYGOTE: Zygote | None = None
+
+
+def dist_clm_shim(directory: Path) -> Path:
+    """DIRECTORY/dist-clm, which runs its command through the suite's zygote (tests/zygote.py `shim`), for
+    commands run by a shell; put DIRECTORY first on PATH. Under DIST_CLM_TESTS_FRESH it is the installed one."""
+    from tests.zygote import shim
+
+    if os.environ.get("DIST_CLM_TESTS_FRESH"):
+        (directory / "dist-clm").symlink_to(BIN / "dist-clm")
+        return directory / "dist-clm"
+    return shim(directory, str(_zygote().path))
 
 
 def _zygote() -> Zygote:

@@ -10,7 +10,9 @@ ran nothing else: no Python thread, no torch computation, no logging set up befo
 
 Each request is served by a small middle process: it forks the command, sends its pid, waits for it and sends
 its exit status (a negative signal number when a signal ended it), so that a command killed by a signal is
-reported as subprocess.run reports it. The test side is `helpers.run_cli` (`Zygote.run`).
+reported as subprocess.run reports it. The test side is `helpers.run_cli` (`Zygote.run`); `shim()` writes a
+`dist-clm` executable that forwards its own command line, environment, directory and standard streams to a
+running zygote, for tests that run commands through a shell (the README's).
 """
 
 from __future__ import annotations
@@ -111,6 +113,55 @@ def serve_one(conn: socket.socket, request: dict) -> None:
     conn.sendall(f"status {code}\n".encode())
     conn.close()
     os._exit(0)
+
+
+def ask(path: str, request: dict, started=None, timeout: float | None = None) -> int:
+    """The client: send `request` to the zygote listening on `path`, call `started(pid)` once the command runs,
+    return its exit status (negative: the signal that ended it)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(path)
+        s.sendall((json.dumps(request) + "\n").encode())
+        replies = s.makefile("r")
+        pid = int(replies.readline().split()[1])
+        if started:
+            started(pid)
+        s.settimeout(timeout)
+        return int(replies.readline().split()[1])
+
+
+def forward(path: str) -> None:
+    """The shim's body: run this process's own command line in a process forked from the zygote, with this
+    process's environment and directory, writing to this process's stdout and stderr (reopened through /proc:
+    a pipe stays the same pipe); signals that end a shell's child are passed on; exit as the command did."""
+    me = os.getpid()
+    request = {"args": sys.argv[1:], "env": dict(os.environ), "cwd": os.getcwd(), "argv0": sys.argv[0],
+               "stdout": f"/proc/{me}/fd/1", "stderr": f"/proc/{me}/fd/2"}  # fmt: skip
+    child = []
+
+    def pass_on(signum, _frame):
+        if child:
+            os.kill(child[0], signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, pass_on)
+    code = ask(path, request, child.append)
+    if code < 0:
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(me, -code)
+    sys.exit(code)
+
+
+def shim(directory, socket_path: str):
+    """Write DIRECTORY/dist-clm: an executable that runs `dist-clm ARGS` through the zygote at `socket_path` (put
+    DIRECTORY first on PATH). It starts Python without site (~20 ms) and imports only this module's stdlib."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    exe = Path(directory) / "dist-clm"
+    exe.write_text(f"#!{sys.executable} -S\nimport sys\nsys.path.insert(0, {str(repo)!r})\n"
+                   f"from tests.zygote import forward\nforward({socket_path!r})\n")  # fmt: skip
+    exe.chmod(0o755)
+    return exe
 
 
 def serve(path: str) -> None:
