@@ -34,12 +34,75 @@ from dist_clm.parallel.collectives import SETUP_TIMEOUT_S, all_gather_object
 
 
 def use_cpu_accelerator_if_no_gpu() -> None:
-    """DeepSpeed picks its accelerator at import; without a GPU tell it to use the CPU one (gloo)."""
+    """DeepSpeed picks its accelerator at import; without a GPU tell it to use the CPU one (gloo). A process that
+    was given GPUs but cannot use them stops here (`refuse_unusable_gpus`) instead of training on the CPU at a
+    thousandth of the speed; DS_ACCELERATOR=cpu says the CPU is meant."""
     if "DS_ACCELERATOR" not in os.environ:
         import torch
 
         if not torch.cuda.is_available():
+            refuse_unusable_gpus()
             os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+# what says a process was given GPUs: SLURM's allocation (not CUDA_VISIBLE_DEVICES alone: the deepspeed launcher
+# sets it on CPU-only machines too), a GPU UUID in CUDA_VISIBLE_DEVICES, or the NVIDIA driver listing GPUs
+SLURM_GPU_VARIABLES = ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS_PER_NODE", "SLURM_GPUS")
+NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")
+NVIDIA_VERSION = Path("/proc/driver/nvidia/version")
+
+
+def gpus_given(environ=os.environ, driver_gpus: Path | None = None) -> str:
+    """Why this process should see a GPU ('' when nothing says so)."""
+    driver_gpus = driver_gpus or NVIDIA_GPUS
+    for name in SLURM_GPU_VARIABLES:
+        value = environ.get(name, "")
+        if value and value not in ("0", "N/A", "(null)"):
+            return f"{name}={value}"
+    visible = environ.get("CUDA_VISIBLE_DEVICES", "")
+    if visible.startswith(("GPU-", "MIG-")):
+        return f"CUDA_VISIBLE_DEVICES={visible}"
+    with contextlib.suppress(OSError):
+        found = sorted(p.name for p in driver_gpus.iterdir())
+        if found:
+            return f"the NVIDIA driver lists {len(found)} GPU{'s' if len(found) > 1 else ''}"
+    return ""
+
+
+def driver_version(version_file: Path | None = None) -> str:
+    """The NVIDIA driver's version, from the kernel module or nvidia-smi; '' when neither says."""
+    with contextlib.suppress(OSError):
+        for word in (version_file or NVIDIA_VERSION).read_text().split():
+            if word.count(".") >= 1 and word.replace(".", "").isdigit():
+                return word
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)  # fmt: skip
+        return out.stdout.split()[0] if out.returncode == 0 and out.stdout.split() else ""
+    return ""
+
+
+def refuse_unusable_gpus(environ=os.environ) -> None:
+    """One sentence when this process was given GPUs that torch cannot use (torch.cuda.is_available() is False):
+    what gave them, torch's CUDA build, the driver's version and torch's own reason, and the ways out."""
+    given = gpus_given(environ)
+    if not given:
+        return
+    import torch
+
+    reason = ""
+    try:
+        torch.cuda.init()
+    except Exception as e:  # noqa: BLE001 (torch's own words for why CUDA is unusable: an old driver, no device)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    cuda = torch.version.cuda or "none (a CPU-only build)"
+    driver = driver_version() or "unknown (no /proc/driver/nvidia/version, no nvidia-smi)"
+    raise UserError(
+        f"this process was given GPUs ({given}) but torch cannot use them: torch {torch.__version__} is built for "
+        f"CUDA {cuda}, the NVIDIA driver is {driver}{f' ({reason})' if reason else ''}; install a torch wheel built "
+        "for a CUDA the driver supports (pytorch.org's index for that CUDA version) or update the driver, or set "
+        "DS_ACCELERATOR=cpu to run on the CPU on purpose."
+    )
 
 
 @dataclass(frozen=True)
@@ -170,7 +233,11 @@ def inference_device() -> str:
     launcher's rank uses its own), else the CPU."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("DS_ACCELERATOR") != "cpu":
+        refuse_unusable_gpus()
+    return "cpu"
 
 
 NCCL_ERROR_HANDLING = "TORCH_NCCL_ASYNC_ERROR_HANDLING"

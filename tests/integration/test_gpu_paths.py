@@ -71,3 +71,17 @@ def test_eval_and_generate_run_on_the_gpu_when_there_is_one(monkeypatch, trained
     assert main(["generate", checkpoint, "--prompt", "def", "--max-new-tokens", "2", "--greedy"]) == 0
     assert asked and ("cpu",) in moved
     assert "def" in capsys.readouterr().out
+
+
+def test_a_job_given_gpus_that_torch_cannot_use_stops_in_one_sentence(monkeypatch, tmp_path, data_dir, trained_run):
+    """SLURM gave the job GPUs, torch cannot use them (here: none at all): `train` and `eval` say so in one
+    sentence and exit 2 instead of running on the CPU without a word (which both did before)."""
+    from tests.helpers import assert_clean_error, run_cli
+
+    monkeypatch.delenv("DS_ACCELERATOR")
+    env = {"SLURM_GPUS_ON_NODE": "2"}
+    r = run_cli("train", *TINY, f"data.path={data_dir}", f"run.dir={tmp_path / 'run'}", "train.max_steps=3", env=env)
+    assert_clean_error(r, "was given GPUs (SLURM_GPUS_ON_NODE=2) but torch cannot use them", "DS_ACCELERATOR=cpu")
+    assert not list((tmp_path / "run").glob("checkpoints/step_*"))
+    r = run_cli("eval", str(trained_run), "--max-blocks", "1", env=env)
+    assert_clean_error(r, "was given GPUs (SLURM_GPUS_ON_NODE=2)")

@@ -334,3 +334,50 @@ def test_under_nccl_a_timed_out_collective_raises_in_the_main_thread(monkeypatch
         collectives.reduce_to_host(torch.zeros(3))
     assert collectives.is_collective_failure(raised.value)
     assert collectives.failure_reason(raised.value, 300) == "no answer within the collective timeout of 300 s"
+
+
+def test_what_says_a_process_was_given_gpus(tmp_path):
+    """SLURM's allocation, a GPU UUID in CUDA_VISIBLE_DEVICES, or the driver listing GPUs say so; the deepspeed
+    launcher's CUDA_VISIBLE_DEVICES=0,1 (set on CPU-only machines too) and SLURM's zeros do not."""
+    from dist_clm.parallel.process_group import driver_version, gpus_given
+
+    none = tmp_path / "absent"
+    assert gpus_given({}, none) == ""
+    assert gpus_given({"CUDA_VISIBLE_DEVICES": "0,1", "SLURM_GPUS_ON_NODE": "0"}, none) == ""
+    assert gpus_given({"SLURM_GPUS_ON_NODE": "8"}, none) == "SLURM_GPUS_ON_NODE=8"
+    assert gpus_given({"SLURM_JOB_GPUS": "0,1"}, none) == "SLURM_JOB_GPUS=0,1"
+    assert gpus_given({"CUDA_VISIBLE_DEVICES": "GPU-5d1c"}, none) == "CUDA_VISIBLE_DEVICES=GPU-5d1c"
+    driver = tmp_path / "gpus"
+    (driver / "0000:17:00.0").mkdir(parents=True)
+    (driver / "0000:65:00.0").mkdir()
+    assert gpus_given({}, driver) == "the NVIDIA driver lists 2 GPUs"
+    version = tmp_path / "version"
+    version.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\n")
+    assert driver_version(version) == "535.104.05"
+
+
+def test_gpus_torch_cannot_use_are_one_sentence_not_a_cpu_run(monkeypatch):
+    """Given GPUs while torch.cuda.is_available() is False (a wheel built for a newer CUDA than the driver): one
+    sentence naming what gave them, torch's CUDA and the driver, and the ways out; DS_ACCELERATOR=cpu means the
+    CPU on purpose; nothing given, the CPU as before."""
+    import dist_clm.parallel.process_group as pg
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(pg, "driver_version", lambda: "535.104.05")
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "4")
+    with pytest.raises(UserError) as e:
+        pg.use_cpu_accelerator_if_no_gpu()
+    assert "was given GPUs (SLURM_GPUS_ON_NODE=4)" in str(e.value)
+    assert f"torch {torch.__version__} is built for CUDA" in str(e.value)
+    assert "the NVIDIA driver is 535.104.05" in str(e.value) and "DS_ACCELERATOR=cpu" in str(e.value)
+    assert "DS_ACCELERATOR" not in os.environ
+    with pytest.raises(UserError):
+        pg.inference_device()
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    assert pg.inference_device() == "cpu"
+    monkeypatch.delenv("DS_ACCELERATOR")
+    monkeypatch.delenv("SLURM_GPUS_ON_NODE")
+    monkeypatch.setattr(pg, "NVIDIA_GPUS", pg.Path("/nonexistent"))
+    pg.use_cpu_accelerator_if_no_gpu()
+    assert os.environ["DS_ACCELERATOR"] == "cpu"
