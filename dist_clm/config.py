@@ -333,7 +333,8 @@ class DistributedConfig:
     deepspeed_config: str = ""  # a DeepSpeed JSON merged over the generated one (see dist_clm/parallel/engine.py)
     collective_timeout_s: float = 300.0  # from the second step on, a collective that waits longer ends the run:
     # a rank died or stalled; every rank stops, naming it, with exit 75 (rerun / requeue resumes). Set-up,
-    # checkpoint saves and loads may wait 30 min
+    # checkpoint saves and loads may wait 30 min; downstream tasks (train.eval_tasks) as long as they take, unless
+    # rank 0's heartbeat stands still this long
 
     def checks(self) -> list[Check]:
         return [

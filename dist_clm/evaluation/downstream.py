@@ -14,7 +14,8 @@ them, or one file), or taken from dist_clm's own offline suite, built on first u
 
 The harness runs on one process with the whole model (its `HFLM` around the model object; the harness shares
 work between ranks only among processes it starts itself through accelerate): during training the other ranks
-wait, and under ZeRO-3 every rank first gathers the parameters. Random state (python, numpy, torch) is kept
+wait outside any collective, so a long task suite never reads as a lost peer, and under ZeRO-3 rank 0 runs it on
+a plain copy of the model that every rank helps gather (`plain_copy`). Random state (python, numpy, torch) is kept
 and restored around it, and the model's train/eval mode too: a run with downstream tasks trains bit for bit
 like one without.
 """
@@ -159,8 +160,12 @@ def resolve(tasks: list[str]) -> tuple[list[str], list[str], bool]:
 def _task_name(path: Path) -> str | None:
     import yaml
 
+    class Loader(yaml.SafeLoader):  # the harness's own tags (`!function utils.process_docs`) read as None
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
     try:
-        spec = yaml.safe_load(path.read_text())
+        spec = yaml.load(path.read_text(), Loader=Loader)
     except (OSError, yaml.YAMLError):
         return None
     return spec.get("task") if isinstance(spec, dict) and isinstance(spec.get("task"), str) else None
@@ -288,15 +293,16 @@ def timed(model, tok, tasks, device, **kw) -> tuple[dict, float]:
 
 class InLoop:
     """`train.eval_tasks` during training: every `train.eval_tasks_every` steps (0: at every validation) and at
-    the end, on the current weights, logged as eval/<task>/<metric> and eval/time_s. Collective: under ZeRO-3
-    every rank gathers the parameters, rank 0 runs the harness, the others wait; an error on rank 0 (a task that
-    cannot load) is every rank's, in one sentence."""
+    the end, on the current weights, logged as eval/<task>/<metric> and eval/time_s. Rank 0 runs the harness (under
+    ZeRO-3 on `plain_copy`, gathered by every rank); the others wait outside any collective for as long as it
+    takes, while rank 0's heartbeat moves (parallel/heartbeat.py). An error on rank 0 (a task that cannot load)
+    is every rank's, in one sentence."""
 
     def __init__(self, run, metrics):
         t = run.cfg.train
         self.run, self.metrics, self.tasks = run, metrics, list(t.eval_tasks)
         self.every, self.limit = t.eval_tasks_every or t.eval_every, t.eval_tasks_limit
-        self._tok = None
+        self._tok, self._calls = None, 0
         if self.tasks and run.sp.size > 1:
             raise UserError("train.eval_tasks do not run under sequence parallelism yet (the model's forward is "
                             "sharded); evaluate its checkpoints with `dist-clm eval RUN --tasks ...`.")  # fmt: skip
@@ -318,26 +324,63 @@ class InLoop:
         if not self.tasks:
             return
         from dist_clm import console
-        from dist_clm.parallel.collectives import agree_on_error, barrier
+        from dist_clm.parallel.collectives import agree_on_error
+        from dist_clm.parallel.heartbeat import set_done, wait_done
 
         engine, env = self.run.engine, self.run.env
+        self._calls += 1
         model = engine.module
-        gathered = contextlib.nullcontext()
-        if engine.zero_optimization_stage() == 3:
-            import deepspeed
-
-            gathered = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+        if engine.zero_optimization_stage() == 3:  # (collective: every rank gathers, rank 0 alone keeps)
+            model = plain_copy(model, keep=env.is_main)
         error, results, seconds = None, {}, 0.0
-        with gathered:
-            if env.is_main:
-                try:
-                    results, seconds = timed(model, self.tokenizer, self.tasks, env.device, limit=self.limit,
-                                             batch_size=self.run.cfg.train.micro_batch_size)  # fmt: skip
-                except UserError as e:
-                    error = e
-            agree_on_error(error, env.device)
-            barrier()
+        done = f"dist_clm/downstream/{self._calls}"
+        if env.is_main:
+            try:
+                results, seconds = timed(model, self.tokenizer, self.tasks, env.device, limit=self.limit,
+                                         batch_size=self.run.cfg.train.micro_batch_size)  # fmt: skip
+            except UserError as e:
+                error = e
+            finally:
+                set_done(done)
+        else:  # (the harness may take hours: no collective timeout, only rank 0's heartbeat)
+            wait_done(done, 0, self.run.cfg.distributed.collective_timeout_s)
+        del model
+        agree_on_error(error, env.device)
         self.metrics.log(step, scalars(results, seconds))
         shown = "; ".join(f"{task} {', '.join(f'{m} {v:.3f}' for m, v in values.items())}"
                           for task, values in results.items())  # fmt: skip
         console.info(f"step {step}: downstream ({seconds:.1f} s): {shown}")
+
+
+def plain_copy(model, keep: bool):
+    """Collective under ZeRO-3: `model` as a plain module with its whole weights on this rank when `keep` (else
+    None), gathered one module's parameters at a time. Rank 0 runs the harness on this copy rather than on the
+    engine's module: the same weights and modules, so one process's numbers, but no ZeRO-3 hook, which would
+    gather with ranks that are not there; only the keeping rank holds the whole model."""
+    import copy
+
+    import deepspeed
+    import torch
+
+    mine = None
+    if keep:
+        with torch.device("meta"):  # (no memory, no initialisation: every tensor comes from `model`)
+            plain = type(model)(copy.deepcopy(model.config))
+        plain.generation_config = model.generation_config
+        mine = dict(plain.named_modules(remove_duplicate=False))
+    made = {}  # id of a parameter of `model` -> its whole copy (a tied one is copied once and stays tied)
+    for name, module in model.named_modules(remove_duplicate=False):
+        own = [p for p in module._parameters.values() if p is not None and id(p) not in made]
+        with deepspeed.zero.GatheredParameters(own, modifier_rank=None):
+            for p in own:
+                made[id(p)] = torch.nn.Parameter(p.detach().clone(), requires_grad=False) if keep else None
+        if not keep:
+            continue
+        into = mine[name]
+        for key, p in module._parameters.items():
+            into._parameters[key] = None if p is None else made[id(p)]
+        into._buffers.update(module._buffers)  # (buffers are never partitioned: shared, read only)
+        for key, value in vars(into).items():  # tensors held as plain attributes (e.g. rotary's original_inv_freq)
+            if isinstance(value, torch.Tensor) and value.is_meta:
+                setattr(into, key, getattr(module, key))
+    return plain.eval() if keep else None

@@ -1,5 +1,6 @@
 """Each rank's sign of life in the process group's store, so that the survivors of a failed collective can name
-the rank that stopped."""
+the rank that stopped, and so that ranks can wait for work that one rank does alone (downstream tasks on rank 0)
+for as long as it takes, with no collective timeout, yet not for a rank that is gone (`set_done`, `wait_done`)."""
 
 from __future__ import annotations
 
@@ -36,8 +37,12 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._beat, name="dist-clm-heartbeat", daemon=True)
         self._thread.start()
 
+    @staticmethod
+    def key(rank: int) -> str:
+        return f"dist_clm/alive/{rank}"
+
     def _beat(self) -> None:
-        key = f"dist_clm/alive/{self.env.rank}"
+        key = self.key(self.env.rank)
         while not self._stopped.is_set():
             try:
                 self.store.add(key, 1)
@@ -60,7 +65,7 @@ class Heartbeat:
             return ""
         try:
             self.store.set_timeout(timedelta(seconds=5))
-            keys = [f"dist_clm/alive/{r}" for r in range(self.env.world_size)]
+            keys = [self.key(r) for r in range(self.env.world_size)]
             before = [self.store.add(k, 0) for k in keys]
             time.sleep(3 * self.PERIOD_S)
             after = [self.store.add(k, 0) for k in keys]
@@ -72,3 +77,54 @@ class Heartbeat:
             return ""
         named = ", ".join(f"rank {r} (node {nodes[r]})" for r in silent[:4]) + (" and more" if len(silent) > 4 else "")
         return f"{named} stopped answering (dead or stopped process)"
+
+
+def _store():
+    """The process group's store, or None (no process group, a world of one, or no store to be had)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def set_done(key: str) -> None:
+    """Tell the ranks in `wait_done(key, ...)` that this rank's work alone is done."""
+    import torch.distributed as dist
+
+    store = _store()
+    if store is not None:
+        store.set(key, "1")
+    elif dist.is_initialized():
+        dist.barrier()  # (theirs waits long: wait_done)
+
+
+def wait_done(key: str, rank: int, silent_s: float, poll_s: float = 0.2) -> None:
+    """Wait until `rank` calls `set_done(key)`, however long its work takes: in no collective, so no timeout ends
+    the wait. A `rank` whose heartbeat (`Heartbeat`) stands still for `silent_s` is gone: the RuntimeError of a
+    collective that timed out (train() reports it as a lost peer); a store that went away with it raises its own.
+    Without a store (none seen so far): a barrier that waits up to collectives.SETUP_TIMEOUT_S, then `silent_s`
+    again as the timeout of collectives."""
+    import time
+
+    import torch.distributed as dist
+
+    store = _store()
+    if store is None:
+        from dist_clm.parallel.collectives import long_collectives
+
+        if dist.is_initialized():
+            with long_collectives(silent_s):
+                dist.barrier()
+        return
+    beats, last = None, time.monotonic()
+    while not store.check([key]):
+        now, count = time.monotonic(), store.add(Heartbeat.key(rank), 0)
+        if count != beats:
+            beats, last = count, now
+        elif now - last > silent_s:
+            raise RuntimeError(f"Timed out waiting for rank {rank}: its heartbeat stood still for {silent_s:g} s")
+        time.sleep(poll_s)
