@@ -98,6 +98,11 @@ def deepspeed_config(
         "optimizer": optimizer_config(t, o, d, on_gpu),
         "steps_per_print": 1 << 40,  # we log ourselves
     }
+    if d.zero_stage == 3 and t.optimizer == "muon" and precision != "fp32":
+        # ZeRO-3's Muon gathers each matrix's fp32 momentum partitions in the communication dtype and keeps the
+        # gathered copy: in bf16 the momentum would lose fp32's mantissa every step; fp32 traffic (twice bf16's
+        # bytes for the gradients' reduce too) keeps it exact
+        generated["communication_data_type"] = "fp32"
     if d.sequence_parallel_size > 1:  # (for the record: the groups reach DeepSpeed as the mpu, see sequence_parallel)
         generated["sequence_parallel_size"] = d.sequence_parallel_size
     return with_user_config(generated, d)

@@ -47,6 +47,23 @@ for stage in (2, 3):  # (ZeRO-1 runs ZeRO-2's optimizer)
         finals.append([safe_get_full_fp32_param(p).clone() for p in model.parameters()])
     # with a step dropped, the later step starts from the state the run had before it: the momentum too
     print("moved", stage, not all(torch.equal(a, b) for a, b in zip(*finals)))
+
+# bf16 on ZeRO-3: the fp32 momentum keeps fp32 precision (DeepSpeed gathers it in the communication dtype);
+# Muon's update uncompiled (a bf16 compile would cost minutes on 2 cores; precision does not depend on it)
+torch._dynamo.config.disable = True
+torch.manual_seed(0)
+model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2))
+config = deepspeed_config(TrainConfig(optimizer="muon", micro_batch_size=2, precision="bf16"),
+                          OptimConfig(grad_clip=0.0), DistributedConfig(zero_stage=3), on_gpu=False)
+with muon_flags(model, "muon"):
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.1), config=config)
+for batch in ids:
+    engine.backward(engine(input_ids=batch, labels=batch).loss)
+    engine.step()
+momenta = [s["momentum_buffer"] for s in engine.optimizer.optimizer.state.values() if "momentum_buffer" in s]
+m = torch.cat([b.float().flatten() for b in momenta])
+m = m[m != 0]
+print("momentum", m.dtype, len(m) > 0 and (m.bfloat16().float() == m).float().mean().item())
 """
 
 
@@ -62,6 +79,9 @@ def test_muon_trains_hidden_matrices_on_zero_2_and_3_and_a_dropped_step_leaves_i
         assert ["adamw", stage, "transformer.wpe.weight", "transformer.wte.weight"] in lines, r.stdout
         assert ["dropped", stage, "True"] in lines
         assert ["moved", stage, "True"] in lines
+    # momentum that only bf16 values fill (every entry exactly a bf16 number) lost fp32's mantissa: not here
+    momentum = next(line for line in r.stdout.splitlines() if line.startswith("momentum"))
+    assert momentum.split()[1] == "torch.float32" and float(momentum.split()[2]) < 0.1, momentum
 
 
 @pytest.mark.slow
