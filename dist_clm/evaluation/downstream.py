@@ -157,6 +157,20 @@ def resolve(tasks: list[str]) -> tuple[list[str], list[str], bool]:
     return list(dict.fromkeys(names)), list(dict.fromkeys(folders)), builtin
 
 
+def check_tasks(tasks: list[str]):
+    """(the task names, the harness's TaskManager that knows them), or one sentence naming what is not a task."""
+    from lm_eval.tasks import TaskManager
+
+    names, folders, builtin = resolve(tasks)
+    manager = TaskManager(include_path=folders or None, include_defaults=builtin)
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        ours = ", ".join((*SUITE, SUITE_GROUP))
+        raise UserError(f"unknown task {', '.join(map(repr, unknown))}: not a task of lm-evaluation-harness, not "
+                        f"a folder or YAML file of task definitions, not one of {ours}.")  # fmt: skip
+    return names, manager
+
+
 def _task_name(path: Path) -> str | None:
     import yaml
 
@@ -220,21 +234,14 @@ def run_tasks(model, tok, tasks: list[str], device, limit: int = 0, batch_size: 
 
     from dist_clm.models.build import max_positions
 
-    names, folders, builtin = resolve(tasks)
     for noisy in ("lm_eval", "lm-eval", "datasets"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     import datasets
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     datasets.disable_progress_bars()
-    manager = TaskManager(include_path=folders or None, include_defaults=builtin)
-    unknown = [n for n in names if n not in manager.all_tasks]
-    if unknown:
-        ours = ", ".join((*SUITE, SUITE_GROUP))
-        raise UserError(f"unknown task {', '.join(map(repr, unknown))}: not a task of lm-evaluation-harness, not "
-                        f"a folder or YAML file of task definitions, not one of {ours}.")  # fmt: skip
+    names, manager = check_tasks(tasks)
 
     class Quiet(HFLM):  # (its progress bars would be carriage-return frames in a run's log)
         def loglikelihood(self, requests, disable_tqdm: bool = False):
@@ -306,6 +313,16 @@ class InLoop:
         if self.tasks and run.sp.size > 1:
             raise UserError("train.eval_tasks do not run under sequence parallelism yet (the model's forward is "
                             "sharded); evaluate its checkpoints with `dist-clm eval RUN --tasks ...`.")  # fmt: skip
+        if self.tasks:  # (a name that is no task: said before the first step, not at the first evaluation)
+            from dist_clm.parallel.collectives import agree_on_error
+
+            error = None
+            if run.env.is_main:
+                try:
+                    check_tasks(self.tasks)
+                except UserError as e:
+                    error = e
+            agree_on_error(error, run.env.device)
 
     @property
     def tokenizer(self):

@@ -176,6 +176,18 @@ def test_eval_runs_downstream_tasks_from_the_suite_and_from_a_folder(tmp_path, t
         downstream.run_tasks(None, None, ["no_such_task_anywhere"], "cpu")
 
 
+def test_a_downstream_task_that_does_not_exist_is_said_before_the_first_step(tmp_path, data_dir):
+    """train.eval_tasks with a name that is no task: one sentence before training starts (it came at the first
+    evaluation, after the steps before it, or at the end of a run without one)."""
+    from tests.helpers import assert_clean_error
+
+    run = tmp_path / "run"
+    r = run_cli("train", *TINY, f"data.path={data_dir}", f"run.dir={run}", "train.max_steps=3", "train.eval_every=0",
+                "train.eval_tasks=[dist_clm_arith, no_such_task_anywhere]")  # fmt: skip
+    assert_clean_error(r, "unknown task 'no_such_task_anywhere'")
+    assert "train: " not in r.stdout and not list(run.glob("checkpoints/step_*")), r.stdout[-2000:]
+
+
 def test_mlflow_writes_where_its_environment_points_and_says_so_once(tmp_path, monkeypatch, capsys):
     from mlflow.tracking import MlflowClient
 
