@@ -53,7 +53,7 @@ def worker(size: int, lengths: list[int], budget: int) -> None:
     loss_head.install(model)
     mpu = sequence_parallel.groups(size) if size > 1 else None
     if mpu is not None:
-        sequence_parallel.install(model, size, 2, mpu)
+        sequence_parallel.install(model, size, mpu)  # (ZeRO-2: no loss scale, see fit_reduction)
     ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}, "bf16": {"enabled": gpu},
           "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}}}  # fmt: skip
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds, mpu=mpu)

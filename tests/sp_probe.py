@@ -1,6 +1,7 @@
 """Run under torchrun with 2 ranks: sequence parallelism (size 2) through dist_clm's install and a DeepSpeed engine
 against the unsharded model on the same micro batch, for each case: the micro batch's loss and every parameter's
-gradient after DeepSpeed's reduction (ZeRO 2 and 3), then the logits of the attention paths (sdpa, flash attention
+gradient after DeepSpeed's reduction (ZeRO 2, and ZeRO-3's paths: reduce-scatter, and without it all-reduced buckets
+and parameters larger than a bucket), then the logits of the attention paths (sdpa, flash attention
 through tests/flash_standin.py) and of DeepSpeed's own Ulysses registration, which drops
 the documents. Rank 0 writes the differences as JSON to argv[1]."""
 
@@ -28,6 +29,14 @@ MODELS = {
     "llama": dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
                   intermediate_size=64, max_position_embeddings=64),
 }  # fmt: skip
+# ZeRO-3 without reduce-scatter (what Muon needs): buckets of up to reduce_bucket_size elements are all-reduced,
+# a parameter larger than that is reduce-scattered (and every one when contiguous_gradients is off: the DPO case).
+# GPT-2's all in buckets; Llama's embedding and output head (96 x 32 = 3072 elements) reduce-scattered, the rest
+# all-reduced
+NO_REDUCE_SCATTER = {
+    "gpt2": {"reduce_scatter": False},
+    "llama": {"reduce_scatter": False, "reduce_bucket_size": 2500},
+}
 
 
 def batch(documents: bool, learned: bool):
@@ -64,19 +73,23 @@ def build(kind: str, attention: str = "sdpa"):
     return model
 
 
-def training_case(kind: str, documents: bool, learned: bool, zero: int, head: str) -> dict:
-    """The SP=2 engine's loss and gradients against the unsharded reference's."""
+def training_case(
+    kind: str, documents: bool, learned: bool, zero: int, head: str, reduction: dict | None = None
+) -> dict:
+    """The SP=2 engine's loss and gradients against the unsharded reference's; `reduction`: zero_optimization keys
+    that choose how ZeRO-3 reduces the gradients."""
     model = build(kind)
     ids, labels, positions = batch(documents, learned)
     ref_loss, ref_grads, _ = reference(copy.deepcopy(model), ids, labels, positions)
     if head == "fused":
         loss_head.install(model)
     mpu = sequence_parallel.groups(2)
-    sp = sequence_parallel.install(model, 2, zero, mpu)
+    sp = sequence_parallel.install(model, 2, mpu)
     config = {"train_micro_batch_size_per_gpu": ROWS, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": zero}, "sequence_parallel_size": 2,
+              "zero_optimization": {"stage": zero, **(reduction or {})}, "sequence_parallel_size": 2,
               "optimizer": {"type": "AdamW", "params": {"lr": 0.0, "torch_adam": True}}}  # fmt: skip
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config, mpu=mpu)
+    sp = sequence_parallel.fit_reduction(sp, engine)
     loss = engine(input_ids=ids, labels=labels, position_ids=positions, use_cache=False).loss
     reported, total = sp.whole(loss).clone(), loss.detach().clone()
     torch.distributed.all_reduce(total)  # (the group's shares sum to the micro batch's loss)
@@ -89,7 +102,7 @@ def training_case(kind: str, documents: bool, learned: bool, zero: int, head: st
     return {"loss": abs(total.item() - ref_loss), "reported": abs(reported.item() / 2 - ref_loss), "grad": grad}
 
 
-def preference_case(kind: str, zero: int) -> dict:
+def preference_case(kind: str, zero: int, reduction: dict | None = None) -> dict:
     """DPO on one packed pair (a chosen and a rejected row of three conversations each, prompts not learned):
     the SP=2 engine's loss (the same whole loss on both ranks) and gradients against the unsharded ones."""
     from dist_clm.training import preference
@@ -111,10 +124,11 @@ def preference_case(kind: str, zero: int) -> dict:
     ref_loss.backward()
     ref_grads = {n: p.grad.clone() for n, p in ref_model.named_parameters()}
     mpu = sequence_parallel.groups(2)
-    sp = sequence_parallel.install(model, 2, zero, mpu)
-    config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": zero},
+    sp = sequence_parallel.install(model, 2, mpu)
+    config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": zero, **(reduction or {})},
               "optimizer": {"type": "AdamW", "params": {"lr": 0.0, "torch_adam": True}}}  # fmt: skip
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config, mpu=mpu)
+    sp = sequence_parallel.fit_reduction(sp, engine)
     logp = engine(input_ids=ids, labels=labels, position_ids=positions, token_logps=True, use_cache=False).logits
     loss = dpo_loss(preference.conversations(logp, labels, positions))
     engine.backward(sp.for_backward(loss))
@@ -132,7 +146,7 @@ def logits_case(kind: str, attention: str) -> dict:
     _, _, ref = reference(copy.deepcopy(model), ids, labels, positions)
     model.config._attn_implementation = attention
     mpu = sequence_parallel.groups(2)
-    sequence_parallel.install(model, 2, 0, mpu)
+    sequence_parallel.install(model, 2, mpu)
     return {"logits": gathered_difference(model, ids, positions, ref)}
 
 
@@ -193,8 +207,15 @@ def main(out: str) -> None:
                 kind, documents, learned, 2, "fused"
             )
         results[f"{kind} documents=True sft=True zero=3 plain"] = training_case(kind, True, True, 3, "plain")
-        zero = 2 if kind == "gpt2" else 3
-        results[f"{kind} dpo zero={zero}"] = preference_case(kind, zero)
+        results[f"{kind} documents=True sft=False zero=3 plain reduce_scatter=false"] = training_case(
+            kind, True, False, 3, "plain", NO_REDUCE_SCATTER[kind]
+        )
+        if kind == "gpt2":
+            results["gpt2 dpo zero=2"] = preference_case(kind, 2)
+        else:  # (every gradient reduce-scattered: apart, not in buckets)
+            results["llama dpo zero=3 reduce_scatter=false contiguous_gradients=false"] = preference_case(
+                kind, 3, {"reduce_scatter": False, "contiguous_gradients": False}
+            )
     from tests import flash_standin
 
     flash_standin.install()

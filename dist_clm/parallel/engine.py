@@ -110,7 +110,8 @@ def deepspeed_config(
 
 def with_user_config(generated: dict, d: DistributedConfig) -> dict:
     """`generated` with the user's DeepSpeed JSON (distributed.deepspeed_config) merged over it, its keys checked:
-    no batch size that differs from train.*, no model-parallel degree, no scheduler."""
+    no batch size that differs from train.*, no model-parallel degree, no scheduler, no DeepCompile under sequence
+    parallelism."""
     if not d.deepspeed_config:
         return generated
     path = Path(d.deepspeed_config)
@@ -139,6 +140,12 @@ def with_user_config(generated: dict, d: DistributedConfig) -> dict:
                 f"only: every rank reads its own share of each batch, while {what} needs ranks that see the same "
                 "one; remove it."
             )
+    if d.sequence_parallel_size > 1 and _lookup(user, ("compile", "deepcompile")):
+        raise UserError(
+            f"'{path}' sets compile.deepcompile, which reduces gradients its own way (divided by every rank), "
+            "but sequence parallelism scales its loss for DeepSpeed's usual reduction; remove it, or set "
+            "distributed.sequence_parallel_size=1."
+        )
     if "scheduler" in user:
         raise UserError(f"'{path}' sets a scheduler; choose it with optim.schedule instead (cosine, linear, wsd).")
     return _merge(generated, user)

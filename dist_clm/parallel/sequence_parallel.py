@@ -18,15 +18,23 @@ Every rank knows the whole row's positions (its group holds the full micro batch
 them, once per forward pass: sdpa gets the dense same-document causal mask, flex attention a BlockMask of the
 same, flash attention the documents' bounds (attention.document_bounds) over the whole rows.
 
+DeepSpeed's wrapper sets each attention's num_key_value_groups to the group's local ratio of query to key/value
+heads when it replicates key/value heads (more ranks than key/value heads), and leaves it there; the model's own
+calls (validation, generation) repeat the key/value heads by it, so it is put back after each of the wrapper's.
+
 The loss: a rank's is the sum of its tokens' losses over the micro batch's predicted tokens (or the objective's
-num_items_in_batch), so the group's losses sum to the micro batch's. DeepSpeed reduces the gradients of ZeRO 0-2
-by summing over a group's ranks (and averaging over the groups), but ZeRO-3's reduce-scatter averages over every
-rank: `for_backward` scales by the group's size there. `whole` is what a rank reports: its share x the size.
+num_items_in_batch), so the group's losses sum to the micro batch's, and the unsharded gradient is the sum of the
+group's. DeepSpeed divides each reduced gradient by the world's size over the group's size (the groups) on every
+path of ZeRO 0-2, and on ZeRO-3's all-reduced buckets; but by the world's size where ZeRO-3 reduce-scatters, which
+it does to every gradient by default, and without reduce_scatter (Muon's setting) to a parameter larger than
+reduce_bucket_size (or to every one with contiguous_gradients off). `fit_reduction` reads which from the engine:
+the loss is scaled by the group's size where every gradient is reduce-scattered (`for_backward`), and only those
+parameters' gradients where some are. `whole` is what a rank reports: its share x the size.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -41,7 +49,7 @@ class SequenceParallel:
 
     size: int = 1
     rank: int = 0  # within its group
-    zero_stage: int = 0
+    scale: int = 1  # the loss's factor before backward (fit_reduction: the group's size, or 1)
 
     def dp(self, rank: int, world: int) -> tuple[int, int]:
         """(data-parallel rank, data-parallel world size) of global rank `rank` of `world`."""
@@ -55,7 +63,7 @@ class SequenceParallel:
     def for_backward(self, loss: torch.Tensor) -> torch.Tensor:
         """This rank's share (or the whole loss, whose gradient reaches this rank's tokens only: `_Gather`),
         scaled so that DeepSpeed's gradient reduction gives the unsharded gradient."""
-        return loss * self.size if self.size > 1 and self.zero_stage == 3 else loss
+        return loss * self.scale if self.scale != 1 else loss
 
     def counts(self) -> bool:
         """Whether this rank counts the group's blocks and tokens in the logs (one rank per group does)."""
@@ -164,10 +172,11 @@ class _Core:
                              is_causal=mask is None, **kw)  # fmt: skip
 
 
-def install(model, size: int, zero_stage: int, mpu) -> SequenceParallel:
+def install(model, size: int, mpu) -> SequenceParallel:
     """Make `model` train sequence-parallel over its group (the module docstring): its attention through
     DeepSpeed's Ulysses wrapper with dist_clm's core, its forward with labels (training) on this rank's slice of
-    each row. Calls without labels, and in eval mode (validation, generation), run whole rows as before."""
+    each row. Calls without labels, and in eval mode (validation, generation), run whole rows as before. The loss
+    scale follows once the engine exists: `fit_reduction`."""
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
     from transformers.modeling_outputs import CausalLMOutputWithPast
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -201,7 +210,14 @@ def install(model, size: int, zero_stage: int, mpu) -> SequenceParallel:
         _fit(ulysses, query.shape[0])
         kwargs.pop("is_causal", None)
         kwargs["position_ids"] = documents.local  # (GPT-2 passes none; the wrapper gathers them, the core keys on ours)
-        out, weights = ulysses(module, query, key, value, None, *args, **kwargs)
+        own = vars(module).get("num_key_value_groups")  # (the wrapper sets its local ratio for good: put it back)
+        try:
+            out, weights = ulysses(module, query, key, value, None, *args, **kwargs)
+        finally:
+            if own is None:
+                vars(module).pop("num_key_value_groups", None)
+            else:
+                module.num_key_value_groups = own
         return out.view(*out.shape[:2], heads, -1), weights  # (B x L x heads x dim, as every model expects)
 
     # process-wide, under the model's own implementation name, so that transformers' code paths that ask for it
@@ -240,7 +256,25 @@ def install(model, size: int, zero_stage: int, mpu) -> SequenceParallel:
         return CausalLMOutputWithPast(loss=total / count)
 
     model.forward = forward
-    return SequenceParallel(size, rank, zero_stage)
+    return SequenceParallel(size, rank)
+
+
+def fit_reduction(sp: SequenceParallel, engine) -> SequenceParallel:
+    """After deepspeed.initialize: `sp` with the loss scale that makes `engine`'s gradient reduction give the
+    unsharded gradient (the module docstring), read from its ZeRO optimizer; where ZeRO-3 reduces some parameters'
+    gradients one way and the rest the other, a hook scales those of the reduce-scattered ones instead."""
+    if sp.size == 1 or engine.zero_optimization_stage() != 3:
+        return sp  # (every path divides by the groups)
+    zero = engine.optimizer  # (DeepSpeed's stage 3 optimizer: how it reduces, deepspeed/runtime/zero/stage3.py)
+    if zero.reduce_scatter or not zero.contiguous_gradients:
+        return replace(sp, scale=sp.size)  # (every gradient reduce-scattered: divided by every rank)
+    # reduce_scatter off: a bucket of gradients up to reduce_bucket_size elements is all-reduced and divided by the
+    # groups; a parameter larger than that fills a bucket alone and is reduce-scattered, divided by every rank
+    size = sp.size
+    for p in engine.module.parameters():
+        if p.requires_grad and p.ds_numel > zero.reduce_bucket_size:
+            p.register_hook(lambda grad: grad * size)  # (before the gradient accumulates: DeepSpeed's hook after)
+    return sp
 
 
 class _Gather(torch.autograd.Function):

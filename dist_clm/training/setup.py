@@ -166,7 +166,7 @@ def setup(cfg: Config, env: DistEnv, world: list[dict]) -> Run:
     size, mpu, sp = cfg.distributed.sequence_parallel_size, None, sequence_parallel.SequenceParallel()
     if size > 1:  # (collective: the groups)
         mpu = sequence_parallel.groups(size)
-        sp = sequence_parallel.install(model, size, cfg.distributed.zero_stage, mpu)
+        sp = sequence_parallel.install(model, size, mpu)
     global_batch = sp.dp(env.rank, env.world_size)[1] * t.micro_batch_size * grad_accum
     checkpointer = Checkpointer(cfg.run.dir, ckpt.keep_last, env, cfg.distributed.zero_stage, 16 * n_params,
                                 ckpt.async_save)  # fmt: skip
@@ -182,6 +182,7 @@ def setup(cfg: Config, env: DistEnv, world: list[dict]) -> Run:
             lr_scheduler=scheduler_factory(cfg.optim, t.max_steps),
             mpu=mpu,
         )
+    sp = sequence_parallel.fit_reduction(sp, engine)  # (the loss scale DeepSpeed's gradient reduction needs)
     router = moe.RouterLoad(model) if moe.is_moe(model.config) else None
     random = RandomState(env)
     if resumed_from is not None:

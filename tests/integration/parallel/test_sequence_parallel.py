@@ -5,8 +5,10 @@
   gradient after DeepSpeed's reduction equal the unsharded model's; the logits of sdpa and of flash attention
   (through its stand-in) keep the documents apart, where DeepSpeed's own registration attends across them (it
   equals plain causal attention); flex attention's BlockMask allows exactly what sdpa's dense mask allows.
-- real runs: SP=2 on 2 ranks trains what SP=1 on 1 rank trains, step by step; a kill -9 of the whole process
-  group in the middle resumes bitwise; the SP=2 run's checkpoint continues at SP=1.
+- real runs: SP=2 on 2 ranks trains and validates what SP=1 on 1 rank does, step by step (its validation, of whole
+  rows after sequence-parallel steps, equals one rank's of the same weights); a kill -9 of the whole process
+  group in the middle resumes bitwise; the SP=2 run's checkpoint continues at SP=1. (Validation after steps that
+  replicated key/value heads: tests/integration/training/test_sft.py.)
 - what cannot divide is one sentence.
 """
 
@@ -25,7 +27,7 @@ from dist_clm.parallel.process_group import free_port
 from tests.helpers import BIN, REPO, TINY, assert_clean_error, metrics, run_cli, same, train_losses, weights
 
 COMMON = [*TINY, "train.micro_batch_size=2", "train.global_batch_size=4", "train.max_steps=4", "train.log_every=1",
-          "checkpoint.save_every=2", "train.eval_every=0", "train.eval_blocks=2",
+          "checkpoint.save_every=2", "train.eval_every=2", "train.eval_blocks=2",
           "data.document_mask=true"]  # fmt: skip
 
 
@@ -47,10 +49,10 @@ def test_every_loss_gradient_and_attention_path_equals_the_unsharded_model(tmp_p
     assert r.returncode == 0, r.stderr[-4000:]
     found = json.loads(out.read_text())
     training = {k: v for k, v in found.items() if "zero=" in k}
-    assert len(training) == 8  # (6 token-level cases, 2 of DPO pairs)
+    assert len(training) == 10  # (8 token-level cases, 2 of DPO pairs)
     for case, diff in training.items():
-        assert diff["loss"] < 1e-5 and diff["reported"] < 1e-5, case
-        assert diff["grad"] < 1e-4, case  # (relative to the largest gradient of each parameter)
+        assert diff["loss"] < 1e-5 and diff["reported"] < 1e-5, (case, diff)
+        assert diff["grad"] < 1e-4, (case, diff)  # (relative to the largest gradient of each parameter)
     for case in ("gpt2 logits sdpa", "llama logits sdpa", "llama logits flash_attention_2"):
         assert found[case]["logits"] < 1e-5, case
     # flash attention was given the documents of both rows, over the whole rows (5, 11, 16 | 20, 12 tokens)
@@ -78,6 +80,10 @@ def per_step(run, skip: int = 0) -> dict[int, tuple[float, int]]:
     return {r["step"]: (r["train/loss"], r["data/token_sum"]) for r in metrics(run, skip) if "train/loss" in r}
 
 
+def validations(run, skip: int = 0) -> dict[int, float]:
+    return {r["step"]: r["val/loss"] for r in metrics(run, skip) if "val/loss" in r}
+
+
 @pytest.mark.slow
 def test_sp2_trains_what_sp1_trains_and_its_checkpoint_continues_at_sp1(runs, tmp_path, data_dir):
     sp1, sp2 = runs
@@ -88,6 +94,11 @@ def test_sp2_trains_what_sp1_trains_and_its_checkpoint_continues_at_sp1(runs, tm
         assert loss == pytest.approx(want[step][0], abs=1e-5), step
     ds = json.loads((sp2 / "ds_config.json").read_text())
     assert ds["sequence_parallel_size"] == 2 and ds["gradient_accumulation_steps"] == 2  # (one data-parallel rank)
+    # validation (whole blocks, the model's own attention) before, between and after sequence-parallel steps
+    want_val, got_val = validations(sp1), validations(sp2)
+    assert list(got_val) == [0, 2, 4]
+    for step, loss in got_val.items():
+        assert loss == pytest.approx(want_val[step], abs=1e-5), step
 
     moved = tmp_path / "moved"  # SP=2's step-2 checkpoint, resumed at SP=1 on one rank
     shutil.copytree(sp2, moved)
@@ -99,6 +110,11 @@ def test_sp2_trains_what_sp1_trains_and_its_checkpoint_continues_at_sp1(runs, tm
     assert list(after) == [3, 4]
     for step, (loss, tokens) in after.items():
         assert tokens == got[step][1] and loss == pytest.approx(got[step][0], abs=1e-5), step
+    # one rank's validation of the SP=2 run's step-2 weights (the resumed run's first) is the SP=2 run's own
+    after_val = validations(moved, skip)
+    assert list(after_val) == [2, 4]
+    assert after_val[2] == pytest.approx(got_val[2], abs=1e-6)
+    assert after_val[4] == pytest.approx(got_val[4], abs=1e-5)
 
 
 @pytest.mark.slow

@@ -207,6 +207,34 @@ def test_the_step_loss_is_the_mean_over_all_its_learned_tokens(tmp_path, sft_dat
     assert abs(logged - mean_of_means) > 1e-5 * logged
 
 
+@pytest.mark.slow
+def test_validation_after_sequence_parallel_steps_is_the_unsharded_models(tmp_path, sft_data):
+    """A Llama-style model with one key/value head for its 4 query heads at distributed.sequence_parallel_size=2:
+    DeepSpeed's wrapper replicates the head over the group in the training passes, setting each attention's
+    num_key_value_groups to the group's local ratio (2, not 4). Validation after the step runs whole rows through
+    the model's own attention, where the conversations' restarting positions make a dense mask and sdpa repeats
+    the key/value heads by that number: its loss is the unsharded model's on the checkpoint's weights."""
+    from dist_clm.data.format import read_manifest
+    from dist_clm.data.stream import TokenStream
+    from dist_clm.evaluation.perplexity import perplexity, windows
+    from dist_clm.parallel.process_group import free_port
+    from tests.helpers import BIN, checkpoint_dir, independent_model, launch
+
+    run = tmp_path / "run"
+    llama = ["model.preset=tiny-llama", "model.overrides.hidden_size=64", "model.overrides.intermediate_size=172",
+             "model.overrides.num_key_value_heads=1"]  # fmt: skip
+    launch([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())],
+           *(a for a in SFT if not a.startswith("model.")), *llama, f"data.path={sft_data}", f"run.dir={run}",
+           "distributed.sequence_parallel_size=2", "train.max_steps=1", "checkpoint.save_every=1",
+           "train.eval_blocks=3", "optim.warmup_steps=0")  # fmt: skip
+    validations = {r["step"]: r["val/loss"] for r in metrics(run) if "val/loss" in r}
+    assert list(validations) == [0, 1]  # before the step and after it
+    split = TokenStream(sft_data, "val", read_manifest(sft_data))
+    unsharded = perplexity(independent_model(checkpoint_dir(run, 1)), split.reader(), windows(split.tokens, BLOCK,
+                           max_windows=3), 2, "cpu")  # fmt: skip
+    assert validations[1] == pytest.approx(unsharded["loss"], abs=1e-5)
+
+
 def test_sft_resumes_exactly_evaluates_learned_tokens_and_chats(tmp_path, sft_data):
     run = tmp_path / "run"
     settings = [*SFT, f"data.path={sft_data}", f"run.dir={run}", "train.max_steps=8", "checkpoint.save_every=4",

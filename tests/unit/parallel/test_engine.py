@@ -65,6 +65,11 @@ def test_generated_config_and_precedence_of_a_users_json(tmp_path):
         user.write_text(json.dumps(bad))
         with pytest.raises(UserError, match=fragment):
             ds_config(load_config(None, [f"distributed.deepspeed_config={user}"]), on_gpu=False)
+    user.write_text(json.dumps({"compile": {"deepcompile": True}}))  # (its reduction is not DeepSpeed's usual)
+    assert ds_config(load_config(None, [f"distributed.deepspeed_config={user}"]), on_gpu=False)["compile"]
+    with pytest.raises(UserError, match="sets compile.deepcompile, which reduces gradients its own way"):
+        ds_config(load_config(None, [f"distributed.deepspeed_config={user}", "distributed.sequence_parallel_size=2"]),
+                  on_gpu=False)  # fmt: skip
     user.write_text("{not json")
     with pytest.raises(UserError, match="is not valid JSON"):
         ds_config(load_config(None, [f"distributed.deepspeed_config={user}"]), on_gpu=False)
