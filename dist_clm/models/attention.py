@@ -22,13 +22,16 @@ torch has no FlexAttention backward pass there, and flash attention no kernel.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dist_clm.errors import UserError
 from dist_clm.models.build import build_model
 from dist_clm.models.loss_head import PLAIN_HEADS  # (feed_documents runs these as base model + output projection)
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 FLASH = "flash_attention_2"
 FLASH_PRECISIONS = ("bf16", "fp16")  # flash attention's kernels take no fp32
@@ -124,6 +127,51 @@ def document_bounds(position_ids: torch.Tensor) -> dict[str, Any]:
     bounds = torch.cat([cuts, cuts.new_tensor([position_ids.numel()])]).to(torch.int32)
     row = position_ids.shape[1]
     return {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": row, "max_length_k": row}
+
+
+FLEX_BLOCK = 128  # FlexAttention's tile (torch's default BLOCK_SIZE for create_block_mask)
+
+
+def document_block_mask(doc: torch.Tensor) -> BlockMask:
+    """FlexAttention's BlockMask for packed rows: causal within each document, where `doc` (B x L) numbers each
+    token's document and never decreases along a row. It is built from the tiles' bounds, never a B x L x L mask
+    (torch's eager create_block_mask evaluates the rule at every pair: 16 GiB per row at 128K tokens); a tile
+    below the diagonal is full (the kernel skips the rule) when its query and key tiles lie whole inside one
+    document, partial (the rule decides per pair) when the query tile's first document is the key tile's last,
+    and skipped otherwise; a diagonal tile is always partial. The tiles are create_block_mask's exactly."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    n = doc.shape[1]
+    first, last, whole = _tile_bounds(doc, FLEX_BLOCK)
+    tile = torch.arange(first.shape[1], device=doc.device)
+    below, diagonal = tile[None, :, None] > tile[None, None, :], tile[None, :, None] == tile[None, None, :]
+    # B x T x T from here: [row, query tile, key tile]
+    full = below & (first[:, None, :] == last[:, :, None]) & (whole[:, None] & whole[None, :])
+    partial = ((below & (last[:, None, :] == first[:, :, None])) | diagonal) & ~full
+
+    def same_document(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
+
+    return BlockMask.from_kv_blocks(
+        *_ordered(partial), *_ordered(full), BLOCK_SIZE=FLEX_BLOCK, mask_mod=same_document, seq_lengths=(n, n)
+    )
+
+
+def _tile_bounds(doc: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each tile of `size` tokens: its first and last token's document (B x T), and whether it holds `size` real
+    tokens (T; the last tile of a row whose length `size` does not divide is padded, so never full)."""
+    n = doc.shape[1]
+    starts = torch.arange(0, n, size, device=doc.device)
+    ends = (starts + size).clamp(max=n)
+    return doc[:, starts], doc[:, ends - 1], ends - starts == size
+
+
+def _ordered(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A B x T x T tile map as BlockMask takes it (B x 1 heads): how many tiles each query tile attends, and
+    their key tiles' numbers, ascending, followed by the rest (create_block_mask's order)."""
+    tiles = tiles[:, None].to(torch.int32)
+    order = torch.argsort(tiles, dim=-1, descending=True, stable=True)
+    return tiles.sum(-1, dtype=torch.int32), order.to(torch.int32)
 
 
 def no_padding(input_ids: torch.Tensor) -> torch.Tensor:

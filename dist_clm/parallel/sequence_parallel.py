@@ -130,18 +130,13 @@ class _Documents:
         return self._made["dense"]
 
     def block_mask(self):
-        """flex attention: a BlockMask of the same rule (causal within each document)."""
+        """flex attention: a BlockMask of the same rule (causal within each document), built tile by tile (no
+        L x L mask; one document per row without document masking)."""
         if "block" not in self._made:
-            from torch.nn.attention.flex_attention import create_block_mask
+            from dist_clm.models.attention import document_block_mask
 
-            rows, n = self.positions.shape
-            doc = self.doc
-
-            def same_document(b, h, q, kv):
-                keep = q >= kv
-                return keep if doc is None else keep & (doc[b, q] == doc[b, kv])
-
-            self._made["block"] = create_block_mask(same_document, rows, None, n, n, device=self.positions.device)
+            doc = self.doc if self.doc is not None else torch.zeros_like(self.positions)
+            self._made["block"] = document_block_mask(doc)
         return self._made["block"]
 
     def flash_bounds(self) -> dict:

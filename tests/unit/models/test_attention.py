@@ -1,5 +1,7 @@
 """Which attention implementation trains, and what each one gives packed documents (models/attention.py)."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -82,3 +84,68 @@ def transformers_version() -> int:
     import transformers
 
     return int(transformers.__version__.split(".")[0])
+
+
+# Packed rows as (document length, first position) per document: documents across tile bounds, a row that begins
+# inside a document, one document per row, documents on tile bounds, a length 128 does not divide.
+LAYOUTS = {
+    "across tiles": [[(100, 0), (300, 0), (5, 0), (107, 0)], [(40, 9), (400, 0), (72, 0)]],
+    "one per row": [[(512, 0)], [(512, 3)]],
+    "on tile bounds": [[(128, 0), (128, 0), (256, 0)], [(256, 0), (1, 0), (255, 0)]],
+    "ragged length": [[(130, 0), (70, 0)], [(200, 5)]],
+    "short": [[(5, 0), (11, 0), (16, 0)], [(4, 7), (20, 0), (8, 0)]],
+}
+
+
+def test_the_tiled_document_mask_is_create_block_masks_own():
+    """document_block_mask, built from the tiles' bounds, gives flex attention exactly what torch's
+    create_block_mask gives from the rule at every pair: the same partial and full tiles in the same order, so
+    the kernel lets through exactly the dense same-document causal mask, and the same outputs as sdpa."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from dist_clm.models.attention import document_block_mask
+
+    for layout in LAYOUTS.values():
+        positions = torch.stack([torch.cat([torch.arange(k) + first for k, first in row]) for row in layout])
+        starts = positions == 0
+        starts[:, 0] = True
+        rows, n = positions.shape
+        for doc in (torch.zeros_like(positions), starts.cumsum(1)):  # (one per row: plain causal; documents)
+            dense = (doc[:, :, None] == doc[:, None, :]) & torch.ones(n, n, dtype=torch.bool).tril()
+
+            def same_document(b, h, q, kv, doc=doc):
+                return (q >= kv) & (doc[b, q] == doc[b, kv])
+
+            reference = create_block_mask(same_document, rows, None, n, n, device="cpu")
+            mask = document_block_mask(doc)
+            for part in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
+                         "q_indices", "full_q_num_blocks", "full_q_indices"):  # fmt: skip
+                assert torch.equal(getattr(mask, part), getattr(reference, part)), part
+            assert mask.seq_lengths == reference.seq_lengths and mask.BLOCK_SIZE == reference.BLOCK_SIZE
+            assert torch.equal(mask.to_dense(), reference.to_dense())
+            assert torch.equal(_let_through(mask, n), dense)
+        if layout is LAYOUTS["across tiles"]:  # (each call traces the rule again: one layout's documents)
+            q, k, v = torch.randn(3, rows, 2, n, 8).unbind()
+            want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense[:, None])
+            with warnings.catch_warnings():  # (unfused on the CPU: the rule at every pair; _let_through: the tiles)
+                warnings.simplefilter("ignore", UserWarning)
+                got, old = (flex_attention(q, k, v, block_mask=m) for m in (mask, reference))
+            assert torch.allclose(got, want, atol=1e-6, rtol=0) and torch.equal(got, old)
+
+
+def _let_through(mask, n: int) -> torch.Tensor:
+    """B x L x L: what flex attention's kernel attends with `mask`: every pair of a full tile (the rule is not
+    evaluated there), and the pairs of a partial tile that the rule allows."""
+
+    def tiles(count, index):
+        width = index.shape[-1]
+        kept = torch.where(torch.arange(width) < count[..., None], index, width).long()
+        out = torch.zeros(*index.shape[:-1], width + 1, dtype=torch.bool).scatter_(-1, kept, True)[..., :width]
+        size = mask.BLOCK_SIZE[0]
+        return out[:, 0].repeat_interleave(size, -2).repeat_interleave(size, -1)[:, :n, :n]
+
+    rows = mask.kv_num_blocks.shape[0]
+    q, kv = torch.arange(n)[:, None].expand(n, n), torch.arange(n)[None, :].expand(n, n)
+    rule = torch.stack([mask.mask_mod(torch.tensor(b), torch.tensor(0), q, kv) for b in range(rows)])
+    full = tiles(mask.full_kv_num_blocks, mask.full_kv_indices)
+    return full | (tiles(mask.kv_num_blocks, mask.kv_indices) & rule)

@@ -23,6 +23,40 @@ def test_flex_attention_gets_the_same_document_rule_as_sdpa():
     assert docs.dense_mask() is None and torch.equal(_allowed(docs), torch.ones(32, 32).tril().bool().expand(2, 32, 32))
 
 
+def test_the_flex_mask_of_a_16k_row_holds_tiles_not_token_pairs():
+    """The core's BlockMask for a row of 16K tokens (documents across tiles) allocates a few bytes per tile,
+    nowhere near the L x L booleans (268 MB) of a mask evaluated at every pair, as torch's eager
+    create_block_mask does (and every rank makes it). The measure sees torch's CPU allocations: a tensor of
+    L x L/64 booleans registers."""
+    from dist_clm.parallel.sequence_parallel import _Documents
+
+    n = 16384
+    positions = (torch.arange(n) % 1000)[None]
+    docs = _Documents()
+    docs.begin(positions, positions[:, : n // 4], documents=True)
+    assert _peak_bytes(lambda: torch.ones(n, n // 64, dtype=torch.bool)) >= n * n // 64
+    peak = _peak_bytes(docs.block_mask)
+    assert docs.block_mask().kv_num_blocks.shape == (1, 1, n // 128)
+    assert peak < n * n // 100, f"{peak / 2**20:.1f} MiB"
+
+
+def _peak_bytes(make) -> int:
+    """The most bytes torch's CPU allocator held at once, above what it held before, while `make()` ran (its
+    allocations and frees in time order, as torch's profiler records them)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        made = make()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())  # fmt: skip
+    held = peak = 0
+    for e in events:
+        held += e.nbytes()
+        peak = max(peak, held)
+    del made
+    return peak
+
+
 def test_the_long_context_config_divides_on_one_8_gpu_node():
     """configs/llama-1b-32k.yaml, dry: its model config (no weights) and DeepSpeed config for 8 ranks pass every
     check a run makes before it starts, and each rank holds 4K tokens of a block."""
