@@ -159,13 +159,13 @@ def results(run, job: str) -> list[dict]:
 def test_a_preempted_two_node_job_resumes_exactly_and_one_whose_node_dies_comes_back(tmp_path, data_dir):
     needs_slurm("multi")
     run = tmp_path / "run"
-    job = submit(run, data_dir, "train.max_steps=50", "checkpoint.save_every=10", "checkpoint.keep_last=20")
+    job = submit(run, data_dir, "train.max_steps=36", "checkpoint.save_every=8", "checkpoint.keep_last=20")
     try:
         # 1. preemption (SLURM's USR2 to every task on both nodes): all agree, save, requeue, resume exactly
         wait_for(lambda: len(logged_steps(run)) >= 5, "the first steps")
         subprocess.run(["scancel", "--signal=USR2", job], check=True)
         wait_for(lambda: restarts(job) >= 1 and running(job), "the job requeued after USR2")
-        wait_for(lambda: len(logged_steps(run)) > 0 and logged_steps(run)[-1] >= 25, "progress", 300)
+        wait_for(lambda: len(logged_steps(run)) > 0 and logged_steps(run)[-1] >= 18, "progress", 300)
         steps = logged_steps(run)
         assert steps == sorted(steps) and len(steps) == len(set(steps))  # stopped and resumed exactly
 
@@ -184,12 +184,12 @@ def test_a_preempted_two_node_job_resumes_exactly_and_one_whose_node_dies_comes_
         assert "a peer closed its connection" in text and "Traceback" not in text.split("dist-clm: error:")[-1]
         final = wait_for(lambda: results(run, job) if not running(job) and results(run, job) else None,
                          "the job's end", 400)  # fmt: skip
-        assert all(r["step"] == 50 and r["world_size"] == 4 for r in final)
+        assert all(r["step"] == 36 and r["world_size"] == 4 for r in final)
         assert victim not in {n for n, _ in nodes_of(run)}  # the requeued job runs without the dead node
         steps = logged_steps(run)
         went_back = [(a, b) for a, b in zip(steps, steps[1:], strict=False) if b <= a]
         assert len(went_back) == 1 and went_back[0][1] == last + 1  # from the last complete checkpoint
-        assert set(steps) == set(range(1, 51))
+        assert set(steps) == set(range(1, 37))
     finally:
         subprocess.run(["scancel", job], capture_output=True)
         for node in ("dn1", "dn2", "dn3"):  # the cluster whole again for the tests after this one
@@ -199,7 +199,7 @@ def test_a_preempted_two_node_job_resumes_exactly_and_one_whose_node_dies_comes_
 def test_a_stalled_rank_is_named_and_the_job_comes_back(tmp_path, data_dir):
     needs_slurm("multi")
     run = tmp_path / "run"
-    job = submit(run, data_dir, "train.max_steps=24", "checkpoint.save_every=5", "distributed.collective_timeout_s=15")
+    job = submit(run, data_dir, "train.max_steps=18", "checkpoint.save_every=5", "distributed.collective_timeout_s=15")
     try:
         wait_for(lambda: len(logged_steps(run)) >= 8, "the first steps", 300)
         stalled = json.loads((run / "ranks.json").read_text())[3]
@@ -216,7 +216,7 @@ def test_a_stalled_rank_is_named_and_the_job_comes_back(tmp_path, data_dir):
               f"ran again {time.time() - noticed:.1f} s after that")  # fmt: skip
         final = wait_for(lambda: results(run, job) if not running(job) and results(run, job) else None,
                          "the job's end", 400)  # fmt: skip
-        assert all(r["step"] == 24 for r in final) and set(logged_steps(run)) == set(range(1, 25))
+        assert all(r["step"] == 18 for r in final) and set(logged_steps(run)) == set(range(1, 19))
     finally:
         subprocess.run(["scancel", job], capture_output=True)
 
@@ -228,7 +228,7 @@ def test_ranks_that_abort_without_a_word_are_lost_peers_and_the_job_comes_back(t
     last complete checkpoint."""
     needs_slurm("multi")
     run = tmp_path / "run"
-    job = submit(run, data_dir, "train.max_steps=20", "checkpoint.save_every=5")
+    job = submit(run, data_dir, "train.max_steps=16", "checkpoint.save_every=5")
     try:
         wait_for(lambda: len(logged_steps(run)) >= 8, "the first steps", 300)
         ranks = json.loads((run / "ranks.json").read_text())
@@ -241,10 +241,10 @@ def test_ranks_that_abort_without_a_word_are_lost_peers_and_the_job_comes_back(t
         assert "no task said why: a rank was killed by a signal" in logs(run, job)
         final = wait_for(lambda: results(run, job) if not running(job) and results(run, job) else None,
                          "the job's end", 400)  # fmt: skip
-        assert all(r["step"] == 20 and r["restarts"] == 1 for r in final)
+        assert all(r["step"] == 16 and r["restarts"] == 1 for r in final)
         steps = logged_steps(run)
         went_back = [(a, b) for a, b in zip(steps, steps[1:], strict=False) if b <= a]
-        assert len(went_back) <= 1 and set(steps) == set(range(1, 21))
+        assert len(went_back) <= 1 and set(steps) == set(range(1, 17))
         assert not went_back or went_back[0][1] <= last + 1 + 5  # from a complete checkpoint (perhaps a newer one)
     finally:
         subprocess.run(["scancel", job], capture_output=True)
