@@ -32,6 +32,11 @@ def output(result):
     return result[0] if isinstance(result, tuple) else result  # (transformers 4: with the router's logits)
 
 
+def switched(block) -> bool:
+    """Whether the block runs the sync-free experts (transformers 4: its forward; 5: its experts')."""
+    return "forward" in vars(block) or "forward" in vars(block.experts)
+
+
 def close(got, want, tol=1e-6):
     """Equal to fp32 rounding: the largest difference within tol x the tensor's largest value (the products and
     sums run in another order; a weight's gradient sums over all the tokens its expert received)."""
@@ -55,13 +60,11 @@ def test_outputs_and_gradients_equal_transformers_block(product, tokens, monkeyp
         outs.append((out, inputs.grad))
     close(outs[1][0], outs[0][0])
     close(outs[1][1], outs[0][1])
-    idle = 0
     for (name, mine), (their_name, their) in zip(ours.named_parameters(), theirs.named_parameters(), strict=True):
         assert name == their_name and mine.shape == their.shape  # (checkpoints load either way)
-        want = their.grad if their.grad is not None else torch.zeros_like(their)  # (an expert that did not run)
-        idle += their.grad is None
-        close(mine.grad, want)
-    assert (idle > 0) == (tokens < 4)
+        close(mine.grad, their.grad if their.grad is not None else torch.zeros_like(their))  # (None: no token)
+    reached = (x @ theirs.gate.weight.T).topk(2, dim=-1).indices.unique()
+    assert (len(reached) < 8) == (tokens < 4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # the tiled product, the grouped one
@@ -81,7 +84,7 @@ def test_the_saved_model_loads_in_transformers_with_the_same_logits(tmp_path):
     ours = build_model("tiny-moe", "", {**SMALL, "num_hidden_layers": 1}, FakeTokenizer(64))
     ours.save_pretrained(tmp_path)
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert "forward" in vars(ours.model.layers[0].mlp) and "forward" not in vars(theirs.model.layers[0].mlp)
+    assert switched(ours.model.layers[0].mlp) and not switched(theirs.model.layers[0].mlp)
     ids = torch.randint(0, 64, (2, 16))
     got, want = (m(input_ids=ids, labels=ids, output_router_logits=True, use_cache=False) for m in (ours, theirs))
     close(got.logits, want.logits)
