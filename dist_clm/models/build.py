@@ -156,6 +156,8 @@ def build_model(preset: str, pretrained: str, overrides: dict[str, Any], tokeniz
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from dist_clm.models.moe_experts import make_sync_free
+
     n_vocab = len(tokenizer)
     if pretrained:
         path = Path(pretrained)
@@ -173,9 +175,11 @@ def build_model(preset: str, pretrained: str, overrides: dict[str, Any], tokeniz
                 f"the pretrained model has {model.config.vocab_size} token embeddings but the tokenizer "
                 f"has {n_vocab} tokens; use the tokenizer the model was trained with."
             )
-        return model
-    config = preset_config(preset, overrides, n_vocab, tokenizer.bos_token_id, tokenizer.eos_token_id, rope)
-    return AutoModelForCausalLM.from_config(config, attn_implementation=attn)  # fp32 master weights
+    else:
+        config = preset_config(preset, overrides, n_vocab, tokenizer.bos_token_id, tokenizer.eos_token_id, rope)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)  # fp32 master weights
+    make_sync_free(model)  # MoE experts without host syncs, on the same parameters (moe_experts.py)
+    return model
 
 
 def preset_config(preset: str, overrides: dict[str, Any], vocab: int, bos: int | None = None, eos: int | None = None,

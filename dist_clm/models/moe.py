@@ -8,10 +8,11 @@ the loss they return. `RouterLoad` asks for that in training forwards only (thos
 validation, evaluation and the export's forward compute the plain next-token loss, and records per micro batch
 the auxiliary loss and the tokens each expert of each layer received. None of these families has a router z-loss.
 
-Under ZeRO-3 an expert that no token of a rank's batch reaches is skipped by the block's forward, so ranks would
-gather different parameters and wait for each other for ever; the sparse blocks are therefore DeepSpeed leaf
-modules (`zero_optimization.leaf_module`): their parameters are gathered together on entering the block, and the
-gradients of idle experts are zeros.
+Under ZeRO-3 an expert that no token of a rank's batch reaches is skipped by transformers' block forward, so ranks
+would gather different parameters and wait for each other for ever, and dist_clm's sync-free forward
+(moe_experts.py) reads every expert's weights without calling the expert modules, whose own hooks would gather
+them; the sparse blocks are therefore DeepSpeed leaf modules (`zero_optimization.leaf_module`): their parameters
+are gathered together on entering the block, and the gradients of idle experts are zeros.
 """
 
 from __future__ import annotations
