@@ -5,7 +5,8 @@ will be read, a few steps ahead of the loader (`data.prefetch_steps`).
 The thread has its own MixedBlocks (the block order's caches are not shared across threads) and fetches a
 step's shards side by side (`PARALLEL` downloads: a new shuffle window needs several shards at once, and over
 a distant bucket each one costs a round trip or more). It never raises: a shard it could not fetch is fetched
-again, and its error raised, where the loader reads it.
+again, and its error raised, where the loader reads it. It never waits for readers to let go of the cache
+either (a shard for which only readers' shards would have to go is left to the loader), so it stops soon.
 
 The thread is the pool's only client: it submits under the lock that `close` shuts the pool down under, after
 seeing that it was not stopped, so nothing is submitted to a pool shut down (a pool shut down while the thread
@@ -93,5 +94,5 @@ class Prefetcher:
             if store.files.ensure_local(shard):
                 with self._count:
                     self.fetched += 1
-        except Exception:  # noqa: BLE001 (the loader meets the same error where it reads, and says it)
-            pass
+        except Exception:  # noqa: BLE001 (the loader meets the same error where it reads, and says it; or the
+            pass  # cache is full of shards open for reading, remote.CacheHeld, and the loader fetches it later)
