@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import multiprocessing.util  # noqa: F401 -- its exit handler registered before ours, so ours runs first
+import os
 import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -37,7 +38,7 @@ from dist_clm.data.batches import MixedBlocks
 from dist_clm.data.mixture import describe, shares
 from dist_clm.data.order import Source, rank_blocks
 from dist_clm.data.prefetch import Prefetcher
-from dist_clm.data.remote import is_remote
+from dist_clm.data.remote import check_room_for_readers, is_remote
 from dist_clm.errors import UserError
 
 if TYPE_CHECKING:
@@ -148,6 +149,7 @@ class TrainLoader:
         self.start = position.blocks_consumed
         window = max(1, shuffle_window // block_size) if shuffle_window else 0
         self.blocks = MixedBlocks(sources, block_size, shuffle, seed, document_mask, window, self.stages)
+        self._check_cache_room(num_workers)
         self.prefetcher = None
         if prefetch_steps and any(is_remote(s.path) for s in sources if s.weight > 0):
             self.prefetcher = Prefetcher(
@@ -168,6 +170,16 @@ class TrainLoader:
         )
         self.steps_done = 0  # optimizer steps taken since `start`
         self.pin_memory = pin_memory
+
+    def _check_cache_room(self, num_workers: int) -> None:
+        """Remote sources through a limited cache: it holds the shard each reading process of the node keeps open
+        (the workers of every rank of the node, and each rank's main process, which validates)."""
+        sizes = [
+            r.raw_data.bytes for s in self.blocks.blocks if s.stream.chunks.mirror for r in s.stream.chunks.readers
+        ]
+        if sizes:
+            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            check_room_for_readers(per_node * (num_workers + 1), max(sizes))
 
     @classmethod
     def from_config(

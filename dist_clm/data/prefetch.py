@@ -5,7 +5,12 @@ will be read, a few steps ahead of the loader (`data.prefetch_steps`).
 The thread has its own MixedBlocks (the block order's caches are not shared across threads) and fetches a
 step's shards side by side (`PARALLEL` downloads: a new shuffle window needs several shards at once, and over
 a distant bucket each one costs a round trip or more). It never raises: a shard it could not fetch is fetched
-again, and its error raised, where the loader reads it.
+again, and its error raised, where the loader reads it. It never waits for readers to let go of the cache
+either (a shard for which only readers' shards would have to go is left to the loader), so it stops soon.
+
+The thread is the pool's only client: it submits under the lock that `close` shuts the pool down under, after
+seeing that it was not stopped, so nothing is submitted to a pool shut down (a pool shut down while the thread
+was still submitting a step's fetches raised in it).
 """
 
 from __future__ import annotations
@@ -40,11 +45,13 @@ class Prefetcher:
             self._wake.notify()
 
     def close(self) -> None:
+        """Stop: fetches not started are cancelled, those in flight end (each within a download's time), and
+        the thread ends."""
         with self._wake:
             self._stopped = True
             self._wake.notify()
+            self._pool.shutdown(wait=False, cancel_futures=True)  # (under the lock the thread submits under)
         self._thread.join(timeout=60)
-        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def shards(self, step: int) -> Iterator[tuple[object, int]]:
         """(ChunkStore, shard number) that step `step` reads on this rank, in reading order."""
@@ -71,7 +78,13 @@ class Prefetcher:
                 if self._stopped:
                     return
                 ahead = max(ahead, self._done)
-            wait([self._pool.submit(self._fetch, store, shard) for store, shard in self.shards(ahead)])
+            fetches = []
+            for store, shard in self.shards(ahead):
+                with self._wake:
+                    if self._stopped:
+                        return
+                    fetches.append(self._pool.submit(self._fetch, store, shard))
+            wait(fetches)
             ahead += 1
 
     def _fetch(self, store, shard: int) -> None:
@@ -81,5 +94,5 @@ class Prefetcher:
             if store.files.ensure_local(shard):
                 with self._count:
                     self.fetched += 1
-        except Exception:  # noqa: BLE001 (the loader meets the same error where it reads, and says it)
-            pass
+        except Exception:  # noqa: BLE001 (the loader meets the same error where it reads, and says it; or the
+            pass  # cache is full of shards open for reading, remote.CacheHeld, and the loader fetches it later)

@@ -15,8 +15,13 @@ credentials). Invariants:
   before a shard is downloaded, room is made for it (the least recently read shards of any mirror removed)
   and held by a sparse `.NAME.room` file of its full size that the others count until the shard is in place,
   all under one node-wide lock held for that bookkeeping only, so downloads run side by side. What a dead
-  download left (its room, its partial file) is removed by the next one that needs room. A process still
-  reading a removed shard keeps its memory map (the space is freed when it lets go of it).
+  download left (its room, its partial file) is removed by the next one that needs room.
+- A shard open for reading is never evicted: its reader holds a lease (`Lease`), a shared lock on the open
+  file, taken before the shard is renamed into place (it arrives held) or as a cached one is opened; eviction
+  probes each shard with a non-blocking exclusive lock and passes over a held one. The lock goes with its
+  process (kill -9 included), so a dead reader pins nothing. A reader that opens a shard as it is evicted
+  sees it unlinked (through its descriptor) and fetches it again. Each process reading remote data keeps
+  one shard open at a time (data/stream.py), so the limit must hold one shard per such process of the node.
 - A failed download is retried with backoff (`RETRIES` times): then one sentence naming the file and the
   endpoint. A file that is not there is not retried.
 - A remote directory is complete only once its manifest.json is there: prepare uploads it last.
@@ -80,6 +85,19 @@ def configure(cache_dir: str | Path | None, cache_limit: str | int | None) -> No
     global _CONFIG
     _CONFIG = CacheConfig(Path(cache_dir) if cache_dir else default_cache_dir(), parse_size(cache_limit))
     _MIRRORS.clear()
+
+
+def check_room_for_readers(readers: int, largest: int) -> None:
+    """Through a limited cache, each process reading remote data keeps the shard it reads open, held in the
+    cache (data/stream.py): the limit must hold one of the largest shards per reading process of the node, or
+    they would wait for each other forever. One sentence if it does not."""
+    limit = _CONFIG.limit
+    if limit is not None and readers * largest > limit:
+        raise UserError(
+            f"data.cache_limit ({limit:,} bytes) cannot hold the shards read at once on this node: {readers} "
+            f"process{'es' if readers > 1 else ''} (ranks on the node x (data.num_workers + 1)) each keep one "
+            f"shard of up to {largest:,} bytes open; raise data.cache_limit to at least {readers * largest:,} bytes."
+        )
 
 
 def mirror(url: str) -> Mirror:
@@ -192,6 +210,50 @@ def _not_found(e: BaseException) -> bool:
     return code in ("404", "NoSuchKey", "NoSuchBucket")
 
 
+MADE, IN_FLIGHT, HELD_OPEN = "made", "in flight", "held open"  # what making room in the cache came to
+
+
+class CacheHeld(Exception):
+    """A prefetch gives up on a shard: the cache's bytes are held by shards open for reading."""
+
+
+class Lease:
+    """A cached shard open for reading, held in the cache: a shared lock on the open file, which eviction
+    respects. The lock is the open file's (its memory maps too), so it lives until `release` or the end of the
+    process; a forked child's copy leaves its parent's lock alone."""
+
+    def __init__(self, file, path: Path):
+        self.file, self.path, self.pid = file, path, os.getpid()
+
+    @classmethod
+    def take(cls, path: Path, name: Path | None = None) -> Lease | None:
+        """The lease on the file at `path` (known as `name`, where it is about to be renamed), or None if it is
+        not there (or was evicted between its opening and its lock)."""
+        try:
+            file = open(path, "rb")  # noqa: SIM115 (held open: it is the lease)
+        except FileNotFoundError:
+            return None
+        fcntl.flock(file, fcntl.LOCK_SH)  # (an eviction holds its exclusive lock for an instant only)
+        if os.fstat(file.fileno()).st_nlink == 0:  # evicted between the open and the lock
+            file.close()
+            return None
+        return cls(file, name or path)
+
+    def release(self) -> None:
+        """Let go: the shard may be evicted now."""
+        if self.file.closed:
+            return
+        if self.pid == os.getpid():  # (unlocking the file a forked child shares would unlock it for its parent)
+            fcntl.flock(self.file, fcntl.LOCK_UN)  # (said: a memory map of the file keeps it open, and its lock)
+        self.file.close()
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 class Mirror:
     """The node-local copy of one remote prepared directory, filled on demand (see the module's invariants)."""
 
@@ -228,16 +290,25 @@ class Mirror:
         self._fetch(name, local, check=check, fresh=fresh)
         return local
 
-    def shard(self, split: str, basename: str, size: int, check: Callable[[Path], None]) -> Path:
-        """The local path of a shard file of `size` bytes, downloaded if missing (and `check`ed before it is put
-        in place); with a cache limit, room is made first, so the cache never holds more than the limit."""
+    def shard(
+        self, split: str, basename: str, size: int, check: Callable[[Path], None] | None, patient: bool = True
+    ) -> Lease:
+        """A shard file of `size` bytes, open and held in the cache by a lease until released: downloaded if
+        missing (and `check`ed before it is put in place); with a cache limit, room is made first, so the cache
+        never holds more than the limit. Not `patient` (a prefetch): CacheHeld instead of waiting for readers
+        to let go of the shards that fill the cache."""
         local = self.root / split / basename
-        if local.is_file():
-            os.utime(local)  # recently used: the last to be evicted
-            return local
-        reserve = None if self.config.limit is None else (lambda part: self._reserve(part, size, basename))
-        self._fetch(f"{split}/{basename}", local, check=check, fresh=False, reserve=reserve)
-        return local
+        while True:
+            lease = Lease.take(local)
+            if lease is not None:
+                os.utime(lease.file.fileno())  # recently used: the last to be evicted
+                return lease
+            reserve = None if self.config.limit is None else (lambda room: self._reserve(room, size, basename,
+                                                                                         patient))  # fmt: skip
+            lease = self._fetch(f"{split}/{basename}", local, check=check, fresh=False, reserve=reserve, hold=True)
+            if lease is not None:
+                return lease
+            # (None: it was put in place while this one waited for its download lock; taken above, unless evicted)
 
     def _fetch(
         self,
@@ -246,14 +317,17 @@ class Mirror:
         check: Callable[[Path], None] | None,
         fresh: bool,
         reserve: Callable[[Path], None] | None = None,
-    ) -> None:
+        hold: bool = False,
+    ) -> Lease | None:
+        """Download `name` to `local` unless it is there (or `fresh`); with `hold`, the lease on what was
+        downloaded, taken before it is put in place (so eviction never sees it free)."""
         local.parent.mkdir(parents=True, exist_ok=True)
         lock_name = f".{local.name}.lock"
         with open(local.parent / lock_name, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one download per node; the others wait, then find it
             try:
                 if local.is_file() and not fresh:
-                    return
+                    return None
                 for leftover in local.parent.glob(f".{local.name}.*"):  # a killed download's, if any
                     if leftover.name != lock_name:
                         leftover.unlink(missing_ok=True)
@@ -263,16 +337,20 @@ class Mirror:
                 _download(f"{self.url}/{name}", part, "shard" if check else "file")
                 if check is not None:
                     check(part)
+                size = part.stat().st_size
+                lease = Lease.take(part, local) if hold else None
                 os.replace(part, local)
                 local.with_name(f".{local.name}.room").unlink(missing_ok=True)  # (the shard holds its room now)
                 with open(self.root / "downloads.log", "a") as log:  # one line per download, for people and tests
-                    log.write(f"{time.time():.3f} {os.getpid()} {name} {local.stat().st_size}\n")
+                    log.write(f"{time.time():.3f} {os.getpid()} {name} {size}\n")
+                return lease
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def _reserve(self, room: Path, size: int, name: str) -> None:
+    def _reserve(self, room: Path, size: int, name: str, patient: bool = True) -> None:
         """Make room for `size` more bytes in the cache and hold it with `room`, a sparse file of that size,
-        until the shard is in place. Waits while downloads in flight hold every byte."""
+        until the shard is in place. Waits while downloads in flight hold every byte, or shards open for
+        reading (if `patient`; else CacheHeld)."""
         limit = self.config.limit
         if size > limit:
             raise UserError(
@@ -283,18 +361,21 @@ class Mirror:
             with open(self.config.root / ".evict.lock", "a") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)  # the cache's bookkeeping, one process at a time on a node
                 try:
-                    if self._make_room(size):
+                    outcome = self._make_room(size)
+                    if outcome == MADE:
                         with open(room, "wb") as f:
                             f.truncate(size)
                         return
                 finally:
                     fcntl.flock(lock, fcntl.LOCK_UN)
-            time.sleep(0.05)  # every byte is held by downloads in flight: one of them ends soon
+            if outcome == HELD_OPEN and not patient:
+                raise CacheHeld(name)
+            time.sleep(0.05)  # every byte is held by downloads in flight (one of them ends soon) or readers
 
-    def _make_room(self, size: int) -> bool:
-        """Remove the least recently read shards of the whole cache until `size` more bytes fit beside the
-        rest and the downloads in flight (each counted at its shard's full size; what a dead download left is
-        removed); False if they cannot."""
+    def _make_room(self, size: int) -> str:
+        """Remove the least recently read shards of the whole cache, but those open for reading, until `size`
+        more bytes fit beside the rest and the downloads in flight (each counted at its shard's full size; what
+        a dead download left is removed): MADE, or what holds the bytes (IN_FLIGHT, HELD_OPEN)."""
         shards, held = [], 0
         # (a merged dataset's shards lie one folder deeper: SPLIT/part-NNNNN/shard.*)
         for path in [*self.config.root.glob("*/*/*shard.*"), *self.config.root.glob("*/*/*/*shard.*")]:
@@ -312,14 +393,32 @@ class Mirror:
                         if not leftover.name.endswith(".lock"):
                             leftover.unlink(missing_ok=True)
         if held + size > self.config.limit:  # downloads in flight hold it: wait, keeping what is cached
-            return False
+            return IN_FLIGHT
         total = held + sum(n for _, n, _ in shards)
         for _, n, path in sorted(shards):
             if total + size <= self.config.limit:
                 break
-            path.unlink(missing_ok=True)
-            total -= n
-        return total + size <= self.config.limit
+            if _evict(path):
+                total -= n
+        return MADE if total + size <= self.config.limit else HELD_OPEN
+
+
+def _evict(shard: Path) -> bool:
+    """Remove a cached shard unless a reader holds it (its lease); whether it is gone. Removed while this
+    holds the exclusive lock, so a reader that opened it meanwhile sees it unlinked once its lease is taken."""
+    try:
+        fd = os.open(shard, os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False  # open for reading
+    else:
+        shard.unlink(missing_ok=True)
+        return True
+    finally:
+        os.close(fd)
 
 
 def _in_flight(room: Path) -> bool:

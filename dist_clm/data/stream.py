@@ -9,6 +9,7 @@ shared memory behind, and any number of runs can read one prepared directory sid
 
 from __future__ import annotations
 
+import os
 from bisect import bisect_right
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,9 +22,23 @@ from dist_clm.data.shards import ShardFiles
 from dist_clm.errors import DataError
 
 if TYPE_CHECKING:
-    from dist_clm.data.remote import Mirror
+    from dist_clm.data.remote import Lease, Mirror
 
 _SHAPE_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.uint32), np.dtype(np.uint64))
+
+# the store (of remote data through a limited cache) that holds this process's one open shard, if any
+_HOLDING: list[ChunkStore] = []
+
+
+def _let_go_held() -> None:
+    """This process lets go of the shard it holds open; at a fork, the child (a loader worker) lets go of its
+    copy of its parent's (leaving the parent's lease alone, remote.Lease) and opens its own when it reads."""
+    for store in _HOLDING:
+        store.let_go()
+    _HOLDING.clear()
+
+
+os.register_at_fork(after_in_child=_let_go_held)
 
 
 class ChunkStore:
@@ -33,7 +48,12 @@ class ChunkStore:
     columns in a memory map of the shard: `get_item` opens the file and decodes the whole 16K-token sample on
     every call (~80 us), while a block needs a slice of it. The views follow the MDS layout streaming writes
     (sample offsets, then per sample the column sizes and each `ndarray:DTYPE` column's shape header and
-    values), and every shard's first sample is checked against `get_item` when it is first mapped.
+    values), and every shard's first sample is checked against streaming's decoding when it is first mapped.
+
+    A shard is mapped through its open file (ShardFiles.open). Remote data through a limited cache: a process
+    keeps one shard mapped at a time, and holds it in the cache while mapped (its lease); before it opens
+    another, it lets go of it, so a reader waiting for room in the cache holds none, and the cache's limit
+    needs one shard per reading process of the node. Otherwise the maps are kept (nothing evicts the files).
     """
 
     def __init__(self, split_dir: str | Path, mirror: Mirror | None = None):
@@ -43,6 +63,9 @@ class ChunkStore:
         self.dir, self.mirror, self.readers = self.files.dir, mirror, self.files.readers
         self.ends = np.cumsum([r.samples for r in self.readers]).tolist()
         self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._leases: dict[int, Lease] = {}  # (the shard mapped, held in a limited cache)
+        self._one_at_a_time = mirror is not None and mirror.config.limit is not None
+        self._layout_checked: set[int] = set()
 
     def __len__(self) -> int:
         return self.ends[-1] if self.ends else 0
@@ -72,22 +95,47 @@ class ChunkStore:
             e.startswith("ndarray:") and e.count(":") == 1 for e in reader.column_encodings
         ):
             raise DataError(f"'{self.dir}' holds MDS columns dist_clm did not write; prepare the data again.")
-        path = self.files.raw(shard)  # checked (its size again: it may have changed since the split was opened)
-        mm = np.memmap(path, dtype=np.uint8, mode="r")
-        self.files.check_hash(path, reader.raw_data, mm)  # reads the file once (it is in the page cache after)
-        offsets = np.frombuffer(mm, np.uint32, count=reader.samples + 1, offset=4)
-        self._maps[shard] = (mm, offsets)
-        expected = reader.get_item(0)
+        if self._one_at_a_time:
+            _let_go_held()  # (this process's one open shard, of any store, goes first)
+            _HOLDING.append(self)
+        lease = self.files.open(shard)  # checked (its size again: it may have changed since the split was opened)
+        try:
+            mm = np.memmap(lease.file, dtype=np.uint8, mode="r")
+            # reads the file once (it is in the page cache after)
+            self.files.check_hash(lease.file, reader.raw_data, mm, label=self.files.label(reader.raw_data))
+            offsets = np.frombuffer(mm, np.uint32, count=reader.samples + 1, offset=4)
+            self._maps[shard] = (mm, offsets)
+            if shard not in self._layout_checked:
+                self._check_layout(shard, mm[offsets[0] : offsets[1]].tobytes())
+        except BaseException:
+            self._maps.pop(shard, None)
+            lease.release()
+            raise
+        if self._one_at_a_time:
+            self._leases[shard] = lease
+        else:
+            lease.release()  # (the map is all it needs: nothing evicts the file)
+        return mm, offsets
+
+    def _check_layout(self, shard: int, sample: bytes) -> None:
+        """The views of the shard's first sample are what streaming decodes from its bytes."""
+        expected = self.readers[shard].decode_sample(sample)
         got = self._views(shard, 0)
         if any(not np.array_equal(got[k], expected[k]) for k in expected):
             raise DataError(f"'{self.dir}' uses an MDS layout this dist_clm cannot read; prepare the data again.")
-        return mm, offsets
+        self._layout_checked.add(shard)
 
-    def shard_of(self, i: int) -> tuple[Path, int]:
+    def let_go(self) -> None:
+        """Unmap the shards this store holds open, letting the cache evict them."""
+        for lease in self._leases.values():
+            lease.release()
+        self._leases.clear()
+        self._maps.clear()
+
+    def shard_of(self, i: int) -> tuple[Path | str, int]:
         """Chunk i's shard file and its sample number in it (for messages)."""
         shard, j = self._locate(i)
-        name = self.readers[shard].raw_data.basename
-        return (self.dir / name if self.mirror is None else f"{self.mirror.url}/{self.dir.name}/{name}"), j
+        return self.files.label(self.readers[shard].raw_data), j
 
     def _views(self, shard: int, j: int) -> dict[str, np.ndarray]:
         mm, offsets = self._maps[shard]

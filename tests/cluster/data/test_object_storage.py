@@ -285,3 +285,65 @@ def test_kill_9_during_a_download_leaves_nothing_taken_for_a_shard(s3, remote_da
     got = shards()
     assert got and all(body == (data_dir / name).read_bytes() for name, body in got.items())
     assert not [p for p in cache.rglob(".shard.*") if not p.name.endswith(".lock")]  # the leftovers went
+
+
+def read_through_a_two_shard_cache(url: str, cache: Path, steps: int, prefetch: int) -> list:
+    """`steps` steps of a loader (4 blocks of 64 tokens, shuffled) reading `url` through a cache of two shards,
+    the prefetcher `prefetch` steps ahead: its batches' tokens."""
+    from dist_clm.data import remote
+    from dist_clm.data.format import read_manifest
+    from dist_clm.data.loader import TrainLoader
+    from dist_clm.data.order import Source
+
+    remote.configure(cache, 2 * (1 << 14))  # (shards of at most 16 KiB)
+    loader = TrainLoader([Source("a", url, read_manifest(url))], block_size=64, micro_batch=4, seed=3,
+                         prefetch_steps=prefetch)  # fmt: skip
+    try:
+        batches = iter(loader)
+        out = []
+        for _ in range(steps):
+            out.append(next(batches)["input_ids"].clone())
+            loader.step_done()
+        return out
+    finally:
+        loader.close()
+
+
+def evict_all_it_may(mirror, _) -> None:
+    """What a reservation of the whole cache does, forced here: every shard the cache may give up goes."""
+    import fcntl
+
+    with open(mirror.config.root / ".evict.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        mirror._make_room(mirror.config.limit)
+
+
+def remove_it(_, got) -> None:
+    """The fetched shard's file removed under its reader (by hand, or a tool that cleans caches)."""
+    got.path.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("after_fetch", [evict_all_it_may, remove_it])
+def test_a_shard_fetched_for_reading_is_read_whatever_the_cache_does_before_it_is_mapped(
+    remote_data, data_dir, tmp_path, monkeypatch, after_fetch
+):
+    """Through a cache of two shards with the prefetcher 8 steps (32 shards) ahead, the cache evicts all it may
+    (what the prefetcher's next reservation can do) or the file is removed between every fetch and its mapping
+    (whoever fetched it: the loader or the prefetcher): the loader reads the blocks it reads from the local
+    copy, no error; the shard it reads is never evicted."""
+    from dist_clm.data import remote
+
+    monkeypatch.setattr(remote, "_CONFIG", remote._CONFIG)  # (restored after)
+    expected = read_through_a_two_shard_cache(str(data_dir), tmp_path / "unused", 10, 0)
+    fetch = remote.Mirror.shard
+
+    def fetch_then(mirror, *args, **kwargs):
+        got = fetch(mirror, *args, **kwargs)
+        after_fetch(mirror, got)
+        return got
+
+    monkeypatch.setattr(remote.Mirror, "shard", fetch_then)
+    got = read_through_a_two_shard_cache(remote_data, tmp_path / "cache", 10, 8)
+    assert all(a.equal(b) for a, b in zip(got, expected, strict=True))
+    assert len(downloads(tmp_path / "cache")) > len({*downloads(tmp_path / "cache")})  # shards went and came back
+    assert sum(p.stat().st_size for p in (tmp_path / "cache").glob("*/train/shard.*")) <= remote._CONFIG.limit

@@ -83,10 +83,42 @@ def test_making_room_evicts_the_least_recently_read_shards_of_any_mirror(cache):
     second = put_shard(b, "train", "shard.00000.mds", 100, age=30)
     third = put_shard(a, "val", "shard.00001.mds", 100, age=20)
     (other := a.root / "train" / "index.json").write_text("{}")  # (not a shard: never counted or evicted)
-    assert a.shard("train", "shard.00000.mds", 100, check=None) == oldest  # now the most recently read
-    assert a._make_room(150)
+    with a.shard("train", "shard.00000.mds", 100, check=None) as lease:  # now the most recently read
+        assert lease.path == oldest
+    assert a._make_room(150) == remote.MADE
     assert [p.exists() for p in (oldest, second, third, other)] == [True, False, False, True]
-    assert not a._make_room(301)
+    assert a._make_room(301) != remote.MADE
+
+
+def test_a_shard_open_for_reading_is_never_evicted_and_a_dead_reader_pins_nothing(cache):
+    """A lease (a shared lock on the open shard, of any reader) makes eviction pass over the shard, even when
+    no room is made then; released, or its file closed (its process ended, kill -9 included), it goes as any
+    other."""
+    m = remote.mirror("s3://bucket/data")
+    held = put_shard(m, "train", "shard.00000.mds", 100, age=30)
+    other = put_shard(m, "train", "shard.00001.mds", 100, age=40)
+    lease = m.shard("train", "shard.00000.mds", 100, check=None)  # (cached: opened and held, nothing downloaded)
+    assert m._make_room(300) == remote.HELD_OPEN and held.exists() and not other.exists()
+    lease.release()
+    with open(held, "rb") as other_reader:  # (a lock of another open file: as another process's)
+        fcntl.flock(other_reader, fcntl.LOCK_SH)
+        assert m._make_room(300) == remote.HELD_OPEN and held.exists()
+    # closed as a process's files are at its end, kill -9 included: the lock went with it
+    assert m._make_room(300) == remote.MADE and not held.exists()
+
+
+def test_a_shard_evicted_as_its_reader_opens_it_is_not_leased(cache, monkeypatch):
+    """Evicted between its opening and its lock, a shard is not taken (its reader fetches it again): the file
+    is checked through the descriptor, which still reads it, not through its path."""
+    shard = put_shard(remote.mirror("s3://bucket/data"), "train", "shard.00000.mds", 100, age=10)
+    flock = fcntl.flock
+
+    def evicted_first(fd, op):  # the eviction's unlink comes just before the reader's lock
+        shard.unlink(missing_ok=True)
+        flock(fd, op)
+
+    monkeypatch.setattr(remote.fcntl, "flock", evicted_first)
+    assert remote.Lease.take(shard) is None
 
 
 def test_reserving_room_counts_downloads_in_flight_and_clears_dead_ones(cache):
@@ -105,9 +137,9 @@ def test_reserving_room_counts_downloads_in_flight_and_clears_dead_ones(cache):
         m._reserve(room, 50, "shard.00003.mds")  # 100 + 150 + 50 fit in 300: nothing evicted
         assert room.stat().st_size == 50 and kept.exists() and live.exists()
         assert not dead_room.exists() and not dead_part.exists()
-        assert not m._make_room(101)  # the rooms in flight hold 200: 101 more cannot fit, whatever goes
+        assert m._make_room(101) == remote.IN_FLIGHT  # the rooms in flight hold 200: 101 more cannot fit
         assert kept.exists() and live.exists() and room.exists()  # so the cached shard stays while it waits
-        assert m._make_room(100) and not kept.exists()  # 200 + 100 fit once the least recently read shard goes
+        assert m._make_room(100) == remote.MADE and not kept.exists()  # 200 + 100 fit once the shard goes
     with pytest.raises(UserError, match=r"data.cache_limit \(300 bytes\) cannot hold the shard 'big'"):
         m._reserve(m.root / "train" / ".big.room", 301, "big")
 
@@ -120,3 +152,12 @@ def test_not_found_is_told_apart_from_failures_worth_a_retry():
     assert remote._not_found(FileNotFoundError("x"))
     assert all(remote._not_found(s3_error(c)) for c in ("404", "NoSuchKey", "NoSuchBucket"))
     assert not remote._not_found(s3_error("500")) and not remote._not_found(TimeoutError("slow"))
+
+
+def test_a_limit_below_one_shard_per_reading_process_is_one_sentence(cache):
+    """Each process reading remote data keeps one shard open: a limit that cannot hold one per process of the node
+    (they would wait for each other forever) is one sentence with the minimum."""
+    remote.check_room_for_readers(3, 100)  # 300 bytes hold them
+    with pytest.raises(UserError, match=r"data.cache_limit \(300 bytes\) cannot hold the shards read at once on "
+                       r"this node: 4 processes .* to at least 400 bytes\.$"):  # fmt: skip
+        remote.check_room_for_readers(4, 100)
