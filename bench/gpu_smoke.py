@@ -1,21 +1,22 @@
-"""The correctness smoke of one device (bench/gpu_suite.sh runs it before the throughput table): dist_clm's own
-commands, as a user runs them, on the `tiny` preset and the benchmark's prepared data.
+"""The correctness checks of one device, run in the GPU suite's process (bench/gpu_suite.py orders them, times
+them and writes their results): dist_clm's own train, export, eval and generate on the `tiny` preset and the
+suite's prepared data, called as the commands call them.
 
-    zero2 straight    `dist-clm train` bf16 ZeRO-2, 6 steps, a checkpoint at 3 (train.compile as by default:
-                      on a GPU, compiled)
-    zero2 resumed     a copy of it cut back to its checkpoint at 3 and resumed to 6: losses of steps 4-6 equal
-                      the straight run's
-    zero2 eager       the straight run with train.compile=false: losses equal the compiled run's
+    zero2 resumed     train() bf16 ZeRO-2, 6 steps, a checkpoint at 3 (train.compile as by default: on a GPU,
+                      compiled); a copy cut back to its checkpoint at 3 and resumed to 6: losses of steps 4-6
+                      equal the straight run's
+    compile = eager   the straight run against the same run the other way: train.compile=false on a GPU (where
+                      the default compiles), train.compile=true on the CPU (where it does not): losses equal
     zero3 resumed     the same two runs in ZeRO-3
     export            `dist-clm export` of the ZeRO-3 run: `dist-clm eval` of the export (transformers'
                       AutoModelForCausalLM.from_pretrained) equals that of the checkpoint, and transformers'
                       pipeline("text-generation") generates from it
-    eval, generate    `dist-clm eval` and `dist-clm generate` of the ZeRO-3 checkpoint, run in this process
-                      (dist_clm.cli.main), outside a launcher: they run on the GPU (its memory was used)
-    zero3 + act. ckpt ZeRO-3, activation checkpointing and the default train.compile (configs/llama-1b.yaml's
-                      combination): losses equal the same run eager
-    moe, muon         (on a GPU; the CPU tests cover both) the tiny-moe preset resumed as zero3 resumed, and
-                      train.optimizer=muon on ZeRO-2 resumed as zero2 resumed
+    eval, generate    `dist-clm eval` and `dist-clm generate` of the ZeRO-2 checkpoint (dist_clm.cli.main, as a user
+                      runs them outside a launcher): they run on the GPU (its memory was used)
+    zero3 + act. ckpt ZeRO-3, activation checkpointing, compiled (configs/llama-1b.yaml's combination): losses equal
+                      the same run eager
+    moe, muon         the tiny-moe preset resumed as zero3 resumed, and train.optimizer=muon on ZeRO-2 resumed as
+                      zero2 resumed
     document masks    tiny GPT-2 and tiny Llama in bf16, a micro batch of 4 rows of packed documents (rows that
                       begin inside a document too): the logits of every attention path a run may pick
                       (flex_attention; flash_attention_2 where flash_attn is installed, fed the documents' bounds
@@ -25,33 +26,23 @@ commands, as a user runs them, on the `tiny` preset and the benchmark's prepared
                       cross-entropy) at GPT-2 124M's size (32 x 1024 tokens, 768 wide, 50257 words, bf16): its time
                       is at most 1.5x the plain head's (its weight gradient runs on bf16 tensor cores)
 
-"Equal" is to --rtol (relative, default 2e-2 on a GPU: bf16, and kernels whose reductions are not ordered the
-same from run to run, such as the embedding's backward; on the CPU the resumed losses are bitwise equal and
-the tolerance is 1e-6). Prints one line per check and a table; --json writes the results. Exit status 1 when
-any check fails.
-
-    python bench/gpu_smoke.py [--cpu [--quick]] [--data DIR] [--work DIR] [--json FILE] [--markdown] [--rtol R]
+"Equal" is to `rtol` (relative; 2e-2 on a GPU: bf16, and kernels whose reductions are not ordered the same from
+run to run, such as the embedding's backward; on the CPU a resume is bitwise exact and the resume tolerance is
+1e-6, while compiled against eager keeps 2e-2: compiled kernels fuse and round differently).
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
+import io
 import json
 import shutil
-import subprocess
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from gpu_throughput import ROOT, TOKENIZER_VOCAB, child_env, prepared
-from tables import render
-
 STEPS, CUT = 6, 3
-
-
-def dist_clm(work: Path, cpu: bool, *args: str) -> subprocess.CompletedProcess:
-    env = child_env(work) | ({"CUDA_VISIBLE_DEVICES": ""} if cpu else {})
-    return subprocess.run([sys.executable, "-m", "dist_clm", *args], env=env, capture_output=True, text=True)
+COMPILED_RTOL = 2e-2  # compiled against eager, on either device (bf16 kernels fused and rounded differently)
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -64,131 +55,130 @@ def close(a: list[float], b: list[float], rtol: float) -> tuple[bool, float]:
     return len(a) == len(b) and worst <= rtol, worst
 
 
-class Smoke:
-    def __init__(self, args: argparse.Namespace, data: Path):
-        self.args, self.data, self.results = args, data, []
+def last_line(text: str) -> str:
+    return (text.strip().splitlines() or ["no output"])[-1]
 
-    def train(self, name: str, zero: int, *extra: str) -> Path | None:
-        run = Path(self.args.work) / "smoke" / name
-        r = dist_clm(Path(self.args.work), self.args.cpu, "train", "model.preset=tiny", f"data.path={self.data}",
-                     f"run.dir={run}", "data.block_size=128", "train.micro_batch_size=8", "train.precision=bf16",
-                     f"distributed.zero_stage={zero}", f"train.max_steps={STEPS}", f"checkpoint.save_every={CUT}",
-                     "checkpoint.keep_last=4", "optim.warmup_steps=2", "train.log_every=1", "train.eval_every=0",
-                     "train.eval_blocks=2", "run.tensorboard=false", "run.progress_bar=false", *extra)  # fmt: skip
-        if r.returncode != 0:
-            self.check(f"{name} trains", False, (r.stderr.strip().splitlines() or ["no output"])[-1][:200])
-            return None
-        return run
+
+class Smoke:
+    """The checks, each a method; `record` receives each check's result the moment it is known."""
+
+    def __init__(self, cpu: bool, data: Path, work: Path, rtol: float | None, record: Callable[[dict], None]):
+        self.cpu, self.data, self.work, self.record = cpu, data, work / "smoke", record
+        self.rtol = rtol if rtol is not None else (1e-6 if cpu else 2e-2)
+        self.compiled_rtol = rtol if rtol is not None else COMPILED_RTOL
+        self.device = "cpu" if cpu else "cuda"
+        self.runs: dict[str, Path] = {}
+        shutil.rmtree(self.work, ignore_errors=True)
 
     def check(self, name: str, ok: bool, detail: str) -> None:
-        print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}", file=sys.stderr, flush=True)
-        self.results.append({"check": name, "ok": ok, "detail": detail})
+        self.record({"check": name, "ok": ok, "detail": detail})
 
-    def resume(self, zero: int, what: str = "", *extra: str) -> Path | None:
-        """A straight run of one ZeRO stage (`extra` settings, named `what`), then a copy of it cut back to its
-        checkpoint at step CUT and resumed from there (as after a preemption); the straight run's directory."""
-        prefix = f"{what.strip().lower()}_" if what else ""
-        straight = self.train(f"{prefix}zero{zero}_straight", zero, *extra)
-        if straight is None:
-            return None
-        cut = straight.with_name(f"{prefix}zero{zero}_resumed")
+    def train(self, name: str, zero: int, *extra: str) -> Path:
+        """dist_clm's train() in this process: `tiny`, bf16, 6 steps with a checkpoint at 3; its run directory."""
+        from dist_clm.config import load_config
+        from dist_clm.training.loop import train
+
+        run = self.work / name
+        train(load_config(None, [
+            "model.preset=tiny", f"data.path={self.data}", f"run.dir={run}", "data.block_size=128",
+            "train.micro_batch_size=8", "train.precision=bf16", f"distributed.zero_stage={zero}",
+            f"train.max_steps={STEPS}", f"checkpoint.save_every={CUT}", "checkpoint.keep_last=4",
+            "optim.warmup_steps=2", "train.log_every=1", "train.eval_every=0", "train.eval_blocks=2",
+            "run.tensorboard=false", "run.progress_bar=false", *extra]))  # fmt: skip
+        return run
+
+    def straight(self, zero: int, what: str = "", *extra: str) -> Path:
+        """The straight run of one ZeRO stage (`extra` settings, named `what`), trained once per suite."""
+        name = f"{what.strip().lower()}_" * bool(what) + f"zero{zero}_straight"
+        if name not in self.runs:
+            self.runs[name] = self.train(name, zero, *extra)
+        return self.runs[name]
+
+    def resume(self, zero: int, what: str = "", *extra: str) -> None:
+        """The straight run, then a copy of it cut back to its checkpoint at step CUT and resumed from there (as
+        after a preemption): the losses of the steps after CUT equal."""
+        straight = self.straight(zero, what, *extra)
+        cut = straight.with_name(straight.name.replace("_straight", "_resumed"))
+        shutil.rmtree(cut, ignore_errors=True)
         shutil.copytree(straight, cut)
         for late in (cut / "checkpoints").glob("step_*"):
             if int(late.name.split("_")[1]) > CUT:
                 shutil.rmtree(late)
         (cut / "metrics.jsonl").write_text("")
-        again = self.train(cut.name, zero, *extra)
-        if again is None:
-            return None
-        a, b = losses(straight), losses(again)
+        a, b = losses(straight), losses(self.train(cut.name, zero, *extra))
         later = range(CUT + 1, STEPS + 1)
-        ok, worst = close([b.get(s, float("nan")) for s in later], [a[s] for s in later], self.args.rtol)
+        ok, worst = close([b.get(s, float("nan")) for s in later], [a[s] for s in later], self.rtol)
         self.check(f"{what}ZeRO-{zero} bf16 resumed at step {CUT} continues as the straight run", ok and sorted(b) ==
                    list(later), f"steps {CUT + 1}-{STEPS}: max relative difference {worst:.2e}")  # fmt: skip
-        return straight
 
-    def compiled_equals_eager(self, compiled: Path) -> None:
-        if self.args.cpu:  # (train.compile=auto compiles on GPUs only: here the default run is the eager run)
-            self.check("default train.compile equals eager", True, "on the CPU the default does not compile: the "
-                       "default run is the eager run, nothing to compare")  # fmt: skip
-            return
-        eager = self.train("zero2_eager", 2, "train.compile=false")
-        if eager is None:
-            return
+    def compiled_against_eager(self, name: str, default: Path, zero: int, *extra: str) -> None:
+        """A run with the default train.compile (compiled on a GPU, eager on the CPU) against the same run the
+        other way round, so that one of the two compiles on either device: their losses equal."""
+        other = self.train(f"{default.name}_other", zero, *extra, f"train.compile={'true' if self.cpu else 'false'}")
+        compiled, eager = (other, default) if self.cpu else (default, other)
         a, b = losses(compiled), losses(eager)
-        ok, worst = close([a[s] for s in sorted(a)], [b[s] for s in sorted(a)], self.args.rtol)
-        mode = "both eager on the CPU" if self.args.cpu else "compiled vs eager"
-        self.check("default train.compile equals eager", ok, f"{len(a)} steps ({mode}): max relative difference "
-                   f"{worst:.2e}")  # fmt: skip
+        ok, worst = close([a[s] for s in sorted(a)], [b[s] for s in sorted(a)], self.compiled_rtol)
+        self.check(name, ok and len(a) == STEPS, f"{len(a)} steps, train.compile=true against false: max relative "
+                   f"difference {worst:.2e}")  # fmt: skip
 
-    def export_loads(self, run: Path) -> None:
-        work = Path(self.args.work)
-        out = work / "smoke" / "export"
-        shutil.rmtree(out, ignore_errors=True)
-        r = dist_clm(work, self.args.cpu, "export", str(run), "--out", str(out))
-        if r.returncode != 0:
-            self.check("export", False, (r.stderr.strip().splitlines() or ["no output"])[-1][:200])
-            return
-        args = ("--data", str(self.data), "--max-blocks", "2", "--block-size", "128", "--json")
-        evals = [dist_clm(work, self.args.cpu, "eval", str(x), *args)
-                 for x in (run, out)]  # the checkpoint, and the export through AutoModelForCausalLM  # fmt: skip
-        code = (
-            "import sys\nfrom transformers import pipeline\n"
-            "print(pipeline('text-generation', model=sys.argv[1])('def ', max_new_tokens=8)[0]['generated_text'])"
-        )
-        env = child_env(work) | ({"CUDA_VISIBLE_DEVICES": ""} if self.args.cpu else {})
-        gen = subprocess.run([sys.executable, "-c", code, str(out)], env=env, capture_output=True, text=True)
-        failed = [x for x in (*evals, gen) if x.returncode != 0]
-        if failed:
-            last = (failed[0].stderr.strip().splitlines() or ["no output"])[-1]
-            self.check("export loads in transformers", False, last[:200])
-            return
-        ours, theirs = (json.loads(x.stdout.strip().splitlines()[-1])["loss"] for x in evals)
-        ok, worst = close([theirs], [ours], self.args.rtol)
-        self.check("export loads in transformers", ok, f"validation loss {theirs:.4f} (export) vs {ours:.4f} "
-                   f"(checkpoint); pipeline generated {gen.stdout.strip()[:40]!r}")  # fmt: skip
+    def compiled_equals_eager(self) -> None:
+        self.compiled_against_eager("ZeRO-2 compiled equals eager", self.straight(2), 2)
 
-    def inference_on_device(self, run: Path) -> None:
-        """`dist-clm eval` and `dist-clm generate` in this process, as a user runs them outside a launcher."""
-        import contextlib
-        import io
+    def checkpointing_compiled(self) -> None:
+        """ZeRO-3 + activation checkpointing compiled, against the same run eager."""
+        ckpt = "train.activation_checkpointing=true"
+        default = self.straight(3, "ckpt", ckpt)
+        self.compiled_against_eager("ZeRO-3 + activation checkpointing compiled equals eager", default, 3, ckpt)
 
-        import torch
-
+    def cli(self, *args: str) -> tuple[int, str]:
+        """A `dist-clm` command in this process (dist_clm.cli.main): its exit code and its standard output."""
         from dist_clm.cli import main as cli
 
-        checkpoint = str(sorted((run / "checkpoints").glob("step_*"))[-1])
-        device = "cpu" if self.args.cpu else "cuda"
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = cli(list(args))
+        return code, out.getvalue()
+
+    def export_loads(self) -> None:
+        """`dist-clm export` of the ZeRO-3 run; eval of the export (through AutoModelForCausalLM) equals that of
+        the checkpoint, and transformers' own pipeline generates from it."""
+        from transformers import pipeline
+
+        run, out = self.straight(3), self.work / "export"
+        shutil.rmtree(out, ignore_errors=True)
+        code, said = self.cli("export", str(run), "--out", str(out))
+        if code != 0:
+            self.check("export loads in transformers", False, f"dist-clm export: exit {code}; {last_line(said)}")
+            return
+        args = ("--data", str(self.data), "--max-blocks", "2", "--block-size", "128", "--json")
+        evals = [self.cli("eval", str(x), *args) for x in (run, out)]
+        if any(code for code, _ in evals):
+            self.check("export loads in transformers", False, f"dist-clm eval: exit codes {[c for c, _ in evals]}")
+            return
+        ours, theirs = (json.loads(last_line(said))["loss"] for _, said in evals)
+        generated = pipeline("text-generation", model=str(out), device=self.device)("def ", max_new_tokens=8)
+        ok, worst = close([theirs], [ours], self.rtol)
+        self.check("export loads in transformers", ok, f"validation loss {theirs:.4f} (export) vs {ours:.4f} "
+                   f"(checkpoint); pipeline generated {generated[0]['generated_text'][:40]!r}")  # fmt: skip
+
+    def inference_on_device(self) -> None:
+        """`dist-clm eval` and `dist-clm generate` of the ZeRO-2 checkpoint, as a user runs them outside a launcher:
+        on the GPU (its memory used)."""
+        import torch
+
+        checkpoint = str(sorted((self.straight(2) / "checkpoints").glob("step_*"))[-1])
         commands = {
             "eval": ["eval", checkpoint, "--data", str(self.data), "--max-blocks", "2", "--json"],
             "generate": ["generate", checkpoint, "--prompt", "def ", "--max-new-tokens", "8"],
         }
         for name, args in commands.items():
-            if not self.args.cpu:
+            if not self.cpu:
                 torch.cuda.reset_peak_memory_stats()
-            out = io.StringIO()
-            with contextlib.redirect_stdout(out):
-                code = cli(args)
-            used = self.args.cpu or torch.cuda.max_memory_allocated() > 0
-            said = out.getvalue().strip()[-60:]
-            where = "the CPU run" if self.args.cpu else "GPU memory used" if used else "no GPU memory used"
-            self.check(f"{name} runs on the {device}", code == 0 and used, f"exit {code}; {where}; {said!r}")
-
-    def checkpointing_compiled(self, zero3: Path | None) -> None:
-        """ZeRO-3 + activation checkpointing + the default train.compile, against the same run eager (on the CPU,
-        where the default is eager: against the ZeRO-3 run without activation checkpointing)."""
-        if self.args.cpu:
-            runs = [self.train("zero3_ckpt", 3, "train.activation_checkpointing=true"), zero3]
-        else:
-            named = (("zero3_ckpt", ()), ("zero3_ckpt_eager", ("train.compile=false",)))
-            runs = [self.train(name, 3, "train.activation_checkpointing=true", *extra) for name, extra in named]
-        if None in runs:
-            return
-        a, b = losses(runs[0]), losses(runs[1])
-        ok, worst = close([a[s] for s in sorted(a)], [b[s] for s in sorted(a)], self.args.rtol)
-        against = "the same run without it (eager: the CPU)" if self.args.cpu else "eager"
-        self.check("ZeRO-3 + activation checkpointing + default compile equals eager", ok,
-                   f"{len(a)} steps, against {against}: max relative difference {worst:.2e}")  # fmt: skip
+            code, said = self.cli(*args)
+            used = self.cpu or torch.cuda.max_memory_allocated() > 0
+            where = "the CPU run" if self.cpu else "GPU memory used" if used else "no GPU memory used"
+            self.check(f"{name} runs on the {self.device}", code == 0 and used,
+                       f"exit {code}; {where}; {said.strip()[-60:]!r}")  # fmt: skip
 
     def document_masks(self) -> None:
         """The logits of each attention path a document-masked run may pick, micro batch 4, against SDPA's."""
@@ -204,7 +194,6 @@ class Smoke:
             def __len__(self):
                 return 512
 
-        device = "cpu" if self.args.cpu else "cuda"
         lengths = [[100, 300, 112], [37, 400, 75], [512], [256, 256]]
         positions = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
         positions[1, :37] += 60  # (a row that begins inside a document)
@@ -219,14 +208,13 @@ class Smoke:
                 except Exception as e:  # noqa: BLE001 (reported as the check's failure)
                     self.check(f"{preset} {attn} keeps documents apart", False, str(e).splitlines()[0][:160])
                     continue
-                model = model.to(device, torch.bfloat16).eval()
+                model = model.to(self.device, torch.bfloat16).eval()
+                inputs = dict(input_ids=ids.to(self.device), position_ids=positions.to(self.device), use_cache=False)
                 with torch.no_grad():
                     if attn == FLASH:  # what flash attention does without the bounds: the defect, for contrast
-                        out["flash, no bounds"] = model(input_ids=ids.to(device), position_ids=positions.to(device),
-                                                        use_cache=False).logits.float()  # fmt: skip
+                        out["flash, no bounds"] = model(**inputs).logits.float()
                         feed_documents(model)
-                    out[attn] = model(input_ids=ids.to(device), position_ids=positions.to(device),
-                                      use_cache=False).logits.float()  # fmt: skip
+                    out[attn] = model(**inputs).logits.float()
             for attn in paths:
                 if attn not in out:
                     continue
@@ -242,14 +230,14 @@ class Smoke:
 
         from dist_clm.models.loss_head import causal_lm_loss
 
-        if self.args.cpu:  # (the size is a GPU's; on the CPU a small one)
-            tokens, width, vocab, device = 2 * 256, 128, 4096, "cpu"
+        if self.cpu:  # (the size is a GPU's; on the CPU a small one)
+            tokens, width, vocab = 2 * 256, 128, 4096
         else:
-            tokens, width, vocab, device = 32 * 1024, 768, 50257, "cuda"
+            tokens, width, vocab = 32 * 1024, 768, 50257
         torch.manual_seed(0)
-        hidden = torch.randn(1, tokens, width, device=device, dtype=torch.bfloat16, requires_grad=True)
-        weight = (0.02 * torch.randn(vocab, width, device=device)).to(torch.bfloat16).requires_grad_()
-        labels = torch.randint(0, vocab, (1, tokens), device=device)
+        hidden = torch.randn(1, tokens, width, device=self.device, dtype=torch.bfloat16, requires_grad=True)
+        weight = (0.02 * torch.randn(vocab, width, device=self.device)).to(torch.bfloat16).requires_grad_()
+        labels = torch.randint(0, vocab, (1, tokens), device=self.device)
 
         def plain():
             logits = hidden @ weight.T
@@ -261,66 +249,16 @@ class Smoke:
         times = {}
         for name, head in (("plain", plain), ("fused", fused)):
             for i in range(4):  # one warm-up, then the best of three
-                if device == "cuda":
+                if not self.cpu:
                     torch.cuda.synchronize()
                 t = time.perf_counter()
                 head().backward()
-                if device == "cuda":
+                if not self.cpu:
                     torch.cuda.synchronize()
                 if i:
                     times[name] = min(times.get(name, 1e9), time.perf_counter() - t)
         ratio = times["fused"] / times["plain"]
-        bound = " (the CPU: reported, the 1.5x bound is a GPU's)" if self.args.cpu else ""
+        bound = " (the CPU: reported, the 1.5x bound is a GPU's)" if self.cpu else ""
         fused, plain = times["fused"] * 1e3, times["plain"] * 1e3
         detail = f"{fused:.1f} ms vs plain {plain:.1f} ms ({ratio:.2f}x), forward + backward, {tokens} tokens{bound}"
-        self.check("fused loss head step time", ratio <= 1.5 or self.args.cpu, detail)
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cpu", action="store_true", help="on the CPU (default without CUDA)")
-    ap.add_argument("--work", default="/tmp/dist_clm_gpu_smoke")
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--markdown", action="store_true")
-    ap.add_argument("--rtol", type=float, default=None)
-    ap.add_argument("--data", default=None, help="a directory `dist-clm prepare` wrote, instead of the benchmark's "
-                    "stdlib corpus (prepared once under --work)")  # fmt: skip
-    ap.add_argument("--quick", action="store_true", help="the CPU only: every kind of check once (ZeRO-2; export, "
-                    "eval and generate of the ZeRO-2 run), without the ZeRO-3 runs")  # fmt: skip
-    args = ap.parse_args()
-    import torch
-
-    args.cpu = args.cpu or not torch.cuda.is_available()
-    if args.quick and not args.cpu:
-        raise SystemExit("--quick is for the CPU (a GPU runs every check)")
-    args.rtol = args.rtol if args.rtol is not None else (1e-6 if args.cpu else 2e-2)
-    work = Path(args.work)
-    shutil.rmtree(work / "smoke", ignore_errors=True)
-    start = time.perf_counter()
-    data = Path(args.data) if args.data else prepared(work, TOKENIZER_VOCAB["cpu" if args.cpu else "gpu"])
-    smoke = Smoke(args, data)
-    zero2 = smoke.resume(2)
-    if zero2 is not None:
-        smoke.compiled_equals_eager(zero2)
-    zero3 = smoke.resume(3) if not args.quick else zero2
-    if zero3 is not None:
-        smoke.export_loads(zero3)
-        smoke.inference_on_device(zero3)
-    if not args.quick:
-        smoke.checkpointing_compiled(zero3)
-    if not args.cpu:
-        smoke.resume(3, "MoE ", "model.preset=tiny-moe")
-        smoke.resume(2, "Muon ", "train.optimizer=muon", "optim.grad_clip=0")
-    smoke.document_masks()
-    smoke.loss_head_time()
-    rows = [[r["check"], "ok" if r["ok"] else "FAILED", r["detail"]] for r in smoke.results]
-    print(render(["check", "result", "detail"], rows, args.markdown))
-    print(f"\n{'CPU' if args.cpu else torch.cuda.get_device_name(0)}; {time.perf_counter() - start:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(smoke.results, indent=2))
-    sys.exit(0 if smoke.results and all(r["ok"] for r in smoke.results) else 1)
-
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
-    main()
+        self.check("fused loss head step time", ratio <= 1.5 or self.cpu, detail)

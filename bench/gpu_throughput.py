@@ -78,7 +78,8 @@ run (~5-8 min, mostly cold torch.compile):
     python3 -m pip install -q --no-index --no-deps --target /tmp/site-packages .whl/*.whl
     PYTHONPATH=/tmp/site-packages python3 bench/gpu_throughput.py --markdown --work /tmp/gbench --json $OUT/g.jsonl
 
-bench/gpu_suite.sh runs the correctness smoke (bench/gpu_smoke.py) and then this table with --quick.
+bench/gpu_suite.py runs this table's rows with --quick's steps in its own process (measure(), one row at a time),
+after and between the correctness checks, within a time budget.
 """
 
 from __future__ import annotations
@@ -156,26 +157,21 @@ def child_env(work: Path) -> dict[str, str]:
     }
 
 
-def dist_clm_cli(work: Path, *args: str) -> None:
-    """`python -m dist_clm ARGS` (the console script may not be installed); its output shown only on failure."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "dist_clm", *args, "--quiet"], env=child_env(work), capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout + proc.stderr)
-        raise SystemExit(f"`dist-clm {' '.join(args)}` failed (exit status {proc.returncode})")
-
-
 def prepared(work: Path, vocab: int) -> Path:
-    """The stdlib corpus tokenized with a `vocab`-token BPE into MDS shards, made once under `work`."""
+    """The stdlib corpus tokenized with a `vocab`-token BPE into MDS shards, made once under `work` (in this process:
+    what `dist-clm tokenizer train` and `dist-clm prepare` with no inputs run)."""
+    from dist_clm.data import sources
+    from dist_clm.data.prepare import prepare
+    from dist_clm.data.tokenizer import train_bpe
+
     tok, out = work / f"bpe{vocab}", work / f"stdlib_bpe{vocab}"
     if not (out / "manifest.json").is_file():
         t = time.perf_counter()
         if not (tok / "tokenizer.json").is_file():
             shutil.rmtree(tok, ignore_errors=True)
-            dist_clm_cli(work, "tokenizer", "train", "--out", str(tok), "--vocab-size", str(vocab))
+            train_bpe(sources.iter_documents(sources.default_corpus_files()), tok, vocab_size=vocab)
         shutil.rmtree(out, ignore_errors=True)
-        dist_clm_cli(work, "prepare", "--tokenizer", str(tok), "--out", str(out))
+        prepare(tok, out, None, progress=False)
         print(f"data: {out} prepared in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     return out
 
@@ -271,7 +267,7 @@ def table(rows: list[dict], cpu: bool, markdown: bool) -> list[str]:
                 f"{r['tok_s'] / 1e3:.1f} K",
                 f"{r['mfu']:.1%}" if r["mfu"] else "-",
                 ratio,
-                f"{r['peak_gib']:.2f}",
+                f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-",
                 f"{r['startup_s']:.1f}",
                 f"{r['loss']:.3f}",
             ]
@@ -381,6 +377,18 @@ def variant_overrides(model: str, variant: str, data: str | Path, run_dir: str |
 
 
 def one(args: argparse.Namespace) -> None:
+    """A child: one variant of one model, its result written to --result (and printed)."""
+    out = measure(args.models, args.one, args.data, Path(args.work), args.warmup, args.steps, args.cpu, fresh=True)
+    Path(args.result).write_text(json.dumps(out))
+    phase("done")
+    print(json.dumps(out))
+
+
+def measure(model_name: str, variant: str, data: str | Path, work: Path, warmup: int, steps: int, cpu: bool,
+            fresh: bool = False) -> dict:  # fmt: skip
+    """One row of the table, in this process: `variant` of `model_name`, W warm-up then N timed steps. Peak
+    memory: the GPU's over this row (its counters reset first); on the CPU the process's peak resident memory
+    when the process is `fresh` (ran this row alone), else None (a process's peak says nothing of one row)."""
     import torch
 
     from dist_clm.config import load_config
@@ -390,12 +398,13 @@ def one(args: argparse.Namespace) -> None:
     from dist_clm.observability.metrics import peak_flops
     from dist_clm.parallel.engine import resolve_precision
 
-    m = MODELS[args.models]
-    variant = args.one
-    run_dir = Path(args.work) / "runs" / f"{args.models}_{variant}"
+    m = MODELS[model_name]
+    run_dir = work / "runs" / f"{model_name}_{variant}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = load_config(None, variant_overrides(args.models, variant, args.data, run_dir, args.warmup, args.steps))
-    device = "cpu" if args.cpu else "cuda:0"
+    cfg = load_config(None, variant_overrides(model_name, variant, data, run_dir, warmup, steps))
+    device = "cpu" if cpu else "cuda:0"
+    if not cpu:
+        torch.cuda.reset_peak_memory_stats(torch.device(device))
     sources = training_sources(cfg.data)
     tok = run_tokenizer(sources)
     torch.manual_seed(cfg.train.seed)
@@ -405,22 +414,22 @@ def one(args: argparse.Namespace) -> None:
         with torch.device("meta"):  # (with the attention train() picks, to name it)
             model = build_model_with(attention, cfg.model.preset, cfg.model.pretrained, cfg.model.overrides, tok,
                                      cfg.data.document_mask)  # fmt: skip
-        res = dist_clm_loop(cfg, device, args.warmup, args.steps)
+        res = dist_clm_loop(cfg, device, warmup, steps)
     else:
         model = build_model(cfg.model.preset, cfg.model.pretrained, cfg.model.overrides, tok)
         phase("model built")
-        res = plain_loop(cfg, model, sources, device, args.warmup, args.steps)
+        res = plain_loop(cfg, model, sources, device, warmup, steps)
     n_params, n_active = count_params(model), active_params(model)
     flops = flops_per_token(model.config, n_active, cfg.data.block_size)
 
-    tok_s = args.steps * m["batch"] * m["seq"] / res["seconds"]
+    tok_s = steps * m["batch"] * m["seq"] / res["seconds"]
     peak = peak_flops(device)
     if device == "cpu":
-        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 if fresh else None  # KiB on Linux
     else:
         mem = max(res.get("peak_gib", 0.0), torch.cuda.max_memory_allocated(torch.device(device)) / 2**30)
-    out = {
-        "model": args.models,
+    return {
+        "model": model_name,
         "variant": variant,
         "preset": m["preset"],
         "seq": m["seq"],
@@ -428,8 +437,8 @@ def one(args: argparse.Namespace) -> None:
         "params": n_params,
         "active": n_active,
         "flops_per_token": flops,
-        "warmup": args.warmup,
-        "steps": args.steps,
+        "warmup": warmup,
+        "steps": steps,
         "startup_s": res["startup_s"],
         "seconds": res["seconds"],
         "tok_s": tok_s,
@@ -440,9 +449,6 @@ def one(args: argparse.Namespace) -> None:
         "device": "cpu" if device == "cpu" else torch.cuda.get_device_name(torch.device(device)),
         "attention": model.config._attn_implementation,
     }
-    Path(args.result).write_text(json.dumps(out))
-    phase("done")
-    print(json.dumps(out))
 
 
 def sync(device: str) -> None:
