@@ -4,7 +4,9 @@ line before a build instead of a silent minute and a "built successfully" after 
 torch builds a JIT extension in TORCH_EXTENSIONS_DIR (default: one folder per Python and CUDA version) and
 rebuilds it whenever its sources or flags change; DeepSpeed's flags name its installation's path. Two
 installations sharing the folder (two checkouts, two virtual environments) therefore rebuilt the op in turn,
-40-120 s on every start. Unless the user sets TORCH_EXTENSIONS_DIR, each installation gets its own folder.
+40-120 s on every start. Unless the user sets TORCH_EXTENSIONS_DIR, each installation gets its own folder; and
+the environment's own ninja builds it, whether or not the environment is activated (ninja versions disagree on
+whether a build is up to date).
 """
 
 from __future__ import annotations
@@ -37,10 +39,25 @@ def op_home(environ: dict | None = None, installation: str | None = None) -> Pat
 
 
 def use_own_op_home() -> Path:
-    """Point torch's extension builds at op_home() for this process and the ones it starts."""
+    """Point torch's extension builds at op_home() for this process and the ones it starts, built by this
+    environment's own ninja (`environment_ninja_first`)."""
     home = op_home()
     os.environ["TORCH_EXTENSIONS_DIR"] = str(home)
+    environment_ninja_first(os.environ)
     return home
+
+
+def environment_ninja_first(environ, bin_dir: Path | None = None) -> None:
+    """Put the Python environment's bin folder first on PATH when it holds a ninja (the `ninja` wheel torch and
+    DeepSpeed depend on). torch runs whichever `ninja` PATH finds, and ninja versions hash a build's command
+    differently (1.11 and 1.13 do): a process run from an activated environment and one run without (the
+    system's ninja) rebuilt the op in turn, a minute each time."""
+    bin_dir = bin_dir or Path(sys.executable).parent
+    if not (bin_dir / "ninja").is_file():
+        return
+    parts = [p for p in environ.get("PATH", "").split(os.pathsep) if p]
+    if parts[:1] != [str(bin_dir)]:
+        environ["PATH"] = os.pathsep.join([str(bin_dir), *(p for p in parts if p != str(bin_dir))])
 
 
 def build_notice(home: Path, op: str = SHM_OP) -> str | None:

@@ -32,3 +32,24 @@ def test_only_deepspeeds_build_report_is_dropped():
         print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully")
         print("something the user should see")
     assert out.getvalue() == "something the user should see\n"
+
+
+def test_the_environments_own_ninja_builds_the_op_activated_or_not(tmp_path):
+    """torch runs the `ninja` PATH finds; the system's 1.11 and the environment's 1.13 hash a build's command
+    differently, so processes with and without the environment's bin on PATH rebuilt the op in turn (seen in a
+    test run: every ~40 s for 15 minutes). The environment's bin goes first on PATH, once; without a ninja
+    there, PATH is left alone."""
+    from dist_clm.parallel.ops import environment_ninja_first
+
+    env_bin = tmp_path / "venv" / "bin"
+    env_bin.mkdir(parents=True)
+    environ = {"PATH": "/usr/local/bin:/usr/bin"}
+    environment_ninja_first(environ, env_bin)
+    assert environ["PATH"] == "/usr/local/bin:/usr/bin"  # (no ninja in the environment)
+    (env_bin / "ninja").write_text("")
+    environment_ninja_first(environ, env_bin)
+    assert environ["PATH"] == f"{env_bin}:/usr/local/bin:/usr/bin"
+    environ["PATH"] = f"/usr/bin:{env_bin}"
+    environment_ninja_first(environ, env_bin)
+    environment_ninja_first(environ, env_bin)
+    assert environ["PATH"] == f"{env_bin}:/usr/bin"
