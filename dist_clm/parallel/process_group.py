@@ -233,11 +233,8 @@ def inference_device() -> str:
     launcher's rank uses its own), else the CPU."""
     import torch
 
-    if torch.cuda.is_available():
-        return "cuda"
-    if os.environ.get("DS_ACCELERATOR") != "cpu":
-        refuse_unusable_gpus()
-    return "cpu"
+    use_cpu_accelerator_if_no_gpu()  # (the one place that decides the CPU: refuses GPUs given but unusable)
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 NCCL_ERROR_HANDLING = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
