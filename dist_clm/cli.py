@@ -531,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-SILENT_RANK_WAIT_S = 20
+SILENT_RANK_WAIT_S = 90  # longer than any start skew between the ranks of one node, even on a busy machine
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -545,10 +545,12 @@ def main(argv: list[str] | None = None) -> int:
         console.error(e)
         if console.silent_before_group(e):
             # a launcher ends every rank when one exits: leaving first could end rank 0 before it writes the
-            # sentence; rank 0 fails the same check at once, and its exit ends this wait
+            # sentence; rank 0 fails the same check, and its exit ends this wait. Still here: rank 0 did not
+            # say it, so this rank does rather than lose it
             import time
 
             time.sleep(SILENT_RANK_WAIT_S)
+            console.error(e, unheard=True)
         return e.exit_code
     except KeyboardInterrupt:
         console.warning("interrupted; nothing partial was kept.")

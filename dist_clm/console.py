@@ -89,12 +89,13 @@ def warning(text: str, *, every_rank: bool = True) -> None:
     LOGGER.warning(text, extra={"main_only": not every_rank})
 
 
-def error(e) -> None:
+def error(e, *, unheard: bool = False) -> None:
     """The line a command that fails on a UserError `e` ends with: `dist-clm: error: SENTENCE` on stderr, the
     contract of every command and SLURM task (scripts look for it). An error every rank reached alike
-    (`e.agreed`) is said once, by the main rank; a rank's own error by that rank, naming itself and its node."""
+    (`e.agreed`) is said once, by the main rank; a rank's own error by that rank, naming itself and its node.
+    `unheard`: the main rank has not said the agreed error when it should have, so this rank says it."""
     rank = _CONTEXT.rank if _CONTEXT.world > 1 else _env_rank()
-    if rank != 0 and getattr(e, "agreed", False):
+    if rank != 0 and getattr(e, "agreed", False) and not unheard:
         return
     node = os.environ.get("SLURMD_NODENAME")
     where = "" if rank == 0 else f"rank {rank}{f' on {node}' if node else ''}: "

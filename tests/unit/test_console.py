@@ -76,6 +76,23 @@ def test_a_launched_rank_that_leaves_its_sentence_to_rank_0_waits_for_the_launch
     assert not console.silent_before_group(agreed(UserError("every rank broke.")))
 
 
+def test_a_silent_rank_says_the_agreed_error_when_rank_0_never_did(monkeypatch, capsys):
+    """Rank 1 of a launched world leaves an agreed error to rank 0, and waits for the launcher to end it when
+    rank 0 exits; still alive after the wait, it says the sentence itself rather than lose it."""
+    from dist_clm import cli, console
+
+    console.bind(0, 1, "")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(cli, "SILENT_RANK_WAIT_S", 0)
+    code = cli.main(["train", "distributed.sequence_parallel_size=4", "data.path=/nowhere"])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2 and err == [
+        "dist-clm: error: rank 1: config key 'distributed.sequence_parallel_size' is 4, which does not divide the 2 "
+        "ranks; use a divisor of the number of ranks."
+    ], err
+
+
 def test_counts_agree_with_their_numbers():
     from dist_clm.console import count
 

@@ -63,5 +63,5 @@ def test_a_mistake_under_a_launcher_is_said_once_before_the_group_forms(tmp_path
         "dist-clm: error: config key 'distributed.sequence_parallel_size' is 4, which does not divide the 2 ranks; "
         "use a divisor of the number of ranks."
     ], r.stderr[-2000:]
-    assert elapsed < 2 * LIMIT_S, elapsed  # (torchrun's own start included)
+    assert elapsed < 30, elapsed  # no rendezvous timeout, no silent rank's wait (torchrun's start included)
     assert not (tmp_path / "run").exists()
