@@ -35,6 +35,19 @@ TINY = [
 # ---- running the real commands
 
 
+def bench_module(name: str = "gpu_throughput"):
+    """A bench/ script as a module (the scripts import each other by name: bench/ goes on sys.path)."""
+    import importlib.util
+
+    if str(REPO / "bench") not in sys.path:
+        sys.path.insert(0, str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # (a module's dataclasses look themselves up there)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_cli(*args: str, timeout: int = 600, env: dict | None = None, cwd: Path | None = None, fresh: bool = False):
     """Run `dist-clm ARGS` in a new process, the way a user does; returns the CompletedProcess. The process is
     forked from the suite's zygote (tests/zygote.py: the imports done once), unless `fresh` (or

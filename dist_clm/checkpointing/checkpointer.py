@@ -231,6 +231,12 @@ class Checkpointer:
                 "Muon run resumes only there: DeepSpeed's universal checkpoint has no form for Muon's momentum yet; "
                 "resume it on that world size and stage."
             )
+        if elastic and read_marker(tag_dir)["zero_stage"] == 3 and self.zero_stage != 3:
+            raise UserError(
+                f"'{tag_dir}' was saved with ZeRO-3, whose model states DeepSpeed keeps partitioned, and its universal "
+                "checkpoint resumes them only under ZeRO-3; resume with distributed.zero_stage=3 (on any number of "
+                "ranks), or export the checkpoint and train on from it with model.pretrained."
+            )
         # DeepSpeed reads this flag at every load_checkpoint and has no public setter; a run may load both
         # kinds (an elastic resume, then a rollback to a checkpoint of its own)
         engine._config.load_universal_checkpoint = elastic

@@ -273,8 +273,13 @@ def max_positions(config) -> int | None:
     return None
 
 
+def param_numel(p) -> int:
+    """A parameter's number of elements, whole or partitioned by ZeRO-3 (whose empty stand-in has its ds_numel)."""
+    return getattr(p, "ds_numel", None) or p.numel()
+
+
 def count_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    return sum(param_numel(p) for p in model.parameters())
 
 
 def active_params(model) -> int:
@@ -284,7 +289,7 @@ def active_params(model) -> int:
 
     inactive = 0.0
     for block in moe.sparse_blocks(model):
-        experts = sum(p.numel() for p in block.experts.parameters())
+        experts = sum(param_numel(p) for p in block.experts.parameters())
         inactive += experts * (1 - moe.top_k(model.config) / moe.num_experts(model.config))
     return count_params(model) - round(inactive)
 

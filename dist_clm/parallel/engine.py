@@ -263,8 +263,10 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     """Decay matrices only: not biases, norm weights or embeddings (their decay hurts and buys nothing)."""
     import torch
 
+    from dist_clm.parallel.partitioned import shape
+
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     decay, no_decay = [], []
     for p in model.parameters():
-        (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(p)
+        (no_decay if len(shape(p)) < 2 or id(p) in embeddings else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -104,10 +104,13 @@ def weights_fingerprint(model) -> str:
     """A hash of a model's weights (fp32, by name): the identity of a reference model."""
     import hashlib
 
+    from dist_clm.parallel.partitioned import gathered
+
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    for name, tensor in sorted(model.state_dict(keep_vars=True).items()):
+        with gathered([tensor]):  # (one tensor at a time where ZeRO-3 partitions the model)
+            h.update(name.encode())
+            h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -135,12 +138,11 @@ def compute_reference(model_path: str, data_dir: str, batch_size: int = 8, devic
         console.info(f"prepare-reference: the log-probabilities of {console.count(sum(pairs.values()), 'pair')} "
                      f"(train {pairs['train']:,}, val {pairs['val']:,}; {console.count(blocks, 'block')}) under "
                      f"{model_path}, on {device}")  # fmt: skip
-        model, tok, _ = load_model(model_path)
+        model, tok, _ = load_model(model_path, device, dtype=torch.float32)  # (the reference values in fp32)
         if fingerprint(tok) != manifest["tokenizer"]["fingerprint"]:
             raise UserError(
                 f"'{model_path}' uses another tokenizer than '{data_dir}'; prepare the data with its tokenizer."
             )
-        model.to(device)
         bar = console.progress(total=blocks, unit="block", desc="prepare-reference")
         arrays = {split: _stream_values(model, stream, block, batch_size, bar) for split, stream in streams.items()}
         bar.close()

@@ -23,7 +23,7 @@ from dist_clm.data.run_data import check_sources, run_tokenizer, training_source
 from dist_clm.errors import Mismatch, UserError, agreed
 from dist_clm.models import attention, loss_head, moe
 from dist_clm.models.build import Shape, active_params, count_params, flops_per_token
-from dist_clm.parallel import fit, sequence_parallel
+from dist_clm.parallel import fit, partitioned, sequence_parallel
 from dist_clm.parallel.collectives import agree_on_error, barrier
 from dist_clm.parallel.engine import (
     deepspeed_config,
@@ -269,8 +269,13 @@ def _checked(cfg: Config, env: DistEnv) -> tuple:
     use_tf32(t.tf32, on_gpu)
     choices = attention.attention_for(cfg.model.attention, cfg.data.document_mask, on_gpu, precision)
     m = cfg.model
-    model = attention.build_model_with(choices, m.preset, m.pretrained, m.overrides, tok, cfg.data.document_mask,
-                                       rope=(m.rope_theta, m.rope_scaling))  # fmt: skip
+    # under ZeRO-3 the model is built or loaded partitioned, never whole on a rank (parallel/partitioned.py)
+    building = deepspeed_config(t, cfg.optim, cfg.distributed, on_gpu=on_gpu, grad_accum=grad_accum)
+    with partitioned.construction(building):
+        model = attention.build_model_with(choices, m.preset, m.pretrained, m.overrides, tok, cfg.data.document_mask,
+                                           rope=(m.rope_theta, m.rope_scaling))  # fmt: skip
+    if not m.pretrained:
+        partitioned.initialize(model, t.seed)  # (the same initial weights whatever the stage and the ranks)
     moe.apply_router_settings(model, m.router_aux_loss_coef)
     if cfg.objective.kind == "dpo":
         check_reference(sources, model)

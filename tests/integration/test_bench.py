@@ -3,7 +3,6 @@ give the very losses `dist-clm train` gives with the same settings, and its plai
 same thing (same weights, blocks and schedule). The GPU suite runs its checks and rows in one process, writes
 each result as it comes, keeps within its budget, and refuses to run on the CPU unless told."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,23 +11,12 @@ import time
 
 import pytest
 
-from tests.helpers import REPO, metrics, run_cli, train_losses
+from tests.helpers import REPO, bench_module, metrics, run_cli, train_losses
 
 pytestmark = pytest.mark.slow
 
 
 WARMUP, STEPS = 2, 3
-
-
-def bench_module(name: str = "gpu_throughput"):
-    """A bench/ script as a module (the scripts import each other by name: bench/ goes on sys.path)."""
-    if str(REPO / "bench") not in sys.path:
-        sys.path.insert(0, str(REPO / "bench"))
-    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # (a module's dataclasses look themselves up there)
-    spec.loader.exec_module(module)
-    return module
 
 
 def bench_variant(tmp_path, data_dir, variant: str) -> dict:

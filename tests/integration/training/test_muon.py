@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from dist_clm.parallel.process_group import free_port
-from tests.helpers import BIN, TINY, assert_clean_error, launch, metrics, train_losses
+from tests.helpers import BIN, TINY, assert_clean_error, launch, metrics, run_cli, train_losses
 
 MUON_STEPS = """
 import torch, deepspeed
@@ -91,11 +91,18 @@ def test_a_muon_run_resumes_bit_for_bit_and_refuses_another_rank_count(tmp_path,
                 "train.global_batch_size=8"]  # fmt: skip
     two = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
     run = tmp_path / "run"
-    r = launch(two, *settings, f"run.dir={run}")
+    r = launch(two, *settings, "distributed.zero_stage=3", f"run.dir={run}")
     # the first step's compile is announced before it, once; inductor's and ZeRO's FutureWarnings are not said
     assert r.stdout.count("the first step compiles Muon's update with torch.compile") == 1, r.stdout
     assert "FutureWarning" not in r.stderr, r.stderr[-2000:]
     whole = train_losses(metrics(run))
+    # built partitioned under ZeRO-3, Muon still moves the hidden matrices as it does for one ZeRO-2 rank (were
+    # they left to AdamW, the losses would part from the second step on)
+    one = tmp_path / "one"
+    r = run_cli("train", *settings, "distributed.zero_stage=2", "train.max_steps=3", "checkpoint.save_every=0",
+                f"run.dir={one}")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert train_losses(metrics(one)) == pytest.approx({s: whole[s] for s in (1, 2, 3)}, rel=1e-5)
     rows = [r for r in metrics(run) if "train/muon_lr" in r]
     for row in rows:  # optim.muon_lr (0.02) and optim.lr (3e-3 here), each scaled by the one schedule
         assert row["train/muon_lr"] / row["train/lr"] == pytest.approx(0.02 / 3e-3)
@@ -104,11 +111,12 @@ def test_a_muon_run_resumes_bit_for_bit_and_refuses_another_rank_count(tmp_path,
     shutil.copytree(run, cut)
     shutil.rmtree(cut / "checkpoints" / "step_00000006")
     skip = len(metrics(cut))
-    launch(two, *settings, f"run.dir={cut}")
+    launch(two, *settings, "distributed.zero_stage=3", f"run.dir={cut}")
     resumed = train_losses(metrics(cut, skip))
     assert list(resumed) == [4, 5, 6] and all(resumed[s] == whole[s] for s in resumed)  # Muon's momentum restored
 
     shutil.rmtree(cut / "checkpoints" / "step_00000006")
-    r = subprocess.run([str(BIN / "python"), "-m", "dist_clm", "train", *settings, f"run.dir={cut}"],
+    r = subprocess.run([str(BIN / "python"), "-m", "dist_clm", "train", *settings, "distributed.zero_stage=3",
+                        f"run.dir={cut}"],
                        capture_output=True, text=True, timeout=300)  # fmt: skip
     assert_clean_error(r, "a Muon run resumes only there", "resume it on that world size and stage")

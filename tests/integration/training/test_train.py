@@ -20,6 +20,7 @@ from tests.helpers import (
     run_cli,
     train_losses,
     train_state,
+    weights,
 )
 
 
@@ -130,7 +131,8 @@ def test_deepspeed_launcher_zero2_bf16_two_ranks_loss_falls_and_resume_continues
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_zero3_llama_and_export(tmp_path, data_dir):
-    """A Llama-style model under torchrun with ZeRO-3: the fused loss head trains as the plain one; partitioned
+    """A Llama-style model under torchrun with ZeRO-3, built partitioned: it starts from the weights one ZeRO-2
+    rank starts from and trains as that rank does; the fused loss head trains as the plain one; partitioned
     weights consolidate into a loadable export."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -138,12 +140,19 @@ def test_torchrun_two_ranks_zero3_llama_and_export(tmp_path, data_dir):
     run = tmp_path / "tr"
     llama = ["model.preset=tiny-llama", "model.overrides.hidden_size=64", "model.overrides.intermediate_size=172"]
     common = [*llama, "data.block_size=64", "train.micro_batch_size=4", "optim.warmup_steps=1", "train.eval_blocks=4",
-              "run.progress_bar=false", f"data.path={data_dir}", "distributed.zero_stage=3", "train.max_steps=4",
-              "checkpoint.save_every=4", "train.log_every=2"]  # fmt: skip
+              "run.progress_bar=false", f"data.path={data_dir}", "train.max_steps=4", "checkpoint.save_every=4",
+              "train.log_every=2", "train.global_batch_size=8"]  # fmt: skip
     for head, where in (("auto", run), ("plain", tmp_path / "plain")):  # the fused loss head, then the plain one
         tr = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
-        r = launch(tr, *common, f"run.dir={where}", f"train.loss_head={head}")
+        r = launch(tr, *common, "distributed.zero_stage=3", f"run.dir={where}", f"train.loss_head={head}")
         assert "FutureWarning" not in r.stderr, r.stderr[-2000:]  # ZeRO-3's collectives', once per rank
+    one = tmp_path / "one"
+    r = run_cli("train", *common, "distributed.zero_stage=2", f"run.dir={one}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    # the same initial weights (the validation before the first step, bit for bit), the same training
+    assert metrics(run)[0]["val/loss"] == metrics(one)[0]["val/loss"], (metrics(run)[0], metrics(one)[0])
+    a, b = weights(run, 4), weights(one, 4)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     tag = run / "checkpoints" / "step_00000004"
     marker = json.loads((tag / "complete.json").read_text())
     assert marker["world_size"] == 2 and marker["zero_stage"] == 3
