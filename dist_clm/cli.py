@@ -233,9 +233,9 @@ def _eval_tasks(a: argparse.Namespace) -> None:
 
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    model, tok, _ = load_model(a.checkpoint)
     device = inference_device()
-    results, seconds = downstream.timed(model.to(device), tok, a.tasks, device, limit=a.limit,
+    model, tok, _ = load_model(a.checkpoint, device)
+    results, seconds = downstream.timed(model, tok, a.tasks, device, limit=a.limit,
                                         batch_size=a.batch_size, num_fewshot=a.num_fewshot)  # fmt: skip
     print(downstream.table(results))
     print(f"({seconds:.1f} s)")
@@ -274,8 +274,7 @@ def _generate(a: argparse.Namespace) -> None:
     from dist_clm.evaluation.export import load_model
     from dist_clm.parallel.process_group import inference_device
 
-    model, tok, _ = load_model(a.checkpoint)
-    model.to(inference_device())
+    model, tok, _ = load_model(a.checkpoint, inference_device())
     if conversations:
         from dist_clm.evaluation.generate import chat_prompts
 

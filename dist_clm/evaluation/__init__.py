@@ -1,5 +1,6 @@
 """Evaluation: perplexity and bits per byte (perplexity.py), downstream tasks through lm-evaluation-harness
-(downstream.py), sampling (generate.py), and weights for inference and the Hugging Face export (export.py).
+(downstream.py), sampling (generate.py), weights for inference and the Hugging Face export (export.py), and
+where an inference model's weights go: one device or spread over the GPUs (placement.py).
 
 Imports: the foundation, data, models, parallel, checkpointing.
 """

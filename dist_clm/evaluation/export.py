@@ -58,30 +58,32 @@ def load_state_dict(tag_dir: Path) -> dict:
         return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
 
 
-def load_model(path: str | Path):
-    """(model in fp32 eval mode, tokenizer, source dir) from a checkpoint, a run, or an exported directory."""
+def load_model(path: str | Path, device: str = "cpu", dtype=None):
+    """(model in eval mode, tokenizer, source dir) from a checkpoint, a run, or an exported directory, in `dtype`
+    (default: the precision its forward trained in, an export's own), placed for inference from `device`
+    (evaluation/placement.py: one device, or the visible GPUs when one does not hold it). A checkpoint's weights
+    are consolidated one tensor at a time straight into the model's place: no whole fp32 copy beside it."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from dist_clm.data.tokenizer import load_tokenizer
+    from dist_clm.evaluation.placement import device_map_for
+    from dist_clm.parallel.engine import use_tf32
 
+    use_tf32(True, device.startswith("cuda"))  # (fp32 products on TF32 tensor cores, as training's default)
     p = Path(path)
     if is_exported(p):
-        model = AutoModelForCausalLM.from_pretrained(str(p), attn_implementation="sdpa")
+        config = AutoConfig.from_pretrained(str(p))
+        dtype = dtype or _export_dtype(config)
+        device_map = device_map_for(_empty(config, dtype), dtype, device)
+        with _no_bar_in_a_log():
+            model = AutoModelForCausalLM.from_pretrained(str(p), attn_implementation="sdpa", dtype=dtype,
+                                                         device_map=device_map)  # fmt: skip
         tok = load_tokenizer(p)
         where = p
     else:
         with reading(p) as where:  # (keep-k pruning leaves it alone meanwhile)
             config = AutoConfig.from_pretrained(str(where))
-            weights = load_state_dict(where)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        tied = {k for k in missing if k.endswith("lm_head.weight") and config.tie_word_embeddings}
-        if set(missing) - tied or unexpected:
-            raise UserError(
-                f"checkpoint '{where}' does not match its config.json (missing {sorted(missing)[:3]}, "
-                f"unexpected {sorted(unexpected)[:3]}); it was written by another model."
-            )
-        model.tie_weights()
+            model = _from_checkpoint(where, config, dtype or training_dtype(where), device)
         tok = load_tokenizer(run_dir_of(where) / "tokenizer")
     embedded = model.get_input_embeddings().num_embeddings
     if len(tok) > embedded:
@@ -89,7 +91,65 @@ def load_model(path: str | Path):
             f"the tokenizer of '{where}' has {len(tok)} tokens but the model embeds only {embedded}; use the "
             "tokenizer the model was trained with."
         )
-    return model.float().eval(), tok, where
+    return model.eval(), tok, where
+
+
+def training_dtype(tag_dir: Path):
+    """The precision a checkpoint's forward ran in (its run's DeepSpeed config): bf16 or fp16 weights, else fp32."""
+    import torch
+
+    try:
+        ds = json.loads((run_dir_of(tag_dir) / "ds_config.json").read_text())
+    except (OSError, ValueError):
+        return torch.float32
+    if ds.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    return torch.float16 if ds.get("fp16", {}).get("enabled") else torch.float32
+
+
+def _export_dtype(config):
+    import torch
+
+    given = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return getattr(torch, given) if isinstance(given, str) else given or torch.float32
+
+
+def _empty(config, dtype):
+    """The model of `config` with its parameters on the meta device (no memory), its buffers real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+
+
+def _from_checkpoint(tag_dir: Path, config, dtype, device: str):
+    """The checkpoint's model in `dtype`, each tensor consolidated (DeepSpeed's lazy zero_to_fp32) and put
+    straight where the device map places it."""
+    from accelerate import dispatch_model
+    from accelerate.utils import set_module_tensor_to_device
+
+    from dist_clm.evaluation.placement import device_map_for, device_of
+
+    model = _empty(config, dtype)
+    device_map = device_map_for(model, dtype, device)
+    lazy, materialize = _lazy_weights(tag_dir)
+    expected = set(model.state_dict())
+    tied = {k for k in expected - set(lazy) if k.endswith("lm_head.weight") and config.tie_word_embeddings}
+    missing, unexpected = expected - set(lazy) - tied, set(lazy) - expected
+    if missing or unexpected:
+        raise UserError(
+            f"checkpoint '{tag_dir}' does not match its config.json (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}); it was written by another model."
+        )
+    for name in sorted(lazy):
+        value = materialize({name: lazy[name]})[name]
+        set_module_tensor_to_device(model, name, device_of(name, device_map), value=value, dtype=dtype)
+        del value
+    model.tie_weights()
+    if len(set(device_map.values())) > 1:
+        return dispatch_model(model, device_map)
+    return model.to(next(iter(device_map.values())))  # (the buffers, built on the CPU)
 
 
 def _lazy_weights(tag_dir: Path) -> tuple[dict, callable]:

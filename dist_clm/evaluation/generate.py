@@ -73,6 +73,7 @@ def generate(model, tokenizer, prompts: list[str], s: Sampling, stream: bool = F
     from transformers import TextStreamer
 
     from dist_clm.data.tokenizer import end_of_turn_ids
+    from dist_clm.evaluation.placement import input_device
     from dist_clm.models.build import max_positions
 
     s.check()
@@ -87,7 +88,7 @@ def generate(model, tokenizer, prompts: list[str], s: Sampling, stream: bool = F
     pad = tokenizer.eos_token_id
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in ids])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids])
-    device = next(model.parameters()).device
+    device = input_device(model)  # (a model spread over GPUs takes its inputs where its embeddings are)
     streamer = None
     if stream and len(prompts) == 1 and s.num_return_sequences == 1:
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

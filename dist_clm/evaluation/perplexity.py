@@ -186,10 +186,12 @@ def evaluate_cli(
     from dist_clm.data.tokenizer import fingerprint
     from dist_clm.errors import UserError
     from dist_clm.evaluation.export import load_model
+    from dist_clm.evaluation.placement import input_device
     from dist_clm.models.build import max_positions
     from dist_clm.parallel import process_group
 
-    model, tok, where = load_model(checkpoint)
+    env = process_group.init() if "RANK" in os.environ else None
+    model, tok, where = load_model(checkpoint, env.device if env else process_group.inference_device())
     run_config = run_dir_of(where) / "config.yaml"
     cfg = load_config(run_config) if (where / COMPLETE).is_file() and run_config.is_file() else None
     limit = max_positions(model.config)
@@ -222,11 +224,10 @@ def evaluate_cli(
             )
         stream = TokenStream(data, "val", manifest)
         read, n_tokens = stream.reader(), stream.tokens
-    env = process_group.init() if "RANK" in os.environ else None
-    device = env.device if env else process_group.inference_device()
+    device = str(input_device(model))
     wins = windows(n_tokens, block_size, stride, max_blocks)
     result = perplexity(
-        model.to(device),
+        model,
         read,
         wins,
         batch_size,
