@@ -3,7 +3,8 @@ group under every launcher (process_group.py); the few collectives dist_clm issu
 (collectives.py); each rank's sign of life (heartbeat.py); where DeepSpeed's compiled ops are built (ops.py);
 what the train, optim and distributed sections mean for DeepSpeed's ZeRO engine (engine.py); whether the
 parallel settings fit the ranks, the model and the blocks, without torch (fit.py); Ulysses sequence parallelism
-(sequence_parallel.py); the step's one agreement between ranks (agreement.py).
+(sequence_parallel.py); the step's one agreement between ranks (agreement.py); every byte of a run planned before
+it starts, per rank, per node and on disk, and the overrides that make a run fit, without torch (memory_plan.py).
 
 Imports: the foundation, models.
 """
