@@ -65,7 +65,9 @@ CHECKPOINTED = 1  # activation checkpointing keeps each layer's input (x hidden 
 
 HOST_MARGIN = 0.85  # of a node's memory the ranks may plan to use: the OS, page cache of the shards, the loader
 DEVICE_MARGIN = 0.92  # of a GPU's memory: the CUDA context (~0.5 GB) and the caching allocator's fragmentation
-IMPORT_BASELINE = 1.1 * GB  # a CPU rank's resident memory once torch, transformers and DeepSpeed are imported
+EXPORT_SHARD = 2 * GB  # `dist-clm export`'s default --max-shard-size: it gathers and writes one shard at a time
+IMPORT_BASELINE = 1.1 * GB  # what a CPU rank holds whatever its model: the imports, the process group, DeepSpeed
+# (a whole run of a one-layer, width-16 model peaks at 0.98 GB here; tests/integration/parallel/test_memory_plan.py)
 
 
 @dataclass(frozen=True)
@@ -404,14 +406,15 @@ def buffer_bytes(cfg: Config, s: ModelSize, m: Machine, p: int, zero: dict) -> i
 def host_terms(cfg: Config, s: ModelSize, m: Machine, checkpoint: int) -> tuple[int, int, int, int]:
     """Per node: building (fp32, each rank its built_share), loading a pretrained directory (the same, plus one
     safetensors shard being read), the asynchronous checkpoint's host copy of each rank's share (when
-    checkpoint.async_save), and an export (one process, 2 GB shards gathered in fp32 and converted)."""
+    checkpoint.async_save), and an export (one process, a shard at a time gathered in fp32 and written)."""
     share, ranks = built_share(cfg, m), m.ranks_per_node
     build = int(ranks * (4 * s.total * share + 4 * s.largest_module))
     load = build + ranks * 5 * GB if cfg.model.pretrained else 0  # (save_pretrained's default shards: 5 GB)
     off_optimizer, off_params = offloaded(cfg, m)
     held = (4 * s.total if off_params else 0) + (16 * s.total // m.world * ranks if off_optimizer else 0)
     saving = ranks * checkpoint // m.world if cfg.checkpoint.async_save else 0
-    return build + held, load + held, saving + held, 2 * 2 * GB
+    export = min(EXPORT_SHARD, 4 * s.total)  # (one shard's weights at a time: docs/PERFORMANCE.md, Export memory)
+    return build + held, load + held, saving + held, export
 
 
 def checkpoint_bytes(cfg: Config, s: ModelSize, p: int) -> int:
@@ -523,7 +526,7 @@ def render(pl: MemoryPlan) -> str:
     """The plan as the `dist-clm plan` command prints it."""
     s, m = pl.size, pl.machine
     where = f"{m.world} x {m.gpu or 'GPU'} ({_size(m.device_bytes)} each)" if m.on_gpu else (
-        f"{m.world} CPU ranks (host memory {_size(m.host_bytes)} per node, {_size(pl.budget)} per rank after the "
+        f"{m.world} CPU rank(s) (host memory {_size(m.host_bytes)} per node, {_size(pl.budget)} per rank after the "
         f"margin and imports)")  # fmt: skip
     active = f", {_count(s.active)} active per token" if s.active != s.total else ""
     lines = [

@@ -4,6 +4,7 @@ refusal, and the configs at real size."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from dist_clm.models.build import PRESETS, active_params, build_model, count_par
 from dist_clm.parallel import memory_plan as mp
 
 REPO = Path(__file__).resolve().parents[3]
+README = REPO / "README.md"
 GIB = 2**30
 
 # Llama-3-70B's config.json, the fields that shape it
@@ -168,14 +170,16 @@ def test_the_real_size_configs_plan_from_their_files(tmp_path):
     size8 = mp.size_of_run(cfg8, None)
     assert size8.total == count_params(meta_model(preset_config("llama-8b", cfg8.model.overrides, 128256))) == (
         8_030_261_248)  # fmt: skip
-    assert mp.plan(cfg8, size8, gpus(8)).fits
+    h100s = mp.Machine(8, 1, mp.GPU_MEMORY["H100"], 10**12, on_gpu=True, gpu="H100", peak_tflops=989.0)
+    plan8 = mp.plan(cfg8, size8, h100s)
+    assert plan8.fits and mp.render(plan8) in README.read_text()  # (the README shows this plan)
 
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_70B))
     cfg70 = load_config(REPO / "configs/llama-70b-continued.yaml", [f"model.pretrained={tmp_path}"])
     size70 = mp.size_of_run(cfg70, None)
     assert size70.total == count_params(meta_model(AutoConfig.from_pretrained(tmp_path))) == 70_553_706_496
-    plan = mp.plan(cfg70, size70, gpus(64))
-    assert plan.fits and plan.device_peak < 80 * 10**9 * mp.DEVICE_MARGIN
+    plan = mp.plan(cfg70, size70, dataclasses.replace(h100s, world=64, nodes=8))
+    assert plan.fits and plan.device_peak < 80 * 10**9 * mp.DEVICE_MARGIN and mp.render(plan) in README.read_text()
     assert plan.params < 5 * GIB  # (ZeRO-3: a share of the parameters and one gathered module per rank)
 
 
