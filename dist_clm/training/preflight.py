@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from dist_clm import console
 from dist_clm.config import Config
 from dist_clm.data.format import read_manifest
 from dist_clm.data.order import Source
@@ -37,7 +38,11 @@ def check_memory(cfg: Config, machine: memory_plan.Machine, vocab: int | None) -
     m = cfg.model
     if vocab is None and not m.pretrained and "vocab_size" not in m.overrides:
         return
-    pl = memory_plan.plan(cfg, memory_plan.size_of_run(cfg, vocab), machine)
+    try:
+        pl = memory_plan.plan(cfg, memory_plan.size_of_run(cfg, vocab), machine)
+    except (KeyError, TypeError, ValueError) as e:  # (a config.json or override the counts do not read: no plan)
+        console.warning(f"no memory plan for this run ({type(e).__name__}: {e}); starting without its check.")
+        return
     if not pl.fits:
         raise UserError(memory_plan.refusal(pl))
 
