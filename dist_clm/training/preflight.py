@@ -2,7 +2,9 @@
 data.document_mask, a fine-tuning source's block size), and every check that needs only that config, the data's
 manifests, the model's shape and the number of ranks. They run before torch.distributed, DeepSpeed or the model is
 touched (this module imports none of them), so a mistake answers in a second rather than after the model is built;
-set-up runs them again on the built model, where the ranks agree on the first error."""
+set-up runs them again on the built model, where the ranks agree on the first error. `dist-clm train` (and `launch
+slurm`, for the job's nodes) also asks the memory plan whether the run fits (check_memory): a run that cannot is
+refused here rather than killed by the kernel minutes after the model is built."""
 
 from __future__ import annotations
 
