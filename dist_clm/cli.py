@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import dataclasses
 import json
 import os
 import sys
@@ -171,7 +172,8 @@ def _train(a: argparse.Namespace) -> None:
     from dist_clm.parallel.process_group import launched_world
     from dist_clm.training.preflight import preflight
 
-    preflight(cfg, *launched_world())  # so do the mistakes the data, the model's shape and the ranks reveal
+    # so do the mistakes the data, the model's shape and the ranks reveal, and a run the memory plan cannot fit
+    preflight(cfg, *launched_world(), plan_check=not a.no_plan_check)
     from dist_clm.training.loop import train
 
     result = train(cfg)
@@ -182,6 +184,43 @@ def _train(a: argparse.Namespace) -> None:
             file=sys.stderr,
         )
         sys.exit(PREEMPTED_EXIT)
+
+
+def _size(text: str, flag: str) -> int:
+    """'80GB' -> 80e9 bytes, '1TiB' -> 2**40 (a plain number: GB)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?)(i?)b?\s*", text.lower())
+    if not m:
+        raise UserError(f"{flag} {text!r} is not a size; write it like 80GB, 141GB or 1TB.")
+    scale = (1024 if m.group(3) else 1000) ** " kmgt".index(m.group(2) or ("g" if not text[-1:].isalpha() else " "))
+    return int(float(m.group(1)) * scale)
+
+
+def _plan(a: argparse.Namespace) -> None:
+    from dist_clm.config import load_config
+    from dist_clm.parallel import memory_plan as mp
+
+    cfg = load_config(a.config, a.overrides)
+    if a.gpus:
+        gpu = a.gpu.upper()
+        memory = _size(a.gpu_memory, "--gpu-memory") if a.gpu_memory else mp.GPU_MEMORY.get(gpu)
+        if memory is None:
+            raise UserError(f"--gpu {a.gpu} is not one of {', '.join(mp.GPU_MEMORY)}; give --gpu-memory (and "
+                            "--peak-tflops for the time per step).")  # fmt: skip
+        if a.gpus % a.nodes:
+            raise UserError(f"--gpus {a.gpus} is not a multiple of --nodes {a.nodes}; give the GPUs of all nodes.")
+        machine = mp.Machine(a.gpus, a.nodes, memory, _size(a.host_memory, "--host-memory"), on_gpu=True, gpu=gpu,
+                             peak_tflops=a.peak_tflops or mp.PEAK_TFLOPS.get(gpu, 0.0))  # fmt: skip
+    else:
+        from dist_clm.parallel.process_group import launched_world
+
+        machine = mp.machine_here(*launched_world())
+        if a.peak_tflops:
+            machine = dataclasses.replace(machine, peak_tflops=a.peak_tflops)
+    from dist_clm.training.preflight import data_vocab
+
+    print(mp.render(mp.plan(cfg, mp.size_of_run(cfg, a.vocab or data_vocab(cfg)), machine, a.mfu)))
 
 
 def _model_source(path: str, exported_ok: bool = True) -> None:
@@ -443,7 +482,26 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train (plain, or under deepspeed/torchrun launchers)")
     t.add_argument("--config", help="a YAML config file (see configs/)")
     t.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=3e-4")
+    t.add_argument("--no-plan-check", action="store_true", help="start even where the memory plan (dist-clm plan) "
+                   "says the run does not fit")  # fmt: skip
     t.set_defaults(func=_train)
+
+    t = sub.add_parser(
+        "plan", help="the memory (per rank, per node, on disk) and time of a training run, before it runs"
+    )
+    t.add_argument("--config", help="a YAML config file (see configs/)")
+    t.add_argument("overrides", nargs="*", help="section.key=value, as for train")
+    t.add_argument("--gpus", type=int, default=0, help="GPUs in all (default: this machine's ranks, as train sees "
+                   "them; CPU ranks where there is no GPU)")  # fmt: skip
+    t.add_argument("--gpu", default="H100", help="the GPU's name: H100, H200 or A100 (its memory and peak FLOP/s)")
+    t.add_argument("--gpu-memory", help="memory per GPU, e.g. 80GB (default: the --gpu's)")
+    t.add_argument("--nodes", type=int, default=1, help="nodes the GPUs are on")
+    t.add_argument("--host-memory", default="1TB", help="memory per node, with --gpus")
+    t.add_argument("--peak-tflops", type=float, default=0.0, help="peak bf16 TFLOP/s per GPU (default: the --gpu's)")
+    t.add_argument("--mfu", type=float, default=0.4, help="the model FLOPs utilization the time per step assumes")
+    t.add_argument("--vocab", type=int, default=0, help="the vocabulary (default: the data's tokenizer's, or the "
+                   "pretrained model's)")  # fmt: skip
+    t.set_defaults(func=_plan)
 
     t = sub.add_parser("eval", help="perplexity and bits per byte of a checkpoint (any launcher: ranks share it)")
     t.add_argument("checkpoint", help="a run directory, a checkpoint directory, or an exported model")
@@ -517,6 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sbatch", action="append", help="an extra sbatch option KEY=VALUE, KEY= for a flag (repeatable)")
     t.add_argument("--sweep", action="append", help="an override set, quoted (repeat: one job array member each)")
     t.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
+    t.add_argument("--no-plan-check", action="store_true", help="submit even where the memory plan (dist-clm plan) "
+                   "says the run does not fit the nodes")  # fmt: skip
     t.add_argument("--wait", action="store_true", help="wait for the jobs and print their results")
     t.set_defaults(func=_launch_slurm)
 

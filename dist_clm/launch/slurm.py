@@ -277,12 +277,17 @@ def submit(
     overrides: list[str],
     sweep: list[list[str]] | None = None,
     dry_run: bool = False,
+    plan_check: bool = True,
 ) -> list:
     """Submit one training run, or one per override set in `sweep` (a job array; each set is added to
     `overrides` and gets its own run directory: RUN/sweep_NN unless the set names run.dir)."""
     settings.check()
     runs = [_sweep_overrides(config, overrides, extra, i) for i, extra in enumerate(sweep)] if sweep else [overrides]
     dirs = [configured_run_dir(config, o) for o in runs]  # also checks every config before anything is submitted
+    if plan_check:
+        machine = planned_machine(settings)
+        for o in runs:
+            check_plan(config, o, machine)
     folder = Path(settings.log_folder) if settings.log_folder else dirs[0] / "slurm"
     if dry_run:
         return [_sbatch_script(settings, folder / "%j", len(runs))]
@@ -294,6 +299,40 @@ def submit(
         for o in runs:
             jobs.append(executor.submit(TrainJob(config, o, settings.max_requeues, str(folder))))
     return list(zip(jobs, dirs, strict=True))
+
+
+def planned_machine(settings: SlurmSettings):
+    """The job's ranks and each node's memory (--mem-gb, else the smallest node of the partition as sinfo tells),
+    for the memory plan; GPU jobs: the GPUs' memory is not known here, so only the host's memory is planned
+    against. None when the node's memory is not known."""
+    from dist_clm.launch.partition import partitions
+    from dist_clm.parallel.memory_plan import Machine
+
+    host = int(settings.mem_gb * 1e9)
+    if not host:
+        known = partitions() or {}
+        names = [n for n in settings.partition.split(",") if n] or [p.name for p in known.values() if p.default]
+        nodes = [node for name in names if name in known for node in known[name].nodes if node.mem_mb]
+        host = min((node.mem_mb for node in nodes), default=0) * 2**20
+    if not host:
+        return None
+    world = settings.nodes * settings.tasks()
+    return Machine(world, settings.nodes, 0, host, on_gpu=bool(settings.gpus_per_node))
+
+
+def check_plan(config: str | None, overrides: list[str], machine) -> None:
+    """One sentence when the memory plan says the job's nodes cannot hold the run (training/preflight.py)."""
+    if machine is None:
+        return
+    from dist_clm.config import load_config
+    from dist_clm.models.build import model_shape
+    from dist_clm.parallel.memory_plan import FAMILY_DEFAULTS
+    from dist_clm.training.preflight import check_memory, data_vocab
+
+    cfg = load_config(config, overrides)
+    shape = model_shape(cfg.model.preset, cfg.model.pretrained, cfg.model.overrides)
+    if shape is not None and shape.model_type in FAMILY_DEFAULTS:
+        check_memory(cfg, machine, data_vocab(cfg))
 
 
 def _sweep_overrides(config: str | None, base: list[str], extra: list[str], i: int) -> list[str]:
@@ -345,7 +384,8 @@ def launch_cli(a) -> None:
     from dist_clm.config import env_overrides
 
     sweep = [s.split() for s in a.sweep] if a.sweep else None
-    out = submit(settings, a.config, [*a.overrides, *env_overrides()], sweep, a.dry_run)  # (the job's own record)
+    out = submit(settings, a.config, [*a.overrides, *env_overrides()], sweep, a.dry_run,  # (the job's own record)
+                 plan_check=not a.no_plan_check)  # fmt: skip
     if a.dry_run:
         print(out[0])
         return

@@ -11,6 +11,16 @@ from dist_clm.errors import UserError
 
 # model types whose logits are exactly lm_head(the base model's last hidden state): no scaling or soft-capping
 PLAIN_HEADS = ("gpt2", "llama", "mistral", "qwen2")
+# the fused loss head's chunk (loss_head.py): fp32 logits per chunk, 512 tokens at a 128K vocabulary, 1310 at
+# GPT-2's 50K; here, without torch, so that the memory plan reads the same figure
+CHUNK_BYTES = 256 * 2**20
+
+
+def chunk_rows(vocab: int) -> int:
+    """Tokens per chunk of the fused loss head for a vocabulary of `vocab`: CHUNK_BYTES of fp32 logits (at least
+    128)."""
+    return max(128, CHUNK_BYTES // (4 * vocab))
+
 
 # Each preset is a transformers config: `model_type` picks the family, the rest are that config's fields.
 # vocab_size, bos/eos ids always come from the tokenizer.
@@ -54,6 +64,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_position_embeddings=2048,
         rope_theta=500000.0,
         tie_word_embeddings=True,
+    ),
+    # Llama-3-8B's shape (8.03 B with its 128256-token vocabulary): 32 layers, width 4096, GQA 32/8, MLP 14336.
+    "llama-8b": dict(
+        model_type="llama",
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        hidden_size=4096,
+        intermediate_size=14336,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
     ),
     # A Llama-style ~500M model (494 M with a 32k vocabulary): 24 layers, width 1280, grouped-query attention.
     "llama-500m": dict(

@@ -20,15 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from dist_clm.models.build import PLAIN_HEADS
+from dist_clm.models.build import PLAIN_HEADS, chunk_rows
 
 IGNORE = -100
-CHUNK_BYTES = 256 * 2**20  # fp32 logits per chunk: 512 tokens at a 128K vocabulary, 1310 at GPT-2's 50K
-
-
-def chunk_rows(vocab: int) -> int:
-    """Tokens per chunk for a vocabulary of `vocab`: CHUNK_BYTES of fp32 logits (at least 128)."""
-    return max(128, CHUNK_BYTES // (4 * vocab))
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):

@@ -2,34 +2,66 @@
 data.document_mask, a fine-tuning source's block size), and every check that needs only that config, the data's
 manifests, the model's shape and the number of ranks. They run before torch.distributed, DeepSpeed or the model is
 touched (this module imports none of them), so a mistake answers in a second rather than after the model is built;
-set-up runs them again on the built model, where the ranks agree on the first error."""
+set-up runs them again on the built model, where the ranks agree on the first error. `dist-clm train` (and `launch
+slurm`, for the job's nodes) also asks the memory plan whether the run fits (check_memory): a run that cannot is
+refused here rather than killed by the kernel minutes after the model is built."""
 
 from __future__ import annotations
 
 import dataclasses
 
+from dist_clm import console
 from dist_clm.config import Config
+from dist_clm.data.format import read_manifest
 from dist_clm.data.order import Source
 from dist_clm.data.reference_store import read_record
 from dist_clm.data.run_data import check_vocab, training_sources
 from dist_clm.errors import UserError, agreed
 from dist_clm.models.build import model_shape
-from dist_clm.parallel import fit
+from dist_clm.parallel import fit, memory_plan
 from dist_clm.parallel.engine import deepspeed_config, resolve_grad_accum
 
 
-def preflight(cfg: Config, world: int, one_node: bool = True) -> Config:
+def preflight(cfg: Config, world: int, one_node: bool = True, plan_check: bool = False) -> Config:
     """`cfg` settled from the data for `world` ranks, or the first mistake in it as one sentence. With ranks on
     several nodes the data's files are read after the process group forms instead, so that a node which sees other
     files than the rest stops every rank with the same sentence rather than leaving them waiting for it. Every
-    rank meets the same error here (the same config; on one node the same files), so the main rank alone says it."""
+    rank meets the same error here (the same config; on one node the same files), so the main rank alone says it.
+    `plan_check`: also refuse a run the memory plan says this machine cannot hold (check_memory)."""
     try:
-        return _preflight(cfg, world, one_node)
+        return _preflight(cfg, world, one_node, plan_check)
     except UserError as e:
         raise agreed(e) from None
 
 
-def _preflight(cfg: Config, world: int, one_node: bool) -> Config:
+def check_memory(cfg: Config, machine: memory_plan.Machine, vocab: int | None) -> None:
+    """One sentence when the memory plan of `cfg` does not fit `machine` (naming its biggest term and the first
+    lever); nothing when the model's vocabulary is unknown (a preset whose data is read after the group forms)."""
+    m = cfg.model
+    if vocab is None and not m.pretrained and "vocab_size" not in m.overrides:
+        return
+    try:
+        pl = memory_plan.plan(cfg, memory_plan.size_of_run(cfg, vocab), machine)
+    except (KeyError, TypeError, ValueError) as e:  # (a config.json or override the counts do not read: no plan)
+        console.warning(f"no memory plan for this run ({type(e).__name__}: {e}); starting without its check.")
+        return
+    if not pl.fits:
+        raise UserError(memory_plan.refusal(pl))
+
+
+def data_vocab(cfg: Config) -> int | None:
+    """The vocabulary of the run's data (the tokenizer in its first source's manifest), where that manifest can be
+    read from here; None otherwise (no data given, or data only the compute nodes see)."""
+    first = cfg.data.mix[0].path if cfg.data.mix else cfg.data.path
+    if not first:
+        return None
+    try:
+        return read_manifest(first)["tokenizer"]["vocab_size"]
+    except (UserError, OSError, KeyError):
+        return None
+
+
+def _preflight(cfg: Config, world: int, one_node: bool, plan_check: bool = False) -> Config:
     d, t, m = cfg.distributed, cfg.train, cfg.model
     fit.check_world(d.sequence_parallel_size, world)
     grad_accum = resolve_grad_accum(t, world // d.sequence_parallel_size)
@@ -47,6 +79,9 @@ def _preflight(cfg: Config, world: int, one_node: bool) -> Config:
         fit.check_positions(shape, cfg.data.block_sizes(), cfg.data.block_size)
         if sources is not None and shape.vocab is not None:
             check_vocab(sources, shape.vocab)
+    if plan_check and shape is not None and shape.model_type in memory_plan.FAMILY_DEFAULTS:
+        vocab = sources[0].manifest["tokenizer"]["vocab_size"] if sources else None
+        check_memory(cfg, memory_plan.machine_here(world, one_node), vocab)
     return cfg
 
 

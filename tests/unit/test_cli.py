@@ -36,3 +36,21 @@ def test_a_missing_model_names_every_kind_of_model_the_command_reads(command, tm
     assert main([command, str(tmp_path / "exported")]) == 2
     said = capsys.readouterr().err
     assert "does not exist; give a run directory, one of its checkpoints/step_* directories, or an exported" in said
+
+
+def test_plan_prints_every_term_and_what_would_make_it_fit(capsys):
+    """`dist-clm plan` for llama-1b's config on one 16 GB GPU: each term per rank, the host per node, the checkpoint,
+    the time at the MFU given, and (it does not fit) the overrides that would; on 8 H100s it fits. Its bad sizes
+    are one sentence."""
+    args = ["plan", "--config", "configs/llama-1b.yaml", "--vocab", "32000", "distributed.zero_stage=2"]
+    assert main([*args, "--gpus", "1", "--gpu", "a100", "--gpu-memory", "16GB", "--mfu", "0.5"]) == 0
+    out = capsys.readouterr().out
+    for term in ("1.04 B parameters", "parameters", "gradients", "optimizer state", "activations", "loss head",
+                 "DeepSpeed buffers", "DOES NOT FIT", "host memory per node: building", "checkpoint on disk",
+                 "at 50% MFU (312 TFLOP/s", "  distributed.offload_optimizer=true\n",
+                 "  distributed.zero_stage=3 --gpus 4 --nodes 1"):  # fmt: skip
+        assert term in out, (term, out)
+    assert main([*args, "--gpus", "8"]) == 0
+    assert "-> fits" in capsys.readouterr().out
+    assert main([*args, "--gpus", "8", "--gpu-memory", "lots"]) == 2
+    assert "--gpu-memory 'lots' is not a size" in capsys.readouterr().err

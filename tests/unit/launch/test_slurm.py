@@ -140,3 +140,25 @@ def test_the_wait_for_a_prepare_in_parts_ends_when_a_later_stage_can_never_run(t
     with pytest.raises(UserError, match="the merge cannot run: a task of job 10 failed"):
         prepare_arrays.wait(Merge(), ["10", "11"], str(tmp_path / "out"), poll=0)
     assert asked[-1] == ["scancel", "11", "12"]
+
+
+def test_a_job_the_memory_plan_cannot_fit_is_refused_before_submission(tmp_path):
+    """launch slurm plans the run for the job's nodes (--mem-gb, else sinfo's smallest node of the partition) and
+    refuses, before submitting, what they cannot hold (the same sentence as train); --no-plan-check (plan_check
+    False) submits; GPU jobs are planned against the nodes' host memory (the GPUs' is not known here)."""
+    from dist_clm.errors import UserError
+    from dist_clm.launch.slurm import SlurmSettings, check_plan, planned_machine, submit
+
+    big = ["model.preset=llama-1b", "model.overrides.vocab_size=32000", f"run.dir={tmp_path / 'run'}"]
+    cpu = SlurmSettings(nodes=1, tasks_per_node=2, mem_gb=24)
+    machine = planned_machine(cpu)
+    assert (machine.world, machine.nodes, machine.host_bytes, machine.on_gpu) == (2, 1, 24 * 10**9, False)
+    with pytest.raises(UserError, match="this run needs .* per rank but 22.35 GiB of memory on a node of 2 rank"):
+        submit(cpu, None, big, dry_run=True)
+    assert "#SBATCH" in submit(cpu, None, big, dry_run=True, plan_check=False)[0]
+    check_plan(None, ["model.preset=tiny", "model.overrides.vocab_size=512"], machine)  # (fits: nothing said)
+    gpu = planned_machine(SlurmSettings(nodes=1, gpus_per_node=8, mem_gb=200))
+    assert gpu.on_gpu and gpu.world == 8
+    with pytest.raises(UserError, match="of host memory per node while building"):
+        check_plan(None, [*big, "model.preset=llama-8b", "distributed.zero_stage=2"], gpu)
+    check_plan(None, [*big, "model.preset=llama-8b", "distributed.zero_stage=3"], gpu)  # (built partitioned)

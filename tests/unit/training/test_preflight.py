@@ -75,3 +75,18 @@ def test_the_checks_import_no_torch():
         for name in [n for n in sys.modules if n.startswith("dist_clm")]:
             del sys.modules[name]
         sys.modules.update(blocked)
+
+
+def test_the_memory_check_refuses_what_cannot_fit_and_steps_aside_where_it_cannot_plan(tmp_path, caplog):
+    """check_memory: a model the machine cannot hold is one sentence; a config.json whose fields the counts
+    cannot read is a warning (the run starts without the check), never a traceback; no vocabulary, no check."""
+    from dist_clm.parallel.memory_plan import Machine
+    from dist_clm.training.preflight import check_memory
+
+    small = Machine(1, 1, 0, 4 * 10**9, on_gpu=False)
+    with pytest.raises(UserError, match="the memory plan says this run needs"):
+        check_memory(load_config(None, ["model.preset=llama-1b"]), small, 32000)
+    check_memory(load_config(None, ["model.preset=llama-1b"]), small, None)
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "vocab_size": 100, "hidden_size": "wide"}')
+    check_memory(load_config(None, [f"model.pretrained={tmp_path}"]), small, None)
+    assert "no memory plan for this run (TypeError" in caplog.text
