@@ -11,10 +11,10 @@ The backward pass recomputes each chunk's logits (the one extra matrix product p
 them at once into the gradients (softmax minus the one-hot target): the weight's rows for that chunk, in one
 product over all tokens as the plain head makes them, written straight into the weight's gradient; the hidden
 states' gradient summed over the chunks in fp32 (N x H). Extra memory is a few N x chunk tensors and N x H, never
-V x H: at 4096 tokens, hidden 8192 and a 128K vocabulary (a 70B-class model) the plain head peaks near 5 GiB and
-this one near its own weight gradient's 2 GiB (bench/loss_head_memory.py). Chunking the vocabulary rather than
-the tokens is what makes that possible: chunks of tokens would each add to every row of the weight's gradient,
-a sum that needs a V x H fp32 buffer (or rounds to bf16 once per chunk).
+V x H: at 4096 tokens, hidden 8192 and a 128K vocabulary (a 70B-class model, bf16) this one peaks at half the
+plain head's peak, mostly its own weight gradient (~4 against ~8.6 GiB, bench/loss_head_memory.py). Chunking
+the vocabulary rather than the tokens is what makes that possible: chunks of tokens would each add to every row
+of the weight's gradient, a sum that needs a V x H fp32 buffer (or rounds to bf16 once per chunk).
 
 The matrix products run in the weights' dtype, as the plain head's do (bf16 on tensor cores; fp32 on TF32
 tensor cores where train.tf32 allows); the logits and softmax are fp32 whatever the weights' dtype, as the plain

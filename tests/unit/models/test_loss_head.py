@@ -61,8 +61,8 @@ def kept_between_forward_and_backward(loss_fn, *inputs):
 def test_between_forward_and_backward_the_head_keeps_per_token_values_not_a_weight_gradient(dtype):
     """Few tokens, a wide model and a large vocabulary (a 70B-class model at one row, scaled down): what the
     fused head holds from its forward to its backward is a few numbers per token, not a V x H weight gradient
-    (it used to keep an fp32 one made in the forward: 10 bytes per weight in all, twice the plain head's peak
-    there). The backward still gives the plain head's gradients."""
+    (it used to keep an fp32 one made in the forward: 10 bytes per weight in all, 1.6x the plain head's
+    peak there). The backward still gives the plain head's gradients."""
     torch.manual_seed(0)
     tokens, width, vocab = 16, 256, 4096
     hidden = torch.randn(1, tokens, width).to(dtype).requires_grad_()
