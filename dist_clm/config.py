@@ -171,8 +171,9 @@ class TrainConfig:
     compile: bool | Literal["auto"] = "auto"  # torch.compile the model through DeepSpeed (engine.compile); auto:
     # on GPUs (where it pays; the time the first step took, compilation included, is reported), not on the CPU
     loss_head: Literal["auto", "fused", "plain"] = "auto"  # fused: the output projection and cross-entropy a chunk
-    # of tokens at a time, never the whole B x L x vocabulary logits (dist_clm/models/loss_head.py); auto: fused for the
-    # model types whose logits are a plain projection (GPT-2, Llama, Mistral, Qwen2), else plain
+    # of the vocabulary at a time, never the whole B x L x vocabulary logits nor a second weight-sized tensor; peaks at
+    # or below plain at any micro batch, for one more matrix product per chunk (dist_clm/models/loss_head.py); auto:
+    # fused for the model types whose logits are a plain projection (GPT-2, Llama, Mistral, Qwen2), else plain
     optimizer: Literal["adamw", "muon"] = "adamw"  # muon: DeepSpeed's Muon (momentum orthogonalized by Newton-Schulz)
     # for the hidden layers' matrices, at optim.muon_lr with optim.muon_momentum; AdamW at optim.lr for embeddings,
     # the output head, norms and biases; ZeRO 1-3, no gradient clipping (optim.grad_clip's default with it)

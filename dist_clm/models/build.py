@@ -11,15 +11,16 @@ from dist_clm.errors import UserError
 
 # model types whose logits are exactly lm_head(the base model's last hidden state): no scaling or soft-capping
 PLAIN_HEADS = ("gpt2", "llama", "mistral", "qwen2")
-# the fused loss head's chunk (loss_head.py): fp32 logits per chunk, 512 tokens at a 128K vocabulary, 1310 at
-# GPT-2's 50K; here, without torch, so that the memory plan reads the same figure
+# the fused loss head's chunk (loss_head.py), here without torch so that the memory plan reads the same figure:
+# fp32 logits per chunk, 16K vocabulary columns at 4096 tokens, 2K at 32 x 1024
 CHUNK_BYTES = 256 * 2**20
+MIN_COLUMNS = 256  # (very long micro batches: chunks narrower than this make slow products)
 
 
-def chunk_rows(vocab: int) -> int:
-    """Tokens per chunk of the fused loss head for a vocabulary of `vocab`: CHUNK_BYTES of fp32 logits (at least
-    128)."""
-    return max(128, CHUNK_BYTES // (4 * vocab))
+def chunk_columns(tokens: int, vocab: int) -> int:
+    """Vocabulary columns per chunk of the fused loss head for `tokens` rows: CHUNK_BYTES of fp32 logits (at least
+    MIN_COLUMNS, at most the whole vocabulary)."""
+    return min(vocab, max(MIN_COLUMNS, CHUNK_BYTES // (4 * max(tokens, 1))))
 
 
 # Each preset is a transformers config: `model_type` picks the family, the rest are that config's fields.

@@ -1,16 +1,29 @@
-"""A language-model loss head that never holds the full logits: the output projection and the cross-entropy,
-fused and computed a chunk of tokens at a time.
+"""A language-model loss head that never holds the full logits nor a second weight-sized tensor: the output
+projection and the cross-entropy, fused and computed a chunk of the vocabulary at a time.
 
-The plain head computes logits = hidden @ W.T for every token (B x L x V, upcast to fp32 for the loss: 8 GiB at a
+The plain head computes logits = hidden @ W.T for every token (N x V, upcast to fp32 for the loss: 8 GiB at a
 128K vocabulary and 8 x 2048 tokens), then their softmax and, in the backward pass, a gradient of the same
-size. Here the tokens go through in chunks of `chunk` rows: each chunk's logits are made, reduced to its loss
-and turned at once into the chunk's gradients for the hidden states and the weight (softmax minus the one-hot
-target), then dropped. The backward pass only scales the gradients kept from the forward pass. Peak memory is
-a few chunk x V tensors, not B x L x V. The matrix products run in the weights' dtype, as the plain head's do
-(bf16 on tensor cores; fp32 on TF32 tensor cores where train.tf32 allows); the weight's gradient is summed
-over the chunks in fp32. This is what liger-kernel's fused linear cross-entropy does with
-Triton kernels on a GPU; this one is plain PyTorch, so it runs wherever the model runs (CPU included). The
-logits and softmax are computed in fp32 whatever the weights' dtype, as the plain head's loss does.
+size, and the weight's gradient (V x H, the weights' dtype). Here the vocabulary goes through in chunks of
+`chunk` columns. The forward pass makes each chunk's logits for all N tokens, folds them into each token's
+log-sum-exp and picks the target's logit, then drops them; it keeps what the backward needs and nothing
+weight-sized: the hidden states, the weight itself (a parameter, held anyway), the labels and the N log-sum-exps.
+The backward pass recomputes each chunk's logits (the one extra matrix product per chunk this costs) and turns
+them at once into the gradients (softmax minus the one-hot target): the weight's rows for that chunk, in one
+product over all tokens as the plain head makes them, written straight into the weight's gradient; the hidden
+states' gradient summed over the chunks in fp32 (N x H). Extra memory is a few N x chunk tensors and N x H, never
+V x H: at 4096 tokens, hidden 8192 and a 128K vocabulary (a 70B-class model, bf16) this one peaks at half the
+plain head's peak, mostly its own weight gradient (~4 against ~8.6 GiB, bench/loss_head_memory.py). Chunking
+the vocabulary rather than the tokens is what makes that possible: chunks of tokens would each add to every row
+of the weight's gradient, a sum that needs a V x H fp32 buffer (or rounds to bf16 once per chunk).
+
+The matrix products run in the weights' dtype, as the plain head's do (bf16 on tensor cores; fp32 on TF32
+tensor cores where train.tf32 allows); the logits and softmax are fp32 whatever the weights' dtype, as the plain
+head's loss is. This is what liger-kernel's fused linear cross-entropy does with Triton kernels on a GPU; this
+one is plain PyTorch, so it runs wherever the model runs (CPU included).
+
+It runs as the output projection module's own forward (install), so under ZeRO-3 DeepSpeed gathers the weight
+around the forward and again, through the hook it puts on the module's output, before the backward that
+recomputes with it, as it does for the plain head's saved weight.
 
 `causal_lm_loss(hidden, weight, labels)` is the drop-in for transformers' causal-LM loss: labels shifted by
 one, -100 ignored, the mean over the predicted tokens.
@@ -20,57 +33,71 @@ from __future__ import annotations
 
 import torch
 
-from dist_clm.models.build import PLAIN_HEADS, chunk_rows
+from dist_clm.models.build import PLAIN_HEADS, chunk_columns
 
 IGNORE = -100
 
 
+def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cut: slice) -> torch.Tensor:
+    """fp32 logits of every row against the vocabulary columns `cut`; the forward and the backward make them by
+    the same call, so the backward's softmax matches the forward's log-sum-exp."""
+    logits = (h @ weight[cut].T).float()
+    if bias is not None:
+        logits += bias[cut].float()
+    return logits
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
-    """sum over rows of cross_entropy(hidden @ weight.T (+ bias), labels), the gradients made in the forward."""
+    """sum over rows of cross_entropy(hidden @ weight.T (+ bias), labels); the backward recomputes the logits."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk):
-        needs = ctx.needs_input_grad
-        grad_hidden = torch.zeros_like(hidden) if needs[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs[1] else None
-        grad_bias = (
-            torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None and needs[2] else None
-        )
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk):
-            h, y = hidden[start : start + chunk], labels[start : start + chunk]
-            logits = (h @ weight.T).float()
-            if bias is not None:
-                logits += bias.float()
-            keep = y != IGNORE
-            target = torch.where(keep, y, 0)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += ((lse - logits.gather(1, target[:, None]).squeeze(1)) * keep).sum()
-            # d(sum of losses)/d(logits) = softmax - one_hot(target), zero on ignored rows; in place on `logits`
-            grad = logits.sub_(lse[:, None]).exp_()
-            grad[torch.arange(len(y), device=y.device), target] -= 1.0
-            grad *= keep[:, None]
-            if grad_hidden is not None:
-                grad_hidden[start : start + chunk] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
-            if grad_weight is not None:  # the product in the weights' dtype (tensor cores), the sum over chunks in fp32
-                grad_weight += (grad.to(weight.dtype).T @ h.to(weight.dtype)).float()
-            if grad_bias is not None:
-                grad_bias += grad.sum(0)
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
-        return total
+        h, vocab = hidden.to(weight.dtype), weight.shape[0]
+        keep = labels != IGNORE
+        target = torch.where(keep, labels, 0)
+        lse = torch.full(labels.shape, -torch.inf, dtype=torch.float32, device=hidden.device)
+        picked = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
+        for start in range(0, vocab, chunk):
+            logits = _logits(h, weight, bias, slice(start, start + chunk))
+            lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
+            column = (target - start).clamp(0, logits.shape[1] - 1)
+            here = (target >= start) & (target < start + logits.shape[1])
+            picked = torch.where(here, logits.gather(1, column[:, None]).squeeze(1), picked)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.chunk = chunk
+        return ((lse - picked) * keep).sum()
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        w_dtype, b_dtype = ctx.dtypes
-        return (
-            None if grad_hidden is None else grad_hidden * grad_total.to(grad_hidden.dtype),
-            None if grad_weight is None else (grad_weight * grad_total).to(w_dtype),
-            None if grad_bias is None else (grad_bias * grad_total).to(b_dtype),
-            None,
-            None,
-        )
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        h, vocab = hidden.to(weight.dtype), weight.shape[0]
+        keep = labels != IGNORE
+        target = torch.where(keep, labels, 0)
+        scale = (grad_total * keep)[:, None]  # d total / d row's loss: 0 on ignored rows
+        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if needs[0] else None
+        grad_weight = torch.empty_like(weight) if needs[1] else None
+        grad_bias = torch.empty_like(bias) if bias is not None and needs[2] else None
+        for start in range(0, vocab, ctx.chunk):
+            cut = slice(start, start + ctx.chunk)
+            logits = _logits(h, weight, bias, cut)
+            # d(sum of losses)/d(logits) = softmax - one_hot(target), scaled; in place on `logits`
+            grad = logits.sub_(lse[:, None]).exp_()
+            column = (target - start).clamp(0, grad.shape[1] - 1)
+            here = (target >= start) & (target < start + grad.shape[1])
+            grad.scatter_add_(1, column[:, None], -here[:, None].float())  # (a scatter: no host sync on GPUs)
+            grad *= scale
+            if grad_bias is not None:
+                grad_bias[cut] = grad.sum(0)
+            grad = grad.to(weight.dtype)  # the products in the weights' dtype (tensor cores), as the plain head's
+            if grad_weight is not None:  # these rows' whole sum over the tokens in one product, as the plain head's
+                torch.mm(grad.T, h, out=grad_weight[cut])
+            if grad_hidden is not None:  # the sum over the chunks in fp32
+                if grad.dtype == torch.float32:
+                    grad_hidden.addmm_(grad, weight[cut])
+                else:
+                    grad_hidden += (grad @ weight[cut]).float()
+        return None if grad_hidden is None else grad_hidden.to(hidden.dtype), grad_weight, grad_bias, None, None
 
 
 def fused_linear_cross_entropy(
@@ -78,10 +105,11 @@ def fused_linear_cross_entropy(
     chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(sum of the per-row cross-entropies, number of rows counted) for rows of `hidden` (N x H) against the
-    output projection `weight` (V x H) and `labels` (N; -100 ignored); `chunk` rows at a time (default:
-    chunk_rows of the vocabulary)."""
+    output projection `weight` (V x H) and `labels` (N; -100 ignored); `chunk` vocabulary columns at a time
+    (default: chunk_columns for N tokens)."""
     hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
-    total = _FusedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk or chunk_rows(weight.shape[0]))
+    chunk = chunk or chunk_columns(labels.shape[0], weight.shape[0])
+    total = _FusedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk)
     return total, (labels != IGNORE).sum()
 
 
@@ -100,7 +128,8 @@ def causal_lm_loss(
 def install(model, chunk: int | None = None) -> bool:
     """Make `model(input_ids, labels=..., ...)` compute its loss with the fused head (its output's logits are
     None); calls without labels (generation, logits for evaluation) are unchanged. The head's loss runs as the
-    output projection module's own forward, so ZeRO-3 gathers its weight around it as for the plain head.
+    output projection module's own forward, so ZeRO-3 gathers its weight around it, and again before its
+    backward (which recomputes the logits with it), as for the plain head.
     False (nothing changed) for a model whose logits are not a plain projection of its last hidden state."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 

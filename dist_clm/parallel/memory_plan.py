@@ -27,7 +27,7 @@ from typing import Any
 
 from dist_clm.config import Config
 from dist_clm.errors import UserError
-from dist_clm.models.build import PLAIN_HEADS, PRESETS, chunk_rows
+from dist_clm.models.build import PLAIN_HEADS, PRESETS, chunk_columns
 
 GB = 10**9
 GiB = 2**30
@@ -368,13 +368,14 @@ def fused_head(cfg: Config, s: ModelSize) -> bool:
 
 def loss_head_bytes(cfg: Config, s: ModelSize, m: Machine, p: int) -> int:
     """Plain: the B x L x V logits, their fp32 copy, the log-softmax kept for the backward and its gradient. Fused
-    (models/loss_head.py): a chunk's fp32 logits and their working copies, the hidden states' gradient made in the
-    forward, and the head's fp32 weight gradient."""
+    (models/loss_head.py, a chunk of the vocabulary at a time): a chunk's fp32 logits for every token and their
+    working copies, the hidden states' fp32 gradient summed over the chunks, and each token's log-sum-exp; the
+    head's weight gradient is the parameter's own, as the plain head's is (counted with the gradients)."""
     tokens = cfg.train.micro_batch_size * max(cfg.data.block_sizes()) // cfg.distributed.sequence_parallel_size
     if not fused_head(cfg, s):
         return tokens * s.vocab * (p + 4 + 4 + 4 - (4 if p == 4 else 0))
-    chunk = min(tokens, chunk_rows(s.vocab))
-    return chunk * s.vocab * (4 + p + 4) + tokens * s.width * p + 4 * s.vocab * s.width
+    chunk = chunk_columns(tokens, s.vocab)
+    return tokens * chunk * (4 + 4 + p) + tokens * s.width * 4 + tokens * 4
 
 
 def buffer_bytes(cfg: Config, s: ModelSize, m: Machine, p: int, zero: dict) -> int:

@@ -119,15 +119,17 @@ class Products(torch.utils._python_dispatch.TorchDispatchMode):
         self.dtypes = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out, torch.ops.aten.addmm.default,
+                    torch.ops.aten.bmm.default):  # fmt: skip
             self.dtypes.append(args[-1].dtype)
         return func(*args, **(kwargs or {}))
 
 
 def test_the_fused_loss_head_multiplies_in_the_weights_dtype():
-    """Every product of the fused head (logits, and the gradients of the hidden states and of the weight) runs
-    in the weights' dtype, as the plain head's do: bf16 on tensor cores, not the weight's gradient in full fp32
-    (2.5 TFLOP per micro batch for GPT-2 124M at 32 x 1024); its gradients equal the plain head's (bf16)."""
+    """Every product of the fused head (logits, their recomputation in the backward, and the gradients of the
+    hidden states and of the weight) runs in the weights' dtype, as the plain head's do: bf16 on tensor cores, not
+    the weight's gradient in full fp32 (2.5 TFLOP per micro batch for GPT-2 124M at 32 x 1024); its gradients equal
+    the plain head's (bf16)."""
     from dist_clm.models.loss_head import fused_linear_cross_entropy
 
     torch.manual_seed(0)
@@ -137,8 +139,10 @@ def test_the_fused_loss_head_multiplies_in_the_weights_dtype():
     labels[::7] = -100
     with Products() as products:
         total, count = fused_linear_cross_entropy(hidden, weight, labels, chunk=128)
-    assert len(products.dtypes) == 3 * 3 and set(products.dtypes) == {torch.bfloat16}  # 3 chunks x 3 products
-    (total / count).backward()
+    assert products.dtypes == [torch.bfloat16] * 4  # the logits of 4 chunks of the vocabulary
+    with Products() as products:
+        (total / count).backward()
+    assert products.dtypes == [torch.bfloat16] * 3 * 4  # per chunk: its logits again, then the two gradients
     h, w = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
     torch.nn.functional.cross_entropy(h @ w.T, labels).backward()
     torch.testing.assert_close(weight.grad.float(), w.grad, rtol=0, atol=2e-3)

@@ -133,15 +133,19 @@ def test_deepspeed_launcher_zero2_bf16_two_ranks_loss_falls_and_resume_continues
 def test_torchrun_two_ranks_zero3_llama_and_export(tmp_path, data_dir):
     """A Llama-style model under torchrun with ZeRO-3, built partitioned: it starts from the weights one ZeRO-2
     rank starts from and trains as that rank does; the fused loss head trains as the plain one; partitioned
-    weights consolidate into a loadable export."""
+    weights consolidate into a loadable export. No parameter is kept whole (stage3_param_persistence_threshold 0:
+    the tiny head's weight would be), so the fused head's backward recomputes its logits with the weight DeepSpeed
+    gathered again for it."""
     import torch
     from transformers import AutoModelForCausalLM
 
     run = tmp_path / "tr"
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
     llama = ["model.preset=tiny-llama", "model.overrides.hidden_size=64", "model.overrides.intermediate_size=172"]
     common = [*llama, "data.block_size=64", "train.micro_batch_size=4", "optim.warmup_steps=1", "train.eval_blocks=4",
               "run.progress_bar=false", f"data.path={data_dir}", "train.max_steps=4", "checkpoint.save_every=4",
-              "train.log_every=2", "train.global_batch_size=8"]  # fmt: skip
+              "train.log_every=2", "train.global_batch_size=8", f"distributed.deepspeed_config={ds}"]  # fmt: skip
     for head, where in (("auto", run), ("plain", tmp_path / "plain")):  # the fused loss head, then the plain one
         tr = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
         r = launch(tr, *common, "distributed.zero_stage=3", f"run.dir={where}", f"train.loss_head={head}")

@@ -16,16 +16,17 @@ def plain_loss(hidden, weight, labels, bias=None):
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 3e-3)])
-@pytest.mark.parametrize("chunk", [7, 64, 4096])  # not dividing the rows, one chunk per row block, all at once
-def test_loss_and_gradients_equal_the_plain_head(dtype, tol, chunk):
+@pytest.mark.parametrize("chunk", [7, 64, 4096])  # not dividing the vocabulary, several chunks, all at once
+@pytest.mark.parametrize("shape", [(3, 41, 24, 301), (1, 24, 384, 700)])  # many tokens; few tokens, a wide model
+def test_loss_and_gradients_equal_the_plain_head(dtype, tol, chunk, shape):
     torch.manual_seed(0)
-    b, n, h, v = 3, 41, 24, 301
+    b, n, h, v = shape
     hidden = torch.randn(b, n, h).to(dtype).requires_grad_()
-    weight = (0.3 * torch.randn(v, h)).to(dtype).requires_grad_()
+    weight = (0.3 * (24 / h) ** 0.5 * torch.randn(v, h)).to(dtype).requires_grad_()  # (logits of one spread)
     bias = torch.randn(v).to(dtype).requires_grad_()
     labels = torch.randint(0, v, (b, n))
     labels[0, :10] = -100  # a masked prompt
-    labels[2, 30:] = -100
+    labels[-1, n - 3 :] = -100
     grads = []
     for fn in (
         lambda: causal_lm_loss(hidden, weight, labels, bias, chunk),
@@ -38,6 +39,50 @@ def test_loss_and_gradients_equal_the_plain_head(dtype, tol, chunk):
     for fused, plain in zip(*grads, strict=True):
         torch.testing.assert_close(fused, plain, rtol=tol, atol=tol)
     assert grads[0][1][0, :9].abs().max() == 0  # a masked token's prediction contributes nothing
+
+
+def kept_between_forward_and_backward(loss_fn, *inputs):
+    """Bytes of the tensors the autograd graph of `loss_fn(*inputs)` saves for its backward, beyond the inputs'
+    own storage (the hidden states and the weight are held anyway)."""
+    own = {t.untyped_storage().data_ptr() for t in inputs if t is not None}
+    kept = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in own:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn(*inputs)
+    return sum(kept.values()), loss
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_between_forward_and_backward_the_head_keeps_per_token_values_not_a_weight_gradient(dtype):
+    """Few tokens, a wide model and a large vocabulary (a 70B-class model at one row, scaled down): what the
+    fused head holds from its forward to its backward is a few numbers per token, not a V x H weight gradient
+    (it used to keep an fp32 one made in the forward: 10 bytes per weight in all, 1.6x the plain head's
+    peak there). The backward still gives the plain head's gradients."""
+    torch.manual_seed(0)
+    tokens, width, vocab = 16, 256, 4096
+    hidden = torch.randn(1, tokens, width).to(dtype).requires_grad_()
+    weight = (0.05 * torch.randn(vocab, width)).to(dtype).requires_grad_()
+    bias = torch.randn(vocab).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (1, tokens))
+    kept, loss = kept_between_forward_and_backward(
+        lambda *t: causal_lm_loss(*t, chunk=1000), hidden, weight, labels, bias
+    )
+    assert kept <= tokens * 16 + 64  # the shifted labels (int64), the log-sum-exps (fp32), the count
+    plain_kept, plain = kept_between_forward_and_backward(plain_loss, hidden, weight, labels, bias)
+    assert plain_kept >= (tokens - 1) * vocab * 4  # (the measure sees what the plain head keeps: its fp32 logits)
+    loss.backward()
+    fused_grads = [t.grad.clone() for t in (hidden, weight, bias)]
+    hidden.grad = weight.grad = bias.grad = None
+    plain.backward()
+    tol = 1e-6 if dtype == torch.float32 else 3e-3
+    for fused, want in zip(fused_grads, (hidden.grad, weight.grad, bias.grad), strict=True):
+        assert fused.dtype == dtype
+        torch.testing.assert_close(fused.float(), want.float(), rtol=tol, atol=tol)
 
 
 def test_a_fully_masked_batch_has_loss_zero_and_no_gradient():
