@@ -140,13 +140,14 @@ class Smoke:
         return code, out.getvalue()
 
     def export_loads(self) -> None:
-        """`dist-clm export` of the ZeRO-3 run; eval of the export (through AutoModelForCausalLM) equals that of
-        the checkpoint, and transformers' own pipeline generates from it."""
+        """`dist-clm export` of the ZeRO-3 run in the precision it trained in (bf16; eval loads a checkpoint in it);
+        eval of the export (through AutoModelForCausalLM) equals that of the checkpoint, and transformers' own
+        pipeline generates from it."""
         from transformers import pipeline
 
         run, out = self.straight(3), self.work / "export"
         shutil.rmtree(out, ignore_errors=True)
-        code, said = self.cli("export", str(run), "--out", str(out))
+        code, said = self.cli("export", str(run), "--out", str(out), "--dtype", "bfloat16")
         if code != 0:
             self.check("export loads in transformers", False, f"dist-clm export: exit {code}; {last_line(said)}")
             return

@@ -33,7 +33,8 @@ is set by `model.overrides.vocab_size` to its own vocabulary: 50257 for GPT-2 (G
 short of 32000 tokens on 5 MB). All variants take their batches from the same TrainLoader (dist_clm's
 streaming packer over the prepared shards, shuffled, 0 workers, micro batch = batch, one rank, built by
 TrainLoader.from_config), so each pays the same data cost, and each starts from the same weights
-(torch.manual_seed(train.seed) before build_model, which train() does too).
+(torch.manual_seed(train.seed) before build_model, and transformers' initialization from the seed again after
+it, parallel/partitioned.initialize, as train() does).
 
 Every variant runs in a fresh subprocess (`--one VARIANT`) so that compile caches, CUDA memory and the process
 group do not carry over from one to the next. Each runs W warm-up steps (they include torch.compile's
@@ -397,6 +398,7 @@ def measure(model_name: str, variant: str, data: str | Path, work: Path, warmup:
     from dist_clm.models.build import active_params, build_model, count_params, flops_per_token
     from dist_clm.observability.metrics import peak_flops
     from dist_clm.parallel.engine import resolve_precision
+    from dist_clm.parallel.partitioned import initialize
 
     m = MODELS[model_name]
     run_dir = work / "runs" / f"{model_name}_{variant}"
@@ -417,6 +419,8 @@ def measure(model_name: str, variant: str, data: str | Path, work: Path, warmup:
         res = dist_clm_loop(cfg, device, warmup, steps)
     else:
         model = build_model(cfg.model.preset, cfg.model.pretrained, cfg.model.overrides, tok)
+        if not cfg.model.pretrained:
+            initialize(model, cfg.train.seed)  # (transformers' initialization from the seed again, as train() does)
         phase("model built")
         res = plain_loop(cfg, model, sources, device, warmup, steps)
     n_params, n_active = count_params(model), active_params(model)

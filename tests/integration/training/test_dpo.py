@@ -170,8 +170,11 @@ def test_reward_accuracy_rises_in_training_and_on_held_out_pairs(tmp_path, pref_
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [row for row in metrics(run) if "train/reward_accuracy" in row]
     first, last = rows[0]["train/reward_accuracy"], rows[-1]["train/reward_accuracy"]
-    # from chance (dpo's step 1: the policy is its reference, every reward 0, a tie) to above 90%
-    assert first < 0.75 and last > 0.9, [row["train/reward_accuracy"] for row in rows]
+    # up to above 90%: from a tie for dpo (its step 1: the policy is its reference, every reward 0), from what the
+    # random initial weights give for orpo
+    assert (first < 0.75 if objective == "dpo" else first < last) and last > 0.9, [
+        row["train/reward_accuracy"] for row in rows
+    ]
     assert rows[-1]["train/reward_margin"] > rows[0]["train/reward_margin"]
 
     held_out = read_manifest(pref_data)["splits"]["val"]["conversations"]  # (of pairs: the pairs)

@@ -168,6 +168,7 @@ def test_the_step_loss_is_the_mean_over_all_its_learned_tokens(tmp_path, sft_dat
     from dist_clm.data.loader import TrainLoader
     from dist_clm.data.run_data import run_tokenizer, training_sources
     from dist_clm.models.attention import build_model_with
+    from dist_clm.parallel.partitioned import initialize
     from dist_clm.parallel.process_group import free_port
     from dist_clm.training.preflight import settle
     from tests.helpers import BIN, launch
@@ -187,6 +188,7 @@ def test_the_step_loss_is_the_mean_over_all_its_learned_tokens(tmp_path, sft_dat
     cfg = settle(cfg, sources)
     torch.manual_seed(cfg.train.seed)  # the initial weights train() starts from
     model = build_model_with(["sdpa"], cfg.model.preset, "", cfg.model.overrides, run_tokenizer(sources)).eval()
+    initialize(model, cfg.train.seed)
     sums, counts = [], []
     with torch.no_grad():
         for rank in range(world):
