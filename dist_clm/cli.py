@@ -190,11 +190,13 @@ def _size(text: str, flag: str) -> int:
     """'80GB' -> 80e9 bytes, '1TiB' -> 2**40 (a plain number: GB)."""
     import re
 
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?)(i?)b?\s*", text.lower())
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?)(i?)(b?)\s*", text.lower())
     if not m:
         raise UserError(f"{flag} {text!r} is not a size; write it like 80GB, 141GB or 1TB.")
-    scale = (1024 if m.group(3) else 1000) ** " kmgt".index(m.group(2) or ("g" if not text[-1:].isalpha() else " "))
-    return int(float(m.group(1)) * scale)
+    number, prefix, binary, unit = m.groups()
+    if not (prefix or binary or unit):
+        prefix = "g"  # (a plain number)
+    return int(float(number) * (1024 if binary else 1000) ** " kmgt".index(prefix or " "))
 
 
 def _plan(a: argparse.Namespace) -> None:
