@@ -331,11 +331,21 @@ class DistributedConfig:
     # (DeepSpeed's Ulysses; parallel/sequence_parallel.py): for blocks longer than one GPU's activations hold. It
     # must divide the ranks, the attention heads and every block size; the global batch still counts blocks, so
     # it changes nothing in the math (a run may resume at another size)
+    tensor_parallel_size: int = 1  # ranks that split each layer's matrices (DeepSpeed's AutoTP; parallel/
+    # tensor_parallel.py): consecutive ranks of a node form a group and read the same micro batches; it must divide
+    # the ranks on each node, the heads, key/value heads, MLP width and vocabulary. Llama- and Qwen3-style models
+    tensor_parallel_across_nodes: bool = False  # allow a tensor-parallel group to span nodes (its all-reduces, two per
+    # layer and pass, then cross the network: slow unless the nodes share NVLink)
     deepspeed_config: str = ""  # a DeepSpeed JSON merged over the generated one (see dist_clm/parallel/engine.py)
     collective_timeout_s: float = 300.0  # from the second step on, a collective that waits longer ends the run:
     # a rank died or stalled; every rank stops, naming it, with exit 75 (rerun / requeue resumes). Set-up,
     # checkpoint saves and loads may wait 30 min; downstream tasks (train.eval_tasks) as long as they take, unless
     # rank 0's heartbeat stands still this long
+
+    @property
+    def ranks_per_batch(self) -> int:
+        """Ranks that read the same micro batches: a sequence- or tensor-parallel group (they never combine)."""
+        return self.sequence_parallel_size * self.tensor_parallel_size
 
     def checks(self) -> list[Check]:
         return [
@@ -344,6 +354,18 @@ class DistributedConfig:
                 self.sequence_parallel_size >= 1,
                 "sequence_parallel_size",
                 f"must be 1 (off) or more, got {self.sequence_parallel_size}",
+            ),
+            (
+                self.tensor_parallel_size >= 1,
+                "tensor_parallel_size",
+                f"must be 1 (off) or more, got {self.tensor_parallel_size}",
+            ),
+            (
+                self.tensor_parallel_size == 1 or self.sequence_parallel_size == 1,
+                "tensor_parallel_size",
+                f"is {self.tensor_parallel_size} and distributed.sequence_parallel_size "
+                f"{self.sequence_parallel_size}, but DeepSpeed's AutoTP builds a mesh of data and tensor parallelism "
+                "only (no sequence dimension), so the two cannot combine; set one of them to 1",
             ),
             (
                 not self.offload_params or self.zero_stage == 3,

@@ -241,6 +241,39 @@ def train_losses(rows: list[dict]) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
+def run_probe(module: str, tmp_path: Path) -> dict:
+    """A probe module (tests/*_probe.py) run under torchrun on 2 ranks; the differences it found (its JSON)."""
+    from dist_clm.parallel.process_group import free_port
+
+    out = tmp_path / "probe.json"
+    r = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m",
+                        module, str(out)], capture_output=True, text=True, timeout=600, cwd=REPO)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def kill_then_resume(cmd: list[str], run: Path, step: int) -> None:
+    """Start a torchrun training `cmd` writing to `run`, kill -9 its whole process group once step `step` has
+    been logged, then run it again to its end (a new port), which must resume from a checkpoint."""
+    import signal
+
+    from dist_clm.parallel.process_group import free_port
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if (run / "metrics.jsonl").is_file() and step in train_losses(metrics(run)):
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    cmd[cmd.index("--master_port") + 1] = str(free_port())
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout + r.stderr
+
+
 def checkpoint_dir(run: Path, step: int) -> Path:
     from dist_clm.checkpointing.checkpointer import checkpoints_dir, tag_for
 

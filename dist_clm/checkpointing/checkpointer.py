@@ -36,6 +36,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -86,6 +87,12 @@ def checkpoints_dir(run_dir: str | Path) -> Path:
 def run_dir_of(tag_dir: Path) -> Path:
     """The run directory a checkpoint directory belongs to."""
     return tag_dir.parent.parent
+
+
+def saved_tensor_parallel(tag_dir: Path) -> int:
+    """The tensor-parallel size a checkpoint was saved with: DeepSpeed writes a model-parallel rank's files apart."""
+    ranks = {m.group(1) for f in tag_dir.iterdir() if (m := re.search(r"mp_rank_(\d+)_model_states", f.name))}
+    return max(len(ranks), 1)
 
 
 def read_marker(tag_dir: Path) -> dict:
@@ -174,9 +181,10 @@ class Checkpointer:
     """Saves and restores a run's checkpoints, for this rank; keeps the last `keep_last` complete ones."""
 
     def __init__(self, run_dir: str | Path, keep_last: int, env: DistEnv, zero_stage: int, size_hint: int = 0,
-                 background: bool = False):  # fmt: skip
+                 background: bool = False, tensor_parallel: int = 1):  # fmt: skip
         self.run_dir, self.dir = Path(run_dir), checkpoints_dir(run_dir)
         self.keep_last, self.env, self.zero_stage = keep_last, env, zero_stage
+        self.tensor_parallel = tensor_parallel  # distributed.tensor_parallel_size: DeepSpeed's files per group rank
         self.size_hint = size_hint  # bytes a checkpoint takes, before the first one exists (a pre-flight check)
         self.background = background  # DeepSpeed's files written behind the step loop (writer.py)
         self.pending: _Pending | None = None  # the save in flight, not yet marked complete
@@ -336,6 +344,7 @@ class Checkpointer:
                 "step": p.step,
                 "zero_stage": p.zero_stage,
                 "world_size": p.world_size,
+                "tensor_parallel_size": self.tensor_parallel,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "files": dict(sorted(files.items())),
             }
@@ -366,11 +375,23 @@ class Checkpointer:
         )
 
     def _needs_universal(self, tag_dir: Path) -> bool:
-        """ZeRO partitions the optimizer state by rank, so a checkpoint written by another number of ranks (or
-        another stage) cannot be loaded as it is."""
+        """ZeRO partitions the optimizer state by rank, and tensor parallelism the model by group rank, so a
+        checkpoint written by another number of ranks (or another stage, or tensor-parallel size) cannot be loaded
+        as it is; DeepSpeed's universal checkpoint resumes it where it can, the rest is refused in one sentence."""
         marker = read_marker(tag_dir)
-        saved = (marker["world_size"], marker["zero_stage"])
-        return saved != (self.env.world_size, self.zero_stage) and max(marker["zero_stage"], self.zero_stage) > 0
+        saved_tp = saved_tensor_parallel(tag_dir)
+        saved = (marker["world_size"], marker["zero_stage"], saved_tp)
+        if saved == (self.env.world_size, self.zero_stage, self.tensor_parallel):
+            return False
+        stages = (marker["zero_stage"], self.zero_stage)
+        if max(saved_tp, self.tensor_parallel) > 1 and (3 in stages or max(stages) == 0):
+            was = f"tensor_parallel_size={saved_tp}, {marker['world_size']} ranks, ZeRO-{marker['zero_stage']}"
+            raise UserError(
+                f"'{tag_dir}' was saved with {was}, and DeepSpeed's universal checkpoint converts tensor-parallel "
+                "checkpoints of ZeRO stages 1 and 2 only; resume it with those settings, or export it (`dist-clm "
+                "export`) and train on from the export with model.pretrained."
+            )
+        return saved_tp != self.tensor_parallel or max(stages) > 0
 
     def _universal(self, tag_dir: Path) -> Path:
         """Collective: `tag_dir/universal`, DeepSpeed's world-size independent form of the checkpoint, made once

@@ -313,6 +313,10 @@ class InLoop:
         if self.tasks and run.sp.size > 1:
             raise UserError("train.eval_tasks do not run under sequence parallelism yet (the model's forward is "
                             "sharded); evaluate its checkpoints with `dist-clm eval RUN --tasks ...`.")  # fmt: skip
+        if self.tasks and run.tp.size > 1:
+            raise UserError("train.eval_tasks do not run under tensor parallelism yet (rank 0 runs the harness alone, "
+                            "and each layer's matrices are split over its group); evaluate its checkpoints with "
+                            "`dist-clm eval RUN --tasks ...`.")  # fmt: skip
         if self.tasks:  # (a name that is no task: said before the first step, not at the first evaluation)
             from dist_clm.parallel.collectives import agree_on_error
 

@@ -23,9 +23,17 @@ import sys
 from pathlib import Path
 
 from dist_clm import console
-from dist_clm.checkpointing.checkpointer import COMPLETE, read_marker, read_parts, reading, run_dir_of
+from dist_clm.checkpointing.checkpointer import (
+    COMPLETE,
+    read_marker,
+    read_parts,
+    reading,
+    run_dir_of,
+    saved_tensor_parallel,
+)
 from dist_clm.data.order import SKIPS, prepared_identity
 from dist_clm.errors import UserError
+from dist_clm.evaluation import shards
 from dist_clm.fsutil import atomic_dir, refuse_non_empty
 from dist_clm.parallel.process_group import import_deepspeed
 
@@ -44,10 +52,14 @@ def load_state_dict(tag_dir: Path) -> dict:
     """The model's weights from a checkpoint, consolidated in fp32 on the CPU, without GPUs or an engine.
 
     ZeRO 1-3 keep fp32 master weights partitioned in the optimizer shards; DeepSpeed's own zero_to_fp32
-    gathers them. ZeRO 0 keeps the module's own weights in the model-states file.
+    gathers them. ZeRO 0 keeps the module's own weights in the model-states file. Tensor parallelism's shards
+    are joined (shards.py).
     """
     import torch
 
+    if saved_tensor_parallel(tag_dir) > 1:
+        lazy, materialize = shards.joined(tag_dir, _lazy_weights)
+        return materialize(lazy)
     if read_marker(tag_dir)["zero_stage"] == 0:
         states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         return {k: v.float() for k, v in states["module"].items()}
@@ -158,6 +170,8 @@ def _lazy_weights(tag_dir: Path) -> tuple[dict, callable]:
     tensor); ZeRO 0 from the model-states file, memory-mapped."""
     import torch
 
+    if saved_tensor_parallel(tag_dir) > 1:
+        return shards.joined(tag_dir, _lazy_weights)
     if read_marker(tag_dir)["zero_stage"] == 0:
         states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False)
         return states["module"], lambda part: {k: v.float().contiguous() for k, v in part.items()}

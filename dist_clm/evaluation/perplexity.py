@@ -87,8 +87,10 @@ def perplexity(
     rank: int = 0,
     world: int = 1,
     byte_lengths: np.ndarray | None = None,
+    counts: bool = True,
 ) -> dict[str, float]:
-    """Score `wins` of the stream `read(start, length)`; each rank takes every world-th window, sums reduce.
+    """Score `wins` of the stream `read(start, length)`; each rank takes every world-th window, sums reduce (a
+    rank that does not count adds nothing: another rank of its tensor-parallel group scores the same windows).
     A `read` that returns (tokens, learned, positions) (TokenStream.read_learned: fine-tuning data) scores only
     the learned tokens, with attention kept inside each document by the restarting positions.
 
@@ -121,7 +123,7 @@ def perplexity(
         mask = torch.arange(targets.shape[1]).unsqueeze(0) >= first
         if learned is not None:
             mask &= learned[:, 1:].bool()
-        if real:
+        if real and counts:
             sums[0] += float((per_token.view(targets.shape).cpu() * mask).sum(dtype=torch.float64))
             sums[1] += int(mask.sum())
             if table is not None:

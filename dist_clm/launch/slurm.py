@@ -284,6 +284,8 @@ def submit(
     settings.check()
     runs = [_sweep_overrides(config, overrides, extra, i) for i, extra in enumerate(sweep)] if sweep else [overrides]
     dirs = [configured_run_dir(config, o) for o in runs]  # also checks every config before anything is submitted
+    for o in runs:
+        check_layout(config, o, settings)
     if plan_check:
         machine = planned_machine(settings)
         for o in runs:
@@ -318,6 +320,19 @@ def planned_machine(settings: SlurmSettings):
         return None
     world = settings.nodes * settings.tasks()
     return Machine(world, settings.nodes, 0, host, on_gpu=bool(settings.gpus_per_node))
+
+
+def check_layout(config: str | None, overrides: list[str], settings: SlurmSettings) -> None:
+    """One sentence, before anything is submitted, when the run's parallel groups do not fit the job's ranks: the
+    sizes must divide them, and each tensor-parallel group must lie on one node (tasks are ranks node by node)."""
+    from dist_clm.config import load_config
+    from dist_clm.parallel.fit import check_tensor_parallel_nodes, check_world
+
+    d = load_config(config, overrides).distributed
+    tasks = settings.tasks()
+    table = [{"rank": r, "node": f"node {r // tasks + 1}"} for r in range(settings.nodes * tasks)]
+    check_world(d, len(table))
+    check_tensor_parallel_nodes(d.tensor_parallel_size, table, d.tensor_parallel_across_nodes)
 
 
 def check_plan(config: str | None, overrides: list[str], machine) -> None:

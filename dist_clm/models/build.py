@@ -11,6 +11,9 @@ from dist_clm.errors import UserError
 
 # model types whose logits are exactly lm_head(the base model's last hidden state): no scaling or soft-capping
 PLAIN_HEADS = ("gpt2", "llama", "mistral", "qwen2")
+# the families whose transformers config carries a tensor-parallel plan that DeepSpeed's AutoTP trains with
+# (projections split by columns then rows; GPT-2's fused Conv1D layers have none)
+TENSOR_PARALLEL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 # the fused loss head's chunk (loss_head.py), here without torch so that the memory plan reads the same figure:
 # fp32 logits per chunk, 16K vocabulary columns at 4096 tokens, 2K at 32 x 1024
 CHUNK_BYTES = 256 * 2**20
@@ -34,6 +37,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
+        hidden_size=128,
+        intermediate_size=344,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    ),
+    # A Qwen3-style tiny model (tiny-llama's shape with Qwen3's per-head query/key norms) for tests.
+    "tiny-qwen3": dict(
+        model_type="qwen3",
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
         hidden_size=128,
         intermediate_size=344,
         max_position_embeddings=512,
@@ -231,13 +246,15 @@ def preset_config(preset: str, overrides: dict[str, Any], vocab: int, bos: int |
 @dataclass(frozen=True)
 class Shape:
     """What the checks of a run's settings need of its model: its family, attention heads, key/value heads,
-    positions (None: the family has no limit) and embeddings (None: the tokenizer's size)."""
+    positions (None: the family has no limit), embeddings (None: the tokenizer's size) and experts per layer (0: a
+    dense model)."""
 
     model_type: str
     heads: int
     kv_heads: int
     positions: int | None
     vocab: int | None = None
+    experts: int = 0
 
     @classmethod
     def of(cls, config) -> Shape:
@@ -245,7 +262,8 @@ class Shape:
         text = config.get_text_config()
         heads = text.num_attention_heads
         kv = getattr(text, "num_key_value_heads", None) or heads
-        return cls(config.model_type, heads, kv, max_positions(config), config.vocab_size)
+        experts = getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None) or 0
+        return cls(config.model_type, heads, kv, max_positions(config), config.vocab_size, experts)
 
 
 # transformers' attribute maps for the fields Shape reads, for the families whose configs name them otherwise
@@ -285,7 +303,8 @@ def model_shape(preset: str, pretrained: str, overrides: dict[str, Any]) -> Shap
     if not isinstance(model_type, str) or heads is None:
         return None
     kv, positions = field("num_key_value_heads") or heads, field("max_position_embeddings")
-    return Shape(model_type, heads, kv, positions, field("vocab_size"))
+    experts = field("num_experts") or field("num_local_experts") or 0
+    return Shape(model_type, heads, kv, positions, field("vocab_size"), experts)
 
 
 def max_positions(config) -> int | None:

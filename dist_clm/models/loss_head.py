@@ -48,13 +48,16 @@ def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cu
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
-    """sum over rows of cross_entropy(hidden @ weight.T (+ bias), labels); the backward recomputes the logits."""
+    """sum over rows of cross_entropy(hidden @ weight.T (+ bias), labels); the backward recomputes the logits.
+    With a process `group`, `weight` is this rank's rows of a vocabulary split over the group (the first being
+    vocabulary id `offset`): the log-sum-exps and the targets' logits are combined over the group, and so is the
+    hidden states' gradient; every rank returns the whole loss."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk):
+    def forward(ctx, hidden, weight, bias, labels, chunk, group=None, offset=0):
         h, vocab = hidden.to(weight.dtype), weight.shape[0]
         keep = labels != IGNORE
-        target = torch.where(keep, labels, 0)
+        target = torch.where(keep, labels - offset, -1)  # (-1: no column here, ignored or another rank's)
         lse = torch.full(labels.shape, -torch.inf, dtype=torch.float32, device=hidden.device)
         picked = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
         for start in range(0, vocab, chunk):
@@ -63,8 +66,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             column = (target - start).clamp(0, logits.shape[1] - 1)
             here = (target >= start) & (target < start + logits.shape[1])
             picked = torch.where(here, logits.gather(1, column[:, None]).squeeze(1), picked)
+        if group is not None:
+            lse, picked = _combine(lse, picked, group)
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.group, ctx.offset = chunk, group, offset
         return ((lse - picked) * keep).sum()
 
     @staticmethod
@@ -73,7 +78,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         needs = ctx.needs_input_grad
         h, vocab = hidden.to(weight.dtype), weight.shape[0]
         keep = labels != IGNORE
-        target = torch.where(keep, labels, 0)
+        target = torch.where(keep, labels - ctx.offset, -1)
         scale = (grad_total * keep)[:, None]  # d total / d row's loss: 0 on ignored rows
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if needs[0] else None
         grad_weight = torch.empty_like(weight) if needs[1] else None
@@ -97,54 +102,80 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                     grad_hidden.addmm_(grad, weight[cut])
                 else:
                     grad_hidden += (grad @ weight[cut]).float()
-        return None if grad_hidden is None else grad_hidden.to(hidden.dtype), grad_weight, grad_bias, None, None
+        if grad_hidden is not None and ctx.group is not None:  # (each rank's rows give their share of it)
+            torch.distributed.all_reduce(grad_hidden, group=ctx.group)
+        grad_hidden = None if grad_hidden is None else grad_hidden.to(hidden.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def _combine(lse: torch.Tensor, picked: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole vocabulary's log-sum-exps from each rank's over its rows (a max, then a sum of exponentials
+    relative to it: no overflow), and the targets' logits from the one rank that holds each."""
+    import torch.distributed as dist
+
+    top = lse.clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    total = (lse - top).exp()
+    dist.all_reduce(total, group=group)
+    dist.all_reduce(picked, group=group)
+    return top + total.log(), picked
 
 
 def fused_linear_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None = None,
-    chunk: int | None = None,
+    chunk: int | None = None, group=None, offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(sum of the per-row cross-entropies, number of rows counted) for rows of `hidden` (N x H) against the
     output projection `weight` (V x H) and `labels` (N; -100 ignored); `chunk` vocabulary columns at a time
-    (default: chunk_columns for N tokens)."""
+    (default: chunk_columns for N tokens). With a process `group`: `weight` is this rank's rows of the vocabulary
+    from id `offset` on, the other rows the group's other ranks' (tensor parallelism)."""
     hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     chunk = chunk or chunk_columns(labels.shape[0], weight.shape[0])
-    total = _FusedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk)
+    total = _FusedLinearCrossEntropy.apply(hidden, weight, bias, labels, chunk, group, offset)
     return total, (labels != IGNORE).sum()
 
 
 def causal_lm_loss(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None = None,
-    chunk: int | None = None, num_items: torch.Tensor | float | None = None,
+    chunk: int | None = None, num_items: torch.Tensor | float | None = None, group=None, offset: int = 0,
 ) -> torch.Tensor:  # fmt: skip
     """transformers' causal-LM loss (token t predicts label t+1, -100 ignored, mean over predicted tokens)
     from the final hidden states (B x L x H), without the B x L x V logits. With `num_items` (transformers'
-    num_items_in_batch), the sum over predicted tokens divided by it instead."""
+    num_items_in_batch), the sum over predicted tokens divided by it instead. `group`, `offset`: a vocabulary
+    split over ranks (fused_linear_cross_entropy)."""
     shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)
-    total, count = fused_linear_cross_entropy(hidden, weight, shifted, bias, chunk)
+    total, count = fused_linear_cross_entropy(hidden, weight, shifted, bias, chunk, group, offset)
     return total / (count.clamp(min=1) if num_items is None else num_items)
 
 
-def install(model, chunk: int | None = None) -> bool:
+def fits(config) -> bool:
+    """Whether a model of `config` computes its logits as a plain projection of its last hidden state (the fused
+    head computes the same loss then)."""
+    return config.model_type in PLAIN_HEADS and not getattr(config, "final_logit_softcapping", None)
+
+
+def install(model, chunk: int | None = None, group=None) -> bool:
     """Make `model(input_ids, labels=..., ...)` compute its loss with the fused head (its output's logits are
     None); calls without labels (generation, logits for evaluation) are unchanged. The head's loss runs as the
     output projection module's own forward, so ZeRO-3 gathers its weight around it, and again before its
-    backward (which recomputes the logits with it), as for the plain head.
+    backward (which recomputes the logits with it), as for the plain head. With a process `group` (collective):
+    the output projection holds this rank's consecutive rows of a vocabulary split over the group, in rank order
+    (tensor parallelism).
     False (nothing changed) for a model whose logits are not a plain projection of its last hidden state."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    config = model.config
-    if config.model_type not in PLAIN_HEADS or getattr(config, "final_logit_softcapping", None):
+    if not fits(model.config):
         return False
     head, base = model.get_output_embeddings(), model.base_model
     project, whole = head.forward, model.forward
+    offset = _first_row(head.weight, group) if group is not None else 0
 
     def head_forward(hidden, labels=None, num_items=None, shift_labels=None):
         if shift_labels is not None:  # (sequence parallelism: labels shifted over the whole row; the sum returned)
             return fused_linear_cross_entropy(hidden, head.weight, shift_labels, head.bias, chunk)[0]
         if labels is None:
             return project(hidden)
-        return causal_lm_loss(hidden, head.weight, labels, head.bias, chunk, num_items)
+        return causal_lm_loss(hidden, head.weight, labels, head.bias, chunk, num_items, group, offset)
 
     def forward(input_ids=None, labels=None, num_items_in_batch=None, **kwargs):
         if labels is None:
@@ -156,3 +187,14 @@ def install(model, chunk: int | None = None) -> bool:
     head.forward, model.forward = head_forward, forward
     head.fused_loss = True  # (attention.feed_documents calls the head with labels too)
     return True
+
+
+def _first_row(weight, group) -> int:
+    """Collective: the vocabulary id of this rank's first row of an output projection split over `group`."""
+    import torch.distributed as dist
+
+    rows = (getattr(weight, "ds_shape", None) or weight.shape)[0]  # (ZeRO-3 keeps an empty stand-in)
+    mine = torch.tensor([rows], device=weight.device)  # (on the weight's device: NCCL reduces GPU tensors only)
+    sizes = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, mine, group=group)
+    return int(sum(sizes[: dist.get_rank(group)]))

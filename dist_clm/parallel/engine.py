@@ -3,8 +3,8 @@
 Precedence of the DeepSpeed config, lowest first: what dist_clm generates from the `train`, `optim` and
 `distributed` sections -> the user's JSON file (`distributed.deepspeed_config`), merged key by key -> the batch
 keys, which only `train.*` may set (the loader must agree with them; a file that sets them differently is
-refused). Sequence parallelism is `distributed.sequence_parallel_size` (the loader must feed its groups); tensor
-parallelism is refused: the loader feeds every rank its own data. The result is written to RUN/ds_config.json.
+refused). Sequence and tensor parallelism are `distributed.sequence_parallel_size` and `tensor_parallel_size` (the
+loader must feed their groups), never the file's. The result is written to RUN/ds_config.json.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from dist_clm.errors import UserError
 
 BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
 # DeepSpeed keys that split the model over ranks; their ranks need the same batch, which only dist_clm's own
-# settings arrange with the loader, so a value above 1 in the user's file is refused, naming the setting if any
+# settings arrange with the loader, so a value above 1 in the user's file is refused, naming the setting
 MODEL_PARALLEL_KEYS = {
     ("sequence_parallel_size",): "distributed.sequence_parallel_size",
-    ("tensor_parallel", "autotp_size"): "tensor parallelism",
-    ("tensor_parallel", "tp", "tp_size"): "tensor parallelism",
-    ("tensor_parallel", "tensor_parallel", "tp_size"): "tensor parallelism",
+    ("tensor_parallel", "autotp_size"): "distributed.tensor_parallel_size",
+    ("tensor_parallel", "tp", "tp_size"): "distributed.tensor_parallel_size",
+    ("tensor_parallel", "tensor_parallel", "tp_size"): "distributed.tensor_parallel_size",
 }
 
 
@@ -58,7 +58,7 @@ def use_tf32(enabled: bool, on_gpu: bool) -> None:
 
 def resolve_grad_accum(t: TrainConfig, world: int) -> int:
     """train.grad_accum, or the one that makes train.global_batch_size blocks per step on `world` data-parallel
-    ranks (the world size over distributed.sequence_parallel_size)."""
+    ranks (the world size over the ranks that share a batch: a sequence- or tensor-parallel group)."""
     if not t.global_batch_size:
         return t.grad_accum
     per_pass = t.micro_batch_size * world
@@ -105,6 +105,8 @@ def deepspeed_config(
         generated["communication_data_type"] = "fp32"
     if d.sequence_parallel_size > 1:  # (for the record: the groups reach DeepSpeed as the mpu, see sequence_parallel)
         generated["sequence_parallel_size"] = d.sequence_parallel_size
+    if d.tensor_parallel_size > 1:  # DeepSpeed's AutoTP shards the model in deepspeed.initialize (tensor_parallel.py)
+        generated["tensor_parallel"] = {"autotp_size": d.tensor_parallel_size}
     return with_user_config(generated, d)
 
 
@@ -132,14 +134,8 @@ def with_user_config(generated: dict, d: DistributedConfig) -> dict:
     for keys, what in MODEL_PARALLEL_KEYS.items():
         value = _lookup(user, keys)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 1:
-            if what.startswith("distributed."):
-                raise UserError(f"'{path}' sets {'.'.join(keys)}={value}; set {what} instead (the loader must feed "
-                                "its groups), and remove it from the file.")  # fmt: skip
-            raise UserError(
-                f"'{path}' sets {'.'.join(keys)}={value}, but dist_clm trains data-parallel (and sequence-parallel) "
-                f"only: every rank reads its own share of each batch, while {what} needs ranks that see the same "
-                "one; remove it."
-            )
+            raise UserError(f"'{path}' sets {'.'.join(keys)}={value}; set {what} instead (the loader must feed "
+                            "its groups), and remove it from the file.")  # fmt: skip
     if d.sequence_parallel_size > 1 and _lookup(user, ("compile", "deepcompile")):
         raise UserError(
             f"'{path}' sets compile.deepcompile, which reduces gradients its own way (divided by every rank), "
@@ -159,6 +155,12 @@ def optimizer_config(t: TrainConfig, o: OptimConfig, d: DistributedConfig, on_gp
         # torch's AdamW; fused (one kernel for all parameters) on GPU, where it needs no compilation
         fused = {"fused": True} if on_gpu and not d.offload_optimizer else {}
         return {"type": "AdamW", "params": {**adamw, "torch_adam": True, **fused}}
+    if d.tensor_parallel_size > 1:
+        raise UserError(
+            "config key 'train.optimizer' is muon, which orthogonalizes each matrix whole, but tensor parallelism "
+            "leaves each rank a slice of it (the slices' orthogonalizations are not the matrix's); use adamw, or set "
+            "distributed.tensor_parallel_size=1 (ZeRO-3 trains Muon on large models)."
+        )
     if d.zero_stage == 0:
         raise UserError(
             "config key 'train.optimizer' is muon, which dist_clm runs with ZeRO stages 1-3 (DeepSpeed's stage-0 "

@@ -51,10 +51,6 @@ class SequenceParallel:
     rank: int = 0  # within its group
     scale: int = 1  # the loss's factor before backward (fit_reduction: the group's size, or 1)
 
-    def dp(self, rank: int, world: int) -> tuple[int, int]:
-        """(data-parallel rank, data-parallel world size) of global rank `rank` of `world`."""
-        return rank // self.size, world // self.size
-
     def whole(self, loss: torch.Tensor, share: bool = True) -> torch.Tensor:
         """The micro batch's loss from this rank's share of it (what the rank reports; no gradient); a loss
         every rank of the group computed whole (`share` false: the preference objectives) as it is."""

@@ -285,16 +285,17 @@ class Validation:
                         for n, v in self.splits.items() for length in self.lengths}  # fmt: skip
 
     def at(self, length: int) -> dict[str, dict]:
-        env = self.run.env
+        rank, world, counts = self.run.eval_share
         return {
             name: perplexity(
                 self.run.engine.module,
                 split.reader(),
                 self.windows[name, length],
                 self.run.cfg.train.micro_batch_size,
-                env.device,
-                env.rank,
-                env.world_size,
+                self.run.env.device,
+                rank,
+                world,
+                counts=counts,
             )  # fmt: skip
             for name, split in self.splits.items()
         }
@@ -360,8 +361,8 @@ class HeldOutPairs:
         """(the scalars, the console's line, the figures train() returns)."""
         run, env = self.run, self.run.env
         sums = preference.held_out(run.engine.module, run.objective.measure, self.stream, self.reference, self.block,
-                                   self.units, run.cfg.train.micro_batch_size // 2, env.device, env.rank,
-                                   env.world_size)  # fmt: skip
+                                   self.units, run.cfg.train.micro_batch_size // 2, env.device,
+                                   *run.eval_share)  # fmt: skip
         stats, (loss, nll, tokens) = sums[: len(preference.STATS)], sums[len(preference.STATS) :]
         if (error := run.objective.flaw_error(stats)) is not None:
             raise agreed(error)  # (the same sums on every rank)

@@ -185,11 +185,12 @@ STATS = ("pairs", "reward_chosen", "reward_rejected", "ranked_right", "unpaired"
 
 @torch.no_grad()
 def held_out(model, measure, stream, reference, block: int, units: int, pairs_per_batch: int, device: str,
-             rank: int = 0, world: int = 1) -> list[float]:  # fmt: skip
+             rank: int = 0, world: int = 1, counts: bool = True) -> list[float]:  # fmt: skip
     """Collective: over the first `units` pairs of blocks of `block` tokens of a validation split of pairs
     (`stream`: its TokenStream; `reference`: its reference values, reference_store.load_values', or None), the
     sums on every rank of: the objective's STATS (`measure`: objectives.Preference.measure), its pairs' losses,
-    the chosen answers' NLL and their learned tokens. Each rank scores every world-th pair of blocks, whole."""
+    the chosen answers' NLL and their learned tokens. Each rank scores every world-th pair of blocks, whole; one
+    that does not count (`counts` false: another rank of its tensor-parallel group scores the same) adds nothing."""
     import numpy as np
 
     from dist_clm.data.reference_store import values_in
@@ -221,7 +222,7 @@ def held_out(model, measure, stream, reference, block: int, units: int, pairs_pe
         losses, stats = measure(conv, values)
         both, _ = pairs(conv)
         chosen = [losses.sum(), -(conv.logps[0::2] * both).sum(), (conv.counts[0::2] * both).sum()]
-        if real:
+        if real and counts:
             sums.add_(torch.cat([stats.double(), *(x.double().reshape(1) for x in chosen)]).cpu())
 
     was_training = model.training

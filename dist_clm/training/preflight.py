@@ -63,8 +63,8 @@ def data_vocab(cfg: Config) -> int | None:
 
 def _preflight(cfg: Config, world: int, one_node: bool, plan_check: bool = False) -> Config:
     d, t, m = cfg.distributed, cfg.train, cfg.model
-    fit.check_world(d.sequence_parallel_size, world)
-    grad_accum = resolve_grad_accum(t, world // d.sequence_parallel_size)
+    fit.check_world(d, world)
+    grad_accum = resolve_grad_accum(t, world // d.ranks_per_batch)
     # (the precision is resolved on the device, after the process group forms)
     deepspeed_config(dataclasses.replace(t, precision="fp32"), cfg.optim, d, on_gpu=False, grad_accum=grad_accum)
     sources = None
@@ -76,6 +76,7 @@ def _preflight(cfg: Config, world: int, one_node: bool, plan_check: bool = False
     shape = model_shape(m.preset, m.pretrained, m.overrides)
     if shape is not None:
         fit.check_sequence_parallel(shape, d.sequence_parallel_size, cfg.data.block_sizes())
+        fit.check_tensor_parallel(shape, d.tensor_parallel_size)
         fit.check_positions(shape, cfg.data.block_sizes(), cfg.data.block_size)
         if sources is not None and shape.vocab is not None:
             check_vocab(sources, shape.vocab)

@@ -23,7 +23,7 @@ from dist_clm.data.run_data import check_sources, run_tokenizer, training_source
 from dist_clm.errors import Mismatch, UserError, agreed
 from dist_clm.models import attention, loss_head, moe
 from dist_clm.models.build import Shape, active_params, count_params, flops_per_token
-from dist_clm.parallel import fit, partitioned, sequence_parallel
+from dist_clm.parallel import fit, partitioned, sequence_parallel, tensor_parallel
 from dist_clm.parallel.collectives import agree_on_error, barrier
 from dist_clm.parallel.engine import (
     deepspeed_config,
@@ -79,6 +79,7 @@ class Run:
     checkpointer: Checkpointer
     resumed_from: Path | None  # the checkpoint the run continues, or None: a fresh start
     sp: sequence_parallel.SequenceParallel = sequence_parallel.SequenceParallel()  # (size 1: none)
+    tp: tensor_parallel.TensorParallel = tensor_parallel.TensorParallel()  # (size 1: none)
     router: moe.RouterLoad | None = None  # a Mixture-of-Experts model's router load (models/moe.py), or None
 
     @property
@@ -95,8 +96,24 @@ class Run:
 
     @property
     def dp(self) -> tuple[int, int]:
-        """(this rank's data-parallel rank, how many there are): a sequence-parallel group reads as one."""
-        return self.sp.dp(self.env.rank, self.env.world_size)
+        """(this rank's data-parallel rank, how many there are): a sequence- or tensor-parallel group reads as one."""
+        group = self.cfg.distributed.ranks_per_batch
+        return self.env.rank // group, self.env.world_size // group
+
+    @property
+    def eval_share(self) -> tuple[int, int, bool]:
+        """(this rank's share, how many shares, whether it counts its sums) of a validation or evaluation pass:
+        a tensor-parallel group computes its forward passes together, on one share, counted once; every other rank
+        scores a share of its own (sequence parallelism shards the training passes only)."""
+        if self.tp.size == 1:
+            return self.env.rank, self.env.world_size, True
+        return *self.dp, self.tp.counts()
+
+    @property
+    def counts(self) -> bool:
+        """Whether this rank counts its micro batches' blocks and tokens, and its validation sums: one rank of each
+        group that shares them does."""
+        return self.sp.counts() and self.tp.counts()
 
     @property
     def global_batch(self) -> int:
@@ -132,7 +149,7 @@ class Run:
 
     def loader(self) -> TrainLoader:
         """This rank's training batches, from where the data position stands."""
-        rank, world = self.dp  # (every rank of a sequence-parallel group reads the same blocks)
+        rank, world = self.dp  # (every rank of a sequence- or tensor-parallel group reads the same blocks)
         return TrainLoader.from_config(
             self.cfg.data, self.cfg.train, self.sources, self.position, rank=rank, world=world,
             grad_accum=self.grad_accum, pin_memory=self.env.device != "cpu",
@@ -147,11 +164,11 @@ def setup(cfg: Config, env: DistEnv, world: list[dict]) -> Run:
 
     problem, parts = None, None
     try:
-        parts = _checked(cfg, env)
+        parts = _checked(cfg, env, world)
     except UserError as e:
         problem = e
     agree_on_error(problem, env.device)  # a bad setting stops every rank alike, none waits for another
-    cfg, sources, tok, model, grad_accum, ds_config, precision = parts  # (cfg: settled from the data)
+    cfg, sources, tok, model, grad_accum, ds_config, precision, fused = parts  # (cfg: settled from the data)
     t, ckpt = cfg.train, cfg.checkpoint
     n_params, active = count_params(model), active_params(model)
     flops = flops_per_token(model.config, active, cfg.data.block_size)
@@ -167,9 +184,9 @@ def setup(cfg: Config, env: DistEnv, world: list[dict]) -> Run:
     if size > 1:  # (collective: the groups)
         mpu = sequence_parallel.groups(size)
         sp = sequence_parallel.install(model, size, mpu)
-    global_batch = sp.dp(env.rank, env.world_size)[1] * t.micro_batch_size * grad_accum
+    global_batch = env.world_size // cfg.distributed.ranks_per_batch * t.micro_batch_size * grad_accum
     checkpointer = Checkpointer(cfg.run.dir, ckpt.keep_last, env, cfg.distributed.zero_stage, 16 * n_params,
-                                ckpt.async_save)  # fmt: skip
+                                ckpt.async_save, cfg.distributed.tensor_parallel_size)  # fmt: skip
     parts, resumed_from = resume(checkpointer, lambda: make_parts(cfg, env, sources, global_batch, objective), cfg,
                                  env)  # fmt: skip
     if env.is_main:
@@ -183,6 +200,10 @@ def setup(cfg: Config, env: DistEnv, world: list[dict]) -> Run:
             mpu=mpu,
         )
     sp = sequence_parallel.fit_reduction(sp, engine)  # (the loss scale DeepSpeed's gradient reduction needs)
+    tp = tensor_parallel.TensorParallel()
+    if cfg.distributed.tensor_parallel_size > 1:  # (AutoTP replaced the sharded layers, the output head among them)
+        tp = tensor_parallel.install(engine, fused)
+        output_head(engine.module, False, cfg.data.document_mask)
     router = moe.RouterLoad(model) if moe.is_moe(model.config) else None
     random = RandomState(env)
     if resumed_from is not None:
@@ -190,7 +211,7 @@ def setup(cfg: Config, env: DistEnv, world: list[dict]) -> Run:
     if t.compile is True or (t.compile == "auto" and env.device != "cpu"):
         engine.compile()
     return Run(cfg, env, sources, engine, scheduler, grad_accum, precision, n_params, flops, owner, objective, parts,
-               random, checkpointer, resumed_from, sp, router)  # fmt: skip
+               random, checkpointer, resumed_from, sp, tp, router)  # fmt: skip
 
 
 def make_parts(cfg: Config, env: DistEnv, sources: list[Source], global_batch: int, objective) -> dict[str, Stateful]:
@@ -250,9 +271,9 @@ def check_reference(sources: list[Source], model) -> None:
         )
 
 
-def _checked(cfg: Config, env: DistEnv) -> tuple:
-    """The settled config, sources, tokenizer, model, accumulation, DeepSpeed config and precision, every check
-    passed."""
+def _checked(cfg: Config, env: DistEnv, world: list[dict]) -> tuple:
+    """The settled config, sources, tokenizer, model, accumulation, DeepSpeed config, precision and whether the
+    loss head is the fused one, every check passed."""
     sources = training_sources(cfg.data)
     given, cfg = cfg.data.block_size, settle(cfg, sources)
     if cfg.data.block_size != given:
@@ -260,9 +281,13 @@ def _checked(cfg: Config, env: DistEnv) -> tuple:
                      f"conversations into (not {given})")  # fmt: skip
     t = cfg.train
     tok = run_tokenizer(sources)
-    size = cfg.distributed.sequence_parallel_size
-    fit.check_world(size, env.world_size)
-    grad_accum = resolve_grad_accum(t, env.world_size // size)  # (data-parallel ranks: a group reads as one)
+    d = cfg.distributed
+    size = d.sequence_parallel_size
+    fit.check_world(d, env.world_size)
+    fit.check_tensor_parallel_nodes(d.tensor_parallel_size, world, d.tensor_parallel_across_nodes)
+    grad_accum = resolve_grad_accum(
+        t, env.world_size // d.ranks_per_batch
+    )  # (data-parallel ranks: a group reads as one)
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     on_gpu = env.device != "cpu"
     precision = resolve_precision(t.precision, on_gpu)
@@ -279,21 +304,30 @@ def _checked(cfg: Config, env: DistEnv) -> tuple:
     moe.apply_router_settings(model, m.router_aux_loss_coef)
     if cfg.objective.kind == "dpo":
         check_reference(sources, model)
-    if t.loss_head != "plain" and not loss_head.install(model) and t.loss_head == "fused":
+    fused = t.loss_head != "plain" and loss_head.fits(model.config)
+    if t.loss_head == "fused" and not fused:
         raise UserError(
             f"config key 'train.loss_head' is 'fused' but {model.config.model_type} models are not known to compute "
             f"their logits as a plain projection ({', '.join(loss_head.PLAIN_HEADS)} are); use auto or plain."
         )
     shape = Shape.of(model.config)
     fit.check_sequence_parallel(shape, size, cfg.data.block_sizes())
-    if cfg.data.document_mask and model.config._attn_implementation == attention.FLASH:
-        # (after the loss head: it calls the head with the documents' bounds; under sequence parallelism it
-        # serves the whole rows of validation)
-        attention.feed_documents(model)
+    fit.check_tensor_parallel(shape, d.tensor_parallel_size)
+    if d.tensor_parallel_size == 1:  # (else once AutoTP has replaced the output head: setup)
+        output_head(model, fused, cfg.data.document_mask)
     fit.check_positions(shape, cfg.data.block_sizes(), cfg.data.block_size)
     check_sources(sources, tok, model.config.vocab_size, cfg.model.pretrained)
     ds_config = deepspeed_config(t, cfg.optim, cfg.distributed, on_gpu=on_gpu, grad_accum=grad_accum,
                                  leaf_modules=moe.leaf_classes(model))  # fmt: skip
     if t.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return cfg, sources, tok, model, grad_accum, ds_config, precision
+    return cfg, sources, tok, model, grad_accum, ds_config, precision, fused
+
+
+def output_head(model, fused: bool, document_mask: bool) -> None:
+    """The fused loss head where the run uses it, then flash attention's document bounds where it needs them (they
+    call the head with the bounds; under sequence parallelism they serve the whole rows of validation)."""
+    if fused:
+        loss_head.install(model)
+    if document_mask and model.config._attn_implementation == attention.FLASH:
+        attention.feed_documents(model)

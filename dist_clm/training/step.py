@@ -60,7 +60,7 @@ def train_step(
     weighting = objective.weighting(run, micro_batches)
     losses, blocks, stats = [], torch.zeros(len(run.source_names), dtype=torch.int64), None
     injected_before, token_sum, skipped, grad_norm = inject.injected, 0, None, None
-    counts = run.sp.counts()  # (one rank of a sequence-parallel group counts the blocks its ranks share)
+    counts = run.counts  # (one rank of a sequence- or tensor-parallel group counts the blocks its ranks share)
     for micro, batch in enumerate(micro_batches):  # engine.step() applies the update at the accumulation boundary
         source = batch.pop("source")
         if counts:

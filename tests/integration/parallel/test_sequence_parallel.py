@@ -15,16 +15,23 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
-import time
 
 import pytest
 
 from dist_clm.parallel.process_group import free_port
-from tests.helpers import BIN, REPO, TINY, assert_clean_error, metrics, run_cli, same, train_losses, weights
+from tests.helpers import (
+    BIN,
+    TINY,
+    assert_clean_error,
+    kill_then_resume,
+    metrics,
+    run_cli,
+    run_probe,
+    same,
+    weights,
+)
 
 COMMON = [*TINY, "train.micro_batch_size=2", "train.global_batch_size=4", "train.max_steps=4", "train.log_every=1",
           "checkpoint.save_every=2", "train.eval_every=2", "train.eval_blocks=2",
@@ -44,11 +51,7 @@ def torchrun(n: int) -> list[str]:
 
 @pytest.mark.slow
 def test_every_loss_gradient_and_attention_path_equals_the_unsharded_model(tmp_path):
-    out = tmp_path / "probe.json"
-    r = subprocess.run([*torchrun(2)[:-3], "-m", "tests.sp_probe", str(out)], capture_output=True, text=True,
-                       timeout=600, cwd=REPO)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-4000:]
-    found = json.loads(out.read_text())
+    found = run_probe("tests.sp_probe", tmp_path)
     training = {k: v for k, v in found.items() if "zero=" in k}
     assert len(training) == 10  # (8 token-level cases, 2 of DPO pairs)
     for case, diff in training.items():
@@ -129,25 +132,14 @@ def test_kill_9_in_the_middle_of_an_sp_run_resumes_bitwise(runs, tmp_path, data_
     _, sp2 = runs
     run = tmp_path / "killed"
     cmd = [*torchrun(2), *COMMON, f"data.path={data_dir}", f"run.dir={run}", *SP2]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while proc.poll() is None and time.time() < deadline:  # past the step-2 checkpoint, in step 3 or 4
-        if (run / "metrics.jsonl").is_file() and 3 in train_losses(metrics(run)):
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    cmd[cmd.index("--master_port") + 1] = str(free_port())
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "resumed from" in r.stdout + r.stderr
+    kill_then_resume(cmd, run, 3)  # past the step-2 checkpoint, in step 3 or 4
     assert same(weights(run, 4), weights(sp2, 4))  # bit for bit the uninterrupted run's
 
 
 def test_what_cannot_divide_is_one_sentence(tmp_path, data_dir):
     from transformers import AutoConfig
 
+    from dist_clm.config import DistributedConfig
     from dist_clm.errors import UserError
     from dist_clm.models.build import Shape
     from dist_clm.parallel.fit import check_sequence_parallel, check_world
@@ -157,7 +149,7 @@ def test_what_cannot_divide_is_one_sentence(tmp_path, data_dir):
 
     llama = AutoConfig.for_model("llama", num_attention_heads=6, num_key_value_heads=3, hidden_size=48)
     with pytest.raises(UserError, match="does not divide the 3 ranks"):
-        check_world(2, 3)
+        check_world(DistributedConfig(sequence_parallel_size=2), 3)
     with pytest.raises(UserError, match="does not divide the model's 6 attention heads"):
         check(llama, 4, [64])
     with pytest.raises(UserError, match="3 key/value heads neither divide it"):

@@ -162,3 +162,21 @@ def test_a_job_the_memory_plan_cannot_fit_is_refused_before_submission(tmp_path)
     with pytest.raises(UserError, match="of host memory per node while building"):
         check_plan(None, [*big, "model.preset=llama-8b", "distributed.zero_stage=2"], gpu)
     check_plan(None, [*big, "model.preset=llama-8b", "distributed.zero_stage=3"], gpu)  # (built partitioned)
+
+
+def test_parallel_groups_that_do_not_fit_the_job_are_refused_before_submission(tmp_path):
+    """launch slurm: a tensor-parallel group is consecutive ranks, and ranks fill a node before the next, so a group
+    larger than a node's tasks would cross nodes: one sentence before submission (unless asked); sizes that do not
+    divide the job's ranks too."""
+    from dist_clm.errors import UserError
+    from dist_clm.launch.slurm import SlurmSettings, submit
+
+    job = SlurmSettings(nodes=2, tasks_per_node=2)
+    base = ["model.preset=tiny-llama", f"run.dir={tmp_path / 'run'}"]
+    assert "#SBATCH" in submit(job, None, [*base, "distributed.tensor_parallel_size=2"], dry_run=True)[0]
+    with pytest.raises(UserError, match=r"ranks 0-3 form a tensor-parallel group, but they run on 2 nodes"):
+        submit(job, None, [*base, "distributed.tensor_parallel_size=4"], dry_run=True)
+    across = [*base, "distributed.tensor_parallel_size=4", "distributed.tensor_parallel_across_nodes=true"]
+    assert "#SBATCH" in submit(job, None, across, dry_run=True, plan_check=False)[0]
+    with pytest.raises(UserError, match="'distributed.sequence_parallel_size' is 3, which does not divide the 4"):
+        submit(job, None, [*base, "distributed.sequence_parallel_size=3"], dry_run=True)

@@ -60,7 +60,10 @@ def test_generated_config_and_precedence_of_a_users_json(tmp_path):
             {"sequence_parallel_size": 2},
             "sets sequence_parallel_size=2; set distributed.sequence_parallel_size instead",
         ),
-        ({"tensor_parallel": {"autotp_size": 4}}, "sets tensor_parallel.autotp_size=4, but dist_clm trains"),
+        (
+            {"tensor_parallel": {"autotp_size": 4}},
+            "sets tensor_parallel.autotp_size=4; set distributed.tensor_parallel_size instead",
+        ),
     ]:
         user.write_text(json.dumps(bad))
         with pytest.raises(UserError, match=fragment):

@@ -64,15 +64,14 @@ def test_the_long_context_config_divides_on_one_8_gpu_node():
     from dist_clm.models.build import Shape, max_positions, preset_config
     from dist_clm.parallel.engine import deepspeed_config, resolve_grad_accum
     from dist_clm.parallel.fit import check_sequence_parallel, check_world
-    from dist_clm.parallel.sequence_parallel import SequenceParallel
 
     cfg = load_config(REPO / "configs" / "llama-1b-32k.yaml", ["data.path=corpus"])
     m, world, size = cfg.model, 8, cfg.distributed.sequence_parallel_size
     config = preset_config(m.preset, m.overrides, 32000, rope=(m.rope_theta, m.rope_scaling))
-    check_world(size, world)
+    check_world(cfg.distributed, world)
     check_sequence_parallel(Shape.of(config), size, cfg.data.block_sizes())
     assert max_positions(config) >= max(cfg.data.block_sizes()) == 32768
-    rank, dp_world = SequenceParallel(size, 3).dp(3, world)
+    rank, dp_world = 3 // cfg.distributed.ranks_per_batch, world // cfg.distributed.ranks_per_batch
     assert (rank, dp_world) == (0, 1) and cfg.data.block_size // size == 4096
     grad_accum = resolve_grad_accum(cfg.train, dp_world)
     ds = deepspeed_config(cfg.train, cfg.optim, cfg.distributed, on_gpu=True, grad_accum=grad_accum)
