@@ -438,7 +438,7 @@ def plan(cfg: Config, size: ModelSize, machine: Machine, mfu: float = 0.4, lever
     t, d = cfg.train, cfg.distributed
     precision = precision_of(cfg, machine)
     p = _compute_bytes(precision)
-    dp = machine.world // d.sequence_parallel_size
+    dp = machine.world // d.ranks_per_batch
     grad_accum = resolve_grad_accum(t, dp)
     ds = deepspeed_config(dataclasses.replace(t, precision="fp32"), cfg.optim, d, on_gpu=False, grad_accum=grad_accum)
     checkpoint = checkpoint_bytes(cfg, size, p)

@@ -89,3 +89,13 @@ def test_preflight_refuses_gpt2_before_the_group_forms():
     cfg = load_config(None, ["model.preset=tiny", "distributed.tensor_parallel_size=2"])
     with pytest.raises(UserError, match="AutoTP shards llama, mistral, qwen2, qwen3 models, not gpt2"):
         preflight(cfg, 2, one_node=False)
+
+
+def test_the_memory_check_counts_a_group_as_one_data_parallel_rank():
+    """The plan `train` checks before it starts resolves the batch over the data-parallel ranks: 2 ranks of one
+    tensor-parallel group are one, so a global batch of one micro batch per step fits."""
+    from dist_clm.training.preflight import preflight
+
+    cfg = load_config(None, ["model.preset=tiny-llama", "model.overrides.vocab_size=512", "train.micro_batch_size=8",
+                             "train.global_batch_size=8", "distributed.tensor_parallel_size=2"])  # fmt: skip
+    preflight(cfg, 2, one_node=False, plan_check=True)
