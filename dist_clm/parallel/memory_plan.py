@@ -15,6 +15,11 @@ activations per layer are the tensors autograd saves for the backward pass, coun
 
 One assumption is encoded in one place, `built_share`: with ZeRO stage 3 a rank builds and loads only its 1/world
 share of the parameters (deepspeed.zero.Init), with stages 0-2 every rank builds the whole model in fp32.
+
+Tensor parallelism (distributed.tensor_parallel_size, DeepSpeed's AutoTP) changes what a rank holds before ZeRO
+partitions anything (`held`): its shard of the split matrices and the replicated parameters whole. ZeRO then
+partitions over the data-parallel ranks of each tensor-parallel position (`zero_share`), except that under ZeRO-3
+the replicated parameters, built partitioned before AutoTP runs, stay partitioned over every rank.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any
 
 from dist_clm.config import Config
 from dist_clm.errors import UserError
-from dist_clm.models.build import PLAIN_HEADS, PRESETS, chunk_columns
+from dist_clm.models.build import PLAIN_HEADS, PRESETS, TENSOR_PARALLEL_FAMILIES, chunk_columns
 
 GB = 10**9
 GiB = 2**30
@@ -92,6 +97,21 @@ class ModelSize:
     kv_width: int
     heads: int
     vocab: int
+    # tensor parallelism (AutoTP's plans for the Llama-style families; none for the others, which it cannot split):
+    # the split parameters as (elements per unit, units), each split by its units over a group (attention by
+    # key/value heads, the MLP by its width, an untied head by vocabulary rows); the rest stays whole on each rank
+    split: tuple[tuple[int, int], ...] = ()
+    head: int = 0  # an untied output head's parameters (0: tied, the embedding table's)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.heads * self.kv_width // self.attention_width
+
+    @property
+    def replicated(self) -> int:
+        """The parameters every rank of a tensor-parallel group holds whole: the embedding table (and a head tied
+        to it), the norms (Qwen3's per-head query and key norms too), the row-parallel projections' biases."""
+        return self.total - sum(per * units for per, units in self.split)
 
 
 def model_fields(preset: str, pretrained: str, overrides: dict[str, Any], vocab: int | None) -> dict[str, Any]:
@@ -136,7 +156,7 @@ def model_size(f: dict[str, Any]) -> ModelSize:
         vectors = layers * (3 * d + d + mlp + d + 4 * d) + 2 * d
         largest = max(vocab * d, positions * d, 3 * d * d + 3 * d, d * mlp + mlp)
         return ModelSize(kind, total, total, vocab * d + positions * d + head, vectors, largest, largest, 0, 0, 0, 0,
-                         layers, d, mlp, d, d, f["n_head"], vocab)  # fmt: skip
+                         layers, d, mlp, d, d, f["n_head"], vocab, (), head)  # fmt: skip
     d, layers, heads = f["hidden_size"], f["num_hidden_layers"], f["num_attention_heads"]
     kv, hd = f.get("num_key_value_heads") or heads, f.get("head_dim") or d // heads
     q, k = heads * hd, kv * hd
@@ -161,9 +181,17 @@ def model_size(f: dict[str, Any]) -> ModelSize:
     largest = max(vocab * d, *linears, *([d * experts, expert // 3] if n_sparse else []))
     mlp_width = f["intermediate_size"] if n_sparse < layers else top_k * f["moe_intermediate_size"]
     block = d * experts + experts * expert if n_sparse else 0  # (a whole MoE block: ZeRO-3 gathers it at once)
+    split: tuple[tuple[int, int], ...] = ()
+    if not n_sparse:  # (AutoTP leaves a MoE model's experts whole: no tensor parallelism for it)
+        # q/k/v by output rows (weights and biases) and o by input columns, whole key/value heads per rank; gate and
+        # up by output rows (and biases), down by input columns; o's and down's biases stay whole (added after the
+        # all-reduce)
+        per_kv_head = (2 * d * q + 2 * d * k + (q + 2 * k) * qkv_bias) // kv
+        split = ((layers * per_kv_head, kv), (layers * (3 * d + 2 * mlp_bias), f["intermediate_size"]))
+        split += ((d, vocab),) if head else ()
     return ModelSize(kind, total, active, vocab * d + head, vectors, largest, max(largest, block),
                      experts if n_sparse else 0, top_k if n_sparse else 0, n_sparse, experts * expert, layers, d,
-                     mlp_width, q, k, heads, vocab)  # fmt: skip
+                     mlp_width, q, k, heads, vocab, split, head)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -238,6 +266,8 @@ class MemoryPlan:
     step_seconds: float | None
     mfu: float
     levers: list[str] = field(default_factory=list)
+    zero_stage: int = 0
+    tensor_parallel: int = 1
 
     @property
     def device_peak(self) -> int:
@@ -308,50 +338,87 @@ def offloaded(cfg: Config, m: Machine) -> tuple[bool, bool]:
     return d.offload_optimizer and m.on_gpu, d.offload_params and m.on_gpu
 
 
+def held(s: ModelSize, tp: int) -> tuple[int, int]:
+    """The parameters one rank of a tensor-parallel group of `tp` ranks holds before ZeRO partitions anything: (its
+    shard of the split ones, the replicated ones). A dimension that does not divide is split unevenly, the first
+    ranks one unit more: this counts the largest shard."""
+    return sum(per * -(-units // tp) for per, units in s.split), s.replicated
+
+
+def zero_share(cfg: Config, m: Machine, split: int, whole: int) -> int:
+    """Of the bytes of a per-parameter state of what one rank holds (`split`: its tensor-parallel shard's, `whole`:
+    the replicated parameters'), what ZeRO leaves on it: stage 0 all; 1-2 a share over the data-parallel ranks of its
+    tensor-parallel position (world / tensor_parallel_size); 3 the shard's likewise and the replicated parameters'
+    over every rank (zero.Init partitions the model over the world before AutoTP splits it: DeepSpeed 0.19.8's
+    checkpoints hold each replicated parameter once, in world partitions)."""
+    stage, tp = cfg.distributed.zero_stage, cfg.distributed.tensor_parallel_size
+    if stage == 0:
+        return split + whole
+    if stage == 3:
+        return (split * tp + whole) // m.world
+    return (split + whole) // (m.world // tp)
+
+
+def gathered_unit(cfg: Config, s: ModelSize) -> int:
+    """What ZeRO-3 gathers at once: the largest module; under tensor parallelism the larger of the embedding table
+    (replicated, gathered whole) and the largest split module's shard."""
+    tp = cfg.distributed.tensor_parallel_size
+    return s.gathered_unit if tp == 1 else max(s.vocab * s.width, -(-s.gathered_unit // tp))
+
+
 def params_bytes(cfg: Config, s: ModelSize, m: Machine, p: int) -> int:
-    """The model's working copy (16-bit, or fp32 in fp32 runs); ZeRO-3: its share plus one gathered unit."""
+    """The model's working copy (16-bit, or fp32 in fp32 runs) of what the rank holds (tensor parallelism: its shard
+    of the split parameters, the replicated ones whole); ZeRO-3: its share plus one gathered unit."""
+    unit = gathered_unit(cfg, s)
     if offloaded(cfg, m)[1]:
-        return p * s.gathered_unit
+        return p * unit
+    split, whole = held(s, cfg.distributed.tensor_parallel_size)
     if cfg.distributed.zero_stage == 3:
-        return p * s.total // m.world + p * s.gathered_unit
-    return p * s.total
+        return zero_share(cfg, m, p * split, p * whole) + p * unit
+    return p * (split + whole)
 
 
 def grads_bytes(cfg: Config, s: ModelSize, m: Machine, p: int) -> int:
     """The working gradients and the fp32 gradient partition the optimizer steps with (stage 0: the whole fp32
     copy beside 16-bit gradients; stage 1: whole working gradients; 2: partitioned; 3: partitioned plus one
-    gathered unit's)."""
-    stage, n, world = cfg.distributed.zero_stage, s.total, m.world
+    gathered unit's), of the parameters the rank holds."""
+    stage = cfg.distributed.zero_stage
+    split, whole = held(s, cfg.distributed.tensor_parallel_size)
     off = offloaded(cfg, m)[0]
-    fp32 = 0 if off else 4 * n // (1 if stage == 0 else world)
+    fp32 = 0 if off else zero_share(cfg, m, 4 * split, 4 * whole)
     if stage == 0:
-        return p * n + (fp32 if p != 4 else 0)
+        return p * (split + whole) + (fp32 if p != 4 else 0)
     if stage == 1:
-        return p * n + fp32
+        return p * (split + whole) + fp32
     if stage == 2:
-        return (0 if off else p * n // world) + fp32
-    return fp32 + p * s.gathered_unit
+        return (0 if off else zero_share(cfg, m, p * split, p * whole)) + fp32
+    return fp32 + p * gathered_unit(cfg, s)
 
 
 def optimizer_bytes(cfg: Config, s: ModelSize, m: Machine, p: int) -> int:
     """fp32 master weights (not in a plain fp32 stage-0 run) and the moments: AdamW's two; Muon's one momentum
-    for the hidden matrices (embedding tables, the head, norms and biases keep AdamW's two). On the host when
-    distributed.offload_optimizer is set (then 0 here)."""
+    for the hidden matrices (embedding tables, the head, norms and biases keep AdamW's two), of the rank's ZeRO
+    share of what it holds. On the host when distributed.offload_optimizer is set (then 0 here)."""
     if offloaded(cfg, m)[0]:
         return 0
-    stage, n = cfg.distributed.zero_stage, s.total
-    moments = 8 * n if cfg.train.optimizer == "adamw" else 4 * n + 4 * (s.tables + s.vectors)
-    master = 0 if stage == 0 and p == 4 else 4 * n
-    return (master + moments) // (1 if stage == 0 else m.world)
+    split, whole = held(s, cfg.distributed.tensor_parallel_size)
+    master = 0 if cfg.distributed.zero_stage == 0 and p == 4 else 4
+    if cfg.train.optimizer == "adamw":
+        return zero_share(cfg, m, (master + 8) * split, (master + 8) * whole)
+    # (Muon never runs under tensor parallelism, engine.optimizer_config refuses it: its AdamW part is counted whole)
+    return zero_share(cfg, m, (master + 4) * split, (master + 4) * whole + 4 * (s.tables + s.vectors))
 
 
 def activation_bytes(cfg: Config, s: ModelSize, m: Machine, p: int) -> int:
     """What the forward pass keeps for the backward, per rank: tokens of a micro batch (over the sequence-parallel
     ranks) x layers x the elements each layer saves per token; with checkpointing, each layer's input and one
-    layer recomputed."""
-    tokens = cfg.train.micro_batch_size * max(cfg.data.block_sizes()) // cfg.distributed.sequence_parallel_size
+    layer recomputed. Under tensor parallelism a rank keeps its heads' q/k/v and context and its share of the MLP
+    width; the hidden-width tensors (residuals, the norms' inputs and outputs) are whole on every rank."""
+    tokens = rank_tokens(cfg)
+    tp = cfg.distributed.tensor_parallel_size
     a, b, c, k = ACTIVATION_COEFFICIENTS["gpt2" if s.model_type == "gpt2" else "llama"]
-    per_layer = a * s.width + b * s.mlp_width + c * s.attention_width + k * s.kv_width
+    inner = b * -(-s.mlp_width // tp) + (c * s.attention_width + k * s.kv_width) // tp
+    per_layer = a * s.width + inner
     if s.experts:  # each token's k routed copies in and out of the experts, and the router's logits and softmax
         per_layer += 2 * s.top_k * s.width + 2 * s.experts
     # MoE under transformers 4: each sparse layer stacks its experts' weights for the grouped products, a copy
@@ -362,6 +429,12 @@ def activation_bytes(cfg: Config, s: ModelSize, m: Machine, p: int) -> int:
     return p * tokens * per_layer * s.layers + stacked * s.sparse_layers
 
 
+def rank_tokens(cfg: Config) -> int:
+    """The tokens of a micro batch one rank works on: a sequence-parallel rank its slice of each block, a
+    tensor-parallel rank the whole micro batch (its group reads the same one)."""
+    return cfg.train.micro_batch_size * max(cfg.data.block_sizes()) // cfg.distributed.sequence_parallel_size
+
+
 def fused_head(cfg: Config, s: ModelSize) -> bool:
     return cfg.train.loss_head == "fused" or (cfg.train.loss_head == "auto" and s.model_type in PLAIN_HEADS)
 
@@ -370,11 +443,15 @@ def loss_head_bytes(cfg: Config, s: ModelSize, m: Machine, p: int) -> int:
     """Plain: the B x L x V logits, their fp32 copy, the log-softmax kept for the backward and its gradient. Fused
     (models/loss_head.py, a chunk of the vocabulary at a time): a chunk's fp32 logits for every token and their
     working copies, the hidden states' fp32 gradient summed over the chunks, and each token's log-sum-exp; the
-    head's weight gradient is the parameter's own, as the plain head's is (counted with the gradients)."""
-    tokens = cfg.train.micro_batch_size * max(cfg.data.block_sizes()) // cfg.distributed.sequence_parallel_size
+    head's weight gradient is the parameter's own, as the plain head's is (counted with the gradients). Under tensor
+    parallelism the head holds a rank's vocabulary rows: the fused head goes through those (vocabulary-parallel,
+    the log-sum-exps combined over the group); the plain head gathers the whole logits on every rank, beside its
+    shard's."""
+    tokens, tp = rank_tokens(cfg), cfg.distributed.tensor_parallel_size
+    rows = -(-s.vocab // tp)
     if not fused_head(cfg, s):
-        return tokens * s.vocab * (p + 4 + 4 + 4 - (4 if p == 4 else 0))
-    chunk = chunk_columns(tokens, s.vocab)
+        return tokens * s.vocab * (p + 4 + 4 + 4 - (4 if p == 4 else 0)) + (tokens * rows * p if tp > 1 else 0)
+    chunk = chunk_columns(tokens, rows)
     return tokens * chunk * (4 + 4 + p) + tokens * s.width * 4 + tokens * 4
 
 
@@ -387,20 +464,22 @@ def buffer_bytes(cfg: Config, s: ModelSize, m: Machine, p: int, zero: dict) -> i
     stage = cfg.distributed.zero_stage
     if stage == 0:
         return 0
+    split, whole = held(s, cfg.distributed.tensor_parallel_size)
 
     def setting(key: str) -> int:
         return int(zero.get(key, ZERO_DEFAULTS[key]))
 
-    reduce = setting("reduce_bucket_size") if m.on_gpu else min(setting("reduce_bucket_size"), s.total)
+    reduce = setting("reduce_bucket_size") if m.on_gpu else min(setting("reduce_bucket_size"), split + whole)
     contiguous = zero.get("contiguous_gradients", ZERO_DEFAULTS["contiguous_gradients"])
     overlap = zero.get("overlap_comm", stage == 3)
     dtype = 4 if stage == 1 else p  # (ZeRO-1 stages its fp32 accumulator there)
     total = reduce * dtype * (2 if overlap else 1) if contiguous or stage == 3 else 0
     if stage == 3:
         prefetch = setting("stage3_prefetch_bucket_size")
-        total += p * (prefetch if m.on_gpu else min(prefetch, s.total)) + p * s.total // m.world
+        total += p * (prefetch if m.on_gpu else min(prefetch, split + whole)) + zero_share(cfg, m, p * split, p * whole)
         if not offloaded(cfg, m)[1]:
-            total += p * max(0, min(s.total, setting("stage3_max_live_parameters")) - s.gathered_unit)
+            live = min(split + whole, setting("stage3_max_live_parameters"))
+            total += p * max(0, live - gathered_unit(cfg, s))
     return total
 
 
@@ -412,17 +491,23 @@ def host_terms(cfg: Config, s: ModelSize, m: Machine, checkpoint: int) -> tuple[
     build = int(ranks * (4 * s.total * share + 4 * s.largest_module))
     load = build + ranks * 5 * GB if cfg.model.pretrained else 0  # (save_pretrained's default shards: 5 GB)
     off_optimizer, off_params = offloaded(cfg, m)
-    held = (4 * s.total if off_params else 0) + (16 * s.total // m.world * ranks if off_optimizer else 0)
+    split, whole = held(s, cfg.distributed.tensor_parallel_size)
+    off_states = zero_share(cfg, m, 16 * split, 16 * whole) * ranks if off_optimizer else 0
+    host = (4 * s.total if off_params else 0) + off_states
     saving = ranks * checkpoint // m.world if cfg.checkpoint.async_save else 0
     export = min(EXPORT_SHARD, 4 * s.total)  # (one shard's weights at a time: docs/PERFORMANCE.md, Export memory)
-    return build + held, load + held, saving + held, export
+    return build + host, load + host, saving + host, export
 
 
 def checkpoint_bytes(cfg: Config, s: ModelSize, p: int) -> int:
-    """One checkpoint on disk: the working parameters and the optimizer's fp32 master weights and moments."""
-    moments = 8 * s.total if cfg.train.optimizer == "adamw" else 4 * s.total + 4 * (s.tables + s.vectors)
-    master = 0 if cfg.distributed.zero_stage == 0 and p == 4 else 4 * s.total
-    return p * s.total + master + moments
+    """One checkpoint on disk: the working parameters and the optimizer's fp32 master weights and moments, the whole
+    model's once; under tensor parallelism at stages 0-2 the replicated parameters' once per group rank (DeepSpeed
+    writes each group rank's module and the optimizer partitions of each tensor-parallel position apart)."""
+    copies = cfg.distributed.tensor_parallel_size if cfg.distributed.zero_stage < 3 else 1
+    n = s.total + (copies - 1) * s.replicated
+    moments = 8 * n if cfg.train.optimizer == "adamw" else 4 * n + 4 * (s.tables + s.vectors)  # (Muon: no TP)
+    master = 0 if cfg.distributed.zero_stage == 0 and p == 4 else 4 * n
+    return p * n + master + moments
 
 
 def flops_per_token(s: ModelSize, block: int) -> float:
@@ -438,7 +523,8 @@ def plan(cfg: Config, size: ModelSize, machine: Machine, mfu: float = 0.4, lever
     t, d = cfg.train, cfg.distributed
     precision = precision_of(cfg, machine)
     p = _compute_bytes(precision)
-    dp = machine.world // d.ranks_per_batch
+    check_parallel(cfg, size, machine)
+    dp = machine.world // d.ranks_per_batch  # (a sequence- or tensor-parallel group reads one micro batch)
     grad_accum = resolve_grad_accum(t, dp)
     ds = deepspeed_config(dataclasses.replace(t, precision="fp32"), cfg.optim, d, on_gpu=False, grad_accum=grad_accum)
     checkpoint = checkpoint_bytes(cfg, size, p)
@@ -456,11 +542,25 @@ def plan(cfg: Config, size: ModelSize, machine: Machine, mfu: float = 0.4, lever
         runtime=0 if machine.on_gpu else int(IMPORT_BASELINE),
         **dict(zip(("host_build", "host_load", "host_checkpoint", "host_export"),
                    host_terms(cfg, size, machine, checkpoint), strict=True)),
-        checkpoint=checkpoint, tokens_per_step=tokens, step_seconds=seconds, mfu=mfu,
+        checkpoint=checkpoint, tokens_per_step=tokens, step_seconds=seconds, mfu=mfu, zero_stage=d.zero_stage,
+        tensor_parallel=d.tensor_parallel_size,
     )  # fmt: skip
     if levers and not out.fits:
         out = dataclasses.replace(out, levers=find_levers(cfg, size, machine))
     return out
+
+
+def check_parallel(cfg: Config, size: ModelSize, machine: Machine) -> None:
+    """The refusals train gives parallel settings that the ranks or the model cannot take, before planning them."""
+    from dist_clm.models.build import Shape
+    from dist_clm.parallel import fit
+
+    d = cfg.distributed
+    fit.check_world(d, machine.world)
+    shape = Shape(size.model_type, size.heads, size.kv_heads, None, size.vocab, size.experts)
+    fit.check_tensor_parallel(shape, d.tensor_parallel_size)
+    nodes = [{"node": f"node {r // machine.ranks_per_node}"} for r in range(machine.world)]
+    fit.check_tensor_parallel_nodes(d.tensor_parallel_size, nodes, d.tensor_parallel_across_nodes)
 
 
 def candidate_levers(cfg: Config, size: ModelSize, machine: Machine) -> list[tuple[str, dict]]:
@@ -471,6 +571,16 @@ def candidate_levers(cfg: Config, size: ModelSize, machine: Machine) -> list[tup
         out.append(("distributed.zero_stage=3", {"distributed": {"zero_stage": 3}}))
     if not t.activation_checkpointing:
         out.append(("train.activation_checkpointing=true", {"train": {"activation_checkpointing": True}}))
+    tp = d.tensor_parallel_size * 2  # (after those: two all-reduces per layer and pass, within a node)
+    splits = size.model_type in TENSOR_PARALLEL_FAMILIES and not size.experts  # (AutoTP's families, no MoE)
+    divides = machine.ranks_per_node % tp == 0 and size.heads % tp == 0 and size.kv_heads % tp == 0
+    if splits and divides and d.sequence_parallel_size == 1 and t.optimizer == "adamw":  # (Muon: whole matrices)
+        change: dict = {"distributed": {"tensor_parallel_size": tp}}
+        override = f"distributed.tensor_parallel_size={tp}"
+        if not t.global_batch_size:  # (half the data-parallel ranks: twice the accumulation keeps the batch)
+            change["train"] = {"grad_accum": t.grad_accum * 2}
+            override += f" train.grad_accum={t.grad_accum * 2}"
+        out.append((override, change))
     if t.micro_batch_size > 1:
         micro = t.micro_batch_size // 2
         if t.global_batch_size:
@@ -530,9 +640,11 @@ def render(pl: MemoryPlan) -> str:
         f"{m.world} CPU rank(s) (host memory {_size(m.host_bytes)} per node, {_size(pl.budget)} per rank after the "
         f"margin and imports)")  # fmt: skip
     active = f", {_count(s.active)} active per token" if s.active != s.total else ""
+    tp = pl.tensor_parallel
+    parallel = f", TP {tp} ({m.world // tp} data-parallel rank(s))" if tp > 1 else ""
     lines = [
         f"model: {s.model_type}, {_count(s.total)} parameters{active} ({s.total:,}); vocabulary {s.vocab:,}",
-        f"machine: {where}, {m.nodes} node(s); precision {pl.precision}",
+        f"machine: {where}, {m.nodes} node(s); precision {pl.precision}, ZeRO-{pl.zero_stage}{parallel}",
         "per rank, on its device:",
         *(f"  {name:<22}{_size(value):>12}" for name, value in (
             ("parameters", pl.params), ("gradients", pl.grads), ("optimizer state", pl.optimizer),

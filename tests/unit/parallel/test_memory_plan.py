@@ -173,6 +173,12 @@ def test_the_real_size_configs_plan_from_their_files(tmp_path):
     h100s = mp.Machine(8, 1, mp.GPU_MEMORY["H100"], 10**12, on_gpu=True, gpu="H100", peak_tflops=989.0)
     plan8 = mp.plan(cfg8, size8, h100s)
     assert plan8.fits and mp.render(plan8) in README.read_text()  # (the README shows this plan)
+    tp8 = load_config(
+        REPO / "configs/llama-8b.yaml", ["distributed.tensor_parallel_size=8", "distributed.zero_stage=1"]
+    )
+    plan_tp = mp.plan(tp8, size8, h100s)  # (and this one: the alternative the config's comments describe)
+    assert plan_tp.fits and "ZeRO-1, TP 8" in mp.render(plan_tp) and mp.render(plan_tp) in README.read_text()
+    assert plan_tp.params < plan8.params / 5 and plan_tp.activations < plan8.activations
 
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_70B))
     cfg70 = load_config(REPO / "configs/llama-70b-continued.yaml", [f"model.pretrained={tmp_path}"])
@@ -189,3 +195,139 @@ def test_the_plan_needs_the_vocabulary_and_a_known_family(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba", "vocab_size": 10}))
     with pytest.raises(UserError, match="not mamba"):
         mp.model_fields("", str(tmp_path), {}, None)
+
+
+# AutoTP's split of a Llama/Qwen3 model (transformers' plans): parameter name -> the dimension it splits
+COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # output rows, weights and biases
+ROW = ("o_proj", "down_proj")  # input columns, weights only (their biases are added after the all-reduce)
+
+
+def tensor_parallel_rank(model, tp: int) -> tuple[int, int]:
+    """(split, replicated) parameters the first rank of a group of `tp` holds, from the built model's shapes:
+    each split dimension over the group (the first ranks one more where it does not divide), an untied head by
+    vocabulary rows, everything else whole."""
+    split = whole = 0
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    for name, p in model.named_parameters():
+        shape, dim = list(p.shape), None
+        if any(f".{key}." in name for key in COLUMN) or (name.startswith("lm_head.") and not tied):
+            dim = 0
+        elif any(f".{key}.weight" in name for key in ROW):
+            dim = 1
+        if dim is None:
+            whole += p.numel()
+            continue
+        shape[dim] = -(-shape[dim] // tp)
+        split += int(torch.Size(shape).numel())
+    return split, whole
+
+
+@pytest.mark.parametrize("preset,overrides,vocab", [
+    ("tiny-llama", {}, 1000), ("tiny-qwen3", {}, 1000),
+    ("tiny-llama", {"tie_word_embeddings": True, "intermediate_size": 343}, 1000),
+    ("tiny-llama", {"num_key_value_heads": 4, "attention_bias": True, "mlp_bias": True}, 1001)])  # fmt: skip
+def test_a_tensor_parallel_rank_holds_what_the_models_shapes_say(preset, overrides, vocab):
+    """The parameters a rank of a tensor-parallel group holds (its shard of q/k/v/o, the MLP and an untied head;
+    embeddings, norms, a tied head, the row projections' biases whole), counted from a built model's modules, equal
+    the plan's per-rank parameter bytes at ZeRO-1, and at ZeRO-3 (less one gathered unit) the shard over the
+    data-parallel ranks and the replicated parameters over all of them. (MLP width 343 and vocabulary 1001: split
+    unevenly, the first rank's shard is the larger.)"""
+    model = build_model(preset, "", overrides, Tok(vocab))
+    world = 8
+    for tp in [tp for tp in (1, 2, 4) if model.config.num_key_value_heads % tp == 0]:
+        split, whole = tensor_parallel_rank(model, tp)
+        args = [f"model.preset={preset}", "train.precision=bf16", f"distributed.tensor_parallel_size={tp}"]
+        args += [f"model.overrides.{k}={str(v).lower()}" for k, v in overrides.items()]
+        cfg1 = load_config(None, [*args, "distributed.zero_stage=1"])
+        size = mp.size_of_run(cfg1, vocab)
+        assert (size.total, mp.held(size, tp)) == (count_params(model), (split, whole)), tp
+        assert mp.plan(cfg1, size, gpus(world), levers=False).params == 2 * (split + whole)
+        cfg3 = load_config(None, [*args, "distributed.zero_stage=3"])
+        plan3 = mp.plan(cfg3, size, gpus(world), levers=False)
+        assert plan3.params - 2 * mp.gathered_unit(cfg3, size) == (2 * split * tp + 2 * whole) // world
+
+
+def plan_at(tp: int, *overrides: str, preset: str = "llama-8b", world: int = 8, vocab: int = 128256) -> mp.MemoryPlan:
+    cfg = load_config(None, [f"model.preset={preset}", "train.precision=bf16", f"distributed.tensor_parallel_size={tp}",
+                             "data.block_size=4096", "train.micro_batch_size=1", *overrides])  # fmt: skip
+    return mp.plan(cfg, mp.size_of_run(cfg, vocab), gpus(world), levers=False)
+
+
+def test_model_states_per_rank_follow_the_tensor_parallel_split():
+    """Llama-8B on 8 GPUs at tensor-parallel sizes 1, 2, 4: the split matrices at 1/TP on each rank, the
+    embedding table and norms whole; ZeRO-1 partitions the fp32 states over the world / TP data-parallel ranks,
+    ZeRO-3 the split matrices' over those and the replicated parameters' over the whole world."""
+    d, layers, vocab = 4096, 32, 128256
+    replicated = vocab * d + (2 * layers + 1) * d  # the input embedding, the norms
+    total = 8_030_261_248
+    split = total - replicated
+    for tp in (1, 2, 4):
+        dp = 8 // tp
+        z1 = plan_at(tp, "distributed.zero_stage=1")
+        assert z1.params == 2 * (split // tp + replicated)
+        assert z1.grads == 2 * (split // tp + replicated) + 4 * (split // tp + replicated) // dp
+        assert z1.optimizer == 12 * (split // tp + replicated) // dp
+        z3 = plan_at(tp, "distributed.zero_stage=3")
+        partition = (split + replicated) // 8  # (split / tp over dp: split / world)
+        assert z3.optimizer == 12 * partition and z3.params == 2 * partition + 2 * vocab * d
+    one, eight = plan_at(1, "distributed.zero_stage=1"), plan_at(8, "distributed.zero_stage=1")
+    assert one.model_states == 6 * total and eight.model_states == 20 * (split // 8 + replicated)  # (one dp rank)
+
+
+def test_the_inner_activations_and_the_fused_head_fall_with_tensor_parallelism():
+    """Attention's q/k/v/context and the MLP's products split over the group, the hidden-width tensors do not:
+    each doubling of TP takes half of what the previous took off. The fused head works on V/TP columns; the plain
+    head gathers the whole logits on every rank (plus its shard's)."""
+    act = {tp: plan_at(tp, "train.activation_checkpointing=false").activations for tp in (1, 2, 4)}
+    tokens, hidden = 4096, 4 * 4096 * 32 * 2  # elements per token of the four hidden-width tensors, bytes
+    assert act[1] > act[2] > act[4] > tokens * hidden
+    assert act[1] - act[2] == 2 * (act[2] - act[4])
+    assert act[4] - tokens * hidden == (act[1] - tokens * hidden) // 4
+    plain = {tp: plan_at(tp, "train.loss_head=plain").loss_head for tp in (1, 2)}
+    assert plain[2] == plain[1] + tokens * 128256 // 2 * 2
+    small = {tp: plan_at(tp, "train.loss_head=fused", "data.block_size=64", "model.overrides.num_key_value_heads=4",
+                         preset="tiny-llama", world=4,
+                         vocab=1000).loss_head for tp in (1, 2, 4)}  # fmt: skip
+    assert small[1] > small[2] > small[4]  # (the whole shard in one chunk: the vocabulary columns per rank)
+
+
+def test_tensor_parallelism_keeps_the_global_batch_in_sequences():
+    """A global batch in sequences: the accumulation is resolved over world / TP data-parallel ranks, so the
+    tokens per step do not change with TP; with train.grad_accum the batch is micro x accumulation x dp."""
+    with_global = [plan_at(tp, "train.global_batch_size=64").tokens_per_step for tp in (1, 2, 8)]
+    assert with_global == [64 * 4096] * 3
+    assert plan_at(2, "train.grad_accum=4").tokens_per_step == 1 * 4 * 4 * 4096
+
+
+def test_the_tensor_parallel_lever_makes_a_run_fit():
+    """Llama-8B at ZeRO-1 on 8 GPUs of 48 GB: too much; a tensor-parallel size that divides the node's GPUs and
+    the heads makes it fit, offered after ZeRO-3 and activation checkpointing, with the accumulation that keeps
+    the batch; never for a model AutoTP cannot split, nor beyond the GPUs of a node, nor under Muon."""
+    cfg = load_config(REPO / "configs/llama-8b.yaml", ["distributed.zero_stage=1"])
+    size = mp.size_of_run(cfg, None)
+    small = mp.Machine(8, 1, 48 * 10**9, 2**40, on_gpu=True, gpu="L40S")
+    plan = mp.plan(cfg, size, small)
+    assert not plan.fits
+    lever = "distributed.tensor_parallel_size=2 train.grad_accum=16"
+    assert lever in plan.levers
+    fixed = load_config(REPO / "configs/llama-8b.yaml", ["distributed.zero_stage=1", *lever.split()])
+    assert mp.plan(fixed, size, small, levers=False).fits
+    assert mp.plan(fixed, size, small).tokens_per_step == plan.tokens_per_step
+    bare = cfg.replace(train={"activation_checkpointing": False})
+    order = [override.split("=")[0] for override, _ in mp.candidate_levers(bare, size, small)]
+    assert order[:3] == ["distributed.zero_stage", "train.activation_checkpointing", "distributed.tensor_parallel_size"]
+    gpt = load_config(None, ["model.preset=gpt2-350m"])
+    assert not any("tensor_parallel" in o for o, _ in mp.candidate_levers(gpt, mp.size_of_run(gpt, 50257), small))
+    one_per_node = dataclasses.replace(small, nodes=8)
+    assert not any("tensor_parallel" in o for o, _ in mp.candidate_levers(cfg, size, one_per_node))
+    muon = cfg.replace(train={"optimizer": "muon"})  # (Muon orthogonalizes whole matrices: train refuses it with TP)
+    assert not any("tensor_parallel" in o for o, _ in mp.candidate_levers(muon, size, small))
+
+
+def test_the_plan_refuses_what_autotp_cannot_split():
+    for overrides, match in [(["model.preset=gpt2-350m"], "not gpt2"), (["model.preset=moe-small"], "Experts"),
+                             (["model.preset=llama-8b"], "key/value heads")]:  # fmt: skip
+        tp = 16 if "llama-8b" in overrides[0] else 2
+        cfg = load_config(None, [*overrides, f"distributed.tensor_parallel_size={tp}"])
+        with pytest.raises(UserError, match=match):
+            mp.plan(cfg, mp.size_of_run(cfg, 32000), gpus(16, 16))
