@@ -1,7 +1,7 @@
 """Run under torchrun with 2 ranks: tensor parallelism (size 2) through DeepSpeed's AutoTP and dist_clm's install
 against the unsharded model on the same micro batch, for each case: the loss and every parameter's gradient after
-DeepSpeed's reduction (each rank's shard against its slice of the unsharded gradient), for Llama and Qwen3, ZeRO 1
-and 3, packed documents or not, pretraining or fine-tuning labels, the fused or the plain loss head. Also: what
+DeepSpeed's reduction (each rank's shard against its slice of the unsharded gradient), for Llama and Qwen3, ZeRO 0,
+1 and 3, packed documents or not, pretraining or fine-tuning labels, the fused or the plain loss head. Also: what
 Qwen3's per-head norms get without dist_clm's sum of their partial gradients. Rank 0 writes the differences as
 JSON to argv[1]."""
 
@@ -96,6 +96,7 @@ def main(out: str) -> None:
     found = {}
     # (Qwen3 computes its loss through the plain head: the fused one serves the families of loss_head.PLAIN_HEADS)
     cases = (
+        ("llama", 0, True, True, "fused"),
         ("llama", 1, True, False, "fused"),
         ("llama", 1, False, True, "plain"),
         ("llama", 3, True, True, "fused"),

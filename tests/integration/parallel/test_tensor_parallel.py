@@ -1,13 +1,14 @@
 """Tensor parallelism (distributed.tensor_parallel_size): each layer's matrices split over a group of ranks.
 
-- tests/tp_probe.py under torchrun (2 ranks): for Llama and Qwen3, ZeRO 1 and 3, packed documents or not,
+- tests/tp_probe.py under torchrun (2 ranks): for Llama and Qwen3, ZeRO 0, 1 and 3, packed documents or not,
   pretraining or fine-tuning labels, the fused (vocabulary-parallel) or plain loss head, the loss and every
   gradient after DeepSpeed's reduction equal the unsharded model's; without dist_clm's sum of their partial
   gradients, Qwen3's per-head norms would not.
 - real runs: TP=2 on 2 ranks trains and validates what TP=1 on 1 rank does, step by step (Llama under ZeRO-1,
-  Qwen3 under ZeRO-3, packed documents, two micro batches per step); a kill -9 of the whole process group in the
-  middle resumes bitwise; a ZeRO-1 TP=2 checkpoint continues exactly at TP=1 on one rank, a ZeRO-3 one is refused in
-  one sentence; export, eval and generate read a TP checkpoint, and its export is the TP=1 run's model.
+  Qwen3 under ZeRO-3 with activation checkpointing, packed documents, two micro batches per step); a kill -9 of
+  the whole process group in the middle resumes bitwise; a ZeRO-1 TP=2 checkpoint continues exactly at TP=1 on
+  one rank, a ZeRO-3 one is refused in one sentence; export, eval and generate read a TP checkpoint, and its
+  export is the TP=1 run's model.
 - what cannot be split is one sentence.
 """
 
@@ -30,7 +31,12 @@ COMMON = ["model.overrides.hidden_size=64", "model.overrides.intermediate_size=1
           "checkpoint.save_every=2", "train.eval_every=2", "train.eval_blocks=4", "optim.warmup_steps=2",
           "optim.lr=3e-3", "optim.eps=1e-5", "run.progress_bar=false", "data.document_mask=true"]  # fmt: skip
 LLAMA = ["model.preset=tiny-llama", "distributed.zero_stage=1"]
-QWEN3 = ["model.preset=tiny-qwen3", "model.overrides.head_dim=16", "distributed.zero_stage=3"]
+QWEN3 = [
+    "model.preset=tiny-qwen3",
+    "model.overrides.head_dim=16",
+    "distributed.zero_stage=3",
+    "train.activation_checkpointing=true",
+]
 TP2 = ["distributed.tensor_parallel_size=2"]
 
 
@@ -43,7 +49,7 @@ def torchrun(n: int, *args: str) -> list[str]:
 def test_every_loss_and_gradient_equals_the_unsharded_model(tmp_path):
     found = run_probe("tests.tp_probe", tmp_path)
     bare = found.pop("qwen3 without the partial sums")
-    assert len(found) == 6
+    assert len(found) == 7
     for name, diff in found.items():
         assert diff["loss"] < 1e-5, (name, diff)
         assert diff["grad"] < 1e-5, (name, diff)  # (relative to the largest gradient of each parameter)
