@@ -102,3 +102,20 @@ def test_the_gpu_suite_refuses_without_a_gpu_and_stops_within_its_budget(tmp_pat
     assert skipped["items"] == [item.name for item in plan[1:]]
     assert f"skipped: {', '.join(skipped['items'])}" in r.stdout
     assert not [x for x in records if x["kind"] in ("check", "row")]
+
+
+def test_the_tensor_parallel_benchmark_finds_each_rank_holding_half_of_the_sharded_matrices(tmp_path):
+    """bench/tensor_parallel.py --quick (TP 1 and 2, the memory table): at TP=2 each rank holds half of the bytes
+    (parameters, gradients, optimizer state) of the matrices AutoTP splits, within 10%, and more than half of the
+    whole (embeddings and norms stay replicated); the table has a row for each size it ran."""
+    figures = tmp_path / "figures.json"
+    cmd = [sys.executable, str(REPO / "bench" / "tensor_parallel.py"), "--quick", "--no-timing", "--json", str(figures)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {cells[0]: cells for cells in (line.split(" | ") for line in r.stdout.splitlines()) if cells[0].isdigit()}
+    assert sorted(rows) == ["1", "2"], r.stdout
+    ratio = json.loads(figures.read_text())["ratios"]["2"]
+    assert abs(ratio * 2 - 1) <= 0.1, r.stdout
+    assert float(rows["2"][7]) == pytest.approx(ratio * 2, abs=1e-3) and float(rows["1"][7]) == 1.0
+    assert 0.5 < float(rows["2"][8]) < 1.0, r.stdout  # params + optimizer per rank against TP=1's
+    assert "TP=2" in r.stdout and "(met)" in r.stdout
