@@ -65,14 +65,15 @@ class Peak:
 
 def main(out: str, pretrained: str, overrides: list[str]) -> None:
     env = process_group.init()
+    world = process_group.world_table(env)
     # a small build first: what the first build imports and sets up once is not the model's memory
     small = ["model.overrides.num_hidden_layers=1", "model.overrides.intermediate_size=64"]
-    _checked(load_config(None, [*overrides, *small]), env)
+    _checked(load_config(None, [*overrides, *small]), env, world)
     found = {}
     for name, extra in (("preset", []), ("pretrained", [f"model.pretrained={pretrained}"])):
         cfg = load_config(None, [*overrides, *extra])
         with Peak() as peak:
-            model = _checked(cfg, env)[3]
+            model = _checked(cfg, env, world)[3]
         found[name], found["partitioned"] = peak.above, is_partitioned(model)
         del model
     if env.is_main:
