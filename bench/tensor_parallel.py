@@ -91,8 +91,8 @@ def engine_for(spec: dict, tp: int, env):
         lr_scheduler=scheduler_factory(cfg.optim, t.max_steps),
     )
     if d.tensor_parallel_size > 1:
-        tensor_parallel.install(engine, fused)
-        output_head(engine.module, False, cfg.data.document_mask)
+        tp = tensor_parallel.install(engine)
+        output_head(engine.module, fused, cfg.data.document_mask, tp.group)
     return engine, cfg, grad_accum
 
 

@@ -19,6 +19,7 @@ import torch  # noqa: E402
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
+from dist_clm.models import loss_head  # noqa: E402
 from dist_clm.parallel import tensor_parallel  # noqa: E402
 
 VOCAB, ROWS, LENGTH = 97, 2, 32  # (a vocabulary the group splits unevenly: 49 + 48 rows)
@@ -74,7 +75,9 @@ def case(kind: str, zero: int, documents: bool, learned: bool, head: str, sum_pa
               "optimizer": {"type": "AdamW", "params": {"lr": 0.0, "torch_adam": True}}}  # fmt: skip
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     if sum_partial:
-        tp = tensor_parallel.install(engine, head == "fused")
+        tp = tensor_parallel.install(engine)
+        if head == "fused":
+            loss_head.install(engine.module, group=tp.group)
     else:
         from deepspeed.utils import groups
 

@@ -17,8 +17,8 @@ What dist_clm adds once the engine exists (`install`):
   rank the gradient of that rank's heads: the sum over the group is its gradient. transformers 5's plans mark such
   parameters and DeepSpeed then sums them itself; 4.57's do not, and the ranks' copies would drift apart from the
   first step. `install` sums every such gradient that DeepSpeed does not.
-- The fused loss head runs on each rank's vocabulary rows (loss_head, vocab-parallel): the log-sum-exp over the
-  whole vocabulary is combined across the group, no rank ever holds the gathered logits.
+- The fused loss head then runs on each rank's vocabulary rows (loss_head, given the group): the log-sum-exp over
+  the whole vocabulary is combined across the group, no rank ever holds the gathered logits.
 """
 
 from __future__ import annotations
@@ -40,21 +40,16 @@ class TensorParallel:
         return self.rank == 0
 
 
-def install(engine, fused_head: bool) -> TensorParallel:
-    """After deepspeed.initialize sharded the model (distributed.tensor_parallel_size > 1): the group, the partial
-    gradients of replicated per-head parameters summed over it, and the fused loss head on the vocabulary shard
-    when the run uses it (`fused_head`)."""
+def install(engine) -> TensorParallel:
+    """After deepspeed.initialize sharded the model (distributed.tensor_parallel_size > 1): the group, with the
+    partial gradients of replicated per-head parameters summed over it. (The fused loss head goes on the output
+    head AutoTP made, with this group: training/setup.py's output_head.)"""
     import torch.distributed as dist
     from deepspeed.utils import groups
 
-    from dist_clm.models import loss_head
-
     group = groups.get_tensor_model_parallel_group()
-    tp = TensorParallel(dist.get_world_size(group), dist.get_rank(group), group)
     sum_partial_gradients(engine.module, group)
-    if fused_head:
-        loss_head.install(engine.module, group=group)
-    return tp
+    return TensorParallel(dist.get_world_size(group), dist.get_rank(group), group)
 
 
 def sharded_modules(model) -> list:

@@ -173,9 +173,15 @@ def setup(cfg: Config, env: DistEnv, world: list[dict]) -> Run:
     n_params, active = count_params(model), active_params(model)
     flops = flops_per_token(model.config, active, cfg.data.block_size)
     sparse = f" ({active / 1e6:.2f} M active per token)" if active < n_params else ""
+    d = cfg.distributed
+    dp = env.world_size // d.ranks_per_batch
+    groups = ""
+    if d.tensor_parallel_size > 1:
+        where = "" if d.tensor_parallel_across_nodes else ", each on one node"
+        groups = f", {dp} tensor-parallel group(s) of {d.tensor_parallel_size} consecutive ranks{where}"
     console.info(
         f"model: {model.config.model_type}, {n_params / 1e6:.2f} M parameters{sparse}, {flops / 1e6:.1f} MFLOPs per "
-        f"token; {describe(world)} on {env.device}, {precision}, ZeRO-{cfg.distributed.zero_stage}, attention "
+        f"token; {describe(world)} on {env.device}, {precision}, ZeRO-{d.zero_stage}{groups}, attention "
         f"{model.config._attn_implementation}",
     )
     owner = claim(cfg.run.dir, env)  # the first write
@@ -202,8 +208,8 @@ def setup(cfg: Config, env: DistEnv, world: list[dict]) -> Run:
     sp = sequence_parallel.fit_reduction(sp, engine)  # (the loss scale DeepSpeed's gradient reduction needs)
     tp = tensor_parallel.TensorParallel()
     if cfg.distributed.tensor_parallel_size > 1:  # (AutoTP replaced the sharded layers, the output head among them)
-        tp = tensor_parallel.install(engine, fused)
-        output_head(engine.module, False, cfg.data.document_mask)
+        tp = tensor_parallel.install(engine)
+        output_head(engine.module, fused, cfg.data.document_mask, tp.group)
     router = moe.RouterLoad(model) if moe.is_moe(model.config) else None
     random = RandomState(env)
     if resumed_from is not None:
@@ -285,9 +291,7 @@ def _checked(cfg: Config, env: DistEnv, world: list[dict]) -> tuple:
     size = d.sequence_parallel_size
     fit.check_world(d, env.world_size)
     fit.check_tensor_parallel_nodes(d.tensor_parallel_size, world, d.tensor_parallel_across_nodes)
-    grad_accum = resolve_grad_accum(
-        t, env.world_size // d.ranks_per_batch
-    )  # (data-parallel ranks: a group reads as one)
+    grad_accum = resolve_grad_accum(t, env.world_size // d.ranks_per_batch)  # (data-parallel ranks: a group is one)
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     on_gpu = env.device != "cpu"
     precision = resolve_precision(t.precision, on_gpu)
@@ -324,10 +328,11 @@ def _checked(cfg: Config, env: DistEnv, world: list[dict]) -> tuple:
     return cfg, sources, tok, model, grad_accum, ds_config, precision, fused
 
 
-def output_head(model, fused: bool, document_mask: bool) -> None:
-    """The fused loss head where the run uses it, then flash attention's document bounds where it needs them (they
-    call the head with the bounds; under sequence parallelism they serve the whole rows of validation)."""
+def output_head(model, fused: bool, document_mask: bool, group=None) -> None:
+    """The fused loss head where the run uses it (over a vocabulary split across tensor-parallel `group`), then
+    flash attention's document bounds where it needs them (they call the head with the bounds; under sequence
+    parallelism they serve the whole rows of validation)."""
     if fused:
-        loss_head.install(model)
+        loss_head.install(model, group=group)
     if document_mask and model.config._attn_implementation == attention.FLASH:
         attention.feed_documents(model)

@@ -109,28 +109,25 @@ def test_sequence_parallel_inside_each_node_and_data_parallel_across_them(one_no
 
 
 def test_tensor_parallel_inside_each_node_and_data_parallel_across_them(tmp_path, data_dir):
-    """TP=2 x DP=2 on 2 nodes x 2 ranks (submitit) and on 1 node x 4 ranks (the deepspeed launcher) train what 2
-    data-parallel ranks on one node (torchrun) train, block for block: each node holds one tensor-parallel group
-    (its two all-reduces per layer stay on the node), only the gradient reduction crosses."""
+    """TP=2 x DP=2 on 2 nodes x 2 ranks (submitit) trains what 2 data-parallel ranks on one node (torchrun) train,
+    block for block: each node holds one tensor-parallel group (its two all-reduces per layer stay on the node),
+    only the gradient reduction crosses. (One node under the deepspeed launcher: the integration tier.)"""
     needs_slurm("multi")
     llama = [*COMMON[len(TINY) :], "model.preset=tiny-llama", "model.overrides.hidden_size=64", "data.block_size=64",
              "model.overrides.intermediate_size=128", "train.max_steps=4", "checkpoint.save_every=2",
              "train.global_batch_size=8", "run.progress_bar=false", f"data.path={data_dir}"]  # fmt: skip
-    tp = [*llama, "distributed.tensor_parallel_size=2"]
-    runs = {"dp": tmp_path / "dp", "nodes": tmp_path / "nodes", "node": tmp_path / "node"}
+    dp, nodes = tmp_path / "dp", tmp_path / "nodes"
     r = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m",
-                        "dist_clm", "train", *llama, f"run.dir={runs['dp']}"], capture_output=True, text=True,
+                        "dist_clm", "train", *llama, f"run.dir={dp}"], capture_output=True, text=True,
                        timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run_cli(*SLURM_2x2, "--wait", *tp, f"run.dir={runs['nodes']}")
+    r = run_cli(*SLURM_2x2, "--wait", *llama, "distributed.tensor_parallel_size=2", f"run.dir={nodes}")
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
-    nodes = [node for node, _ in nodes_of(runs["nodes"])]
-    assert nodes[0] == nodes[1] != nodes[2] == nodes[3]  # one group per node
-    one_node_4_ranks(*tp, f"run.dir={runs['node']}")
-    for name in ("nodes", "node"):
-        same_training(per_step(runs[name]), per_step(runs["dp"]))
-        marker = json.loads((runs[name] / "checkpoints" / "step_00000004" / "complete.json").read_text())
-        assert (marker["world_size"], marker["tensor_parallel_size"]) == (4, 2), name
+    names = [node for node, _ in nodes_of(nodes)]
+    assert names[0] == names[1] != names[2] == names[3]  # one group per node
+    same_training(per_step(nodes), per_step(dp))
+    marker = json.loads((nodes / "checkpoints" / "step_00000004" / "complete.json").read_text())
+    assert (marker["world_size"], marker["tensor_parallel_size"]) == (4, 2)
 
 
 def test_the_deepspeed_launcher_and_torchrun_over_two_nodes(one_node, tmp_path, data_dir):

@@ -4,11 +4,11 @@
   pretraining or fine-tuning labels, the fused (vocabulary-parallel) or plain loss head, the loss and every
   gradient after DeepSpeed's reduction equal the unsharded model's; without dist_clm's sum of their partial
   gradients, Qwen3's per-head norms would not.
-- real runs: TP=2 on 2 ranks trains and validates what TP=1 on 1 rank does, step by step (Llama under ZeRO-1,
-  Qwen3 under ZeRO-3 with activation checkpointing, packed documents, two micro batches per step); a kill -9 of
-  the whole process group in the middle resumes bitwise; a ZeRO-1 TP=2 checkpoint continues exactly at TP=1 on
-  one rank, a ZeRO-3 one is refused in one sentence; export, eval and generate read a TP checkpoint, and its
-  export is the TP=1 run's model.
+- real runs (torchrun, the deepspeed launcher): TP=2 on 2 ranks trains and validates what TP=1 on 1 rank does,
+  step by step (Llama under ZeRO-1, Qwen3 under ZeRO-3 with activation checkpointing, packed documents, two micro
+  batches per step); a kill -9 of the whole process group in the middle resumes bitwise; a ZeRO-1 TP=2 checkpoint
+  continues exactly at TP=1 on one rank, a ZeRO-3 one is refused in one sentence; export, eval and generate read a
+  TP checkpoint, and its export is the TP=1 run's model.
 - what cannot be split is one sentence.
 """
 
@@ -61,15 +61,18 @@ def test_every_loss_and_gradient_equals_the_unsharded_model(tmp_path):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_dir):
-    """Llama (ZeRO-1) and Qwen3 (ZeRO-3), each at TP=1 on 1 rank and TP=2 on 2 ranks (torchrun): 4 steps of packed
-    documents with checkpoints at 2 and 4."""
+    """Llama (ZeRO-1) and Qwen3 (ZeRO-3), each at TP=1 on 1 rank and TP=2 on 2 ranks (torchrun, and the deepspeed
+    launcher for Qwen3): 4 steps of packed documents with checkpoints at 2 and 4."""
     root, out = tmp_path_factory.mktemp("tp"), {}
-    for name, model in (("llama", LLAMA), ("qwen3", QWEN3)):
+    deepspeed = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "dist_clm",
+                 "train"]  # fmt: skip
+    for name, model, launcher in (("llama", LLAMA, torchrun(2)), ("qwen3", QWEN3, deepspeed)):
         one = run_cli("train", *COMMON, *model, f"data.path={data_dir}", f"run.dir={root / f'{name}1'}")
         assert one.returncode == 0, one.stderr[-3000:]
-        cmd = torchrun(2, *COMMON, *model, *TP2, f"data.path={data_dir}", f"run.dir={root / f'{name}2'}")
+        cmd = [*launcher, *COMMON, *model, *TP2, f"data.path={data_dir}", f"run.dir={root / f'{name}2'}"]
         two = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert two.returncode == 0, two.stderr[-3000:]
+        assert "1 tensor-parallel group(s) of 2 consecutive ranks, each on one node" in two.stdout + two.stderr
         out[name] = (root / f"{name}1", root / f"{name}2")
     return out
 
