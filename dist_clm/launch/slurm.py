@@ -326,13 +326,9 @@ def check_layout(config: str | None, overrides: list[str], settings: SlurmSettin
     """One sentence, before anything is submitted, when the run's parallel groups do not fit the job's ranks: the
     sizes must divide them, and each tensor-parallel group must lie on one node (tasks are ranks node by node)."""
     from dist_clm.config import load_config
-    from dist_clm.parallel.fit import check_tensor_parallel_nodes, check_world
+    from dist_clm.parallel.fit import check_layout
 
-    d = load_config(config, overrides).distributed
-    tasks = settings.tasks()
-    table = [{"rank": r, "node": f"node {r // tasks + 1}"} for r in range(settings.nodes * tasks)]
-    check_world(d, len(table))
-    check_tensor_parallel_nodes(d.tensor_parallel_size, table, d.tensor_parallel_across_nodes)
+    check_layout(load_config(config, overrides).distributed, settings.nodes * settings.tasks(), settings.tasks())
 
 
 def check_plan(config: str | None, overrides: list[str], machine) -> None:

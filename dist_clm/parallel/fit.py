@@ -32,6 +32,14 @@ def check_tensor_parallel_nodes(size: int, table: list[dict], across: bool) -> N
             )
 
 
+def check_layout(d: DistributedConfig, world: int, ranks_per_node: int) -> None:
+    """check_world and check_tensor_parallel_nodes for `world` ranks filling nodes of `ranks_per_node` in order
+    (a job not started yet: launch slurm, the memory plan)."""
+    check_world(d, world)
+    table = [{"rank": r, "node": f"node {r // ranks_per_node + 1}"} for r in range(world)]
+    check_tensor_parallel_nodes(d.tensor_parallel_size, table, d.tensor_parallel_across_nodes)
+
+
 def check_tensor_parallel(shape: Shape, size: int) -> None:
     """What tensor parallelism of `size` cannot shard in the model, in one sentence (before anything loads)."""
     if size == 1:

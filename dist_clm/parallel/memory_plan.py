@@ -556,11 +556,9 @@ def check_parallel(cfg: Config, size: ModelSize, machine: Machine) -> None:
     from dist_clm.parallel import fit
 
     d = cfg.distributed
-    fit.check_world(d, machine.world)
+    fit.check_layout(d, machine.world, machine.ranks_per_node)
     shape = Shape(size.model_type, size.heads, size.kv_heads, None, size.vocab, size.experts)
     fit.check_tensor_parallel(shape, d.tensor_parallel_size)
-    nodes = [{"node": f"node {r // machine.ranks_per_node}"} for r in range(machine.world)]
-    fit.check_tensor_parallel_nodes(d.tensor_parallel_size, nodes, d.tensor_parallel_across_nodes)
 
 
 def candidate_levers(cfg: Config, size: ModelSize, machine: Machine) -> list[tuple[str, dict]]:
