@@ -621,8 +621,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """Console-script entry point."""
-    from dist_clm.parallel.process_group import keep_group_at_exit, shutdown
+    from dist_clm.parallel.process_group import keep_group_at_exit, lean_imports, shutdown
 
+    lean_imports()
     code = main()
     if code == PeerLost.exit_code:
         keep_group_at_exit()  # (with peers gone, tearing the group down could wait on them)

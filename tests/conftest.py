@@ -156,7 +156,7 @@ def s3():
     env = start_server()
     os.environ.update(env)
     client = boto3.client("s3", endpoint_url=env["S3_ENDPOINT_URL"])
-    with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+    with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou, client.exceptions.BucketAlreadyExists):
         client.create_bucket(Bucket=BUCKET)
     return client
 

@@ -55,8 +55,9 @@ PRELOAD = (
 def preload() -> None:
     import importlib
 
-    from dist_clm.parallel.process_group import import_deepspeed, use_cpu_accelerator_if_no_gpu
+    from dist_clm.parallel.process_group import import_deepspeed, lean_imports, use_cpu_accelerator_if_no_gpu
 
+    lean_imports()  # (as the commands' entry point does)
     use_cpu_accelerator_if_no_gpu()
     import_deepspeed()  # (without its autotuner's mlflow import, as the commands import it)
     for name in PRELOAD:

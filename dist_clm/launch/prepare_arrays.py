@@ -22,6 +22,7 @@ from dist_clm import console
 from dist_clm.errors import UserError
 from dist_clm.launch.partition import PendingWatch, fit_to_partition, pending_reasons
 from dist_clm.launch.slurm import SlurmSettings, _restarts, ended_marker, make_executor
+from dist_clm.parallel.process_group import lean_imports
 
 
 @dataclass
@@ -32,6 +33,7 @@ class PartTask:
     log_root: str
 
     def __call__(self, index: int) -> dict:
+        lean_imports()
         from dist_clm.data.prepare import prepare_part
 
         return _said(lambda: prepare_part(**self.prepare, index=index), self.log_root)

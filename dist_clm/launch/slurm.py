@@ -134,6 +134,9 @@ class TrainJob:
 
         from dist_clm.config import load_config
         from dist_clm.errors import PeerLost
+        from dist_clm.parallel.process_group import lean_imports
+
+        lean_imports()
         from dist_clm.training.loop import train
 
         job = submitit.JobEnvironment()

@@ -124,22 +124,56 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# a module that imports an optional package wherever it is installed, for a feature dist_clm never uses -> that
+# package: DeepSpeed's autotuner imports mlflow (dist_clm's trackers extra), transformers' generation imports
+# scikit-learn (lm-eval and mlflow pull it in), together ~2 s and ~100 MiB of every rank's start-up
+OPTIONAL_IMPORTS = {"deepspeed.autotuning.autotuner": "mlflow", "transformers.utils.import_utils": "sklearn"}
+
+
+class _WithoutOptional:
+    """An import hook: while one of OPTIONAL_IMPORTS' modules runs its top level, its optional package reads as
+    not installed (None in sys.modules: an import raises ImportError and importlib's find_spec says absent), and
+    is importable again right after, for whoever asks for it (the MLflow tracker, lm-eval's metrics). Written by
+    hand because neither library has a switch for it; a module it cannot wrap is imported as it was."""
+
+    def find_spec(self, name, path=None, target=None):
+        optional = OPTIONAL_IMPORTS.get(name)
+        if optional is None:
+            return None
+        import importlib.machinery
+
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            if optional in sys.modules:  # (imported already: nothing to save)
+                return run(module)
+            sys.modules[optional] = None
+            try:
+                return run(module)
+            finally:
+                if optional in sys.modules and sys.modules[optional] is None:
+                    del sys.modules[optional]
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def lean_imports() -> None:
+    """First thing in a dist_clm process (the command's entry point, a SLURM task): leave OPTIONAL_IMPORTS out of
+    the libraries' start-up."""
+    if not any(isinstance(f, _WithoutOptional) for f in sys.meta_path):
+        sys.meta_path.insert(0, _WithoutOptional())
+
+
 def import_deepspeed():
-    """deepspeed, imported without its autotuner's optional MLflow support: DeepSpeed's autotuner imports mlflow
-    wherever it is installed (dist_clm's trackers extra), a second of start-up in every process for a feature
-    dist_clm does not use. mlflow stays importable afterwards (the mlflow tracker imports it itself)."""
-    import sys
-
+    """deepspeed, imported with the CPU accelerator where there is no GPU and without its autotuner's mlflow."""
     use_cpu_accelerator_if_no_gpu()  # (else DeepSpeed guesses, and says so: "Setting accelerator to CPU...")
-    if "deepspeed" in sys.modules or "mlflow" in sys.modules:
-        import deepspeed
+    lean_imports()
+    import deepspeed
 
-        return deepspeed
-    sys.modules["mlflow"] = None  # (an import of it raises ImportError, which the autotuner takes for "absent")
-    try:
-        import deepspeed
-    finally:
-        del sys.modules["mlflow"]
     return deepspeed
 
 

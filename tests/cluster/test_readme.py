@@ -73,7 +73,7 @@ def upload_web_corpus(s3, bucket: str) -> None:
     import contextlib
     import json
 
-    with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+    with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou, s3.exceptions.BucketAlreadyExists):
         s3.create_bucket(Bucket=bucket)
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):  # (an earlier run's outputs go)
         for item in page.get("Contents", []):

@@ -148,8 +148,15 @@ def test_torchrun_two_ranks_zero3_llama_and_export(tmp_path, data_dir):
               "train.log_every=2", "train.global_batch_size=8", f"distributed.deepspeed_config={ds}"]  # fmt: skip
     for head, where in (("auto", run), ("plain", tmp_path / "plain")):  # the fused loss head, then the plain one
         tr = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
-        r = launch(tr, *common, "distributed.zero_stage=3", f"run.dir={where}", f"train.loss_head={head}")
+        imports = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"} if head == "auto" else None  # (what each rank loads)
+        r = launch(tr, *common, "distributed.zero_stage=3", f"run.dir={where}", f"train.loss_head={head}", env=imports)
         assert "FutureWarning" not in r.stderr, r.stderr[-2000:]  # ZeRO-3's collectives', once per rank
+        if imports:  # the ranks' start-up leaves out what dist_clm never uses (~2 s and ~100 MiB of each rank)
+            lines = [line for line in r.stderr.splitlines() if line.startswith("import time")]
+            loaded = {line.rsplit("|", 1)[1].strip() for line in lines}
+            assert {"transformers.generation.candidate_generator", "deepspeed"} <= loaded  # (what imports them)
+            leaned = sorted({m for m in loaded if m.split(".")[0] in ("sklearn", "mlflow") and "." in m})
+            assert not leaned, leaned[:5]  # (a package imported for real loads its modules; a refused import none)
     one = tmp_path / "one"
     r = run_cli("train", *common, "distributed.zero_stage=2", f"run.dir={one}")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -236,12 +243,14 @@ def test_staged_mixture_switches_at_its_step_is_logged_and_resumes_across_it_exa
     assert all(again[s] == whole[s] for s in again), (again, whole)
 
 
-def test_deepspeed_is_imported_without_mlflow_which_stays_importable():
-    """DeepSpeed's autotuner would import mlflow (a second of every process's start-up); dist_clm's MLflow
-    tracker still imports it afterwards."""
-    code = ("import sys; from dist_clm.parallel.process_group import import_deepspeed; import_deepspeed(); "
-            "print('mlflow' in sys.modules); import mlflow; print(mlflow.__name__)")  # fmt: skip
+def test_deepspeed_and_transformers_are_imported_without_mlflow_and_sklearn_which_stay_importable():
+    """DeepSpeed's autotuner would import mlflow, transformers' generation scikit-learn (a second each of every
+    process's start-up); dist_clm's MLflow tracker and lm-eval's metrics still import them afterwards."""
+    code = ("import sys; from dist_clm.parallel.process_group import import_deepspeed, lean_imports; lean_imports(); "
+            "import_deepspeed(); import transformers.generation.utils as g; "
+            "print('mlflow' in sys.modules, 'sklearn' in sys.modules); import mlflow; from sklearn.metrics import "
+            "roc_curve; print(mlflow.__name__, roc_curve.__name__)")  # fmt: skip
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split() == ["False", "mlflow"]
+    assert r.stdout.split() == ["False", "False", "mlflow", "roc_curve"]
