@@ -188,9 +188,20 @@ class TrainConfig:
     # eval/<task>/<metric>; they never change the training (random state kept, weights read only)
     eval_tasks_every: int = 0  # steps between them (0: at every validation, train.eval_every); and at the end
     eval_tasks_limit: int = 0  # the first N examples of each task (0 = all)
+    profile_steps: list[int] = field(default_factory=list)  # [first, last]: the PyTorch profiler over these steps
+    # (inclusive), with dist_clm's named ranges (data wait, forward, backward, optimizer step, checkpoint,
+    # validation, downstream tasks); one trace per rank into RUN/profile/ (TensorBoard's profile plugin, Perfetto)
+    profile_ranks: list[int] = field(default_factory=lambda: [0])  # the ranks that record train.profile_steps
 
     def checks(self) -> list[Check]:
+        steps, ranks = self.profile_steps, self.profile_ranks
         return [
+            (
+                not steps or (len(steps) == 2 and 1 <= steps[0] <= steps[1]),
+                "profile_steps",
+                f"must be [first, last] with 1 <= first <= last (or [] for none), got {steps}",
+            ),
+            (bool(ranks) and all(r >= 0 for r in ranks), "profile_ranks", f"must list ranks (0 or more), got {ranks}"),
             (self.eval_tasks_every >= 0, "eval_tasks_every", f"must be 0 or more, got {self.eval_tasks_every}"),
             (self.eval_tasks_limit >= 0, "eval_tasks_limit", f"must be 0 or more, got {self.eval_tasks_limit}"),
             (self.max_steps >= 1, "max_steps", f"must be at least 1, got {self.max_steps}"),

@@ -7,6 +7,8 @@ import json
 import time
 from pathlib import Path
 
+from dist_clm.observability.timing import split_scalars
+
 STRAGGLER_LAG = 1.5  # a rank this much slower than the median rank over a log window is a straggler
 
 # Peak dense FLOP/s by GPU, from the vendors' data sheets (without sparsity), for MFU: (the words of the
@@ -97,9 +99,11 @@ class LogWindow:
     them into the logged training scalars and starts a new window."""
 
     def __init__(self, sources: list[str], tokens_per_step: int, flops_per_token: float, world: int, device: str,
-                 precision: str = "bf16", tf32: bool = True, objective=None, router=None):  # fmt: skip
+                 precision: str = "bf16", tf32: bool = True, objective=None, router=None, phases=None,
+                 rank: int = 0):  # fmt: skip
         self.sources, self.tokens_per_step, self.flops = sources, tokens_per_step, flops_per_token
-        self.world, self.device = world, device
+        self.world, self.device, self.rank = world, device, rank
+        self.phases = phases  # (timing.Phases) this rank's time split since the last window, or None: none logged
         self.objective = objective  # (training/objectives.py) names what its statistics log; None: the window logs none
         self.router = router  # (moe.RouterLoad) an MoE model's router load since the last window, or None
         self.peak = peak_flops(device, precision, tf32)  # (None on the CPU and on GPUs not in PEAKS)
@@ -155,10 +159,14 @@ class LogWindow:
         stats = [] if not n_stats else self.stats if self.stats is not None else [0.0] * n_stats
         routed = [self.router.take()] if self.router is not None else []  # (one entry: a vector)
         n_routed = len(routed[0]) if routed else 0
+        split = self.phases.take() if self.phases is not None else []  # (every rank's, gathered by the reduction:
+        slots = [0.0] * (self.world * len(split))  # each rank fills its own slots)
+        slots[self.rank * len(split) : (self.rank + 1) * len(split)] = split
         wait_sum, token_sum, *rest = all_reduce_sum(  # (the device's sums join the one reduction)
-            [self.wait, self.token_sum, *stats, *routed, *self.blocks], self.device
+            [self.wait, self.token_sum, *stats, *routed, *slots, *self.blocks], self.device
         )
-        sums, routed, mix = rest[:n_stats], rest[n_stats : n_stats + n_routed], rest[n_stats + n_routed :]
+        sums, routed, rest = rest[:n_stats], rest[n_stats : n_stats + n_routed], rest[n_stats + n_routed :]
+        slots, mix = rest[: len(slots)], rest[len(slots) :]
         out = {"train/loss": sum(self.losses) / len(self.losses)} if self.losses else {}
         out |= {  # (no train/loss when every step of the window was skipped)
             "train/lr": lr,
@@ -179,12 +187,18 @@ class LogWindow:
         if self.peak:  # model FLOPs utilization: achieved training FLOP/s per device over its peak in this precision
             out["train/mfu"] = out["train/tokens_per_s"] * self.flops / (self.world * self.peak)
         out |= memory_scalars(self.device)
+        slowest = None
         if self.world > 1 and self.steps:
             rank, lag = self.straggler()
+            slowest = rank
             out |= {"train/straggler_rank": rank, "train/straggler_lag": lag}
             slow = rank if lag >= STRAGGLER_LAG else None
             self.persistent_straggler = slow if slow == self._last_slow else None  # two windows in a row
             self._last_slow = slow
+        if split:  # (the slowest rank: the one that reached the steps' agreement last, as train/straggler_rank)
+            n = len(split)
+            per_rank = [[float(x) for x in slots[r * n : (r + 1) * n]] for r in range(self.world)]
+            out |= split_scalars(per_rank, elapsed, slowest)
         if len(mix) > 1:
             out |= {f"data/mix/{name}": n / sum(mix) for name, n in zip(self.sources, mix, strict=True)}
         self._reset()

@@ -30,6 +30,7 @@ from dist_clm.errors import PeerLost, UserError, agreed
 from dist_clm.evaluation.downstream import InLoop
 from dist_clm.evaluation.perplexity import perplexity, windows
 from dist_clm.observability.metrics import LogWindow, Metrics, loss_text
+from dist_clm.observability.timing import Phases, StepProfiler, stall_note
 from dist_clm.parallel import collectives, process_group
 from dist_clm.parallel.engine import learning_rates
 from dist_clm.parallel.heartbeat import Heartbeat
@@ -105,8 +106,10 @@ def _train(cfg: Config, env: process_group.DistEnv, stop_signals, on_step) -> Tr
     started = time.perf_counter()  # (the first validation and step compile the model under torch.compile)
     before = validate(progress.step)
 
+    phases = Phases(env.device)  # where each rank's steps spend their time (the log window's time/ scalars)
+    profiler = StepProfiler(t.profile_steps, t.profile_ranks, env.rank, Path(cfg.run.dir), phases)
     window = LogWindow(run.source_names, run.tokens_per_step, run.flops_per_token, env.world_size, env.device,
-                       run.precision, t.tf32, run.objective, run.router)  # fmt: skip
+                       run.precision, t.tf32, run.objective, run.router, phases, env.rank)  # fmt: skip
     loader = run.loader()
     batches = iter(loader)
     bar = progress_bar(t.max_steps, progress.step, env.is_main and cfg.run.progress_bar)
@@ -114,7 +117,8 @@ def _train(cfg: Config, env: process_group.DistEnv, stop_signals, on_step) -> Tr
     while progress.step < t.max_steps:
         stage = announce_stage(loader, metrics, progress.step + 1, stage)
         tokens = run.tokens_per_step  # (this step's: its stage's block size)
-        result = train_step(run, batches, progress.step + 1, stop, guard, inject)
+        profiler.before(progress.step + 1)
+        result = train_step(run, batches, progress.step + 1, stop, guard, inject, phases)
         loader.step_done()  # (the data position moves on)
         progress.advance(tokens)
         if progress.step == first_step:  # compiled and warmed up: from now on a stalled rank is not waited for long
@@ -140,7 +144,7 @@ def _train(cfg: Config, env: process_group.DistEnv, stop_signals, on_step) -> Tr
                 skipped_steps=guard.skipped,
             )
             metrics.log(progress.step, scalars)
-            bar.set_postfix(loss=loss_text(scalars.get("train/loss", math.nan)))
+            bar.set_postfix(loss=loss_text(scalars.get("train/loss", math.nan)), **stall_note(scalars))
             if window.persistent_straggler is not None:
                 report_straggler(window.persistent_straggler, scalars, world, progress.step)
         if result.trouble:
@@ -154,22 +158,26 @@ def _train(cfg: Config, env: process_group.DistEnv, stop_signals, on_step) -> Tr
             console.rate_from_now(bar, done=progress.step)  # (back at the checkpoint's step: not a rate)
             continue
         if t.eval_every and progress.step % t.eval_every == 0 and progress.step < t.max_steps:
-            validate(progress.step)
+            with phases.range("validation"):
+                validate(progress.step)
         if downstream.due(progress.step) and progress.step < t.max_steps:
-            downstream(progress.step)
+            with phases.range("downstream_tasks"):
+                downstream(progress.step)
         preempted = result.stop_signal
         last = progress.step == t.max_steps or preempted  # (a save that ends the run waits for its files)
         if (save_every and progress.step % save_every == 0) or last:
-            with collectives.long_collectives(timeout):  # a save may be slow on one rank
+            with collectives.long_collectives(timeout), phases.range("checkpoint"):  # a save may be slow on one rank
                 checkpointer.save(run.engine, progress.step, run.parts, run.random, run.engine.module.config,
                                   wait=last)  # fmt: skip
         for report in checkpointer.poll():  # a background save completes at the first step boundary after
             metrics.log(progress.step, report)  # its files are durable
+        profiler.after(progress.step)
         if preempted:
             console.info(f"stopping at step {progress.step} on signal {signal.Signals(preempted).name}; "
                 "checkpoint saved")  # fmt: skip
             break
 
+    profiler.close(progress.step)  # (a profile still recording: the run ended before its last step)
     bar.close()
     loader.close()
     stop.restore()

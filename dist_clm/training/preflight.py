@@ -64,6 +64,9 @@ def data_vocab(cfg: Config) -> int | None:
 def _preflight(cfg: Config, world: int, one_node: bool, plan_check: bool = False) -> Config:
     d, t, m = cfg.distributed, cfg.train, cfg.model
     fit.check_world(d, world)
+    if t.profile_steps and max(t.profile_ranks) >= world:
+        raise UserError(f"train.profile_ranks={t.profile_ranks} names a rank this run of {world} rank(s) does not "
+                        f"have; list ranks below {world}.")  # fmt: skip
     grad_accum = resolve_grad_accum(t, world // d.ranks_per_batch)
     # (the precision is resolved on the device, after the process group forms)
     deepspeed_config(dataclasses.replace(t, precision="fp32"), cfg.optim, d, on_gpu=False, grad_accum=grad_accum)

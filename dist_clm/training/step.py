@@ -12,6 +12,7 @@ import torch
 
 from dist_clm.errors import DataError
 from dist_clm.models import attention
+from dist_clm.observability.timing import Phases
 from dist_clm.parallel.agreement import agree
 from dist_clm.parallel.collectives import agree_on_error
 from dist_clm.training.preemption import StopRequest
@@ -43,11 +44,21 @@ class StepResult:
 
 
 def train_step(
-    run: Run, batches: Iterator[dict], step: int, stop: StopRequest, guard: LossGuard, inject: LossInjector
+    run: Run,
+    batches: Iterator[dict],
+    step: int,
+    stop: StopRequest,
+    guard: LossGuard,
+    inject: LossInjector,
+    phases: Phases | None = None,
 ) -> StepResult:
-    """Collective: step number `step` (1-based) on every rank, from `run.grad_accum` micro batches of `batches`."""
+    """Collective: step number `step` (1-based) on every rank, from `run.grad_accum` micro batches of `batches`;
+    `phases` (the loop's time split and profiler ranges) is told where the data wait, each forward, each backward
+    and the optimizer step begin."""
     engine, device, objective = run.engine, run.env.device, run.objective
+    mark = phases.mark if phases is not None else _no_mark
     start = time.perf_counter()
+    mark("data_wait")
     micro_batches, waited, damaged = [], 0.0, None
     for _ in range(run.grad_accum):
         t0 = time.perf_counter()
@@ -57,11 +68,13 @@ def train_step(
             damaged = e
             micro_batches.append(run.blank_batch())
         waited += time.perf_counter() - t0
+    mark("forward")  # (the weighting may sum over the ranks: the forward's wait, not the data's)
     weighting = objective.weighting(run, micro_batches)
     losses, blocks, stats = [], torch.zeros(len(run.source_names), dtype=torch.int64), None
     injected_before, token_sum, skipped, grad_norm = inject.injected, 0, None, None
     counts = run.counts  # (one rank of a sequence- or tensor-parallel group counts the blocks its ranks share)
     for micro, batch in enumerate(micro_batches):  # engine.step() applies the update at the accumulation boundary
+        mark("forward")
         source = batch.pop("source")
         if counts:
             blocks += torch.bincount(source, minlength=len(blocks))
@@ -77,7 +90,10 @@ def train_step(
                            time.perf_counter() - start, run.env.rank)  # fmt: skip
             spike = guard.spike(agreed.mean_loss)
             skipped = skip_reason(agreed, spike)
+        mark("backward")
         engine.backward(run.sp.for_backward(loss))
+        if last:
+            mark("optimizer_step")
         if last and skipped:  # (on every rank alike) the real gradient's norm, then no update
             grad_norm = real_grad_norm(engine) / (engine.optimizer.loss_scale if run.precision == "fp16" else 1.0)
         if last and run.zero0_fp32:  # DeepSpeed has no overflow path there: dist_clm's own
@@ -86,6 +102,7 @@ def train_step(
         if last and skipped:
             drop_update(engine)  # DeepSpeed's overflow path drops it
         engine.step()
+    mark(None)
     if agreed.data_errors:
         agree_on_error(damaged or objective.flaw_error(stats), device)  # every rank raises the damaged rank's sentence
     # fp16's loss scaler skips overflowing steps by design while it finds its scale: not a bad step
@@ -104,6 +121,10 @@ def train_step(
         skipped=skipped,
         grad_norm=grad_norm,
     )
+
+
+def _no_mark(name: str | None) -> None:
+    """train_step's marks when nobody keeps the time split (the throughput benchmark's plain steps)."""
 
 
 def skip_reason(agreed, spike: str | None) -> str | None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from dist_clm.observability.timing import PHASES, RANGES
 from tests.helpers import TINY, corpus_files, metrics, run_cli, train_losses
 
 QUIET = {"DIST_CLM_PROGRESS_SECONDS": "0"}  # a progress line at every update: what a log file gets, sooner
@@ -107,9 +108,12 @@ def test_the_same_numbers_in_tensorboard_wandb_and_mlflow_downstream_tasks_inclu
     # the first step's line has no rate and no time left (they count from the steps after it)
     assert lines[0].startswith("train: 1/4 steps (25%), ") and "/s" not in lines[0] and "left" not in lines[0], lines
     assert any("val/held/loss" in row for row in metrics(plain))  # the evaluation-only source, weight 0
+    # the line names the biggest share of time not spent computing when above a tenth: after step 2's validation
+    assert any("eval " in line for line in lines) and not any("eval " in line for line in lines[:2]), lines
     run = tmp_path / "run"
     args = [*base, f"run.dir={run}", "run.loggers=[tensorboard, wandb, mlflow, jsonl]", "run.name=watched",
-            "train.eval_tasks=[dist_clm_arith, dist_clm_code_cloze]", "train.eval_tasks_limit=20"]  # fmt: skip
+            "train.eval_tasks=[dist_clm_arith, dist_clm_code_cloze]", "train.eval_tasks_limit=20",
+            "train.profile_steps=[2, 3]"]  # fmt: skip
     monkeypatch.setenv("WANDB_MODE", "offline")
     r = run_cli("train", *args)
     assert r.returncode == 0 and "warning" not in r.stderr, r.stderr[-3000:]
@@ -126,6 +130,15 @@ def test_the_same_numbers_in_tensorboard_wandb_and_mlflow_downstream_tasks_inclu
     acc = {row["step"]: row["eval/dist_clm_arith/acc"] for row in rows if "eval/dist_clm_arith/acc" in row}
     assert sorted(acc) == [2, 4] and all(0 <= a <= 1 for a in acc.values())
     assert any("eval/dist_clm_code_cloze/perplexity" in row and "eval/time_s" in row for row in rows)
+    # the time split of every log window (one step each): the validation and the tasks after step 2 in step 3's
+    split = {row["step"]: row for row in rows if "time/forward_backward" in row}
+    assert sorted(split) == [1, 2, 3, 4] and all(row["time/forward_backward"] > 0 for row in split.values())
+    assert split[3]["time/eval"] > 0.5 and split[2]["time/eval"] == split[4]["time/eval"] == 0
+    assert all(sum(row[f"time/{p}"] for p in (*PHASES, "other")) == pytest.approx(1) for row in split.values())
+    # the profile of steps 2-3, with the loop's named ranges, as the PyTorch profiler wrote it
+    (trace,) = (run / "profile").glob("rank0.steps_2-3.pt.trace.json")
+    names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
+    assert {f"dist_clm/{n}" for n in ("step_2", "step_3", *RANGES)} - {"dist_clm/checkpoint"} <= names
 
     board = EventAccumulator(str(run / "tensorboard"))
     board.Reload()

@@ -92,10 +92,19 @@ def test_deepspeed_launcher_zero2_bf16_two_ranks_loss_falls_and_resume_continues
         "train.grad_accum=2",
     ]
     a = tmp_path / "a"
-    launch(ds, *common, f"run.dir={a}")
+    launch(ds, *common, f"run.dir={a}", "train.profile_steps=[4, 5]", "train.profile_ranks=[0, 1]")
     rows = metrics(a)
     losses = train_losses(rows)
     assert list(losses) == list(range(1, 13))
+    # each rank's profile of steps 4-5 (the step-4 checkpoint's save in it); the time split of rank 0 and of the
+    # slowest rank, the save's stall in the window after it
+    for rank in (0, 1):
+        trace = json.loads((a / "profile" / f"rank{rank}.steps_4-5.pt.trace.json").read_text())
+        names = {e.get("name") for e in trace["traceEvents"]}
+        assert {"dist_clm/step_4", "dist_clm/checkpoint", "dist_clm/optimizer_step", "dist_clm/data_wait"} <= names
+    split = {r["step"]: r for r in rows if "time/forward_backward" in r}
+    assert sorted(split) == list(range(1, 13)) and all("time/slowest/forward_backward" in r for r in split.values())
+    assert split[5]["time/checkpoint_stall"] > 0 and split[4]["time/checkpoint_stall"] == 0
     assert sum(list(losses.values())[-3:]) / 3 < sum(list(losses.values())[:3]) / 3 - 0.3  # it learns
     vals = [r["val/loss"] for r in rows if "val/loss" in r]
     assert vals[-1] < vals[0]
