@@ -161,6 +161,22 @@ def _inspect(a: argparse.Namespace) -> None:
     print(inspect(a.dir, samples=a.samples, tokens=a.tokens))
 
 
+def _batch(a: argparse.Namespace) -> None:
+    import json
+
+    from dist_clm.data.step_blocks import report, run_data, text
+    from dist_clm.data.tokenizer import load_tokenizer
+
+    if a.step < 1:
+        raise UserError(f"--step must be 1 or more (steps count from 1), got {a.step}.")
+    run = run_data(a.run, a.overrides)
+    if a.rank is not None and not 0 <= a.rank < run.world:
+        raise UserError(f"--rank {a.rank} is not a rank of this run ({run.world} rank(s): 0-{run.world - 1}).")
+    tokenizer = load_tokenizer(Path(a.run) / "tokenizer") if (Path(a.run) / "tokenizer").is_dir() else None
+    found = report(run, a.step, a.rank, tokenizer, a.tokens)
+    print(json.dumps(found) if a.json else text(found, a.run))
+
+
 def _train(a: argparse.Namespace) -> None:
     from dist_clm.config import ENV_OVERRIDES, env_overrides, load_config
     from dist_clm.training.preemption import PREEMPTED_EXIT
@@ -472,6 +488,14 @@ def build_parser() -> argparse.ArgumentParser:
     t = dt.add_parser("status", help="a prepare in parts: parts done, running and failed, tokens, time left")
     t.add_argument("dir", help="the prepare's --out (a directory or s3:// URL)")
     t.set_defaults(func=_status)
+    t = dt.add_parser("batch", help="the blocks and documents a training step trained on, recomputed exactly")
+    t.add_argument("run", help="the run directory (run.dir)")
+    t.add_argument("overrides", nargs="*", help="section.key=value for data that moved, e.g. data.path=/new/place")
+    t.add_argument("--step", type=int, required=True, help="the step (from 1)")
+    t.add_argument("--rank", type=int, help="only the blocks this rank read (default: every rank's)")
+    t.add_argument("--tokens", type=int, default=24, help="tokens of each document piece to decode")
+    t.add_argument("--json", action="store_true", help="one JSON object instead of lines")
+    t.set_defaults(func=_batch)
     t = dt.add_parser("inspect", help="a prepared directory's figures and a few decoded documents")
     t.add_argument("dir")
     t.add_argument("--samples", type=int, default=3, help="documents to decode")

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -510,3 +511,14 @@ PREF_BLOCK = 128
 TINY_PREF = ["model.preset=tiny", "model.overrides.n_embd=64", f"data.block_size={PREF_BLOCK}",
              "train.micro_batch_size=4", "optim.warmup_steps=2", "optim.lr=3e-3", "train.eval_blocks=2",
              "train.eval_every=0", "run.progress_bar=false", "train.log_every=10"]  # fmt: skip
+
+
+def rebuilt(blocks: list[dict], dirs: dict) -> np.ndarray:
+    """The token ids of `blocks` (as `dist-clm data batch --json` prints them), read from the training stream of
+    each block's source (source name -> prepared directory in `dirs`) at its document pieces' ranges alone."""
+    from dist_clm.data.stream import TokenStream
+
+    streams = {name: TokenStream(d, "train", json.loads((Path(d) / "manifest.json").read_text()))
+               for name, d in dirs.items()}  # fmt: skip
+    return np.concatenate([streams[b["source"]].read(p["document"] + p["start"], p["end"] - p["start"])
+                           for b in blocks for p in b["pieces"]])  # fmt: skip

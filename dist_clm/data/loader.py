@@ -106,6 +106,13 @@ def _kill_leftover_workers() -> None:
             worker.join()
 
 
+def ordered_blocks(sources: list[Source], position: DataPosition, shuffle: bool, seed: int,
+                   document_mask: bool) -> MixedBlocks:  # fmt: skip
+    """Global block -> its tokens, in the order `position`'s settings (block size, shuffle window, stages) make."""
+    window = max(1, position.shuffle_window // position.block_size) if position.shuffle_window else 0
+    return MixedBlocks(sources, position.block_size, shuffle, seed, document_mask, window, position.stages)
+
+
 class TrainLoader:
     """This rank's micro batches, from its DataPosition on; `close()` stops its workers."""
 
@@ -144,16 +151,14 @@ class TrainLoader:
             raise ValueError(f"{world} x {micro_batch} x {grad_accum} blocks per step, not {position.global_batch}")
         self.position, self.names, self.stages = position, position.names, position.stages
         self.global_blocks_per_step = position.global_batch
-        self.block_size = block_size = position.block_size
-        shuffle_window = position.shuffle_window
+        self.block_size = position.block_size
         self.start = position.blocks_consumed
-        window = max(1, shuffle_window // block_size) if shuffle_window else 0
-        self.blocks = MixedBlocks(sources, block_size, shuffle, seed, document_mask, window, self.stages)
+        self.blocks = ordered_blocks(sources, position, shuffle, seed, document_mask)
         self._check_cache_room(num_workers)
         self.prefetcher = None
         if prefetch_steps and any(is_remote(s.path) for s in sources if s.weight > 0):
             self.prefetcher = Prefetcher(
-                MixedBlocks(sources, block_size, shuffle, seed, document_mask, window, self.stages),
+                ordered_blocks(sources, position, shuffle, seed, document_mask),
                 rank=rank, world=world, per_rank=micro_batch * grad_accum, start=self.start, steps=prefetch_steps,
             )  # fmt: skip
         self.loader = DataLoader(

@@ -225,11 +225,19 @@ class DataPosition:
         self.blocks_consumed = blocks
         return window
 
+    def skipped_windows(self) -> list[dict]:
+        """RUN/skips.json's records (from_block, to_block, diverged_at_step, reason), oldest first."""
+        if self.skips is None or not self.skips.is_file():
+            return []
+        return json.loads(self.skips.read_text())
+
+    def skip_ends(self) -> dict[int, int]:
+        """Every skipped window, from_block -> to_block (the latest record of a start wins)."""
+        return {s["from_block"]: s["to_block"] for s in self.skipped_windows()}
+
     def past_skipped(self, blocks_consumed: int) -> int:
         """`blocks_consumed`, moved past every skipped window starting there."""
-        if self.skips is None or not self.skips.is_file():
-            return blocks_consumed
-        ends = {s["from_block"]: s["to_block"] for s in json.loads(self.skips.read_text())}  # the latest record wins
+        ends = self.skip_ends()
         while blocks_consumed in ends and ends[blocks_consumed] > blocks_consumed:
             blocks_consumed = ends[blocks_consumed]
         return blocks_consumed

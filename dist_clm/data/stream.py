@@ -201,6 +201,18 @@ class TokenStream:
         p = bisect_right(self._chunk_starts, chunk) - 1
         return self._token_starts[p] + (chunk - self._chunk_starts[p]) * self.chunk_tokens
 
+    def document_start(self, pos: int) -> int:
+        """The stream offset of the first token of the document that holds token `pos` (the stream's first token
+        starts a document)."""
+        k, lo = self.locate(pos)
+        while True:
+            bounds = self.chunks.arrays(k)["doc_bounds"][:-1]  # (the last entry is the chunk length)
+            before = bounds[bounds <= lo]
+            if before.size or k == 0:
+                return self.chunk_start(k) + (int(before.max()) if before.size else 0)
+            k -= 1
+            lo = len(self.chunks.arrays(k)["tokens"])
+
     def reader(self):
         """What evaluation reads windows with: `read_learned` for fine-tuning data, else `read`."""
         return self.read_learned if self.masked else self.read

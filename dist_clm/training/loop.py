@@ -34,7 +34,7 @@ from dist_clm.observability.timing import Phases, StepProfiler, stall_note
 from dist_clm.parallel import collectives, process_group
 from dist_clm.parallel.engine import learning_rates
 from dist_clm.parallel.heartbeat import Heartbeat
-from dist_clm.training import preference
+from dist_clm.training import incidents, preference
 from dist_clm.training.objectives import Preference
 from dist_clm.training.preemption import SIGNALS, StopRequest, watch_launcher
 from dist_clm.training.preflight import preflight
@@ -136,6 +136,11 @@ def _train(cfg: Config, env: process_group.DistEnv, stop_signals, on_step) -> Tr
             metrics.log(progress.step, {"faults/injected": result.injected})
         if result.skipped:
             report_skip(result, metrics, progress.step)
+        if result.skipped or result.trouble:  # (before a rollback: the weights the step ran with)
+            with collectives.long_collectives(timeout):  # (rank 0 writes the file while the others wait)
+                found = incidents.record(run, loader.blocks, progress.step, result.skipped or result.trouble.reason)
+            if found:
+                console.info(f"step {progress.step}: its documents and their losses under its weights are in {found}")
         if progress.step % t.log_every == 0 or progress.step == t.max_steps or result.trouble:
             scalars = window.emit(
                 **learning_rates(run.scheduler),

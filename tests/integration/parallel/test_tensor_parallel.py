@@ -21,7 +21,17 @@ import subprocess
 import pytest
 
 from dist_clm.parallel.process_group import free_port
-from tests.helpers import BIN, assert_clean_error, kill_then_resume, metrics, run_cli, run_probe, same, weights
+from tests.helpers import (
+    BIN,
+    assert_clean_error,
+    kill_then_resume,
+    metrics,
+    rebuilt,
+    run_cli,
+    run_probe,
+    same,
+    weights,
+)
 
 # Adam's eps well above the gradients' rounding: an update then follows its gradient smoothly, so that TP=1 and
 # TP=2, whose gradients differ by fp32 rounding only, stay within 1e-6 of each other (with eps 1e-8 a parameter
@@ -87,7 +97,7 @@ def validations(run, skip: int = 0) -> dict[int, float]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama", "qwen3"])
-def test_tp2_trains_and_validates_what_tp1_does(runs, name):
+def test_tp2_trains_and_validates_what_tp1_does(runs, name, data_dir):
     tp1, tp2 = runs[name]
     want, got = per_step(tp1), per_step(tp2)
     assert list(got) == [1, 2, 3, 4]
@@ -100,6 +110,13 @@ def test_tp2_trains_and_validates_what_tp1_does(runs, name):
         assert loss == pytest.approx(want_val[step], abs=1e-5), step
     ds = json.loads((tp2 / "ds_config.json").read_text())
     assert ds["tensor_parallel"] == {"autotp_size": 2} and ds["gradient_accumulation_steps"] == 2  # (one DP rank)
+    # the documents behind a step: the group's blocks once (rank 1 reads what rank 0 does)
+    r = run_cli("data", "batch", str(tp2), "--step", "3", "--rank", "1", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    printed = json.loads(r.stdout)
+    assert printed["ranks_per_batch"] == 2 and printed["data_parallel_ranks"] == 1
+    assert int(rebuilt(printed["blocks"], {"prepared": data_dir}).sum()) == got[3][1]
+    assert run_cli("data", "batch", str(tp2), "--step", "3").stdout.count("ranks 0-1, micro batch") == 4
     marker = json.loads((tp2 / "checkpoints" / "step_00000004" / "complete.json").read_text())
     assert marker["tensor_parallel_size"] == 2
     # the weights after the same training: each TP rank's shards joined (ZeRO-3's partitions read from its layout

@@ -19,6 +19,7 @@ from tests.helpers import (
     check_export,
     checkpoint_dir,
     metrics,
+    rebuilt,
     run_cli,
     same,
     train_losses,
@@ -61,6 +62,31 @@ def test_two_ranks_agree_to_skip_and_roll_back(tmp_path, data_dir):
     assert max(row.get("train/rollbacks", 0) for row in rows) == 2
     seen = [row["train/tokens_seen"] for row in rows if "train/tokens_seen" in row]
     assert seen[-1] == 14 * per_step * 64  # counted by step: the rolled-back windows are not counted
+
+    # every bad step's incident: the documents it trained on (as `data batch` prints them, for step 12 the run of
+    # it that the rollback undid) and their losses under the weights it ran with
+    sums = [(row["step"], row["data/token_sum"]) for row in rows if "data/token_sum" in row]
+    for step, kept in ((3, True), (7, True), (12, False)):
+        path = run / "incidents" / f"step-{step}.json"
+        assert f"step {step}: its documents and their losses under its weights are in {path}" in out
+        incident = json.loads(path.read_text())
+        r = run_cli("data", "batch", str(run), "--step", str(step), "--json")
+        assert r.returncode == 0, r.stderr[-2000:]
+        printed = json.loads(r.stdout)
+        shown = printed["blocks"] if kept else printed["undone"][0]["blocks"]
+        assert len(printed["undone"]) == (0 if kept else 1)
+        for b in shown:
+            for p in b["pieces"]:
+                assert p.pop("excerpt")  # (decoded with the run's tokenizer)
+        assert incident["blocks"] == shown and len(shown) == per_step
+        ids = rebuilt(shown, {"prepared": data_dir})  # the token ids, from the documents' ranges alone
+        assert int(ids.sum()) == next(s for at, s in sums if at == step)  # what the run logged (step 12: first)
+        documents = {(p["document"]) for b in shown for p in b["pieces"]}
+        top = incident["top_documents"]
+        assert top and {d["document"] for d in top} <= documents and incident["reason"]
+        assert [d["loss"] for d in top] == sorted((d["loss"] for d in top), reverse=True)
+        assert all(math.isfinite(d["loss"]) and d["tokens"] > 0 for d in top)
+    assert json.loads((run / "incidents" / "step-12.json").read_text())["reason"].startswith("a spike")
 
 
 @pytest.mark.slow

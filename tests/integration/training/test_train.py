@@ -13,10 +13,12 @@ from dist_clm.parallel.process_group import free_port
 from tests.helpers import (
     BIN,
     TINY,
+    assert_clean_error,
     check_export,
     independent_model,
     launch,
     metrics,
+    rebuilt,
     run_cli,
     train_losses,
     train_state,
@@ -250,6 +252,35 @@ def test_staged_mixture_switches_at_its_step_is_logged_and_resumes_across_it_exa
     again = train_losses(metrics(run, skip=len(rows)))
     assert list(again) == [4, 5, 6, 7, 8]
     assert all(again[s] == whole[s] for s in again), (again, whole)
+
+    # the documents behind a step, printed by `data batch`: read back from their ranges alone, the ids the loader
+    # fed, bit for bit, on either side of the stage boundary (the token sums the run logged, at every step)
+    from dist_clm.data.loader import TrainLoader
+    from dist_clm.data.run_data import training_sources
+    from dist_clm.data.step_blocks import run_data
+
+    sums = {x["step"]: x["data/token_sum"] for x in rows if "data/token_sum" in x}
+    order = run_data(run)
+    for step in range(1, 9):
+        r = run_cli("data", "batch", str(run), "--step", str(step), "--json", "--tokens", "4")
+        assert r.returncode == 0, r.stderr[-2000:]
+        printed = json.loads(r.stdout)
+        ids = rebuilt(printed["blocks"], {"a": data_dir, "b": data_dir_b})
+        assert int(ids.sum()) == sums[step], step
+        if step in (4, 5):
+            order.position.blocks_consumed = printed["first_block"]
+            d = order.config.data
+            loader = TrainLoader(training_sources(d), order.position, micro_batch=4, shuffle=d.shuffle,
+                                 seed=order.config.train.seed, document_mask=d.document_mask)  # fmt: skip
+            fed = next(iter(loader))["input_ids"]
+            assert (fed.numpy().reshape(-1) == ids).all(), step
+            assert {b["source"] for b in printed["blocks"]} == {"a", "b"}
+    text = run_cli("data", "batch", str(run), "--step", "5").stdout
+    assert text.startswith(f"step 5 of {run}: global blocks 16-19 (4 blocks over 1 data-parallel rank(s))")
+    assert "rank 0, micro batch 0, row 0: block 16 of " in text and "    document " in text
+    assert_clean_error(run_cli("data", "batch", str(run), "--step", "0"), "--step must be 1 or more")
+    assert_clean_error(run_cli("data", "batch", str(run), "--step", "2", "--rank", "1"), "--rank 1 is not a rank")
+    assert_clean_error(run_cli("data", "batch", str(tmp_path), "--step", "2"), "is not a run directory")
 
 
 def test_deepspeed_and_transformers_are_imported_without_mlflow_and_sklearn_which_stay_importable():
