@@ -177,6 +177,32 @@ def _batch(a: argparse.Namespace) -> None:
     print(json.dumps(found) if a.json else text(found, a.run))
 
 
+def _run_status(a: argparse.Namespace) -> None:
+    import time
+
+    from dist_clm.training.status import read, screen
+
+    seen_running = False
+    while True:
+        try:
+            s = read(a.run)
+        except UserError:
+            if not a.watch:
+                raise
+            print(f"{a.run}: no run there yet; waiting for it to start", flush=True)
+            time.sleep(a.watch)
+            continue
+        text = screen(s)
+        print(("\033[2J\033[H" if a.watch and sys.stdout.isatty() else "") + text, flush=True)
+        seen_running = seen_running or bool(s["running"])
+        # --watch: until Ctrl-C, or until the run it saw training (or found ended) is no longer training
+        if not a.watch or (not s["running"] and (seen_running or s["end"])):
+            return
+        if not sys.stdout.isatty():
+            print(flush=True)  # (screens one after the other in a log, a blank line between)
+        time.sleep(a.watch)
+
+
 def _train(a: argparse.Namespace) -> None:
     from dist_clm.config import ENV_OVERRIDES, env_overrides, load_config
     from dist_clm.training.preemption import PREEMPTED_EXIT
@@ -504,6 +530,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--verify", action="store_true", help="check every shard against index.json and the manifest instead"
     )
     t.set_defaults(func=_inspect)
+
+    t = sub.add_parser("status", help="one screen on a run: progress, loss, speed, time split, checkpoints, incidents")
+    t.add_argument("run", help="the run directory (run.dir)")
+    t.add_argument("--watch", type=float, nargs="?", const=10.0, default=0.0, metavar="SECONDS",
+                   help="refresh every SECONDS (10) until the run stops training or Ctrl-C")  # fmt: skip
+    t.set_defaults(func=_run_status)
 
     t = sub.add_parser("train", help="train (plain, or under deepspeed/torchrun launchers)")
     t.add_argument("--config", help="a YAML config file (see configs/)")

@@ -34,7 +34,7 @@ from dist_clm.parallel.process_group import DistEnv
 LOCK = ".lock"
 # what a run leaves in a run directory; run.overwrite=true deletes these
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", SKIPS, "tokenizer", "config.yaml", "ds_config.json",
-               "ranks.json", "trackers.json", "wandb", "mlflow.db", "profile", "incidents")  # fmt: skip
+               "ranks.json", "trackers.json", "wandb", "mlflow.db", "profile", "incidents", "end.json")  # fmt: skip
 
 
 class RunOwner:
@@ -93,6 +93,24 @@ def _lock(run_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()} (since {started})".encode(), 0)
     return fd
+
+
+def holder(run_dir: str | Path) -> str | None:
+    """Who trains the run in `run_dir` now (the lock's text: pid, host, since when), or None when no process holds
+    its lock (a finished, stopped or never started run)."""
+    path = Path(run_dir) / LOCK
+    if not path.is_file():
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process"
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 def clear(run_dir: Path, why: str) -> None:

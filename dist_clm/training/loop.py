@@ -34,7 +34,7 @@ from dist_clm.observability.timing import Phases, StepProfiler, stall_note
 from dist_clm.parallel import collectives, process_group
 from dist_clm.parallel.engine import learning_rates
 from dist_clm.parallel.heartbeat import Heartbeat
-from dist_clm.training import incidents, preference
+from dist_clm.training import incidents, preference, status
 from dist_clm.training.objectives import Preference
 from dist_clm.training.preemption import SIGNALS, StopRequest, watch_launcher
 from dist_clm.training.preflight import preflight
@@ -64,31 +64,47 @@ def train(
     env = process_group.init()
     console.bind(env.rank, env.world_size, env.node, cfg.run.dir)
     heartbeat = Heartbeat(env)
+    attempt: dict = {}  # {"run": Run} once set up: this process holds the run directory (rank 0: its lock)
     try:
-        return _train(cfg, env, stop_signals, on_step)
+        result = _train(cfg, env, stop_signals, on_step, attempt)
     except RuntimeError as e:
         if env.world_size == 1 or not collectives.is_collective_failure(e):
             raise
         who = heartbeat.laggards()
-        raise PeerLost(
+        lost = PeerLost(
             f"rank {env.rank} (node {env.node}) lost the other ranks in a collective "
             f"({collectives.failure_reason(e, cfg.distributed.collective_timeout_s)})"
             + (f": {who}" if who else "")
             + "; every rank stops; rerun the same command (a SLURM job requeues itself) to resume from the last "
             "complete checkpoint."
-        ) from None
+        )
+        ended(attempt, env, "stopped", str(lost))
+        raise lost from None
+    except UserError as e:
+        ended(attempt, env, "stopped", str(e))
+        raise
     finally:
         heartbeat.stop()
+    return result
 
 
-def _train(cfg: Config, env: process_group.DistEnv, stop_signals, on_step) -> TrainResult:
+def ended(attempt: dict, env: process_group.DistEnv, outcome: str, sentence: str) -> None:
+    """Rank 0 of an attempt that held the run directory records how it ended (RUN/end.json, `dist-clm status`); an
+    attempt refused before that (another run holds the directory) writes nothing there."""
+    if env.is_main and "run" in attempt:
+        run = attempt["run"]
+        status.record_end(run.cfg.run.dir, outcome, run.progress.step, sentence)
+
+
+def _train(cfg: Config, env: process_group.DistEnv, stop_signals, on_step, attempt: dict) -> TrainResult:
     """The story: set up and resume, validate, then step / log / roll back / validate / save until the end or a
     stop signal, and validate once more."""
     stop = StopRequest(stop_signals)  # e.g. SIGTERM: checkpoint at the next step boundary, then stop
     watch_launcher(stop)
     inject = LossInjector(env.rank, cfg.stability.fault_injection)
     world = process_group.world_table(env)  # every rank's node and local rank, checked
-    run = setup(cfg, env, world)  # (rank 0 now holds the run directory's lock; the parts continue a checkpoint)
+    run = attempt["run"] = setup(cfg, env, world)  # (rank 0 now holds the run directory's lock; the parts continue
+    # a checkpoint)
     cfg = run.cfg  # (settled from the data)
     t, faults, save_every = cfg.train, cfg.stability.fault_injection, cfg.checkpoint.save_every
     timeout = cfg.distributed.collective_timeout_s
@@ -190,8 +206,9 @@ def _train(cfg: Config, env: process_group.DistEnv, stop_signals, on_step) -> Tr
     if not preempted:
         downstream(progress.step)
     metrics.close()
-    run.owner.release()
     name = signal.Signals(preempted).name if preempted else None
+    ended(attempt, env, "preempted" if preempted else "finished", name or "")  # (while it holds the directory)
+    run.owner.release()
     return TrainResult(progress.step, progress.tokens_seen, before, after, name)
 
 

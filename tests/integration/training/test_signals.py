@@ -14,7 +14,7 @@ import pytest
 from dist_clm.checkpointing.checkpointer import COMPLETE, complete_checkpoints
 from dist_clm.parallel.process_group import free_port
 from dist_clm.training.preemption import PREEMPTED_EXIT
-from tests.helpers import BIN, TINY, metrics, train_losses
+from tests.helpers import BIN, TINY, metrics, run_cli, train_losses
 
 
 def start(cmd: list[str]) -> subprocess.Popen:
@@ -65,6 +65,9 @@ def test_sigterm_to_the_process_group_ends_in_a_checkpoint(tmp_path, data_dir, w
               "checkpoint.save_every=0", "train.log_every=1", "train.eval_every=0"]  # fmt: skip
     proc = start([str(BIN / "dist-clm"), "train", *common, "train.max_steps=100000"])
     wait_for_steps(run, 3, proc)
+    if not workers:  # `dist-clm status` while it trains, once it stopped, and watching its rerun to the end
+        shown = run_cli("status", str(run)).stdout
+        assert f"run {run}: training (pid {proc.pid} on host " in shown and " of 100000 (0%)" in shown, shown
     os.killpg(proc.pid, signal.SIGTERM)  # the trainer and its loader workers alike, as SLURM and terminals do
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == PREEMPTED_EXIT, err[-3000:]
@@ -72,11 +75,25 @@ def test_sigterm_to_the_process_group_ends_in_a_checkpoint(tmp_path, data_dir, w
     at = checkpoint_step(run)
     assert list(train_losses(metrics(run))) == list(range(1, at + 1))
     wait_until_gone(proc.pid, 30)
+    if not workers:
+        shown = run_cli("status", str(run)).stdout
+        assert f"stopped at step {at} by SIGTERM after a checkpoint; rerun it to continue" in shown, shown
+        assert f"last complete checkpoint: step {at} (" in shown
 
     skip = len(metrics(run))
-    r = subprocess.run([str(BIN / "dist-clm"), "train", *common, f"train.max_steps={at + 2}"], capture_output=True,
-                       text=True, timeout=300)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
+    rerun = subprocess.Popen([str(BIN / "dist-clm"), "train", *common, f"train.max_steps={at + 2}",
+                              "stability.fault_injection=1-100000:sleep0.3"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    if not workers:
+        from dist_clm.checkpointing.rundir import holder
+
+        deadline = time.time() + 120
+        while holder(run) is None and rerun.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        watched = run_cli("status", str(run), "--watch", "0.2").stdout.split("\n\n")
+        assert "training (pid" in watched[0] and f"finished at step {at + 2}" in watched[-1], watched
+    _, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err[-3000:]
     assert list(train_losses(metrics(run, skip))) == [at + 1, at + 2]
 
 

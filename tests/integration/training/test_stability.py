@@ -87,6 +87,9 @@ def test_two_ranks_agree_to_skip_and_roll_back(tmp_path, data_dir):
         assert [d["loss"] for d in top] == sorted((d["loss"] for d in top), reverse=True)
         assert all(math.isfinite(d["loss"]) and d["tokens"] > 0 for d in top)
     assert json.loads((run / "incidents" / "step-12.json").read_text())["reason"].startswith("a spike")
+    shown = run_cli("status", str(run)).stdout  # the run on one screen, its incidents named
+    assert f"run {run}: finished at step 14" in shown and "step 14 of 14 (100%)" in shown, shown
+    assert "incidents: step 7: " in shown and "step 12: a spike" in shown and "(and 1 earlier)" in shown
 
 
 @pytest.mark.slow
