@@ -191,11 +191,20 @@ class TrainConfig:
     profile_steps: list[int] = field(default_factory=list)  # [first, last]: the PyTorch profiler over these steps
     # (inclusive), with dist_clm's named ranges (data wait, forward, backward, optimizer step, checkpoint,
     # validation, downstream tasks); one trace per rank into RUN/profile/ (TensorBoard's profile plugin, Perfetto)
-    profile_ranks: list[int] = field(default_factory=lambda: [0])  # the ranks that record train.profile_steps
+    profile_ranks: list[int] = field(default_factory=lambda: [0])  # the ranks that record train.profile_steps and
+    # train.memory_snapshot_steps
+    memory_snapshot_steps: list[int] = field(default_factory=list)  # [first, last], on a GPU: the CUDA allocator's
+    # history over these steps, dumped into RUN/memory/ (pytorch.org/memory_viz reads it); an out-of-memory error
+    # dumps a snapshot too, whatever this says
 
     def checks(self) -> list[Check]:
-        steps, ranks = self.profile_steps, self.profile_ranks
+        steps, ranks, memory = self.profile_steps, self.profile_ranks, self.memory_snapshot_steps
         return [
+            (
+                not memory or (len(memory) == 2 and 1 <= memory[0] <= memory[1]),
+                "memory_snapshot_steps",
+                f"must be [first, last] with 1 <= first <= last (or [] for none), got {memory}",
+            ),
             (
                 not steps or (len(steps) == 2 and 1 <= steps[0] <= steps[1]),
                 "profile_steps",

@@ -34,7 +34,8 @@ from dist_clm.parallel.process_group import DistEnv
 LOCK = ".lock"
 # what a run leaves in a run directory; run.overwrite=true deletes these
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", SKIPS, "tokenizer", "config.yaml", "ds_config.json",
-               "ranks.json", "trackers.json", "wandb", "mlflow.db", "profile", "incidents", "end.json")  # fmt: skip
+               "ranks.json", "trackers.json", "wandb", "mlflow.db", "profile", "incidents", "end.json",
+               "memory", "collectives")  # fmt: skip
 
 
 class RunOwner:

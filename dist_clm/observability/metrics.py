@@ -159,9 +159,11 @@ class LogWindow:
         stats = [] if not n_stats else self.stats if self.stats is not None else [0.0] * n_stats
         routed = [self.router.take()] if self.router is not None else []  # (one entry: a vector)
         n_routed = len(routed[0]) if routed else 0
-        split = self.phases.take() if self.phases is not None else []  # (every rank's, gathered by the reduction:
-        slots = [0.0] * (self.world * len(split))  # each rank fills its own slots)
-        slots[self.rank * len(split) : (self.rank + 1) * len(split)] = split
+        split = self.phases.take() if self.phases is not None else []
+        memory = memory_scalars(self.device)  # (this rank's peaks since the last window)
+        mine = [*split, *memory.values()]  # every rank's, gathered by the reduction: each fills its own slots
+        slots = [0.0] * (self.world * len(mine))
+        slots[self.rank * len(mine) : (self.rank + 1) * len(mine)] = mine
         wait_sum, token_sum, *rest = all_reduce_sum(  # (the device's sums join the one reduction)
             [self.wait, self.token_sum, *stats, *routed, *slots, *self.blocks], self.device
         )
@@ -186,7 +188,12 @@ class LogWindow:
             out |= self.router.scalars(routed, self.steps)
         if self.peak:  # model FLOPs utilization: achieved training FLOP/s per device over its peak in this precision
             out["train/mfu"] = out["train/tokens_per_s"] * self.flops / (self.world * self.peak)
-        out |= memory_scalars(self.device)
+        out |= memory
+        per_rank = [[float(x) for x in slots[r * len(mine) : (r + 1) * len(mine)]] for r in range(self.world)]
+        if self.world > 1:  # the rank that used the most memory in the window, and its figures
+            top = max(range(self.world), key=lambda r: per_rank[r][len(split)])
+            out |= {f"{name}_max": v for name, v in zip(memory, per_rank[top][len(split) :], strict=True)}
+            out["memory/max_rank"] = top
         slowest = None
         if self.world > 1 and self.steps:
             rank, lag = self.straggler()
@@ -196,9 +203,7 @@ class LogWindow:
             self.persistent_straggler = slow if slow == self._last_slow else None  # two windows in a row
             self._last_slow = slow
         if split:  # (the slowest rank: the one that reached the steps' agreement last, as train/straggler_rank)
-            n = len(split)
-            per_rank = [[float(x) for x in slots[r * n : (r + 1) * n]] for r in range(self.world)]
-            out |= split_scalars(per_rank, elapsed, slowest)
+            out |= split_scalars([r[: len(split)] for r in per_rank], elapsed, slowest)
         if len(mix) > 1:
             out |= {f"data/mix/{name}": n / sum(mix) for name, n in zip(self.sources, mix, strict=True)}
         self._reset()

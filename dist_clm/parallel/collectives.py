@@ -13,8 +13,37 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 
 SETUP_TIMEOUT_S = 1800.0  # collectives of set-up, resume and checkpointing (torch's gloo default)
+TRACES = "collectives"  # RUN/collectives/: each rank's flight recorder, dumped when a collective times out (GPUs)
+TRACE_ENTRIES = 2000  # the collectives each rank's flight recorder keeps, the latest ones
+
+
+def record_collectives(run_dir) -> Path:
+    """On GPUs, before the process group forms: NCCL's flight recorder keeps each rank's last TRACE_ENTRIES
+    collectives (what, which group, sizes, state) and dumps them into RUN/collectives/rank_N when one times out;
+    torch's analyzer (`torchfrtrace RUN/collectives`) matches the ranks' records and names the first collective
+    that some rank never reached. A user's own settings of these variables win. Gloo (the CPU) has no recorder:
+    there the ranks' heartbeats name the rank that stopped, and TORCH_DISTRIBUTED_DEBUG=DETAIL checks that the
+    ranks call the same collectives."""
+    import os
+
+    folder = Path(run_dir) / TRACES
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, value in (("TORCH_NCCL_TRACE_BUFFER_SIZE", str(TRACE_ENTRIES)), ("TORCH_NCCL_DUMP_ON_TIMEOUT", "1"),
+                        ("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", f"{folder}/rank_"),
+                        ("TORCH_FR_DUMP_TEMP_FILE", f"{folder}/rank_")):  # fmt: skip
+        os.environ.setdefault(name, value)
+    return folder
+
+
+def traces_note(run_dir, on_gpu: bool) -> str:
+    """What the sentence of a lost peer adds on GPUs: where the flight recorder's dumps are, and how to read them."""
+    if not on_gpu:
+        return ""
+    folder = Path(run_dir) / TRACES
+    return f" (each rank's last collectives: {folder}/, `torchfrtrace {folder}` names the one a rank never reached)"
 
 
 def set_collective_timeout(seconds: float) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 from dist_clm import console
 from dist_clm.errors import UserError
 from dist_clm.parallel import ops
-from dist_clm.parallel.collectives import SETUP_TIMEOUT_S, all_gather_object
+from dist_clm.parallel.collectives import SETUP_TIMEOUT_S, all_gather_object, record_collectives
 
 
 def use_cpu_accelerator_if_no_gpu() -> None:
@@ -177,7 +177,7 @@ def import_deepspeed():
     return deepspeed
 
 
-def init() -> DistEnv:
+def init(run_dir: str | None = None) -> DistEnv:
     """Initialise torch.distributed through DeepSpeed (nccl on GPU, gloo on CPU) and describe this process."""
     if "RANK" not in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
         _from_srun()
@@ -198,6 +198,8 @@ def init() -> DistEnv:
     gpu = bind_gpu(local_rank) if on_gpu else 0
     if on_gpu:
         nccl_errors_raise()
+        if run_dir:
+            record_collectives(run_dir)
     if not torch.distributed.is_initialized():
         shm = None if on_gpu else _deepspeed_cpu_shm_segment()
         if shm is not None and shm.exists():  # our own name, so left by a killed run on this address and port

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from dist_clm import console
 from dist_clm.config import Config
 from dist_clm.data.loader import TrainLoader
@@ -29,6 +31,7 @@ from dist_clm.data.stream import TokenStream
 from dist_clm.errors import PeerLost, UserError, agreed
 from dist_clm.evaluation.downstream import InLoop
 from dist_clm.evaluation.perplexity import perplexity, windows
+from dist_clm.observability.memory import MemoryRecorder, out_of_memory
 from dist_clm.observability.metrics import LogWindow, Metrics, loss_text
 from dist_clm.observability.timing import Phases, StepProfiler, stall_note
 from dist_clm.parallel import collectives, process_group
@@ -61,7 +64,7 @@ def train(
     on any rank: every rank saves a checkpoint at the next step boundary and returns. `on_step` is called on
     every rank after every step (the throughput benchmark times the loop with it)."""
     preflight(cfg, *process_group.launched_world())  # (mistakes first, before the process group and the model)
-    env = process_group.init()
+    env = process_group.init(cfg.run.dir)  # (on GPUs with NCCL's flight recorder writing into RUN/collectives/)
     console.bind(env.rank, env.world_size, env.node, cfg.run.dir)
     heartbeat = Heartbeat(env)
     attempt: dict = {}  # {"run": Run} once set up: this process holds the run directory (rank 0: its lock)
@@ -75,6 +78,7 @@ def train(
             f"rank {env.rank} (node {env.node}) lost the other ranks in a collective "
             f"({collectives.failure_reason(e, cfg.distributed.collective_timeout_s)})"
             + (f": {who}" if who else "")
+            + collectives.traces_note(cfg.run.dir, env.device.startswith("cuda"))
             + "; every rank stops; rerun the same command (a SLURM job requeues itself) to resume from the last "
             "complete checkpoint."
         )
@@ -83,6 +87,14 @@ def train(
     except UserError as e:
         ended(attempt, env, "stopped", str(e))
         raise
+    except torch.OutOfMemoryError:
+        if "run" not in attempt:
+            raise
+        run = attempt["run"]
+        error = out_of_memory(Path(cfg.run.dir), env.rank, run.progress.step + 1, env.device, run.engine.module,
+                              run.engine.optimizer)  # fmt: skip
+        ended(attempt, env, "stopped", str(error))
+        raise error from None
     finally:
         heartbeat.stop()
     return result
@@ -124,6 +136,10 @@ def _train(cfg: Config, env: process_group.DistEnv, stop_signals, on_step, attem
 
     phases = Phases(env.device)  # where each rank's steps spend their time (the log window's time/ scalars)
     profiler = StepProfiler(t.profile_steps, t.profile_ranks, env.rank, Path(cfg.run.dir), phases)
+    memory = MemoryRecorder(t.memory_snapshot_steps, t.profile_ranks, env.rank, Path(cfg.run.dir), env.device)
+    if t.memory_snapshot_steps and not env.device.startswith("cuda"):
+        console.warning("train.memory_snapshot_steps records the CUDA allocator: on the CPU there is none to "
+                        "record; the run goes on without snapshots.", every_rank=False)  # fmt: skip
     window = LogWindow(run.source_names, run.tokens_per_step, run.flops_per_token, env.world_size, env.device,
                        run.precision, t.tf32, run.objective, run.router, phases, env.rank)  # fmt: skip
     loader = run.loader()
@@ -134,6 +150,7 @@ def _train(cfg: Config, env: process_group.DistEnv, stop_signals, on_step, attem
         stage = announce_stage(loader, metrics, progress.step + 1, stage)
         tokens = run.tokens_per_step  # (this step's: its stage's block size)
         profiler.before(progress.step + 1)
+        memory.before(progress.step + 1)
         result = train_step(run, batches, progress.step + 1, stop, guard, inject, phases)
         loader.step_done()  # (the data position moves on)
         progress.advance(tokens)
@@ -193,12 +210,14 @@ def _train(cfg: Config, env: process_group.DistEnv, stop_signals, on_step, attem
         for report in checkpointer.poll():  # a background save completes at the first step boundary after
             metrics.log(progress.step, report)  # its files are durable
         profiler.after(progress.step)
+        memory.after(progress.step)
         if preempted:
             console.info(f"stopping at step {progress.step} on signal {signal.Signals(preempted).name}; "
                 "checkpoint saved")  # fmt: skip
             break
 
     profiler.close(progress.step)  # (a profile still recording: the run ended before its last step)
+    memory.close(progress.step)
     bar.close()
     loader.close()
     stop.restore()

@@ -64,7 +64,7 @@ def data_vocab(cfg: Config) -> int | None:
 def _preflight(cfg: Config, world: int, one_node: bool, plan_check: bool = False) -> Config:
     d, t, m = cfg.distributed, cfg.train, cfg.model
     fit.check_world(d, world)
-    if t.profile_steps and max(t.profile_ranks) >= world:
+    if (t.profile_steps or t.memory_snapshot_steps) and max(t.profile_ranks) >= world:
         raise UserError(f"train.profile_ranks={t.profile_ranks} names a rank this run of {world} rank(s) does not "
                         f"have; list ranks below {world}.")  # fmt: skip
     grad_accum = resolve_grad_accum(t, world // d.ranks_per_batch)

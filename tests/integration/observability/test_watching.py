@@ -100,8 +100,11 @@ def test_the_same_numbers_in_tensorboard_wandb_and_mlflow_downstream_tasks_inclu
     mix = f"data.mix=[{{path: '{data_dir}', weight: 1}}, {{path: '{data}', weight: 0, name: held}}]"
     base = [*TINY, mix, "data.path=", "train.log_every=1", "train.eval_every=2", "train.max_steps=4"]
     plain = tmp_path / "plain"
-    r = run_cli("train", *base, f"run.dir={plain}", "run.loggers=[jsonl]", "run.progress_bar=true", env=QUIET)
+    r = run_cli("train", *base, f"run.dir={plain}", "run.loggers=[jsonl]", "run.progress_bar=true",
+                "train.memory_snapshot_steps=[1, 2]", env=QUIET)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "train.memory_snapshot_steps records the CUDA allocator: on the CPU there is none" in r.stderr
+    assert not (plain / "memory").exists()
     assert "\r" not in r.stdout + r.stderr  # progress as plain lines in a log
     lines = [line for line in r.stdout.splitlines() if line.startswith("train: ")]
     assert lines and "4/4 steps (100%)" in lines[-1] and "step/s" in lines[-1], r.stdout[-2000:]

@@ -107,6 +107,9 @@ def test_deepspeed_launcher_zero2_bf16_two_ranks_loss_falls_and_resume_continues
     split = {r["step"]: r for r in rows if "time/forward_backward" in r}
     assert sorted(split) == list(range(1, 13)) and all("time/slowest/forward_backward" in r for r in split.values())
     assert split[5]["time/checkpoint_stall"] > 0 and split[4]["time/checkpoint_stall"] == 0
+    # each window's largest memory over the ranks (here the processes' resident memory), and whose it was
+    assert all(r["memory/rss_gib_max"] >= r["memory/rss_gib"] > 0.1 and r["memory/max_rank"] in (0, 1)
+               for r in split.values())  # fmt: skip
     assert sum(list(losses.values())[-3:]) / 3 < sum(list(losses.values())[:3]) / 3 - 0.3  # it learns
     vals = [r["val/loss"] for r in rows if "val/loss" in r]
     assert vals[-1] < vals[0]

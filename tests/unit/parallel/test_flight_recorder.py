@@ -1,0 +1,26 @@
+"""NCCL's flight recorder for a run (parallel/collectives.py): where each rank's last collectives are dumped on a
+GPU, and what the sentence of a lost peer says of them. (On the CPU gloo has no recorder.)"""
+
+import os
+
+from dist_clm.parallel.collectives import TRACE_ENTRIES, record_collectives, traces_note
+
+NAMES = ("TORCH_NCCL_TRACE_BUFFER_SIZE", "TORCH_NCCL_DUMP_ON_TIMEOUT", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE",
+         "TORCH_FR_DUMP_TEMP_FILE")  # fmt: skip
+
+
+def test_the_recorder_dumps_into_the_run_directory_and_a_users_own_settings_win(tmp_path, monkeypatch):
+    for name in NAMES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TORCH_NCCL_TRACE_BUFFER_SIZE", "50")  # the user's
+    folder = record_collectives(tmp_path / "run")
+    assert folder == tmp_path / "run" / "collectives" and folder.is_dir()
+    assert os.environ["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "50" and TRACE_ENTRIES == 2000
+    assert os.environ["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
+    assert os.environ["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == os.environ["TORCH_FR_DUMP_TEMP_FILE"] == f"{folder}/rank_"
+
+
+def test_the_lost_peer_sentence_names_the_dumps_and_the_analyzer_on_gpus_only(tmp_path):
+    note = traces_note(tmp_path, on_gpu=True)
+    assert f"{tmp_path / 'collectives'}/" in note and f"`torchfrtrace {tmp_path / 'collectives'}`" in note
+    assert traces_note(tmp_path, on_gpu=False) == ""
