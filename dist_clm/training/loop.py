@@ -97,6 +97,8 @@ def train(
         raise error from None
     finally:
         heartbeat.stop()
+        for recorder in attempt.get("recorders", ()):  # (one still recording when an error ended the run: its
+            recorder.close(attempt["run"].progress.step)  # file written, and no profiler left running at exit)
     return result
 
 
@@ -137,6 +139,7 @@ def _train(cfg: Config, env: process_group.DistEnv, stop_signals, on_step, attem
     phases = Phases(env.device)  # where each rank's steps spend their time (the log window's time/ scalars)
     profiler = StepProfiler(t.profile_steps, t.profile_ranks, env.rank, Path(cfg.run.dir), phases)
     memory = MemoryRecorder(t.memory_snapshot_steps, t.profile_ranks, env.rank, Path(cfg.run.dir), env.device)
+    attempt["recorders"] = (profiler, memory)
     if t.memory_snapshot_steps and not env.device.startswith("cuda"):
         console.warning("train.memory_snapshot_steps records the CUDA allocator: on the CPU there is none to "
                         "record; the run goes on without snapshots.", every_rank=False)  # fmt: skip

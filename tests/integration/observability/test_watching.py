@@ -224,3 +224,19 @@ def test_mlflow_writes_where_its_environment_points_and_says_so_once(tmp_path, m
     run_id = json.loads((run / "trackers.json").read_text())["mlflow"]
     assert client.get_run(run_id).info.experiment_id == client.get_experiment_by_name("lab-pretraining").experiment_id
     assert [h.value for h in client.get_metric_history(run_id, "train/loss")] == [2.5]
+
+
+def test_a_run_that_fails_while_profiled_ends_in_its_sentence_with_the_trace_written(tmp_path, data_dir):
+    """An error in the middle of train.profile_steps (here a divergence with no checkpoint to roll back to): the
+    one sentence and exit 2, the trace of the steps it recorded (a profiler left running crashed the process at
+    exit, its trace lost), and the end recorded for `dist-clm status`."""
+    from tests.helpers import assert_clean_error
+
+    run = tmp_path / "run"
+    r = run_cli("train", *TINY, f"data.path={data_dir}", f"run.dir={run}", "train.max_steps=8", "train.eval_every=0",
+                "checkpoint.save_every=0", "stability.max_bad_steps=1", "stability.fault_injection=3:nan",
+                "train.profile_steps=[2, 6]")  # fmt: skip
+    assert_clean_error(r, "training diverged at step 3")
+    assert (run / "profile" / "rank0.steps_2-3.pt.trace.json").is_file()
+    shown = run_cli("status", str(run)).stdout
+    assert f"run {run}: stopped at step 3: training diverged at step 3" in shown, shown
