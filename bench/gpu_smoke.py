@@ -225,6 +225,48 @@ class Smoke:
                     detail += f"; without the bounds {float((out['flash, no bounds'] - out['sdpa']).abs().max()):.3g}"
                 self.check(f"{preset} {attn} keeps documents apart (micro batch 4)", worst < 0.05, detail)
 
+    def watching(self) -> None:
+        """What watching a run records on this device: the time split of every window, the profile of steps 2-3
+        with the loop's named ranges, and on a GPU the allocator's snapshot of the same steps (memory_viz's pickle),
+        the flight recorder's folder and variables, and the out-of-memory sentence after a real out-of-memory
+        error (a tensor larger than the GPU)."""
+        import os
+        import pickle
+
+        import torch
+
+        from dist_clm.observability.memory import out_of_memory
+
+        run = self.train("watching", 2, "train.profile_steps=[2, 3]", "train.memory_snapshot_steps=[2, 3]")
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        split = [r for r in rows if "time/forward_backward" in r]
+        self.check("time-split", bool(split) and all(r["time/forward_backward"] > 0 for r in split),
+                   f"{len(split)} windows; the last: " + ", ".join(f"{k[5:]} {v:.0%}" for k, v in split[-1].items()
+                                                                   if k.startswith("time/")))  # fmt: skip
+        trace = run / "profile" / "rank0.steps_2-3.pt.trace.json"
+        names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]} if trace.is_file() else set()
+        wanted = {"dist_clm/forward", "dist_clm/backward", "dist_clm/optimizer_step", "dist_clm/step_2"}
+        self.check("profile", wanted <= names, f"{trace.name}: {sorted(wanted - names) or 'every range'}")
+        if self.cpu:
+            return
+        snapshot = run / "memory" / "rank0.steps_2-3.pickle"
+        traces = pickle.loads(snapshot.read_bytes()).get("device_traces", []) if snapshot.is_file() else []
+        self.check("memory-snapshot", bool(traces and traces[0]), f"{snapshot.name}: {len(traces[0]) if traces else 0} "
+                   "allocator events")  # fmt: skip
+        folder = run / "collectives"
+        self.check(
+            "flight-recorder",
+            folder.is_dir() and os.environ.get("TORCH_NCCL_DUMP_ON_TIMEOUT") == "1",
+            f"{folder}, TORCH_NCCL_TRACE_BUFFER_SIZE={os.environ.get('TORCH_NCCL_TRACE_BUFFER_SIZE')}",
+        )
+        try:
+            torch.empty(torch.cuda.get_device_properties(0).total_memory * 2, dtype=torch.uint8, device="cuda")
+            self.check("out-of-memory", False, "a tensor twice the GPU's memory was allocated")
+        except torch.OutOfMemoryError:
+            sentence = str(out_of_memory(run, 0, 1, "cuda:0"))
+            ok = (run / "memory" / "rank0.oom-step-1.pickle").is_file() and "ran out of GPU memory" in sentence
+            self.check("out-of-memory", ok, sentence[:300])
+
     def loss_head_time(self) -> None:
         """The fused loss head's forward + backward against the plain head's, at GPT-2 124M's size."""
         import torch

@@ -100,6 +100,7 @@ def plan(cpu: bool) -> list[Item]:
         Item("document-masks", 15, 25, check("document_masks"), "flex (flash) logits = SDPA's dense doc mask"),
         Item("eval-generate", 15, 3, check("inference_on_device"), "dist-clm eval and generate use the device"),
         Item("loss-head", 10, 3, check("loss_head_time"), "the fused loss head's time against the plain head's"),
+        Item("watching", 20, 8, check("watching"), "time split, profile, memory snapshot, flight recorder, OOM"),
         # the headline: dist_clm's compiled loop against the plain compiled loop (target >= 1.00)
         row(0, "plain-compile", cpu),
         row(0, "dist_clm-compile", cpu),

@@ -45,9 +45,10 @@ def test_the_benchmark_times_the_trainers_own_steps(tmp_path, data_dir):
 
 
 # the suite's checks the CPU test runs: each kind of run once (train and resume on ZeRO-2 and ZeRO-3, export,
-# eval, generate, the loss head) and one table row; the compiled ones (tens of seconds of torch.compile each on
-# a CPU, for what the other tests check eager) are the GPU's and `bench/gpu_suite.py --cpu`'s
-SUITE_ITEMS = ("zero2-resume", "eval-generate", "loss-head", "zero3-resume", "export", "row/tiny/plain")
+# eval, generate, the loss head, what watching a run records) and one table row; the compiled ones (tens of
+# seconds of torch.compile each on a CPU, for what the other tests check eager) are the GPU's and
+# `bench/gpu_suite.py --cpu`'s
+SUITE_ITEMS = ("zero2-resume", "eval-generate", "loss-head", "watching", "zero3-resume", "export", "row/tiny/plain")
 
 
 def suite_cmd(*args: str) -> list[str]:
@@ -71,7 +72,8 @@ def test_the_gpu_suite_runs_its_checks_on_the_cpu_and_writes_each_result_at_once
     assert running_at_first_check, said[-2000:]  # written (flushed, fsynced) before the suite went on
     records = [json.loads(line) for line in results.read_text().splitlines()]
     checks = [r for r in records if r["kind"] == "check"]
-    assert [c["check"].split(" ")[0] for c in checks] == ["ZeRO-2", "eval", "generate", "fused", "ZeRO-3", "export"]
+    assert [c["check"].split(" ")[0] for c in checks] == ["ZeRO-2", "eval", "generate", "fused", "time-split",
+                                                          "profile", "ZeRO-3", "export"]  # fmt: skip
     assert all(c["ok"] for c in checks), checks
     assert "max relative difference 0.00e+00" in checks[0]["detail"]  # on the CPU a resume is bitwise exact
     (row,) = [r for r in records if r["kind"] == "row"]
