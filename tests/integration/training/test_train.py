@@ -165,7 +165,7 @@ def test_torchrun_two_ranks_zero3_llama_and_export(tmp_path, data_dir):
         imports = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"} if head == "auto" else None  # (what each rank loads)
         r = launch(tr, *common, "distributed.zero_stage=3", f"run.dir={where}", f"train.loss_head={head}", env=imports)
         assert "FutureWarning" not in r.stderr, r.stderr[-2000:]  # ZeRO-3's collectives', once per rank
-        if imports:  # the ranks' start-up leaves out what dist_clm never uses (~2 s and ~100 MiB of each rank)
+        if imports:  # the ranks' start-up leaves out what dist_clm never uses (~2 s, ~140 MiB each)
             lines = [line for line in r.stderr.splitlines() if line.startswith("import time")]
             loaded = {line.rsplit("|", 1)[1].strip() for line in lines}
             assert {"transformers.generation.candidate_generator", "deepspeed"} <= loaded  # (what imports them)
