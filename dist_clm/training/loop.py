@@ -70,6 +70,14 @@ def train(
     attempt: dict = {}  # {"run": Run} once set up: this process holds the run directory (rank 0: its lock)
     try:
         result = _train(cfg, env, stop_signals, on_step, attempt)
+    except torch.OutOfMemoryError:  # (a RuntimeError: before the collective failures)
+        if "run" not in attempt:
+            raise
+        run = attempt["run"]
+        error = out_of_memory(Path(cfg.run.dir), env.rank, run.progress.step + 1, env.device, run.engine.module,
+                              run.engine.optimizer)  # fmt: skip
+        ended(attempt, env, "stopped", str(error))
+        raise error from None
     except RuntimeError as e:
         if env.world_size == 1 or not collectives.is_collective_failure(e):
             raise
@@ -87,14 +95,6 @@ def train(
     except UserError as e:
         ended(attempt, env, "stopped", str(e))
         raise
-    except torch.OutOfMemoryError:
-        if "run" not in attempt:
-            raise
-        run = attempt["run"]
-        error = out_of_memory(Path(cfg.run.dir), env.rank, run.progress.step + 1, env.device, run.engine.module,
-                              run.engine.optimizer)  # fmt: skip
-        ended(attempt, env, "stopped", str(error))
-        raise error from None
     finally:
         heartbeat.stop()
         for recorder in attempt.get("recorders", ()):  # (one still recording when an error ended the run: its

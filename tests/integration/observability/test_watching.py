@@ -240,3 +240,47 @@ def test_a_run_that_fails_while_profiled_ends_in_its_sentence_with_the_trace_wri
     assert (run / "profile" / "rank0.steps_2-3.pt.trace.json").is_file()
     shown = run_cli("status", str(run)).stdout
     assert f"run {run}: stopped at step 3: training diverged at step 3" in shown, shown
+
+
+OUT_OF_MEMORY = """
+import pickle, sys, types, torch
+from dist_clm.observability import memory
+from dist_clm.training import loop
+
+class StandInCuda:  # torch.cuda's allocator API, as memory.py calls it (this machine has no GPU)
+    memory = types.SimpleNamespace(_record_memory_history=lambda *a, **k: None,
+                                   _dump_snapshot=lambda path: open(path, "wb").write(pickle.dumps({"segments": []})))
+    memory_stats = staticmethod(lambda device: {"allocated_bytes.all.current": 3 << 30,
+                                                "reserved_bytes.all.current": 4 << 30})
+    get_device_properties = staticmethod(lambda device: types.SimpleNamespace(total_memory=4 << 30))
+
+memory._cuda = StandInCuda
+real = loop.train_step
+def train_step(run, batches, step, *rest):  # what a too-large step does on a GPU
+    if step == 2:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    return real(run, batches, step, *rest)
+loop.train_step = train_step
+sys.argv = ["dist-clm", "train", *sys.argv[1:]]
+from dist_clm.cli import entry
+entry()
+"""
+
+
+def test_an_out_of_memory_error_in_training_is_one_sentence_naming_its_snapshot(tmp_path, data_dir):
+    """torch's out-of-memory error in a step of a real run (raised there, with torch.cuda's allocator API stood in
+    for on this CPU machine): the snapshot written, one sentence and exit 2, no traceback, the end recorded. (It
+    was a RuntimeError caught as a possible collective failure first, and reached the user as a traceback.)"""
+    import subprocess
+    import sys
+
+    from tests.helpers import assert_clean_error
+
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY, *TINY, f"data.path={data_dir}", f"run.dir={run}",
+                        "train.max_steps=4", "train.eval_every=0"], capture_output=True, text=True,
+                       timeout=300)  # fmt: skip
+    snapshot = run / "memory" / "rank0.oom-step-2.pickle"
+    assert_clean_error(r, "rank 0 ran out of GPU memory at step 2: 3.0 GiB allocated", str(snapshot))
+    assert snapshot.is_file() and "4.0 GiB reserved of 4.0 GiB" in r.stderr
+    assert "stopped at step 1: rank 0 ran out of GPU memory" in run_cli("status", str(run)).stdout
