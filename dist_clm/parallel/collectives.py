@@ -20,30 +20,79 @@ TRACES = "collectives"  # RUN/collectives/: each rank's flight recorder, dumped 
 TRACE_ENTRIES = 2000  # the collectives each rank's flight recorder keeps, the latest ones
 
 
-def record_collectives(run_dir) -> Path:
-    """On GPUs, before the process group forms: NCCL's flight recorder keeps each rank's last TRACE_ENTRIES
-    collectives (what, which group, sizes, state) and dumps them into RUN/collectives/rank_N when one times out;
-    torch's analyzer (`torchfrtrace RUN/collectives`) matches the ranks' records and names the first collective
-    that some rank never reached. A user's own settings of these variables win. Gloo (the CPU) has no recorder:
-    there the ranks' heartbeats name the rank that stopped, and TORCH_DISTRIBUTED_DEBUG=DETAIL checks that the
-    ranks call the same collectives."""
+def record_collectives(run_dir, on_gpu: bool) -> Path:
+    """Before the process group forms: each rank's flight recorder keeps its last TRACE_ENTRIES collectives (what,
+    which group, sizes, state). On GPUs it is NCCL's, which dumps them into RUN/collectives/rank_N itself when one
+    times out; on the CPU torch's recorder hook is attached to gloo's default group once it exists
+    (`attach_recorder`) and a rank that loses its peers dumps its own (`dump_collectives`). torch's analyzer
+    (`torchfrtrace RUN/collectives`) matches NCCL's records. A user's own settings of these variables win."""
     import os
 
     folder = Path(run_dir) / TRACES
     folder.mkdir(parents=True, exist_ok=True)
-    for name, value in (("TORCH_NCCL_TRACE_BUFFER_SIZE", str(TRACE_ENTRIES)), ("TORCH_NCCL_DUMP_ON_TIMEOUT", "1"),
-                        ("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", f"{folder}/rank_"),
-                        ("TORCH_FR_DUMP_TEMP_FILE", f"{folder}/rank_")):  # fmt: skip
+    settings = [("TORCH_NCCL_TRACE_BUFFER_SIZE", str(TRACE_ENTRIES)), ("TORCH_FR_BUFFER_SIZE", str(TRACE_ENTRIES))]
+    if on_gpu:
+        settings += [("TORCH_NCCL_DUMP_ON_TIMEOUT", "1"), ("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", f"{folder}/rank_"),
+                     ("TORCH_FR_DUMP_TEMP_FILE", f"{folder}/rank_")]  # fmt: skip
+    for name, value in settings:
         os.environ.setdefault(name, value)
     return folder
 
 
-def traces_note(run_dir, on_gpu: bool) -> str:
-    """What the sentence of a lost peer adds on GPUs: where the flight recorder's dumps are, and how to read them."""
-    if not on_gpu:
+_RECORDER: list = []  # (the hook attached to gloo's default group: kept alive with the process)
+
+
+def attach_recorder() -> bool:
+    """The CPU's flight recorder: torch's recorder hook on the default (gloo) group, where this torch has one;
+    whether it is on."""
+    import torch.distributed as dist
+
+    try:
+        from torch._C._distributed_c10d import FlightRecorderHook
+    except ImportError:  # (an older torch: the heartbeats still name the rank that stopped)
+        return False
+    _RECORDER.append(FlightRecorderHook.attach(dist.group.WORLD))
+    return True
+
+
+def dump_collectives(run_dir, rank: int) -> str:
+    """On a rank that lost its peers with the CPU's recorder on: its records into RUN/collectives/rank_N (the
+    pickle torchfrtrace reads), and the collective it was waiting in, in words ("" when unknown)."""
+    if not _RECORDER:
         return ""
+    import json
+
+    from torch._C import _distributed_c10d as c10d
+
     folder = Path(run_dir) / TRACES
-    return f" (each rank's last collectives: {folder}/, `torchfrtrace {folder}` names the one a rank never reached)"
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        records = c10d._dump_fr_trace(includeCollectives=True, includeStackTraces=False, onlyActive=False)
+        active = json.loads(c10d._dump_fr_trace_json(includeCollectives=True, onlyActive=True)).get("entries", [])
+    except (AttributeError, RuntimeError, ValueError):  # (a torch without the dump, or nothing recorded)
+        return ""
+    (folder / f"rank_{rank}").write_bytes(records)
+    active = [e for e in active if not e.get("is_p2p")]
+    if not active:
+        return ""
+    first = max(active, key=lambda e: e.get("collective_seq_id", 0))  # (the latest: older ones may stay unmarked)
+    group = (first.get("process_group") or ["", ""])[-1]
+    where = f", group {group}" if group not in ("", "undefined") else ""
+    return f"collective {first.get('collective_seq_id')} ({first.get('profiling_name')}{where})"
+
+
+def traces_note(run_dir, on_gpu: bool, waiting_in: str = "") -> str:
+    """What the sentence of a lost peer adds: the collective this rank was waiting in, and where the ranks' flight
+    recorders are dumped ("" where nothing was recorded). NCCL's dumps are what torch's analyzer (torchfrtrace)
+    reads; gloo's records (torch 2.14) are of a shape it does not yet read, so on the CPU the files are named only."""
+    folder = Path(run_dir) / TRACES
+    if not on_gpu and not waiting_in:
+        return ""
+    said = f"; it was waiting in {waiting_in}" if waiting_in else ""
+    if not on_gpu:
+        return f"{said} (each rank's last collectives: {folder}/)"
+    return (f"{said} (each rank's last collectives: {folder}/, `torchfrtrace {folder}` names the one a rank never "
+            "reached)")  # fmt: skip
 
 
 def set_collective_timeout(seconds: float) -> None:

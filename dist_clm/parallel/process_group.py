@@ -30,7 +30,7 @@ from pathlib import Path
 from dist_clm import console
 from dist_clm.errors import UserError
 from dist_clm.parallel import ops
-from dist_clm.parallel.collectives import SETUP_TIMEOUT_S, all_gather_object, record_collectives
+from dist_clm.parallel.collectives import SETUP_TIMEOUT_S, all_gather_object, attach_recorder, record_collectives
 
 
 def use_cpu_accelerator_if_no_gpu() -> None:
@@ -198,8 +198,8 @@ def init(run_dir: str | None = None) -> DistEnv:
     gpu = bind_gpu(local_rank) if on_gpu else 0
     if on_gpu:
         nccl_errors_raise()
-        if run_dir:
-            record_collectives(run_dir)
+    if run_dir:
+        record_collectives(run_dir, on_gpu)
     if not torch.distributed.is_initialized():
         shm = None if on_gpu else _deepspeed_cpu_shm_segment()
         if shm is not None and shm.exists():  # our own name, so left by a killed run on this address and port
@@ -211,6 +211,8 @@ def init(run_dir: str | None = None) -> DistEnv:
             deepspeed.init_distributed(
                 dist_backend="nccl" if on_gpu else "gloo", verbose=False, timeout=timedelta(seconds=SETUP_TIMEOUT_S)
             )
+        if run_dir and not on_gpu:
+            attach_recorder()  # (gloo's flight recorder: NCCL has its own)
         import atexit
 
         atexit.register(shutdown)  # any process that joined a group leaves it before the interpreter finalizes

@@ -82,11 +82,13 @@ def train(
         if env.world_size == 1 or not collectives.is_collective_failure(e):
             raise
         who = heartbeat.laggards()
+        on_gpu = env.device.startswith("cuda")  # (NCCL dumps its recorder itself; gloo's: this rank dumps it)
+        waiting = "" if on_gpu else collectives.dump_collectives(cfg.run.dir, env.rank)
         lost = PeerLost(
             f"rank {env.rank} (node {env.node}) lost the other ranks in a collective "
             f"({collectives.failure_reason(e, cfg.distributed.collective_timeout_s)})"
             + (f": {who}" if who else "")
-            + collectives.traces_note(cfg.run.dir, env.device.startswith("cuda"))
+            + collectives.traces_note(cfg.run.dir, on_gpu, waiting)
             + "; every rank stops; rerun the same command (a SLURM job requeues itself) to resume from the last "
             "complete checkpoint."
         )
