@@ -55,6 +55,13 @@ def attach_recorder() -> bool:
     return True
 
 
+def detach_recorder() -> None:
+    """The CPU's recorder hook off the default group (before the group is destroyed)."""
+    while _RECORDER:
+        with contextlib.suppress(Exception):
+            _RECORDER.pop().remove()
+
+
 def dump_collectives(run_dir, rank: int) -> str:
     """On a rank that lost its peers with the CPU's recorder on: its records into RUN/collectives/rank_N (the
     pickle torchfrtrace reads), and the collective it was waiting in, in words ("" when unknown)."""

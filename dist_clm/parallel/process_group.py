@@ -30,7 +30,13 @@ from pathlib import Path
 from dist_clm import console
 from dist_clm.errors import UserError
 from dist_clm.parallel import ops
-from dist_clm.parallel.collectives import SETUP_TIMEOUT_S, all_gather_object, attach_recorder, record_collectives
+from dist_clm.parallel.collectives import (
+    SETUP_TIMEOUT_S,
+    all_gather_object,
+    attach_recorder,
+    detach_recorder,
+    record_collectives,
+)
 
 
 def use_cpu_accelerator_if_no_gpu() -> None:
@@ -396,6 +402,7 @@ def shutdown() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        detach_recorder()  # (its hooks off the group before the group goes)
         with contextlib.suppress(Exception):  # (peers gone: what is left goes with the process)
             dist.destroy_process_group()
 
