@@ -30,13 +30,23 @@ def record_collectives(run_dir, on_gpu: bool) -> Path:
 
     folder = Path(run_dir) / TRACES
     folder.mkdir(parents=True, exist_ok=True)
-    settings = [("TORCH_NCCL_TRACE_BUFFER_SIZE", str(TRACE_ENTRIES)), ("TORCH_FR_BUFFER_SIZE", str(TRACE_ENTRIES))]
+    settings = [("TORCH_FR_BUFFER_SIZE", str(TRACE_ENTRIES))]
     if on_gpu:
         settings += [("TORCH_NCCL_DUMP_ON_TIMEOUT", "1"), ("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", f"{folder}/rank_"),
                      ("TORCH_FR_DUMP_TEMP_FILE", f"{folder}/rank_")]  # fmt: skip
+        if "TORCH_FR_BUFFER_SIZE" not in os.environ and not _knows_fr_names():
+            settings.append(("TORCH_NCCL_TRACE_BUFFER_SIZE", str(TRACE_ENTRIES)))  # (the name older torch reads)
     for name, value in settings:
         os.environ.setdefault(name, value)
     return folder
+
+
+def _knows_fr_names() -> bool:
+    """Whether this torch reads the flight recorder's TORCH_FR_* names (2.12 and later; it then calls the
+    TORCH_NCCL_TRACE_* ones deprecated, with a warning in every process)."""
+    import torch
+
+    return tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 12)
 
 
 _RECORDER: list = []  # (the hook attached to gloo's default group: kept alive with the process)
