@@ -32,10 +32,11 @@ from dist_clm.parallel.collectives import agree_on_error
 from dist_clm.parallel.process_group import DistEnv
 
 LOCK = ".lock"
-# what a run leaves in a run directory; run.overwrite=true deletes these
+# what a run leaves in a run directory; run.overwrite=true deletes these (RUN/collectives/ stays: on GPUs NCCL
+# dumps into it from the process group's start, and each dump is one rank's, overwritten by the next)
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", SKIPS, "tokenizer", "config.yaml", "ds_config.json",
                "ranks.json", "trackers.json", "wandb", "mlflow.db", "profile", "incidents", "end.json",
-               "memory", "collectives")  # fmt: skip
+               "memory")  # fmt: skip
 
 
 class RunOwner:

@@ -29,9 +29,10 @@ def record_collectives(run_dir, on_gpu: bool) -> Path:
     import os
 
     folder = Path(run_dir) / TRACES
-    folder.mkdir(parents=True, exist_ok=True)
     settings = [("TORCH_FR_BUFFER_SIZE", str(TRACE_ENTRIES))]
-    if on_gpu:
+    if on_gpu:  # (NCCL writes its dumps itself: the folder must be there; on the CPU a dump makes it)
+        with contextlib.suppress(OSError):  # (a run directory that cannot be written is said by the lock)
+            folder.mkdir(parents=True, exist_ok=True)
         settings += [("TORCH_NCCL_DUMP_ON_TIMEOUT", "1"), ("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", f"{folder}/rank_"),
                      ("TORCH_FR_DUMP_TEMP_FILE", f"{folder}/rank_")]  # fmt: skip
         if "TORCH_FR_BUFFER_SIZE" not in os.environ and not _knows_fr_names():

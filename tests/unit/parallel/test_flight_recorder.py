@@ -24,6 +24,7 @@ def test_the_recorder_dumps_into_the_run_directory_and_a_users_own_settings_win(
         monkeypatch.delenv(name, raising=False)
     record_collectives(tmp_path / "cpu", on_gpu=False)
     assert os.environ["TORCH_FR_BUFFER_SIZE"] == "2000" and "TORCH_NCCL_DUMP_ON_TIMEOUT" not in os.environ
+    assert not (tmp_path / "cpu").exists()  # (a rank that dumps makes the folder)
 
 
 def test_the_lost_peer_sentence_names_the_collective_the_dumps_and_the_analyzer_where_there_are_any(tmp_path):
