@@ -32,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from gpu_throughput import prepared  # (the stdlib corpus, tokenized once: the GPU table's own data step)
 from tables import render
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,22 +73,9 @@ def one(variant: str, data: str, run_dir: str, warmup: int, steps: int) -> dict:
     return {"steps_per_s": steps / (marks["t1"] - marks["t0"])}
 
 
-def prepared(work: Path) -> Path:
-    """A small corpus (the Python standard library's first files), tokenized once."""
-    out = work / "data"
-    if (out / "manifest.json").is_file():
-        return out
-    cli = [sys.executable, "-m", "dist_clm"]
-    subprocess.run([*cli, "tokenizer", "train", "--out", str(work / "tok"), "--vocab-size", "4096"], check=True,
-                   capture_output=True)  # fmt: skip
-    subprocess.run([*cli, "prepare", "--tokenizer", str(work / "tok"), "--out", str(out)], check=True,
-                   capture_output=True)  # fmt: skip
-    return out
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", help="a prepared directory (default: a small corpus, prepared once into --work)")
+    p.add_argument("--data", help="a prepared directory (default: the stdlib corpus, prepared once into --work)")
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "dist_clm_observability_cost"))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=30)
@@ -101,7 +89,7 @@ def main() -> None:
         return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    data = args.data or str(prepared(work))
+    data = args.data or str(prepared(work, 4096))
     rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for r in range(args.rounds):
         for variant in VARIANTS:

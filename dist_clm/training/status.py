@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dist_clm.checkpointing.checkpointer import COMPLETE, complete_checkpoints
 from dist_clm.checkpointing.rundir import holder
+from dist_clm.console import duration
 from dist_clm.errors import UserError
 from dist_clm.fsutil import atomic_write_text
 from dist_clm.observability.timing import PHASES
@@ -85,20 +86,7 @@ def _count(n: float) -> str:
 
 
 def _ago(seconds: float) -> str:
-    seconds = max(0.0, seconds)
-    if seconds < 90:
-        return f"{seconds:.0f} s ago"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min ago"
-    return f"{seconds / 3600:.1f} h ago"
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+    return f"{duration(max(0.0, seconds))} ago"
 
 
 def screen(s: dict, now: float | None = None) -> str:
@@ -124,7 +112,7 @@ def screen(s: dict, now: float | None = None) -> str:
     per_step = tokens / step if step else 0
     line = f"step {step} of {total} ({step / total:.0%}), {_count(tokens)} tokens of about {_count(per_step * total)}"
     if rate and step < total and (s["running"] or not end):
-        line += f"; about {_duration((total - step) * per_step / rate)} left at {rate:,.0f} tokens/s"
+        line += f"; about {duration((total - step) * per_step / rate)} left at {rate:,.0f} tokens/s"
     lines.append(line)
     figures = [f"loss {s['loss']:.4g}" if s["loss"] is not None and math.isfinite(s["loss"]) else "loss -"]
     if s["val"]:
